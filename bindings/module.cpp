@@ -1,0 +1,245 @@
+// pccl_py._native: a thin binding of the C++ engine. Buffers are taken zero-copy
+// through the buffer protocol and held until the op finishes; the GIL is released
+// around every blocking call. Native errors become the classes of pccl_py.errors.
+#include <Python.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "pccl/engine.hpp"
+
+namespace py = pybind11;
+using namespace pccl;
+
+namespace {
+
+// A Py_buffer held for the life of an op.
+class BufferView {
+ public:
+  BufferView(py::handle obj, bool writable) {
+    int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj.ptr(), &view_, flags) != 0) throw py::error_already_set();
+    held_ = true;
+  }
+  BufferView(const BufferView&) = delete;
+  BufferView& operator=(const BufferView&) = delete;
+  ~BufferView() {
+    if (held_) {
+      py::gil_scoped_acquire gil;
+      PyBuffer_Release(&view_);
+    }
+  }
+  void* data() const { return view_.buf; }
+  size_t size() const { return static_cast<size_t>(view_.len); }
+
+ private:
+  Py_buffer view_{};
+  bool held_ = false;
+};
+
+double toSeconds(std::optional<double> timeout) { return timeout.has_value() ? *timeout : -1.0; }
+
+class AllReduceHandle {
+ public:
+  AllReduceHandle(std::shared_ptr<Engine> engine, std::shared_ptr<AllReduceRing> op,
+                  std::unique_ptr<BufferView> input, std::unique_ptr<BufferView> output)
+      : engine_(std::move(engine)), op_(std::move(op)), input_(std::move(input)), output_(std::move(output)) {}
+
+  ~AllReduceHandle() {
+    // The engine may still write into the caller's buffers: stop it before letting go.
+    if (op_ && !op_->done()) {
+      py::gil_scoped_release release;
+      engine_->abort(op_, "handle dropped before the op finished");
+      op_->wait(-1);
+    }
+  }
+
+  bool wait(std::optional<double> timeout) {
+    py::gil_scoped_release release;
+    return op_->wait(toSeconds(timeout));
+  }
+
+  void result(std::optional<double> timeout) {
+    bool finished;
+    {
+      py::gil_scoped_release release;
+      finished = op_->wait(toSeconds(timeout));
+    }
+    if (!finished) throw TimeoutError("wait timed out; the op is still running");
+    op_->rethrow();
+  }
+
+  bool done() const { return op_->done(); }
+  void abort(const std::string& reason) { engine_->abort(op_, reason); }
+  uint64_t txBytes() const { return op_->txBytes(); }
+  uint64_t rxBytes() const { return op_->rxBytes(); }
+  std::tuple<uint64_t, uint64_t, uint64_t> key() const {
+    const OpKey& k = op_->key();
+    return {k.epoch, k.tag, k.seq};
+  }
+
+ private:
+  std::shared_ptr<Engine> engine_;
+  std::shared_ptr<AllReduceRing> op_;
+  std::unique_ptr<BufferView> input_;
+  std::unique_ptr<BufferView> output_;
+};
+
+void raise(const char* className, const std::string& message, std::optional<uint64_t> peer) {
+  py::object errors = py::module_::import("pccl_py.errors");
+  py::object cls = errors.attr(className);
+  py::object exc = peer.has_value() && *peer != kNoPeer ? cls(message, py::arg("peer") = *peer) : cls(message);
+  PyErr_SetObject(cls.ptr(), exc.ptr());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "pccl_py native data plane (private; use pccl_py.Communicator)";
+  m.attr("PROTOCOL_VERSION") = kProtocolVersion;
+  m.attr("MAX_FRAME_PAYLOAD") = kMaxFramePayload;
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const PeerLostError& e) {
+      raise("PeerLost", e.what(), e.peer());
+    } catch (const TimeoutError& e) {
+      raise("Timeout", e.what(), std::nullopt);
+    } catch (const AbortedError& e) {
+      raise("Aborted", e.what(), std::nullopt);
+    } catch (const ProtocolError& e) {
+      raise("ProtocolError", e.what(), e.peer());
+    } catch (const InvalidArgument& e) {
+      raise("InvalidArgument", e.what(), std::nullopt);
+    } catch (const Error& e) {
+      raise("PcclError", e.what(), std::nullopt);
+    }
+  });
+
+  py::enum_<DType>(m, "DataType")
+      .value("FLOAT16", DType::kFloat16)
+      .value("BFLOAT16", DType::kBFloat16)
+      .value("FLOAT32", DType::kFloat32)
+      .value("FLOAT64", DType::kFloat64)
+      .value("INT8", DType::kInt8)
+      .value("INT16", DType::kInt16)
+      .value("INT32", DType::kInt32)
+      .value("INT64", DType::kInt64)
+      .value("UINT8", DType::kUInt8)
+      .value("UINT16", DType::kUInt16)
+      .value("UINT32", DType::kUInt32)
+      .value("UINT64", DType::kUInt64);
+
+  py::enum_<ReduceOp>(m, "ReduceOp")
+      .value("SUM", ReduceOp::kSum)
+      .value("AVG", ReduceOp::kAvg)
+      .value("PROD", ReduceOp::kProd)
+      .value("MIN", ReduceOp::kMin)
+      .value("MAX", ReduceOp::kMax);
+
+  m.def("element_size", [](DType d) { return elementSize(d); });
+
+  py::class_<AllReduceHandle>(m, "AllReduceHandle")
+      .def("wait", &AllReduceHandle::wait, py::arg("timeout") = py::none(),
+           "Block until the op finishes or `timeout` seconds pass; returns whether it finished.")
+      .def("result", &AllReduceHandle::result, py::arg("timeout") = py::none(),
+           "Wait, then raise the op's error if it failed.")
+      .def("done", &AllReduceHandle::done)
+      .def("abort", &AllReduceHandle::abort, py::arg("reason") = "aborted by caller")
+      .def_property_readonly("tx_bytes", &AllReduceHandle::txBytes)
+      .def_property_readonly("rx_bytes", &AllReduceHandle::rxBytes)
+      .def_property_readonly("key", &AllReduceHandle::key);
+
+  py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
+      .def(py::init([](uint64_t peerId, const std::string& host, uint16_t port, int connectionsPerPeer,
+                       size_t segmentBytes, int socketBufferBytes, size_t mailboxLimitBytes) {
+             EngineOptions o;
+             o.peerId = peerId;
+             o.listenHost = host;
+             o.listenPort = port;
+             o.connectionsPerPeer = connectionsPerPeer;
+             o.segmentBytes = segmentBytes;
+             o.socket.bufferBytes = socketBufferBytes;
+             o.mailboxLimitBytes = mailboxLimitBytes;
+             return std::make_shared<Engine>(o);
+           }),
+           py::arg("peer_id"), py::arg("host") = "127.0.0.1", py::arg("port") = 0,
+           py::arg("connections_per_peer") = 1, py::arg("segment_bytes") = 512 << 10,
+           py::arg("socket_buffer_bytes") = 0, py::arg("mailbox_limit_bytes") = size_t(256) << 20)
+      .def_property_readonly("port", &Engine::port)
+      .def_property_readonly("peer_id", &Engine::peerId)
+      .def(
+          "set_ring",
+          [](Engine& e, uint64_t epoch, const std::vector<std::tuple<uint64_t, std::string, uint16_t>>& ring,
+             size_t rank, std::optional<double> timeout) {
+            std::vector<PeerAddress> peers;
+            for (const auto& [id, host, port] : ring) peers.push_back(PeerAddress{id, host, port});
+            py::gil_scoped_release release;
+            e.setRing(epoch, peers, rank, toSeconds(timeout));
+          },
+          py::arg("epoch"), py::arg("ring"), py::arg("rank"), py::arg("timeout") = py::none(),
+          "Install the ring of `epoch` ((peer_id, host, port) in ring order) and connect to the next peer.")
+      .def(
+          "all_reduce",
+          [](const std::shared_ptr<Engine>& e, py::object input, py::object output, DType dtype, ReduceOp op,
+             uint64_t tag, uint64_t seq, std::optional<double> timeout, std::optional<double> connectTimeout,
+             size_t segmentBytes) {
+            auto in = std::make_unique<BufferView>(input, /*writable=*/input.is(output));
+            std::unique_ptr<BufferView> out;
+            void* outPtr = in->data();
+            if (!input.is(output)) {
+              out = std::make_unique<BufferView>(output, /*writable=*/true);
+              if (out->size() != in->size()) throw InvalidArgument("output size differs from input size");
+              outPtr = out->data();
+            }
+            const size_t esize = elementSize(dtype);
+            if (in->size() % esize != 0) throw InvalidArgument("buffer size is not a multiple of the element size");
+            AllReduceOptions o;
+            o.input = in->data();
+            o.output = outPtr;
+            o.count = in->size() / esize;
+            o.dtype = dtype;
+            o.op = op;
+            o.tag = tag;
+            o.seq = seq;
+            o.timeoutSeconds = toSeconds(timeout);
+            o.segmentBytes = segmentBytes;
+            std::shared_ptr<AllReduceRing> ring;
+            {
+              py::gil_scoped_release release;
+              ring = e->allReduce(o, connectTimeout.has_value() ? *connectTimeout : o.timeoutSeconds);
+            }
+            return std::make_unique<AllReduceHandle>(e, std::move(ring), std::move(in), std::move(out));
+          },
+          py::arg("input"), py::arg("output"), py::arg("dtype"), py::arg("op"), py::arg("tag") = 0,
+          py::arg("seq") = 0, py::arg("timeout") = py::none(), py::arg("connect_timeout") = py::none(),
+          py::arg("segment_bytes") = 0,
+          "Start a ring all-reduce of `input` into `output` (the same object: in place). Returns a handle.")
+      .def(
+          "disconnect", [](Engine& e, uint64_t peer, const std::string& reason) { e.disconnect(peer, reason); },
+          py::arg("peer"), py::arg("reason") = "disconnected by caller")
+      .def(
+          "next_event",
+          [](Engine& e, std::optional<double> timeout) -> py::object {
+            Event ev;
+            bool got;
+            {
+              py::gil_scoped_release release;
+              got = e.nextEvent(&ev, toSeconds(timeout));
+            }
+            if (!got) return py::none();
+            return py::make_tuple("peer_disconnected", ev.peer, ev.reason);
+          },
+          py::arg("timeout") = py::none())
+      .def("live_connections", &Engine::liveConnections, py::arg("peer"))
+      .def("close", [](Engine& e) {
+        py::gil_scoped_release release;
+        e.close();
+      });
+}

@@ -1,0 +1,101 @@
+// Pipelined ring all-reduce.
+//
+// The buffer is split into N chunks (chunk c is owned by peer c-1), each chunk into
+// segments. Reduce-scatter: peer r sends its own chunk r to its next neighbour; each
+// segment it receives (chunk c, a partial reduction over the peers upstream) is
+// reduced with its own contribution and passed on, until it reaches the chunk's
+// owner, which then holds the full reduction (divided by N for AVG). All-gather: the
+// owner sends its final bytes around the ring; every peer stores them and forwards
+// them verbatim, so every peer ends with the owner's exact bytes.
+//
+// Frames are self-describing (phase, byte offset), so a segment's next step fires the
+// moment it arrives: sending, receiving and reducing overlap, and segments are
+// striped over the pool of connections to the neighbour. Each peer sends and
+// receives 2(N-1)/N of the buffer.
+//
+// The caller's input is never written: the reduction lands in the output buffer (or,
+// in place, in a scratch buffer copied back only on success), so a failed op leaves
+// the input as it was.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "pccl/dtype.hpp"
+#include "pccl/op.hpp"
+
+namespace pccl {
+
+struct RingPosition {
+  uint64_t epoch = 0;
+  size_t size = 1;  // N
+  size_t rank = 0;
+  uint64_t prevPeer = kNoPeer;
+  uint64_t nextPeer = kNoPeer;
+};
+
+struct AllReduceOptions {
+  const void* input = nullptr;
+  void* output = nullptr;  // may equal input (in place)
+  size_t count = 0;
+  DType dtype = DType::kFloat32;
+  ReduceOp op = ReduceOp::kSum;
+  uint64_t tag = 0;
+  uint64_t seq = 0;
+  double timeoutSeconds = -1;
+  size_t segmentBytes = 1 << 20;
+};
+
+// Scratch memory an op borrows for an in-place reduction.
+struct ScratchBuffer {
+  std::unique_ptr<uint8_t[]> data;
+  size_t size = 0;
+};
+
+class AllReduceRing final : public Collective {
+ public:
+  // `scratch` is used (and must be at least count*elementSize bytes) when the
+  // reduction is in place; it is handed back through releaseScratch().
+  AllReduceRing(const AllReduceOptions& options, const RingPosition& ring, ScratchBuffer scratch);
+
+  void start(FrameSink& sink) override;
+  uint8_t* receiveTarget(uint64_t peer, const FrameHeader& header) override;
+  void onReceived(FrameSink& sink, const FrameHeader& header) override;
+  bool complete() const override;
+  bool involves(uint64_t peer) const override;
+  void forEachPeer(void (*fn)(void*, uint64_t), void* ctx) const override;
+
+  ScratchBuffer releaseScratch() { return std::move(scratch_); }
+  bool inPlace() const { return inPlace_; }
+  size_t nbytes() const { return nbytes_; }
+
+  // Shape digest carried by every frame; peers that disagree fail the op.
+  static uint32_t digest(size_t count, DType dtype, ReduceOp op, size_t worldSize);
+
+ private:
+  void onSuccess() override;
+  size_t chunkBegin(size_t chunk) const;
+  size_t chunkOf(size_t byteOffset) const;
+  void sendRange(FrameSink& sink, Phase phase, size_t begin, size_t end, const uint8_t* base);
+  FrameHeader header(Phase phase, size_t offset, size_t length) const;
+
+  AllReduceOptions options_;
+  RingPosition ring_;
+  ScratchBuffer scratch_;
+  bool inPlace_;
+  size_t elemSize_;
+  size_t nbytes_;
+  size_t segmentBytes_;
+  uint32_t digest_;
+  const uint8_t* in_;
+  uint8_t* out_;
+  size_t ownedChunk_;    // the chunk this peer finishes: (rank + 1) mod N
+  size_t noForwardChunk_;  // all-gather chunk whose next hop is its owner: (rank + 2) mod N
+  size_t rsExpected_ = 0;
+  size_t agExpected_ = 0;
+  size_t rsReceived_ = 0;
+  size_t agReceived_ = 0;
+};
+
+}  // namespace pccl

@@ -1,0 +1,159 @@
+// The data-plane engine of one peer: a TCP listener, pools of connections to other
+// peers, and a progress thread (epoll) that owns every socket and drives the
+// collectives in flight. Callers post ops and wait on them; nothing here talks to
+// the master.
+//
+// Failure rule (as Gloo's): when an op fails (peer lost, timeout, abort, protocol
+// error) the connections to its ring neighbours are poisoned, i.e. closed. The
+// neighbours see EOF and fail their own op at once, so a failure spreads around the
+// ring in a few hops instead of waiting for timeouts. The next op reconnects.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "pccl/allreduce_ring.hpp"
+#include "pccl/tcp.hpp"
+
+namespace pccl {
+
+struct EngineOptions {
+  uint64_t peerId = 0;
+  std::string listenHost = "127.0.0.1";
+  uint16_t listenPort = 0;  // 0 picks a free port
+  int connectionsPerPeer = 1;
+  size_t segmentBytes = 512 << 10;
+  SocketOptions socket;
+  size_t mailboxLimitBytes = 256u << 20;  // frames that arrive before their op is posted
+  double handshakeTimeoutSeconds = 10.0;
+};
+
+struct PeerAddress {
+  uint64_t peerId = 0;
+  std::string host;
+  uint16_t port = 0;
+};
+
+enum class EventKind { kPeerDisconnected = 0 };
+
+struct Event {
+  EventKind kind = EventKind::kPeerDisconnected;
+  uint64_t peer = kNoPeer;
+  std::string reason;
+};
+
+class Engine {
+ public:
+  explicit Engine(const EngineOptions& options);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  uint16_t port() const { return port_; }
+  uint64_t peerId() const { return options_.peerId; }
+  const EngineOptions& options() const { return options_; }
+
+  // Makes `ring` (in ring order; this peer at `rank`) the ring of `epoch` and opens
+  // the connection pool to the next neighbour unless it is already open. Frames of
+  // older epochs are dropped from then on. Blocks up to `timeoutSeconds`; throws
+  // PeerLostError / TimeoutError when the neighbour cannot be reached.
+  void setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_t rank, double timeoutSeconds);
+  RingPosition ring() const;
+
+  // Starts an all-reduce over the current ring. Reopens the connection pool to the
+  // next neighbour if a failure closed it. The buffers must stay valid until the op
+  // finishes (the binding guarantees it).
+  std::shared_ptr<AllReduceRing> allReduce(const AllReduceOptions& options, double connectTimeoutSeconds);
+
+  // Fails `op` with AbortedError (no-op if it already finished). Returns at once;
+  // waiters wake within one loop turn.
+  void abort(const std::shared_ptr<Collective>& op, const std::string& reason);
+
+  // Closes every connection to `peer` (poison), failing ops that involve it.
+  void disconnect(uint64_t peer, const std::string& reason);
+
+  // Next event (a peer's connection broke), waiting up to `timeoutSeconds`.
+  bool nextEvent(Event* event, double timeoutSeconds);
+
+  // Fails all ops with AbortedError, says goodbye to every peer, joins the
+  // progress thread. Idempotent.
+  void close();
+
+  size_t liveConnections(uint64_t peer) const;
+
+ private:
+  struct Connection;
+  struct SendItem;
+  struct MailFrame;
+  class Sink;
+
+  // caller side
+  void post(std::function<void()> command);
+  void ensureConnected(const PeerAddress& peer, uint64_t epoch, double timeoutSeconds);
+  ScratchBuffer takeScratch(size_t bytes);
+  void giveScratch(ScratchBuffer scratch);
+
+  // progress thread
+  void run();
+  void drainCommands();
+  void acceptAll();
+  void onReadable(Connection* c);
+  bool readHandshake(Connection* c);
+  void dispatchHeader(Connection* c);
+  void onFrameComplete(Connection* c);
+  void flush(Connection* c);
+  void updateInterest(Connection* c);
+  void addConnection(Fd fd, uint64_t peer, bool outgoing, bool handshaking);
+  void closeConnection(Connection* c, ErrorKind kind, const std::string& reason, bool quiet);
+  void closePeer(uint64_t peer, ErrorKind kind, const std::string& reason);
+  void flushDirty();
+  void startOp(const std::shared_ptr<AllReduceRing>& op);
+  void failOp(Collective* op, ErrorKind kind, const std::string& message, uint64_t peer);
+  void finishIfComplete(Collective* op);
+  void retire(Collective* op);
+  void checkDeadlines();
+  void resumePaused();
+  void pushEvent(Event event);
+  void setRingEpoch(uint64_t epoch);
+
+  EngineOptions options_;
+  Fd listenFd_;
+  uint16_t port_ = 0;
+  Fd epollFd_;
+  Fd wakeFd_;
+  std::thread thread_;
+
+  // caller-side state
+  mutable std::mutex mu_;
+  std::deque<std::function<void()>> commands_;
+  bool closed_ = false;
+  RingPosition ring_;
+  std::vector<PeerAddress> ringPeers_;
+  std::unordered_map<uint64_t, size_t> liveOutgoing_;  // mirror of the progress thread's pools
+  std::vector<ScratchBuffer> scratchPool_;
+  std::deque<Event> events_;
+  std::condition_variable eventsCv_;
+  std::mutex connectMu_;  // one connect attempt per peer at a time
+
+  // progress-thread state
+  bool stopping_ = false;
+  uint64_t currentEpoch_ = 0;
+  std::unordered_map<int, std::unique_ptr<Connection>> connections_;
+  std::unordered_map<uint64_t, std::vector<Connection*>> outgoing_;
+  std::unordered_map<uint64_t, std::shared_ptr<AllReduceRing>> activeByTag_;
+  std::unordered_map<uint64_t, OpKey> lastDoneByTag_;
+  std::unordered_map<uint64_t, std::deque<MailFrame>> mailbox_;
+  size_t mailboxBytes_ = 0;
+  std::vector<uint8_t> discard_;
+  std::vector<Connection*> dirty_;               // connections with frames queued since the last flush
+  std::vector<std::unique_ptr<Connection>> graveyard_;  // closed this loop turn; freed at the next
+};
+
+}  // namespace pccl

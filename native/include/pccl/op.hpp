@@ -1,0 +1,96 @@
+// A collective operation in flight: its outcome, its wait, and the hooks the
+// engine's progress thread drives it through.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "pccl/errors.hpp"
+#include "pccl/tcp.hpp"
+#include "pccl/wire.hpp"
+
+namespace pccl {
+
+enum class OpState { kRunning, kSucceeded, kFailed };
+enum class ErrorKind { kNone, kPeerLost, kTimeout, kAborted, kProtocol, kInvalid };
+
+class Collective;
+
+// What a collective needs from the engine: frames out. Called on the progress thread.
+class FrameSink {
+ public:
+  virtual ~FrameSink() = default;
+  // Queues one frame to `peer` on the connection chosen by `stripe`. `data` must
+  // stay valid and unchanged until the op finishes.
+  virtual void sendFrame(Collective* op, uint64_t peer, size_t stripe, const FrameHeader& header,
+                         const uint8_t* data) = 0;
+};
+
+// Identity of an op: frames of other (epoch, tag, seq) never reach it.
+struct OpKey {
+  uint64_t epoch = 0;
+  uint64_t tag = 0;
+  uint64_t seq = 0;
+};
+
+class Collective : public std::enable_shared_from_this<Collective> {
+ public:
+  Collective(OpKey key, double timeoutSeconds);
+  virtual ~Collective() = default;
+  Collective(const Collective&) = delete;
+  Collective& operator=(const Collective&) = delete;
+
+  // ---- caller side (any thread)
+  const OpKey& key() const { return key_; }
+  // Blocks until the op finishes or `timeoutSeconds` pass (negative: no limit).
+  // Returns whether it finished.
+  bool wait(double timeoutSeconds);
+  bool done() const;
+  OpState state() const;
+  // Throws the op's typed error if it failed; returns if it succeeded.
+  void rethrow() const;
+  uint64_t txBytes() const;
+  uint64_t rxBytes() const;
+
+  // ---- progress-thread side
+  Clock::time_point deadline() const { return deadline_; }
+  virtual void start(FrameSink& sink) = 0;
+  // Where the payload of `header` (from `peer`) goes. Throws ProtocolError when the
+  // frame does not belong in this op.
+  virtual uint8_t* receiveTarget(uint64_t peer, const FrameHeader& header) = 0;
+  virtual void onReceived(FrameSink& sink, const FrameHeader& header) = 0;
+  void onSent(uint32_t bytes);
+  virtual bool complete() const = 0;
+  virtual bool involves(uint64_t peer) const = 0;
+  // Peers whose connections are poisoned when this op fails.
+  virtual void forEachPeer(void (*fn)(void*, uint64_t), void* ctx) const = 0;
+  void succeed();
+  void fail(ErrorKind kind, const std::string& message, uint64_t peer = kNoPeer);
+
+ protected:
+  virtual void onSuccess() {}
+  virtual void onFailure() {}
+  std::string describe() const;
+
+  uint64_t pendingSends_ = 0;  // progress thread only
+  uint64_t txProgress_ = 0;
+  uint64_t rxProgress_ = 0;
+
+ private:
+  OpKey key_;
+  Clock::time_point deadline_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  OpState state_ = OpState::kRunning;
+  ErrorKind errorKind_ = ErrorKind::kNone;
+  std::string errorMessage_;
+  uint64_t errorPeer_ = kNoPeer;
+  uint64_t txBytes_ = 0;
+  uint64_t rxBytes_ = 0;
+};
+
+}  // namespace pccl

@@ -1,0 +1,52 @@
+// Small helpers over POSIX TCP sockets. Every blocking helper takes a deadline.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace pccl {
+
+using Clock = std::chrono::steady_clock;
+
+struct SocketOptions {
+  int bufferBytes = 0;  // SO_SNDBUF/SO_RCVBUF; 0 keeps the kernel's autotuning
+};
+
+// Owns a file descriptor; closes it on destruction.
+class Fd {
+ public:
+  Fd() = default;
+  explicit Fd(int fd) : fd_(fd) {}
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  Fd(Fd&& other) noexcept : fd_(other.release()) {}
+  Fd& operator=(Fd&& other) noexcept;
+  ~Fd() { reset(); }
+
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  int release();
+  void reset(int fd = -1);
+
+ private:
+  int fd_ = -1;
+};
+
+// Binds and listens; port 0 picks a free port. Returns the socket (non-blocking).
+Fd listenTcp(const std::string& host, uint16_t port, int backlog);
+uint16_t localPort(int fd);
+
+// Connects with a deadline; the returned socket is blocking. Throws PeerLostError.
+Fd connectTcp(const std::string& host, uint16_t port, Clock::time_point deadline, uint64_t peer);
+
+void setNonBlocking(int fd, bool on);
+void tuneSocket(int fd, const SocketOptions& options);
+
+// Blocking exact-length I/O with a deadline, for handshakes. Throw PeerLostError /
+// TimeoutError.
+void sendExact(int fd, const void* data, size_t len, Clock::time_point deadline, uint64_t peer);
+void recvExact(int fd, void* data, size_t len, Clock::time_point deadline, uint64_t peer);
+
+}  // namespace pccl

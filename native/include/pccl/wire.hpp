@@ -1,0 +1,58 @@
+// Data-plane wire format. Every connection starts with a handshake; after it, the
+// stream is a sequence of frames, each a fixed header followed by `length` payload
+// bytes. Integers are little-endian (the engine refuses to build big-endian).
+#pragma once
+
+#include <cstdint>
+
+namespace pccl {
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the wire format is little-endian");
+
+constexpr uint32_t kProtocolVersion = 1;
+constexpr uint32_t kHelloMagic = 0x53484350;  // "PCHS"
+constexpr uint32_t kFrameMagic = 0x46444350;  // "PCDF"
+constexpr uint32_t kMaxFramePayload = 64u << 20;
+
+// Sent by the connecting side.
+struct Hello {
+  uint32_t magic;
+  uint32_t version;
+  uint64_t peerId;     // the connecting peer
+  uint64_t epoch;      // the connecting peer's epoch when it connected (informational)
+  uint32_t connIndex;  // index within the pool of connections to this neighbour
+  uint32_t poolSize;
+};
+static_assert(sizeof(Hello) == 32, "Hello is 32 bytes on the wire");
+
+enum class HelloStatus : uint32_t { kOk = 0, kBadVersion = 1, kBadMagic = 2 };
+
+// Sent back by the accepting side.
+struct HelloAck {
+  uint32_t magic;
+  uint32_t status;  // HelloStatus
+  uint64_t peerId;  // the accepting peer
+};
+static_assert(sizeof(HelloAck) == 16, "HelloAck is 16 bytes on the wire");
+
+// kGoodbye (no payload) announces an orderly close: the EOF that follows is not a crash.
+enum class FrameType : uint8_t { kData = 1, kGoodbye = 2 };
+
+// Phases of a ring collective.
+enum class Phase : uint8_t { kReduceScatter = 0, kAllGather = 1 };
+
+struct FrameHeader {
+  uint32_t magic;
+  uint8_t type;      // FrameType
+  uint8_t phase;     // Phase
+  uint16_t reserved;
+  uint32_t length;   // payload bytes
+  uint32_t digest;   // digest of the op's shape: peers that disagree fail loudly
+  uint64_t epoch;
+  uint64_t tag;
+  uint64_t seq;      // the op's step within its tag
+  uint64_t offset;   // byte offset of the payload within the op's buffer
+};
+static_assert(sizeof(FrameHeader) == 48, "FrameHeader is 48 bytes on the wire");
+
+}  // namespace pccl

@@ -1,0 +1,168 @@
+#include "pccl/allreduce_ring.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "pccl/reduce.hpp"
+
+namespace pccl {
+
+uint32_t AllReduceRing::digest(size_t count, DType dtype, ReduceOp op, size_t worldSize) {
+  // FNV-1a over the fields that must agree.
+  uint64_t fields[4] = {static_cast<uint64_t>(count), static_cast<uint64_t>(dtype),
+                        static_cast<uint64_t>(op), static_cast<uint64_t>(worldSize)};
+  uint32_t h = 2166136261u;
+  for (uint64_t f : fields) {
+    for (int i = 0; i < 8; ++i) {
+      h ^= static_cast<uint8_t>(f >> (8 * i));
+      h *= 16777619u;
+    }
+  }
+  return h;
+}
+
+AllReduceRing::AllReduceRing(const AllReduceOptions& options, const RingPosition& ring, ScratchBuffer scratch)
+    : Collective(OpKey{ring.epoch, options.tag, options.seq}, options.timeoutSeconds),
+      options_(options),
+      ring_(ring),
+      scratch_(std::move(scratch)),
+      inPlace_(options.input == options.output),
+      elemSize_(elementSize(options.dtype)),
+      nbytes_(options.count * elemSize_),
+      digest_(digest(options.count, options.dtype, options.op, ring.size)),
+      in_(static_cast<const uint8_t*>(options.input)),
+      out_(static_cast<uint8_t*>(options.output)) {
+  PCCL_ENFORCE(ring_.size >= 1 && ring_.rank < ring_.size, "bad ring position");
+  segmentBytes_ = std::max(elemSize_, options.segmentBytes - options.segmentBytes % elemSize_);
+  segmentBytes_ = std::min<size_t>(segmentBytes_, kMaxFramePayload - kMaxFramePayload % elemSize_);
+  if (inPlace_ && nbytes_ > 0) {
+    PCCL_ENFORCE(scratch_.size >= nbytes_, "in-place all-reduce needs a scratch buffer");
+    out_ = scratch_.data.get();
+  }
+  const size_t n = ring_.size;
+  ownedChunk_ = (ring_.rank + 1) % n;
+  noForwardChunk_ = (ring_.rank + 2) % n;
+  auto chunkBytes = [this](size_t c) { return chunkBegin(c + 1) - chunkBegin(c); };
+  if (n > 1) {
+    rsExpected_ = nbytes_ - chunkBytes(ring_.rank);
+    agExpected_ = nbytes_ - chunkBytes(ownedChunk_);
+  }
+}
+
+size_t AllReduceRing::chunkBegin(size_t chunk) const {
+  const size_t n = ring_.size;
+  const size_t base = options_.count / n;
+  const size_t rem = options_.count % n;
+  return (chunk * base + std::min(chunk, rem)) * elemSize_;
+}
+
+size_t AllReduceRing::chunkOf(size_t byteOffset) const {
+  const size_t n = ring_.size;
+  const size_t base = options_.count / n;
+  const size_t rem = options_.count % n;
+  const size_t elem = byteOffset / elemSize_;
+  const size_t bigChunksEnd = rem * (base + 1);  // the first `rem` chunks hold one extra element
+  if (elem < bigChunksEnd) return elem / (base + 1);
+  return rem + (elem - bigChunksEnd) / base;
+}
+
+FrameHeader AllReduceRing::header(Phase phase, size_t offset, size_t length) const {
+  FrameHeader h{};
+  h.magic = kFrameMagic;
+  h.type = static_cast<uint8_t>(FrameType::kData);
+  h.phase = static_cast<uint8_t>(phase);
+  h.length = static_cast<uint32_t>(length);
+  h.digest = digest_;
+  h.epoch = key().epoch;
+  h.tag = key().tag;
+  h.seq = key().seq;
+  h.offset = offset;
+  return h;
+}
+
+void AllReduceRing::sendRange(FrameSink& sink, Phase phase, size_t begin, size_t end, const uint8_t* base) {
+  for (size_t off = begin; off < end; off += segmentBytes_) {
+    size_t len = std::min(segmentBytes_, end - off);
+    ++pendingSends_;
+    sink.sendFrame(this, ring_.nextPeer, off / segmentBytes_, header(phase, off, len), base + off);
+  }
+}
+
+void AllReduceRing::start(FrameSink& sink) {
+  if (ring_.size == 1) {
+    if (out_ != in_ && nbytes_ > 0) std::memcpy(out_, in_, nbytes_);
+    return;
+  }
+  const size_t own = ring_.rank;
+  sendRange(sink, Phase::kReduceScatter, chunkBegin(own), chunkBegin(own + 1), in_);
+}
+
+uint8_t* AllReduceRing::receiveTarget(uint64_t peer, const FrameHeader& h) {
+  auto bad = [&](const std::string& why) -> ProtocolError {
+    return ProtocolError("bad frame from peer " + std::to_string(peer) + ": " + why, peer);
+  };
+  if (h.digest != digest_) {
+    throw ProtocolError("peers disagree on the all-reduce: peer " + std::to_string(peer) +
+                            " sent a different element count, dtype, operator or world size (this peer: " +
+                            std::to_string(options_.count) + " x " + dtypeName(options_.dtype) + ", " +
+                            reduceOpName(options_.op) + ", N=" + std::to_string(ring_.size) + ")",
+                        peer);
+  }
+  if (peer != ring_.prevPeer) throw bad("it is not this peer's ring predecessor");
+  if (h.length == 0 || h.offset % elemSize_ != 0 || h.length % elemSize_ != 0 || h.offset > nbytes_ ||
+      h.length > nbytes_ - h.offset) {
+    throw bad("segment out of bounds");
+  }
+  const size_t chunk = chunkOf(h.offset);
+  if (h.offset + h.length > chunkBegin(chunk + 1)) throw bad("segment crosses a chunk boundary");
+  if (h.phase == static_cast<uint8_t>(Phase::kReduceScatter)) {
+    if (chunk == ring_.rank || rsReceived_ + h.length > rsExpected_) throw bad("unexpected reduce-scatter segment");
+  } else if (h.phase == static_cast<uint8_t>(Phase::kAllGather)) {
+    if (chunk == ownedChunk_ || agReceived_ + h.length > agExpected_) throw bad("unexpected all-gather segment");
+  } else {
+    throw bad("unknown phase");
+  }
+  return out_ + h.offset;
+}
+
+void AllReduceRing::onReceived(FrameSink& sink, const FrameHeader& h) {
+  const size_t off = h.offset;
+  const size_t len = h.length;
+  rxProgress_ += len;
+  const size_t chunk = chunkOf(off);
+  if (h.phase == static_cast<uint8_t>(Phase::kReduceScatter)) {
+    rsReceived_ += len;
+    // The payload (partial reduction from upstream) already sits in out_; fold in our
+    // own contribution.
+    reduceInto(options_.dtype, options_.op, out_ + off, in_ + off, out_ + off, len / elemSize_);
+    if (chunk == ownedChunk_) {
+      if (options_.op == ReduceOp::kAvg) finalizeAverage(options_.dtype, out_ + off, len / elemSize_, ring_.size);
+      sendRange(sink, Phase::kAllGather, off, off + len, out_);
+    } else {
+      sendRange(sink, Phase::kReduceScatter, off, off + len, out_);
+    }
+  } else {
+    agReceived_ += len;
+    if (chunk != noForwardChunk_) sendRange(sink, Phase::kAllGather, off, off + len, out_);
+  }
+}
+
+bool AllReduceRing::complete() const {
+  return rsReceived_ == rsExpected_ && agReceived_ == agExpected_ && pendingSends_ == 0;
+}
+
+bool AllReduceRing::involves(uint64_t peer) const {
+  return ring_.size > 1 && (peer == ring_.prevPeer || peer == ring_.nextPeer);
+}
+
+void AllReduceRing::forEachPeer(void (*fn)(void*, uint64_t), void* ctx) const {
+  if (ring_.size == 1) return;
+  fn(ctx, ring_.prevPeer);
+  if (ring_.nextPeer != ring_.prevPeer) fn(ctx, ring_.nextPeer);
+}
+
+void AllReduceRing::onSuccess() {
+  if (inPlace_ && nbytes_ > 0) std::memcpy(options_.output, out_, nbytes_);
+}
+
+}  // namespace pccl

@@ -1,0 +1,869 @@
+#include "pccl/engine.hpp"
+
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <future>
+
+namespace pccl {
+namespace {
+
+constexpr size_t kMaxIov = 64;
+constexpr int kReadBudget = 64;  // frames or reads per connection per loop turn (fairness)
+constexpr size_t kScratchPoolSize = 4;
+constexpr size_t kMaxEvents = 4096;
+
+bool keyBefore(const OpKey& a, const FrameHeader& h) {
+  return a.epoch < h.epoch || (a.epoch == h.epoch && a.seq < h.seq);
+}
+bool frameBefore(const FrameHeader& h, const OpKey& a) {
+  return h.epoch < a.epoch || (h.epoch == a.epoch && h.seq < a.seq);
+}
+bool sameKey(const OpKey& a, const FrameHeader& h) { return a.epoch == h.epoch && a.seq == h.seq; }
+
+ErrorKind kindOf(const Error& e) {
+  if (dynamic_cast<const PeerLostError*>(&e)) return ErrorKind::kPeerLost;
+  if (dynamic_cast<const TimeoutError*>(&e)) return ErrorKind::kTimeout;
+  if (dynamic_cast<const AbortedError*>(&e)) return ErrorKind::kAborted;
+  if (dynamic_cast<const ProtocolError*>(&e)) return ErrorKind::kProtocol;
+  if (dynamic_cast<const InvalidArgument*>(&e)) return ErrorKind::kInvalid;
+  return ErrorKind::kProtocol;
+}
+
+uint64_t peerOf(const Error& e) {
+  if (auto* p = dynamic_cast<const PeerLostError*>(&e)) return p->peer();
+  if (auto* p = dynamic_cast<const ProtocolError*>(&e)) return p->peer();
+  return kNoPeer;
+}
+
+}  // namespace
+
+struct Engine::SendItem {
+  FrameHeader header;
+  const uint8_t* data;
+  std::shared_ptr<Collective> op;  // null for control frames
+};
+
+struct Engine::MailFrame {
+  FrameHeader header;
+  uint64_t peer;
+  std::vector<uint8_t> payload;
+};
+
+struct Engine::Connection {
+  enum class Sink { kNone, kOp, kMailbox, kDiscard };
+
+  Fd fd;
+  uint64_t peer = kNoPeer;
+  bool outgoing = false;
+  bool handshaking = false;
+  bool dead = false;
+  bool goodbye = false;  // the peer announced an orderly close
+  bool paused = false;   // a header waits for room in the mailbox
+  Clock::time_point handshakeDeadline;
+  uint32_t interest = 0;
+
+  Hello hello{};
+  size_t helloGot = 0;
+
+  FrameHeader header{};
+  size_t headerGot = 0;
+  Sink sink = Sink::kNone;
+  std::shared_ptr<AllReduceRing> rxOp;
+  uint8_t* dst = nullptr;
+  std::vector<uint8_t> mail;
+  size_t payloadGot = 0;
+
+  std::deque<SendItem> sendq;
+  size_t headSent = 0;  // bytes of the head item (header, then payload) already written
+  bool dirty = false;
+};
+
+class Engine::Sink : public FrameSink {
+ public:
+  explicit Sink(Engine* engine) : engine_(engine) {}
+  void sendFrame(Collective* op, uint64_t peer, size_t stripe, const FrameHeader& header,
+                 const uint8_t* data) override {
+    auto it = engine_->outgoing_.find(peer);
+    if (it == engine_->outgoing_.end() || it->second.empty()) {
+      throw PeerLostError("no connection to peer " + std::to_string(peer), peer);
+    }
+    Connection* c = it->second[stripe % it->second.size()];
+    c->sendq.push_back(SendItem{header, data, op->shared_from_this()});
+    if (!c->dirty) {
+      c->dirty = true;
+      engine_->dirty_.push_back(c);
+    }
+  }
+
+ private:
+  Engine* engine_;
+};
+
+// ---------------------------------------------------------------- caller side
+
+Engine::Engine(const EngineOptions& options) : options_(options) {
+  if (options_.connectionsPerPeer < 1 || options_.connectionsPerPeer > 64) {
+    throw InvalidArgument("connectionsPerPeer must be in [1, 64]");
+  }
+  if (options_.segmentBytes < 64) throw InvalidArgument("segmentBytes must be at least 64");
+  listenFd_ = listenTcp(options_.listenHost, options_.listenPort, 256);
+  port_ = localPort(listenFd_.get());
+  epollFd_.reset(::epoll_create1(EPOLL_CLOEXEC));
+  wakeFd_.reset(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  if (!epollFd_.valid() || !wakeFd_.valid()) throw Error("epoll/eventfd: " + std::string(std::strerror(errno)));
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.ptr = &listenFd_;
+  ::epoll_ctl(epollFd_.get(), EPOLL_CTL_ADD, listenFd_.get(), &ev);
+  ev.data.ptr = &wakeFd_;
+  ::epoll_ctl(epollFd_.get(), EPOLL_CTL_ADD, wakeFd_.get(), &ev);
+  discard_.resize(64 << 10);
+  ring_.epoch = 0;
+  ring_.size = 1;
+  ring_.rank = 0;
+  ringPeers_.push_back(PeerAddress{options_.peerId, options_.listenHost, port_});
+  thread_ = std::thread([this] { run(); });
+}
+
+Engine::~Engine() { close(); }
+
+void Engine::post(std::function<void()> command) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) throw AbortedError("engine is closed");
+    commands_.push_back(std::move(command));
+  }
+  uint64_t one = 1;
+  ssize_t n = ::write(wakeFd_.get(), &one, sizeof(one));
+  (void)n;
+}
+
+void Engine::close() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) return;
+    closed_ = true;
+    commands_.push_back([this] { stopping_ = true; });
+  }
+  uint64_t one = 1;
+  ssize_t n = ::write(wakeFd_.get(), &one, sizeof(one));
+  (void)n;
+  if (thread_.joinable()) thread_.join();
+  eventsCv_.notify_all();
+}
+
+RingPosition Engine::ring() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return ring_;
+}
+
+size_t Engine::liveConnections(uint64_t peer) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = liveOutgoing_.find(peer);
+  return it == liveOutgoing_.end() ? 0 : it->second;
+}
+
+void Engine::setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_t rank, double timeoutSeconds) {
+  if (ring.empty() || rank >= ring.size()) throw InvalidArgument("rank outside the ring");
+  if (ring[rank].peerId != options_.peerId) {
+    throw InvalidArgument("ring position " + std::to_string(rank) + " holds peer " +
+                          std::to_string(ring[rank].peerId) + ", not this peer (" +
+                          std::to_string(options_.peerId) + ")");
+  }
+  for (size_t i = 0; i < ring.size(); ++i) {
+    for (size_t j = i + 1; j < ring.size(); ++j) {
+      if (ring[i].peerId == ring[j].peerId) throw InvalidArgument("peer listed twice in the ring");
+    }
+  }
+  RingPosition pos;
+  pos.epoch = epoch;
+  pos.size = ring.size();
+  pos.rank = rank;
+  pos.prevPeer = ring[(rank + ring.size() - 1) % ring.size()].peerId;
+  pos.nextPeer = ring[(rank + 1) % ring.size()].peerId;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ring_ = pos;
+    ringPeers_ = ring;
+  }
+  post([this, epoch] { setRingEpoch(epoch); });
+  if (ring.size() > 1) ensureConnected(ring[(rank + 1) % ring.size()], epoch, timeoutSeconds);
+}
+
+void Engine::ensureConnected(const PeerAddress& peer, uint64_t epoch, double timeoutSeconds) {
+  std::lock_guard<std::mutex> connectLock(connectMu_);
+  const size_t k = static_cast<size_t>(options_.connectionsPerPeer);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = liveOutgoing_.find(peer.peerId);
+    if (it != liveOutgoing_.end() && it->second >= k) return;
+    if (it != liveOutgoing_.end() && it->second > 0) {
+      // A partial pool (some connections broke): rebuild it whole.
+      commands_.push_back([this, id = peer.peerId] {
+        closePeer(id, ErrorKind::kPeerLost, "connection pool to peer " + std::to_string(id) + " is incomplete");
+      });
+    }
+  }
+  if (timeoutSeconds < 0 || timeoutSeconds > 1e7) timeoutSeconds = 1e7;
+  auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeoutSeconds));
+  std::vector<int> fds;
+  try {
+    for (size_t i = 0; i < k; ++i) {
+      Fd fd = connectTcp(peer.host, peer.port, deadline, peer.peerId);
+      tuneSocket(fd.get(), options_.socket);
+      Hello hello{kHelloMagic, kProtocolVersion, options_.peerId, epoch, static_cast<uint32_t>(i),
+                  static_cast<uint32_t>(k)};
+      sendExact(fd.get(), &hello, sizeof(hello), deadline, peer.peerId);
+      HelloAck ack{};
+      recvExact(fd.get(), &ack, sizeof(ack), deadline, peer.peerId);
+      if (ack.magic != kHelloMagic) throw ProtocolError("peer at " + peer.host + " did not answer the handshake", peer.peerId);
+      if (ack.status != static_cast<uint32_t>(HelloStatus::kOk)) {
+        throw ProtocolError("peer " + std::to_string(peer.peerId) + " refused the connection (status " +
+                                std::to_string(ack.status) + ", protocol version " + std::to_string(kProtocolVersion) + ")",
+                            peer.peerId);
+      }
+      if (ack.peerId != peer.peerId) {
+        throw ProtocolError("the peer at " + peer.host + ":" + std::to_string(peer.port) + " is peer " +
+                                std::to_string(ack.peerId) + ", expected " + std::to_string(peer.peerId),
+                            peer.peerId);
+      }
+      setNonBlocking(fd.get(), true);
+      fds.push_back(fd.release());
+    }
+  } catch (...) {
+    for (int fd : fds) ::close(fd);
+    throw;
+  }
+  // The progress thread owns the pools; wait until it has taken these, so the next
+  // check (and the op posted next) sees them.
+  auto added = std::make_shared<std::promise<void>>();
+  auto ready = added->get_future();
+  try {
+    post([this, fds, added, id = peer.peerId] {
+      for (int fd : fds) addConnection(Fd(fd), id, /*outgoing=*/true, /*handshaking=*/false);
+      added->set_value();
+    });
+  } catch (...) {
+    for (int fd : fds) ::close(fd);
+    throw;
+  }
+  ready.wait();
+}
+
+ScratchBuffer Engine::takeScratch(size_t bytes) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto best = scratchPool_.end();
+    for (auto it = scratchPool_.begin(); it != scratchPool_.end(); ++it) {
+      if (it->size >= bytes && (best == scratchPool_.end() || it->size < best->size)) best = it;
+    }
+    if (best != scratchPool_.end()) {
+      ScratchBuffer out = std::move(*best);
+      scratchPool_.erase(best);
+      return out;
+    }
+  }
+  ScratchBuffer fresh;
+  fresh.data.reset(new uint8_t[bytes]);
+  fresh.size = bytes;
+  return fresh;
+}
+
+void Engine::giveScratch(ScratchBuffer scratch) {
+  if (!scratch.data) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  scratchPool_.push_back(std::move(scratch));
+  if (scratchPool_.size() > kScratchPoolSize) {
+    auto smallest = std::min_element(scratchPool_.begin(), scratchPool_.end(),
+                                     [](const ScratchBuffer& a, const ScratchBuffer& b) { return a.size < b.size; });
+    scratchPool_.erase(smallest);
+  }
+}
+
+std::shared_ptr<AllReduceRing> Engine::allReduce(const AllReduceOptions& in, double connectTimeoutSeconds) {
+  AllReduceOptions options = in;
+  const size_t esize = elementSize(options.dtype);
+  if (!isValidReduceOp(static_cast<int>(options.op))) throw InvalidArgument("unknown reduce op");
+  if (options.count > (SIZE_MAX / 2) / esize) throw InvalidArgument("element count too large");
+  if (options.count > 0 && (options.input == nullptr || options.output == nullptr)) {
+    throw InvalidArgument("null buffer");
+  }
+  if (options.segmentBytes == 0) options.segmentBytes = options_.segmentBytes;
+  RingPosition pos;
+  PeerAddress next;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) throw AbortedError("engine is closed");
+    pos = ring_;
+    next = ringPeers_[(pos.rank + 1) % pos.size];
+  }
+  if (pos.size > 1) ensureConnected(next, pos.epoch, connectTimeoutSeconds);
+  const size_t nbytes = options.count * esize;
+  ScratchBuffer scratch;
+  if (options.input == options.output && nbytes > 0 && pos.size > 1) scratch = takeScratch(nbytes);
+  auto op = std::make_shared<AllReduceRing>(options, pos, std::move(scratch));
+  post([this, op] { startOp(op); });
+  return op;
+}
+
+void Engine::abort(const std::shared_ptr<Collective>& op, const std::string& reason) {
+  try {
+    post([this, op, reason] { failOp(op.get(), ErrorKind::kAborted, "aborted: " + reason, kNoPeer); });
+  } catch (const AbortedError&) {
+    // Engine closed: every op has already been failed.
+  }
+}
+
+void Engine::disconnect(uint64_t peer, const std::string& reason) {
+  post([this, peer, reason] { closePeer(peer, ErrorKind::kPeerLost, reason); });
+}
+
+bool Engine::nextEvent(Event* event, double timeoutSeconds) {
+  std::unique_lock<std::mutex> lock(mu_);
+  auto ready = [this] { return !events_.empty() || closed_; };
+  if (timeoutSeconds < 0) {
+    eventsCv_.wait(lock, ready);
+  } else if (!eventsCv_.wait_for(lock, std::chrono::duration<double>(timeoutSeconds), ready)) {
+    return false;
+  }
+  if (events_.empty()) return false;
+  *event = std::move(events_.front());
+  events_.pop_front();
+  return true;
+}
+
+// ---------------------------------------------------------------- progress thread
+
+void Engine::run() {
+  epoll_event events[64];
+  while (!stopping_) {
+    graveyard_.clear();
+    int timeoutMs = 100;
+    auto now = Clock::now();
+    for (auto& [tag, op] : activeByTag_) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(op->deadline() - now).count() + 1;
+      timeoutMs = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(timeoutMs, left)));
+    }
+    int n = ::epoll_wait(epollFd_.get(), events, 64, timeoutMs);
+    if (n < 0 && errno != EINTR) break;
+    for (int i = 0; i < n && !stopping_; ++i) {
+      void* tagPtr = events[i].data.ptr;
+      if (tagPtr == &wakeFd_) {
+        uint64_t count;
+        ssize_t r = ::read(wakeFd_.get(), &count, sizeof(count));
+        (void)r;
+        drainCommands();
+        continue;
+      }
+      if (tagPtr == &listenFd_) {
+        acceptAll();
+        continue;
+      }
+      auto* c = static_cast<Connection*>(tagPtr);
+      if (c->dead) continue;
+      const uint32_t ev = events[i].events;
+      if (ev & EPOLLERR) {
+        int err = 0;
+        socklen_t len = sizeof(err);
+        ::getsockopt(c->fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
+        closeConnection(c, ErrorKind::kPeerLost,
+                        "connection to peer " + std::to_string(c->peer) + " failed: " + std::strerror(err), false);
+        continue;
+      }
+      if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP)) {
+        if (c->paused && (ev & (EPOLLRDHUP | EPOLLHUP))) {
+          closeConnection(c, ErrorKind::kPeerLost, "peer " + std::to_string(c->peer) + " closed the connection", false);
+          continue;
+        }
+        onReadable(c);
+      }
+      if (!c->dead && (ev & EPOLLOUT)) flush(c);
+    }
+    drainCommands();
+    checkDeadlines();
+    flushDirty();
+  }
+  // Shutdown: fail what is left, say goodbye, close everything.
+  std::vector<std::shared_ptr<AllReduceRing>> ops;
+  for (auto& [tag, op] : activeByTag_) ops.push_back(op);
+  for (auto& op : ops) failOp(op.get(), ErrorKind::kAborted, "engine closed", kNoPeer);
+  std::vector<Connection*> all;
+  for (auto& [fd, c] : connections_) all.push_back(c.get());
+  for (Connection* c : all) {
+    if (c->dead || c->handshaking) continue;
+    if (c->sendq.empty()) {
+      FrameHeader bye{};
+      bye.magic = kFrameMagic;
+      bye.type = static_cast<uint8_t>(FrameType::kGoodbye);
+      ssize_t w = ::send(c->fd.get(), &bye, sizeof(bye), MSG_NOSIGNAL | MSG_DONTWAIT);
+      (void)w;
+    }
+    closeConnection(c, ErrorKind::kAborted, "engine closed", /*quiet=*/true);
+  }
+  graveyard_.clear();
+  connections_.clear();
+}
+
+void Engine::drainCommands() {
+  for (;;) {
+    std::function<void()> command;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (commands_.empty()) return;
+      command = std::move(commands_.front());
+      commands_.pop_front();
+    }
+    command();
+    flushDirty();
+  }
+}
+
+void Engine::acceptAll() {
+  for (;;) {
+    int fd = ::accept4(listenFd_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) return;  // EAGAIN, or a transient error (EMFILE...): try again on the next event
+    tuneSocket(fd, options_.socket);
+    addConnection(Fd(fd), kNoPeer, /*outgoing=*/false, /*handshaking=*/true);
+  }
+}
+
+void Engine::addConnection(Fd fd, uint64_t peer, bool outgoing, bool handshaking) {
+  auto c = std::make_unique<Connection>();
+  Connection* raw = c.get();
+  raw->peer = peer;
+  raw->outgoing = outgoing;
+  raw->handshaking = handshaking;
+  auto timeout = std::chrono::duration<double>(options_.handshakeTimeoutSeconds);
+  raw->handshakeDeadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(timeout);
+  raw->interest = EPOLLIN | EPOLLRDHUP;
+  epoll_event ev{};
+  ev.events = raw->interest;
+  ev.data.ptr = raw;
+  ::epoll_ctl(epollFd_.get(), EPOLL_CTL_ADD, fd.get(), &ev);
+  int key = fd.get();
+  raw->fd = std::move(fd);
+  connections_[key] = std::move(c);
+  if (outgoing) {
+    outgoing_[peer].push_back(raw);
+    std::lock_guard<std::mutex> lock(mu_);
+    ++liveOutgoing_[peer];
+  }
+}
+
+bool Engine::readHandshake(Connection* c) {
+  auto* dst = reinterpret_cast<uint8_t*>(&c->hello);
+  ssize_t n = ::recv(c->fd.get(), dst + c->helloGot, sizeof(Hello) - c->helloGot, 0);
+  if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+    closeConnection(c, ErrorKind::kPeerLost, "handshake aborted", /*quiet=*/true);
+    return false;
+  }
+  if (n < 0) return false;
+  c->helloGot += static_cast<size_t>(n);
+  if (c->helloGot < sizeof(Hello)) return true;
+  HelloAck ack{kHelloMagic, static_cast<uint32_t>(HelloStatus::kOk), options_.peerId};
+  bool ok = true;
+  if (c->hello.magic != kHelloMagic) {
+    ack.status = static_cast<uint32_t>(HelloStatus::kBadMagic);
+    ok = false;
+  } else if (c->hello.version != kProtocolVersion) {
+    ack.status = static_cast<uint32_t>(HelloStatus::kBadVersion);
+    ok = false;
+  }
+  ssize_t w = ::send(c->fd.get(), &ack, sizeof(ack), MSG_NOSIGNAL | MSG_DONTWAIT);
+  if (!ok || w != static_cast<ssize_t>(sizeof(ack))) {
+    closeConnection(c, ErrorKind::kProtocol, "handshake refused", /*quiet=*/true);
+    return false;
+  }
+  c->peer = c->hello.peerId;
+  c->handshaking = false;
+  return true;
+}
+
+void Engine::onReadable(Connection* c) {
+  for (int budget = kReadBudget; budget > 0 && !c->dead && !c->paused && !stopping_; --budget) {
+    if (c->handshaking) {
+      if (!readHandshake(c)) return;
+      continue;
+    }
+    uint8_t* target;
+    size_t want;
+    if (c->headerGot < sizeof(FrameHeader)) {
+      target = reinterpret_cast<uint8_t*>(&c->header) + c->headerGot;
+      want = sizeof(FrameHeader) - c->headerGot;
+    } else {
+      const size_t left = c->header.length - c->payloadGot;
+      switch (c->sink) {
+        case Connection::Sink::kOp:
+          target = c->dst + c->payloadGot;
+          want = left;
+          break;
+        case Connection::Sink::kMailbox:
+          target = c->mail.data() + c->payloadGot;
+          want = left;
+          break;
+        default:
+          target = discard_.data();
+          want = std::min(left, discard_.size());
+          break;
+      }
+    }
+    ssize_t n = ::recv(c->fd.get(), target, want, 0);
+    if (n == 0) {
+      closeConnection(c, ErrorKind::kPeerLost, "peer " + std::to_string(c->peer) + " closed the connection",
+                      /*quiet=*/c->goodbye);
+      return;
+    }
+    if (n < 0) {
+      if (errno == EAGAIN || errno == EINTR) return;
+      closeConnection(c, ErrorKind::kPeerLost,
+                      "connection to peer " + std::to_string(c->peer) + " broke: " + std::strerror(errno), false);
+      return;
+    }
+    if (c->headerGot < sizeof(FrameHeader)) {
+      c->headerGot += static_cast<size_t>(n);
+      if (c->headerGot == sizeof(FrameHeader)) dispatchHeader(c);
+    } else {
+      c->payloadGot += static_cast<size_t>(n);
+      if (c->payloadGot == c->header.length) onFrameComplete(c);
+    }
+  }
+}
+
+void Engine::dispatchHeader(Connection* c) {
+  const FrameHeader& h = c->header;
+  const bool data = h.type == static_cast<uint8_t>(FrameType::kData);
+  if (h.magic != kFrameMagic || h.length > kMaxFramePayload || (data && h.length == 0) ||
+      (!data && h.length != 0) ||
+      (h.type != static_cast<uint8_t>(FrameType::kData) && h.type != static_cast<uint8_t>(FrameType::kGoodbye))) {
+    closeConnection(c, ErrorKind::kProtocol, "malformed frame from peer " + std::to_string(c->peer), false);
+    return;
+  }
+  c->payloadGot = 0;
+  if (h.type == static_cast<uint8_t>(FrameType::kGoodbye)) {
+    c->goodbye = true;
+    c->headerGot = 0;
+    return;
+  }
+  auto it = activeByTag_.find(h.tag);
+  if (it != activeByTag_.end() && sameKey(it->second->key(), h)) {
+    const auto& op = it->second;
+    try {
+      c->dst = op->receiveTarget(c->peer, h);
+    } catch (const Error& e) {
+      auto keep = op;
+      failOp(keep.get(), kindOf(e), e.what(), peerOf(e));
+      closeConnection(c, kindOf(e), e.what(), /*quiet=*/true);
+      return;
+    }
+    c->rxOp = op;
+    c->sink = Connection::Sink::kOp;
+  } else {
+    bool stale = h.epoch < currentEpoch_;
+    if (it != activeByTag_.end()) {
+      stale = stale || frameBefore(h, it->second->key());
+    } else {
+      auto done = lastDoneByTag_.find(h.tag);
+      stale = stale || (done != lastDoneByTag_.end() && !keyBefore(done->second, h));
+    }
+    if (stale) {
+      c->sink = Connection::Sink::kDiscard;
+    } else {
+      // Early frame of an op this peer has not posted yet: hold it (up to a cap).
+      if (mailboxBytes_ + h.length > options_.mailboxLimitBytes) {
+        c->paused = true;
+        updateInterest(c);
+        return;
+      }
+      c->mail.resize(h.length);
+      mailboxBytes_ += h.length;
+      c->sink = Connection::Sink::kMailbox;
+    }
+  }
+  if (h.length == 0) onFrameComplete(c);
+}
+
+void Engine::onFrameComplete(Connection* c) {
+  FrameHeader h = c->header;
+  auto sink = c->sink;
+  auto op = std::move(c->rxOp);
+  c->headerGot = 0;
+  c->payloadGot = 0;
+  c->sink = Connection::Sink::kNone;
+  c->dst = nullptr;
+  if (sink == Connection::Sink::kOp) {
+    if (op->state() == OpState::kRunning) {
+      try {
+        Sink frames(this);
+        op->onReceived(frames, h);
+      } catch (const Error& e) {
+        failOp(op.get(), kindOf(e), e.what(), peerOf(e));
+      }
+      finishIfComplete(op.get());
+    }
+  } else if (sink == Connection::Sink::kMailbox) {
+    mailbox_[h.tag].push_back(MailFrame{h, c->peer, std::move(c->mail)});
+    c->mail = {};
+  }
+  flushDirty();
+}
+
+void Engine::flushDirty() {
+  while (!dirty_.empty()) {
+    std::vector<Connection*> batch;
+    batch.swap(dirty_);
+    for (Connection* c : batch) {
+      c->dirty = false;
+      if (!c->dead) flush(c);
+    }
+  }
+}
+
+void Engine::flush(Connection* c) {
+  std::vector<std::shared_ptr<Collective>> progressed;
+  while (!c->sendq.empty()) {
+    iovec iov[kMaxIov];
+    size_t iovCount = 0;
+    size_t skip = c->headSent;
+    for (auto it = c->sendq.begin(); it != c->sendq.end() && iovCount + 2 <= kMaxIov; ++it) {
+      const size_t hdr = sizeof(FrameHeader);
+      if (skip < hdr) {
+        iov[iovCount++] = iovec{reinterpret_cast<uint8_t*>(&it->header) + skip, hdr - skip};
+        skip = 0;
+      } else {
+        skip -= hdr;
+      }
+      if (it->header.length > skip) {
+        iov[iovCount++] = iovec{const_cast<uint8_t*>(it->data) + skip, it->header.length - skip};
+      }
+      skip = 0;
+    }
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = iovCount;
+    ssize_t n = ::sendmsg(c->fd.get(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n < 0) {
+      if (errno == EAGAIN || errno == EINTR) break;
+      closeConnection(c, ErrorKind::kPeerLost,
+                      "send to peer " + std::to_string(c->peer) + " failed: " + std::strerror(errno), false);
+      return;
+    }
+    size_t written = static_cast<size_t>(n);
+    while (written > 0 && !c->sendq.empty()) {
+      SendItem& head = c->sendq.front();
+      const size_t total = sizeof(FrameHeader) + head.header.length;
+      const size_t take = std::min(written, total - c->headSent);
+      c->headSent += take;
+      written -= take;
+      if (c->headSent == total) {
+        if (head.op) {
+          head.op->onSent(head.header.length);
+          progressed.push_back(std::move(head.op));
+        }
+        c->sendq.pop_front();
+        c->headSent = 0;
+      }
+    }
+  }
+  updateInterest(c);
+  for (auto& op : progressed) finishIfComplete(op.get());
+}
+
+void Engine::updateInterest(Connection* c) {
+  if (c->dead) return;
+  uint32_t want = EPOLLRDHUP | (c->paused ? 0u : static_cast<uint32_t>(EPOLLIN)) |
+                  (c->sendq.empty() ? 0u : static_cast<uint32_t>(EPOLLOUT));
+  if (want == c->interest) return;
+  c->interest = want;
+  epoll_event ev{};
+  ev.events = want;
+  ev.data.ptr = c;
+  ::epoll_ctl(epollFd_.get(), EPOLL_CTL_MOD, c->fd.get(), &ev);
+}
+
+void Engine::closeConnection(Connection* c, ErrorKind kind, const std::string& reason, bool quiet) {
+  if (c->dead) return;
+  c->dead = true;
+  const uint64_t peer = c->peer;
+  ::epoll_ctl(epollFd_.get(), EPOLL_CTL_DEL, c->fd.get(), nullptr);
+  if (c->sink == Connection::Sink::kMailbox) mailboxBytes_ -= c->mail.size();
+  c->sendq.clear();
+  c->rxOp.reset();
+  if (c->outgoing) {
+    auto& pool = outgoing_[peer];
+    pool.erase(std::remove(pool.begin(), pool.end(), c), pool.end());
+    if (pool.empty()) outgoing_.erase(peer);
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = liveOutgoing_.find(peer);
+    if (it != liveOutgoing_.end() && it->second > 0 && --it->second == 0) liveOutgoing_.erase(it);
+  }
+  auto node = connections_.extract(c->fd.get());
+  c->fd.reset();
+  if (!node.empty()) graveyard_.push_back(std::move(node.mapped()));
+  if (!quiet && !c->handshaking && peer != kNoPeer) {
+    pushEvent(Event{EventKind::kPeerDisconnected, peer, reason});
+  }
+  if (peer == kNoPeer) return;
+  // Frames held for later ops of this peer came from a stream that just broke.
+  for (auto& [tag, box] : mailbox_) {
+    for (auto it = box.begin(); it != box.end();) {
+      if (it->peer == peer) {
+        mailboxBytes_ -= it->payload.size();
+        it = box.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  std::vector<std::shared_ptr<AllReduceRing>> victims;
+  for (auto& [tag, op] : activeByTag_) {
+    if (op->involves(peer)) victims.push_back(op);
+  }
+  for (auto& op : victims) failOp(op.get(), kind, reason, peer);
+  resumePaused();
+}
+
+void Engine::closePeer(uint64_t peer, ErrorKind kind, const std::string& reason) {
+  std::vector<Connection*> doomed;
+  for (auto& [fd, c] : connections_) {
+    if (c->peer == peer && !c->dead) doomed.push_back(c.get());
+  }
+  for (Connection* c : doomed) closeConnection(c, kind, reason, /*quiet=*/true);
+}
+
+void Engine::startOp(const std::shared_ptr<AllReduceRing>& op) {
+  const uint64_t tag = op->key().tag;
+  if (activeByTag_.count(tag)) {
+    op->fail(ErrorKind::kInvalid, "another op with tag " + std::to_string(tag) + " is still in flight");
+    giveScratch(op->releaseScratch());
+    return;
+  }
+  activeByTag_[tag] = op;
+  Sink frames(this);
+  try {
+    op->start(frames);
+    // Replay frames that arrived before the op was posted.
+    auto box = mailbox_.find(tag);
+    if (box != mailbox_.end()) {
+      auto& frames_ = box->second;
+      for (auto it = frames_.begin(); it != frames_.end() && op->state() == OpState::kRunning;) {
+        const FrameHeader& h = it->header;
+        if (sameKey(op->key(), h)) {
+          uint8_t* dst = op->receiveTarget(it->peer, h);
+          std::memcpy(dst, it->payload.data(), h.length);
+          FrameHeader copy = h;
+          mailboxBytes_ -= it->payload.size();
+          it = frames_.erase(it);
+          op->onReceived(frames, copy);
+        } else if (frameBefore(h, op->key())) {
+          mailboxBytes_ -= it->payload.size();
+          it = frames_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      if (frames_.empty()) mailbox_.erase(tag);
+    }
+  } catch (const Error& e) {
+    failOp(op.get(), kindOf(e), e.what(), peerOf(e));
+  }
+  flushDirty();
+  finishIfComplete(op.get());
+  resumePaused();
+}
+
+void Engine::finishIfComplete(Collective* op) {
+  if (op->state() != OpState::kRunning || !op->complete()) return;
+  auto keep = op->shared_from_this();
+  op->succeed();
+  retire(op);
+}
+
+void Engine::retire(Collective* op) {
+  auto keep = op->shared_from_this();
+  const uint64_t tag = op->key().tag;
+  auto it = activeByTag_.find(tag);
+  if (it != activeByTag_.end() && it->second.get() == op) {
+    giveScratch(it->second->releaseScratch());
+    activeByTag_.erase(it);
+    lastDoneByTag_[tag] = op->key();
+  }
+}
+
+void Engine::failOp(Collective* op, ErrorKind kind, const std::string& message, uint64_t peer) {
+  if (op->state() != OpState::kRunning) return;
+  auto keep = op->shared_from_this();
+  op->fail(kind, message, peer);
+  retire(op);
+  // Poison: the neighbours' streams may hold frames of this op mid-flight.
+  struct Ctx {
+    Engine* self;
+    std::string why;
+  } ctx{this, "op failed: " + message};
+  op->forEachPeer(
+      [](void* p, uint64_t id) {
+        auto* x = static_cast<Ctx*>(p);
+        x->self->closePeer(id, ErrorKind::kPeerLost, x->why);
+      },
+      &ctx);
+}
+
+void Engine::checkDeadlines() {
+  auto now = Clock::now();
+  std::vector<std::shared_ptr<AllReduceRing>> late;
+  for (auto& [tag, op] : activeByTag_) {
+    if (op->deadline() <= now) late.push_back(op);
+  }
+  for (auto& op : late) failOp(op.get(), ErrorKind::kTimeout, "timed out", kNoPeer);
+  std::vector<Connection*> stuck;
+  for (auto& [fd, c] : connections_) {
+    if (c->handshaking && c->handshakeDeadline <= now) stuck.push_back(c.get());
+  }
+  for (Connection* c : stuck) closeConnection(c, ErrorKind::kTimeout, "handshake timed out", /*quiet=*/true);
+}
+
+void Engine::resumePaused() {
+  std::vector<Connection*> paused;
+  for (auto& [fd, c] : connections_) {
+    if (c->paused && !c->dead) paused.push_back(c.get());
+  }
+  for (Connection* c : paused) {
+    if (c->dead) continue;
+    c->paused = false;
+    dispatchHeader(c);
+    updateInterest(c);
+  }
+}
+
+void Engine::setRingEpoch(uint64_t epoch) {
+  currentEpoch_ = std::max(currentEpoch_, epoch);
+  for (auto it = mailbox_.begin(); it != mailbox_.end();) {
+    auto& box = it->second;
+    for (auto f = box.begin(); f != box.end();) {
+      if (f->header.epoch < currentEpoch_) {
+        mailboxBytes_ -= f->payload.size();
+        f = box.erase(f);
+      } else {
+        ++f;
+      }
+    }
+    it = box.empty() ? mailbox_.erase(it) : std::next(it);
+  }
+}
+
+void Engine::pushEvent(Event event) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    events_.push_back(std::move(event));
+    if (events_.size() > kMaxEvents) events_.pop_front();
+  }
+  eventsCv_.notify_all();
+}
+
+}  // namespace pccl

@@ -1,0 +1,175 @@
+#include "pccl/tcp.hpp"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "pccl/errors.hpp"
+
+namespace pccl {
+namespace {
+
+std::string errnoText(int err) { return std::strerror(err); }
+
+int remainingMs(Clock::time_point deadline) {
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+  return left < 0 ? 0 : static_cast<int>(left);
+}
+
+sockaddr_storage resolve(const std::string& host, uint16_t port, socklen_t* len) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* result = nullptr;
+  std::string service = std::to_string(port);
+  int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(), service.c_str(), &hints, &result);
+  if (rc != 0 || result == nullptr) {
+    throw InvalidArgument("cannot resolve '" + host + "': " + gai_strerror(rc));
+  }
+  sockaddr_storage addr{};
+  std::memcpy(&addr, result->ai_addr, result->ai_addrlen);
+  *len = result->ai_addrlen;
+  freeaddrinfo(result);
+  return addr;
+}
+
+// Waits for `events` on fd until the deadline. Returns false on timeout.
+bool waitFor(int fd, short events, Clock::time_point deadline) {
+  for (;;) {
+    pollfd p{fd, events, 0};
+    int rc = ::poll(&p, 1, remainingMs(deadline));
+    if (rc > 0) return true;
+    if (rc == 0) return false;
+    if (errno != EINTR) return false;
+  }
+}
+
+}  // namespace
+
+Fd& Fd::operator=(Fd&& other) noexcept {
+  if (this != &other) reset(other.release());
+  return *this;
+}
+
+int Fd::release() {
+  int fd = fd_;
+  fd_ = -1;
+  return fd;
+}
+
+void Fd::reset(int fd) {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = fd;
+}
+
+Fd listenTcp(const std::string& host, uint16_t port, int backlog) {
+  socklen_t len = 0;
+  sockaddr_storage addr = resolve(host, port, &len);
+  Fd fd(::socket(addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) throw Error("socket(): " + errnoText(errno));
+  int one = 1;
+  ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), len) != 0) {
+    throw Error("bind(" + host + ":" + std::to_string(port) + "): " + errnoText(errno));
+  }
+  if (::listen(fd.get(), backlog) != 0) throw Error("listen(): " + errnoText(errno));
+  setNonBlocking(fd.get(), true);
+  return fd;
+}
+
+uint16_t localPort(int fd) {
+  sockaddr_storage addr{};
+  socklen_t len = sizeof(addr);
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    throw Error("getsockname(): " + errnoText(errno));
+  }
+  if (addr.ss_family == AF_INET6) return ntohs(reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port);
+  return ntohs(reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
+}
+
+Fd connectTcp(const std::string& host, uint16_t port, Clock::time_point deadline, uint64_t peer) {
+  socklen_t len = 0;
+  sockaddr_storage addr = resolve(host, port, &len);
+  const std::string where = host + ":" + std::to_string(port);
+  // Retry refused connections until the deadline: the neighbour may still be binding.
+  for (;;) {
+    Fd fd(::socket(addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (!fd.valid()) throw Error("socket(): " + errnoText(errno));
+    setNonBlocking(fd.get(), true);
+    int rc = ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), len);
+    int err = rc == 0 ? 0 : errno;
+    if (err == EINPROGRESS) {
+      if (!waitFor(fd.get(), POLLOUT, deadline)) {
+        throw TimeoutError("connect to peer " + std::to_string(peer) + " at " + where + " timed out");
+      }
+      socklen_t errLen = sizeof(err);
+      ::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &errLen);
+    }
+    if (err == 0) {
+      setNonBlocking(fd.get(), false);
+      return fd;
+    }
+    if (Clock::now() >= deadline || (err != ECONNREFUSED && err != EAGAIN)) {
+      throw PeerLostError("connect to peer " + std::to_string(peer) + " at " + where + ": " +
+                              errnoText(err),
+                          peer);
+    }
+    ::usleep(20000);
+  }
+}
+
+void setNonBlocking(int fd, bool on) {
+  int flags = ::fcntl(fd, F_GETFL, 0);
+  flags = on ? (flags | O_NONBLOCK) : (flags & ~O_NONBLOCK);
+  ::fcntl(fd, F_SETFL, flags);
+}
+
+void tuneSocket(int fd, const SocketOptions& options) {
+  int one = 1;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  if (options.bufferBytes > 0) {
+    int size = options.bufferBytes;
+    ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));
+  }
+}
+
+void sendExact(int fd, const void* data, size_t len, Clock::time_point deadline, uint64_t peer) {
+  auto* p = static_cast<const char*>(data);
+  while (len > 0) {
+    if (!waitFor(fd, POLLOUT, deadline)) {
+      throw TimeoutError("handshake with peer " + std::to_string(peer) + " timed out");
+    }
+    ssize_t n = ::send(fd, p, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+    if (n <= 0) throw PeerLostError("send to peer " + std::to_string(peer) + ": " + errnoText(errno), peer);
+    p += n;
+    len -= static_cast<size_t>(n);
+  }
+}
+
+void recvExact(int fd, void* data, size_t len, Clock::time_point deadline, uint64_t peer) {
+  auto* p = static_cast<char*>(data);
+  while (len > 0) {
+    if (!waitFor(fd, POLLIN, deadline)) {
+      throw TimeoutError("handshake with peer " + std::to_string(peer) + " timed out");
+    }
+    ssize_t n = ::recv(fd, p, len, MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+    if (n == 0) throw PeerLostError("peer " + std::to_string(peer) + " closed the connection", peer);
+    if (n < 0) throw PeerLostError("recv from peer " + std::to_string(peer) + ": " + errnoText(errno), peer);
+    p += n;
+    len -= static_cast<size_t>(n);
+  }
+}
+
+}  // namespace pccl

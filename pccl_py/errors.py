@@ -1,0 +1,70 @@
+"""The exception hierarchy of pccl_py: one root, typed subclasses for what callers
+handle differently. Every error names the peer, epoch, tag and step it concerns, when
+known."""
+
+from __future__ import annotations
+
+
+class PcclError(Exception):
+    """Root of every error pccl_py raises."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        peer: int | None = None,
+        epoch: int | None = None,
+        tag: int | None = None,
+        step: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.peer = peer
+        self.epoch = epoch
+        self.tag = tag
+        self.step = step
+
+
+class PeerLost(PcclError):
+    """A participant of the operation crashed, hung, or left; the op failed everywhere."""
+
+
+class Timeout(PcclError, TimeoutError):
+    """The operation did not finish within its timeout."""
+
+
+class Aborted(PcclError):
+    """The operation was aborted (by the caller, by close(), or by the master)."""
+
+
+class ProtocolError(PcclError):
+    """A peer or the master sent something that breaks the protocol, or peers disagree
+    on an operation's shape (element count, dtype, operator)."""
+
+
+class AuthError(PcclError):
+    """Authentication failed (wrong or missing shared secret)."""
+
+
+class ConfigError(PcclError, ValueError):
+    """Invalid configuration."""
+
+
+class InvalidArgument(PcclError, ValueError):
+    """An argument is invalid (unsupported dtype, size mismatch, ...)."""
+
+
+class StateMismatch(PcclError):
+    """Shared state disagrees in a way synchronisation cannot repair (revision rules)."""
+
+
+__all__ = [
+    "PcclError",
+    "PeerLost",
+    "Timeout",
+    "Aborted",
+    "ProtocolError",
+    "AuthError",
+    "ConfigError",
+    "InvalidArgument",
+    "StateMismatch",
+]
