@@ -52,10 +52,13 @@ class AllReduceHandle {
 
   ~AllReduceHandle() {
     // The engine may still write into the caller's buffers: stop it before letting go.
-    if (op_ && !op_->done()) {
+    if (op_) {
       py::gil_scoped_release release;
-      engine_->abort(op_, "handle dropped before the op finished");
-      op_->wait(-1);
+      if (!op_->done()) {
+        engine_->abort(op_, "handle dropped before the op finished");
+        op_->wait(-1);
+      }
+      engine_->settle(op_, /*commit=*/false);
     }
   }
 
@@ -75,6 +78,10 @@ class AllReduceHandle {
   }
 
   bool done() const { return op_->done(); }
+  void settle(bool commit) {
+    py::gil_scoped_release release;
+    engine_->settle(op_, commit);
+  }
   void abort(const std::string& reason) { engine_->abort(op_, reason); }
   uint64_t txBytes() const { return op_->txBytes(); }
   uint64_t rxBytes() const { return op_->rxBytes(); }
@@ -103,6 +110,12 @@ PYBIND11_MODULE(_native, m) {
   m.doc() = "pccl_py native data plane (private; use pccl_py.Communicator)";
   m.attr("PROTOCOL_VERSION") = kProtocolVersion;
   m.attr("MAX_FRAME_PAYLOAD") = kMaxFramePayload;
+  m.attr("HELLO_MAGIC") = kHelloMagic;
+  m.attr("FRAME_MAGIC") = kFrameMagic;
+  m.attr("FRAME_TYPE_GOODBYE") = static_cast<int>(FrameType::kGoodbye);
+  m.attr("HELLO_SIZE") = sizeof(Hello);
+  m.attr("HELLO_ACK_SIZE") = sizeof(HelloAck);
+  m.attr("FRAME_HEADER_SIZE") = sizeof(FrameHeader);
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -151,6 +164,8 @@ PYBIND11_MODULE(_native, m) {
       .def("result", &AllReduceHandle::result, py::arg("timeout") = py::none(),
            "Wait, then raise the op's error if it failed.")
       .def("done", &AllReduceHandle::done)
+      .def("settle", &AllReduceHandle::settle, py::arg("commit"),
+           "For defer_commit ops: copy the held result into the buffer (commit=True) or drop it.")
       .def("abort", &AllReduceHandle::abort, py::arg("reason") = "aborted by caller")
       .def_property_readonly("tx_bytes", &AllReduceHandle::txBytes)
       .def_property_readonly("rx_bytes", &AllReduceHandle::rxBytes)
@@ -189,7 +204,7 @@ PYBIND11_MODULE(_native, m) {
           "all_reduce",
           [](const std::shared_ptr<Engine>& e, py::object input, py::object output, DType dtype, ReduceOp op,
              uint64_t tag, uint64_t seq, std::optional<double> timeout, std::optional<double> connectTimeout,
-             size_t segmentBytes) {
+             size_t segmentBytes, bool deferCommit) {
             auto in = std::make_unique<BufferView>(input, /*writable=*/input.is(output));
             std::unique_ptr<BufferView> out;
             void* outPtr = in->data();
@@ -210,6 +225,7 @@ PYBIND11_MODULE(_native, m) {
             o.seq = seq;
             o.timeoutSeconds = toSeconds(timeout);
             o.segmentBytes = segmentBytes;
+            o.deferCommit = deferCommit;
             std::shared_ptr<AllReduceRing> ring;
             {
               py::gil_scoped_release release;
@@ -219,7 +235,7 @@ PYBIND11_MODULE(_native, m) {
           },
           py::arg("input"), py::arg("output"), py::arg("dtype"), py::arg("op"), py::arg("tag") = 0,
           py::arg("seq") = 0, py::arg("timeout") = py::none(), py::arg("connect_timeout") = py::none(),
-          py::arg("segment_bytes") = 0,
+          py::arg("segment_bytes") = 0, py::arg("defer_commit") = false,
           "Start a ring all-reduce of `input` into `output` (the same object: in place). Returns a handle.")
       .def(
           "disconnect", [](Engine& e, uint64_t peer, const std::string& reason) { e.disconnect(peer, reason); },
@@ -237,7 +253,7 @@ PYBIND11_MODULE(_native, m) {
             return py::make_tuple("peer_disconnected", ev.peer, ev.reason);
           },
           py::arg("timeout") = py::none())
-      .def("live_connections", &Engine::liveConnections, py::arg("peer"))
+      .def("live_connections", &Engine::liveConnections, py::arg("peer"), py::arg("epoch"))
       .def("close", [](Engine& e) {
         py::gil_scoped_release release;
         e.close();

@@ -1,5 +1,12 @@
-"""pccl_py: fault-tolerant collective communication over plain TCP."""
+"""pccl_py: fault-tolerant collective communication over plain TCP.
 
+    import pccl_py as pccl
+    comm = pccl.Communicator(master="127.0.0.1:48148").connect()
+    info = comm.all_reduce(tensor, op=pccl.ReduceOp.AVG, retry=True)
+"""
+
+from pccl_py.communicator import AllReduceHandle, Communicator
+from pccl_py.config import Config
 from pccl_py.errors import (
     Aborted,
     AuthError,
@@ -11,17 +18,25 @@ from pccl_py.errors import (
     StateMismatch,
     Timeout,
 )
+from pccl_py.master import Master
+from pccl_py.types import ReduceInfo, ReduceOp
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Aborted",
+    "AllReduceHandle",
     "AuthError",
+    "Communicator",
+    "Config",
     "ConfigError",
     "InvalidArgument",
+    "Master",
     "PcclError",
     "PeerLost",
     "ProtocolError",
+    "ReduceInfo",
+    "ReduceOp",
     "StateMismatch",
     "Timeout",
 ]

@@ -35,7 +35,7 @@ AllReduceRing::AllReduceRing(const AllReduceOptions& options, const RingPosition
   PCCL_ENFORCE(ring_.size >= 1 && ring_.rank < ring_.size, "bad ring position");
   segmentBytes_ = std::max(elemSize_, options.segmentBytes - options.segmentBytes % elemSize_);
   segmentBytes_ = std::min<size_t>(segmentBytes_, kMaxFramePayload - kMaxFramePayload % elemSize_);
-  if (inPlace_ && nbytes_ > 0) {
+  if (inPlace_ && nbytes_ > 0 && ring_.size > 1) {  // N=1 in place: the input is the result
     PCCL_ENFORCE(scratch_.size >= nbytes_, "in-place all-reduce needs a scratch buffer");
     out_ = scratch_.data.get();
   }
@@ -162,7 +162,12 @@ void AllReduceRing::forEachPeer(void (*fn)(void*, uint64_t), void* ctx) const {
 }
 
 void AllReduceRing::onSuccess() {
-  if (inPlace_ && nbytes_ > 0) std::memcpy(options_.output, out_, nbytes_);
+  if (inPlace_ && nbytes_ > 0 && !options_.deferCommit) std::memcpy(options_.output, out_, nbytes_);
+}
+
+void AllReduceRing::commitResult() {
+  PCCL_ENFORCE(state() == OpState::kSucceeded, "only a successful op can be committed");
+  if (holdsResult() && scratch_.data) std::memcpy(options_.output, out_, nbytes_);
 }
 
 }  // namespace pccl

@@ -61,6 +61,7 @@ struct Engine::Connection {
 
   Fd fd;
   uint64_t peer = kNoPeer;
+  uint64_t epoch = 0;  // the epoch whose pool it belongs to (UINT64_MAX: not tied to one)
   bool outgoing = false;
   bool handshaking = false;
   bool dead = false;
@@ -90,9 +91,11 @@ class Engine::Sink : public FrameSink {
   explicit Sink(Engine* engine) : engine_(engine) {}
   void sendFrame(Collective* op, uint64_t peer, size_t stripe, const FrameHeader& header,
                  const uint8_t* data) override {
-    auto it = engine_->outgoing_.find(peer);
+    auto it = engine_->outgoing_.find(PoolKey{peer, op->key().epoch});
     if (it == engine_->outgoing_.end() || it->second.empty()) {
-      throw PeerLostError("no connection to peer " + std::to_string(peer), peer);
+      throw PeerLostError("no connection to peer " + std::to_string(peer) + " in epoch " +
+                              std::to_string(op->key().epoch),
+                          peer);
     }
     Connection* c = it->second[stripe % it->second.size()];
     c->sendq.push_back(SendItem{header, data, op->shared_from_this()});
@@ -164,9 +167,9 @@ RingPosition Engine::ring() const {
   return ring_;
 }
 
-size_t Engine::liveConnections(uint64_t peer) const {
+size_t Engine::liveConnections(uint64_t peer, uint64_t epoch) const {
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = liveOutgoing_.find(peer);
+  auto it = liveOutgoing_.find(PoolKey{peer, epoch});
   return it == liveOutgoing_.end() ? 0 : it->second;
 }
 
@@ -202,12 +205,12 @@ void Engine::ensureConnected(const PeerAddress& peer, uint64_t epoch, double tim
   const size_t k = static_cast<size_t>(options_.connectionsPerPeer);
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = liveOutgoing_.find(peer.peerId);
+    auto it = liveOutgoing_.find(PoolKey{peer.peerId, epoch});
     if (it != liveOutgoing_.end() && it->second >= k) return;
     if (it != liveOutgoing_.end() && it->second > 0) {
       // A partial pool (some connections broke): rebuild it whole.
-      commands_.push_back([this, id = peer.peerId] {
-        closePeer(id, ErrorKind::kPeerLost, "connection pool to peer " + std::to_string(id) + " is incomplete");
+      commands_.push_back([this, id = peer.peerId, epoch] {
+        closePeer(id, epoch, ErrorKind::kPeerLost, "connection pool to peer " + std::to_string(id) + " is incomplete");
       });
     }
   }
@@ -246,8 +249,8 @@ void Engine::ensureConnected(const PeerAddress& peer, uint64_t epoch, double tim
   auto added = std::make_shared<std::promise<void>>();
   auto ready = added->get_future();
   try {
-    post([this, fds, added, id = peer.peerId] {
-      for (int fd : fds) addConnection(Fd(fd), id, /*outgoing=*/true, /*handshaking=*/false);
+    post([this, fds, added, id = peer.peerId, epoch] {
+      for (int fd : fds) addConnection(Fd(fd), id, epoch, /*outgoing=*/true, /*handshaking=*/false);
       added->set_value();
     });
   } catch (...) {
@@ -313,6 +316,12 @@ std::shared_ptr<AllReduceRing> Engine::allReduce(const AllReduceOptions& in, dou
   return op;
 }
 
+void Engine::settle(const std::shared_ptr<AllReduceRing>& op, bool commit) {
+  if (!op->done()) throw InvalidArgument("settle() needs a finished op");
+  if (commit && op->state() == OpState::kSucceeded) op->commitResult();
+  if (op->holdsResult()) giveScratch(op->releaseScratch());
+}
+
 void Engine::abort(const std::shared_ptr<Collective>& op, const std::string& reason) {
   try {
     post([this, op, reason] { failOp(op.get(), ErrorKind::kAborted, "aborted: " + reason, kNoPeer); });
@@ -322,7 +331,7 @@ void Engine::abort(const std::shared_ptr<Collective>& op, const std::string& rea
 }
 
 void Engine::disconnect(uint64_t peer, const std::string& reason) {
-  post([this, peer, reason] { closePeer(peer, ErrorKind::kPeerLost, reason); });
+  post([this, peer, reason] { closePeer(peer, UINT64_MAX, ErrorKind::kPeerLost, reason); });
 }
 
 bool Engine::nextEvent(Event* event, double timeoutSeconds) {
@@ -398,17 +407,21 @@ void Engine::run() {
   for (auto& [fd, c] : connections_) all.push_back(c.get());
   for (Connection* c : all) {
     if (c->dead || c->handshaking) continue;
-    if (c->sendq.empty()) {
-      FrameHeader bye{};
-      bye.magic = kFrameMagic;
-      bye.type = static_cast<uint8_t>(FrameType::kGoodbye);
-      ssize_t w = ::send(c->fd.get(), &bye, sizeof(bye), MSG_NOSIGNAL | MSG_DONTWAIT);
-      (void)w;
-    }
+    sendGoodbye(c);
     closeConnection(c, ErrorKind::kAborted, "engine closed", /*quiet=*/true);
   }
   graveyard_.clear();
   connections_.clear();
+  listenFd_.reset();  // refuse new connections at once
+}
+
+void Engine::sendGoodbye(Connection* c) {
+  if (!c->sendq.empty()) return;  // mid-frame: a bare EOF is all the peer can get
+  FrameHeader bye{};
+  bye.magic = kFrameMagic;
+  bye.type = static_cast<uint8_t>(FrameType::kGoodbye);
+  ssize_t w = ::send(c->fd.get(), &bye, sizeof(bye), MSG_NOSIGNAL | MSG_DONTWAIT);
+  (void)w;
 }
 
 void Engine::drainCommands() {
@@ -430,14 +443,15 @@ void Engine::acceptAll() {
     int fd = ::accept4(listenFd_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) return;  // EAGAIN, or a transient error (EMFILE...): try again on the next event
     tuneSocket(fd, options_.socket);
-    addConnection(Fd(fd), kNoPeer, /*outgoing=*/false, /*handshaking=*/true);
+    addConnection(Fd(fd), kNoPeer, 0, /*outgoing=*/false, /*handshaking=*/true);
   }
 }
 
-void Engine::addConnection(Fd fd, uint64_t peer, bool outgoing, bool handshaking) {
+void Engine::addConnection(Fd fd, uint64_t peer, uint64_t epoch, bool outgoing, bool handshaking) {
   auto c = std::make_unique<Connection>();
   Connection* raw = c.get();
   raw->peer = peer;
+  raw->epoch = epoch;
   raw->outgoing = outgoing;
   raw->handshaking = handshaking;
   auto timeout = std::chrono::duration<double>(options_.handshakeTimeoutSeconds);
@@ -451,9 +465,9 @@ void Engine::addConnection(Fd fd, uint64_t peer, bool outgoing, bool handshaking
   raw->fd = std::move(fd);
   connections_[key] = std::move(c);
   if (outgoing) {
-    outgoing_[peer].push_back(raw);
+    outgoing_[PoolKey{peer, epoch}].push_back(raw);
     std::lock_guard<std::mutex> lock(mu_);
-    ++liveOutgoing_[peer];
+    ++liveOutgoing_[PoolKey{peer, epoch}];
   }
 }
 
@@ -482,6 +496,7 @@ bool Engine::readHandshake(Connection* c) {
     return false;
   }
   c->peer = c->hello.peerId;
+  c->epoch = c->hello.epoch;
   c->handshaking = false;
   return true;
 }
@@ -551,6 +566,13 @@ void Engine::dispatchHeader(Connection* c) {
     c->headerGot = 0;
     return;
   }
+  if (h.epoch != c->epoch) {
+    closeConnection(c, ErrorKind::kProtocol,
+                    "peer " + std::to_string(c->peer) + " sent a frame of epoch " + std::to_string(h.epoch) +
+                        " on a connection of epoch " + std::to_string(c->epoch),
+                    false);
+    return;
+  }
   auto it = activeByTag_.find(h.tag);
   if (it != activeByTag_.end() && sameKey(it->second->key(), h)) {
     const auto& op = it->second;
@@ -608,10 +630,32 @@ void Engine::onFrameComplete(Connection* c) {
       finishIfComplete(op.get());
     }
   } else if (sink == Connection::Sink::kMailbox) {
-    mailbox_[h.tag].push_back(MailFrame{h, c->peer, std::move(c->mail)});
+    MailFrame frame{h, c->peer, std::move(c->mail)};
     c->mail = {};
+    // Its op may have been posted while the payload was still arriving.
+    auto it = activeByTag_.find(h.tag);
+    if (it != activeByTag_.end() && sameKey(it->second->key(), h)) {
+      auto active = it->second;
+      mailboxBytes_ -= frame.payload.size();
+      deliverEarly(active, frame);
+      finishIfComplete(active.get());
+    } else {
+      mailbox_[h.tag].push_back(std::move(frame));
+    }
   }
   flushDirty();
+}
+
+void Engine::deliverEarly(const std::shared_ptr<AllReduceRing>& op, const MailFrame& frame) {
+  if (op->state() != OpState::kRunning) return;
+  try {
+    uint8_t* dst = op->receiveTarget(frame.peer, frame.header);
+    std::memcpy(dst, frame.payload.data(), frame.header.length);
+    Sink frames(this);
+    op->onReceived(frames, frame.header);
+  } catch (const Error& e) {
+    failOp(op.get(), kindOf(e), e.what(), peerOf(e));
+  }
 }
 
 void Engine::flushDirty() {
@@ -696,11 +740,12 @@ void Engine::closeConnection(Connection* c, ErrorKind kind, const std::string& r
   c->sendq.clear();
   c->rxOp.reset();
   if (c->outgoing) {
-    auto& pool = outgoing_[peer];
+    const PoolKey key{peer, c->epoch};
+    auto& pool = outgoing_[key];
     pool.erase(std::remove(pool.begin(), pool.end(), c), pool.end());
-    if (pool.empty()) outgoing_.erase(peer);
+    if (pool.empty()) outgoing_.erase(key);
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = liveOutgoing_.find(peer);
+    auto it = liveOutgoing_.find(key);
     if (it != liveOutgoing_.end() && it->second > 0 && --it->second == 0) liveOutgoing_.erase(it);
   }
   auto node = connections_.extract(c->fd.get());
@@ -711,9 +756,10 @@ void Engine::closeConnection(Connection* c, ErrorKind kind, const std::string& r
   }
   if (peer == kNoPeer) return;
   // Frames held for later ops of this peer came from a stream that just broke.
+  const uint64_t epoch = c->epoch;
   for (auto& [tag, box] : mailbox_) {
     for (auto it = box.begin(); it != box.end();) {
-      if (it->peer == peer) {
+      if (it->peer == peer && it->header.epoch == epoch) {
         mailboxBytes_ -= it->payload.size();
         it = box.erase(it);
       } else {
@@ -723,16 +769,16 @@ void Engine::closeConnection(Connection* c, ErrorKind kind, const std::string& r
   }
   std::vector<std::shared_ptr<AllReduceRing>> victims;
   for (auto& [tag, op] : activeByTag_) {
-    if (op->involves(peer)) victims.push_back(op);
+    if (op->involves(peer) && (epoch == UINT64_MAX || op->key().epoch == epoch)) victims.push_back(op);
   }
   for (auto& op : victims) failOp(op.get(), kind, reason, peer);
   resumePaused();
 }
 
-void Engine::closePeer(uint64_t peer, ErrorKind kind, const std::string& reason) {
+void Engine::closePeer(uint64_t peer, uint64_t maxEpoch, ErrorKind kind, const std::string& reason) {
   std::vector<Connection*> doomed;
   for (auto& [fd, c] : connections_) {
-    if (c->peer == peer && !c->dead) doomed.push_back(c.get());
+    if (c->peer == peer && !c->dead && c->epoch <= maxEpoch) doomed.push_back(c.get());
   }
   for (Connection* c : doomed) closeConnection(c, kind, reason, /*quiet=*/true);
 }
@@ -748,30 +794,30 @@ void Engine::startOp(const std::shared_ptr<AllReduceRing>& op) {
   Sink frames(this);
   try {
     op->start(frames);
-    // Replay frames that arrived before the op was posted.
-    auto box = mailbox_.find(tag);
-    if (box != mailbox_.end()) {
-      auto& frames_ = box->second;
-      for (auto it = frames_.begin(); it != frames_.end() && op->state() == OpState::kRunning;) {
-        const FrameHeader& h = it->header;
-        if (sameKey(op->key(), h)) {
-          uint8_t* dst = op->receiveTarget(it->peer, h);
-          std::memcpy(dst, it->payload.data(), h.length);
-          FrameHeader copy = h;
-          mailboxBytes_ -= it->payload.size();
-          it = frames_.erase(it);
-          op->onReceived(frames, copy);
-        } else if (frameBefore(h, op->key())) {
-          mailboxBytes_ -= it->payload.size();
-          it = frames_.erase(it);
-        } else {
-          ++it;
-        }
-      }
-      if (frames_.empty()) mailbox_.erase(tag);
-    }
   } catch (const Error& e) {
     failOp(op.get(), kindOf(e), e.what(), peerOf(e));
+  }
+  // Replay frames that arrived before the op was posted. Taken out of the mailbox
+  // first: a delivery can fail the op, and failing closes connections, which purges
+  // mailbox entries.
+  auto box = mailbox_.find(tag);
+  if (box != mailbox_.end()) {
+    std::deque<MailFrame> held = std::move(box->second);
+    mailbox_.erase(box);
+    std::deque<MailFrame> later;
+    for (auto& frame : held) {
+      mailboxBytes_ -= frame.payload.size();
+      if (sameKey(op->key(), frame.header)) {
+        deliverEarly(op, frame);
+      } else if (!frameBefore(frame.header, op->key())) {
+        mailboxBytes_ += frame.payload.size();
+        later.push_back(std::move(frame));
+      }
+    }
+    if (!later.empty()) {
+      auto& box2 = mailbox_[tag];
+      for (auto& frame : later) box2.push_back(std::move(frame));
+    }
   }
   flushDirty();
   finishIfComplete(op.get());
@@ -790,7 +836,8 @@ void Engine::retire(Collective* op) {
   const uint64_t tag = op->key().tag;
   auto it = activeByTag_.find(tag);
   if (it != activeByTag_.end() && it->second.get() == op) {
-    giveScratch(it->second->releaseScratch());
+    // A successful deferred op keeps its scratch (the result) until settle().
+    if (!(op->state() == OpState::kSucceeded && it->second->holdsResult())) giveScratch(it->second->releaseScratch());
     activeByTag_.erase(it);
     lastDoneByTag_[tag] = op->key();
   }
@@ -804,12 +851,13 @@ void Engine::failOp(Collective* op, ErrorKind kind, const std::string& message, 
   // Poison: the neighbours' streams may hold frames of this op mid-flight.
   struct Ctx {
     Engine* self;
+    uint64_t epoch;
     std::string why;
-  } ctx{this, "op failed: " + message};
+  } ctx{this, op->key().epoch, "op failed: " + message};
   op->forEachPeer(
       [](void* p, uint64_t id) {
         auto* x = static_cast<Ctx*>(p);
-        x->self->closePeer(id, ErrorKind::kPeerLost, x->why);
+        x->self->closePeer(id, x->epoch, ErrorKind::kPeerLost, x->why);
       },
       &ctx);
 }
@@ -843,6 +891,16 @@ void Engine::resumePaused() {
 
 void Engine::setRingEpoch(uint64_t epoch) {
   currentEpoch_ = std::max(currentEpoch_, epoch);
+  // Pools of older epochs will never carry another frame.
+  std::vector<Connection*> old;
+  for (auto& [fd, c] : connections_) {
+    if (!c->dead && !c->handshaking && c->epoch < currentEpoch_) old.push_back(c.get());
+  }
+  for (Connection* c : old) {
+    sendGoodbye(c);
+    closeConnection(c, ErrorKind::kAborted, "epoch " + std::to_string(currentEpoch_) + " replaced this connection's epoch",
+                    /*quiet=*/true);
+  }
   for (auto it = mailbox_.begin(); it != mailbox_.end();) {
     auto& box = it->second;
     for (auto f = box.begin(); f != box.end();) {

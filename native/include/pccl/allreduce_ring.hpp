@@ -45,6 +45,10 @@ struct AllReduceOptions {
   uint64_t seq = 0;
   double timeoutSeconds = -1;
   size_t segmentBytes = 1 << 20;
+  // In place only: keep the result in scratch after success until the caller
+  // commits it (Engine::settle). Lets an outside arbiter veto a data-plane success
+  // without the caller's input being overwritten.
+  bool deferCommit = false;
 };
 
 // Scratch memory an op borrows for an in-place reduction.
@@ -68,6 +72,9 @@ class AllReduceRing final : public Collective {
 
   ScratchBuffer releaseScratch() { return std::move(scratch_); }
   bool inPlace() const { return inPlace_; }
+  bool holdsResult() const { return inPlace_ && options_.deferCommit && nbytes_ > 0 && ring_.size > 1; }
+  // Copies the held result into the caller's buffer (deferred in-place ops).
+  void commitResult();
   size_t nbytes() const { return nbytes_; }
 
   // Shape digest carried by every frame; peers that disagree fail the op.

@@ -7,6 +7,12 @@
 // error) the connections to its ring neighbours are poisoned, i.e. closed. The
 // neighbours see EOF and fail their own op at once, so a failure spreads around the
 // ring in a few hops instead of waiting for timeouts. The next op reconnects.
+//
+// Connection pools belong to an epoch: setRing(E) opens fresh connections for E, ops
+// of epoch E use only those, a broken connection fails only ops of its epoch, and
+// poisoning after a failure in epoch E closes only pools of epochs <= E. So a late
+// failure of an old op can never break the connections a retry in a newer epoch has
+// just opened. Pools of older epochs are closed when a newer ring is installed.
 #pragma once
 
 #include <cstdint>
@@ -72,11 +78,16 @@ class Engine {
   // finishes (the binding guarantees it).
   std::shared_ptr<AllReduceRing> allReduce(const AllReduceOptions& options, double connectTimeoutSeconds);
 
+  // Ends a deferred-commit op that has finished: copies the held result into the
+  // caller's buffer when `commit` and the op succeeded, then frees the scratch. A no-op
+  // for other ops. Caller thread.
+  void settle(const std::shared_ptr<AllReduceRing>& op, bool commit);
+
   // Fails `op` with AbortedError (no-op if it already finished). Returns at once;
   // waiters wake within one loop turn.
   void abort(const std::shared_ptr<Collective>& op, const std::string& reason);
 
-  // Closes every connection to `peer` (poison), failing ops that involve it.
+  // Closes every connection to `peer` (any epoch), failing ops that involve it.
   void disconnect(uint64_t peer, const std::string& reason);
 
   // Next event (a peer's connection broke), waiting up to `timeoutSeconds`.
@@ -86,7 +97,8 @@ class Engine {
   // progress thread. Idempotent.
   void close();
 
-  size_t liveConnections(uint64_t peer) const;
+  // Open outgoing connections to `peer` in the pool of `epoch`.
+  size_t liveConnections(uint64_t peer, uint64_t epoch) const;
 
  private:
   struct Connection;
@@ -97,6 +109,10 @@ class Engine {
   // caller side
   void post(std::function<void()> command);
   void ensureConnected(const PeerAddress& peer, uint64_t epoch, double timeoutSeconds);
+  using PoolKey = std::pair<uint64_t, uint64_t>;  // (peer, epoch)
+  struct PoolKeyHash {
+    size_t operator()(const PoolKey& k) const { return std::hash<uint64_t>()(k.first * 0x9E3779B97F4A7C15ull ^ k.second); }
+  };
   ScratchBuffer takeScratch(size_t bytes);
   void giveScratch(ScratchBuffer scratch);
 
@@ -108,12 +124,15 @@ class Engine {
   bool readHandshake(Connection* c);
   void dispatchHeader(Connection* c);
   void onFrameComplete(Connection* c);
+  void deliverEarly(const std::shared_ptr<AllReduceRing>& op, const MailFrame& frame);
   void flush(Connection* c);
   void updateInterest(Connection* c);
-  void addConnection(Fd fd, uint64_t peer, bool outgoing, bool handshaking);
+  void addConnection(Fd fd, uint64_t peer, uint64_t epoch, bool outgoing, bool handshaking);
   void closeConnection(Connection* c, ErrorKind kind, const std::string& reason, bool quiet);
-  void closePeer(uint64_t peer, ErrorKind kind, const std::string& reason);
+  // Closes the connections to `peer` of epochs <= maxEpoch.
+  void closePeer(uint64_t peer, uint64_t maxEpoch, ErrorKind kind, const std::string& reason);
   void flushDirty();
+  void sendGoodbye(Connection* c);
   void startOp(const std::shared_ptr<AllReduceRing>& op);
   void failOp(Collective* op, ErrorKind kind, const std::string& message, uint64_t peer);
   void finishIfComplete(Collective* op);
@@ -136,7 +155,7 @@ class Engine {
   bool closed_ = false;
   RingPosition ring_;
   std::vector<PeerAddress> ringPeers_;
-  std::unordered_map<uint64_t, size_t> liveOutgoing_;  // mirror of the progress thread's pools
+  std::unordered_map<PoolKey, size_t, PoolKeyHash> liveOutgoing_;  // mirror of the progress thread's pools
   std::vector<ScratchBuffer> scratchPool_;
   std::deque<Event> events_;
   std::condition_variable eventsCv_;
@@ -146,7 +165,7 @@ class Engine {
   bool stopping_ = false;
   uint64_t currentEpoch_ = 0;
   std::unordered_map<int, std::unique_ptr<Connection>> connections_;
-  std::unordered_map<uint64_t, std::vector<Connection*>> outgoing_;
+  std::unordered_map<PoolKey, std::vector<Connection*>, PoolKeyHash> outgoing_;
   std::unordered_map<uint64_t, std::shared_ptr<AllReduceRing>> activeByTag_;
   std::unordered_map<uint64_t, OpKey> lastDoneByTag_;
   std::unordered_map<uint64_t, std::deque<MailFrame>> mailbox_;

@@ -1,0 +1,31 @@
+# make install: .venv/ with the package (editable) and everything it needs.
+# make test: the test suite. make demo: the main job. make bench / make stress.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_VERSION := 2.13.0
+NATIVE_SOURCES := $(shell find native bindings -type f \( -name '*.cpp' -o -name '*.hpp' -o -name '*.cu' -o -name '*.cuh' \)) CMakeLists.txt pyproject.toml
+
+.PHONY: install test demo bench stress lint clean
+
+install: $(VENV)/.stamp-install
+
+$(VENV)/.stamp-install: $(NATIVE_SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# Pin torch first: an unpinned resolve would pull a multi-GB CUDA build.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12"
+	$(PIP) install -q --no-build-isolation -e '.[test]' -Cbuild-dir=build
+	touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(VENV)/bin/pccl bench --peers 2 4 --sizes 1K 1M 16M 64M 256M --compare gloo
+
+clean:
+	rm -rf build $(VENV) .pytest_cache

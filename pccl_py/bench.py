@@ -1,0 +1,704 @@
+"""All-reduce benchmark: pccl's native ring against torch.distributed's gloo.
+
+For every peer count N, N local worker processes ('spawn' context) form one group and
+stay up for all sizes (and, for pccl, all segment sizes) of that N. pccl workers find
+each other through the parent: each creates its Engine on an ephemeral loopback port
+and sends the port up a Pipe; the parent answers with the whole ring. gloo workers meet
+through a torch FileStore in a temporary directory (no ports chosen by us at all).
+
+Per size, every worker first runs one verification all-reduce (values rank+1, checked
+against N(N+1)/2), then `warmup` untimed and `iters` timed all-reduces (SUM, float32,
+in place unless asked otherwise) on a zeroed buffer, so repeated sums stay finite. Each
+rank times each iteration on its own clock; per iteration the slowest rank counts, and
+the reported time is the median of those maxima.
+
+algbw = bytes / time; busbw = algbw * 2(N-1)/N (the bytes each rank's link carries in a
+bandwidth-optimal all-reduce, as in nccl-tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import math
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from rich.console import Console
+from rich.table import Table
+
+LOOPBACK = "127.0.0.1"
+IMPLS = ("pccl", "gloo")
+DEFAULT_PEERS = (2, 4)
+DEFAULT_SIZES = ("1K", "1M", "16M", "64M", "256M")
+DEFAULT_CONNECTIONS = 1
+DEFAULT_SEGMENT_BYTES = 512 << 10
+FLOAT32_BYTES = 4
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)(?:I?B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+class BenchError(RuntimeError):
+    """A worker failed, died, or did not answer in time."""
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def parse_size(text: str) -> int:
+    """'1K' -> 1024, '16M' -> 16 MiB, '1G' -> 1 GiB, '4096' -> 4096 (powers of 1024)."""
+    m = _SIZE_RE.match(text)
+    if m is None:
+        raise ValueError(f"bad size {text!r}: expected a number with an optional K, M or G suffix")
+    value = float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    if value != int(value):
+        raise ValueError(f"bad size {text!r}: not a whole number of bytes")
+    return int(value)
+
+
+def format_size(nbytes: int) -> str:
+    for suffix, unit in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if nbytes >= unit and nbytes % unit == 0:
+            return f"{nbytes // unit}{suffix}"
+    return f"{nbytes}B" if nbytes < 1024 else f"{nbytes / 1024:.1f}K"
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
+    if seconds < 1.0:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.3f} s"
+
+
+def default_iters(nbytes: int) -> int:
+    """Timed iterations: ~1 GiB moved per (size, N), between 5 and 500 iterations."""
+    return max(5, min(500, (1 << 30) // max(nbytes, 1)))
+
+
+def default_warmup(iters: int) -> int:
+    return max(1, min(20, iters // 10))
+
+
+def bus_factor(peers: int) -> float:
+    return 2.0 * (peers - 1) / peers
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class PcclParams:
+    """Engine settings of one pccl group (segment size is per op, swept within a group)."""
+
+    connections: int = DEFAULT_CONNECTIONS
+    socket_buffer_bytes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    peers: tuple[int, ...]
+    sizes: tuple[int, ...]
+    compare: tuple[str, ...] = ()
+    iters: int | None = None
+    warmup: int | None = None
+    connections: tuple[int, ...] = (DEFAULT_CONNECTIONS,)
+    segment_bytes: tuple[int, ...] = (DEFAULT_SEGMENT_BYTES,)
+    socket_buffer_bytes: int = 0
+    in_place: bool = True
+    skip_pccl: bool = False
+    json_path: Path | None = None
+    op_timeout: float = 120.0
+    start_timeout: float = 120.0
+
+    def validate(self) -> None:
+        if not self.peers or any(n < 2 for n in self.peers):
+            raise ValueError("--peers: every peer count must be at least 2")
+        if not self.sizes or any(s < FLOAT32_BYTES or s % FLOAT32_BYTES for s in self.sizes):
+            raise ValueError("--sizes: every size must be a positive multiple of 4 bytes (float32)")
+        if any(c not in IMPLS[1:] for c in self.compare):
+            raise ValueError(f"--compare: unknown implementation(s) {self.compare}; known: gloo")
+        if self.iters is not None and self.iters < 1:
+            raise ValueError("--iters must be at least 1")
+        if self.warmup is not None and self.warmup < 0:
+            raise ValueError("--warmup must not be negative")
+        if any(k < 1 for k in self.connections):
+            raise ValueError("--connections must be at least 1")
+        if any(b < FLOAT32_BYTES for b in self.segment_bytes):
+            raise ValueError("--segment-bytes must be at least 4")
+        if self.skip_pccl and not self.compare:
+            raise ValueError("--skip-pccl leaves nothing to run without --compare")
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    impl: str
+    peers: int
+    nbytes: int
+    iters: int
+    warmup: int
+    in_place: bool
+    per_iter_max: tuple[float, ...]  # per iteration, the slowest rank's time
+    connections: int | None = None
+    segment_bytes: int | None = None
+    socket_buffer_bytes: int | None = None
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.per_iter_max)
+
+    @property
+    def algbw_gbps(self) -> float:
+        return self.nbytes / self.seconds / 1e9
+
+    @property
+    def busbw_gbps(self) -> float:
+        return self.algbw_gbps * bus_factor(self.peers)
+
+    @property
+    def label(self) -> str:
+        if self.impl != "pccl":
+            return self.impl
+        return f"pccl K={self.connections} seg={format_size(self.segment_bytes or 0)}"
+
+    def to_json(self) -> dict[str, Any]:
+        ordered = sorted(self.per_iter_max)
+        out: dict[str, Any] = {
+            "impl": self.impl,
+            "peers": self.peers,
+            "bytes": self.nbytes,
+            "seconds": self.seconds,
+            "algbw_GBps": self.algbw_gbps,
+            "busbw_GBps": self.busbw_gbps,
+            "dtype": "float32",
+            "op": "sum",
+            "in_place": self.in_place,
+            "iters": self.iters,
+            "warmup": self.warmup,
+            "seconds_min": ordered[0],
+            "seconds_p90": ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)],
+            "seconds_max": ordered[-1],
+        }
+        if self.impl == "pccl":
+            out["connections"] = self.connections
+            out["segment_bytes"] = self.segment_bytes
+            out["socket_buffer_bytes"] = self.socket_buffer_bytes
+        return out
+
+
+# --------------------------------------------------------------------------- workers
+#
+# Parent -> worker:  ("ring", ring | None), ("run", nbytes, iters, warmup, segment_bytes, in_place),
+#                    ("go",), ("stop",)
+# Worker -> parent:  ("hello", port | None), ("ready",), ("allocated",), ("times", [seconds]),
+#                    ("error", traceback text)
+
+
+class _Collective(Protocol):
+    def allocate(self, nbytes: int, in_place: bool) -> None: ...
+
+    def fill(self, value: float) -> None: ...
+
+    def all_reduce(self, segment_bytes: int) -> None: ...
+
+    def check(self, expected: float) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class _PcclCollective:
+    def __init__(self, rank: int, world: int, params: PcclParams, op_timeout: float) -> None:
+        import numpy as np
+
+        from pccl_py import _native as nat
+
+        self._np = np
+        self._nat = nat
+        self._rank = rank
+        self._world = world
+        self._timeout = op_timeout
+        self._seq = 0
+        self._in: Any = None
+        self._out: Any = None
+        self.engine = nat.Engine(
+            peer_id=rank,
+            host=LOOPBACK,
+            port=0,
+            connections_per_peer=params.connections,
+            segment_bytes=DEFAULT_SEGMENT_BYTES,
+            socket_buffer_bytes=params.socket_buffer_bytes,
+        )
+
+    def connect(self, ring: list[tuple[int, str, int]]) -> None:
+        self.engine.set_ring(1, ring, self._rank, timeout=self._timeout)
+
+    def allocate(self, nbytes: int, in_place: bool) -> None:
+        self._in = self._out = None
+        self._in = self._np.empty(nbytes // FLOAT32_BYTES, dtype=self._np.float32)
+        self._out = self._in if in_place else self._np.empty_like(self._in)
+
+    def fill(self, value: float) -> None:
+        self._in.fill(value)
+        if self._out is not self._in:
+            self._out.fill(0.0)
+
+    def all_reduce(self, segment_bytes: int) -> None:
+        self._seq += 1
+        handle = self.engine.all_reduce(
+            self._in,
+            self._out,
+            self._nat.DataType.FLOAT32,
+            self._nat.ReduceOp.SUM,
+            tag=0,
+            seq=self._seq,
+            timeout=self._timeout,
+            segment_bytes=segment_bytes,
+        )
+        handle.result()
+
+    def check(self, expected: float) -> bool:
+        return bool((self._out == expected).all())
+
+    def close(self) -> None:
+        self._in = self._out = None
+        self.engine.close()
+
+
+class _GlooCollective:
+    def __init__(self, rank: int, world: int, store_path: str, op_timeout: float) -> None:
+        # gloo binds to the address of this interface: keep all traffic on loopback.
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        import torch
+        import torch.distributed as dist
+
+        self._torch = torch
+        self._dist = dist
+        self._tensor: Any = None
+        store = dist.FileStore(store_path, world)
+        dist.init_process_group(
+            "gloo",
+            store=store,
+            rank=rank,
+            world_size=world,
+            timeout=_dt.timedelta(seconds=op_timeout),
+        )
+
+    def allocate(self, nbytes: int, in_place: bool) -> None:
+        self._tensor = None
+        self._tensor = self._torch.empty(nbytes // FLOAT32_BYTES, dtype=self._torch.float32)
+
+    def fill(self, value: float) -> None:
+        self._tensor.fill_(value)
+
+    def all_reduce(self, segment_bytes: int) -> None:
+        self._dist.all_reduce(self._tensor, op=self._dist.ReduceOp.SUM)
+
+    def check(self, expected: float) -> bool:
+        return bool((self._tensor == expected).all().item())
+
+    def close(self) -> None:
+        self._tensor = None
+        self._dist.destroy_process_group()
+
+
+def _serve(conn: mpc.Connection, coll: _Collective, rank: int, world: int) -> None:
+    expected = world * (world + 1) / 2.0
+    while True:
+        msg = conn.recv()
+        if msg[0] == "stop":
+            return
+        if msg[0] != "run":
+            raise BenchError(f"unexpected command {msg!r}")
+        _, nbytes, iters, warmup, segment_bytes, in_place = msg
+        coll.allocate(nbytes, in_place)
+        coll.fill(float(rank + 1))
+        conn.send(("allocated",))
+        if conn.recv()[0] != "go":
+            raise BenchError("expected 'go'")
+        coll.all_reduce(segment_bytes)
+        if not coll.check(expected):
+            raise BenchError(f"rank {rank}: wrong all-reduce result for {nbytes} bytes (expected {expected})")
+        coll.fill(0.0)
+        for _ in range(warmup):
+            coll.all_reduce(segment_bytes)
+        times: list[float] = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            coll.all_reduce(segment_bytes)
+            times.append(time.perf_counter() - t0)
+        conn.send(("times", times))
+
+
+def _worker_main(
+    conn: mpc.Connection, impl: str, rank: int, world: int, params: PcclParams, store_path: str, op_timeout: float
+) -> None:
+    """Entry point of one worker process (module level, so 'spawn' can pickle it)."""
+    # The parent owns Ctrl-C: it stops or kills the workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    coll: _PcclCollective | _GlooCollective | None = None
+    try:
+        if impl == "pccl":
+            coll = _PcclCollective(rank, world, params, op_timeout)
+            conn.send(("hello", coll.engine.port))
+            ring = conn.recv()[1]
+            coll.connect([tuple(p) for p in ring])
+        else:
+            conn.send(("hello", None))
+            conn.recv()
+            coll = _GlooCollective(rank, world, store_path, op_timeout)
+        conn.send(("ready",))
+        _serve(conn, coll, rank, world)
+    except (EOFError, BrokenPipeError):
+        pass  # the parent is gone
+    except BaseException:
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except (OSError, EOFError):
+            pass
+    finally:
+        if coll is not None:
+            try:
+                coll.close()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+        conn.close()
+
+
+class _Group:
+    """N worker processes of one implementation, driven over one Pipe each."""
+
+    def __init__(self, impl: str, world: int, params: PcclParams, op_timeout: float) -> None:
+        self.impl = impl
+        self.world = world
+        self.params = params
+        self.op_timeout = op_timeout
+        self._ctx = mp.get_context("spawn")
+        self._procs: list[Any] = []
+        self._conns: list[mpc.Connection] = []
+        self._tmpdir: str | None = None
+
+    def start(self, timeout: float) -> None:
+        self._tmpdir = tempfile.mkdtemp(prefix="pccl-bench-")
+        store_path = os.path.join(self._tmpdir, "gloo-store")
+        for rank in range(self.world):
+            parent_end, child_end = self._ctx.Pipe(duplex=True)
+            proc = self._ctx.Process(
+                target=_worker_main,
+                args=(child_end, self.impl, rank, self.world, self.params, store_path, self.op_timeout),
+                name=f"pccl-bench-{self.impl}-{rank}",
+                daemon=True,
+            )
+            proc.start()
+            child_end.close()
+            self._procs.append(proc)
+            self._conns.append(parent_end)
+        hellos = self._gather("hello", timeout)
+        ring = [(rank, LOOPBACK, int(h[1])) for rank, h in enumerate(hellos)] if self.impl == "pccl" else None
+        self._broadcast(("ring", ring))
+        self._gather("ready", timeout)
+
+    def measure(self, nbytes: int, iters: int, warmup: int, segment_bytes: int, in_place: bool) -> list[float]:
+        """Runs one size; returns, per timed iteration, the slowest rank's seconds."""
+        self._broadcast(("run", nbytes, iters, warmup, segment_bytes, in_place))
+        self._gather("allocated", self.op_timeout)
+        self._broadcast(("go",))
+        budget = self.op_timeout * (iters + warmup + 1)
+        replies = self._gather("times", budget)
+        per_rank: list[list[float]] = [list(r[1]) for r in replies]
+        return [max(ts) for ts in zip(*per_rank)]
+
+    def close(self, graceful: bool = True) -> None:
+        """Stops the workers: asks them to stop (graceful), then terminates, then kills."""
+        if graceful:
+            for conn in self._conns:
+                try:
+                    conn.send(("stop",))
+                except (OSError, ValueError):
+                    pass
+            deadline = time.monotonic() + 10.0
+            for proc in self._procs:
+                proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self._procs:
+            proc.join(timeout=5.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5.0)
+        for conn in self._conns:
+            conn.close()
+        self._procs.clear()
+        self._conns.clear()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def _broadcast(self, msg: tuple[Any, ...]) -> None:
+        for rank, conn in enumerate(self._conns):
+            try:
+                conn.send(msg)
+            except (OSError, ValueError) as e:
+                raise BenchError(f"{self.impl} rank {rank}: cannot send {msg[0]!r}: {e}") from e
+
+    def _gather(self, kind: str, timeout: float) -> list[tuple[Any, ...]]:
+        """One message of `kind` from every rank; raises BenchError on errors, deaths, timeout."""
+        replies: dict[int, tuple[Any, ...]] = {}
+        deadline = time.monotonic() + timeout
+        conn_rank = {id(c): r for r, c in enumerate(self._conns)}
+        sentinel_rank = {p.sentinel: r for r, p in enumerate(self._procs)}
+        while len(replies) < self.world:
+            pending = [c for r, c in enumerate(self._conns) if r not in replies]
+            pending_sentinels = [p.sentinel for r, p in enumerate(self._procs) if r not in replies]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(self.world)) - set(replies))
+                raise BenchError(f"{self.impl}: no {kind!r} from rank(s) {missing} within {timeout:.0f} s")
+            ready = mpc.wait([*pending, *pending_sentinels], timeout=left)
+            for obj in ready:
+                if isinstance(obj, int):
+                    rank = sentinel_rank[obj]
+                    conn = self._conns[rank]
+                    if rank in replies or conn.poll():
+                        continue  # its message is readable; take it through the conn
+                    raise BenchError(
+                        f"{self.impl} rank {rank} exited (code {self._procs[rank].exitcode}) "
+                        f"while the parent waited for {kind!r}"
+                    )
+                rank = conn_rank[id(obj)]
+                try:
+                    msg = obj.recv()  # type: ignore[union-attr]
+                except EOFError:
+                    self._procs[rank].join(timeout=1.0)
+                    raise BenchError(
+                        f"{self.impl} rank {rank} exited (code {self._procs[rank].exitcode}) "
+                        f"while the parent waited for {kind!r}"
+                    ) from None
+                if msg[0] == "error":
+                    raise BenchError(f"{self.impl} rank {rank} failed:\n{msg[1]}")
+                if msg[0] != kind:
+                    raise BenchError(f"{self.impl} rank {rank}: expected {kind!r}, got {msg[0]!r}")
+                replies[rank] = msg
+        return [replies[r] for r in range(self.world)]
+
+
+@contextmanager
+def _group(impl: str, world: int, params: PcclParams, cfg: BenchConfig) -> Iterator[_Group]:
+    group = _Group(impl, world, params, cfg.op_timeout)
+    try:
+        group.start(cfg.start_timeout)
+        yield group
+    except BaseException:
+        # Failure or Ctrl-C: workers may be stuck in an op; do not wait for them.
+        group.close(graceful=False)
+        raise
+    group.close(graceful=True)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_benchmark(cfg: BenchConfig, on_result: Callable[[Result], None] | None = None) -> list[Result]:
+    """Runs every (impl, peers, size[, K, segment]) combination; returns the results."""
+    cfg.validate()
+    impls = ([] if cfg.skip_pccl else ["pccl"]) + list(cfg.compare)
+    results: list[Result] = []
+
+    def plan(nbytes: int) -> tuple[int, int]:
+        iters = cfg.iters if cfg.iters is not None else default_iters(nbytes)
+        warmup = cfg.warmup if cfg.warmup is not None else default_warmup(iters)
+        return iters, warmup
+
+    def record(result: Result) -> None:
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+
+    for world in cfg.peers:
+        for impl in impls:
+            if impl == "pccl":
+                for k in cfg.connections:
+                    params = PcclParams(connections=k, socket_buffer_bytes=cfg.socket_buffer_bytes)
+                    with _group("pccl", world, params, cfg) as group:
+                        for nbytes in cfg.sizes:
+                            iters, warmup = plan(nbytes)
+                            for seg in cfg.segment_bytes:
+                                times = group.measure(nbytes, iters, warmup, seg, cfg.in_place)
+                                record(
+                                    Result("pccl", world, nbytes, iters, warmup, cfg.in_place, tuple(times),
+                                           connections=k, segment_bytes=seg,
+                                           socket_buffer_bytes=cfg.socket_buffer_bytes)
+                                )
+            else:
+                with _group(impl, world, PcclParams(), cfg) as group:
+                    for nbytes in cfg.sizes:
+                        iters, warmup = plan(nbytes)
+                        times = group.measure(nbytes, iters, warmup, 0, True)
+                        record(Result(impl, world, nbytes, iters, warmup, True, tuple(times)))
+    return results
+
+
+def results_table(results: Sequence[Result], title: str | None = None) -> Table:
+    baseline = {(r.peers, r.nbytes): r for r in results if r.impl == "gloo"}
+    show_ratio = bool(baseline) and any(r.impl == "pccl" for r in results)
+    table = Table(title=title)
+    for name in ("impl", "K", "segment", "peers", "size", "iters", "median time", "algbw GB/s", "busbw GB/s"):
+        table.add_column(name, justify="left" if name == "impl" else "right", no_wrap=True)
+    if show_ratio:
+        table.add_column("pccl/gloo busbw", justify="right", no_wrap=True)
+    for r in sorted(results, key=lambda r: (r.peers, r.nbytes, r.impl != "pccl", r.connections or 0,
+                                            r.segment_bytes or 0)):
+        row = [
+            r.impl,
+            str(r.connections) if r.connections is not None else "",
+            format_size(r.segment_bytes) if r.segment_bytes is not None else "",
+            str(r.peers),
+            format_size(r.nbytes),
+            str(r.iters),
+            format_seconds(r.seconds),
+            f"{r.algbw_gbps:.3f}",
+            f"{r.busbw_gbps:.3f}",
+        ]
+        if show_ratio:
+            base = baseline.get((r.peers, r.nbytes))
+            if r.impl == "pccl" and base is not None:
+                ratio = r.busbw_gbps / base.busbw_gbps
+                row.append(f"[{'green' if ratio >= 1.0 else 'red'}]{ratio:.2f}x[/]")
+            else:
+                row.append("")
+        table.add_row(*row)
+    return table
+
+
+def _describe_machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {model}, {platform.system()} {platform.release()}"
+
+
+# --------------------------------------------------------------------------- CLI glue
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `pccl bench`."""
+    parser.add_argument("--peers", type=int, nargs="+", default=list(DEFAULT_PEERS), metavar="N",
+                        help="peer counts (local processes) to run (default: 2 4)")
+    parser.add_argument("--sizes", type=parse_size, nargs="+", default=[parse_size(s) for s in DEFAULT_SIZES],
+                        metavar="SIZE", help="buffer sizes in bytes of float32 data; suffixes K, M, G are "
+                        "powers of 1024 (default: 1K 1M 16M 64M 256M)")
+    parser.add_argument("--compare", nargs="*", choices=IMPLS[1:], default=[], metavar="IMPL",
+                        help="also run these implementations in the same invocation (choices: gloo)")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="timed iterations per size (default: adaptive, ~1 GiB per size, 5..500)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed iterations per size after the verification op (default: iters/10, 1..20)")
+    parser.add_argument("--connections", type=int, nargs="+", default=[DEFAULT_CONNECTIONS], metavar="K",
+                        help="pccl TCP connections per peer; several values sweep (default: 1)")
+    parser.add_argument("--segment-bytes", type=parse_size, nargs="+", default=[DEFAULT_SEGMENT_BYTES],
+                        metavar="B", help="pccl segment (frame) size; several values sweep (default: 512K)")
+    parser.add_argument("--socket-buffer-bytes", type=parse_size, default=0, metavar="B",
+                        help="pccl SO_SNDBUF/SO_RCVBUF (default: 0, the kernel's autotuning)")
+    parser.add_argument("--out-of-place", action="store_true",
+                        help="pccl writes into a separate output buffer (gloo always runs in place)")
+    parser.add_argument("--skip-pccl", action="store_true", help="run only the --compare implementations")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE",
+                        help="write one JSON object per result row (JSON lines) to FILE")
+    parser.add_argument("--op-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="timeout of one all-reduce (default: 120)")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(
+        peers=tuple(args.peers),
+        sizes=tuple(args.sizes),
+        compare=tuple(dict.fromkeys(args.compare)),
+        iters=args.iters,
+        warmup=args.warmup,
+        connections=tuple(dict.fromkeys(args.connections)),
+        segment_bytes=tuple(dict.fromkeys(args.segment_bytes)),
+        socket_buffer_bytes=args.socket_buffer_bytes,
+        in_place=not args.out_of_place,
+        skip_pccl=args.skip_pccl,
+        json_path=args.json,
+        op_timeout=args.op_timeout,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """`pccl bench`: runs the benchmark, prints the table, writes JSON lines. Returns the exit code."""
+    cfg = config_from_args(args)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        Console(stderr=True).print(f"[red]error:[/] {e}")
+        return 2
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=160)  # a file or pipe: do not squeeze the table into 80 columns
+    progress = Console(stderr=True, soft_wrap=True)
+    progress.print(f"[dim]{_describe_machine()}; loopback {LOOPBACK}[/]")
+    json_file: IO[str] | None = None
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+    def on_result(r: Result) -> None:
+        progress.print(
+            f"  {r.label:<24} N={r.peers} {format_size(r.nbytes):>5}  {format_seconds(r.seconds):>10}  "
+            f"busbw {r.busbw_gbps:7.3f} GB/s  ({r.iters} iters)"
+        )
+        if json_file is not None:
+            json_file.write(json.dumps({**r.to_json(), "started": started}) + "\n")
+            json_file.flush()
+
+    try:
+        if cfg.json_path is not None:
+            json_file = open(cfg.json_path, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+        results = run_benchmark(cfg, on_result)
+    except BenchError as e:
+        progress.print(f"[red]benchmark failed:[/] {e}")
+        return 1
+    finally:
+        if json_file is not None:
+            json_file.close()
+    out.print(results_table(results, title=f"all-reduce float32 SUM, {'in' if cfg.in_place else 'out-of'}-place"))
+    return 0
+
+
+__all__ = [
+    "BenchConfig",
+    "BenchError",
+    "PcclParams",
+    "Result",
+    "add_arguments",
+    "bus_factor",
+    "config_from_args",
+    "default_iters",
+    "default_warmup",
+    "format_size",
+    "main",
+    "parse_size",
+    "results_table",
+    "run_benchmark",
+]

@@ -1,0 +1,447 @@
+"""Communicator: a peer's handle on its group. Synchronous API (training loops are
+synchronous) backed by a control channel thread (pccl_py.control) and the native
+data-plane engine (pccl_py._native).
+
+Every collective runs in three steps: the data plane moves and reduces the bytes
+peer to peer; each participant reports its local result to the master; the master
+decides one outcome for everyone (pccl_py.membership), so an op succeeds on all
+survivors or fails on all of them. In-place results are committed into the caller's
+buffer only after the master says success, so a failed op leaves the input intact
+and can be retried.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import secrets
+import threading
+import time
+from typing import Any
+
+from pccl_py import _native, protocol
+from pccl_py._buffers import native_view
+from pccl_py.config import Config
+from pccl_py.control import ControlChannel, OpKey, Topology
+from pccl_py.errors import (
+    Aborted,
+    ConfigError,
+    InvalidArgument,
+    PcclError,
+    PeerLost,
+    ProtocolError,
+    Timeout,
+)
+from pccl_py.events import EventLog
+from pccl_py.types import ReduceInfo, ReduceOp
+
+log = logging.getLogger(__name__)
+
+_ATTEMPT_BITS = 8  # engine step = user step << 8 | attempt: each retry is a distinct op
+_ERRORS: dict[str, type[PcclError]] = {
+    "PeerLost": PeerLost,
+    "PeerLeft": PeerLost,
+    "Timeout": Timeout,
+    "Aborted": Aborted,
+    "ProtocolError": ProtocolError,
+    "InvalidArgument": InvalidArgument,
+}
+# Failures that re-running over the survivors can fix.
+_RETRYABLE = ("PeerLost", "PeerLeft")
+
+
+class AllReduceHandle:
+    """An all-reduce in flight. wait() returns its ReduceInfo or raises its error."""
+
+    def __init__(self, future: concurrent.futures.Future[ReduceInfo]) -> None:
+        self._future = future
+
+    def wait(self, timeout: float | None = None) -> ReduceInfo:
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise Timeout(f"all-reduce still running after {timeout}s") from None
+
+    def done(self) -> bool:
+        return self._future.done()
+
+
+class Communicator:
+    """A peer of a group. Create, connect(), run collectives, close().
+
+    `master` is "host:port". `host`/`port` are this peer's data-plane listen address
+    (port 0: any free port); `advertise_host` is the address other peers and the
+    master use to reach it (defaults to `host`).
+    """
+
+    def __init__(
+        self,
+        master: str,
+        group: int = 0,
+        secret: str | bytes | None = None,
+        *,
+        config: Config | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise_host: str | None = None,
+        name: str = "",
+    ) -> None:
+        if secret is not None:
+            raise ConfigError("authentication is not implemented yet; run without a secret")
+        if group < 0:
+            raise ConfigError("group must be >= 0")
+        self.config = config or Config()
+        self._master = master
+        self._group = group
+        self._host = host
+        self._port = port
+        self._advertise = advertise_host or host
+        self._name = name
+        self.peer_id = secrets.randbits(63)
+        self._events = EventLog(self.config.event_log, f"peer-{self.peer_id}")
+        self._engine: _native.Engine | None = None
+        self._control: ControlChannel | None = None
+        self._ring_lock = threading.Lock()
+        self._engine_epoch = -1
+        self._seq_lock = threading.Lock()
+        self._next_seq: dict[int, int] = {}
+        self._pending_query = 0
+        self._inflight: dict[OpKey, Any] = {}  # op key -> native handle (guarded by control.cond)
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def connect(self, timeout: float | None = None) -> Communicator:
+        """Registers with the master and returns once this peer is admitted (the first
+        peer of a group at once; others at the group's next update_topology()) and
+        connected to its ring. Raises Timeout."""
+        deadline = self._deadline(timeout, self.config.connect_timeout)
+        cfg = self.config
+        self._engine = _native.Engine(
+            peer_id=self.peer_id,
+            host=self._host,
+            port=self._port,
+            connections_per_peer=cfg.connections_per_peer,
+            segment_bytes=cfg.segment_bytes,
+            socket_buffer_bytes=cfg.socket_buffer_bytes,
+            mailbox_limit_bytes=cfg.mailbox_limit_bytes,
+        )
+        self._control = ControlChannel(self._master, cfg, self._on_master_message)
+        self._control.start(max(0.1, deadline - time.monotonic()))
+        self._control.send(
+            protocol.make(
+                "hello",
+                peer_id=self.peer_id,
+                group=self._group,
+                host=self._advertise,
+                port=self._engine.port,
+                name=self._name,
+            )
+        )
+        control = self._control
+
+        def admitted() -> Topology | None:
+            if control.last_error is not None and control.welcome is None:
+                raise PcclError(f"master refused this peer: {control.last_error['msg']}")
+            topo = control.topology
+            return topo if topo is not None and topo.rank_of(self.peer_id) is not None else None
+
+        control.wait(admitted, deadline, "admission by the master")
+        self._ensure_ring(deadline)
+        self._events.emit("connected", peer=self.peer_id, group=self._group, epoch=self.epoch)
+        return self
+
+    def close(self) -> None:
+        """Leaves the group gracefully (the others re-form without an error) and frees
+        every resource. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._control is not None:
+            try:
+                self._control.send(protocol.make("leave"))
+            except Aborted:
+                pass
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._engine is not None:
+            self._engine.close()
+        if self._control is not None:
+            self._control.close()
+        self._events.emit("closed", peer=self.peer_id)
+        self._events.close()
+
+    def __enter__(self) -> Communicator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ membership
+
+    @property
+    def epoch(self) -> int:
+        topo = self._topology()
+        return topo.epoch if topo else -1
+
+    @property
+    def world_size(self) -> int:
+        topo = self._topology()
+        return len(topo.ring) if topo else 0
+
+    @property
+    def rank(self) -> int:
+        topo = self._topology()
+        rank = topo.rank_of(self.peer_id) if topo else None
+        return -1 if rank is None else rank
+
+    def update_topology(self, timeout: float | None = None) -> None:
+        """Collective of the admitted peers: when all have called it, the master admits
+        the pending peers and every peer moves to the new epoch's ring."""
+        control = self._require()
+        deadline = self._deadline(timeout, self.config.connect_timeout)
+        with control.cond:
+            rounds = control.vote_rounds
+        control.send(protocol.make("vote", epoch=self.epoch))
+        control.wait(lambda: True if control.vote_rounds > rounds else None, deadline, "the topology vote")
+        self._ensure_ring(deadline)
+
+    def pending_peers(self, timeout: float | None = None) -> int:
+        """Collective: the number of peers waiting for admission, the same on every
+        admitted peer (use it to skip update_topology() when nobody waits)."""
+        control = self._require()
+        deadline = self._deadline(timeout, self.config.connect_timeout)
+        self._pending_query += 1
+        query = self._pending_query
+        control.send(protocol.make("pending", epoch=self.epoch, query=query))
+        return control.wait(lambda: control.pending_answers.pop(query, None), deadline, "pending_peers()")
+
+    # ------------------------------------------------------------------ collectives
+
+    def all_reduce(
+        self,
+        x: Any,
+        op: ReduceOp = ReduceOp.SUM,
+        out: Any = None,
+        tag: int | None = None,
+        quantization: Any = None,
+        timeout: float | None = None,
+        retry: bool = False,
+    ) -> ReduceInfo:
+        """Reduces `x` (numpy array or torch CPU tensor) across the group, in place or
+        into `out`. Every participant gets the same bytes. On a peer failure raises
+        PeerLost on every survivor with `x` intact, or with retry=True re-runs over the
+        survivors; ReduceInfo.world_size tells how many contributed. `timeout` bounds
+        the whole call (default: config.op_timeout)."""
+        args = self._prepare(x, op, out, tag, quantization)
+        return self._run_all_reduce(*args, self._deadline(timeout, self.config.op_timeout), retry)
+
+    def all_reduce_async(
+        self,
+        x: Any,
+        op: ReduceOp = ReduceOp.SUM,
+        out: Any = None,
+        tag: int | None = None,
+        quantization: Any = None,
+        timeout: float | None = None,
+        retry: bool = False,
+    ) -> AllReduceHandle:
+        """Starts an all-reduce and returns a handle. Ops in flight at once need distinct
+        tags; do not touch `x`/`out` until the handle is done."""
+        args = self._prepare(x, op, out, tag, quantization)
+        deadline = self._deadline(timeout, self.config.op_timeout)
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="pccl-op")
+        return AllReduceHandle(self._executor.submit(self._run_all_reduce, *args, deadline, retry))
+
+    def _prepare(self, x: Any, op: ReduceOp, out: Any, tag: int | None, quantization: Any) -> tuple[Any, ...]:
+        self._require()
+        if quantization is not None:
+            raise InvalidArgument("quantized all-reduce is not available in this version")
+        if not isinstance(op, ReduceOp):
+            raise InvalidArgument(f"op must be a pccl_py.ReduceOp, got {op!r}")
+        src, dtype = native_view(x)
+        if out is None or out is x:
+            dst = src
+        else:
+            dst, out_dtype = native_view(out)
+            if out_dtype != dtype or dst.nbytes != src.nbytes:
+                raise InvalidArgument("out must have the dtype and size of x")
+        tag = 0 if tag is None else int(tag)
+        if not 0 <= tag < 2**32:
+            raise InvalidArgument("tag must be in [0, 2**32)")
+        with self._seq_lock:  # steps are numbered in call order, the same on every peer
+            seq = self._next_seq.get(tag, 0)
+            self._next_seq[tag] = seq + 1
+        return src, dst, dtype, op, tag, seq
+
+    def _run_all_reduce(
+        self, src: Any, dst: Any, dtype: Any, op: ReduceOp, tag: int, seq: int, deadline: float, retry: bool
+    ) -> ReduceInfo:
+        engine = self._engine
+        control = self._require()
+        assert engine is not None
+        in_place = dst is src
+        attempt = 0
+        while True:
+            epoch = -1
+            handle = None
+            ok, kind, msg, culprit = True, "", "", -1
+            try:
+                epoch = self._ensure_ring(deadline)
+                key = (epoch, tag, (seq << _ATTEMPT_BITS) | attempt)
+                handle = engine.all_reduce(
+                    src,
+                    dst,
+                    dtype,
+                    op.native,
+                    tag=tag,
+                    seq=key[2],
+                    timeout=max(0.0, deadline - time.monotonic()),
+                    connect_timeout=min(self.config.connect_timeout, max(0.0, deadline - time.monotonic())),
+                    defer_commit=in_place,
+                )
+                self._track(key, handle)
+                try:
+                    handle.result()
+                finally:
+                    self._untrack(key)
+            except PcclError as exc:
+                ok, kind, msg = False, _kind_of(exc), str(exc)
+                culprit = exc.peer if isinstance(exc.peer, int) and exc.peer < 2**63 else -1
+                if epoch < 0:  # no ring to run on (evicted, closed, timed out)
+                    raise
+                key = (epoch, tag, (seq << _ATTEMPT_BITS) | attempt)
+            outcome = self._outcome(key, ok, kind, msg, culprit, deadline)
+            if outcome["ok"]:
+                if handle is not None:
+                    handle.settle(True)
+                self._events.emit("op", epoch=key[0], tag=tag, seq=key[2], ok=True, world=outcome["world"])
+                return ReduceInfo(
+                    world_size=outcome["world"],
+                    tx_bytes=handle.tx_bytes if handle is not None else 0,
+                    rx_bytes=handle.rx_bytes if handle is not None else 0,
+                    epoch=key[0],
+                    attempts=attempt + 1,
+                )
+            if handle is not None:
+                handle.settle(False)
+            self._events.emit("op", epoch=key[0], tag=tag, seq=key[2], ok=False, kind=outcome["kind"])
+            error = _ERRORS.get(outcome["kind"], PcclError)(
+                f"all-reduce failed: {outcome['msg']}",
+                peer=outcome["peer"] if outcome["peer"] >= 0 else None,
+                epoch=key[0],
+                tag=tag,
+                step=seq,
+            )
+            retryable = outcome["kind"] == "PeerLeft" or (retry and outcome["kind"] in _RETRYABLE)
+            attempt += 1
+            if not retryable or attempt >= min(self.config.max_retries, 1 << _ATTEMPT_BITS):
+                raise error
+            # Re-run once the master's new ring (if the failure made one) is known here.
+            next_epoch = outcome["next_epoch"]
+            control.wait(
+                lambda: True if control.topology is not None and control.topology.epoch >= next_epoch else None,
+                deadline,
+                f"epoch {next_epoch}",
+            )
+
+    def _outcome(self, key: OpKey, ok: bool, kind: str, msg: str, culprit: int, deadline: float) -> protocol.Message:
+        """Reports this peer's result for op `key` and returns the master's decision."""
+        control = self._require()
+        with control.cond:
+            known = key in control.outcomes
+        if not known:
+            control.send(
+                protocol.make(
+                    "op", epoch=key[0], tag=key[1], seq=key[2], ok=ok, kind=kind, msg=msg[:2000], peer=culprit
+                )
+            )
+        return control.wait(lambda: control.outcomes.pop(key, None), deadline, f"the outcome of op {key}")
+
+    def _track(self, key: OpKey, handle: Any) -> None:
+        control = self._require()
+        with control.cond:
+            self._inflight[key] = handle
+            decided = control.outcomes.get(key)
+            superseded = control.topology is not None and control.topology.epoch > key[0]
+        if (decided is not None and not decided["ok"]) or superseded:
+            handle.abort("the master already failed this op")
+
+    def _untrack(self, key: OpKey) -> None:
+        control = self._require()
+        with control.cond:
+            self._inflight.pop(key, None)
+
+    def _on_master_message(self, msg: protocol.Message) -> None:
+        """Control thread: stop data-plane ops the master has given up on."""
+        kind = msg["t"]
+        doomed: list[Any] = []
+        control = self._control
+        assert control is not None
+        with control.cond:
+            if kind == "topology":
+                doomed = [h for k, h in self._inflight.items() if k[0] < msg["epoch"]]
+            elif kind == "outcome" and not msg["ok"]:
+                handle = self._inflight.get((msg["epoch"], msg["tag"], msg["seq"]))
+                doomed = [handle] if handle is not None else []
+            elif kind == "evicted":
+                doomed = list(self._inflight.values())
+        for handle in doomed:
+            handle.abort(f"superseded by the master ({kind})")
+        if kind == "topology":
+            self._events.emit("topology", epoch=msg["epoch"], ring=[p[0] for p in msg["ring"]], reason=msg["reason"])
+
+    # ------------------------------------------------------------------ helpers
+
+    def _require(self) -> ControlChannel:
+        if self._closed:
+            raise Aborted("the communicator is closed")
+        if self._control is None or self._engine is None:
+            raise PcclError("call connect() first")
+        return self._control
+
+    def _topology(self) -> Topology | None:
+        control = self._control
+        if control is None:
+            return None
+        with control.cond:
+            return control.topology
+
+    def _ensure_ring(self, deadline: float) -> int:
+        """Moves the data plane to the master's latest ring; returns its epoch."""
+        control = self._require()
+        assert self._engine is not None
+        with self._ring_lock:
+            topo = self._topology()
+            if topo is None:
+                raise PcclError("no topology yet")
+            rank = topo.rank_of(self.peer_id)
+            if rank is None:
+                with control.cond:
+                    reason = control.evicted
+                raise Aborted(f"this peer is not in the ring of epoch {topo.epoch}" + (f": {reason}" if reason else ""))
+            if topo.epoch != self._engine_epoch:
+                timeout = min(self.config.connect_timeout, max(0.0, deadline - time.monotonic()))
+                self._engine.set_ring(topo.epoch, list(topo.ring), rank, timeout=timeout)
+                self._engine_epoch = topo.epoch
+            return topo.epoch
+
+    @staticmethod
+    def _deadline(timeout: float | None, default: float) -> float:
+        return time.monotonic() + (default if timeout is None else timeout)
+
+
+def _kind_of(exc: PcclError) -> str:
+    for name, cls in (
+        ("PeerLost", PeerLost),
+        ("Timeout", Timeout),
+        ("Aborted", Aborted),
+        ("ProtocolError", ProtocolError),
+        ("InvalidArgument", InvalidArgument),
+    ):
+        if isinstance(exc, cls):
+            # An op we aborted because the master moved on is a consequence, not a cause.
+            return "PeerLost" if name == "Aborted" and "superseded" in str(exc) else name
+    return "Aborted"

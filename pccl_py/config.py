@@ -1,0 +1,68 @@
+"""Defaults for every timeout and tunable, in one object. This is the only module that
+reads environment variables (PCCL_*), and only when asked to (Config.from_env)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from pccl_py.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Config:
+    # Liveness: a peer sends a heartbeat every interval; the master evicts a peer it has
+    # not heard from for `heartbeat_timeout` seconds (a hung or partitioned peer).
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 5.0
+    # Per-op default timeout (seconds) for collectives, and for connect/admission.
+    op_timeout: float = 120.0
+    connect_timeout: float = 30.0
+    # How long the master waits for the root cause of a failure before it decides on
+    # the reports it has (a poisoned neighbour reports before the peer that failed).
+    failure_grace: float = 0.2
+    # Data plane.
+    connections_per_peer: int = 1
+    segment_bytes: int = 512 << 10
+    socket_buffer_bytes: int = 0
+    mailbox_limit_bytes: int = 256 << 20
+    # Control plane.
+    max_message_bytes: int = 1 << 20
+    max_retries: int = 64
+    # Structured JSON-lines event log (membership changes, op outcomes); None: off.
+    event_log: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ConfigError("need 0 < heartbeat_interval < heartbeat_timeout")
+        if not 1 <= self.connections_per_peer <= 64:
+            raise ConfigError("connections_per_peer must be in [1, 64]")
+        if self.segment_bytes < 4096:
+            raise ConfigError("segment_bytes must be at least 4096")
+        if self.op_timeout <= 0 or self.connect_timeout <= 0:
+            raise ConfigError("timeouts must be positive")
+
+    def replace(self, **changes: object) -> Config:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Config:
+        """Defaults, overridden by PCCL_<FIELD> environment variables, then by `overrides`."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for field in dataclasses.fields(cls):
+            raw = env.get("PCCL_" + field.name.upper())
+            if raw is None:
+                continue
+            try:
+                if field.type in ("float", float):
+                    values[field.name] = float(raw)
+                elif field.type in ("int", int):
+                    values[field.name] = int(raw)
+                else:
+                    values[field.name] = raw or None
+            except ValueError:
+                raise ConfigError(f"PCCL_{field.name.upper()}={raw!r} is not a valid {field.type}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]

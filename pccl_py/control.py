@@ -1,0 +1,217 @@
+"""A peer's channel to the master: a background event-loop thread that owns the
+ZeroMQ DEALER socket, sends heartbeats, and records what the master says (topology,
+op outcomes, answers, eviction). Callers on other threads send through send() and
+wait on the recorded state with wait(), always with a deadline.
+
+Ownership: the Communicator creates, starts and closes it; close() stops the thread,
+cancels its tasks and closes the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import zmq
+import zmq.asyncio
+
+from pccl_py import protocol
+from pccl_py.config import Config
+from pccl_py.errors import Aborted, PcclError, ProtocolError, Timeout
+from pccl_py.master import new_event_loop
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+OpKey = tuple[int, int, int]
+_MAX_KEPT_OUTCOMES = 4096
+
+
+@dataclass(frozen=True)
+class Topology:
+    epoch: int
+    ring: tuple[tuple[int, str, int], ...]  # (peer id, host, port) in ring order
+    reason: str
+
+    def rank_of(self, peer_id: int) -> int | None:
+        for i, (pid, _, _) in enumerate(self.ring):
+            if pid == peer_id:
+                return i
+        return None
+
+
+class ControlChannel:
+    def __init__(self, master: str, config: Config, on_message: Callable[[protocol.Message], None]) -> None:
+        host, _, port = master.rpartition(":")
+        if not host or not port.isdigit():
+            raise PcclError(f"master address must be host:port, got {master!r}")
+        self._endpoint = f"tcp://{host}:{port}"
+        self._config = config
+        self._on_message = on_message
+        self.cond = threading.Condition()
+        # State written by the loop thread (under cond), read by callers.
+        self.welcome: protocol.Message | None = None
+        self.topology: Topology | None = None
+        self.vote_rounds = 0
+        self.outcomes: OrderedDict[OpKey, protocol.Message] = OrderedDict()
+        self.pending_answers: dict[int, int] = {}
+        self.evicted: str | None = None
+        self.last_error: protocol.Message | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, timeout: float) -> None:
+        self._thread = threading.Thread(target=self._thread_main, name="pccl-control", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise Timeout("control channel did not start")
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flushes queued messages (up to a second), then stops the thread."""
+        self._closed = True
+        if self._loop is not None and self._stopped is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stopped.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self.cond:
+            self.cond.notify_all()
+
+    def _thread_main(self) -> None:
+        loop = new_event_loop()
+        try:
+            loop.run_until_complete(self._main())
+        except Exception:
+            log.exception("control channel failed")
+        finally:
+            loop.close()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.MAXMSGSIZE, self._config.max_message_bytes)
+        sock.connect(self._endpoint)
+        self._sock = sock
+        self._ready.set()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                receiver = tasks.create_task(self._receive_loop(sock))
+                beater = tasks.create_task(self._heartbeat_loop(sock))
+                await self._stopped.wait()
+                receiver.cancel()
+                beater.cancel()
+        finally:
+            self._sock = None
+            sock.close(linger=1000)
+            ctx.term()
+
+    # ------------------------------------------------------------------ I/O
+
+    def send(self, msg: protocol.Message) -> None:
+        """Queues `msg` for the master (any thread)."""
+        if self._loop is None or self._closed:
+            raise Aborted("the control channel is closed")
+        data = protocol.encode(msg)
+        try:
+            self._loop.call_soon_threadsafe(self._send_now, data)
+        except RuntimeError:
+            raise Aborted("the control channel is closed") from None
+
+    def _send_now(self, data: bytes) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.send(data, flags=zmq.NOBLOCK)
+
+    async def _heartbeat_loop(self, sock: zmq.asyncio.Socket) -> None:
+        beat = protocol.encode(protocol.make("hb"))
+        while True:
+            await asyncio.sleep(self._config.heartbeat_interval)
+            if self.welcome is not None and self.evicted is None:
+                with contextlib.suppress(zmq.ZMQError):
+                    await sock.send(beat, flags=zmq.NOBLOCK)
+
+    async def _receive_loop(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            data = await sock.recv()
+            try:
+                msg = protocol.decode(data, self._config.max_message_bytes)
+            except ProtocolError as exc:
+                log.warning("dropped a bad message from the master: %s", exc)
+                continue
+            try:
+                self._record(msg)
+                self._on_message(msg)
+            except Exception:
+                log.exception("error handling %s from the master", msg.get("t"))
+
+    def _record(self, msg: protocol.Message) -> None:
+        kind = msg["t"]
+        with self.cond:
+            if kind == "welcome":
+                self.welcome = msg
+            elif kind == "topology":
+                ring = tuple((int(p[0]), str(p[1]), int(p[2])) for p in msg["ring"])
+                if self.topology is None or msg["epoch"] >= self.topology.epoch:
+                    self.topology = Topology(msg["epoch"], ring, msg["reason"])
+                if msg["vote"]:
+                    self.vote_rounds += 1
+                # Outcomes of long-gone epochs will never be asked for.
+                for key in [k for k in self.outcomes if k[0] < msg["epoch"] - 4]:
+                    del self.outcomes[key]
+            elif kind == "outcome":
+                self.outcomes[(msg["epoch"], msg["tag"], msg["seq"])] = msg
+                while len(self.outcomes) > _MAX_KEPT_OUTCOMES:
+                    self.outcomes.popitem(last=False)
+            elif kind == "pending_count":
+                self.pending_answers[msg["query"]] = msg["count"]
+            elif kind == "evicted":
+                if self.welcome is not None:
+                    self.evicted = msg["reason"]
+            elif kind == "error":
+                self.last_error = msg
+                log.warning("master error: %s: %s", msg["code"], msg["msg"])
+            self.cond.notify_all()
+
+    # ------------------------------------------------------------------ waiting
+
+    def wait(self, predicate: Callable[[], T | None], deadline: float, what: str) -> T:
+        """Waits until predicate() (evaluated under the lock) returns non-None; raises
+        Timeout at the deadline and Aborted if this peer is evicted or closed."""
+        with self.cond:
+            while True:
+                value = predicate()
+                if value is not None:
+                    return value
+                if self.evicted is not None:
+                    raise Aborted(f"this peer was evicted by the master: {self.evicted}")
+                if self._closed:
+                    raise Aborted("the communicator is closed")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Timeout(f"timed out waiting for {what}")
+                self.cond.wait(remaining)
+
+    def state(self) -> dict[str, Any]:
+        with self.cond:
+            return {
+                "topology": self.topology,
+                "evicted": self.evicted,
+                "outcomes": len(self.outcomes),
+            }

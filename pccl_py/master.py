@@ -1,0 +1,302 @@
+"""The master: a soft-state coordinator (peers, groups, epochs, rings, votes, op
+outcomes). It never touches tensor bytes.
+
+I/O only; every decision is made by pccl_py.membership. The master listens on a ZeroMQ
+ROUTER socket (msgpack messages, pccl_py.protocol) and watches each peer's liveness two
+ways: heartbeats (a hung or partitioned peer goes silent) and a TCP connection the
+master opens to the peer's data-plane port (a crashed peer's kernel closes it, so a
+crash is seen at once; an orderly close says goodbye first).
+
+Use it in-process as a context manager (`with Master() as m: m.address`), or run it
+with `pccl master`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+import threading
+import time
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from pccl_py import _native, protocol
+from pccl_py.config import Config
+from pccl_py.errors import ConfigError, PcclError, ProtocolError, Timeout
+from pccl_py.events import EventLog
+from pccl_py.membership import Effect, Log, Membership, Send
+
+log = logging.getLogger(__name__)
+
+# The id the master uses in data-plane handshakes (never a real peer's id).
+MASTER_PEER_ID = 2**64 - 2
+_TICK_SECONDS = 0.05
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop loop when uvloop is installed, else asyncio's default."""
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.new_event_loop()
+
+
+class Master:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        secret: str | bytes | None = None,
+        *,
+        config: Config | None = None,
+    ) -> None:
+        if secret is not None:
+            raise ConfigError("authentication is not implemented yet; run without a secret")
+        self.config = config or Config()
+        self._host = host
+        self._port = port
+        self._bound_port: int | None = None
+        self._membership = Membership(
+            self.config.heartbeat_interval, self.config.heartbeat_timeout, self.config.failure_grace
+        )
+        self._events = EventLog(self.config.event_log, "master")
+        self._routes: dict[int, bytes] = {}  # peer id -> ZeroMQ routing id
+        self._ids: dict[bytes, int] = {}
+        self._watchers: dict[int, asyncio.Task[None]] = {}
+        self._sock: zmq.asyncio.Socket | None = None
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def address(self) -> str:
+        if self._bound_port is None:
+            raise PcclError("master is not listening yet")
+        return f"{self._host}:{self._bound_port}"
+
+    def start(self, timeout: float = 10.0) -> Master:
+        """Runs the master on a background thread; returns once it is listening."""
+        if self._thread is not None:
+            return self
+        self._thread = threading.Thread(target=self._thread_main, name="pccl-master", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise Timeout(f"master did not start within {timeout}s")
+        if self._failure is not None:
+            raise self._failure
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stops the master (background thread) and releases its sockets."""
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._events.close()
+
+    def __enter__(self) -> Master:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _thread_main(self) -> None:
+        loop = new_event_loop()
+        try:
+            loop.run_until_complete(self.serve())
+        except BaseException as exc:  # surfaced to start()
+            self._failure = exc
+            self._ready.set()
+        finally:
+            loop.close()
+
+    async def serve(self) -> None:
+        """Serves until close() (or cancellation). Binds first; `address` is valid once
+        the master is ready."""
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        try:
+            sock.bind(f"tcp://{self._host}:{self._port or '*'}")
+            endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._bound_port = int(endpoint.rsplit(":", 1)[1])
+            self._sock = sock
+            log.info("master listening on %s", self.address)
+            self._events.emit("master_start", address=self.address)
+            self._ready.set()
+            async with asyncio.TaskGroup() as tasks:
+                receiver = tasks.create_task(self._receive_loop())
+                ticker = tasks.create_task(self._tick_loop())
+                await self._stop.wait()
+                receiver.cancel()
+                ticker.cancel()
+                for watcher in list(self._watchers.values()):
+                    watcher.cancel()
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+            self._sock = None
+
+    # ------------------------------------------------------------------ inputs
+
+    async def _receive_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart(copy=True)
+            try:
+                await self._handle(frames)
+            except Exception:  # the master never dies of its input
+                log.exception("error handling a message")
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_TICK_SECONDS)
+            await self._apply(self._membership.tick(time.monotonic()))
+
+    async def _handle(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            return  # not a DEALER message: drop
+        rid, data = frames
+        try:
+            msg = protocol.decode(data, self.config.max_message_bytes)
+        except ProtocolError as exc:
+            await self._send_raw(rid, protocol.make("error", code="bad_message", msg=str(exc)))
+            return
+        kind = msg["t"]
+        now = time.monotonic()
+        if kind == "status":
+            await self._send_raw(rid, protocol.make("status_reply", state=self._status()))
+            return
+        if kind == "hello":
+            await self._hello(rid, msg, now)
+            return
+        peer_id = self._ids.get(rid)
+        if peer_id is None:
+            await self._send_raw(rid, protocol.make("evicted", reason="unknown peer: not registered or evicted"))
+            return
+        try:
+            if kind == "hb":
+                self._membership.heartbeat(peer_id, now)
+            elif kind == "vote":
+                await self._apply(self._membership.vote_topology(peer_id, now))
+            elif kind == "pending":
+                await self._apply(self._membership.query_pending(peer_id, msg["query"], now))
+            elif kind == "op":
+                key = (msg["epoch"], msg["tag"], msg["seq"])
+                self._membership.heartbeat(peer_id, now)
+                await self._apply(
+                    self._membership.report_op(peer_id, key, msg["ok"], msg["kind"], msg["msg"], msg["peer"], now)
+                )
+            elif kind == "leave":
+                await self._apply(self._membership.leave(peer_id, now))
+            else:
+                await self._send_raw(rid, protocol.make("error", code="unexpected", msg=f"{kind} is not a request"))
+        except PermissionError as exc:
+            await self._send_raw(rid, protocol.make("error", code="not_admitted", msg=str(exc)))
+
+    async def _hello(self, rid: bytes, msg: protocol.Message, now: float) -> None:
+        if rid in self._ids:
+            await self._send_raw(rid, protocol.make("error", code="duplicate_hello", msg="already registered"))
+            return
+        if not 0 < msg["port"] < 65536 or msg["group"] < 0:
+            await self._send_raw(rid, protocol.make("error", code="bad_hello", msg="invalid port or group"))
+            return
+        peer_id = msg["peer_id"]
+        try:
+            effects = self._membership.register(peer_id, msg["group"], msg["host"], msg["port"], msg["name"], now)
+        except ValueError as exc:
+            await self._send_raw(rid, protocol.make("error", code="bad_hello", msg=str(exc)))
+            return
+        self._routes[peer_id] = rid
+        self._ids[rid] = peer_id
+        self._watchers[peer_id] = asyncio.create_task(self._watch(peer_id, msg["host"], msg["port"]))
+        await self._apply(effects)
+
+    # ------------------------------------------------------------------ liveness
+
+    async def _watch(self, peer_id: int, host: str, port: int) -> None:
+        """Holds a TCP connection to the peer's data port; EOF without a goodbye means the
+        process died."""
+        writer: asyncio.StreamWriter | None = None
+        graceful = False
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.config.connect_timeout)
+            writer.write(
+                # epoch 2**64-1: a connection tied to no epoch, never retired by a new ring.
+                struct.pack("<IIQQII", _native.HELLO_MAGIC, _native.PROTOCOL_VERSION, MASTER_PEER_ID, 2**64 - 1, 0, 1)
+            )
+            ack = await asyncio.wait_for(reader.readexactly(_native.HELLO_ACK_SIZE), self.config.connect_timeout)
+            magic, status, ack_peer = struct.unpack("<IIQ", ack)
+            if magic != _native.HELLO_MAGIC or status != 0:
+                log.warning("peer %d refused the liveness connection", peer_id)
+                return
+            while True:
+                header = await reader.readexactly(_native.FRAME_HEADER_SIZE)
+                if header[4] == _native.FRAME_TYPE_GOODBYE:
+                    graceful = True
+        except asyncio.CancelledError:
+            raise
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+            if writer is None:
+                log.warning("cannot reach peer %d's data port %s:%d (%s); relying on heartbeats", peer_id, host, port, exc)
+                return
+            if not graceful and peer_id in self._membership.peers:
+                self._watchers.pop(peer_id, None)
+                await self._apply(
+                    self._membership.evict(peer_id, "crashed", "its connection closed", time.monotonic())
+                )
+        finally:
+            if writer is not None:
+                writer.close()
+
+    # ------------------------------------------------------------------ effects
+
+    async def _apply(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Send):
+                rid = self._routes.get(effect.to)
+                if rid is not None:
+                    await self._send_raw(rid, effect.msg)
+            elif isinstance(effect, Log):
+                self._events.emit(effect.kind, **effect.fields)
+                if effect.kind in ("evict", "leave"):
+                    self._forget(effect.fields["peer"], effect.kind == "evict", effect.fields.get("detail", ""))
+                log.info("%s %s", effect.kind, effect.fields)
+
+    def _forget(self, peer_id: int, evicted: bool, reason: str) -> None:
+        rid = self._routes.pop(peer_id, None)
+        if rid is not None:
+            self._ids.pop(rid, None)
+            if evicted and self._sock is not None:
+                # Tell it, in case it is alive (a hung peer that wakes up).
+                with contextlib.suppress(zmq.ZMQError):
+                    self._sock.send_multipart([rid, protocol.encode(protocol.make("evicted", reason=reason))], flags=zmq.NOBLOCK)
+        watcher = self._watchers.pop(peer_id, None)
+        if watcher is not None and watcher is not asyncio.current_task():
+            watcher.cancel()
+
+    async def _send_raw(self, rid: bytes, msg: protocol.Message) -> None:
+        assert self._sock is not None
+        with contextlib.suppress(zmq.ZMQError):
+            await self._sock.send_multipart([rid, protocol.encode(msg)], flags=zmq.NOBLOCK)
+
+    def _status(self) -> dict[str, Any]:
+        state = self._membership.status()
+        state["address"] = self.address
+        return state

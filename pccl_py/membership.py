@@ -1,0 +1,384 @@
+"""The master's decisions, as a pure state machine: peers, groups, admission, epochs,
+rings, collective votes and the outcome of every collective. No I/O: each input
+returns the effects (messages to send, events to log) for the master to carry out,
+so every rule here is unit-tested without sockets. See docs/protocol.md.
+
+Peer phases:   (new) --register--> PENDING --admitted in a topology vote--> ADMITTED
+               PENDING|ADMITTED --leave / crash / heartbeat timeout--> (gone)
+A group with no admitted peer admits its pending peers at once.
+
+Op outcome (per group, epoch, tag, seq; participants = the ring of that epoch):
+  success  when every participant reported success;
+  failure  when a participant reported a failure, or left the group before reporting.
+A failure that only says "my neighbour's connection broke" (PeerLost from a live
+peer) may be a cascade of another failure; the decision waits up to `failure_grace`
+for the root cause. Once decided, an outcome never changes, and every participant
+still alive is told, whether it reported or not.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from pccl_py import protocol
+
+OpKey = tuple[int, int, int]  # (epoch, tag, seq)
+
+_KEEP_EPOCHS = 4  # decided ops of this many recent epochs are kept for late reporters
+_MAX_OPS_PER_GROUP = 20000
+
+
+class Phase(enum.Enum):
+    PENDING = "pending"
+    ADMITTED = "admitted"
+
+
+@dataclass
+class Peer:
+    id: int
+    group: int
+    host: str
+    port: int
+    name: str
+    phase: Phase
+    last_seen: float
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send `msg` to peer `to`."""
+
+    to: int
+    msg: protocol.Message
+
+
+@dataclass(frozen=True)
+class Log:
+    """A structured event for the event log."""
+
+    kind: str
+    fields: dict[str, Any]
+
+
+Effect = Send | Log
+
+
+@dataclass(frozen=True)
+class Report:
+    ok: bool
+    kind: str
+    msg: str
+    culprit: int  # -1: unknown
+
+
+@dataclass
+class OpRecord:
+    key: OpKey
+    participants: frozenset[int]
+    reports: dict[int, Report] = field(default_factory=dict)
+    decided: dict[str, Any] | None = None
+    first_failure_at: float | None = None
+
+
+@dataclass
+class Group:
+    id: int
+    epoch: int = 0
+    ring: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # admission order
+    votes: set[int] = field(default_factory=set)
+    pending_queries: dict[int, int] = field(default_factory=dict)  # peer -> query id
+    rings: dict[int, tuple[int, ...]] = field(default_factory=dict)  # recent epochs
+    ops: dict[OpKey, OpRecord] = field(default_factory=dict)  # insertion order = age
+    pruned_at_epoch: int = 0
+
+
+def failures_root(record: OpRecord) -> bool:
+    """Whether a participant reported a failure other than a broken connection."""
+    return any(not r.ok and r.kind != "PeerLost" for r in record.reports.values())
+
+
+class Membership:
+    def __init__(self, heartbeat_interval: float, heartbeat_timeout: float, failure_grace: float) -> None:
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.failure_grace = failure_grace
+        self.peers: dict[int, Peer] = {}
+        self.groups: dict[int, Group] = {}
+        self._departed: dict[int, str] = {}  # peer -> cause ("left", "crashed", "hung"), recent only
+
+    # ------------------------------------------------------------------ inputs
+
+    def register(self, peer_id: int, group: int, host: str, port: int, name: str, now: float) -> list[Effect]:
+        """Registers a new peer (ids are chosen by the peers: random 63-bit numbers).
+        Raises ValueError if the id is taken."""
+        if peer_id in self.peers or not 0 <= peer_id < 2**63:
+            raise ValueError(f"peer id {peer_id} is taken or out of range")
+        g = self.groups.setdefault(group, Group(group))
+        self.peers[peer_id] = Peer(peer_id, group, host, port, name, Phase.PENDING, now)
+        g.pending.append(peer_id)
+        effects: list[Effect] = [Log("join", {"peer": peer_id, "group": group, "name": name})]
+        admit_now = not g.ring
+        effects.append(
+            Send(
+                peer_id,
+                protocol.make(
+                    "welcome",
+                    peer_id=peer_id,
+                    heartbeat_interval=self.heartbeat_interval,
+                    heartbeat_timeout=self.heartbeat_timeout,
+                    admitted=admit_now,
+                ),
+            )
+        )
+        if admit_now:
+            effects += self._admit_pending(g, "first peers of the group")
+        else:
+            # Peers blocked in pending_peers() may now be answered differently; they are
+            # answered when every admitted peer asks, so nothing to do here.
+            pass
+        return effects
+
+    def heartbeat(self, peer_id: int, now: float) -> bool:
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            return False
+        peer.last_seen = now
+        return True
+
+    def vote_topology(self, peer_id: int, now: float) -> list[Effect]:
+        peer, g = self._admitted(peer_id)
+        g.votes.add(peer.id)
+        return self._complete_votes(g)
+
+    def query_pending(self, peer_id: int, query: int, now: float) -> list[Effect]:
+        peer, g = self._admitted(peer_id)
+        g.pending_queries[peer.id] = query
+        return self._complete_pending_queries(g)
+
+    def report_op(
+        self, peer_id: int, key: OpKey, ok: bool, kind: str, msg: str, culprit: int, now: float
+    ) -> list[Effect]:
+        peer, g = self._admitted(peer_id)
+        epoch = key[0]
+        record = g.ops.get(key)
+        if record is None:
+            participants = g.rings.get(epoch)
+            if participants is None:
+                # An epoch this master has no ring for (pruned, or from a future it never
+                # made): the op cannot be vouched for.
+                outcome = self._outcome(
+                    g, key, False, "Aborted", f"epoch {epoch} is not current (group is at {g.epoch})", -1, 0
+                )
+                return [Send(peer.id, outcome)]
+            record = OpRecord(key, frozenset(participants))
+            g.ops[key] = record
+            self._prune_ops(g)
+        if peer.id not in record.participants:
+            outcome = self._outcome(g, key, False, "ProtocolError", f"peer {peer.id} is not in the ring of epoch {epoch}", -1, 0)
+            return [Send(peer.id, outcome)]
+        if record.decided is not None:
+            return [Send(peer.id, record.decided)]
+        record.reports[peer.id] = Report(ok, kind, msg, culprit)
+        if not ok and record.first_failure_at is None:
+            record.first_failure_at = now
+        return self._decide(g, record, now)
+
+    def leave(self, peer_id: int, now: float) -> list[Effect]:
+        return self._remove(peer_id, "left", "left the group", now)
+
+    def evict(self, peer_id: int, cause: str, detail: str, now: float) -> list[Effect]:
+        """cause: "crashed" (its connection broke) or "hung" (heartbeat timeout)."""
+        return self._remove(peer_id, cause, detail, now)
+
+    def tick(self, now: float) -> list[Effect]:
+        effects: list[Effect] = []
+        for peer in list(self.peers.values()):
+            if now - peer.last_seen > self.heartbeat_timeout:
+                effects += self.evict(
+                    peer.id, "hung", f"no heartbeat for {now - peer.last_seen:.1f}s", now
+                )
+        for g in self.groups.values():
+            for record in list(g.ops.values()):
+                if record.decided is None and record.first_failure_at is not None:
+                    if now - record.first_failure_at >= self.failure_grace:
+                        effects += self._decide(g, record, now, grace_over=True)
+        return effects
+
+    # ------------------------------------------------------------------ queries
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "peers": {
+                str(p.id): {
+                    "group": p.group,
+                    "address": f"{p.host}:{p.port}",
+                    "name": p.name,
+                    "phase": p.phase.value,
+                }
+                for p in self.peers.values()
+            },
+            "groups": {
+                str(g.id): {"epoch": g.epoch, "ring": list(g.ring), "pending": list(g.pending)}
+                for g in self.groups.values()
+            },
+        }
+
+    # ------------------------------------------------------------------ rules
+
+    def _admitted(self, peer_id: int) -> tuple[Peer, Group]:
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            raise KeyError(peer_id)
+        if peer.phase is not Phase.ADMITTED:
+            raise PermissionError(f"peer {peer_id} is not admitted yet")
+        return peer, self.groups[peer.group]
+
+    def _ring_message(self, g: Group, reason: str, vote: bool) -> protocol.Message:
+        ring = [[pid, self.peers[pid].host, self.peers[pid].port] for pid in g.ring]
+        return protocol.make("topology", epoch=g.epoch, ring=ring, reason=reason, vote=vote)
+
+    def _new_epoch(self, g: Group, ring: list[int], reason: str, vote: bool = False) -> list[Effect]:
+        g.epoch += 1
+        g.ring = ring
+        g.rings[g.epoch] = tuple(ring)
+        for old in [e for e in g.rings if e <= g.epoch - _KEEP_EPOCHS]:
+            del g.rings[old]
+        msg = self._ring_message(g, reason, vote)
+        effects: list[Effect] = [Log("epoch", {"group": g.id, "epoch": g.epoch, "ring": list(ring), "reason": reason})]
+        effects += [Send(pid, msg) for pid in ring]
+        return effects
+
+    def _admit_pending(self, g: Group, reason: str, vote: bool = False) -> list[Effect]:
+        joiners = list(g.pending)
+        g.pending.clear()
+        for pid in joiners:
+            self.peers[pid].phase = Phase.ADMITTED
+        effects: list[Effect] = [Log("admit", {"group": g.id, "peers": joiners})] if joiners else []
+        return effects + self._new_epoch(g, g.ring + joiners, reason, vote)
+
+    def _complete_votes(self, g: Group) -> list[Effect]:
+        if not g.ring or not set(g.ring) <= g.votes:
+            return []
+        g.votes.clear()
+        if g.pending:
+            return self._admit_pending(g, "topology update admitted pending peers", vote=True)
+        # Nothing changes: everyone goes on in the current epoch.
+        msg = self._ring_message(g, "topology unchanged", vote=True)
+        return [Send(pid, msg) for pid in g.ring]
+
+    def _complete_pending_queries(self, g: Group) -> list[Effect]:
+        if not g.ring or not set(g.ring) <= set(g.pending_queries):
+            return []
+        count = len(g.pending)
+        effects: list[Effect] = [
+            Send(pid, protocol.make("pending_count", query=q, count=count)) for pid, q in g.pending_queries.items()
+        ]
+        g.pending_queries.clear()
+        return effects
+
+    def _remove(self, peer_id: int, cause: str, detail: str, now: float) -> list[Effect]:
+        peer = self.peers.pop(peer_id, None)
+        if peer is None:
+            return []
+        self._departed[peer_id] = cause
+        if len(self._departed) > 10000:
+            del self._departed[next(iter(self._departed))]
+        g = self.groups[peer.group]
+        effects: list[Effect] = [Log("leave" if cause == "left" else "evict", {"peer": peer_id, "group": g.id, "cause": cause, "detail": detail})]
+        if peer.phase is Phase.PENDING:
+            g.pending.remove(peer_id)
+            return effects
+        g.votes.discard(peer_id)
+        g.pending_queries.pop(peer_id, None)
+        survivors = [pid for pid in g.ring if pid != peer_id]
+        if survivors:
+            effects += self._new_epoch(g, survivors, f"peer {peer_id} {cause}: {detail}")
+        else:
+            g.ring = []
+            g.epoch += 1
+        # Ops that waited on it can now be decided.
+        for record in list(g.ops.values()):
+            if record.decided is None and peer_id in record.participants:
+                effects += self._decide(g, record, now)
+        effects += self._complete_votes(g)
+        effects += self._complete_pending_queries(g)
+        if not g.ring and g.pending:
+            effects += self._admit_pending(g, "previous peers are gone")
+        return effects
+
+    def _outcome(
+        self, g: Group, key: OpKey, ok: bool, kind: str, msg: str, culprit: int, world: int
+    ) -> protocol.Message:
+        epoch, tag, seq = key
+        return protocol.make(
+            "outcome",
+            epoch=epoch,
+            tag=tag,
+            seq=seq,
+            ok=ok,
+            kind=kind,
+            msg=msg,
+            peer=culprit,
+            next_epoch=g.epoch,
+            world=world,
+        )
+
+    def _decide(self, g: Group, record: OpRecord, now: float, grace_over: bool = False) -> list[Effect]:
+        if record.decided is not None:
+            return []
+        alive = {pid for pid in record.participants if pid in self.peers}
+        gone_unreported = [pid for pid in sorted(record.participants - alive) if pid not in record.reports or not record.reports[pid].ok]
+        failures = {pid: r for pid, r in record.reports.items() if not r.ok}
+        all_reported = alive <= set(record.reports)
+        if gone_unreported:
+            culprit = gone_unreported[0]
+            cause = self._departed.get(culprit, "lost")
+            left = all(self._departed.get(pid) == "left" for pid in gone_unreported) and not failures_root(record)
+            ok, kind, msg = False, "PeerLeft" if left else "PeerLost", f"peer {culprit} {cause} during the op"
+        elif failures:
+            roots = {pid: r for pid, r in failures.items() if r.kind != "PeerLost"}
+            if roots:
+                pid, r = min(roots.items())
+                ok, kind, msg, culprit = False, r.kind, f"peer {pid}: {r.msg}", r.culprit if r.culprit >= 0 else pid
+            elif all_reported or grace_over:
+                pid, r = min(failures.items())
+                ok, kind, msg, culprit = False, "PeerLost", f"peer {pid}: {r.msg}", r.culprit
+            else:
+                return []  # wait for the root cause (tick() decides when the grace ends)
+        elif all_reported:
+            ok, kind, msg, culprit = True, "", "", -1
+        else:
+            return []
+        outcome = self._outcome(g, record.key, ok, kind, msg, culprit, len(record.participants))
+        record.decided = outcome
+        effects: list[Effect] = [
+            Log(
+                "outcome",
+                {
+                    "group": g.id,
+                    "epoch": record.key[0],
+                    "tag": record.key[1],
+                    "seq": record.key[2],
+                    "ok": ok,
+                    "kind": kind,
+                    "participants": sorted(record.participants),
+                },
+            )
+        ]
+        effects += [Send(pid, outcome) for pid in sorted(alive)]
+        return effects
+
+    def _prune_ops(self, g: Group) -> None:
+        # Decided ops are kept only so late reporters learn the outcome: drop those of
+        # old epochs, and the oldest decided ones past the cap.
+        if len(g.ops) <= _MAX_OPS_PER_GROUP and g.pruned_at_epoch == g.epoch:
+            return
+        g.pruned_at_epoch = g.epoch
+        g.ops = {k: r for k, r in g.ops.items() if k[0] > g.epoch - _KEEP_EPOCHS or r.decided is None}
+        excess = len(g.ops) - _MAX_OPS_PER_GROUP // 2
+        if excess > 0:
+            for k in [k for k, r in g.ops.items() if r.decided is not None][:excess]:
+                del g.ops[k]

@@ -1,0 +1,102 @@
+"""Control-plane wire protocol: msgpack maps over ZeroMQ, checked against a schema.
+
+Every message is a map with "t" (its type) and "v" (the protocol version). Decoding
+validates the type, version, and each field's type; anything else raises
+ProtocolError, which the receiver answers with an "error" message or drops. See
+docs/protocol.md for the messages and the state machines.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from pccl_py.errors import ProtocolError
+
+VERSION = 1
+
+Message = dict[str, Any]
+
+# type -> {field: accepted python types}. Extra fields are rejected too.
+_INT = (int,)
+_STR = (str,)
+_BOOL = (bool,)
+_FLOAT = (int, float)
+_LIST = (list,)
+
+SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
+    # peer -> master
+    "hello": {"peer_id": _INT, "group": _INT, "host": _STR, "port": _INT, "name": _STR},
+    "hb": {},
+    "vote": {"epoch": _INT},
+    "pending": {"epoch": _INT, "query": _INT},
+    "op": {"epoch": _INT, "tag": _INT, "seq": _INT, "ok": _BOOL, "kind": _STR, "msg": _STR, "peer": _INT},
+    "leave": {},
+    "status": {},
+    # master -> peer
+    "welcome": {"peer_id": _INT, "heartbeat_interval": _FLOAT, "heartbeat_timeout": _FLOAT, "admitted": _BOOL},
+    "topology": {"epoch": _INT, "ring": _LIST, "reason": _STR, "vote": _BOOL},
+    "pending_count": {"query": _INT, "count": _INT},
+    "outcome": {
+        "epoch": _INT,
+        "tag": _INT,
+        "seq": _INT,
+        "ok": _BOOL,
+        "kind": _STR,
+        "msg": _STR,
+        "peer": _INT,
+        "next_epoch": _INT,
+        "world": _INT,
+    },
+    "evicted": {"reason": _STR},
+    "error": {"code": _STR, "msg": _STR},
+    "status_reply": {"state": (dict,)},
+}
+
+# Failure kinds carried by "op" and "outcome" (names of pccl_py.errors classes).
+# "PeerLeft": the op failed only because a participant left gracefully before taking
+# part; nothing was lost, so the survivors re-run it without telling the caller.
+FAILURE_KINDS = ("", "PeerLost", "PeerLeft", "Timeout", "Aborted", "ProtocolError", "InvalidArgument")
+
+
+def make(msg_type: str, /, **fields: Any) -> Message:
+    msg: Message = {"t": msg_type, "v": VERSION}
+    msg.update(fields)
+    validate(msg)
+    return msg
+
+
+def encode(msg: Message) -> bytes:
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def validate(msg: Any) -> Message:
+    if not isinstance(msg, dict):
+        raise ProtocolError("message is not a map")
+    kind = msg.get("t")
+    if not isinstance(kind, str) or kind not in SCHEMAS:
+        raise ProtocolError(f"unknown message type {kind!r}")
+    if msg.get("v") != VERSION:
+        raise ProtocolError(f"protocol version {msg.get('v')!r} is not supported (this side speaks {VERSION})")
+    schema = SCHEMAS[kind]
+    for name, types in schema.items():
+        if name not in msg:
+            raise ProtocolError(f"{kind}: missing field {name!r}")
+        value = msg[name]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ProtocolError(f"{kind}: field {name!r} has type {type(value).__name__}")
+    extra = set(msg) - set(schema) - {"t", "v"}
+    if extra:
+        raise ProtocolError(f"{kind}: unexpected fields {sorted(extra)}")
+    return msg
+
+
+def decode(data: bytes, max_bytes: int) -> Message:
+    if len(data) > max_bytes:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the {max_bytes}-byte cap")
+    try:
+        msg = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=max_bytes, max_str_len=max_bytes)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"undecodable message: {type(exc).__name__}") from None
+    return validate(msg)
