@@ -29,3 +29,6 @@ bench: install
 
 clean:
 	rm -rf build $(VENV) .pytest_cache
+
+demo: install
+	$(PY) examples/churn_demo.py --seconds 30

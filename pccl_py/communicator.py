@@ -37,7 +37,11 @@ from pccl_py.types import ReduceInfo, ReduceOp
 
 log = logging.getLogger(__name__)
 
-_ATTEMPT_BITS = 8  # engine step = user step << 8 | attempt: each retry is a distinct op
+# Engine step = round << 40 | step << 8 | attempt. The round changes at each topology
+# vote (when every member restarts its step numbering, so joiners line up with the
+# others); the attempt changes at each retry: every attempt is a distinct op.
+_ATTEMPT_BITS = 8
+_STEP_BITS = 32
 _ERRORS: dict[str, type[PcclError]] = {
     "PeerLost": PeerLost,
     "PeerLeft": PeerLost,
@@ -105,6 +109,7 @@ class Communicator:
         self._engine_epoch = -1
         self._seq_lock = threading.Lock()
         self._next_seq: dict[int, int] = {}
+        self._round = 0
         self._pending_query = 0
         self._inflight: dict[OpKey, Any] = {}  # op key -> native handle (guarded by control.cond)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -148,6 +153,7 @@ class Communicator:
             return topo if topo is not None and topo.rank_of(self.peer_id) is not None else None
 
         control.wait(admitted, deadline, "admission by the master")
+        self._start_round()
         self._ensure_ring(deadline)
         self._events.emit("connected", peer=self.peer_id, group=self._group, epoch=self.epoch)
         return self
@@ -205,7 +211,18 @@ class Communicator:
             rounds = control.vote_rounds
         control.send(protocol.make("vote", epoch=self.epoch))
         control.wait(lambda: True if control.vote_rounds > rounds else None, deadline, "the topology vote")
+        self._start_round()
         self._ensure_ring(deadline)
+
+    def _start_round(self) -> None:
+        """Every member restarts its per-tag step numbering at the same point (admission
+        or a completed vote), so peers that joined at different times agree on steps."""
+        control = self._require()
+        with control.cond:
+            new_round = control.round
+        with self._seq_lock:
+            self._round = new_round
+            self._next_seq.clear()
 
     def pending_peers(self, timeout: float | None = None) -> int:
         """Collective: the number of peers waiting for admission, the same on every
@@ -272,8 +289,9 @@ class Communicator:
         if not 0 <= tag < 2**32:
             raise InvalidArgument("tag must be in [0, 2**32)")
         with self._seq_lock:  # steps are numbered in call order, the same on every peer
-            seq = self._next_seq.get(tag, 0)
-            self._next_seq[tag] = seq + 1
+            step = self._next_seq.get(tag, 0)
+            self._next_seq[tag] = step + 1
+            seq = (self._round << _STEP_BITS) | step
         return src, dst, dtype, op, tag, seq
 
     def _run_all_reduce(
@@ -333,7 +351,7 @@ class Communicator:
                 peer=outcome["peer"] if outcome["peer"] >= 0 else None,
                 epoch=key[0],
                 tag=tag,
-                step=seq,
+                step=seq & ((1 << _STEP_BITS) - 1),
             )
             retryable = outcome["kind"] == "PeerLeft" or (retry and outcome["kind"] in _RETRYABLE)
             attempt += 1

@@ -60,6 +60,7 @@ class ControlChannel:
         self.welcome: protocol.Message | None = None
         self.topology: Topology | None = None
         self.vote_rounds = 0
+        self.round = 0  # the group's op-numbering round of the latest admission/vote
         self.outcomes: OrderedDict[OpKey, protocol.Message] = OrderedDict()
         self.pending_answers: dict[int, int] = {}
         self.evicted: str | None = None
@@ -172,6 +173,7 @@ class ControlChannel:
                     self.topology = Topology(msg["epoch"], ring, msg["reason"])
                 if msg["vote"]:
                     self.vote_rounds += 1
+                self.round = max(self.round, msg["round"])
                 # Outcomes of long-gone epochs will never be asked for.
                 for key in [k for k in self.outcomes if k[0] < msg["epoch"] - 4]:
                     del self.outcomes[key]

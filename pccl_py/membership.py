@@ -90,6 +90,7 @@ class Group:
     pending: list[int] = field(default_factory=list)  # admission order
     votes: set[int] = field(default_factory=set)
     pending_queries: dict[int, int] = field(default_factory=dict)  # peer -> query id
+    round: int = 0  # completed topology votes: every member numbers its ops from here
     rings: dict[int, tuple[int, ...]] = field(default_factory=dict)  # recent epochs
     ops: dict[OpKey, OpRecord] = field(default_factory=dict)  # insertion order = age
     pruned_at_epoch: int = 0
@@ -238,7 +239,7 @@ class Membership:
 
     def _ring_message(self, g: Group, reason: str, vote: bool) -> protocol.Message:
         ring = [[pid, self.peers[pid].host, self.peers[pid].port] for pid in g.ring]
-        return protocol.make("topology", epoch=g.epoch, ring=ring, reason=reason, vote=vote)
+        return protocol.make("topology", epoch=g.epoch, ring=ring, reason=reason, vote=vote, round=g.round)
 
     def _new_epoch(self, g: Group, ring: list[int], reason: str, vote: bool = False) -> list[Effect]:
         g.epoch += 1
@@ -252,6 +253,8 @@ class Membership:
         return effects
 
     def _admit_pending(self, g: Group, reason: str, vote: bool = False) -> list[Effect]:
+        if not vote:
+            g.round += 1  # admitted without a vote (empty group): still a fresh numbering
         joiners = list(g.pending)
         g.pending.clear()
         for pid in joiners:
@@ -263,6 +266,7 @@ class Membership:
         if not g.ring or not set(g.ring) <= g.votes:
             return []
         g.votes.clear()
+        g.round += 1
         if g.pending:
             return self._admit_pending(g, "topology update admitted pending peers", vote=True)
         # Nothing changes: everyone goes on in the current epoch.

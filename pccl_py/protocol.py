@@ -36,7 +36,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "status": {},
     # master -> peer
     "welcome": {"peer_id": _INT, "heartbeat_interval": _FLOAT, "heartbeat_timeout": _FLOAT, "admitted": _BOOL},
-    "topology": {"epoch": _INT, "ring": _LIST, "reason": _STR, "vote": _BOOL},
+    "topology": {"epoch": _INT, "ring": _LIST, "reason": _STR, "vote": _BOOL, "round": _INT},
     "pending_count": {"query": _INT, "count": _INT},
     "outcome": {
         "epoch": _INT,

@@ -51,18 +51,29 @@ def allreduce_worker(
     config: dict[str, Any] | None = None,
     group: int = 0,
     pause: float = 0.0,
+    admit_every: int = 0,
 ) -> None:
     """Connects, waits for `world` peers, then runs back-to-back SUM all-reduces of
     float32 vectors filled with (index + 1). Reports one record per op:
     {"index", "op", "ok", "t_end", "world", "value", "error"} where value is the first
-    element of the result; on failure the input is checked to be intact."""
+    element of the result; on failure the input is checked to be intact.
+
+    With admit_every=k, every k ops the peers let pending joiners in (pending_peers(),
+    then update_topology()), as a training loop would; a joiner's first op lines up
+    with the others' first op after that vote."""
     comm = Communicator(master, group=group, config=Config(**(config or {})), name=f"worker-{index}")
     try:
         comm.connect(timeout=60)
         join_group(comm, world, timeout=60)
         out.put({"index": index, "event": "ready", "pid": os.getpid(), "peer": comm.peer_id})
         x = np.empty(elements, np.float32)
+        since_vote = 0
         for op in range(iterations):
+            if admit_every and since_vote > 0 and since_vote % admit_every == 0 and comm.pending_peers(timeout=60) > 0:
+                comm.update_topology(timeout=60)
+                since_vote = 0
+                out.put({"index": index, "event": "topology", "world": comm.world_size, "epoch": comm.epoch})
+            since_vote += 1
             x.fill(index + 1)
             record: Record = {"index": index, "op": op}
             try:

@@ -1,0 +1,1 @@
+"""Fault-injection measurements and (later) the churn stress harness."""
