@@ -177,12 +177,14 @@ class EngineRing:
         op: nat.ReduceOp,
         *,
         tag: int = 0,
+        seq: int | None = None,
         op_timeout: float | None = 30.0,
         timeout: float | None = None,
     ) -> list[Outcome]:
-        """One all-reduce on every rank (fresh seq for `tag`). Each Outcome's value is
-        (tx_bytes, rx_bytes, key) on success."""
-        seq = self.next_seq(tag)
+        """One all-reduce on every rank, with `seq` (default: a fresh seq for `tag`).
+        Each Outcome's value is (tx_bytes, rx_bytes, key) on success."""
+        if seq is None:
+            seq = self.next_seq(tag)
 
         def fn(r: int, e: nat.Engine) -> tuple[int, int, tuple[int, int, int]]:
             h = e.all_reduce(inputs[r], outputs[r], dtype, op, tag=tag, seq=seq, timeout=op_timeout)
@@ -387,7 +389,9 @@ def crc(x: Any) -> int:
 # ---------------------------------------------------------------- multi-process peer
 
 
-def kill_test_peer(rank: int, peer_id: int, count: int, seed: int, results: Any, control: Any) -> None:
+def kill_test_peer(
+    rank: int, peer_id: int, count: int, seed: int, results: Any, control: Any, stop_after_post: float | None = None
+) -> None:
     """A peer process of the SIGKILL test (started with the 'spawn' method).
 
     Protocol with the parent (results: a multiprocessing Queue shared by all peers;
@@ -399,7 +403,15 @@ def kill_test_peer(rank: int, peer_id: int, count: int, seed: int, results: Any,
     t are time.monotonic() stamps (system-wide on Linux, comparable across processes).
     The all-reduce is in place, so `intact` (input checksum unchanged) checks that a
     failed op left the caller's buffer alone.
+
+    With stop_after_post (the victim), the peer lets its op run that many seconds and
+    then SIGSTOPs itself in the middle of it (reporting ("too-fast", rank) instead if
+    the op had already finished), so the parent can SIGKILL it mid-op without racing
+    the op's completion.
     """
+    import os
+    import signal
+
     from pccl_py.errors import PcclError
 
     engine = None
@@ -417,6 +429,12 @@ def kill_test_peer(rank: int, peer_id: int, count: int, seed: int, results: Any,
             return
         h = engine.all_reduce(x, x, DT.FLOAT32, OP.SUM, tag=0, seq=0, timeout=60.0)
         results.put(("posted", rank, time.monotonic()))
+        if stop_after_post is not None:
+            time.sleep(stop_after_post)
+            if h.done():
+                results.put(("too-fast", rank, time.monotonic()))
+            else:
+                os.kill(os.getpid(), signal.SIGSTOP)  # the parent SIGKILLs us while stopped
         try:
             h.result()
             results.put(("ok", rank, time.monotonic(), crc(x) == before))

@@ -29,7 +29,6 @@ from engine_harness import (
     EngineRing,
     HarnessTimeout,
     bf16_to_f32,
-    bits,
     chunk_bounds,
     crc,
     describe,
@@ -39,6 +38,7 @@ from engine_harness import (
     mismatch_report,
     reduce_step,
     reference_allreduce,
+    run_ring,
 )
 from pccl_py import _native as nat
 from pccl_py._buffers import native_view
@@ -48,7 +48,7 @@ NS = [1, 2, 3, 4, 8]
 BIG = 2**20 + 3
 HUGE = 2**24
 OP_TIMEOUT = 10.0  # per op; a 2**20-element op takes well under 0.5 s here
-HUGE_OP_TIMEOUT = 60.0
+HUGE_OP_TIMEOUT = 20.0
 
 NATIVE_TO_NAME = {spec[0]: name for name, spec in DTYPES.items()}
 
@@ -113,11 +113,11 @@ def check_allreduce(
             inputs.append(data[r])
             outputs.append(out)
     what = f"N={n} {dtype_name} {op_name} count={count} in_place={in_place}"
+    seq = ring.next_seq(tag)
     try:
-        outcomes = ring.all_reduce(inputs, outputs, native, OPS[op_name], tag=tag, op_timeout=op_timeout)
+        outcomes = ring.all_reduce(inputs, outputs, native, OPS[op_name], tag=tag, seq=seq, op_timeout=op_timeout)
     except HarnessTimeout as e:
         return f"{what}: harness timeout: {e}", True
-    seq = ring._seq[tag] - 1
     problems = []
     # Inputs are never written unless the op succeeded and was in place.
     for r in range(n):
@@ -184,8 +184,9 @@ def test_allreduce_every_op_matches_reference(get_ring, n, dtype_name):
 
 @pytest.mark.parametrize("dtype_name,op_name", [("float32", "SUM"), ("int32", "MAX")])
 @pytest.mark.parametrize("n", NS)
-def test_allreduce_16m_elements(get_ring, n, dtype_name, op_name):
-    ring = get_ring(n)
+def test_allreduce_16m_elements(n, dtype_name, op_name):
+    """64 MiB per peer. A ring of its own, closed at the end, so the engines' scratch
+    buffers (64 MiB per in-place rank) do not outlive the test."""
     rng = np.random.default_rng(seed_of("huge", n, dtype_name))
     if dtype_name == "float32":
         data = [rng.standard_normal(HUGE, dtype=np.float32) for _ in range(n)]
@@ -193,7 +194,8 @@ def test_allreduce_16m_elements(get_ring, n, dtype_name, op_name):
         data = [make_data(dtype_name, HUGE, rng) for _ in range(n)]
     for x in data:
         x.flags.writeable = False
-    problem, _ = check_allreduce(ring, data, dtype_name, op_name, n % 2, op_timeout=HUGE_OP_TIMEOUT)
+    with EngineRing(n) as ring:
+        problem, _ = check_allreduce(ring, data, dtype_name, op_name, n % 2, op_timeout=HUGE_OP_TIMEOUT)
     assert not problem, problem
 
 
@@ -323,15 +325,14 @@ def test_allreduce_late_poster_with_small_mailbox():
     rng = np.random.default_rng(3)
     data = [make_data("float32", count, rng) for _ in range(n)]
     outs = [np.empty_like(x) for x in data]
-    with EngineRing(n, mailbox_limit_bytes=1 << 20) as ring:
 
-        def fn(r, e):
-            if r == 2:
-                time.sleep(0.3)
-            h = e.all_reduce(data[r], outs[r], DT.FLOAT32, OP.SUM, tag=0, seq=0, timeout=20.0)
-            h.result()
+    def fn(r, e):
+        if r == 2:
+            time.sleep(0.3)
+        h = e.all_reduce(data[r], outs[r], DT.FLOAT32, OP.SUM, tag=0, seq=0, timeout=20.0)
+        h.result()
 
-        outcomes = ring.run(fn, timeout=40.0)
+    outcomes = run_ring(n, fn, timeout=40.0, mailbox_limit_bytes=1 << 20)
     assert all(o.ok for o in outcomes), describe(outcomes)
     want = reference_allreduce(data, "float32", "SUM")
     for r in range(n):
@@ -341,7 +342,8 @@ def test_allreduce_late_poster_with_small_mailbox():
 # ---------------------------------------------------------------- a frame straddling the post
 
 # Wire format (native/include/pccl/wire.hpp), spoken here by a fake peer.
-_HELLO_MAGIC, _FRAME_MAGIC = 0x53484350, 0x46444350
+_HELLO, _HELLO_ACK, _HEADER = struct.Struct("<IIQQII"), struct.Struct("<IIQ"), struct.Struct("<IBBHIIQQQQ")
+_HELLO_MAGIC, _FRAME_MAGIC = nat.HELLO_MAGIC, nat.FRAME_MAGIC
 
 
 def _digest(count: int, dtype: int, op: int, world: int) -> int:
@@ -354,7 +356,7 @@ def _digest(count: int, dtype: int, op: int, world: int) -> int:
 
 
 def _frame(phase: int, length: int, digest: int, offset: int, *, epoch=1, tag=0, seq=0) -> bytes:
-    return struct.pack("<IBBHIIQQQQ", _FRAME_MAGIC, 1, phase, 0, length, digest, epoch, tag, seq, offset)
+    return _HEADER.pack(_FRAME_MAGIC, 1, phase, 0, length, digest, epoch, tag, seq, offset)
 
 
 def _recv_exact(s: socket.socket, n: int) -> bytes:
@@ -374,6 +376,7 @@ def test_frame_arriving_across_op_post_is_delivered(split):
     entirely after the post: in both cases the op must complete with the right result.
     (Frames that arrive before the post wait in the mailbox; one that is half read at
     the moment of the post must still reach the op.)"""
+    assert (_HELLO.size, _HELLO_ACK.size, _HEADER.size) == (nat.HELLO_SIZE, nat.HELLO_ACK_SIZE, nat.FRAME_HEADER_SIZE)
     count = 8
     engine = nat.Engine(peer_id=1000, host=HOST, port=0)
     lst = socket.socket()
@@ -388,8 +391,8 @@ def test_frame_arriving_across_op_post_is_delivered(split):
         def accept_and_drain():
             c, _ = lst.accept()
             c.settimeout(10)
-            _recv_exact(c, 32)  # Hello
-            c.sendall(struct.pack("<IIQ", _HELLO_MAGIC, 0, 2000))  # HelloAck: ok, peer 2000
+            _recv_exact(c, _HELLO.size)
+            c.sendall(_HELLO_ACK.pack(_HELLO_MAGIC, 0, 2000))  # status ok, peer 2000
             try:
                 while True:
                     b = c.recv(1 << 16)
@@ -405,19 +408,19 @@ def test_frame_arriving_across_op_post_is_delivered(split):
         t.start()
         engine.set_ring(1, [(1000, HOST, engine.port), (2000, HOST, fake_port)], 0, timeout=5.0)
         peer_sock = socket.create_connection((HOST, engine.port), timeout=10)
-        peer_sock.sendall(struct.pack("<IIQQII", _HELLO_MAGIC, 1, 2000, 1, 0, 1))
-        _recv_exact(peer_sock, 16)
+        peer_sock.sendall(_HELLO.pack(_HELLO_MAGIC, nat.PROTOCOL_VERSION, 2000, 1, 0, 1))
+        _recv_exact(peer_sock, _HELLO_ACK.size)
         dig = _digest(count, int(DT.FLOAT32), int(OP.SUM), 2)
         x = np.arange(count, dtype=np.float32)
         out = np.zeros_like(x)
         partial = np.full(4, 100.0, np.float32).tobytes()  # the fake peer's half (chunk 1)
         rs = _frame(0, 16, dig, 16) + partial  # reduce-scatter of chunk 1, owned by this peer
         if split:
-            peer_sock.sendall(rs[: 48 + 8])
+            peer_sock.sendall(rs[: _HEADER.size + 8])
             time.sleep(0.3)  # let the engine read the header and half the payload
         h = engine.all_reduce(x, out, DT.FLOAT32, OP.SUM, tag=0, seq=0, timeout=3.0)
         time.sleep(0.3)
-        peer_sock.sendall(rs[48 + 8 :] if split else rs)
+        peer_sock.sendall(rs[_HEADER.size + 8 :] if split else rs)
         peer_sock.sendall(_frame(1, 16, dig, 0) + np.full(4, 7.0, np.float32).tobytes())  # all-gather, chunk 0
         try:
             h.result()

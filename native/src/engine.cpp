@@ -57,7 +57,7 @@ struct Engine::MailFrame {
 };
 
 struct Engine::Connection {
-  enum class Sink { kNone, kOp, kMailbox, kDiscard };
+  enum class Sink { kNone, kOp, kMailbox, kDiscard, kControl };
 
   Fd fd;
   uint64_t peer = kNoPeer;
@@ -378,16 +378,10 @@ void Engine::run() {
       auto* c = static_cast<Connection*>(tagPtr);
       if (c->dead) continue;
       const uint32_t ev = events[i].events;
-      if (ev & EPOLLERR) {
-        int err = 0;
-        socklen_t len = sizeof(err);
-        ::getsockopt(c->fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
-        closeConnection(c, ErrorKind::kPeerLost,
-                        "connection to peer " + std::to_string(c->peer) + " failed: " + std::strerror(err), false);
-        continue;
-      }
-      if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP)) {
-        if (c->paused && (ev & (EPOLLRDHUP | EPOLLHUP))) {
+      // On errors and hang-ups, read first: frames queued before a reset (an abort
+      // with its reason, say) are still delivered; recv() reports the error after them.
+      if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+        if (c->paused && (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))) {
           closeConnection(c, ErrorKind::kPeerLost, "peer " + std::to_string(c->peer) + " closed the connection", false);
           continue;
         }
@@ -520,6 +514,7 @@ void Engine::onReadable(Connection* c) {
           want = left;
           break;
         case Connection::Sink::kMailbox:
+        case Connection::Sink::kControl:
           target = c->mail.data() + c->payloadGot;
           want = left;
           break;
@@ -554,9 +549,10 @@ void Engine::onReadable(Connection* c) {
 void Engine::dispatchHeader(Connection* c) {
   const FrameHeader& h = c->header;
   const bool data = h.type == static_cast<uint8_t>(FrameType::kData);
+  const bool goodbye = h.type == static_cast<uint8_t>(FrameType::kGoodbye);
+  const bool abort = h.type == static_cast<uint8_t>(FrameType::kAbort);
   if (h.magic != kFrameMagic || h.length > kMaxFramePayload || (data && h.length == 0) ||
-      (!data && h.length != 0) ||
-      (h.type != static_cast<uint8_t>(FrameType::kData) && h.type != static_cast<uint8_t>(FrameType::kGoodbye))) {
+      (goodbye && h.length != 0) || (abort && h.length > kMaxAbortReason) || !(data || goodbye || abort)) {
     closeConnection(c, ErrorKind::kProtocol, "malformed frame from peer " + std::to_string(c->peer), false);
     return;
   }
@@ -564,6 +560,12 @@ void Engine::dispatchHeader(Connection* c) {
   if (h.type == static_cast<uint8_t>(FrameType::kGoodbye)) {
     c->goodbye = true;
     c->headerGot = 0;
+    return;
+  }
+  if (abort) {
+    c->mail.resize(h.length);
+    c->sink = Connection::Sink::kControl;
+    if (h.length == 0) onFrameComplete(c);
     return;
   }
   if (h.epoch != c->epoch) {
@@ -592,7 +594,25 @@ void Engine::dispatchHeader(Connection* c) {
       stale = stale || frameBefore(h, it->second->key());
     } else {
       auto done = lastDoneByTag_.find(h.tag);
-      stale = stale || (done != lastDoneByTag_.end() && !keyBefore(done->second, h));
+      if (done != lastDoneByTag_.end() && sameKey(done->second.key, h) && done->second.digest != h.digest) {
+        // Our side of this op already finished (e.g. with nothing to send), but the
+        // sender's op has another shape: it would wait forever. Tell it why.
+        const std::string why = "peers disagree on the all-reduce: peer " + std::to_string(options_.peerId) +
+                                " ran it with a different element count, dtype, operator or world size";
+        struct Shape : Collective {
+          explicit Shape(OpKey k) : Collective(k, 1) {}
+          void start(FrameSink&) override {}
+          uint8_t* receiveTarget(uint64_t, const FrameHeader&) override { return nullptr; }
+          void onReceived(FrameSink&, const FrameHeader&) override {}
+          bool complete() const override { return false; }
+          bool involves(uint64_t) const override { return false; }
+          void forEachPeer(void (*)(void*, uint64_t), void*) const override {}
+        } shape(done->second.key);
+        sendAbort(c, shape, ErrorKind::kProtocol, why);
+        closeConnection(c, ErrorKind::kProtocol, why, /*quiet=*/true);
+        return;
+      }
+      stale = stale || (done != lastDoneByTag_.end() && !keyBefore(done->second.key, h));
     }
     if (stale) {
       c->sink = Connection::Sink::kDiscard;
@@ -629,6 +649,10 @@ void Engine::onFrameComplete(Connection* c) {
       }
       finishIfComplete(op.get());
     }
+  } else if (sink == Connection::Sink::kControl) {
+    std::string reason(c->mail.begin(), c->mail.end());
+    c->mail = {};
+    onAbortFrame(c, h, reason);
   } else if (sink == Connection::Sink::kMailbox) {
     MailFrame frame{h, c->peer, std::move(c->mail)};
     c->mail = {};
@@ -791,6 +815,13 @@ void Engine::startOp(const std::shared_ptr<AllReduceRing>& op) {
     return;
   }
   activeByTag_[tag] = op;
+  for (const Tombstone& t : tombstones_) {
+    const OpKey& k = op->key();
+    if (t.key.epoch == k.epoch && t.key.tag == k.tag && t.key.seq == k.seq) {
+      failOp(op.get(), t.kind, "peer " + std::to_string(t.peer) + " failed this op: " + t.reason, t.peer);
+      return;
+    }
+  }
   Sink frames(this);
   try {
     op->start(frames);
@@ -838,8 +869,8 @@ void Engine::retire(Collective* op) {
   if (it != activeByTag_.end() && it->second.get() == op) {
     // A successful deferred op keeps its scratch (the result) until settle().
     if (!(op->state() == OpState::kSucceeded && it->second->holdsResult())) giveScratch(it->second->releaseScratch());
+    lastDoneByTag_[tag] = Finished{op->key(), it->second->shapeDigest()};
     activeByTag_.erase(it);
-    lastDoneByTag_[tag] = op->key();
   }
 }
 
@@ -851,15 +882,59 @@ void Engine::failOp(Collective* op, ErrorKind kind, const std::string& message, 
   // Poison: the neighbours' streams may hold frames of this op mid-flight.
   struct Ctx {
     Engine* self;
-    uint64_t epoch;
-    std::string why;
-  } ctx{this, op->key().epoch, "op failed: " + message};
+    Collective* op;
+    ErrorKind kind;
+    std::string message;
+  } ctx{this, op, kind, message};
   op->forEachPeer(
       [](void* p, uint64_t id) {
         auto* x = static_cast<Ctx*>(p);
-        x->self->closePeer(id, x->epoch, ErrorKind::kPeerLost, x->why);
+        // Tell the neighbour which op failed and why (where the stream allows it), then
+        // close: a neighbour that posts the op later fails at once with the reason.
+        for (auto& [fd, c] : x->self->connections_) {
+          if (c->peer == id && !c->dead && !c->handshaking && c->epoch == x->op->key().epoch) {
+            x->self->sendAbort(c.get(), *x->op, x->kind, x->message);
+          }
+        }
+        x->self->closePeer(id, x->op->key().epoch, ErrorKind::kPeerLost, "op failed: " + x->message);
       },
       &ctx);
+}
+
+void Engine::sendAbort(Connection* c, const Collective& op, ErrorKind kind, const std::string& reason) {
+  if (c->headSent != 0) return;  // a frame is half on the wire: only EOF can follow
+  c->sendq.clear();
+  std::string text = reason.substr(0, kMaxAbortReason);
+  FrameHeader h{};
+  h.magic = kFrameMagic;
+  h.type = static_cast<uint8_t>(FrameType::kAbort);
+  h.phase = static_cast<uint8_t>(kind);
+  h.length = static_cast<uint32_t>(text.size());
+  h.epoch = op.key().epoch;
+  h.tag = op.key().tag;
+  h.seq = op.key().seq;
+  iovec iov[2] = {{&h, sizeof(h)}, {text.data(), text.size()}};
+  msghdr msg{};
+  msg.msg_iov = iov;
+  msg.msg_iovlen = 2;
+  ssize_t w = ::sendmsg(c->fd.get(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+  (void)w;  // best effort: the close that follows is the signal that always arrives
+}
+
+void Engine::onAbortFrame(Connection* c, const FrameHeader& h, const std::string& reason) {
+  c->goodbye = true;  // the EOF that follows is this abort, not a crash
+  ErrorKind kind = h.phase <= static_cast<uint8_t>(ErrorKind::kInvalid) ? static_cast<ErrorKind>(h.phase)
+                                                                         : ErrorKind::kProtocol;
+  // A neighbour's timeout or abort reaches us as a lost peer; a shape mismatch stays one.
+  if (kind != ErrorKind::kProtocol) kind = ErrorKind::kPeerLost;
+  OpKey key{h.epoch, h.tag, h.seq};
+  tombstones_.push_back(Tombstone{key, kind, reason, c->peer});
+  while (tombstones_.size() > 1024) tombstones_.pop_front();
+  auto it = activeByTag_.find(h.tag);
+  if (it != activeByTag_.end() && sameKey(it->second->key(), h)) {
+    auto op = it->second;
+    failOp(op.get(), kind, "peer " + std::to_string(c->peer) + " failed this op: " + reason, c->peer);
+  }
 }
 
 void Engine::checkDeadlines() {

@@ -72,6 +72,7 @@ class AllReduceRing final : public Collective {
 
   ScratchBuffer releaseScratch() { return std::move(scratch_); }
   bool inPlace() const { return inPlace_; }
+  uint32_t shapeDigest() const { return digest_; }
   bool holdsResult() const { return inPlace_ && options_.deferCommit && nbytes_ > 0 && ring_.size > 1; }
   // Copies the held result into the caller's buffer (deferred in-place ops).
   void commitResult();

@@ -133,6 +133,8 @@ class Engine {
   void closePeer(uint64_t peer, uint64_t maxEpoch, ErrorKind kind, const std::string& reason);
   void flushDirty();
   void sendGoodbye(Connection* c);
+  void sendAbort(Connection* c, const Collective& op, ErrorKind kind, const std::string& reason);
+  void onAbortFrame(Connection* c, const FrameHeader& h, const std::string& reason);
   void startOp(const std::shared_ptr<AllReduceRing>& op);
   void failOp(Collective* op, ErrorKind kind, const std::string& message, uint64_t peer);
   void finishIfComplete(Collective* op);
@@ -167,7 +169,19 @@ class Engine {
   std::unordered_map<int, std::unique_ptr<Connection>> connections_;
   std::unordered_map<PoolKey, std::vector<Connection*>, PoolKeyHash> outgoing_;
   std::unordered_map<uint64_t, std::shared_ptr<AllReduceRing>> activeByTag_;
-  std::unordered_map<uint64_t, OpKey> lastDoneByTag_;
+  struct Finished {
+    OpKey key;
+    uint32_t digest;
+  };
+  std::unordered_map<uint64_t, Finished> lastDoneByTag_;
+  // Ops a neighbour told us it failed (kAbort): a later post of one fails at once.
+  struct Tombstone {
+    OpKey key;
+    ErrorKind kind;
+    std::string reason;
+    uint64_t peer;
+  };
+  std::deque<Tombstone> tombstones_;
   std::unordered_map<uint64_t, std::deque<MailFrame>> mailbox_;
   size_t mailboxBytes_ = 0;
   std::vector<uint8_t> discard_;

@@ -36,7 +36,10 @@ struct HelloAck {
 static_assert(sizeof(HelloAck) == 16, "HelloAck is 16 bytes on the wire");
 
 // kGoodbye (no payload) announces an orderly close: the EOF that follows is not a crash.
-enum class FrameType : uint8_t { kData = 1, kGoodbye = 2 };
+// kAbort names an op (epoch, tag, seq) the sender failed, with the reason as payload
+// (phase carries the error kind); the sender closes the connection next.
+enum class FrameType : uint8_t { kData = 1, kGoodbye = 2, kAbort = 3 };
+constexpr uint32_t kMaxAbortReason = 1024;
 
 // Phases of a ring collective.
 enum class Phase : uint8_t { kReduceScatter = 0, kAllGather = 1 };
