@@ -153,7 +153,7 @@ class ControlChannel:
             data = await sock.recv()
             try:
                 msg = protocol.decode(data, self._config.max_message_bytes)
-            except ProtocolError as exc:
+            except Exception as exc:  # whatever sits at the master's address, this thread lives on
                 log.warning("dropped a bad message from the master: %s", exc)
                 continue
             try:

@@ -174,6 +174,11 @@ class Membership:
                     g, key, False, "Aborted", f"epoch {epoch} is not current (group is at {g.epoch})", -1, 0
                 )
                 return [Send(peer.id, outcome)]
+            if peer.id not in participants:
+                outcome = self._outcome(
+                    g, key, False, "ProtocolError", f"peer {peer.id} is not in the ring of epoch {epoch}", -1, 0
+                )
+                return [Send(peer.id, outcome)]
             record = OpRecord(key, frozenset(participants))
             g.ops[key] = record
             self._prune_ops(g)
@@ -311,6 +316,8 @@ class Membership:
         effects += self._complete_pending_queries(g)
         if not g.ring and g.pending:
             effects += self._admit_pending(g, "previous peers are gone")
+        if not g.ring and not g.pending:
+            del self.groups[g.id]  # nothing left to remember; a new group starts afresh
         return effects
 
     def _outcome(
@@ -381,7 +388,9 @@ class Membership:
         if len(g.ops) <= _MAX_OPS_PER_GROUP and g.pruned_at_epoch == g.epoch:
             return
         g.pruned_at_epoch = g.epoch
-        g.ops = {k: r for k, r in g.ops.items() if k[0] > g.epoch - _KEEP_EPOCHS or r.decided is None}
+        # Undecided ops of old epochs go too: their ring is forgotten, so a late
+        # reporter is told the epoch is not current.
+        g.ops = {k: r for k, r in g.ops.items() if k[0] > g.epoch - _KEEP_EPOCHS}
         excess = len(g.ops) - _MAX_OPS_PER_GROUP // 2
         if excess > 0:
             for k in [k for k, r in g.ops.items() if r.decided is not None][:excess]:

@@ -77,8 +77,9 @@ def validate(msg: Any) -> Message:
     kind = msg.get("t")
     if not isinstance(kind, str) or kind not in SCHEMAS:
         raise ProtocolError(f"unknown message type {kind!r}")
-    if msg.get("v") != VERSION:
-        raise ProtocolError(f"protocol version {msg.get('v')!r} is not supported (this side speaks {VERSION})")
+    version = msg.get("v")
+    if type(version) is not int or version != VERSION:
+        raise ProtocolError(f"protocol version {version!r} is not supported (this side speaks {VERSION})")
     schema = SCHEMAS[kind]
     for name, types in schema.items():
         if name not in msg:
@@ -88,7 +89,7 @@ def validate(msg: Any) -> Message:
             raise ProtocolError(f"{kind}: field {name!r} has type {type(value).__name__}")
     extra = set(msg) - set(schema) - {"t", "v"}
     if extra:
-        raise ProtocolError(f"{kind}: unexpected fields {sorted(extra)}")
+        raise ProtocolError(f"{kind}: unexpected fields {sorted(map(repr, extra))}")
     return msg
 
 
