@@ -97,6 +97,71 @@ class AllReduceHandle {
   std::unique_ptr<BufferView> output_;
 };
 
+// Exposed shared state: holds the buffers until close() (or destruction) withdraws them.
+class StateExposure {
+ public:
+  StateExposure(std::shared_ptr<Engine> engine, uint64_t id, std::vector<std::unique_ptr<BufferView>> views)
+      : engine_(std::move(engine)), id_(id), views_(std::move(views)) {}
+  ~StateExposure() {
+    py::gil_scoped_release release;
+    closeNoGil();
+  }
+  uint64_t close() {
+    py::gil_scoped_release release;
+    return closeNoGil();
+  }
+  uint64_t id() const { return id_; }
+
+ private:
+  uint64_t closeNoGil() {
+    if (open_) {
+      open_ = false;
+      served_ = engine_->unexposeState(id_);
+    }
+    return served_;
+  }
+  std::shared_ptr<Engine> engine_;
+  uint64_t id_;
+  std::vector<std::unique_ptr<BufferView>> views_;
+  bool open_ = true;
+  uint64_t served_ = 0;
+};
+
+class FetchHandle {
+ public:
+  FetchHandle(std::shared_ptr<Engine> engine, std::shared_ptr<StateFetch> op, std::vector<std::unique_ptr<BufferView>> views)
+      : engine_(std::move(engine)), op_(std::move(op)), views_(std::move(views)) {}
+  ~FetchHandle() {
+    py::gil_scoped_release release;
+    if (!op_->done()) {
+      engine_->abort(op_, "handle dropped before the fetch finished");
+      op_->wait(-1);
+    }
+  }
+  bool wait(std::optional<double> timeout) {
+    py::gil_scoped_release release;
+    return op_->wait(toSeconds(timeout));
+  }
+  void result(std::optional<double> timeout) {
+    bool finished;
+    {
+      py::gil_scoped_release release;
+      finished = op_->wait(toSeconds(timeout));
+    }
+    if (!finished) throw TimeoutError("wait timed out; the fetch is still running");
+    op_->rethrow();
+  }
+  bool done() const { return op_->done(); }
+  void abort(const std::string& reason) { engine_->abort(op_, reason); }
+  uint64_t rxBytes() const { return op_->rxBytes(); }
+  uint64_t source() const { return op_->source(); }
+
+ private:
+  std::shared_ptr<Engine> engine_;
+  std::shared_ptr<StateFetch> op_;
+  std::vector<std::unique_ptr<BufferView>> views_;
+};
+
 void raise(const char* className, const std::string& message, std::optional<uint64_t> peer) {
   py::object errors = py::module_::import("pccl_py.errors");
   py::object cls = errors.attr(className);
@@ -170,6 +235,18 @@ PYBIND11_MODULE(_native, m) {
       .def_property_readonly("tx_bytes", &AllReduceHandle::txBytes)
       .def_property_readonly("rx_bytes", &AllReduceHandle::rxBytes)
       .def_property_readonly("key", &AllReduceHandle::key);
+
+  py::class_<StateExposure>(m, "StateExposure")
+      .def_property_readonly("id", &StateExposure::id)
+      .def("close", &StateExposure::close, "Stop serving; returns the bytes served.");
+
+  py::class_<FetchHandle>(m, "FetchHandle")
+      .def("wait", &FetchHandle::wait, py::arg("timeout") = py::none())
+      .def("result", &FetchHandle::result, py::arg("timeout") = py::none())
+      .def("done", &FetchHandle::done)
+      .def("abort", &FetchHandle::abort, py::arg("reason") = "aborted by caller")
+      .def_property_readonly("rx_bytes", &FetchHandle::rxBytes)
+      .def_property_readonly("source", &FetchHandle::source);
 
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
       .def(py::init([](uint64_t peerId, const std::string& host, uint16_t port, int connectionsPerPeer,
@@ -254,6 +331,51 @@ PYBIND11_MODULE(_native, m) {
           },
           py::arg("timeout") = py::none())
       .def("live_connections", &Engine::liveConnections, py::arg("peer"), py::arg("epoch"))
+      .def(
+          "expose_state",
+          [](const std::shared_ptr<Engine>& e, const py::list& buffers) {
+            std::vector<std::unique_ptr<BufferView>> views;
+            std::vector<StateRegion> regions;
+            for (py::handle b : buffers) {
+              views.push_back(std::make_unique<BufferView>(b, /*writable=*/false));
+              regions.push_back(StateRegion{static_cast<const uint8_t*>(views.back()->data()), views.back()->size()});
+            }
+            uint64_t id;
+            {
+              py::gil_scoped_release release;
+              id = e->exposeState(std::move(regions));
+            }
+            return std::make_unique<StateExposure>(e, id, std::move(views));
+          },
+          py::arg("buffers"), "Serve these buffers (entry i = buffers[i]) to fetching peers until close().")
+      .def(
+          "fetch_state",
+          [](const std::shared_ptr<Engine>& e, uint64_t sourceId, const std::string& host, uint16_t port,
+             uint64_t exposure, const py::list& dsts,
+             const std::vector<std::tuple<uint32_t, uint64_t, uint64_t, size_t, uint64_t>>& chunks,
+             std::optional<double> timeout) {
+            std::vector<std::unique_ptr<BufferView>> views;
+            for (py::handle d : dsts) views.push_back(std::make_unique<BufferView>(d, /*writable=*/true));
+            std::vector<FetchChunk> plan;
+            for (const auto& [entry, offset, length, dst, dstOffset] : chunks) {
+              if (dst >= views.size() || dstOffset > views[dst]->size() || length > views[dst]->size() - dstOffset) {
+                throw InvalidArgument("fetch chunk does not fit its destination buffer");
+              }
+              plan.push_back(FetchChunk{entry, offset, length, static_cast<uint8_t*>(views[dst]->data()) + dstOffset});
+            }
+            std::shared_ptr<StateFetch> op;
+            {
+              py::gil_scoped_release release;
+              op = e->fetchState(PeerAddress{sourceId, host, port}, exposure, std::move(plan), toSeconds(timeout));
+            }
+            return std::make_unique<FetchHandle>(e, std::move(op), std::move(views));
+          },
+          py::arg("source"), py::arg("host"), py::arg("port"), py::arg("exposure"), py::arg("dsts"),
+          py::arg("chunks"), py::arg("timeout") = py::none(),
+          "Fetch (entry, offset, length, dst index, dst offset) chunks of a peer's exposure into dsts.")
+      .def(
+          "inject_fault", [](Engine& e, const std::string& kind, int count) { e.injectFault(kind, count); },
+          py::arg("kind"), py::arg("count") = 1, "Test-only: 'corrupt_state' flips a byte in the next served chunks.")
       .def("close", [](Engine& e) {
         py::gil_scoped_release release;
         e.close();

@@ -47,7 +47,9 @@ uint64_t peerOf(const Error& e) {
 struct Engine::SendItem {
   FrameHeader header;
   const uint8_t* data;
-  std::shared_ptr<Collective> op;  // null for control frames
+  std::shared_ptr<Collective> op;  // null for control frames and state answers
+  uint64_t exposure = 0;           // state answers: the exposure `data` points into
+  std::shared_ptr<std::string> hold = nullptr;  // owns `data` when the engine made it
 };
 
 struct Engine::MailFrame {
@@ -76,7 +78,7 @@ struct Engine::Connection {
   FrameHeader header{};
   size_t headerGot = 0;
   Sink sink = Sink::kNone;
-  std::shared_ptr<AllReduceRing> rxOp;
+  std::shared_ptr<Collective> rxOp;
   uint8_t* dst = nullptr;
   std::vector<uint8_t> mail;
   size_t payloadGot = 0;
@@ -98,7 +100,7 @@ class Engine::Sink : public FrameSink {
                           peer);
     }
     Connection* c = it->second[stripe % it->second.size()];
-    c->sendq.push_back(SendItem{header, data, op->shared_from_this()});
+    c->sendq.push_back(SendItem{header, data, op->shared_from_this(), 0, nullptr});
     if (!c->dirty) {
       c->dirty = true;
       engine_->dirty_.push_back(c);
@@ -210,7 +212,7 @@ void Engine::ensureConnected(const PeerAddress& peer, uint64_t epoch, double tim
     if (it != liveOutgoing_.end() && it->second > 0) {
       // A partial pool (some connections broke): rebuild it whole.
       commands_.push_back([this, id = peer.peerId, epoch] {
-        closePeer(id, epoch, ErrorKind::kPeerLost, "connection pool to peer " + std::to_string(id) + " is incomplete");
+        closePeer(id, epoch, epoch, ErrorKind::kPeerLost, "connection pool to peer " + std::to_string(id) + " is incomplete");
       });
     }
   }
@@ -331,7 +333,7 @@ void Engine::abort(const std::shared_ptr<Collective>& op, const std::string& rea
 }
 
 void Engine::disconnect(uint64_t peer, const std::string& reason) {
-  post([this, peer, reason] { closePeer(peer, UINT64_MAX, ErrorKind::kPeerLost, reason); });
+  post([this, peer, reason] { closePeer(peer, 0, UINT64_MAX, ErrorKind::kPeerLost, reason); });
 }
 
 bool Engine::nextEvent(Event* event, double timeoutSeconds) {
@@ -394,7 +396,7 @@ void Engine::run() {
     flushDirty();
   }
   // Shutdown: fail what is left, say goodbye, close everything.
-  std::vector<std::shared_ptr<AllReduceRing>> ops;
+  std::vector<std::shared_ptr<Collective>> ops;
   for (auto& [tag, op] : activeByTag_) ops.push_back(op);
   for (auto& op : ops) failOp(op.get(), ErrorKind::kAborted, "engine closed", kNoPeer);
   std::vector<Connection*> all;
@@ -548,11 +550,15 @@ void Engine::onReadable(Connection* c) {
 
 void Engine::dispatchHeader(Connection* c) {
   const FrameHeader& h = c->header;
-  const bool data = h.type == static_cast<uint8_t>(FrameType::kData);
+  const bool data = h.type == static_cast<uint8_t>(FrameType::kData) ||
+                    h.type == static_cast<uint8_t>(FrameType::kStateData);
   const bool goodbye = h.type == static_cast<uint8_t>(FrameType::kGoodbye);
   const bool abort = h.type == static_cast<uint8_t>(FrameType::kAbort);
+  const bool stateCtl = h.type == static_cast<uint8_t>(FrameType::kStateRequest) ||
+                        h.type == static_cast<uint8_t>(FrameType::kStateRefused);
   if (h.magic != kFrameMagic || h.length > kMaxFramePayload || (data && h.length == 0) ||
-      (goodbye && h.length != 0) || (abort && h.length > kMaxAbortReason) || !(data || goodbye || abort)) {
+      (goodbye && h.length != 0) || (abort && h.length > kMaxAbortReason) ||
+      !(data || goodbye || abort || stateCtl)) {
     closeConnection(c, ErrorKind::kProtocol, "malformed frame from peer " + std::to_string(c->peer), false);
     return;
   }
@@ -568,6 +574,19 @@ void Engine::dispatchHeader(Connection* c) {
     if (h.length == 0) onFrameComplete(c);
     return;
   }
+  const bool stateControl = h.type == static_cast<uint8_t>(FrameType::kStateRequest) ||
+                            h.type == static_cast<uint8_t>(FrameType::kStateRefused);
+  if (stateControl) {
+    if (c->epoch != kStateEpoch || h.length > kMaxAbortReason ||
+        (h.type == static_cast<uint8_t>(FrameType::kStateRequest) && h.length != sizeof(StateRequest))) {
+      closeConnection(c, ErrorKind::kProtocol, "malformed state frame from peer " + std::to_string(c->peer), false);
+      return;
+    }
+    c->mail.resize(h.length);
+    c->sink = Connection::Sink::kControl;
+    if (h.length == 0) onFrameComplete(c);
+    return;
+  }
   if (h.epoch != c->epoch) {
     closeConnection(c, ErrorKind::kProtocol,
                     "peer " + std::to_string(c->peer) + " sent a frame of epoch " + std::to_string(h.epoch) +
@@ -576,7 +595,7 @@ void Engine::dispatchHeader(Connection* c) {
     return;
   }
   auto it = activeByTag_.find(h.tag);
-  if (it != activeByTag_.end() && sameKey(it->second->key(), h)) {
+  if (it != activeByTag_.end() && it->second->accepts(h)) {
     const auto& op = it->second;
     try {
       c->dst = op->receiveTarget(c->peer, h);
@@ -588,6 +607,8 @@ void Engine::dispatchHeader(Connection* c) {
     }
     c->rxOp = op;
     c->sink = Connection::Sink::kOp;
+  } else if (h.type == static_cast<uint8_t>(FrameType::kStateData)) {
+    c->sink = Connection::Sink::kDiscard;  // answer to a fetch that has ended: never held
   } else {
     bool stale = h.epoch < currentEpoch_;
     if (it != activeByTag_.end()) {
@@ -650,15 +671,26 @@ void Engine::onFrameComplete(Connection* c) {
       finishIfComplete(op.get());
     }
   } else if (sink == Connection::Sink::kControl) {
-    std::string reason(c->mail.begin(), c->mail.end());
+    std::vector<uint8_t> payload = std::move(c->mail);
     c->mail = {};
-    onAbortFrame(c, h, reason);
+    std::string text(payload.begin(), payload.end());
+    if (h.type == static_cast<uint8_t>(FrameType::kAbort)) {
+      onAbortFrame(c, h, text);
+    } else if (h.type == static_cast<uint8_t>(FrameType::kStateRequest)) {
+      onStateRequest(c, h, payload);
+    } else {  // kStateRefused
+      auto it = activeByTag_.find(h.tag);
+      if (it != activeByTag_.end() && it->second->key().epoch == kStateEpoch) {
+        auto op = it->second;
+        failOp(op.get(), ErrorKind::kPeerLost, "peer " + std::to_string(c->peer) + " refused: " + text, c->peer);
+      }
+    }
   } else if (sink == Connection::Sink::kMailbox) {
     MailFrame frame{h, c->peer, std::move(c->mail)};
     c->mail = {};
     // Its op may have been posted while the payload was still arriving.
     auto it = activeByTag_.find(h.tag);
-    if (it != activeByTag_.end() && sameKey(it->second->key(), h)) {
+    if (it != activeByTag_.end() && it->second->accepts(h)) {
       auto active = it->second;
       mailboxBytes_ -= frame.payload.size();
       deliverEarly(active, frame);
@@ -670,7 +702,7 @@ void Engine::onFrameComplete(Connection* c) {
   flushDirty();
 }
 
-void Engine::deliverEarly(const std::shared_ptr<AllReduceRing>& op, const MailFrame& frame) {
+void Engine::deliverEarly(const std::shared_ptr<Collective>& op, const MailFrame& frame) {
   if (op->state() != OpState::kRunning) return;
   try {
     uint8_t* dst = op->receiveTarget(frame.peer, frame.header);
@@ -718,8 +750,13 @@ void Engine::flush(Connection* c) {
     ssize_t n = ::sendmsg(c->fd.get(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (n < 0) {
       if (errno == EAGAIN || errno == EINTR) break;
-      closeConnection(c, ErrorKind::kPeerLost,
-                      "send to peer " + std::to_string(c->peer) + " failed: " + std::strerror(errno), false);
+      const int err = errno;
+      // The peer may have said why it reset the stream (an abort frame): read that first.
+      onReadable(c);
+      if (!c->dead) {
+        closeConnection(c, ErrorKind::kPeerLost,
+                        "send to peer " + std::to_string(c->peer) + " failed: " + std::strerror(err), false);
+      }
       return;
     }
     size_t written = static_cast<size_t>(n);
@@ -791,7 +828,7 @@ void Engine::closeConnection(Connection* c, ErrorKind kind, const std::string& r
       }
     }
   }
-  std::vector<std::shared_ptr<AllReduceRing>> victims;
+  std::vector<std::shared_ptr<Collective>> victims;
   for (auto& [tag, op] : activeByTag_) {
     if (op->involves(peer) && (epoch == UINT64_MAX || op->key().epoch == epoch)) victims.push_back(op);
   }
@@ -799,15 +836,15 @@ void Engine::closeConnection(Connection* c, ErrorKind kind, const std::string& r
   resumePaused();
 }
 
-void Engine::closePeer(uint64_t peer, uint64_t maxEpoch, ErrorKind kind, const std::string& reason) {
+void Engine::closePeer(uint64_t peer, uint64_t minEpoch, uint64_t maxEpoch, ErrorKind kind, const std::string& reason) {
   std::vector<Connection*> doomed;
   for (auto& [fd, c] : connections_) {
-    if (c->peer == peer && !c->dead && c->epoch <= maxEpoch) doomed.push_back(c.get());
+    if (c->peer == peer && !c->dead && c->epoch >= minEpoch && c->epoch <= maxEpoch) doomed.push_back(c.get());
   }
   for (Connection* c : doomed) closeConnection(c, kind, reason, /*quiet=*/true);
 }
 
-void Engine::startOp(const std::shared_ptr<AllReduceRing>& op) {
+void Engine::startOp(const std::shared_ptr<Collective>& op) {
   const uint64_t tag = op->key().tag;
   if (activeByTag_.count(tag)) {
     op->fail(ErrorKind::kInvalid, "another op with tag " + std::to_string(tag) + " is still in flight");
@@ -838,7 +875,7 @@ void Engine::startOp(const std::shared_ptr<AllReduceRing>& op) {
     std::deque<MailFrame> later;
     for (auto& frame : held) {
       mailboxBytes_ -= frame.payload.size();
-      if (sameKey(op->key(), frame.header)) {
+      if (op->accepts(frame.header)) {
         deliverEarly(op, frame);
       } else if (!frameBefore(frame.header, op->key())) {
         mailboxBytes_ += frame.payload.size();
@@ -896,7 +933,8 @@ void Engine::failOp(Collective* op, ErrorKind kind, const std::string& message, 
             x->self->sendAbort(c.get(), *x->op, x->kind, x->message);
           }
         }
-        x->self->closePeer(id, x->op->key().epoch, ErrorKind::kPeerLost, "op failed: " + x->message);
+        x->self->closePeer(id, x->op->poisonFloor(), x->op->key().epoch, ErrorKind::kPeerLost,
+                           "op failed: " + x->message);
       },
       &ctx);
 }
@@ -931,7 +969,7 @@ void Engine::onAbortFrame(Connection* c, const FrameHeader& h, const std::string
   tombstones_.push_back(Tombstone{key, kind, reason, c->peer});
   while (tombstones_.size() > 1024) tombstones_.pop_front();
   auto it = activeByTag_.find(h.tag);
-  if (it != activeByTag_.end() && sameKey(it->second->key(), h)) {
+  if (it != activeByTag_.end() && it->second->key().epoch == h.epoch && it->second->key().seq == h.seq) {
     auto op = it->second;
     failOp(op.get(), kind, "peer " + std::to_string(c->peer) + " failed this op: " + reason, c->peer);
   }
@@ -939,7 +977,7 @@ void Engine::onAbortFrame(Connection* c, const FrameHeader& h, const std::string
 
 void Engine::checkDeadlines() {
   auto now = Clock::now();
-  std::vector<std::shared_ptr<AllReduceRing>> late;
+  std::vector<std::shared_ptr<Collective>> late;
   for (auto& [tag, op] : activeByTag_) {
     if (op->deadline() <= now) late.push_back(op);
   }
@@ -997,6 +1035,120 @@ void Engine::pushEvent(Event event) {
     if (events_.size() > kMaxEvents) events_.pop_front();
   }
   eventsCv_.notify_all();
+}
+
+// ---------------------------------------------------------------- shared state
+
+uint64_t Engine::exposeState(std::vector<StateRegion> regions) {
+  const uint64_t id = nextExposure_++;
+  auto done = std::make_shared<std::promise<void>>();
+  auto ready = done->get_future();
+  post([this, id, regions = std::move(regions), done]() mutable {
+    exposures_[id] = Exposure{std::move(regions), 0};
+    done->set_value();
+  });
+  ready.wait();
+  return id;
+}
+
+uint64_t Engine::unexposeState(uint64_t exposure) {
+  auto served = std::make_shared<std::promise<uint64_t>>();
+  auto result = served->get_future();
+  try {
+    post([this, exposure, served] {
+      auto it = exposures_.find(exposure);
+      const uint64_t bytes = it == exposures_.end() ? 0 : it->second.served;
+      dropExposure(exposure);
+      served->set_value(bytes);
+    });
+  } catch (const AbortedError&) {
+    return 0;  // closed: the progress thread has stopped and sends nothing any more
+  }
+  return result.get();
+}
+
+void Engine::dropExposure(uint64_t exposure) {
+  exposures_.erase(exposure);
+  std::vector<Connection*> broken;
+  for (auto& [fd, c] : connections_) {
+    auto& q = c->sendq;
+    for (size_t i = 0; i < q.size();) {
+      if (q[i].exposure != exposure) {
+        ++i;
+      } else if (i == 0 && c->headSent > 0) {
+        broken.push_back(c.get());  // half on the wire: the stream cannot be resumed
+        break;
+      } else {
+        q.erase(q.begin() + static_cast<std::ptrdiff_t>(i));
+      }
+    }
+  }
+  for (Connection* c : broken) {
+    closeConnection(c, ErrorKind::kAborted, "state exposure withdrawn mid-chunk", /*quiet=*/true);
+  }
+}
+
+std::shared_ptr<StateFetch> Engine::fetchState(const PeerAddress& source, uint64_t exposure,
+                                               std::vector<FetchChunk> chunks, double timeoutSeconds) {
+  ensureConnected(source, kStateEpoch, timeoutSeconds);
+  const uint64_t tag = (uint64_t{1} << 63) | nextFetchTag_++;
+  auto op = std::make_shared<StateFetch>(tag, source.peerId, exposure, std::move(chunks), timeoutSeconds);
+  post([this, op] { startOp(op); });
+  return op;
+}
+
+void Engine::injectFault(const std::string& kind, int count) {
+  if (kind != "corrupt_state") throw InvalidArgument("unknown fault '" + kind + "'");
+  post([this, count] { corruptStateChunks_ = count; });
+}
+
+void Engine::queueControl(Connection* c, const FrameHeader& h, std::string payload) {
+  auto hold = std::make_shared<std::string>(std::move(payload));
+  FrameHeader header = h;
+  header.length = static_cast<uint32_t>(hold->size());
+  c->sendq.push_back(SendItem{header, reinterpret_cast<const uint8_t*>(hold->data()), nullptr, 0, hold});
+  if (!c->dirty) {
+    c->dirty = true;
+    dirty_.push_back(c);
+  }
+}
+
+void Engine::onStateRequest(Connection* c, const FrameHeader& h, const std::vector<uint8_t>& payload) {
+  StateRequest req{};
+  std::memcpy(&req, payload.data(), sizeof(req));
+  FrameHeader answer = h;
+  auto it = exposures_.find(req.exposure);
+  std::string refusal;
+  if (it == exposures_.end()) {
+    refusal = "state exposure " + std::to_string(req.exposure) + " is not served (sync over?)";
+  } else if (h.digest >= it->second.regions.size()) {
+    refusal = "no state entry " + std::to_string(h.digest);
+  } else if (req.length == 0 || req.length > kMaxFramePayload || h.offset > it->second.regions[h.digest].bytes ||
+             req.length > it->second.regions[h.digest].bytes - h.offset) {
+    refusal = "state range out of bounds";
+  }
+  if (!refusal.empty()) {
+    answer.type = static_cast<uint8_t>(FrameType::kStateRefused);
+    queueControl(c, answer, refusal);
+    return;
+  }
+  const StateRegion& region = it->second.regions[h.digest];
+  answer.type = static_cast<uint8_t>(FrameType::kStateData);
+  answer.length = static_cast<uint32_t>(req.length);
+  SendItem item{answer, region.data + h.offset, nullptr, req.exposure, nullptr};
+  if (corruptStateChunks_ > 0) {
+    --corruptStateChunks_;
+    item.hold = std::make_shared<std::string>(reinterpret_cast<const char*>(item.data), req.length);
+    (*item.hold)[req.length / 2] ^= 0x01;
+    item.data = reinterpret_cast<const uint8_t*>(item.hold->data());
+    item.exposure = 0;
+  }
+  it->second.served += req.length;
+  c->sendq.push_back(std::move(item));
+  if (!c->dirty) {
+    c->dirty = true;
+    dirty_.push_back(c);
+  }
 }
 
 }  // namespace pccl

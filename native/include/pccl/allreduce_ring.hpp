@@ -51,12 +51,6 @@ struct AllReduceOptions {
   bool deferCommit = false;
 };
 
-// Scratch memory an op borrows for an in-place reduction.
-struct ScratchBuffer {
-  std::unique_ptr<uint8_t[]> data;
-  size_t size = 0;
-};
-
 class AllReduceRing final : public Collective {
  public:
   // `scratch` is used (and must be at least count*elementSize bytes) when the
@@ -70,10 +64,10 @@ class AllReduceRing final : public Collective {
   bool involves(uint64_t peer) const override;
   void forEachPeer(void (*fn)(void*, uint64_t), void* ctx) const override;
 
-  ScratchBuffer releaseScratch() { return std::move(scratch_); }
+  ScratchBuffer releaseScratch() override { return std::move(scratch_); }
   bool inPlace() const { return inPlace_; }
-  uint32_t shapeDigest() const { return digest_; }
-  bool holdsResult() const { return inPlace_ && options_.deferCommit && nbytes_ > 0 && ring_.size > 1; }
+  uint32_t shapeDigest() const override { return digest_; }
+  bool holdsResult() const override { return inPlace_ && options_.deferCommit && nbytes_ > 0 && ring_.size > 1; }
   // Copies the held result into the caller's buffer (deferred in-place ops).
   void commitResult();
   size_t nbytes() const { return nbytes_; }

@@ -15,6 +15,7 @@
 // just opened. Pools of older epochs are closed when a newer ring is installed.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -26,6 +27,7 @@
 #include <vector>
 
 #include "pccl/allreduce_ring.hpp"
+#include "pccl/state_fetch.hpp"
 #include "pccl/tcp.hpp"
 
 namespace pccl {
@@ -45,6 +47,12 @@ struct PeerAddress {
   uint64_t peerId = 0;
   std::string host;
   uint16_t port = 0;
+};
+
+// One exposed shared-state entry: read-only memory other peers may fetch from.
+struct StateRegion {
+  const uint8_t* data = nullptr;
+  size_t bytes = 0;
 };
 
 enum class EventKind { kPeerDisconnected = 0 };
@@ -87,6 +95,20 @@ class Engine {
   // waiters wake within one loop turn.
   void abort(const std::shared_ptr<Collective>& op, const std::string& reason);
 
+  // Serves `regions` (entry i = regions[i]) to fetching peers until unexposeState();
+  // the memory must stay valid and unchanged until then. Returns the exposure id.
+  uint64_t exposeState(std::vector<StateRegion> regions);
+  // Stops serving; queued answers from this exposure are dropped (a half-sent one
+  // closes its connection). Blocks until done. Returns the bytes served.
+  uint64_t unexposeState(uint64_t exposure);
+  // Fetches `chunks` of the exposure `exposure` of `source` (each chunk's bytes land in
+  // chunk.dst). One op per source; fails as a whole if the source fails or refuses.
+  std::shared_ptr<StateFetch> fetchState(const PeerAddress& source, uint64_t exposure,
+                                         std::vector<FetchChunk> chunks, double timeoutSeconds);
+  // Test-only fault injection: "corrupt_state" flips one byte in each of the next
+  // `count` state chunks this peer serves.
+  void injectFault(const std::string& kind, int count);
+
   // Closes every connection to `peer` (any epoch), failing ops that involve it.
   void disconnect(uint64_t peer, const std::string& reason);
 
@@ -124,18 +146,26 @@ class Engine {
   bool readHandshake(Connection* c);
   void dispatchHeader(Connection* c);
   void onFrameComplete(Connection* c);
-  void deliverEarly(const std::shared_ptr<AllReduceRing>& op, const MailFrame& frame);
+  void deliverEarly(const std::shared_ptr<Collective>& op, const MailFrame& frame);
   void flush(Connection* c);
   void updateInterest(Connection* c);
   void addConnection(Fd fd, uint64_t peer, uint64_t epoch, bool outgoing, bool handshaking);
   void closeConnection(Connection* c, ErrorKind kind, const std::string& reason, bool quiet);
-  // Closes the connections to `peer` of epochs <= maxEpoch.
-  void closePeer(uint64_t peer, uint64_t maxEpoch, ErrorKind kind, const std::string& reason);
+  // Closes the connections to `peer` of epochs in [minEpoch, maxEpoch].
+  void closePeer(uint64_t peer, uint64_t minEpoch, uint64_t maxEpoch, ErrorKind kind, const std::string& reason);
   void flushDirty();
   void sendGoodbye(Connection* c);
   void sendAbort(Connection* c, const Collective& op, ErrorKind kind, const std::string& reason);
   void onAbortFrame(Connection* c, const FrameHeader& h, const std::string& reason);
-  void startOp(const std::shared_ptr<AllReduceRing>& op);
+  void onStateRequest(Connection* c, const FrameHeader& h, const std::vector<uint8_t>& payload);
+  void queueControl(Connection* c, const FrameHeader& h, std::string payload);
+  void dropExposure(uint64_t exposure);
+
+  struct Exposure {
+    std::vector<StateRegion> regions;
+    uint64_t served = 0;
+  };
+  void startOp(const std::shared_ptr<Collective>& op);
   void failOp(Collective* op, ErrorKind kind, const std::string& message, uint64_t peer);
   void finishIfComplete(Collective* op);
   void retire(Collective* op);
@@ -168,7 +198,7 @@ class Engine {
   uint64_t currentEpoch_ = 0;
   std::unordered_map<int, std::unique_ptr<Connection>> connections_;
   std::unordered_map<PoolKey, std::vector<Connection*>, PoolKeyHash> outgoing_;
-  std::unordered_map<uint64_t, std::shared_ptr<AllReduceRing>> activeByTag_;
+  std::unordered_map<uint64_t, std::shared_ptr<Collective>> activeByTag_;
   struct Finished {
     OpKey key;
     uint32_t digest;
@@ -182,6 +212,10 @@ class Engine {
     uint64_t peer;
   };
   std::deque<Tombstone> tombstones_;
+  std::unordered_map<uint64_t, Exposure> exposures_;
+  int corruptStateChunks_ = 0;
+  std::atomic<uint64_t> nextExposure_{1};
+  std::atomic<uint64_t> nextFetchTag_{1};
   std::unordered_map<uint64_t, std::deque<MailFrame>> mailbox_;
   size_t mailboxBytes_ = 0;
   std::vector<uint8_t> discard_;

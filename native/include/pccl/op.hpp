@@ -30,6 +30,12 @@ class FrameSink {
                          const uint8_t* data) = 0;
 };
 
+// Scratch memory an op borrows (an in-place reduction's working buffer).
+struct ScratchBuffer {
+  std::unique_ptr<uint8_t[]> data;
+  size_t size = 0;
+};
+
 // Identity of an op: frames of other (epoch, tag, seq) never reach it.
 struct OpKey {
   uint64_t epoch = 0;
@@ -65,6 +71,18 @@ class Collective : public std::enable_shared_from_this<Collective> {
   virtual void onReceived(FrameSink& sink, const FrameHeader& header) = 0;
   void onSent(uint32_t bytes);
   virtual bool complete() const = 0;
+  // Whether an incoming frame with this op's tag belongs to it.
+  virtual bool accepts(const FrameHeader& h) const {
+    return h.type == static_cast<uint8_t>(FrameType::kData) && h.epoch == key_.epoch && h.seq == key_.seq;
+  }
+  virtual ScratchBuffer releaseScratch() { return {}; }
+  // Whether a successful op still holds its result (deferred commit).
+  virtual bool holdsResult() const { return false; }
+  // Digest of the op's shape, for late frames of a finished op (0: none).
+  virtual uint32_t shapeDigest() const { return 0; }
+  // Poisoning after a failure closes the neighbours' pools of epochs in
+  // [poisonFloor(), key().epoch].
+  virtual uint64_t poisonFloor() const { return 0; }
   virtual bool involves(uint64_t peer) const = 0;
   // Peers whose connections are poisoned when this op fails.
   virtual void forEachPeer(void (*fn)(void*, uint64_t), void* ctx) const = 0;

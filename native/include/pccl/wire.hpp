@@ -38,8 +38,29 @@ static_assert(sizeof(HelloAck) == 16, "HelloAck is 16 bytes on the wire");
 // kGoodbye (no payload) announces an orderly close: the EOF that follows is not a crash.
 // kAbort names an op (epoch, tag, seq) the sender failed, with the reason as payload
 // (phase carries the error kind); the sender closes the connection next.
-enum class FrameType : uint8_t { kData = 1, kGoodbye = 2, kAbort = 3 };
+//
+// Shared-state transfer, on connections of the state pool (epoch kStateEpoch):
+// kStateRequest asks the peer for bytes of one exposed entry (digest: entry index,
+// offset: byte offset in the entry, tag: the fetch op, seq: the chunk index; payload:
+// StateRequest); kStateData answers with the bytes (same header fields);
+// kStateRefused says why not (payload: reason text).
+enum class FrameType : uint8_t {
+  kData = 1,
+  kGoodbye = 2,
+  kAbort = 3,
+  kStateRequest = 4,
+  kStateData = 5,
+  kStateRefused = 6,
+};
 constexpr uint32_t kMaxAbortReason = 1024;
+constexpr uint64_t kStateEpoch = UINT64_MAX - 1;  // pool used by state transfers (never retired)
+constexpr uint64_t kNoEpoch = UINT64_MAX;         // a connection tied to no pool (the master's)
+
+struct StateRequest {
+  uint64_t exposure;  // which exposure of the serving peer
+  uint64_t length;    // bytes asked for
+};
+static_assert(sizeof(StateRequest) == 16, "StateRequest is 16 bytes on the wire");
 
 // Phases of a ring collective.
 enum class Phase : uint8_t { kReduceScatter = 0, kAllGather = 1 };
