@@ -153,7 +153,7 @@ class FetchHandle {
   }
   bool done() const { return op_->done(); }
   void abort(const std::string& reason) { engine_->abort(op_, reason); }
-  uint64_t rxBytes() const { return op_->rxBytes(); }
+  uint64_t rxBytes() const { return op_->done() ? op_->rxBytes() : op_->rxSoFar(); }
   uint64_t source() const { return op_->source(); }
 
  private:

@@ -7,6 +7,7 @@
 
 from pccl_py.communicator import AllReduceHandle, Communicator
 from pccl_py.config import Config
+from pccl_py.election import SyncStrategy
 from pccl_py.errors import (
     Aborted,
     AuthError,
@@ -19,6 +20,7 @@ from pccl_py.errors import (
     Timeout,
 )
 from pccl_py.master import Master
+from pccl_py.shared_state import SharedState, SyncInfo
 from pccl_py.types import ReduceInfo, ReduceOp
 
 __version__ = "0.1.0"
@@ -37,6 +39,9 @@ __all__ = [
     "ProtocolError",
     "ReduceInfo",
     "ReduceOp",
+    "SharedState",
     "StateMismatch",
+    "SyncInfo",
+    "SyncStrategy",
     "Timeout",
 ]

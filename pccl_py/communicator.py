@@ -32,7 +32,10 @@ from pccl_py.errors import (
     ProtocolError,
     Timeout,
 )
+from pccl_py.election import SyncStrategy
+from pccl_py.errors import StateMismatch
 from pccl_py.events import EventLog
+from pccl_py.shared_state import SharedState, SyncInfo, _Source, check_strategy, fetch_entries, rich_progress
 from pccl_py.types import ReduceInfo, ReduceOp
 
 log = logging.getLogger(__name__)
@@ -271,6 +274,78 @@ class Communicator:
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="pccl-op")
         return AllReduceHandle(self._executor.submit(self._run_all_reduce, *args, deadline, retry))
+
+    # ------------------------------------------------------------------ shared state
+
+    def sync_shared_state(
+        self,
+        state: SharedState,
+        strategy: SyncStrategy = SyncStrategy.ENFORCE_POPULAR,
+        timeout: float | None = None,
+        progress: bool | Any = False,
+    ) -> SyncInfo:
+        """Collective: afterwards every peer holds the same bytes in every entry of
+        `state` and the same revision. The master elects the content (see
+        pccl_py.election); peers whose bytes differ fetch the entries from the peers
+        holding the elected bytes, several at once, verified by hash. Raises
+        StateMismatch (layouts or revisions that cannot be reconciled), PeerLost (an
+        entry could not be obtained), Timeout. `progress`: True for a progress bar on
+        large transfers, or a callable(done_bytes, total_bytes)."""
+        control = self._require()
+        check_strategy(strategy)
+        assert self._engine is not None
+        deadline = self._deadline(timeout, self.config.op_timeout)
+        entries = state.entries()
+        buffers = state.buffers()
+        exposure = self._engine.expose_state(buffers)  # ready to serve before anyone is told to fetch
+        rx = 0
+        received = 0
+        try:
+            with control.cond:
+                control.sync_plan = None
+                control.sync_result = None
+            control.send(
+                protocol.make(
+                    "sync",
+                    epoch=self.epoch,
+                    revision=state.revision,
+                    strategy=strategy.value,
+                    exposure=exposure.id,
+                    entries=[[e.name, e.dtype, list(e.shape), e.nbytes, e.hash] for e in entries],
+                )
+            )
+            plan = control.wait(
+                lambda: control.sync_plan or control.sync_result, deadline, "the shared-state plan"
+            )
+            if plan["t"] == "sync_plan":
+                ok, kind, msg = True, "", ""
+                wanted = [(int(i), int(h), [int(p) for p in holders]) for i, h, holders in plan["fetch"]]
+                received = len(wanted)
+                sources = {int(p): _Source(int(p), str(host), int(port), int(exp)) for p, host, port, exp in plan["sources"]}
+                close_bar = None
+                callback = progress if callable(progress) else None
+                total = sum(int(buffers[i].nbytes) for i, _, _ in wanted)
+                if progress is True and total >= (64 << 20):
+                    callback, close_bar = rich_progress()
+                try:
+                    rx = fetch_entries(self._engine, buffers, wanted, sources, deadline, progress=callback)
+                except PcclError as exc:
+                    ok, kind, msg = False, _kind_of(exc), str(exc)
+                finally:
+                    if close_bar is not None:
+                        close_bar()
+                control.send(protocol.make("sync_done", ok=ok, kind=kind, msg=msg[:2000], rx_bytes=rx))
+                result = control.wait(lambda: control.sync_result, deadline, "the shared-state result")
+            else:
+                result = plan
+        finally:
+            tx = exposure.close()
+        if not result["ok"]:
+            cls = StateMismatch if result["kind"] == "StateMismatch" else _ERRORS.get(result["kind"], PcclError)
+            raise cls(f"shared-state sync failed: {result['msg']}", epoch=self.epoch)
+        state.revision = result["revision"]
+        self._events.emit("sync", revision=state.revision, rx_bytes=rx, tx_bytes=tx, received=received)
+        return SyncInfo(revision=state.revision, rx_bytes=rx, tx_bytes=tx, entries_received=received)
 
     def _prepare(self, x: Any, op: ReduceOp, out: Any, tag: int | None, quantization: Any) -> tuple[Any, ...]:
         self._require()

@@ -64,6 +64,8 @@ class ControlChannel:
         self.outcomes: OrderedDict[OpKey, protocol.Message] = OrderedDict()
         self.pending_answers: dict[int, int] = {}
         self.evicted: str | None = None
+        self.sync_plan: protocol.Message | None = None
+        self.sync_result: protocol.Message | None = None
         self.last_error: protocol.Message | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: zmq.asyncio.Socket | None = None
@@ -181,6 +183,10 @@ class ControlChannel:
                 self.outcomes[(msg["epoch"], msg["tag"], msg["seq"])] = msg
                 while len(self.outcomes) > _MAX_KEPT_OUTCOMES:
                     self.outcomes.popitem(last=False)
+            elif kind == "sync_plan":
+                self.sync_plan = msg
+            elif kind == "sync_result":
+                self.sync_result = msg
             elif kind == "pending_count":
                 self.pending_answers[msg["query"]] = msg["count"]
             elif kind == "evicted":

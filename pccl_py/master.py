@@ -27,6 +27,7 @@ import zmq.asyncio
 from pccl_py import _native, protocol
 from pccl_py.config import Config
 from pccl_py.errors import ConfigError, PcclError, ProtocolError, Timeout
+from pccl_py.election import EntryMeta, Submission, SyncStrategy
 from pccl_py.events import EventLog
 from pccl_py.membership import Effect, Log, Membership, Send
 
@@ -205,10 +206,17 @@ class Master:
                 )
             elif kind == "leave":
                 await self._apply(self._membership.leave(peer_id, now))
+            elif kind == "sync":
+                submission = _submission(peer_id, msg)
+                await self._apply(self._membership.request_sync(peer_id, submission, msg["exposure"], now))
+            elif kind == "sync_done":
+                await self._apply(self._membership.sync_done(peer_id, msg["ok"], msg["kind"], msg["msg"], now))
             else:
                 await self._send_raw(rid, protocol.make("error", code="unexpected", msg=f"{kind} is not a request"))
         except PermissionError as exc:
             await self._send_raw(rid, protocol.make("error", code="not_admitted", msg=str(exc)))
+        except ProtocolError as exc:
+            await self._send_raw(rid, protocol.make("error", code="bad_message", msg=str(exc)))
 
     async def _hello(self, rid: bytes, msg: protocol.Message, now: float) -> None:
         if rid in self._ids:
@@ -300,3 +308,20 @@ class Master:
         state = self._membership.status()
         state["address"] = self.address
         return state
+
+
+def _submission(peer_id: int, msg: protocol.Message) -> Submission:
+    """Checks and converts the entries of a "sync" message (ProtocolError if malformed)."""
+    try:
+        strategy = SyncStrategy(msg["strategy"])
+        entries = []
+        for item in msg["entries"]:
+            name, dtype, shape, nbytes, digest = item
+            if not (isinstance(name, str) and isinstance(dtype, str) and isinstance(nbytes, int)
+                    and isinstance(digest, int) and isinstance(shape, list)
+                    and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
+                raise TypeError
+            entries.append(EntryMeta(name, dtype, tuple(shape), nbytes, digest))
+    except (ValueError, TypeError):
+        raise ProtocolError("sync: malformed strategy or entries") from None
+    return Submission(peer_id, msg["revision"], strategy, tuple(entries))

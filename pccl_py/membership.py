@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pccl_py import protocol
+from pccl_py.election import Election, ElectionError, Submission, elect
 
 OpKey = tuple[int, int, int]  # (epoch, tag, seq)
 
@@ -83,6 +84,15 @@ class OpRecord:
 
 
 @dataclass
+class SyncRecord:
+    """A shared-state sync between its plan and its result."""
+
+    participants: frozenset[int]
+    election: Election
+    reports: dict[int, tuple[bool, str, str]] = field(default_factory=dict)  # peer -> (ok, kind, msg)
+
+
+@dataclass
 class Group:
     id: int
     epoch: int = 0
@@ -93,6 +103,12 @@ class Group:
     round: int = 0  # completed topology votes: every member numbers its ops from here
     rings: dict[int, tuple[int, ...]] = field(default_factory=dict)  # recent epochs
     ops: dict[OpKey, OpRecord] = field(default_factory=dict)  # insertion order = age
+    # Shared state: the last revision the group synced, who took part, the sync in
+    # progress (requests collected, then the planned transfer).
+    state_revision: int | None = None
+    last_synced: set[int] = field(default_factory=set)
+    sync_requests: dict[int, tuple[Submission, int]] = field(default_factory=dict)  # peer -> (it, exposure)
+    sync_active: SyncRecord | None = None
     pruned_at_epoch: int = 0
 
 
@@ -192,6 +208,22 @@ class Membership:
             record.first_failure_at = now
         return self._decide(g, record, now)
 
+    def request_sync(self, peer_id: int, submission: Submission, exposure: int, now: float) -> list[Effect]:
+        """A peer called sync_shared_state(): collective of the admitted peers."""
+        peer, g = self._admitted(peer_id)
+        if g.sync_active is not None and peer.id in g.sync_active.participants:
+            return [Send(peer.id, self._sync_result(g, False, "Aborted", "a previous sync is still in progress"))]
+        g.sync_requests[peer.id] = (submission, exposure)
+        return self._complete_sync_requests(g)
+
+    def sync_done(self, peer_id: int, ok: bool, kind: str, msg: str, now: float) -> list[Effect]:
+        peer, g = self._admitted(peer_id)
+        record = g.sync_active
+        if record is None or peer.id not in record.participants:
+            return [Send(peer.id, self._sync_result(g, False, "Aborted", "no sync in progress for this peer"))]
+        record.reports[peer.id] = (ok, kind, msg)
+        return self._complete_sync(g)
+
     def leave(self, peer_id: int, now: float) -> list[Effect]:
         return self._remove(peer_id, "left", "left the group", now)
 
@@ -227,7 +259,12 @@ class Membership:
                 for p in self.peers.values()
             },
             "groups": {
-                str(g.id): {"epoch": g.epoch, "ring": list(g.ring), "pending": list(g.pending)}
+                str(g.id): {
+                    "epoch": g.epoch,
+                    "ring": list(g.ring),
+                    "pending": list(g.pending),
+                    "state_revision": g.state_revision,
+                }
                 for g in self.groups.values()
             },
         }
@@ -314,11 +351,71 @@ class Membership:
                 effects += self._decide(g, record, now)
         effects += self._complete_votes(g)
         effects += self._complete_pending_queries(g)
+        g.sync_requests.pop(peer_id, None)
+        effects += self._complete_sync_requests(g)
+        if g.sync_active is not None and peer_id in g.sync_active.participants:
+            effects += self._complete_sync(g)
         if not g.ring and g.pending:
             effects += self._admit_pending(g, "previous peers are gone")
         if not g.ring and not g.pending:
             del self.groups[g.id]  # nothing left to remember; a new group starts afresh
         return effects
+
+    def _sync_result(self, g: Group, ok: bool, kind: str, msg: str) -> protocol.Message:
+        revision = g.state_revision if g.state_revision is not None else -1
+        return protocol.make("sync_result", ok=ok, kind=kind, msg=msg, revision=revision)
+
+    def _complete_sync_requests(self, g: Group) -> list[Effect]:
+        if not g.ring or not set(g.ring) <= set(g.sync_requests):
+            return []
+        requests = {pid: g.sync_requests[pid] for pid in g.ring}
+        g.sync_requests.clear()
+        try:
+            election = elect([sub for sub, _ in requests.values()], g.state_revision, g.last_synced)
+        except ElectionError as exc:
+            result = self._sync_result(g, False, "StateMismatch", str(exc))
+            return [Log("sync", {"group": g.id, "ok": False, "error": str(exc)})] + [Send(pid, result) for pid in requests]
+        g.sync_active = SyncRecord(frozenset(requests), election)
+        sources = sorted({pid for holders in election.holders for pid in holders})
+        source_table = [
+            [pid, self.peers[pid].host, self.peers[pid].port, requests[pid][1]] for pid in sources if pid in self.peers
+        ]
+        effects: list[Effect] = [
+            Log(
+                "sync_plan",
+                {
+                    "group": g.id,
+                    "revision": election.revision,
+                    "receivers": {str(p): len(e) for p, e in election.fetch.items()},
+                },
+            )
+        ]
+        for pid in requests:
+            fetch = [[i, election.hashes[i], list(election.holders[i])] for i in election.fetch.get(pid, ())]
+            effects.append(
+                Send(pid, protocol.make("sync_plan", revision=election.revision, fetch=fetch, sources=source_table))
+            )
+        return effects
+
+    def _complete_sync(self, g: Group) -> list[Effect]:
+        record = g.sync_active
+        if record is None:
+            return []
+        alive = {pid for pid in record.participants if pid in self.peers}
+        if not alive <= set(record.reports):
+            return []
+        g.sync_active = None
+        failures = sorted((pid, r) for pid, r in record.reports.items() if pid in alive and not r[0])
+        if failures:
+            pid, (_, kind, msg) = failures[0]
+            result = self._sync_result(g, False, kind or "PeerLost", f"peer {pid}: {msg}")
+            log: Effect = Log("sync", {"group": g.id, "ok": False, "error": msg})
+        else:
+            g.state_revision = record.election.revision
+            g.last_synced = set(alive)
+            result = self._sync_result(g, True, "", "")
+            log = Log("sync", {"group": g.id, "ok": True, "revision": g.state_revision, "peers": sorted(alive)})
+        return [log] + [Send(pid, result) for pid in sorted(alive)]
 
     def _outcome(
         self, g: Group, key: OpKey, ok: bool, kind: str, msg: str, culprit: int, world: int

@@ -34,6 +34,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "op": {"epoch": _INT, "tag": _INT, "seq": _INT, "ok": _BOOL, "kind": _STR, "msg": _STR, "peer": _INT},
     "leave": {},
     "status": {},
+    "sync": {"epoch": _INT, "revision": _INT, "strategy": _STR, "exposure": _INT, "entries": _LIST},
+    "sync_done": {"ok": _BOOL, "kind": _STR, "msg": _STR, "rx_bytes": _INT},
     # master -> peer
     "welcome": {"peer_id": _INT, "heartbeat_interval": _FLOAT, "heartbeat_timeout": _FLOAT, "admitted": _BOOL},
     "topology": {"epoch": _INT, "ring": _LIST, "reason": _STR, "vote": _BOOL, "round": _INT},
@@ -50,6 +52,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "world": _INT,
     },
     "evicted": {"reason": _STR},
+    "sync_plan": {"revision": _INT, "fetch": _LIST, "sources": _LIST},
+    "sync_result": {"ok": _BOOL, "kind": _STR, "msg": _STR, "revision": _INT},
     "error": {"code": _STR, "msg": _STR},
     "status_reply": {"state": (dict,)},
 }

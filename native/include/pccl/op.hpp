@@ -2,6 +2,7 @@
 // engine's progress thread drives it through.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -61,6 +62,8 @@ class Collective : public std::enable_shared_from_this<Collective> {
   void rethrow() const;
   uint64_t txBytes() const;
   uint64_t rxBytes() const;
+  // Bytes received so far, while the op runs (for progress reports).
+  uint64_t rxSoFar() const { return rxProgress_.load(std::memory_order_relaxed); }
 
   // ---- progress-thread side
   Clock::time_point deadline() const { return deadline_; }
@@ -96,7 +99,7 @@ class Collective : public std::enable_shared_from_this<Collective> {
 
   uint64_t pendingSends_ = 0;  // progress thread only
   uint64_t txProgress_ = 0;
-  uint64_t rxProgress_ = 0;
+  std::atomic<uint64_t> rxProgress_{0};  // written by the progress thread, read by anyone
 
  private:
   OpKey key_;
