@@ -1,0 +1,270 @@
+"""DiLoCo (Douillard et al. 2023) over a pccl_py Communicator.
+
+Each peer runs H inner steps of any torch optimizer on its own data; then, in an
+outer step, the peers all-reduce (AVG) their pseudo-gradients, global - local, and an
+outer optimizer (SGD with Nesterov momentum, lr 0.7, momentum 0.9 by default) applies
+the average to the global parameters; every peer's model restarts from them.
+
+    diloco = DiLoCo(comm, model, inner_opt, sync_every=50)
+    for batch in data:
+        loss_fn(model(batch)).backward()
+        inner_opt.step(); inner_opt.zero_grad()
+        diloco.step()          # counts inner steps; every `sync_every`-th is an outer step
+
+The global parameters, the outer optimizer's state and the outer step count are the
+group's shared state, so a joiner receives them bit-exactly (sync_shared_state). A
+peer failure during the all-reduce is retried over the survivors, and the average is
+over the peers that actually contributed. Every peer ends each outer step with the
+same bytes in every global parameter and in the outer optimizer state.
+
+Joining: at each outer step the peers let pending joiners in (pending_peers(), then
+update_topology()) and sync the shared state; a joiner constructs its DiLoCo after
+connect(), which syncs at the same point.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pccl_py.communicator import Communicator
+from pccl_py.election import SyncStrategy
+from pccl_py.shared_state import SharedState, SyncInfo
+from pccl_py.types import ReduceOp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OuterStepInfo:
+    outer_step: int  # outer steps applied so far (the shared step counter)
+    world_size: int  # peers whose pseudo-gradients were averaged
+    tx_bytes: int
+    rx_bytes: int
+    seconds: float  # wall time of the outer step (communication included)
+    synced: SyncInfo | None  # the shared-state sync that followed, if joiners came in
+
+
+def materialize_state(optimizer: torch.optim.Optimizer) -> None:
+    """Creates an optimizer's lazily made state (momentum buffers, moments) as it would
+    be before its first step, so that every peer's state has the same layout and a
+    joiner can receive it. Runs one step with zero gradients and lr 0, then resets step
+    counters to 0; parameters are unchanged."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_grads = [p.grad for p in params]
+    saved_lr = [group["lr"] for group in optimizer.param_groups]
+    before = [p.detach().clone() for p in params]
+    try:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
+        optimizer.step()
+    finally:
+        for group, lr in zip(optimizer.param_groups, saved_lr, strict=True):
+            group["lr"] = lr
+        for p, g, b in zip(params, saved_grads, before, strict=True):
+            p.grad = g
+            with torch.no_grad():
+                p.copy_(b)
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if key == "step":
+                state[key] = torch.zeros_like(value) if torch.is_tensor(value) else 0
+
+
+class DiLoCo:
+    """Synchronous DiLoCo. See the module docstring."""
+
+    def __init__(
+        self,
+        comm: Communicator,
+        model: torch.nn.Module,
+        inner_optimizer: torch.optim.Optimizer,
+        *,
+        sync_every: int = 50,
+        outer_optimizer: torch.optim.Optimizer | None = None,
+        quantization: Any = None,
+        timeout: float | None = None,
+        join_strategy: SyncStrategy = SyncStrategy.ENFORCE_POPULAR,
+    ) -> None:
+        if sync_every < 1:
+            raise ValueError("sync_every must be >= 1")
+        self.comm = comm
+        self.model = model
+        self.inner_optimizer = inner_optimizer
+        self.sync_every = sync_every
+        self.quantization = quantization
+        self.timeout = timeout
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        # The global parameters live apart from the model; the outer optimizer steps them.
+        self.global_params = [p.detach().clone() for p in self._params]
+        self.outer_optimizer = outer_optimizer or torch.optim.SGD(
+            self.global_params, lr=0.7, momentum=0.9, nesterov=True
+        )
+        materialize_state(self.outer_optimizer)
+        self._outer_step = torch.zeros(1, dtype=torch.int64)  # outer updates applied
+        self._rounds = torch.zeros(1, dtype=torch.int64)  # outer steps taken (async: one more than applied)
+        # Pseudo-gradients, flattened, plus one contribution weight (1: a real
+        # pseudo-gradient; 0: a joiner with none); reduced by SUM, then divided.
+        self._numel = sum(p.numel() for p in self._params)
+        self._flat = torch.zeros(self._numel + 1, dtype=torch.float32)
+        self.inner_steps = 0
+        self.allreduces = 0
+        self.state = SharedState(self._state_tensors(), revision=0)
+        self._synced_once = False
+        # First sync: every peer of a starting group, or a joiner, gets the group's state.
+        self.last_sync = self._sync(join_strategy)
+
+    @property
+    def outer_steps(self) -> int:
+        return int(self._outer_step.item())
+
+    def step(self) -> OuterStepInfo | None:
+        """Call after each inner optimizer step; runs the outer step every `sync_every`
+        inner steps (a collective) and returns its info, else None."""
+        self.inner_steps += 1
+        if self.inner_steps % self.sync_every:
+            return None
+        return self.outer_step()
+
+    def outer_step(self) -> OuterStepInfo:
+        start = time.perf_counter()
+        self._pseudo_gradient_into_flat()
+        info = self.comm.all_reduce(
+            self._flat, op=ReduceOp.SUM, quantization=self.quantization, timeout=self.timeout, retry=True
+        )
+        self.allreduces += 1
+        self._rounds += 1
+        self._apply_outer(self._flat)
+        synced = self._admit_joiners()
+        return OuterStepInfo(
+            outer_step=self.outer_steps,
+            world_size=info.world_size,
+            tx_bytes=info.tx_bytes,
+            rx_bytes=info.rx_bytes,
+            seconds=time.perf_counter() - start,
+            synced=synced,
+        )
+
+    # ------------------------------------------------------------------ parts
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {"outer_step": self._outer_step, "rounds": self._rounds}
+        index = {id(p): i for i, p in enumerate(self.global_params)}
+        for i, p in enumerate(self.global_params):
+            tensors[f"global.{i}"] = p.data
+        for p, state in self.outer_optimizer.state.items():
+            for key in sorted(state):
+                value = state[key]
+                if torch.is_tensor(value):
+                    tensors[f"outer.{index[id(p)]}.{key}"] = value
+        return tensors
+
+    def _pseudo_gradient_into_flat(self) -> None:
+        offset = 0
+        with torch.no_grad():
+            for g, p in zip(self.global_params, self._params, strict=True):
+                n = p.numel()
+                torch.sub(g.reshape(-1), p.detach().reshape(-1), out=self._flat[offset : offset + n])
+                offset += n
+            self._flat[self._numel] = 1.0
+
+    def _apply_outer(self, summed: torch.Tensor) -> None:
+        """Applies the outer step with summed pseudo-gradients (last element: the number
+        of contributors). Identical inputs on every peer give identical bytes out."""
+        weight = summed[self._numel]
+        offset = 0
+        for g in self.global_params:
+            n = g.numel()
+            g.grad = (summed[offset : offset + n] / weight).view_as(g)
+            offset += n
+        self.outer_optimizer.step()
+        self.outer_optimizer.zero_grad(set_to_none=True)
+        self._outer_step += 1
+        self._reset_local()
+
+    def _reset_local(self) -> None:
+        with torch.no_grad():
+            for p, g in zip(self._params, self.global_params, strict=True):
+                p.copy_(g)
+
+    def _admit_joiners(self) -> SyncInfo | None:
+        if self.comm.pending_peers(timeout=self.timeout) == 0:
+            return None
+        self.comm.update_topology(timeout=self.timeout)
+        return self._sync(SyncStrategy.ENFORCE_POPULAR)
+
+    def _sync(self, strategy: SyncStrategy) -> SyncInfo:
+        if self._synced_once:
+            self.state.revision += 1  # the content changed since the last sync (PCCL's rule)
+        info = self.comm.sync_shared_state(self.state, strategy=strategy, timeout=self.timeout)
+        self._synced_once = True
+        self._reset_local()
+        self.last_sync = info
+        return info
+
+
+class AsyncDiLoCo(DiLoCo):
+    """One-step-delayed DiLoCo: the all-reduce of round t runs in the background during
+    the inner steps of round t+1 and is applied one round late, so communication is
+    hidden when it is shorter than compute.
+
+    At the end of round t: compute round t's pseudo-gradient (against the parameters
+    round t started from), wait for round t-1's all-reduce and apply it with the outer
+    optimizer, restart the local model from the updated global parameters, let joiners
+    in, and start round t's all-reduce in the background.
+
+    A joiner catches up with the sync at its admission (the old peers SEND_ONLY, the
+    joiner RECEIVE_ONLY or popular) and takes part in the round then in flight with
+    contribution weight 0, so it applies the same update as everyone and stays
+    bit-identical without a second sync."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._inflight: Any = None
+        self._inflight_buffer = torch.zeros_like(self._flat)
+        if int(self._rounds.item()) > 0:
+            # Joined a running group: the others start their in-flight round right
+            # after this sync; join it with nothing to contribute.
+            self._start_round()
+
+    def outer_step(self) -> OuterStepInfo:
+        start = time.perf_counter()
+        world = self.comm.world_size
+        tx = rx = 0
+        self._pseudo_gradient_into_flat()
+        if self._inflight is not None:
+            info = self._inflight.wait(timeout=self.timeout)
+            world, tx, rx = info.world_size, info.tx_bytes, info.rx_bytes
+            self._inflight = None
+            self._apply_outer(self._inflight_buffer)  # also restarts the local model
+        else:
+            self._reset_local()
+        self._rounds += 1
+        self._inflight_buffer, self._flat = self._flat, self._inflight_buffer
+        synced = None
+        if self.comm.pending_peers(timeout=self.timeout) > 0:
+            self.comm.update_topology(timeout=self.timeout)
+            synced = self._sync(SyncStrategy.SEND_ONLY)
+        self._start_round(keep=True)
+        return OuterStepInfo(self.outer_steps, world, tx, rx, time.perf_counter() - start, synced)
+
+    def _start_round(self, keep: bool = False) -> None:
+        if not keep:
+            self._inflight_buffer.zero_()  # weight 0: a joiner has no pseudo-gradient yet
+        self._inflight = self.comm.all_reduce_async(
+            self._inflight_buffer, op=ReduceOp.SUM, quantization=self.quantization, timeout=self.timeout, retry=True
+        )
+        self.allreduces += 1
+
+    def finish(self) -> None:
+        """Waits for the last in-flight all-reduce and applies it."""
+        if self._inflight is not None:
+            self._inflight.wait(timeout=self.timeout)
+            self._inflight = None
+            self._apply_outer(self._inflight_buffer)
