@@ -1,7 +1,9 @@
 """All-reduce benchmark: pccl's native ring against torch.distributed's gloo.
 
-For every peer count N, N local worker processes ('spawn' context) form one group and
-stay up for all sizes (and, for pccl, all segment sizes) of that N. pccl workers find
+For every peer count N, each implementation (and each pccl connection count K) gets one
+group of N local worker processes ('spawn' context); all groups of that N stay up for all
+its sizes and segment sizes, and per size the variants are measured back to back (and
+`rounds` times over, interleaved), so background load hits them alike. pccl workers find
 each other through the parent: each creates its Engine on an ephemeral loopback port
 and sends the port up a Pipe; the parent answers with the whole ring. gloo workers meet
 through a torch FileStore in a temporary directory (no ports chosen by us at all).
@@ -10,7 +12,7 @@ Per size, every worker first runs one verification all-reduce (values rank+1, ch
 against N(N+1)/2), then `warmup` untimed and `iters` timed all-reduces (SUM, float32,
 in place unless asked otherwise) on a zeroed buffer, so repeated sums stay finite. Each
 rank times each iteration on its own clock; per iteration the slowest rank counts, and
-the reported time is the median of those maxima.
+the reported time is the median of those maxima (over all rounds).
 
 algbw = bytes / time; busbw = algbw * 2(N-1)/N (the bytes each rank's link carries in a
 bandwidth-optimal all-reduce, as in nccl-tests).
@@ -31,11 +33,12 @@ import re
 import shutil
 import signal
 import statistics
+import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -122,6 +125,7 @@ class BenchConfig:
     segment_bytes: tuple[int, ...] = (DEFAULT_SEGMENT_BYTES,)
     socket_buffer_bytes: int = 0
     in_place: bool = True
+    rounds: int = 1
     skip_pccl: bool = False
     json_path: Path | None = None
     op_timeout: float = 120.0
@@ -136,6 +140,8 @@ class BenchConfig:
             raise ValueError(f"--compare: unknown implementation(s) {self.compare}; known: gloo")
         if self.iters is not None and self.iters < 1:
             raise ValueError("--iters must be at least 1")
+        if self.rounds < 1:
+            raise ValueError("--rounds must be at least 1")
         if self.warmup is not None and self.warmup < 0:
             raise ValueError("--warmup must not be negative")
         if any(k < 1 for k in self.connections):
@@ -154,7 +160,8 @@ class Result:
     iters: int
     warmup: int
     in_place: bool
-    per_iter_max: tuple[float, ...]  # per iteration, the slowest rank's time
+    per_iter_max: tuple[float, ...]  # per timed iteration (all rounds), the slowest rank's time
+    rounds: int = 1
     connections: int | None = None
     segment_bytes: int | None = None
     socket_buffer_bytes: int | None = None
@@ -190,6 +197,7 @@ class Result:
             "op": "sum",
             "in_place": self.in_place,
             "iters": self.iters,
+            "rounds": self.rounds,
             "warmup": self.warmup,
             "seconds_min": ordered[0],
             "seconds_p90": ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)],
@@ -226,7 +234,7 @@ class _PcclCollective:
     def __init__(self, rank: int, world: int, params: PcclParams, op_timeout: float) -> None:
         import numpy as np
 
-        from pccl_py import _native as nat
+        import pccl_py._native as nat
 
         self._np = np
         self._nat = nat
@@ -283,14 +291,14 @@ class _PcclCollective:
 class _GlooCollective:
     def __init__(self, rank: int, world: int, store_path: str, op_timeout: float) -> None:
         # gloo binds to the address of this interface: keep all traffic on loopback.
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo" if sys.platform.startswith("linux") else "lo0"
         import torch
         import torch.distributed as dist
 
         self._torch = torch
         self._dist = dist
         self._tensor: Any = None
-        store = dist.FileStore(store_path, world)
+        store = dist.FileStore(store_path, world)  # type: ignore[attr-defined]
         dist.init_process_group(
             "gloo",
             store=store,
@@ -346,7 +354,13 @@ def _serve(conn: mpc.Connection, coll: _Collective, rank: int, world: int) -> No
 
 
 def _worker_main(
-    conn: mpc.Connection, impl: str, rank: int, world: int, params: PcclParams, store_path: str, op_timeout: float
+    conn: mpc.Connection,
+    impl: str,
+    rank: int,
+    world: int,
+    params: PcclParams,
+    store_path: str,
+    op_timeout: float,
 ) -> None:
     """Entry point of one worker process (module level, so 'spawn' can pickle it)."""
     # The parent owns Ctrl-C: it stops or kills the workers itself.
@@ -367,16 +381,12 @@ def _worker_main(
     except (EOFError, BrokenPipeError):
         pass  # the parent is gone
     except BaseException:
-        try:
+        with suppress(OSError, EOFError):
             conn.send(("error", traceback.format_exc()))
-        except (OSError, EOFError):
-            pass
     finally:
         if coll is not None:
-            try:
+            with suppress(Exception):  # best effort on the way out
                 coll.close()
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                pass
         conn.close()
 
 
@@ -413,7 +423,9 @@ class _Group:
         self._broadcast(("ring", ring))
         self._gather("ready", timeout)
 
-    def measure(self, nbytes: int, iters: int, warmup: int, segment_bytes: int, in_place: bool) -> list[float]:
+    def measure(
+        self, nbytes: int, iters: int, warmup: int, segment_bytes: int, in_place: bool
+    ) -> list[float]:
         """Runs one size; returns, per timed iteration, the slowest rank's seconds."""
         self._broadcast(("run", nbytes, iters, warmup, segment_bytes, in_place))
         self._gather("allocated", self.op_timeout)
@@ -421,16 +433,14 @@ class _Group:
         budget = self.op_timeout * (iters + warmup + 1)
         replies = self._gather("times", budget)
         per_rank: list[list[float]] = [list(r[1]) for r in replies]
-        return [max(ts) for ts in zip(*per_rank)]
+        return [max(ts) for ts in zip(*per_rank, strict=True)]
 
     def close(self, graceful: bool = True) -> None:
         """Stops the workers: asks them to stop (graceful), then terminates, then kills."""
         if graceful:
             for conn in self._conns:
-                try:
+                with suppress(OSError, ValueError):
                     conn.send(("stop",))
-                except (OSError, ValueError):
-                    pass
             deadline = time.monotonic() + 10.0
             for proc in self._procs:
                 proc.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -483,7 +493,7 @@ class _Group:
                     )
                 rank = conn_rank[id(obj)]
                 try:
-                    msg = obj.recv()  # type: ignore[union-attr]
+                    msg: tuple[Any, ...] = self._conns[rank].recv()
                 except EOFError:
                     self._procs[rank].join(timeout=1.0)
                     raise BenchError(
@@ -514,43 +524,65 @@ def _group(impl: str, world: int, params: PcclParams, cfg: BenchConfig) -> Itera
 # --------------------------------------------------------------------------- driver
 
 
+@dataclasses.dataclass(frozen=True)
+class _Variant:
+    """One measured configuration within a peer count."""
+
+    impl: str
+    connections: int | None = None  # pccl only
+    segment_bytes: int | None = None  # pccl only
+
+
 def run_benchmark(cfg: BenchConfig, on_result: Callable[[Result], None] | None = None) -> list[Result]:
-    """Runs every (impl, peers, size[, K, segment]) combination; returns the results."""
+    """Runs every (peers, size, variant) combination; returns the results.
+
+    For one peer count, every group (pccl per K, gloo) is up at once and the variants are
+    measured back to back per size, `rounds` times over, so a change in background load
+    hits them alike instead of one implementation's whole sweep."""
     cfg.validate()
-    impls = ([] if cfg.skip_pccl else ["pccl"]) + list(cfg.compare)
     results: list[Result] = []
-
-    def plan(nbytes: int) -> tuple[int, int]:
-        iters = cfg.iters if cfg.iters is not None else default_iters(nbytes)
-        warmup = cfg.warmup if cfg.warmup is not None else default_warmup(iters)
-        return iters, warmup
-
-    def record(result: Result) -> None:
-        results.append(result)
-        if on_result is not None:
-            on_result(result)
+    variants: list[_Variant] = []
+    if not cfg.skip_pccl:
+        variants += [_Variant("pccl", k, seg) for k in cfg.connections for seg in cfg.segment_bytes]
+    variants += [_Variant(impl) for impl in cfg.compare]
 
     for world in cfg.peers:
-        for impl in impls:
-            if impl == "pccl":
-                for k in cfg.connections:
-                    params = PcclParams(connections=k, socket_buffer_bytes=cfg.socket_buffer_bytes)
-                    with _group("pccl", world, params, cfg) as group:
-                        for nbytes in cfg.sizes:
-                            iters, warmup = plan(nbytes)
-                            for seg in cfg.segment_bytes:
-                                times = group.measure(nbytes, iters, warmup, seg, cfg.in_place)
-                                record(
-                                    Result("pccl", world, nbytes, iters, warmup, cfg.in_place, tuple(times),
-                                           connections=k, segment_bytes=seg,
-                                           socket_buffer_bytes=cfg.socket_buffer_bytes)
-                                )
-            else:
-                with _group(impl, world, PcclParams(), cfg) as group:
-                    for nbytes in cfg.sizes:
-                        iters, warmup = plan(nbytes)
-                        times = group.measure(nbytes, iters, warmup, 0, True)
-                        record(Result(impl, world, nbytes, iters, warmup, True, tuple(times)))
+        with ExitStack() as stack:
+            groups: dict[tuple[str, int | None], _Group] = {}
+            for v in variants:
+                key = (v.impl, v.connections)
+                if key not in groups:
+                    params = PcclParams(
+                        connections=v.connections or DEFAULT_CONNECTIONS,
+                        socket_buffer_bytes=cfg.socket_buffer_bytes,
+                    )
+                    groups[key] = stack.enter_context(_group(v.impl, world, params, cfg))
+            for nbytes in cfg.sizes:
+                iters = cfg.iters if cfg.iters is not None else default_iters(nbytes)
+                warmup = cfg.warmup if cfg.warmup is not None else default_warmup(iters)
+                times: dict[_Variant, list[float]] = {v: [] for v in variants}
+                for _ in range(cfg.rounds):
+                    for v in variants:
+                        in_place = cfg.in_place or v.impl != "pccl"  # gloo always runs in place
+                        group = groups[(v.impl, v.connections)]
+                        times[v] += group.measure(nbytes, iters, warmup, v.segment_bytes or 0, in_place)
+                for v in variants:
+                    result = Result(
+                        impl=v.impl,
+                        peers=world,
+                        nbytes=nbytes,
+                        iters=iters * cfg.rounds,
+                        warmup=warmup,
+                        in_place=cfg.in_place or v.impl != "pccl",
+                        per_iter_max=tuple(times[v]),
+                        rounds=cfg.rounds,
+                        connections=v.connections,
+                        segment_bytes=v.segment_bytes,
+                        socket_buffer_bytes=cfg.socket_buffer_bytes if v.impl == "pccl" else None,
+                    )
+                    results.append(result)
+                    if on_result is not None:
+                        on_result(result)
     return results
 
 
@@ -562,8 +594,9 @@ def results_table(results: Sequence[Result], title: str | None = None) -> Table:
         table.add_column(name, justify="left" if name == "impl" else "right", no_wrap=True)
     if show_ratio:
         table.add_column("pccl/gloo busbw", justify="right", no_wrap=True)
-    for r in sorted(results, key=lambda r: (r.peers, r.nbytes, r.impl != "pccl", r.connections or 0,
-                                            r.segment_bytes or 0)):
+    for r in sorted(
+        results, key=lambda r: (r.peers, r.nbytes, r.impl != "pccl", r.connections or 0, r.segment_bytes or 0)
+    ):
         row = [
             r.impl,
             str(r.connections) if r.connections is not None else "",
@@ -599,35 +632,116 @@ def _describe_machine() -> str:
     return f"{os.cpu_count()} cores, {model}, {platform.system()} {platform.release()}"
 
 
+@contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """While running, SIGTERM unwinds like Ctrl-C does, so the workers are stopped too."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # --------------------------------------------------------------------------- CLI glue
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `pccl bench`."""
-    parser.add_argument("--peers", type=int, nargs="+", default=list(DEFAULT_PEERS), metavar="N",
-                        help="peer counts (local processes) to run (default: 2 4)")
-    parser.add_argument("--sizes", type=parse_size, nargs="+", default=[parse_size(s) for s in DEFAULT_SIZES],
-                        metavar="SIZE", help="buffer sizes in bytes of float32 data; suffixes K, M, G are "
-                        "powers of 1024 (default: 1K 1M 16M 64M 256M)")
-    parser.add_argument("--compare", nargs="*", choices=IMPLS[1:], default=[], metavar="IMPL",
-                        help="also run these implementations in the same invocation (choices: gloo)")
-    parser.add_argument("--iters", type=int, default=None,
-                        help="timed iterations per size (default: adaptive, ~1 GiB per size, 5..500)")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed iterations per size after the verification op (default: iters/10, 1..20)")
-    parser.add_argument("--connections", type=int, nargs="+", default=[DEFAULT_CONNECTIONS], metavar="K",
-                        help="pccl TCP connections per peer; several values sweep (default: 1)")
-    parser.add_argument("--segment-bytes", type=parse_size, nargs="+", default=[DEFAULT_SEGMENT_BYTES],
-                        metavar="B", help="pccl segment (frame) size; several values sweep (default: 512K)")
-    parser.add_argument("--socket-buffer-bytes", type=parse_size, default=0, metavar="B",
-                        help="pccl SO_SNDBUF/SO_RCVBUF (default: 0, the kernel's autotuning)")
-    parser.add_argument("--out-of-place", action="store_true",
-                        help="pccl writes into a separate output buffer (gloo always runs in place)")
+    parser.add_argument(
+        "--peers",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_PEERS),
+        metavar="N",
+        help="peer counts (local processes) to run (default: 2 4)",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=parse_size,
+        nargs="+",
+        default=[parse_size(s) for s in DEFAULT_SIZES],
+        metavar="SIZE",
+        help="buffer sizes in bytes of float32 data; suffixes K, M, G are "
+        "powers of 1024 (default: 1K 1M 16M 64M 256M)",
+    )
+    parser.add_argument(
+        "--compare",
+        nargs="*",
+        choices=IMPLS[1:],
+        default=[],
+        metavar="IMPL",
+        help="also run these implementations in the same invocation (choices: gloo)",
+    )
+    parser.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="timed iterations per size (default: adaptive, ~1 GiB per size, 5..500)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed iterations per size after the verification op (default: iters/10, 1-20)",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        nargs="+",
+        default=[DEFAULT_CONNECTIONS],
+        metavar="K",
+        help="pccl TCP connections per peer; several values sweep (default: 1)",
+    )
+    parser.add_argument(
+        "--segment-bytes",
+        type=parse_size,
+        nargs="+",
+        default=[DEFAULT_SEGMENT_BYTES],
+        metavar="B",
+        help="pccl segment (frame) size; several values sweep (default: 512K)",
+    )
+    parser.add_argument(
+        "--socket-buffer-bytes",
+        type=parse_size,
+        default=0,
+        metavar="B",
+        help="pccl SO_SNDBUF/SO_RCVBUF (default: 0, the kernel's autotuning)",
+    )
+    parser.add_argument(
+        "--out-of-place",
+        action="store_true",
+        help="pccl writes into a separate output buffer (gloo always runs in place)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every variant this many times per size, interleaved (pccl, gloo, pccl, ...); "
+        "the median is over all rounds' iterations (default: 1)",
+    )
     parser.add_argument("--skip-pccl", action="store_true", help="run only the --compare implementations")
-    parser.add_argument("--json", type=Path, default=None, metavar="FILE",
-                        help="write one JSON object per result row (JSON lines) to FILE")
-    parser.add_argument("--op-timeout", type=float, default=120.0, metavar="SECONDS",
-                        help="timeout of one all-reduce (default: 120)")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write one JSON object per result row (JSON lines) to FILE",
+    )
+    parser.add_argument(
+        "--op-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="timeout of one all-reduce (default: 120)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -641,6 +755,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         segment_bytes=tuple(dict.fromkeys(args.segment_bytes)),
         socket_buffer_bytes=args.socket_buffer_bytes,
         in_place=not args.out_of_place,
+        rounds=args.rounds,
         skip_pccl=args.skip_pccl,
         json_path=args.json,
         op_timeout=args.op_timeout,
@@ -661,7 +776,7 @@ def main(args: argparse.Namespace) -> int:
     progress = Console(stderr=True, soft_wrap=True)
     progress.print(f"[dim]{_describe_machine()}; loopback {LOOPBACK}[/]")
     json_file: IO[str] | None = None
-    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
     def on_result(r: Result) -> None:
         progress.print(
@@ -673,16 +788,18 @@ def main(args: argparse.Namespace) -> int:
             json_file.flush()
 
     try:
-        if cfg.json_path is not None:
-            json_file = open(cfg.json_path, "w", encoding="utf-8")  # noqa: SIM115 - closed below
-        results = run_benchmark(cfg, on_result)
+        with _sigterm_as_exit():
+            if cfg.json_path is not None:
+                json_file = open(cfg.json_path, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+            results = run_benchmark(cfg, on_result)
     except BenchError as e:
         progress.print(f"[red]benchmark failed:[/] {e}")
         return 1
     finally:
         if json_file is not None:
             json_file.close()
-    out.print(results_table(results, title=f"all-reduce float32 SUM, {'in' if cfg.in_place else 'out-of'}-place"))
+    placement = "in-place" if cfg.in_place else "out-of-place (pccl; gloo in place)"
+    out.print(results_table(results, title=f"all-reduce float32 SUM, {placement}"))
     return 0
 
 

@@ -23,14 +23,20 @@ class Subcommand:
 
 # New subcommands (master, run, status) are added here once their modules exist.
 SUBCOMMANDS: tuple[Subcommand, ...] = (
-    Subcommand("bench", "pccl_py.bench", "benchmark all-reduce across local processes (optionally against gloo)"),
+    Subcommand(
+        "bench", "pccl_py.bench", "benchmark all-reduce across local processes, optionally against gloo"
+    ),
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pccl", description="pccl_py: fault-tolerant collective communication")
+    parser = argparse.ArgumentParser(
+        prog="pccl", description="pccl_py: fault-tolerant collective communication"
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)"
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for sub in SUBCOMMANDS:
         module = importlib.import_module(sub.module)

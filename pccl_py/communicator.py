@@ -114,7 +114,8 @@ class Communicator:
         self._next_seq: dict[int, int] = {}
         self._round = 0
         self._pending_query = 0
-        self._inflight: dict[OpKey, Any] = {}  # op key -> native handle (guarded by control.cond)
+        # op key -> (native handle, retry flag); guarded by control.cond
+        self._inflight: dict[OpKey, tuple[Any, bool]] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
 
@@ -376,14 +377,15 @@ class Communicator:
         control = self._require()
         assert engine is not None
         in_place = dst is src
-        attempt = 0
+        failures_in_epoch: dict[int, int] = {}  # a retry in the same epoch needs a fresh key
+        attempts = 0
         while True:
             epoch = -1
             handle = None
             ok, kind, msg, culprit = True, "", "", -1
             try:
                 epoch = self._ensure_ring(deadline)
-                key = (epoch, tag, (seq << _ATTEMPT_BITS) | attempt)
+                key = (epoch, tag, (seq << _ATTEMPT_BITS) | failures_in_epoch.get(epoch, 0))
                 handle = engine.all_reduce(
                     src,
                     dst,
@@ -395,7 +397,7 @@ class Communicator:
                     connect_timeout=min(self.config.connect_timeout, max(0.0, deadline - time.monotonic())),
                     defer_commit=in_place,
                 )
-                self._track(key, handle)
+                self._track(key, handle, retry)
                 try:
                     handle.result()
                 finally:
@@ -405,8 +407,9 @@ class Communicator:
                 culprit = exc.peer if isinstance(exc.peer, int) and exc.peer < 2**63 else -1
                 if epoch < 0:  # no ring to run on (evicted, closed, timed out)
                     raise
-                key = (epoch, tag, (seq << _ATTEMPT_BITS) | attempt)
+                key = (epoch, tag, (seq << _ATTEMPT_BITS) | failures_in_epoch.get(epoch, 0))
             outcome = self._outcome(key, ok, kind, msg, culprit, deadline)
+            attempts += 1
             if outcome["ok"]:
                 if handle is not None:
                     handle.settle(True)
@@ -416,7 +419,7 @@ class Communicator:
                     tx_bytes=handle.tx_bytes if handle is not None else 0,
                     rx_bytes=handle.rx_bytes if handle is not None else 0,
                     epoch=key[0],
-                    attempts=attempt + 1,
+                    attempts=attempts,
                 )
             if handle is not None:
                 handle.settle(False)
@@ -429,8 +432,8 @@ class Communicator:
                 step=seq & ((1 << _STEP_BITS) - 1),
             )
             retryable = outcome["kind"] == "PeerLeft" or (retry and outcome["kind"] in _RETRYABLE)
-            attempt += 1
-            if not retryable or attempt >= min(self.config.max_retries, 1 << _ATTEMPT_BITS):
+            failures_in_epoch[key[0]] = failures_in_epoch.get(key[0], 0) + 1
+            if not retryable or attempts >= self.config.max_retries or failures_in_epoch[key[0]] >= 1 << _ATTEMPT_BITS:
                 raise error
             # Re-run once the master's new ring (if the failure made one) is known here.
             next_epoch = outcome["next_epoch"]
@@ -451,16 +454,20 @@ class Communicator:
                     "op", epoch=key[0], tag=key[1], seq=key[2], ok=ok, kind=kind, msg=msg[:2000], peer=culprit
                 )
             )
-        return control.wait(lambda: control.outcomes.pop(key, None), deadline, f"the outcome of op {key}")
+        return control.wait(lambda: control.take_outcome(key), deadline, f"the outcome of op {key}")
 
-    def _track(self, key: OpKey, handle: Any) -> None:
+    def _track(self, key: OpKey, handle: Any, retry: bool) -> None:
         control = self._require()
         with control.cond:
-            self._inflight[key] = handle
+            self._inflight[key] = (handle, retry)
             decided = control.outcomes.get(key)
             superseded = control.topology is not None and control.topology.epoch > key[0]
-        if (decided is not None and not decided["ok"]) or superseded:
-            handle.abort("the master already failed this op")
+            older_failure = not retry and any(
+                _same_step(k, key) and k[0] < key[0] and not o["ok"] and o["kind"] != "PeerLeft"
+                for k, o in control.outcomes.items()
+            )
+        if (decided is not None and not decided["ok"]) or superseded or older_failure:
+            handle.abort("the master already failed this op (superseded)")
 
     def _untrack(self, key: OpKey) -> None:
         control = self._require()
@@ -475,12 +482,19 @@ class Communicator:
         assert control is not None
         with control.cond:
             if kind == "topology":
-                doomed = [h for k, h in self._inflight.items() if k[0] < msg["epoch"]]
+                doomed = [h for k, (h, _) in self._inflight.items() if k[0] < msg["epoch"]]
             elif kind == "outcome" and not msg["ok"]:
-                handle = self._inflight.get((msg["epoch"], msg["tag"], msg["seq"]))
-                doomed = [handle] if handle is not None else []
+                failed = (msg["epoch"], msg["tag"], msg["seq"])
+                rerun = msg["kind"] == "PeerLeft"  # re-run by every survivor: nothing to doom
+                # This op, or the same step started in a newer epoch by a call that will
+                # not retry (the peers that failed in the old epoch raise: so must it).
+                doomed = [
+                    h
+                    for k, (h, retry) in self._inflight.items()
+                    if k == failed or (not retry and not rerun and _same_step(k, failed) and k[0] > failed[0])
+                ]
             elif kind == "evicted":
-                doomed = list(self._inflight.values())
+                doomed = [h for h, _ in self._inflight.values()]
         for handle in doomed:
             handle.abort(f"superseded by the master ({kind})")
         if kind == "topology":
@@ -506,6 +520,10 @@ class Communicator:
         """Moves the data plane to the master's latest ring; returns its epoch."""
         control = self._require()
         assert self._engine is not None
+        with control.cond:
+            evicted = control.evicted
+        if evicted is not None:
+            raise Aborted(f"this peer was evicted by the master: {evicted}")
         with self._ring_lock:
             topo = self._topology()
             if topo is None:
@@ -524,6 +542,11 @@ class Communicator:
     @staticmethod
     def _deadline(timeout: float | None, default: float) -> float:
         return time.monotonic() + (default if timeout is None else timeout)
+
+
+def _same_step(a: OpKey, b: OpKey) -> bool:
+    """Same tag and step (round included), whatever the epoch and attempt."""
+    return a[1] == b[1] and a[2] >> _ATTEMPT_BITS == b[2] >> _ATTEMPT_BITS
 
 
 def _kind_of(exc: PcclError) -> str:

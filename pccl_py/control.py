@@ -62,6 +62,9 @@ class ControlChannel:
         self.vote_rounds = 0
         self.round = 0  # the group's op-numbering round of the latest admission/vote
         self.outcomes: OrderedDict[OpKey, protocol.Message] = OrderedDict()
+        # Outcomes already taken by their op: a second copy (the master answers a report
+        # that crossed its push) is dropped.
+        self.consumed: OrderedDict[OpKey, None] = OrderedDict()
         self.pending_answers: dict[int, int] = {}
         self.evicted: str | None = None
         self.sync_plan: protocol.Message | None = None
@@ -180,7 +183,9 @@ class ControlChannel:
                 for key in [k for k in self.outcomes if k[0] < msg["epoch"] - 4]:
                     del self.outcomes[key]
             elif kind == "outcome":
-                self.outcomes[(msg["epoch"], msg["tag"], msg["seq"])] = msg
+                key = (msg["epoch"], msg["tag"], msg["seq"])
+                if key not in self.consumed:
+                    self.outcomes[key] = msg
                 while len(self.outcomes) > _MAX_KEPT_OUTCOMES:
                     self.outcomes.popitem(last=False)
             elif kind == "sync_plan":
@@ -215,6 +220,15 @@ class ControlChannel:
                 if remaining <= 0:
                     raise Timeout(f"timed out waiting for {what}")
                 self.cond.wait(remaining)
+
+    def take_outcome(self, key: OpKey) -> protocol.Message | None:
+        """Removes and returns the outcome of `key` if known (call under cond)."""
+        msg = self.outcomes.pop(key, None)
+        if msg is not None:
+            self.consumed[key] = None
+            while len(self.consumed) > _MAX_KEPT_OUTCOMES:
+                self.consumed.popitem(last=False)
+        return msg
 
     def state(self) -> dict[str, Any]:
         with self.cond:

@@ -202,7 +202,7 @@ class Membership:
             outcome = self._outcome(g, key, False, "ProtocolError", f"peer {peer.id} is not in the ring of epoch {epoch}", -1, 0)
             return [Send(peer.id, outcome)]
         if record.decided is not None:
-            return [Send(peer.id, record.decided)]
+            return [Send(peer.id, record.decided)]  # every report gets an answer
         record.reports[peer.id] = Report(ok, kind, msg, culprit)
         if not ok and record.first_failure_at is None:
             record.first_failure_at = now

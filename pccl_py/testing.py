@@ -9,6 +9,7 @@ report structured records through a queue; the caller kills (SIGKILL), stops
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
 import queue
 import signal
@@ -93,9 +94,22 @@ def allreduce_worker(
         comm.close()
 
 
+class RecordPipe:
+    """A peer's end of its record channel: put(record) sends it to the test process.
+    One pipe per peer, so a peer killed mid-send cannot silence the others (a shared
+    multiprocessing.Queue would stay locked)."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def put(self, record: Record) -> None:
+        self._conn.send(record)
+
+
 @dataclass
 class PeerGroup:
-    """Peer processes running `target(master, index, queue, **kwargs)`."""
+    """Peer processes running `target(master, index, out, **kwargs)`; `out.put(record)`
+    reports a record to this process."""
 
     master: str
     target: Callable[..., None]
@@ -104,12 +118,18 @@ class PeerGroup:
 
     def __post_init__(self) -> None:
         self._ctx = mp.get_context("spawn")
-        self.queue: Any = self._ctx.Queue()
+        self._readers: dict[Any, int] = {}
+        self._backlog: list[Record] = []
 
     def start(self, index: int, **overrides: Any) -> None:
         kwargs = {**self.kwargs, **overrides}
-        proc = self._ctx.Process(target=self.target, args=(self.master, index, self.queue), kwargs=kwargs, daemon=True)
+        reader, writer = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(
+            target=self.target, args=(self.master, index, RecordPipe(writer)), kwargs=kwargs, daemon=True
+        )
         proc.start()
+        writer.close()
+        self._readers[reader] = index
         self.processes[index] = proc
 
     def kill(self, index: int) -> None:
@@ -123,7 +143,18 @@ class PeerGroup:
 
     def records(self, timeout: float) -> Record:
         """Next record from any peer; raises queue.Empty after `timeout` seconds."""
-        return self.queue.get(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while not self._backlog:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._readers:
+                raise queue.Empty
+            for reader in mp_connection.wait(list(self._readers), remaining):
+                try:
+                    self._backlog.append(reader.recv())  # type: ignore[union-attr]
+                except (EOFError, OSError):  # the peer exited or died
+                    del self._readers[reader]
+                    reader.close()  # type: ignore[union-attr]
+        return self._backlog.pop(0)
 
     def wait_for(self, predicate: Callable[[Record], bool], timeout: float) -> list[Record]:
         """Collects records until one satisfies `predicate`; returns all collected."""
@@ -134,7 +165,7 @@ class PeerGroup:
             if remaining <= 0:
                 raise TimeoutError(f"no matching record within {timeout}s; got {seen[-5:]}")
             try:
-                record = self.queue.get(timeout=remaining)
+                record = self.records(remaining)
             except queue.Empty:
                 continue
             seen.append(record)
@@ -151,8 +182,9 @@ class PeerGroup:
                     pass
             proc.join(5)
         self.processes.clear()
-        self.queue.close()
-        self.queue.join_thread()
+        for reader in self._readers:
+            reader.close()
+        self._readers.clear()
 
     def __enter__(self) -> PeerGroup:
         return self

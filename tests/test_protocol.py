@@ -141,6 +141,10 @@ DOCUMENTED = {
     "evicted": {"reason": S},
     "error": {"code": S, "msg": S},
     "status_reply": {"state": M},
+    "sync": {"epoch": I, "revision": I, "strategy": S, "exposure": I, "entries": L},
+    "sync_done": {"ok": B, "kind": S, "msg": S, "rx_bytes": I},
+    "sync_plan": {"revision": I, "fetch": L, "sources": L},
+    "sync_result": {"ok": B, "kind": S, "msg": S, "revision": I},
 }
 _KIND_OF_TYPES = {(int,): I, (str,): S, (bool,): B, (int, float): N, (list,): L, (dict,): M}
 

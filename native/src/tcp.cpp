@@ -100,7 +100,8 @@ Fd connectTcp(const std::string& host, uint16_t port, Clock::time_point deadline
   socklen_t len = 0;
   sockaddr_storage addr = resolve(host, port, &len);
   const std::string where = host + ":" + std::to_string(port);
-  // Retry refused connections until the deadline: the neighbour may still be binding.
+  // A peer's listener is bound before it registers, so a refused connection means the
+  // peer is gone: fail at once (only EINTR-like hiccups are retried).
   for (;;) {
     Fd fd(::socket(addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0));
     if (!fd.valid()) throw Error("socket(): " + errnoText(errno));
@@ -118,7 +119,7 @@ Fd connectTcp(const std::string& host, uint16_t port, Clock::time_point deadline
       setNonBlocking(fd.get(), false);
       return fd;
     }
-    if (Clock::now() >= deadline || (err != ECONNREFUSED && err != EAGAIN)) {
+    if (Clock::now() >= deadline || err != EAGAIN) {
       throw PeerLostError("connect to peer " + std::to_string(peer) + " at " + where + ": " +
                               errnoText(err),
                           peer);
