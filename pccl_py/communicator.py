@@ -305,16 +305,22 @@ class Communicator:
             with control.cond:
                 control.sync_plan = None
                 control.sync_result = None
-            control.send(
-                protocol.make(
-                    "sync",
-                    epoch=self.epoch,
-                    revision=state.revision,
-                    strategy=strategy.value,
-                    exposure=exposure.id,
-                    entries=[[e.name, e.dtype, list(e.shape), e.nbytes, e.hash] for e in entries],
-                )
+            request = protocol.make(
+                "sync",
+                epoch=self.epoch,
+                revision=state.revision,
+                strategy=strategy.value,
+                exposure=exposure.id,
+                entries=[[e.name, e.dtype, list(e.shape), e.nbytes, e.hash] for e in entries],
             )
+            size = len(protocol.encode(request))
+            if size > self.config.max_message_bytes:
+                raise InvalidArgument(
+                    f"the state's description ({len(entries)} entries, {size} bytes) exceeds the "
+                    f"{self.config.max_message_bytes}-byte message cap (Config.max_message_bytes): "
+                    "merge small tensors into fewer entries or raise the cap on every peer and the master"
+                )
+            control.send(request)
             plan = control.wait(
                 lambda: control.sync_plan or control.sync_result, deadline, "the shared-state plan"
             )

@@ -28,7 +28,7 @@ class Config:
     socket_buffer_bytes: int = 0
     mailbox_limit_bytes: int = 256 << 20
     # Control plane.
-    max_message_bytes: int = 1 << 20
+    max_message_bytes: int = 16 << 20  # room for the state description of large models
     max_retries: int = 64
     # Structured JSON-lines event log (membership changes, op outcomes); None: off.
     event_log: str | None = None

@@ -9,10 +9,13 @@ Rules:
 - Revision (PCCL's rule): once the group has synced revision G, a peer that took part
   in that sync must come with G + 1 (it bumps its revision by exactly one per sync
   after changing its content); anything else is an error. A peer that did not take
-  part (a joiner) may come with any revision and adopts the group's. The first sync
-  of a group takes the highest revision among the voters.
-- Content: per entry, the hash held by most voters at the target revision wins; ties
-  go to content held by a peer of the last sync, then to the lowest peer id holding it.
+  part (a joiner) may come with any revision and adopts the group's. The group's
+  revision never goes back: the target is G + 1; the first sync of a group takes the
+  highest revision among the voters.
+- Content: SEND_ONLY peers must all hold the same content, whatever their revision.
+  Otherwise, per entry, the hash held by most voters at the target revision wins (the
+  freshest voters count if none is at it); ties go to content held by a peer of the last sync,
+  then to the lowest peer id holding it.
 - Every peer whose bytes differ from the winner receives the entry (SEND_ONLY peers
   never do); any peer holding the winning bytes can serve it.
 """
@@ -86,11 +89,11 @@ def elect(submissions: list[Submission], group_revision: int | None, last_synced
                     f"{group_revision}: bump the revision by exactly one per sync",
                     s.peer,
                 )
-    eligible = [s for s in voters if s.revision == target]
-    if not eligible:
-        # Nobody from the last sync is left: the freshest voters decide.
-        target = max(s.revision for s in voters)
-        eligible = [s for s in voters if s.revision == target]
+    if send_only:
+        eligible = send_only  # authoritative whatever their revision: they must agree
+    else:
+        freshest = max(s.revision for s in voters)
+        eligible = [s for s in voters if s.revision == target] or [s for s in voters if s.revision == freshest]
 
     n_entries = len(reference.entries)
     hashes: list[int] = []

@@ -82,65 +82,63 @@ def fetch_entries(
     wanted: list[tuple[int, int, list[int]]],
     sources: dict[int, _Source],
     deadline: float,
-    max_rounds: int = 4,
     progress: ProgressFn | None = None,
 ) -> int:
-    """Fetches the entries `wanted` ((index, elected hash, holder peers)) into `buffers`,
-    spreading chunks over the holders, verifying each entry's hash on arrival and
-    re-fetching from other holders what failed or arrived corrupt. Returns the bytes
-    received. Raises PeerLost when an entry could not be obtained from any holder."""
+    """Fetches the entries `wanted` ((index, elected hash, holder peers)) into `buffers`
+    and returns the bytes received. Raises PeerLost when an entry cannot be obtained
+    intact from any holder, Timeout at the deadline.
+
+    The first attempt spreads each entry's chunks over all its holders. An entry whose
+    hash does not match on arrival is fetched again whole from one holder at a time, so
+    a holder that serves it corrupt is known and never asked for it again; a holder
+    whose transfer fails is not asked again at all."""
     total = sum(int(buffers[i].nbytes) for i, _, _ in wanted)
     pending = {i: (h, [p for p in holders if p in sources]) for i, h, holders in wanted}
-    failed_sources: set[int] = set()
+    spread = {i: True for i in pending}
+    corrupt_from: dict[int, set[int]] = {i: set() for i in pending}
+    dead: set[int] = set()
     received = 0
-    for round_ in range(max_rounds):
-        if not pending:
-            break
-        # Assign chunks to sources round-robin per entry; rotate by round so a re-fetch
-        # goes elsewhere.
+    while pending:
         plan: dict[int, list[tuple[int, int, int, int, int]]] = {}
         for n, (index, (_, holders)) in enumerate(sorted(pending.items())):
-            usable = [p for p in holders if p not in failed_sources] or holders
+            usable = [p for p in holders if p not in dead and p not in corrupt_from[index]]
             if not usable:
-                raise PeerLost(f"no peer holds the elected content of state entry {index}")
+                raise PeerLost(f"no peer could provide state entry {index} intact (holders: {holders})")
             size = int(buffers[index].nbytes)
             for c, offset in enumerate(range(0, size, CHUNK_BYTES)):
-                source = usable[(c + n + round_) % len(usable)]
-                length = min(CHUNK_BYTES, size - offset)
-                plan.setdefault(source, []).append((index, offset, length, index, offset))
+                source = usable[(c + n) % len(usable)] if spread[index] else usable[0]
+                plan.setdefault(source, []).append((index, offset, min(CHUNK_BYTES, size - offset), index, offset))
         handles = {}
-        remaining = max(0.0, deadline - time.monotonic())
         for peer, chunks in plan.items():
             src = sources[peer]
             try:
                 handles[peer] = engine.fetch_state(
-                    src.peer, src.host, src.port, src.exposure, buffers, chunks, timeout=remaining
+                    src.peer, src.host, src.port, src.exposure, buffers, chunks,
+                    timeout=max(0.0, deadline - time.monotonic()),
                 )
             except PeerLost:
-                failed_sources.add(peer)
+                dead.add(peer)
         _wait_all(handles, deadline, progress, received, total)
-        broken_entries: set[int] = set()
-        for peer, handle in handles.items():
+        if time.monotonic() > deadline:
+            raise Timeout("shared-state transfer did not finish before the deadline")
+        incomplete: set[int] = set()
+        for peer, chunks in plan.items():
+            handle = handles.get(peer)
             try:
+                if handle is None:
+                    raise PeerLost(f"peer {peer} unreachable")
                 handle.result(timeout=0)
                 received += handle.rx_bytes
             except Exception:
-                failed_sources.add(peer)
-                broken_entries.update(chunk[0] for chunk in plan[peer])
-        for peer in plan:
-            if peer not in handles:
-                broken_entries.update(chunk[0] for chunk in plan[peer])
-        for index in list(pending):
-            if index in broken_entries:
-                continue
+                dead.add(peer)
+                incomplete.update(chunk[0] for chunk in chunks)
+        for index in [i for i in pending if i not in incomplete]:
             if digest(buffers[index]) == pending[index][0]:
                 del pending[index]
-            else:  # corrupt in transit or at the source: fetch again, elsewhere first
-                failed_sources.update({p for p, chunks in plan.items() if any(ch[0] == index for ch in chunks)})
-        if time.monotonic() > deadline:
-            raise Timeout("shared-state transfer did not finish before the deadline")
-    if pending:
-        raise PeerLost(f"could not obtain state entries {sorted(pending)} intact from any holder")
+            elif spread[index]:
+                spread[index] = False  # fetch it whole from one holder: blame becomes exact
+            else:
+                corrupt_from[index].update(p for p, chunks in plan.items() if any(ch[0] == index for ch in chunks))
     if progress is not None:
         progress(total, total)
     return received
@@ -150,7 +148,7 @@ def _wait_all(handles: dict[int, Any], deadline: float, progress: ProgressFn | N
     for handle in handles.values():
         while not handle.wait(timeout=0.1 if progress else max(0.0, deadline - time.monotonic())):
             if progress is not None:
-                progress(base + sum(h.rx_bytes for h in handles.values()), total)
+                progress(min(total, base + sum(h.rx_bytes for h in handles.values())), total)
             if time.monotonic() > deadline:
                 for h in handles.values():
                     h.abort("shared-state transfer deadline")

@@ -1,6 +1,8 @@
 #include "pccl/engine.hpp"
 
+#include <linux/sockios.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -638,8 +640,11 @@ void Engine::dispatchHeader(Connection* c) {
     if (stale) {
       c->sink = Connection::Sink::kDiscard;
     } else {
-      // Early frame of an op this peer has not posted yet: hold it (up to a cap).
-      if (mailboxBytes_ + h.length > options_.mailboxLimitBytes) {
+      // Early frame of an op this peer has not posted yet. With no op running, leave
+      // it in the kernel (stop reading this connection: TCP pushes back on the sender)
+      // until an op is posted; that costs no copy. With ops running, other ops' frames
+      // may queue behind it, so hold it in the mailbox (up to a cap) instead.
+      if (activeByTag_.empty() || mailboxBytes_ + h.length > options_.mailboxLimitBytes) {
         c->paused = true;
         updateInterest(c);
         return;
@@ -809,6 +814,14 @@ void Engine::closeConnection(Connection* c, ErrorKind kind, const std::string& r
     auto it = liveOutgoing_.find(key);
     if (it != liveOutgoing_.end() && it->second > 0 && --it->second == 0) liveOutgoing_.erase(it);
   }
+  // Bytes still unsent in the kernel (the peer stopped reading: a paused stream, a
+  // full window) would hold our FIN back forever: reset instead, so the peer learns
+  // at once. With nothing pending, a normal close delivers what was sent, then FIN.
+  int unsent = 0;
+  if (::ioctl(c->fd.get(), SIOCOUTQNSD, &unsent) == 0 && unsent > 0) {
+    linger hard{1, 0};
+    ::setsockopt(c->fd.get(), SOL_SOCKET, SO_LINGER, &hard, sizeof(hard));
+  }
   auto node = connections_.extract(c->fd.get());
   c->fd.reset();
   if (!node.empty()) graveyard_.push_back(std::move(node.mapped()));
@@ -887,9 +900,11 @@ void Engine::startOp(const std::shared_ptr<Collective>& op) {
       for (auto& frame : later) box2.push_back(std::move(frame));
     }
   }
+  // Frames left waiting in the kernel for this op reach it before it can be judged
+  // complete (an op with nothing to exchange must still see a peer's mismatch).
+  resumePaused();
   flushDirty();
   finishIfComplete(op.get());
-  resumePaused();
 }
 
 void Engine::finishIfComplete(Collective* op) {

@@ -1,0 +1,237 @@
+"""Shared-state synchronisation, measured (not asserted). Peers are separate processes
+(tests/state_workers.py's state_worker); the master runs in this process.
+
+(a) joiner: a RECEIVE_ONLY peer with a zero-filled state receives the whole state
+    (`--mib` MiB in `--entries` float32 entries) from 1 and from 3 sources. The sources
+    call sync first; the joiner's sync_shared_state() is timed end to end (hash its
+    own state, plan, fetch, verify, result) and its transfer phase (fetch + hash
+    verification) on its own. Repeated `--reps` times (the joiner zeroes its state
+    again before each), median reported.
+(b) no-transfer sync: `--peers` peers with identical state call sync_shared_state()
+    back to back (`--syncs` times after a warm-up); the time of one sync = the slowest
+    peer's call in that round; median reported. Repeated with 1 MiB: the fixed cost.
+    Every peer hashes its whole state at every sync, so with all peers on one host
+    this is bounded below by peers * size / (cores * digest throughput).
+(c) digest: xxh3-64 (pccl_py.shared_state.digest) of a `--mib` MiB buffer, one core.
+
+    python -m stress.state_transfer
+    python -m stress.state_transfer --mib 256 --reps 5 --syncs 15 --json results.jsonl
+
+GB/s is 1e9 bytes per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from pccl_py import Master
+from pccl_py.shared_state import digest
+from pccl_py.testing import PeerGroup
+from tests.state_workers import fill, state_worker
+
+
+def _spec(mib: int, entries: int, zero: bool = False) -> list[tuple[str, str, int, int | None]]:
+    per_entry = (mib << 20) // entries // 4
+    return [(f"entry{i}", "float32", per_entry, None if zero else 100 + i) for i in range(entries)]
+
+
+class _Peers:
+    """A PeerGroup of state workers, each with its own pipe."""
+
+    def __init__(self, master: Master, world: int) -> None:
+        self.group = PeerGroup(master.address, state_worker, dict(world=world))
+        self.conns: dict[int, Any] = {}
+        self._child: list[Any] = []
+        self._ctx = mp.get_context("spawn")
+
+    def start(self, index: int, spec: list[Any]) -> None:
+        parent, child = self._ctx.Pipe()
+        self.conns[index] = parent
+        self._child.append(child)
+        self.group.start(index, conn=child, spec=spec)
+
+    def recv(self, index: int, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while not self.conns[index].poll(0.2):
+            if not self.group.processes[index].is_alive():
+                raise RuntimeError(f"peer {index} exited (code {self.group.processes[index].exitcode})")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"peer {index} did not answer within {timeout}s")
+        record = self.conns[index].recv()
+        if record.get("event") == "crashed":
+            raise RuntimeError(f"peer {index} crashed: {record['error']}")
+        return record
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        for index in self.conns:
+            record = self.recv(index, timeout)
+            if record.get("event") != "ready":
+                raise RuntimeError(f"peer {index}: {record}")
+
+    def close(self) -> None:
+        for conn in self.conns.values():
+            try:
+                conn.send({"cmd": "close"})
+            except OSError:
+                pass
+        deadline = time.monotonic() + 10
+        for proc in self.group.processes.values():
+            proc.join(max(0.0, deadline - time.monotonic()))
+        self.group.close()
+        for conn in [*self.conns.values(), *self._child]:
+            conn.close()
+
+
+def _check(record: dict[str, Any], what: str) -> dict[str, Any]:
+    if not record.get("ok"):
+        raise RuntimeError(f"{what} failed: {record}")
+    return record
+
+
+def joiner_transfer(sources: int, mib: int, entries: int, reps: int) -> dict[str, Any]:
+    total = sum(n * 4 for _, _, n, _ in _spec(mib, entries))
+    with Master() as master:
+        peers = _Peers(master, world=sources + 1)
+        try:
+            for i in range(sources):
+                peers.start(i, _spec(mib, entries))
+            peers.start(sources, _spec(mib, entries, zero=True))
+            peers.wait_ready()
+            times, fetch_times, reference = [], [], None
+            for rep in range(reps):
+                for i in range(sources):
+                    peers.conns[i].send({"cmd": "sync", "revision": rep, "timeout": 120})
+                time.sleep(1.0)  # the sources have hashed and submitted: time the joiner alone
+                peers.conns[sources].send(
+                    {"cmd": "sync", "revision": 0, "strategy": "RECEIVE_ONLY", "zero": True, "timeout": 120}
+                )
+                joiner = _check(peers.recv(sources, 180), "joiner sync")
+                served = [_check(peers.recv(i, 180), "source sync") for i in range(sources)]
+                if joiner["rx"] < total or joiner["received"] != entries:
+                    raise RuntimeError(f"joiner received {joiner['rx']} bytes, {joiner['received']} entries")
+                reference = reference or served[0]["hashes"]
+                if joiner["hashes"] != reference or any(s["hashes"] != reference for s in served):
+                    raise RuntimeError("peers hold different state after the sync")
+                times.append(joiner["elapsed"][0])
+                fetch_times.append(joiner["fetch_s"][0])
+                tx = [s["tx"] for s in served]
+                print(
+                    f"  joiner from {sources} source(s), rep {rep}: sync {times[-1] * 1000:.0f} ms "
+                    f"({total / times[-1] / 1e9:.2f} GB/s), transfer+verify {fetch_times[-1] * 1000:.0f} ms "
+                    f"({total / fetch_times[-1] / 1e9:.2f} GB/s), served per source MiB {[t >> 20 for t in tx]}",
+                    flush=True,
+                )
+        finally:
+            peers.close()
+    sync_s, fetch_s = statistics.median(times), statistics.median(fetch_times)
+    return {
+        "test": "joiner",
+        "sources": sources,
+        "bytes": total,
+        "sync_s": sync_s,
+        "sync_gbps": total / sync_s / 1e9,
+        "transfer_s": fetch_s,
+        "transfer_gbps": total / fetch_s / 1e9,
+        "reps": reps,
+    }
+
+
+def no_transfer_sync(n_peers: int, mib: int, entries: int, syncs: int) -> dict[str, Any]:
+    with Master() as master:
+        peers = _Peers(master, world=n_peers)
+        try:
+            for i in range(n_peers):
+                peers.start(i, _spec(mib, entries))
+            peers.wait_ready()
+            for i in range(n_peers):
+                peers.conns[i].send({"cmd": "sync", "revision": 0, "repeat": syncs + 1, "timeout": 120})
+            records = [_check(peers.recv(i, 300), "sync") for i in range(n_peers)]
+        finally:
+            peers.close()
+    for r in records:
+        if r["rx"] or r["tx"]:
+            raise RuntimeError(f"a no-transfer sync moved bytes: {r}")
+    rounds = [max(r["elapsed"][k] for r in records) for k in range(1, syncs + 1)]  # warm-up dropped
+    per_peer = [r["elapsed"][k] for r in records for k in range(1, syncs + 1)]
+    return {
+        "test": "no_transfer_sync",
+        "peers": n_peers,
+        "bytes": sum(n * 4 for _, _, n, _ in _spec(mib, entries)),
+        "median_s": statistics.median(rounds),
+        "min_s": min(rounds),
+        "max_s": max(rounds),
+        "median_per_peer_s": statistics.median(per_peer),
+        "syncs": syncs,
+    }
+
+
+def digest_throughput(mib: int, reps: int = 7) -> dict[str, Any]:
+    buffer = np.empty(mib << 20, np.uint8)
+    fill(buffer, 7)
+    digest(buffer)  # warm-up (page faults)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        digest(buffer)
+        times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    return {"test": "digest", "bytes": buffer.nbytes, "median_s": t, "gbps": buffer.nbytes / t / 1e9}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mib", type=int, default=256, help="state size (MiB)")
+    parser.add_argument("--entries", type=int, default=4)
+    parser.add_argument("--sources", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--reps", type=int, default=3, help="joiner transfers per source count")
+    parser.add_argument("--peers", type=int, default=4, help="peers of the no-transfer sync")
+    parser.add_argument("--syncs", type=int, default=9, help="timed no-transfer syncs (after 1 warm-up)")
+    parser.add_argument("--only", choices=["joiner", "sync", "digest"], nargs="+", default=["joiner", "sync", "digest"])
+    parser.add_argument("--json", help="append one JSON line per result to this file")
+    args = parser.parse_args(argv)
+    results = []
+    # The numbers are only as good as the machine is quiet: say how loaded it was.
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start", flush=True)
+    if "digest" in args.only:
+        r = digest_throughput(args.mib)
+        results.append(r)
+        print(f"(c) digest xxh3-64 of {args.mib} MiB: {r['median_s'] * 1000:.1f} ms, {r['gbps']:.2f} GB/s", flush=True)
+    if "joiner" in args.only:
+        for sources in args.sources:
+            r = joiner_transfer(sources, args.mib, args.entries, args.reps)
+            results.append(r)
+            print(
+                f"(a) joiner receives {args.mib} MiB ({args.entries} entries) from {sources} source(s): "
+                f"sync {r['sync_s'] * 1000:.0f} ms = {r['sync_gbps']:.2f} GB/s; "
+                f"transfer+verify {r['transfer_s'] * 1000:.0f} ms = {r['transfer_gbps']:.2f} GB/s "
+                f"(median of {args.reps})",
+                flush=True,
+            )
+    if "sync" in args.only:
+        # The same at 1 MiB: the fixed cost (control round trips), without the hashing.
+        for mib in (args.mib, 1):
+            r = no_transfer_sync(args.peers, mib, args.entries, args.syncs)
+            results.append(r)
+            print(
+                f"(b) no-transfer sync of {mib} MiB at N={args.peers}: median {r['median_s'] * 1000:.1f} ms per sync "
+                f"(min {r['min_s'] * 1000:.1f}, max {r['max_s'] * 1000:.1f}; per-peer call median "
+                f"{r['median_per_peer_s'] * 1000:.1f} ms; {args.syncs} syncs)",
+                flush=True,
+            )
+    print(f"load average {os.getloadavg()[0]:.2f} at end", flush=True)
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
