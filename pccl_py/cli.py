@@ -21,8 +21,9 @@ class Subcommand:
     help: str
 
 
-# New subcommands (master, run, status) are added here once their modules exist.
+# New subcommands (run, status) are added here once their modules exist.
 SUBCOMMANDS: tuple[Subcommand, ...] = (
+    Subcommand("master", "pccl_py.cli_master", "run the master (coordinator) in the foreground"),
     Subcommand(
         "bench", "pccl_py.bench", "benchmark all-reduce across local processes, optionally against gloo"
     ),

@@ -19,6 +19,7 @@ import logging
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -98,7 +99,8 @@ class Master:
         return self
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stops the master (background thread) and releases its sockets."""
+        """Stops the master and releases its sockets (also from a signal handler of the
+        loop serve() runs on)."""
         if self._loop is not None and self._stop is not None and not self._loop.is_closed():
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._stop.set)
@@ -123,9 +125,9 @@ class Master:
         finally:
             loop.close()
 
-    async def serve(self) -> None:
+    async def serve(self, on_ready: Callable[[str], None] | None = None) -> None:
         """Serves until close() (or cancellation). Binds first; `address` is valid once
-        the master is ready."""
+        the master is ready, when `on_ready(address)` is called."""
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         ctx = zmq.asyncio.Context()
@@ -141,6 +143,8 @@ class Master:
             log.info("master listening on %s", self.address)
             self._events.emit("master_start", address=self.address)
             self._ready.set()
+            if on_ready is not None:
+                on_ready(self.address)
             async with asyncio.TaskGroup() as tasks:
                 receiver = tasks.create_task(self._receive_loop())
                 ticker = tasks.create_task(self._tick_loop())
