@@ -46,7 +46,9 @@ from rich.console import Console
 from rich.table import Table
 
 LOOPBACK = "127.0.0.1"
-IMPLS = ("pccl", "gloo")
+# pccl: the native engine alone; gloo: torch.distributed gloo; comm: pccl_py.Communicator
+# through a real master (control plane and outcome agreement included).
+IMPLS = ("pccl", "gloo", "comm")
 DEFAULT_PEERS = (2, 4)
 DEFAULT_SIZES = ("1K", "1M", "16M", "64M", "256M")
 DEFAULT_CONNECTIONS = 1
@@ -137,7 +139,7 @@ class BenchConfig:
         if not self.sizes or any(s < FLOAT32_BYTES or s % FLOAT32_BYTES for s in self.sizes):
             raise ValueError("--sizes: every size must be a positive multiple of 4 bytes (float32)")
         if any(c not in IMPLS[1:] for c in self.compare):
-            raise ValueError(f"--compare: unknown implementation(s) {self.compare}; known: gloo")
+            raise ValueError(f"--compare: unknown implementation(s) {self.compare}; known: {', '.join(IMPLS[1:])}")
         if self.iters is not None and self.iters < 1:
             raise ValueError("--iters must be at least 1")
         if self.rounds < 1:
@@ -288,6 +290,54 @@ class _PcclCollective:
         self.engine.close()
 
 
+class _CommCollective:
+    """All-reduce through pccl_py.Communicator: every op pays the control path (report,
+    the master's verdict, commit), as users see it."""
+
+    def __init__(self, rank: int, world: int, params: PcclParams, op_timeout: float) -> None:
+        import numpy as np
+
+        self._np = np
+        self._world = world
+        self._params = params
+        self._timeout = op_timeout
+        self._in: Any = None
+        self._out: Any = None
+        self.comm: Any = None
+
+    def connect(self, master: str) -> None:
+        import pccl_py
+        from pccl_py.testing import join_group
+
+        config = pccl_py.Config(
+            connections_per_peer=self._params.connections, socket_buffer_bytes=self._params.socket_buffer_bytes
+        )
+        self.comm = pccl_py.Communicator(master, config=config).connect(timeout=self._timeout)
+        join_group(self.comm, self._world, timeout=self._timeout)
+
+    def allocate(self, nbytes: int, in_place: bool) -> None:
+        self._in = self._out = None
+        self._in = self._np.empty(nbytes // FLOAT32_BYTES, dtype=self._np.float32)
+        self._out = self._in if in_place else self._np.empty_like(self._in)
+
+    def fill(self, value: float) -> None:
+        self._in.fill(value)
+        if self._out is not self._in:
+            self._out.fill(0.0)
+
+    def all_reduce(self, segment_bytes: int) -> None:
+        out = None if self._out is self._in else self._out
+        self.comm.all_reduce(self._in, out=out, timeout=self._timeout)
+
+    def check(self, expected: float) -> bool:
+        return bool((self._out == expected).all())
+
+    def close(self) -> None:
+        self._in = self._out = None
+        if self.comm is not None:
+            self.comm.close()
+
+
 class _GlooCollective:
     def __init__(self, rank: int, world: int, store_path: str, op_timeout: float) -> None:
         # gloo binds to the address of this interface: keep all traffic on loopback.
@@ -365,13 +415,17 @@ def _worker_main(
     """Entry point of one worker process (module level, so 'spawn' can pickle it)."""
     # The parent owns Ctrl-C: it stops or kills the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    coll: _PcclCollective | _GlooCollective | None = None
+    coll: _PcclCollective | _GlooCollective | _CommCollective | None = None
     try:
         if impl == "pccl":
             coll = _PcclCollective(rank, world, params, op_timeout)
             conn.send(("hello", coll.engine.port))
             ring = conn.recv()[1]
             coll.connect([tuple(p) for p in ring])
+        elif impl == "comm":
+            coll = _CommCollective(rank, world, params, op_timeout)
+            conn.send(("hello", None))
+            coll.connect(conn.recv()[1])
         else:
             conn.send(("hello", None))
             conn.recv()
@@ -402,6 +456,7 @@ class _Group:
         self._procs: list[Any] = []
         self._conns: list[mpc.Connection] = []
         self._tmpdir: str | None = None
+        self._master: Any = None  # impl "comm": the in-process master
 
     def start(self, timeout: float) -> None:
         self._tmpdir = tempfile.mkdtemp(prefix="pccl-bench-")
@@ -419,7 +474,12 @@ class _Group:
             self._procs.append(proc)
             self._conns.append(parent_end)
         hellos = self._gather("hello", timeout)
-        ring = [(rank, LOOPBACK, int(h[1])) for rank, h in enumerate(hellos)] if self.impl == "pccl" else None
+        ring: Any = [(rank, LOOPBACK, int(h[1])) for rank, h in enumerate(hellos)] if self.impl == "pccl" else None
+        if self.impl == "comm":
+            from pccl_py.master import Master
+
+            self._master = Master(host=LOOPBACK).start()
+            ring = self._master.address
         self._broadcast(("ring", ring))
         self._gather("ready", timeout)
 
@@ -459,6 +519,9 @@ class _Group:
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
+        if self._master is not None:
+            self._master.close()
+            self._master = None
 
     def _broadcast(self, msg: tuple[Any, ...]) -> None:
         for rank, conn in enumerate(self._conns):
