@@ -44,23 +44,11 @@ class BufferView {
 
 double toSeconds(std::optional<double> timeout) { return timeout.has_value() ? *timeout : -1.0; }
 
-class AllReduceHandle {
+// What every op handle does: wait (GIL released), raise the op's error, abort.
+class OpHandle {
  public:
-  AllReduceHandle(std::shared_ptr<Engine> engine, std::shared_ptr<AllReduceRing> op,
-                  std::unique_ptr<BufferView> input, std::unique_ptr<BufferView> output)
-      : engine_(std::move(engine)), op_(std::move(op)), input_(std::move(input)), output_(std::move(output)) {}
-
-  ~AllReduceHandle() {
-    // The engine may still write into the caller's buffers: stop it before letting go.
-    if (op_) {
-      py::gil_scoped_release release;
-      if (!op_->done()) {
-        engine_->abort(op_, "handle dropped before the op finished");
-        op_->wait(-1);
-      }
-      engine_->settle(op_, /*commit=*/false);
-    }
-  }
+  OpHandle(std::shared_ptr<Engine> engine, std::shared_ptr<Collective> op)
+      : engine_(std::move(engine)), op_(std::move(op)) {}
 
   bool wait(std::optional<double> timeout) {
     py::gil_scoped_release release;
@@ -78,11 +66,37 @@ class AllReduceHandle {
   }
 
   bool done() const { return op_->done(); }
+  void abort(const std::string& reason) { engine_->abort(op_, reason); }
+
+ protected:
+  // The engine may still write into the caller's buffers: stop it before they go.
+  void stopIfRunning() {
+    if (!op_->done()) {
+      engine_->abort(op_, "handle dropped before the op finished");
+      op_->wait(-1);
+    }
+  }
+
+  std::shared_ptr<Engine> engine_;
+  std::shared_ptr<Collective> op_;
+};
+
+class AllReduceHandle : public OpHandle {
+ public:
+  AllReduceHandle(std::shared_ptr<Engine> engine, std::shared_ptr<AllReduceRing> op,
+                  std::unique_ptr<BufferView> input, std::unique_ptr<BufferView> output)
+      : OpHandle(std::move(engine), op), ring_(std::move(op)), input_(std::move(input)), output_(std::move(output)) {}
+
+  ~AllReduceHandle() {
+    py::gil_scoped_release release;
+    stopIfRunning();
+    engine_->settle(ring_, /*commit=*/false);
+  }
+
   void settle(bool commit) {
     py::gil_scoped_release release;
-    engine_->settle(op_, commit);
+    engine_->settle(ring_, commit);
   }
-  void abort(const std::string& reason) { engine_->abort(op_, reason); }
   uint64_t txBytes() const { return op_->txBytes(); }
   uint64_t rxBytes() const { return op_->rxBytes(); }
   std::tuple<uint64_t, uint64_t, uint64_t> key() const {
@@ -91,8 +105,7 @@ class AllReduceHandle {
   }
 
  private:
-  std::shared_ptr<Engine> engine_;
-  std::shared_ptr<AllReduceRing> op_;
+  std::shared_ptr<AllReduceRing> ring_;
   std::unique_ptr<BufferView> input_;
   std::unique_ptr<BufferView> output_;
 };
@@ -127,38 +140,19 @@ class StateExposure {
   uint64_t served_ = 0;
 };
 
-class FetchHandle {
+class FetchHandle : public OpHandle {
  public:
   FetchHandle(std::shared_ptr<Engine> engine, std::shared_ptr<StateFetch> op, std::vector<std::unique_ptr<BufferView>> views)
-      : engine_(std::move(engine)), op_(std::move(op)), views_(std::move(views)) {}
+      : OpHandle(std::move(engine), op), fetch_(std::move(op)), views_(std::move(views)) {}
   ~FetchHandle() {
     py::gil_scoped_release release;
-    if (!op_->done()) {
-      engine_->abort(op_, "handle dropped before the fetch finished");
-      op_->wait(-1);
-    }
+    stopIfRunning();
   }
-  bool wait(std::optional<double> timeout) {
-    py::gil_scoped_release release;
-    return op_->wait(toSeconds(timeout));
-  }
-  void result(std::optional<double> timeout) {
-    bool finished;
-    {
-      py::gil_scoped_release release;
-      finished = op_->wait(toSeconds(timeout));
-    }
-    if (!finished) throw TimeoutError("wait timed out; the fetch is still running");
-    op_->rethrow();
-  }
-  bool done() const { return op_->done(); }
-  void abort(const std::string& reason) { engine_->abort(op_, reason); }
   uint64_t rxBytes() const { return op_->done() ? op_->rxBytes() : op_->rxSoFar(); }
-  uint64_t source() const { return op_->source(); }
+  uint64_t source() const { return fetch_->source(); }
 
  private:
-  std::shared_ptr<Engine> engine_;
-  std::shared_ptr<StateFetch> op_;
+  std::shared_ptr<StateFetch> fetch_;
   std::vector<std::unique_ptr<BufferView>> views_;
 };
 
@@ -223,15 +217,17 @@ PYBIND11_MODULE(_native, m) {
 
   m.def("element_size", [](DType d) { return elementSize(d); });
 
-  py::class_<AllReduceHandle>(m, "AllReduceHandle")
-      .def("wait", &AllReduceHandle::wait, py::arg("timeout") = py::none(),
+  py::class_<OpHandle>(m, "OpHandle")
+      .def("wait", &OpHandle::wait, py::arg("timeout") = py::none(),
            "Block until the op finishes or `timeout` seconds pass; returns whether it finished.")
-      .def("result", &AllReduceHandle::result, py::arg("timeout") = py::none(),
+      .def("result", &OpHandle::result, py::arg("timeout") = py::none(),
            "Wait, then raise the op's error if it failed.")
-      .def("done", &AllReduceHandle::done)
+      .def("done", &OpHandle::done)
+      .def("abort", &OpHandle::abort, py::arg("reason") = "aborted by caller");
+
+  py::class_<AllReduceHandle, OpHandle>(m, "AllReduceHandle")
       .def("settle", &AllReduceHandle::settle, py::arg("commit"),
            "For defer_commit ops: copy the held result into the buffer (commit=True) or drop it.")
-      .def("abort", &AllReduceHandle::abort, py::arg("reason") = "aborted by caller")
       .def_property_readonly("tx_bytes", &AllReduceHandle::txBytes)
       .def_property_readonly("rx_bytes", &AllReduceHandle::rxBytes)
       .def_property_readonly("key", &AllReduceHandle::key);
@@ -240,11 +236,7 @@ PYBIND11_MODULE(_native, m) {
       .def_property_readonly("id", &StateExposure::id)
       .def("close", &StateExposure::close, "Stop serving; returns the bytes served.");
 
-  py::class_<FetchHandle>(m, "FetchHandle")
-      .def("wait", &FetchHandle::wait, py::arg("timeout") = py::none())
-      .def("result", &FetchHandle::result, py::arg("timeout") = py::none())
-      .def("done", &FetchHandle::done)
-      .def("abort", &FetchHandle::abort, py::arg("reason") = "aborted by caller")
+  py::class_<FetchHandle, OpHandle>(m, "FetchHandle")
       .def_property_readonly("rx_bytes", &FetchHandle::rxBytes)
       .def_property_readonly("source", &FetchHandle::source);
 
