@@ -143,7 +143,7 @@ class ControlChannel:
     def _send_now(self, data: bytes) -> None:
         if self._sock is not None:
             with contextlib.suppress(zmq.ZMQError):
-                self._sock.send(data, flags=zmq.NOBLOCK)
+                zmq.Socket.send(self._sock, data, flags=zmq.NOBLOCK)  # no future: we are its loop's thread
 
     async def _heartbeat_loop(self, sock: zmq.asyncio.Socket) -> None:
         beat = protocol.encode(protocol.make("hb"))

@@ -305,8 +305,10 @@ class Master:
 
     async def _send_raw(self, rid: bytes, msg: protocol.Message) -> None:
         assert self._sock is not None
+        # A non-blocking send straight on the socket (we are on its loop's thread): no
+        # future per message on the per-op path.
         with contextlib.suppress(zmq.ZMQError):
-            await self._sock.send_multipart([rid, protocol.encode(msg)], flags=zmq.NOBLOCK)
+            zmq.Socket.send_multipart(self._sock, [rid, protocol.encode(msg)], flags=zmq.NOBLOCK)
 
     def _status(self) -> dict[str, Any]:
         state = self._membership.status()

@@ -48,7 +48,9 @@ CONFIG = pccl_py.Config(
 )
 
 # Types of replies the master may send to anyone.
-MASTER_TO_PEER = {"welcome", "topology", "pending_count", "outcome", "evicted", "error", "status_reply"}
+MASTER_TO_PEER = {
+    "welcome", "topology", "pending_count", "outcome", "evicted", "error", "status_reply", "sync_plan", "sync_result",
+}
 
 
 # ---------------------------------------------------------------------- helpers
