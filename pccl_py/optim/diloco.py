@@ -6,6 +6,8 @@ outer optimizer (SGD with Nesterov momentum, lr 0.7, momentum 0.9 by default) ap
 the average to the global parameters; every peer's model restarts from them.
 
     diloco = DiLoCo(comm, model, inner_opt, sync_every=50)
+    # any outer optimizer, built over the global parameters it is handed:
+    # DiLoCo(..., outer_optimizer=lambda params: torch.optim.SGD(params, lr=0.5, momentum=0.8))
     for batch in data:
         loss_fn(model(batch)).backward()
         inner_opt.step(); inner_opt.zero_grad()
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,7 +90,7 @@ class DiLoCo:
         inner_optimizer: torch.optim.Optimizer,
         *,
         sync_every: int = 50,
-        outer_optimizer: torch.optim.Optimizer | None = None,
+        outer_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
         quantization: Any = None,
         timeout: float | None = None,
         join_strategy: SyncStrategy = SyncStrategy.ENFORCE_POPULAR,
@@ -103,9 +106,10 @@ class DiLoCo:
         self._params = [p for p in model.parameters() if p.requires_grad]
         # The global parameters live apart from the model; the outer optimizer steps them.
         self.global_params = [p.detach().clone() for p in self._params]
-        self.outer_optimizer = outer_optimizer or torch.optim.SGD(
-            self.global_params, lr=0.7, momentum=0.9, nesterov=True
-        )
+        # The outer optimizer steps the global parameters, which only exist from here on:
+        # it is given as a factory of them (default: Nesterov SGD, lr 0.7, momentum 0.9).
+        make_outer = outer_optimizer or (lambda params: torch.optim.SGD(params, lr=0.7, momentum=0.9, nesterov=True))
+        self.outer_optimizer = make_outer(self.global_params)
         materialize_state(self.outer_optimizer)
         self._outer_step = torch.zeros(1, dtype=torch.int64)  # outer updates applied
         self._rounds = torch.zeros(1, dtype=torch.int64)  # outer steps taken (async: one more than applied)
