@@ -134,6 +134,7 @@ def plot(demo: Demo, path: str, args: argparse.Namespace) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps: dict[int, dict[str, Any]] = {}
     for r in demo.records:
@@ -149,16 +150,19 @@ def plot(demo: Demo, path: str, args: argparse.Namespace) -> None:
     ax2.set_ylim(0, max(args.peers + 1, 5))
     ax2.set_ylabel("peers in the all-reduce", color="tab:gray")
     top = max(steps[s]["val"] for s in xs) if xs else 1.0
-    for step, label, colour in demo.marks:
+    bottom = min(steps[s]["val"] for s in xs) if xs else 0.0
+    for k, (step, label, colour) in enumerate(demo.marks):
         ax.axvline(step, color=colour, ls="--", lw=1)
-        ax.text(step, top, " " + label, color=colour, va="top", fontsize=9)
+        # staggered, so that labels of nearby events do not overlap
+        ax.text(step, top - 0.08 * k * (top - bottom), " " + label, color=colour, va="top", fontsize=9)
     ax.set_xlabel(f"outer step ({args.sync_every} inner steps each)")
     ax.set_ylabel("validation loss")
     ax.set_title(f"DiLoCo on {args.peers} CPU peers with a SIGKILL and a join")
     ax.grid(alpha=0.3)
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower left")
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -201,6 +205,7 @@ def summary(demo: Demo, args: argparse.Namespace, console: Console, killed: int 
         f"[bold]wall time[/]              {demo.elapsed():.0f} s",
         f"[bold]plot[/]                   {args.plot}",
     ]
+    console.print()
     console.rule("[bold]Summary")
     for line in lines:
         console.print(line)
@@ -214,7 +219,7 @@ def _interrupt(*_: object) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, default=4)
-    parser.add_argument("--outer-steps", type=int, default=20)
+    parser.add_argument("--outer-steps", type=int, default=16)
     parser.add_argument("--sync-every", type=int, default=25, help="inner steps per outer step (H)")
     parser.add_argument("--kill-at", type=int, default=0, help="SIGKILL the last peer after this outer step (default: a third of the way)")
     parser.add_argument("--join-at", type=int, default=0, help="start the new peer after this outer step (default: kill + 1)")
@@ -280,7 +285,7 @@ def main() -> int:
                     live.update(render(demo, args))
                 live.update(render(demo, args))
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted: peers stopped[/]")
+        console.print("\n[yellow]interrupted: peers stopped[/]")
         return 130
     plot(demo, args.plot, args)
     ok = summary(demo, args, console, killed, joiner)
