@@ -33,7 +33,7 @@ pytestmark = pytest.mark.timeout(60)
 
 H = 4  # inner steps per outer step
 LR, MOMENTUM = 0.7, 0.9
-TOL = dict(rtol=1e-5, atol=1e-6)  # float32 implementation vs float64 reference
+TOL = {"rtol": 1e-5, "atol": 1e-6}  # float32 implementation vs float64 reference
 
 
 # ---------------------------------------------------------------------- helpers
@@ -54,7 +54,14 @@ class Peer:
         self.model = make_model(seed)
         self.inner = torch.optim.AdamW(self.model.parameters(), lr=1e-2, weight_decay=0.01)
         self.gen = torch.Generator().manual_seed(1000 + seed)
-        self.diloco = cls(comm, self.model, self.inner, sync_every=H, timeout=30)
+        self.diloco = cls(
+            comm,
+            self.model,
+            self.inner,
+            sync_every=H,
+            timeout=30,
+            outer_optimizer=lambda ps: torch.optim.SGD(ps, lr=LR, momentum=MOMENTUM, nesterov=True),
+        )
         self.initial = clone(self.diloco.global_params)
         self.start: list[list[torch.Tensor]] = []  # global params each round started from
         self.local: list[list[torch.Tensor]] = []  # local params before each outer step
@@ -84,7 +91,10 @@ class Peer:
             self.momentum.append(clone(opt.state[g]["momentum_buffer"] for g in self.diloco.global_params))
             self.outer.append(self.diloco.outer_steps)
             self.model_is_global.append(
-                all(torch.equal(p, g) for p, g in zip(self.model.parameters(), self.diloco.global_params, strict=True))
+                all(
+                    torch.equal(p, g)
+                    for p, g in zip(self.model.parameters(), self.diloco.global_params, strict=True)
+                )
             )
         return self
 
@@ -197,7 +207,9 @@ def test_world_of_one_matches_reference(group: Callable[[int], list[pccl.Communi
 # ---------------------------------------------------------------------- (b) two peers
 
 
-def test_two_peers_identical_and_match_averaged_reference(group: Callable[[int], list[pccl.Communicator]]) -> None:
+def test_two_peers_identical_and_match_averaged_reference(
+    group: Callable[[int], list[pccl.Communicator]],
+) -> None:
     comms = group(2)
     # Different initial weights: the first sync must make every peer start from the same.
     peers = run_parallel([lambda i=i: Peer(comms[i], seed=i) for i in range(2)])
@@ -367,13 +379,19 @@ def test_joiner_gets_identical_state_at_an_outer_step(
 # ---------------------------------------------------------------------- known bug
 
 
-def test_custom_outer_optimizer_moves_the_global_params(group: Callable[[int], list[pccl.Communicator]]) -> None:
+def test_custom_outer_optimizer_moves_the_global_params(
+    group: Callable[[int], list[pccl.Communicator]],
+) -> None:
     """A custom outer optimizer is a factory of the global parameters, so it moves them."""
     (comm,) = group(1)
     model = make_model(0)
     inner = torch.optim.AdamW(model.parameters(), lr=1e-1)
     diloco = DiLoCo(
-        comm, model, inner, sync_every=2, outer_optimizer=lambda params: torch.optim.SGD(params, lr=0.7, momentum=0.5)
+        comm,
+        model,
+        inner,
+        sync_every=2,
+        outer_optimizer=lambda params: torch.optim.SGD(params, lr=0.7, momentum=0.5),
     )
     before = clone(diloco.global_params)
     for _ in range(4):
@@ -382,3 +400,18 @@ def test_custom_outer_optimizer_moves_the_global_params(group: Callable[[int], l
         inner.zero_grad()
         diloco.step()
     assert not all(torch.equal(a, b) for a, b in zip(before, diloco.global_params, strict=True))
+
+
+def test_default_outer_optimizers(group: Callable[[int], list[pccl.Communicator]]) -> None:
+    """DiLoCo defaults to the paper's Nesterov SGD (lr 0.7, momentum 0.9); the delayed
+    AsyncDiLoCo to a gentler one (lr 0.4, momentum 0.5), which trains where the paper's
+    settings diverged. The instance built here gets exactly the class's default."""
+    assert (DiLoCo.DEFAULT_OUTER_LR, DiLoCo.DEFAULT_OUTER_MOMENTUM) == (0.7, 0.9)
+    assert (AsyncDiLoCo.DEFAULT_OUTER_LR, AsyncDiLoCo.DEFAULT_OUTER_MOMENTUM) == (0.4, 0.5)
+    (comm,) = group(1)
+    model = make_model(0)
+    diloco = AsyncDiLoCo(comm, model, torch.optim.AdamW(model.parameters(), lr=1e-2), sync_every=2)
+    group0 = diloco.outer_optimizer.param_groups[0]
+    assert isinstance(diloco.outer_optimizer, torch.optim.SGD)
+    assert (group0["lr"], group0["momentum"], group0["nesterov"]) == (0.4, 0.5, True)
+    diloco.finish()

@@ -27,14 +27,14 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script: make `examples.tinylm` importable (here and in the peers)
     sys.path.insert(0, str(ROOT))
 
-from rich.console import Console, Group  # noqa: E402
-from rich.live import Live  # noqa: E402
-from rich.table import Table  # noqa: E402
-from rich.text import Text  # noqa: E402
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
 
-from examples.tinylm.train import worker  # noqa: E402
-from pccl_py import Master  # noqa: E402
-from pccl_py.testing import PeerGroup  # noqa: E402
+from examples.tinylm.train import worker
+from pccl_py import Master
+from pccl_py.testing import PeerGroup
 
 
 @dataclass
@@ -53,7 +53,9 @@ class PeerView:
 class Demo:
     peers: dict[int, PeerView] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
-    marks: list[tuple[float, str, str]] = field(default_factory=list)  # (outer step, label, colour) for the plot
+    marks: list[tuple[float, str, str]] = field(
+        default_factory=list
+    )  # (outer step, label, colour) for the plot
     records: list[dict[str, Any]] = field(default_factory=list)
     last_step: int = 0
     last_world: int = 0
@@ -71,10 +73,18 @@ class Demo:
 
 def render(demo: Demo, args: argparse.Namespace) -> Group:
     table = Table(
-        title=f"pccl_py DiLoCo demo: tiny LM, H={args.sync_every} inner steps per outer step  ({demo.elapsed():5.1f}s)"
+        title=f"pccl_py DiLoCo demo: tiny LM, H={args.sync_every} inner steps per outer step "
+        f"({demo.elapsed():5.1f}s)"
     )
-    for name, justify in [("peer", "left"), ("status", "left"), ("outer step", "right"), ("world", "right"),
-                          ("val loss", "right"), ("last outer step", "right"), ("state hash", "left")]:
+    for name, justify in [
+        ("peer", "left"),
+        ("status", "left"),
+        ("outer step", "right"),
+        ("world", "right"),
+        ("val loss", "right"),
+        ("last outer step", "right"),
+        ("state hash", "left"),
+    ]:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for index, v in sorted(demo.peers.items()):
         style = {"killed": "red", "done": "green", "starting": "dim"}.get(v.status.split()[0], "")
@@ -114,12 +124,17 @@ def handle(demo: Demo, r: dict[str, Any]) -> None:
     elif ev == "synced":
         v.status, v.outer = "training", r["outer"]
         if r["rx"]:
-            demo.event(f"peer {r['index']} admitted at outer step {r['outer']}, received {r['rx'] / 1e6:.1f} MB of state")
+            demo.event(
+                f"peer {r['index']} admitted at outer step {r['outer']}, "
+                f"received {r['rx'] / 1e6:.1f} MB of state"
+            )
             demo.marks.append((r["outer"], f"peer {r['index']} joins", "tab:green"))
     elif ev == "outer":
         if r["outer"] > demo.last_step:  # the first report of a new outer step
             if demo.last_world and r["world"] != demo.last_world:
-                demo.event(f"outer step {r['outer']}: all-reduce over {r['world']} peers (was {demo.last_world})")
+                demo.event(
+                    f"outer step {r['outer']}: all-reduce over {r['world']} peers (was {demo.last_world})"
+                )
             demo.last_step, demo.last_world = r["outer"], r["world"]
         if v.status != "killed":
             v.status = "training"
@@ -146,7 +161,14 @@ def plot(demo: Demo, path: str, args: argparse.Namespace) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     ax.plot(xs, [steps[s]["val"] for s in xs], marker="o", ms=4, label="validation loss (global parameters)")
     ax2 = ax.twinx()
-    ax2.step(xs, [steps[s]["world"] for s in xs], where="mid", color="tab:gray", alpha=0.5, label="peers in the all-reduce")
+    ax2.step(
+        xs,
+        [steps[s]["world"] for s in xs],
+        where="mid",
+        color="tab:gray",
+        alpha=0.5,
+        label="peers in the all-reduce",
+    )
     ax2.set_ylim(0, max(args.peers + 1, 5))
     ax2.set_ylabel("peers in the all-reduce", color="tab:gray")
     top = max(steps[s]["val"] for s in xs) if xs else 1.0
@@ -185,30 +207,52 @@ def summary(demo: Demo, args: argparse.Namespace, console: Console, killed: int 
     tx = sum(r["tx"] for r in outer)
     sync_rx = sum(r["rx"] for r in demo.records if r["event"] == "synced")
     first_val = min(outer, key=lambda r: (r["outer"], r["index"]))["val"]
-    final_val = done[min(done)]["val"] if done else min((r for r in outer if r["outer"] == last_step), key=lambda r: r["index"])["val"]
+    final_val = (
+        done[min(done)]["val"]
+        if done
+        else min((r for r in outer if r["outer"] == last_step), key=lambda r: r["index"])["val"]
+    )
     inner = max(r["inner_steps"] for r in outer)
     worlds = [min(r["world"] for r in outer if r["outer"] == s) for s in sorted(by_step)]
     joined = any(r["event"] == "synced" and r["index"] == joiner for r in demo.records)
-    faults = [f"SIGKILL of peer {killed} (world {max(worlds)} -> {min(worlds)})"] if killed is not None else []
+    faults = (
+        [f"SIGKILL of peer {killed} (world {max(worlds)} -> {min(worlds)})"] if killed is not None else []
+    )
     if joined:
         faults.append(f"peer {joiner} joined mid-run")
     ok = identical and (killed is None or min(worlds) < args.peers)
-    lines = [
-        f"[bold]final validation loss[/]  {final_val:.4f}  (after outer step 1: {first_val:.4f})",
-        f"[bold]steps[/]                  {last_step} outer steps, {inner} inner steps per peer (H={args.sync_every})",
-        f"[bold]all-reduces[/]            {last_step} (one per outer step; per-step data-parallel would need {last_step * args.sync_every})",
-        f"[bold]bytes[/]                  {tx / 1e6:.1f} MB sent by all peers in all-reduces, {sync_rx / 1e6:.1f} MB of state sent to the joiner",
-        f"[bold]faults survived[/]        {', '.join(faults) or 'none'}",
-        f"[bold]identical state[/]        {'yes' if identical else 'NO'}: peers {finishers} end with hash {', '.join(sorted(final_hashes))}"
-        + (f"; differing at steps {differing}" if differing else "; equal at every outer step"),
-        f"[bold]world size per step[/]    {' '.join(map(str, worlds))}",
-        f"[bold]wall time[/]              {demo.elapsed():.0f} s",
-        f"[bold]plot[/]                   {args.plot}",
+    per_step_ddp = last_step * args.sync_every
+    hashes = ", ".join(sorted(final_hashes))
+    rows = [
+        ("final validation loss", f"{final_val:.4f}  (after outer step 1: {first_val:.4f})"),
+        ("steps", f"{last_step} outer steps, {inner} inner steps per peer (H={args.sync_every})"),
+        (
+            "all-reduces",
+            f"{last_step} (one per outer step; per-step data-parallel would need {per_step_ddp})",
+        ),
+        (
+            "bytes",
+            f"{tx / 1e6:.1f} MB sent by all peers in all-reduces, "
+            f"{sync_rx / 1e6:.1f} MB of state to the joiner",
+        ),
+        ("faults survived", ", ".join(faults) or "none"),
+        (
+            "identical state",
+            f"{'yes' if identical else 'NO'}: peers {finishers} end with hash {hashes}"
+            + (f"; differing at steps {differing}" if differing else "; equal at every outer step"),
+        ),
+        ("world size per step", " ".join(map(str, worlds))),
+        ("wall time", f"{demo.elapsed():.0f} s"),
+        ("plot", args.plot),
     ]
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    for label, value in rows:
+        grid.add_row(label, value)
     console.print()
     console.rule("[bold]Summary")
-    for line in lines:
-        console.print(line)
+    console.print(grid)
     return ok
 
 
@@ -217,12 +261,21 @@ def _interrupt(*_: object) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--outer-steps", type=int, default=16)
     parser.add_argument("--sync-every", type=int, default=25, help="inner steps per outer step (H)")
-    parser.add_argument("--kill-at", type=int, default=0, help="SIGKILL the last peer after this outer step (default: a third of the way)")
-    parser.add_argument("--join-at", type=int, default=0, help="start the new peer after this outer step (default: kill + 1)")
+    parser.add_argument(
+        "--kill-at",
+        type=int,
+        default=0,
+        help="SIGKILL the last peer after this outer step (default: a third of the way)",
+    )
+    parser.add_argument(
+        "--join-at", type=int, default=0, help="start the new peer after this outer step (default: kill + 1)"
+    )
     parser.add_argument("--no-churn", action="store_true", help="no kill, no join")
     parser.add_argument("--plot", default="out/demo_loss.png")
     parser.add_argument("--lr", type=float, default=3e-3, help="inner AdamW learning rate")
@@ -234,7 +287,13 @@ def main() -> int:
     demo = Demo()
     for i in range(args.peers):
         demo.peers[i] = PeerView()
-    cfg = dict(mode="diloco", world=args.peers, outer_steps=args.outer_steps, sync_every=args.sync_every, lr=args.lr)
+    cfg = {
+        "mode": "diloco",
+        "world": args.peers,
+        "outer_steps": args.outer_steps,
+        "sync_every": args.sync_every,
+        "lr": args.lr,
+    }
     killed: int | None = None
     kill_due: float | None = None
     join_started = False
@@ -242,7 +301,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         with Master() as master, PeerGroup(master.address, worker, cfg) as group:
-            console.print(f"master at {master.address}; starting {args.peers} peers (importing torch takes a while)")
+            console.print(
+                f"master at {master.address}; starting {args.peers} peers (importing torch takes a while)"
+            )
             with ignoring_sigint():
                 for i in range(args.peers):
                     group.start(i)
@@ -261,7 +322,9 @@ def main() -> int:
                     now = time.monotonic()
                     if not args.no_churn:
                         if kill_due is None and killed is None and (demo.peers[victim].outer or 0) >= kill_at:
-                            kill_due = now + 1.0  # into its next inner phase (not while it writes to the queue)
+                            kill_due = (
+                                now + 1.0
+                            )  # into its next inner phase (not while it writes to the queue)
                         if kill_due is not None and now >= kill_due:
                             group.kill(victim)
                             killed, kill_due = victim, None

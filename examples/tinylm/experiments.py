@@ -30,9 +30,11 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script: make `examples.tinylm` importable (here and in the peers)
     sys.path.insert(0, str(ROOT))
 
-from examples.tinylm.train import TrainConfig, worker  # noqa: E402
-from pccl_py import Master  # noqa: E402
-from pccl_py.testing import PeerGroup  # noqa: E402
+import itertools
+
+from examples.tinylm.train import TrainConfig, worker
+from pccl_py import Master
+from pccl_py.testing import PeerGroup
 
 Record = dict[str, Any]
 
@@ -40,40 +42,30 @@ Record = dict[str, Any]
 # --------------------------------------------------------------------------- outer optimizer
 
 
-def tuned_worker(master: str, index: int, out: Any, outer_lr: float = 0.7, outer_momentum: float = 0.9,
-                 **overrides: Any) -> None:
+def tuned_worker(
+    master: str,
+    index: int,
+    out: Any,
+    outer_lr: float = 0.7,
+    outer_momentum: float = 0.9,
+    **overrides: Any,
+) -> None:
     """train.worker with another outer optimizer: SGD(lr=outer_lr, momentum=outer_momentum,
     Nesterov when momentum > 0) instead of DiLoCo's default SGD(0.7, 0.9, Nesterov).
-
-    DiLoCo(outer_optimizer=...) cannot take one: it would have to be built over
-    DiLoCo.global_params, which only exist inside DiLoCo.__init__ (an optimizer over the
-    model's parameters raises KeyError, or with momentum 0 never moves the global
-    parameters). Until the API takes a factory, subclasses build it when __init__
-    assigns global_params, and keep it when __init__ assigns its default."""
+    train.py builds DiLoCo itself, so its classes are swapped for ones that pass the
+    outer-optimizer factory."""
     import torch
 
     from examples.tinylm import train as train_mod
 
+    def make_outer(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=outer_lr, momentum=outer_momentum, nesterov=outer_momentum > 0)
+
     def tuned(base: type) -> type:
         class Tuned(base):  # type: ignore[misc, valid-type]
-            @property
-            def global_params(self) -> list[torch.Tensor]:
-                return self._tuned_params
-
-            @global_params.setter
-            def global_params(self, params: list[torch.Tensor]) -> None:
-                self._tuned_params = params
-                self._tuned_outer = torch.optim.SGD(
-                    params, lr=outer_lr, momentum=outer_momentum, nesterov=outer_momentum > 0
-                )
-
-            @property
-            def outer_optimizer(self) -> torch.optim.Optimizer:
-                return self._tuned_outer
-
-            @outer_optimizer.setter
-            def outer_optimizer(self, _default: torch.optim.Optimizer) -> None:
-                pass
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                kwargs.setdefault("outer_optimizer", make_outer)
+                super().__init__(*args, **kwargs)
 
         Tuned.__name__ = f"Tuned{base.__name__}"
         return Tuned
@@ -147,7 +139,7 @@ class Run:
         out: dict[str, list[float]] = {"round": [], "compute": [], "outer": []}
         for index in {r["index"] for r in self.outer()}:
             recs = self.outer(index)
-            for prev, cur in list(zip(recs, recs[1:]))[skip:]:
+            for prev, cur in list(itertools.pairwise(recs))[skip:]:
                 dt = cur["t"] - prev["t"]
                 out["round"].append(dt)
                 out["compute"].append(dt - cur["round_s"])
@@ -181,7 +173,15 @@ def run_group(
         kill_due: float | None = None
         joined = False
         top = 0
+        victim, kill_after = kill if kill else (-1, 0)
+        newcomer, join_after = join if join else (-1, 0)
+        admitted: set[int] = set()
         while live - done:
+            if joined and live - done == {newcomer} and newcomer not in admitted:
+                # The others finished before the joiner was admitted (a run shorter than a
+                # peer's start-up): it would start a group of its own. Stop it.
+                _say(verbose, f"[{label}] peer {newcomer} was not admitted before the others finished")
+                break
             if time.monotonic() - start > timeout:
                 raise TimeoutError(f"{label}: not done after {timeout}s")
             try:
@@ -190,11 +190,11 @@ def run_group(
                 r = None
             now = time.monotonic()
             if kill_due is not None and now >= kill_due:
-                group.kill(kill[0])  # type: ignore[index]
-                live.discard(kill[0])  # type: ignore[index]
-                run.killed.add(kill[0])  # type: ignore[index]
-                run.events.append((top, f"kill {kill[0]}"))  # type: ignore[index]
-                _say(verbose, f"[{label}] SIGKILL peer {kill[0]} after outer step {top}")  # type: ignore[index]
+                group.kill(victim)
+                live.discard(victim)
+                run.killed.add(victim)
+                run.events.append((top, f"kill {victim}"))
+                _say(verbose, f"[{label}] SIGKILL peer {victim} after outer step {top}")
                 kill_due = None
             for i in live - done:
                 proc = group.processes[i]
@@ -205,11 +205,16 @@ def run_group(
             r["wall"] = now - start
             run.records.append(r)
             ev = r["event"]
-            if ev == "done":
+            if ev == "joined":
+                admitted.add(r["index"])
+            elif ev == "done":
                 done.add(r["index"])
             elif ev == "synced" and r["index"] not in range(workers):
                 run.events.append((r["outer"], f"{r['index']} synced"))
-                _say(verbose, f"[{label}] peer {r['index']} joined and synced at outer step {r['outer']} ({r['rx']} B)")
+                _say(
+                    verbose,
+                    f"[{label}] peer {r['index']} joined and synced at outer step {r['outer']} ({r['rx']} B)",
+                )
             elif ev == "outer":
                 if r["outer"] > top:
                     top = r["outer"]
@@ -218,14 +223,14 @@ def run_group(
                         f"[{label}] outer {top:3d}/{cfg.get('outer_steps')}  world {r['world']}  "
                         f"val {r['val']:.4f}  t {r['t']:6.1f}s  wall {now - start:6.1f}s",
                     )
-                if kill and r["index"] == kill[0] and r["outer"] >= kill[1] and kill[0] in live and kill_due is None:
+                if r["index"] == victim and r["outer"] >= kill_after and victim in live and kill_due is None:
                     kill_due = now + 1.0
-                if join and not joined and top >= join[1]:
-                    group.start(join[0], joining=True, world=1)
-                    live.add(join[0])
+                if join and not joined and top >= join_after:
+                    group.start(newcomer, joining=True, world=1)
+                    live.add(newcomer)
                     joined = True
-                    run.events.append((top, f"{join[0]} starts"))
-                    _say(verbose, f"[{label}] starting peer {join[0]} (joining) after outer step {top}")
+                    run.events.append((top, f"{newcomer} starts"))
+                    _say(verbose, f"[{label}] starting peer {newcomer} (joining) after outer step {top}")
     run.wall_s = time.monotonic() - start
     return run
 
@@ -271,7 +276,13 @@ def quality(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
     d, b = diloco.final_val(), ddp.final_val()
     gap = (d - b) / b
     rows = [
-        ["DiLoCo (H=%d)" % cfg["sync_every"], diloco.inner_steps(), diloco.allreduces(), d, f"{diloco.wall_s:.0f}"],
+        [
+            f"DiLoCo (H={cfg['sync_every']})",
+            diloco.inner_steps(),
+            diloco.allreduces(),
+            d,
+            f"{diloco.wall_s:.0f}",
+        ],
         ["per-step AVG (ddp)", ddp.inner_steps(), ddp.allreduces(), b, f"{ddp.wall_s:.0f}"],
     ]
     _table(
@@ -283,7 +294,13 @@ def quality(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for run, name in ((ddp, "per-step gradient AVG (ddp)"), (diloco, f"DiLoCo, H={cfg['sync_every']}")):
         xs, ys = run.curve()
-        ax.plot(xs, ys, marker="o", ms=3, label=f"{name}: final {run.final_val():.4f}, {run.allreduces()} all-reduces")
+        ax.plot(
+            xs,
+            ys,
+            marker="o",
+            ms=3,
+            label=f"{name}: final {run.final_val():.4f}, {run.allreduces()} all-reduces",
+        )
     ax.set_xlabel("inner steps per peer")
     ax.set_ylabel("validation loss")
     ax.set_title(f"tiny LM, {args.workers} peers, same samples (gap {100 * gap:+.2f}%)")
@@ -317,15 +334,21 @@ def churn(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
     n = cfg["outer_steps"]
     kill_at, join_at = args.kill_at or max(1, n // 3), args.join_at or max(2, n // 3 + 1)
     new = args.workers
-    churned = run_group("churn", args.workers, mode="diloco", kill=(args.workers - 1, kill_at), join=(new, join_at), **cfg)
+    churned = run_group(
+        "churn", args.workers, mode="diloco", kill=(args.workers - 1, kill_at), join=(new, join_at), **cfg
+    )
     steady = run_group("steady", args.workers, mode="diloco", **cfg) if not args.skip_baseline else None
 
     _dump(args, churned, steady)
     # The joiner's hashes against the others' at every outer step it reported.
-    synced = next(r for r in churned.records if r["event"] == "synced" and r["index"] == new)
+    synced = next((r for r in churned.records if r["event"] == "synced" and r["index"] == new), None)
+    if synced is None:
+        raise SystemExit(
+            f"peer {new} was never admitted: make the run longer (--outer-steps) or join earlier"
+        )
     compared, equal = 0, 0
     by_step = churned.by_step()
-    for step, recs in by_step.items():
+    for recs in by_step.values():
         mine = [r["hash"] for r in recs if r["index"] == new]
         theirs = {r["hash"] for r in recs if r["index"] != new}
         if mine:
@@ -337,7 +360,13 @@ def churn(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
     base = steady.final_val() if steady else float("nan")
     rel = (c - base) / base if steady else float("nan")
     rows = [
-        ["with churn", f"kill {args.workers - 1} @{kill_at}, join {new}", c, churned.allreduces(), len(churned.hash_mismatches())],
+        [
+            "with churn",
+            f"kill {args.workers - 1} @{kill_at}, join {new}",
+            c,
+            churned.allreduces(),
+            len(churned.hash_mismatches()),
+        ],
     ]
     if steady:
         rows.append(["without churn", "-", base, steady.allreduces(), len(steady.hash_mismatches())])
@@ -348,7 +377,8 @@ def churn(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
     )
     print(
         f"joiner {new}: synced at outer step {synced['outer']} ({synced['rx']} B received); "
-        f"its hash equals the others' at {equal}/{compared} outer steps (steps {joiner_steps[0]}..{joiner_steps[-1]})"
+        f"its hash equals the others' at {equal}/{compared} outer steps "
+        f"(steps {joiner_steps[0]}..{joiner_steps[-1]})"
         if joiner_steps
         else f"joiner {new} synced at {synced['outer']} but reported no outer step"
     )
@@ -365,7 +395,9 @@ def churn(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
     ax.axvline(kill_at * h, color="tab:red", ls="--", lw=1)
     ax.text(kill_at * h, max(ys), f" SIGKILL peer {args.workers - 1}", color="tab:red", va="top", fontsize=8)
     ax.axvline(synced["outer"] * h, color="tab:green", ls="--", lw=1)
-    ax.text(synced["outer"] * h, max(ys) * 0.93, f" peer {new} joins", color="tab:green", va="top", fontsize=8)
+    ax.text(
+        synced["outer"] * h, max(ys) * 0.93, f" peer {new} joins", color="tab:green", va="top", fontsize=8
+    )
     ax.set_xlabel("inner steps per peer")
     ax.set_ylabel("validation loss")
     ax.set_title(f"DiLoCo (H={h}) with a kill and a join ({100 * rel:+.2f}% vs no churn)")
@@ -421,10 +453,15 @@ def async_(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
     # without delay (compared with each run's fastest round).
     runs = {k: r for k, r in (("base", base), ("sync", sync), ("async", asy)) if r is not None}
     times = {k: r.round_times() for k, r in runs.items()}
-    m = {k: {q: med(v[q]) for q in ("round", "compute", "outer")} | {"min_round": min(v["round"])}
-         for k, v in times.items()}
-    names = {"base": "DiLoCo, no delay", "sync": f"DiLoCo, +{delay}s per all-reduce",
-             "async": f"AsyncDiLoCo, +{delay}s per all-reduce"}
+    m = {
+        k: {q: med(v[q]) for q in ("round", "compute", "outer")} | {"min_round": min(v["round"])}
+        for k, v in times.items()
+    }
+    names = {
+        "base": "DiLoCo, no delay",
+        "sync": f"DiLoCo, +{delay}s per all-reduce",
+        "async": f"AsyncDiLoCo, +{delay}s per all-reduce",
+    }
     floor = m["base"]["min_round"] if "base" in m else None
 
     def vs_floor(x: float) -> str | float | None:
@@ -433,14 +470,35 @@ def async_(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
     _table(
         f"{args.workers} peers, H={cfg['sync_every']}, outer SGD lr {cfg.get('outer_lr', 0.7)} momentum "
         f"{cfg.get('outer_momentum', 0.9)}: seconds per outer round (median over peers x rounds 2..)",
-        ["run", "s/round", "compute s", "outer step s", "round vs compute", "fastest round", "vs no-delay fastest",
-         "final val loss"],
-        [[names[k], m[k]["round"], m[k]["compute"], m[k]["outer"], f"{100 * (m[k]['round'] / m[k]['compute'] - 1):+.1f}%",
-          m[k]["min_round"], vs_floor(m[k]["min_round"]), run.final_val()]
-         for k, run in runs.items()],
+        [
+            "run",
+            "s/round",
+            "compute s",
+            "outer step s",
+            "round vs compute",
+            "fastest round",
+            "vs no-delay fastest",
+            "final val loss",
+        ],
+        [
+            [
+                names[k],
+                m[k]["round"],
+                m[k]["compute"],
+                m[k]["outer"],
+                f"{100 * (m[k]['round'] / m[k]['compute'] - 1):+.1f}%",
+                m[k]["min_round"],
+                vs_floor(m[k]["min_round"]),
+                run.final_val(),
+            ]
+            for k, run in runs.items()
+        ],
     )
     loss_cost = (asy.final_val() - sync.final_val()) / sync.final_val()
-    print(f"loss cost of the one-round delay: async {asy.final_val():.4f} vs sync {sync.final_val():.4f} ({100 * loss_cost:+.2f}%)")
+    print(
+        f"loss cost of the one-round delay: async {asy.final_val():.4f} vs sync {sync.final_val():.4f} "
+        f"({100 * loss_cost:+.2f}%)"
+    )
     plt = _figure()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
     for run, name in ((sync, "DiLoCo"), (asy, "AsyncDiLoCo")):
@@ -454,8 +512,10 @@ def async_(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{args.workers} peers, H={cfg['sync_every']}, outer SGD lr {cfg.get('outer_lr', 0.7)}, "
-                 f"momentum {cfg.get('outer_momentum', 0.9)}")
+    fig.suptitle(
+        f"{args.workers} peers, H={cfg['sync_every']}, outer SGD lr {cfg.get('outer_lr', 0.7)}, "
+        f"momentum {cfg.get('outer_momentum', 0.9)}"
+    )
     fig.tight_layout()
     _save(fig, args.plot or "docs/diloco_async.png")
     result = {
@@ -488,8 +548,7 @@ def _dump(args: argparse.Namespace, *runs: Run | None) -> None:
     for run in runs:
         if run is not None:
             with open(Path(args.records) / f"{args.experiment}-{run.label}.jsonl", "w") as f:
-                for r in run.records:
-                    f.write(json.dumps(r) + "\n")
+                f.writelines(json.dumps(r) + "\n" for r in run.records)
 
 
 def _save(fig: Any, path: str) -> None:
@@ -502,24 +561,53 @@ def _save(fig: Any, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("experiment", choices=["quality", "churn", "async"])
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--records", default=None, help="write every run's records (JSON lines) into this folder")
+    parser.add_argument(
+        "--records", default=None, help="write every run's records (JSON lines) into this folder"
+    )
     parser.add_argument("--plot", default=None, help="figure path (default: docs/diloco_<experiment>.png)")
-    parser.add_argument("--kill-at", type=int, default=0, help="churn: outer step after which the last peer is killed")
-    parser.add_argument("--join-at", type=int, default=0, help="churn: outer step after which a new peer starts")
+    parser.add_argument(
+        "--kill-at", type=int, default=0, help="churn: outer step after which the last peer is killed"
+    )
+    parser.add_argument(
+        "--join-at", type=int, default=0, help="churn: outer step after which a new peer starts"
+    )
     parser.add_argument("--skip-baseline", action="store_true", help="churn: skip the run without churn")
-    parser.add_argument("--two-sided", action="store_true", help="quality: require |gap| <= 3%% (default: DiLoCo at most 3%% worse)")
+    parser.add_argument(
+        "--two-sided",
+        action="store_true",
+        help="quality: require |gap| <= 3%% (default: DiLoCo at most 3%% worse)",
+    )
     parser.add_argument("--comm-delay", type=float, default=4.0, help="async: extra seconds per all-reduce")
-    parser.add_argument("--loss-only", action="store_true", help="async: no delay, no no-delay run: only the loss cost")
+    parser.add_argument(
+        "--loss-only", action="store_true", help="async: no delay, no no-delay run: only the loss cost"
+    )
     parser.add_argument("--outer-lr", type=float, default=None, help="outer SGD learning rate (default 0.7)")
-    parser.add_argument("--outer-momentum", type=float, default=None, help="outer SGD Nesterov momentum (default 0.9)")
+    parser.add_argument(
+        "--outer-momentum", type=float, default=None, help="outer SGD Nesterov momentum (default 0.9)"
+    )
     defaults = asdict(TrainConfig())
-    for name in ("sync_every", "outer_steps", "batch", "lr", "seed", "eval_batches", "dim", "layers", "heads", "context"):
+    for name in (
+        "sync_every",
+        "outer_steps",
+        "batch",
+        "lr",
+        "seed",
+        "eval_batches",
+        "dim",
+        "layers",
+        "heads",
+        "context",
+    ):
         parser.add_argument("--" + name.replace("_", "-"), type=type(defaults[name]), default=None)
     args = parser.parse_args(argv)
-    cfg = {k: v for k, v in vars(args).items() if k in defaults and k not in ("comm_delay",) and v is not None}
+    cfg = {
+        k: v for k, v in vars(args).items() if k in defaults and k not in ("comm_delay",) and v is not None
+    }
     cfg.update({k: getattr(args, k) for k in ("outer_lr", "outer_momentum") if getattr(args, k) is not None})
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     {"quality": quality, "churn": churn, "async": async_}[args.experiment](args, cfg)

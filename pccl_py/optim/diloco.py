@@ -83,6 +83,10 @@ def materialize_state(optimizer: torch.optim.Optimizer) -> None:
 class DiLoCo:
     """Synchronous DiLoCo. See the module docstring."""
 
+    # Default outer optimizer: Nesterov SGD with the paper's settings.
+    DEFAULT_OUTER_LR = 0.7
+    DEFAULT_OUTER_MOMENTUM = 0.9
+
     def __init__(
         self,
         comm: Communicator,
@@ -108,7 +112,10 @@ class DiLoCo:
         self.global_params = [p.detach().clone() for p in self._params]
         # The outer optimizer steps the global parameters, which only exist from here on:
         # it is given as a factory of them (default: Nesterov SGD, lr 0.7, momentum 0.9).
-        make_outer = outer_optimizer or (lambda params: torch.optim.SGD(params, lr=0.7, momentum=0.9, nesterov=True))
+        lr, momentum = self.DEFAULT_OUTER_LR, self.DEFAULT_OUTER_MOMENTUM
+        make_outer = outer_optimizer or (
+            lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0)
+        )
         self.outer_optimizer = make_outer(self.global_params)
         materialize_state(self.outer_optimizer)
         self._outer_step = torch.zeros(1, dtype=torch.int64)  # outer updates applied
@@ -226,7 +233,14 @@ class AsyncDiLoCo(DiLoCo):
     A joiner catches up with the sync at its admission (the old peers SEND_ONLY, the
     joiner RECEIVE_ONLY or popular) and takes part in the round then in flight with
     contribution weight 0, so it applies the same update as everyone and stays
-    bit-identical without a second sync."""
+    bit-identical without a second sync.
+
+    The default outer optimizer is gentler than DiLoCo's (lr 0.4, Nesterov momentum
+    0.5): applied one round late, the paper's lr 0.7 / momentum 0.9 overshoots and did
+    not train the example model (docs/diloco.md)."""
+
+    DEFAULT_OUTER_LR = 0.4
+    DEFAULT_OUTER_MOMENTUM = 0.5
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
