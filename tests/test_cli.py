@@ -55,3 +55,33 @@ def test_pccl_help_lists_the_subcommands() -> None:
     result = subprocess.run(PCCL + ["--help"], capture_output=True, text=True, timeout=30, env=os.environ)
     assert result.returncode == 0
     assert "master" in result.stdout and "bench" in result.stdout
+
+
+def test_pccl_run_sets_the_environment_and_revives_a_crashed_command(tmp_path: Path) -> None:
+    """The command crashes (SIGKILLs itself) on its first run and succeeds on the second:
+    --max-restarts 1 revives it, with PCCL_MASTER and PCCL_RESTART set."""
+    log = tmp_path / "runs.txt"
+    script = (
+        "import os, signal\n"
+        f"open({str(log)!r}, 'a').write(os.environ['PCCL_MASTER'] + ' ' + os.environ['PCCL_RESTART'] + '\\n')\n"
+        "if os.environ['PCCL_RESTART'] == '0':\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    result = subprocess.run(
+        PCCL + ["run", "--master", "127.0.0.1:1", "--max-restarts", "1", "--restart-delay", "0", "--",
+                sys.executable, "-c", script],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert log.read_text().splitlines() == ["127.0.0.1:1 0", "127.0.0.1:1 1"]
+    assert "restart 1/1" in result.stderr
+
+
+def test_pccl_run_gives_up_after_max_restarts(tmp_path: Path) -> None:
+    result = subprocess.run(
+        PCCL + ["run", "--master", "127.0.0.1:1", "--restart-delay", "0", "--", sys.executable, "-c",
+                "raise SystemExit(3)"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 3
+    assert "no restarts left" in result.stderr
