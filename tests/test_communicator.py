@@ -43,18 +43,6 @@ def all_reduce_cmds(coefs: dict[int, float], **kw: Any) -> dict[int, dict[str, A
     return {i: {"cmd": "all_reduce", "n": N_ELEMS, "coef": c, **kw} for i, c in coefs.items()}
 
 
-@pytest.fixture
-def master() -> Iterator[pccl.Master]:
-    with pccl.Master() as m:
-        yield m
-
-
-@pytest.fixture
-def cluster(master: pccl.Master) -> Iterator[Cluster]:
-    with Cluster(master.address) as c:
-        yield c
-
-
 @pytest.fixture(scope="module")
 def torch_pair() -> Iterator[Cluster]:
     """Two peers with torch imported (importing torch costs seconds of CPU per process,

@@ -15,7 +15,6 @@ native and releases the GIL); every wait is bounded.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from threads import run_parallel as run_threads
 
 import pccl_py as pccl
 from pccl_py.optim import AsyncDiLoCo, DiLoCo
@@ -131,36 +131,13 @@ def assert_identical(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
 
 
 def run_parallel(fns: list[Callable[[], Any]], timeout: float = 40.0) -> list[Any]:
-    """Runs the callables in daemon threads; returns their results, raising the first
+    """Runs the callables side by side; returns their results, raising the first
     exception; fails if one has not returned within `timeout`."""
-    results: list[Any] = [None] * len(fns)
-    finished = [False] * len(fns)
-
-    def body(i: int) -> None:
-        try:
-            results[i] = fns[i]()
-        except BaseException as exc:
-            results[i] = exc
-        finished[i] = True
-
-    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    assert all(finished), f"threads {[i for i, f in enumerate(finished) if not f]} hung"
+    results = run_threads(fns, timeout)
     for r in results:
         if isinstance(r, BaseException):
             raise r
     return results
-
-
-@pytest.fixture
-def master() -> Iterator[pccl.Master]:
-    with pccl.Master() as m:
-        yield m
-
 
 @pytest.fixture
 def group(master: pccl.Master) -> Iterator[Callable[[int], list[pccl.Communicator]]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -31,18 +30,6 @@ BIG = 4 << 20  # 4M float32 = 16 MiB per op: a kill lands inside an op
 
 def crc_of_sum(n: int, coefs: list[float]) -> int:
     return checksum(make_input(n, sum(coefs)))
-
-
-@pytest.fixture
-def master() -> Iterator[pccl.Master]:
-    with pccl.Master() as m:
-        yield m
-
-
-@pytest.fixture
-def cluster(master: pccl.Master) -> Iterator[Cluster]:
-    with Cluster(master.address) as c:
-        yield c
 
 
 def ar(n: int, coef: float, **kw: Any) -> dict[str, Any]:

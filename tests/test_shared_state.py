@@ -18,7 +18,6 @@ The contract checked:
 from __future__ import annotations
 
 import multiprocessing as mp
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,6 +28,7 @@ import pytest
 import pccl_py as pccl
 from pccl_py.shared_state import CHUNK_BYTES, digest
 from pccl_py.testing import PeerGroup, join_group
+from threads import run_parallel
 from state_workers import expected_hashes, fill, make_state, state_worker
 
 pytestmark = pytest.mark.timeout(120)
@@ -49,28 +49,6 @@ SPEC = [
 
 # ---------------------------------------------------------------------- helpers
 
-
-def run_parallel(fns: list[Callable[[], Any]], timeout: float = 60.0) -> list[Any]:
-    """Runs the callables in daemon threads; returns each one's result or exception."""
-    results: list[Any] = [None] * len(fns)
-    done = [False] * len(fns)
-
-    def body(i: int) -> None:
-        try:
-            results[i] = fns[i]()
-        except BaseException as exc:  # returned to the caller, who asserts
-            results[i] = exc
-        done[i] = True
-
-    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    hung = [i for i, d in enumerate(done) if not d]
-    assert not hung, f"calls {hung} did not return within {timeout}s"
-    return results
 
 
 def unwrap(results: list[Any]) -> list[Any]:
@@ -93,12 +71,6 @@ def connect_all(master: pccl.Master, comms: list[pccl.Communicator], world: int,
             [lambda c=c: joiner(c) for c in comms] + [lambda c=c: join_group(c, world, timeout=30) for c in members]
         )
     )
-
-
-@pytest.fixture
-def master() -> Iterator[pccl.Master]:
-    with pccl.Master() as m:
-        yield m
 
 
 @pytest.fixture
