@@ -19,6 +19,8 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
+
 from pccl_py import _native, protocol
 from pccl_py._buffers import native_view
 from pccl_py.config import Config
@@ -35,6 +37,7 @@ from pccl_py.errors import (
 from pccl_py.election import SyncStrategy
 from pccl_py.errors import StateMismatch
 from pccl_py.events import EventLog
+from pccl_py.probe import measure_bandwidth
 from pccl_py.shared_state import SharedState, SyncInfo, _Source, check_strategy, fetch_entries, rich_progress
 from pccl_py.types import ReduceInfo, ReduceOp
 
@@ -217,6 +220,65 @@ class Communicator:
         control.wait(lambda: True if control.vote_rounds > rounds else None, deadline, "the topology vote")
         self._start_round()
         self._ensure_ring(deadline)
+
+    def optimize_topology(self, timeout: float | None = None) -> None:
+        """Collective of the admitted peers: reorders the ring by measured bandwidth.
+
+        When every admitted peer has called it, the master has the peers measure the
+        directed pairs it has no fresh measurement of (Config.bandwidth_ttl), peer to
+        peer, in rounds where each peer sends and receives at most one probe
+        (Config.probe_bytes each), then solves the ring whose slowest hop is fastest
+        (pccl_py.topology) and moves the group to a new epoch with it (reason
+        "optimized"). Returns once this peer is on the new ring. Pending peers stay
+        pending (admit them with update_topology()).
+
+        A peer that fails meanwhile is evicted as usual and the call completes with
+        the survivors; a probe that fails leaves its pair unmeasured. Raises Timeout
+        (default: config.op_timeout) and Aborted (this peer evicted or closed)."""
+        control = self._require()
+        engine = self._engine
+        assert engine is not None
+        deadline = self._deadline(timeout, self.config.op_timeout)
+        probe_buffer = np.zeros(self.config.probe_bytes, np.uint8)  # its content is irrelevant
+        exposure = engine.expose_state([probe_buffer])  # served before anyone is told to probe
+        probes = 0
+        try:
+            with control.cond:
+                rounds = control.vote_rounds
+                control.probe = None
+            control.send(
+                protocol.make("optimize", epoch=self.epoch, exposure=exposure.id, probe_bytes=probe_buffer.nbytes)
+            )
+            handled = 0
+
+            def next_step() -> protocol.Message | bool | None:
+                if control.vote_rounds > rounds:
+                    return True
+                task = control.probe
+                return task if task is not None and task["round"] > handled else None
+
+            while True:
+                step = control.wait(next_step, deadline, "the topology optimisation")
+                if step is True:
+                    break
+                assert isinstance(step, dict)
+                handled = step["round"]
+                results: list[list[Any]] = []
+                for sender, host, port, exp, nbytes in step["fetch"]:
+                    limit = min(self.config.probe_timeout, max(0.0, deadline - time.monotonic()))
+                    try:
+                        rate = measure_bandwidth(engine, int(sender), str(host), int(port), int(exp), int(nbytes), limit)
+                    except PcclError as exc:
+                        log.warning("bandwidth probe of peer %d failed: %s", sender, exc)
+                        rate = 0.0
+                    probes += 1
+                    results.append([int(sender), rate])
+                control.send(protocol.make("probe_done", round=handled, results=results))
+        finally:
+            exposure.close()
+        self._start_round()
+        self._ensure_ring(deadline)
+        self._events.emit("optimized", epoch=self.epoch, probes=probes)
 
     def _start_round(self) -> None:
         """Every member restarts its per-tag step numbering at the same point (admission

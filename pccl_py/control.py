@@ -69,6 +69,7 @@ class ControlChannel:
         self.evicted: str | None = None
         self.sync_plan: protocol.Message | None = None
         self.sync_result: protocol.Message | None = None
+        self.probe: protocol.Message | None = None  # the latest probe task (optimize_topology)
         self.last_error: protocol.Message | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: zmq.asyncio.Socket | None = None
@@ -192,6 +193,8 @@ class ControlChannel:
                 self.sync_plan = msg
             elif kind == "sync_result":
                 self.sync_result = msg
+            elif kind == "probe":
+                self.probe = msg
             elif kind == "pending_count":
                 self.pending_answers[msg["query"]] = msg["count"]
             elif kind == "evicted":

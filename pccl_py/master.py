@@ -65,7 +65,11 @@ class Master:
         self._port = port
         self._bound_port: int | None = None
         self._membership = Membership(
-            self.config.heartbeat_interval, self.config.heartbeat_timeout, self.config.failure_grace
+            self.config.heartbeat_interval,
+            self.config.heartbeat_timeout,
+            self.config.failure_grace,
+            bandwidth_ttl=self.config.bandwidth_ttl,
+            solve_seconds=self.config.topology_solve_seconds,
         )
         self._events = EventLog(self.config.event_log, "master")
         self._routes: dict[int, bytes] = {}  # peer id -> ZeroMQ routing id
@@ -215,6 +219,13 @@ class Master:
                 await self._apply(self._membership.request_sync(peer_id, submission, msg["exposure"], now))
             elif kind == "sync_done":
                 await self._apply(self._membership.sync_done(peer_id, msg["ok"], msg["kind"], msg["msg"], now))
+            elif kind == "optimize":
+                if not 0 < msg["probe_bytes"] <= 1 << 30:
+                    raise ProtocolError("optimize: probe_bytes must be in (0, 1 GiB]")
+                await self._apply(self._membership.request_optimize(peer_id, msg["exposure"], msg["probe_bytes"], now))
+            elif kind == "probe_done":
+                results = _probe_results(msg)
+                await self._apply(self._membership.probe_done(peer_id, msg["round"], results, now))
             else:
                 await self._send_raw(rid, protocol.make("error", code="unexpected", msg=f"{kind} is not a request"))
         except PermissionError as exc:
@@ -331,3 +342,15 @@ def _submission(peer_id: int, msg: protocol.Message) -> Submission:
     except (ValueError, TypeError):
         raise ProtocolError("sync: malformed strategy or entries") from None
     return Submission(peer_id, msg["revision"], strategy, tuple(entries))
+
+
+def _probe_results(msg: protocol.Message) -> list[tuple[int, float]]:
+    """Checks and converts the results of a "probe_done" message (ProtocolError if
+    malformed): [[sender peer id, bytes per second], ...]."""
+    results = []
+    for item in msg["results"]:
+        if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int
+                and isinstance(item[1], (int, float)) and not isinstance(item[1], bool)):
+            raise ProtocolError("probe_done: malformed results")
+        results.append((item[0], float(item[1])))
+    return results

@@ -7,6 +7,9 @@ Peer phases:   (new) --register--> PENDING --admitted in a topology vote--> ADMI
                PENDING|ADMITTED --leave / crash / heartbeat timeout--> (gone)
 A group with no admitted peer admits its pending peers at once.
 
+Topology optimisation (optimize_topology(), a collective like a vote): probe rounds
+of the missing or stale pairs, then the ring pccl_py.topology solves, in a new epoch.
+
 Op outcome (per group, epoch, tag, seq; participants = the ring of that epoch):
   success  when every participant reported success;
   failure  when a participant reported a failure, or left the group before reporting.
@@ -22,7 +25,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from pccl_py import protocol
+from pccl_py import protocol, topology
 from pccl_py.election import Election, ElectionError, Submission, elect
 
 OpKey = tuple[int, int, int]  # (epoch, tag, seq)
@@ -93,6 +96,17 @@ class SyncRecord:
 
 
 @dataclass
+class ProbeRecord:
+    """An optimize_topology() between its first probe round and the new ring."""
+
+    participants: set[int]
+    exposures: dict[int, tuple[int, int]]  # peer -> (exposure id, probe bytes)
+    rounds: list[list[tuple[int, int]]]  # (sender, receiver) pairs, one round at a time
+    awaiting: set[int] = field(default_factory=set)  # probers of the current round
+    round_id: int = 0
+
+
+@dataclass
 class Group:
     id: int
     epoch: int = 0
@@ -110,6 +124,15 @@ class Group:
     sync_requests: dict[int, tuple[Submission, int]] = field(default_factory=dict)  # peer -> (it, exposure)
     sync_active: SyncRecord | None = None
     pruned_at_epoch: int = 0
+    # Topology optimisation: measured bandwidths (sender, receiver) -> (bytes/s, when),
+    # the optimize_topology() calls collected (peer -> (exposure, probe bytes)), the
+    # probe rounds in progress, and whether the ring order is the solver's (then later
+    # epochs re-solve instead of appending joiners).
+    bandwidth: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
+    optimize_requests: dict[int, tuple[int, int]] = field(default_factory=dict)
+    probing: ProbeRecord | None = None
+    probe_seq: int = 0
+    optimized: bool = False
 
 
 def failures_root(record: OpRecord) -> bool:
@@ -118,10 +141,20 @@ def failures_root(record: OpRecord) -> bool:
 
 
 class Membership:
-    def __init__(self, heartbeat_interval: float, heartbeat_timeout: float, failure_grace: float) -> None:
+    def __init__(
+        self,
+        heartbeat_interval: float,
+        heartbeat_timeout: float,
+        failure_grace: float,
+        *,
+        bandwidth_ttl: float = 600.0,
+        solve_seconds: float = 0.5,
+    ) -> None:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.failure_grace = failure_grace
+        self.bandwidth_ttl = bandwidth_ttl  # a measurement older than this is probed again
+        self.solve_seconds = solve_seconds  # time budget of the ring heuristic (N > 10)
         self.peers: dict[int, Peer] = {}
         self.groups: dict[int, Group] = {}
         self._departed: dict[int, str] = {}  # peer -> cause ("left", "crashed", "hung"), recent only
@@ -224,6 +257,28 @@ class Membership:
         record.reports[peer.id] = (ok, kind, msg)
         return self._complete_sync(g)
 
+    def request_optimize(self, peer_id: int, exposure: int, probe_bytes: int, now: float) -> list[Effect]:
+        """A peer called optimize_topology(): collective of the admitted peers. Its engine
+        serves a probe buffer of `probe_bytes` under `exposure`."""
+        peer, g = self._admitted(peer_id)
+        if g.probing is not None and peer.id in g.probing.participants:
+            return [Log("optimize_ignored", {"group": g.id, "peer": peer.id, "why": "already probing"})]
+        g.optimize_requests[peer.id] = (exposure, probe_bytes)
+        return self._complete_optimize_requests(g, now)
+
+    def probe_done(self, peer_id: int, round_id: int, results: list[tuple[int, float]], now: float) -> list[Effect]:
+        """A prober's measurements for one round: (sender, bytes/s), <= 0 for a failed
+        probe (the pair stays unknown)."""
+        peer, g = self._admitted(peer_id)
+        record = g.probing
+        if record is None or record.round_id != round_id or peer.id not in record.awaiting:
+            return []  # late or duplicate: that round is over
+        for sender, rate in results:
+            if rate > 0 and sender in record.participants and sender != peer.id:
+                g.bandwidth[(sender, peer.id)] = (float(rate), now)
+        record.awaiting.discard(peer.id)
+        return self._advance_probes(g, now)
+
     def leave(self, peer_id: int, now: float) -> list[Effect]:
         return self._remove(peer_id, "left", "left the group", now)
 
@@ -264,6 +319,9 @@ class Membership:
                     "ring": list(g.ring),
                     "pending": list(g.pending),
                     "state_revision": g.state_revision,
+                    "optimized": g.optimized,
+                    # [sender, receiver, bytes/s] for every measured pair
+                    "bandwidth": [[a, b, rate] for (a, b), (rate, _) in sorted(g.bandwidth.items())],
                 }
                 for g in self.groups.values()
             },
@@ -302,7 +360,7 @@ class Membership:
         for pid in joiners:
             self.peers[pid].phase = Phase.ADMITTED
         effects: list[Effect] = [Log("admit", {"group": g.id, "peers": joiners})] if joiners else []
-        return effects + self._new_epoch(g, g.ring + joiners, reason, vote)
+        return effects + self._new_epoch(g, self._reorder(g, g.ring + joiners), reason, vote)
 
     def _complete_votes(self, g: Group) -> list[Effect]:
         if not g.ring or not set(g.ring) <= g.votes:
@@ -339,9 +397,12 @@ class Membership:
             return effects
         g.votes.discard(peer_id)
         g.pending_queries.pop(peer_id, None)
+        g.optimize_requests.pop(peer_id, None)
+        for pair in [p for p in g.bandwidth if peer_id in p]:
+            del g.bandwidth[pair]  # its row and column: a peer that comes back is probed afresh
         survivors = [pid for pid in g.ring if pid != peer_id]
         if survivors:
-            effects += self._new_epoch(g, survivors, f"peer {peer_id} {cause}: {detail}")
+            effects += self._new_epoch(g, self._reorder(g, survivors), f"peer {peer_id} {cause}: {detail}")
         else:
             g.ring = []
             g.epoch += 1
@@ -351,6 +412,12 @@ class Membership:
                 effects += self._decide(g, record, now)
         effects += self._complete_votes(g)
         effects += self._complete_pending_queries(g)
+        effects += self._complete_optimize_requests(g, now)
+        if g.probing is not None and peer_id in g.probing.participants:
+            g.probing.participants.discard(peer_id)
+            g.probing.awaiting.discard(peer_id)
+            g.probing.rounds = [[p for p in r if peer_id not in p] for r in g.probing.rounds]
+            effects += self._advance_probes(g, now)
         g.sync_requests.pop(peer_id, None)
         effects += self._complete_sync_requests(g)
         if g.sync_active is not None and peer_id in g.sync_active.participants:
@@ -360,6 +427,72 @@ class Membership:
         if not g.ring and not g.pending:
             del self.groups[g.id]  # nothing left to remember; a new group starts afresh
         return effects
+
+    # ------------------------------------------------------------------ topology optimisation
+
+    def _complete_optimize_requests(self, g: Group, now: float) -> list[Effect]:
+        if not g.ring or not set(g.ring) <= set(g.optimize_requests) or g.probing is not None:
+            return []
+        exposures = {pid: g.optimize_requests[pid] for pid in g.ring}
+        g.optimize_requests.clear()
+        measured_at = {pair: at for pair, (_, at) in g.bandwidth.items()}
+        wanted = topology.pairs_to_probe(g.ring, measured_at, now, self.bandwidth_ttl)
+        rounds = topology.probe_rounds(g.ring, wanted)
+        g.probing = ProbeRecord(set(g.ring), exposures, rounds)
+        effects: list[Effect] = [Log("probe_plan", {"group": g.id, "pairs": len(wanted), "rounds": len(rounds)})]
+        return effects + self._advance_probes(g, now)
+
+    def _advance_probes(self, g: Group, now: float) -> list[Effect]:
+        """Starts the next probe round once the current one is over; after the last,
+        solves the ring and moves the group to it."""
+        record = g.probing
+        if record is None or record.awaiting:
+            return []
+        while record.rounds:
+            batch = [(a, b) for a, b in record.rounds.pop(0) if a in record.participants and b in record.participants]
+            if not batch:
+                continue
+            g.probe_seq += 1
+            record.round_id = g.probe_seq
+            tasks: dict[int, list[list[Any]]] = {}
+            for sender, receiver in batch:
+                exposure, nbytes = record.exposures[sender]
+                host, port = self.peers[sender].host, self.peers[sender].port
+                tasks.setdefault(receiver, []).append([sender, host, port, exposure, nbytes])
+            record.awaiting = set(tasks)
+            return [Send(pid, protocol.make("probe", round=record.round_id, fetch=fetch)) for pid, fetch in tasks.items()]
+        g.probing = None
+        if not g.ring:
+            return []
+        ring = self._solve(g, g.ring)
+        g.optimized = True
+        g.round += 1  # a collective like a vote: every member restarts its step numbering
+        cost = topology.ring_cost(ring, self._rates(g))
+        effects: list[Effect] = [
+            Log(
+                "optimize",
+                {"group": g.id, "ring": ring, "bottleneck": cost.bottleneck, "unknown_hops": cost.unknown},
+            )
+        ]
+        return effects + self._new_epoch(g, ring, "optimized", vote=True)
+
+    def _rates(self, g: Group) -> dict[tuple[int, int], float]:
+        return {pair: rate for pair, (rate, _) in g.bandwidth.items()}
+
+    def _solve(self, g: Group, peers: list[int], initial: list[int] | None = None, budget: float | None = None) -> list[int]:
+        budget = self.solve_seconds if budget is None else budget
+        return topology.solve_ring(peers, self._rates(g), time_budget=budget, seed=g.id, initial=initial)
+
+    def _reorder(self, g: Group, ring: list[int]) -> list[int]:
+        """The ring of a new epoch. Until the group is optimised: as given (survivors in
+        order, joiners appended). After: re-solved over the known bandwidths, so an
+        eviction does not leave a slow hop in the ring and joiners (whose pairs are
+        unknown until the next optimize_topology()) go where the fewest unknown hops
+        and the fastest known ones remain."""
+        if not g.optimized or len(ring) < 3:
+            return ring
+        # A short budget: this runs on every join and departure (exact up to 10 peers).
+        return self._solve(g, ring, initial=ring, budget=min(self.solve_seconds, 0.1))
 
     def _sync_result(self, g: Group, ok: bool, kind: str, msg: str) -> protocol.Message:
         revision = g.state_revision if g.state_revision is not None else -1

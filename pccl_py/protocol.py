@@ -36,6 +36,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "status": {},
     "sync": {"epoch": _INT, "revision": _INT, "strategy": _STR, "exposure": _INT, "entries": _LIST},
     "sync_done": {"ok": _BOOL, "kind": _STR, "msg": _STR, "rx_bytes": _INT},
+    "optimize": {"epoch": _INT, "exposure": _INT, "probe_bytes": _INT},
+    "probe_done": {"round": _INT, "results": _LIST},
     # master -> peer
     "welcome": {"peer_id": _INT, "heartbeat_interval": _FLOAT, "heartbeat_timeout": _FLOAT, "admitted": _BOOL},
     "topology": {"epoch": _INT, "ring": _LIST, "reason": _STR, "vote": _BOOL, "round": _INT},
@@ -54,6 +56,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "evicted": {"reason": _STR},
     "sync_plan": {"revision": _INT, "fetch": _LIST, "sources": _LIST},
     "sync_result": {"ok": _BOOL, "kind": _STR, "msg": _STR, "revision": _INT},
+    "probe": {"round": _INT, "fetch": _LIST},
     "error": {"code": _STR, "msg": _STR},
     "status_reply": {"state": (dict,)},
 }

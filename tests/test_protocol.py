@@ -145,6 +145,9 @@ DOCUMENTED = {
     "sync_done": {"ok": B, "kind": S, "msg": S, "rx_bytes": I},
     "sync_plan": {"revision": I, "fetch": L, "sources": L},
     "sync_result": {"ok": B, "kind": S, "msg": S, "revision": I},
+    "optimize": {"epoch": I, "exposure": I, "probe_bytes": I},
+    "probe": {"round": I, "fetch": L},
+    "probe_done": {"round": I, "results": L},
 }
 _KIND_OF_TYPES = {(int,): I, (str,): S, (bool,): B, (int, float): N, (list,): L, (dict,): M}
 
