@@ -113,6 +113,7 @@ class Communicator:
         self._control: ControlChannel | None = None
         self._ring_lock = threading.Lock()
         self._engine_epoch = -1
+        self._rings: dict[int, tuple[int, ...]] = {}  # epoch -> peer ids in ring order
         self._seq_lock = threading.Lock()
         self._next_seq: dict[int, int] = {}
         self._round = 0
@@ -488,6 +489,7 @@ class Communicator:
                     rx_bytes=handle.rx_bytes if handle is not None else 0,
                     epoch=key[0],
                     attempts=attempts,
+                    contributors=self._rings.get(key[0], ()),
                 )
             if handle is not None:
                 handle.settle(False)
@@ -605,6 +607,9 @@ class Communicator:
                 timeout = min(self.config.connect_timeout, max(0.0, deadline - time.monotonic()))
                 self._engine.set_ring(topo.epoch, list(topo.ring), rank, timeout=timeout)
                 self._engine_epoch = topo.epoch
+                self._rings[topo.epoch] = tuple(p[0] for p in topo.ring)
+                for old in [e for e in self._rings if e < topo.epoch - 8]:
+                    del self._rings[old]
             return topo.epoch
 
     @staticmethod

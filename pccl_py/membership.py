@@ -169,7 +169,7 @@ class Membership:
         g = self.groups.setdefault(group, Group(group))
         self.peers[peer_id] = Peer(peer_id, group, host, port, name, Phase.PENDING, now)
         g.pending.append(peer_id)
-        effects: list[Effect] = [Log("join", {"peer": peer_id, "group": group, "name": name})]
+        effects: list[Effect] = [Log("join", {"peer": peer_id, "group": group, "name": name, "host": host, "port": port})]
         admit_now = not g.ring
         effects.append(
             Send(

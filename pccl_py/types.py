@@ -38,3 +38,4 @@ class ReduceInfo:
     rx_bytes: int
     epoch: int  # the epoch it succeeded in
     attempts: int  # 1 unless it was retried over the survivors
+    contributors: tuple[int, ...] = ()  # peer ids whose input is in the result, ring order
