@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from pccl_py import _native, protocol
+from pccl_py import _native, auth, protocol
 from pccl_py._buffers import native_view
 from pccl_py.config import Config
 from pccl_py.control import ControlChannel, OpKey, Topology
 from pccl_py.errors import (
     Aborted,
+    AuthError,
     ConfigError,
     InvalidArgument,
     PcclError,
@@ -96,11 +97,11 @@ class Communicator:
         advertise_host: str | None = None,
         name: str = "",
     ) -> None:
-        if secret is not None:
-            raise ConfigError("authentication is not implemented yet; run without a secret")
         if group < 0:
             raise ConfigError("group must be >= 0")
         self.config = config or Config()
+        # The shared secret (default: config.secret, i.e. PCCL_SECRET with Config.from_env()).
+        self._secret = auth.normalize_secret(secret if secret is not None else self.config.secret)
         self._master = master
         self._group = group
         self._host = host
@@ -128,7 +129,8 @@ class Communicator:
     def connect(self, timeout: float | None = None) -> Communicator:
         """Registers with the master and returns once this peer is admitted (the first
         peer of a group at once; others at the group's next update_topology()) and
-        connected to its ring. Raises Timeout."""
+        connected to its ring. Raises Timeout, and AuthError when the master and this
+        peer do not share the same secret (or only one of them has one)."""
         deadline = self._deadline(timeout, self.config.connect_timeout)
         cfg = self.config
         self._engine = _native.Engine(
@@ -139,9 +141,16 @@ class Communicator:
             segment_bytes=cfg.segment_bytes,
             socket_buffer_bytes=cfg.socket_buffer_bytes,
             mailbox_limit_bytes=cfg.mailbox_limit_bytes,
+            secret=self._secret or b"",
         )
         self._control = ControlChannel(self._master, cfg, self._on_master_message)
         self._control.start(max(0.1, deadline - time.monotonic()))
+        if self._secret is not None:
+            try:
+                self._control.authenticate(self._secret, deadline)
+            except PcclError:
+                self.close()  # nothing of this peer stays behind
+                raise
         self._control.send(
             protocol.make(
                 "hello",
@@ -156,7 +165,8 @@ class Communicator:
 
         def admitted() -> Topology | None:
             if control.last_error is not None and control.welcome is None:
-                raise PcclError(f"master refused this peer: {control.last_error['msg']}")
+                error = AuthError if control.last_error["code"] == "auth" else PcclError
+                raise error(f"master refused this peer: {control.last_error['msg']}")
             topo = control.topology
             return topo if topo is not None and topo.rank_of(self.peer_id) is not None else None
 

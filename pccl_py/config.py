@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pccl_py.errors import ConfigError
 
@@ -39,6 +39,9 @@ class Config:
     topology_solve_seconds: float = 0.5
     # Structured JSON-lines event log (membership changes, op outcomes); None: off.
     event_log: str | None = None
+    # Shared secret (PCCL_SECRET) authenticating every control and data connection;
+    # None: no authentication. Kept out of repr() so it never lands in a log.
+    secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:

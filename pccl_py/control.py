@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 import zmq
 import zmq.asyncio
 
-from pccl_py import protocol
+from pccl_py import auth, protocol
 from pccl_py.config import Config
-from pccl_py.errors import Aborted, PcclError, ProtocolError, Timeout
+from pccl_py.errors import Aborted, AuthError, PcclError, ProtocolError, Timeout
 from pccl_py.master import new_event_loop
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ class ControlChannel:
         self.sync_result: protocol.Message | None = None
         self.probe: protocol.Message | None = None  # the latest probe task (optimize_topology)
         self.last_error: protocol.Message | None = None
+        self.auth_challenge: protocol.Message | None = None
+        self.auth_ok = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self._thread: threading.Thread | None = None
@@ -114,6 +116,9 @@ class ControlChannel:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.MAXMSGSIZE, self._config.max_message_bytes)
+        # An unguessable routing id: the master binds authentication to it, and ids the
+        # ROUTER would assign are sequential.
+        sock.setsockopt(zmq.ROUTING_ID, b"\x01" + auth.new_nonce())
         sock.connect(self._endpoint)
         self._sock = sock
         self._ready.set()
@@ -195,6 +200,10 @@ class ControlChannel:
                 self.sync_result = msg
             elif kind == "probe":
                 self.probe = msg
+            elif kind == "auth_challenge":
+                self.auth_challenge = msg
+            elif kind == "auth_ok":
+                self.auth_ok = True
             elif kind == "pending_count":
                 self.pending_answers[msg["query"]] = msg["count"]
             elif kind == "evicted":
@@ -204,6 +213,39 @@ class ControlChannel:
                 self.last_error = msg
                 log.warning("master error: %s: %s", msg["code"], msg["msg"])
             self.cond.notify_all()
+
+    # ------------------------------------------------------------------ authentication
+
+    def authenticate(self, secret: bytes, deadline: float) -> None:
+        """Mutual challenge-response with the master (pccl_py.auth); call before "hello"
+        or "status". Raises AuthError when the master does not know the secret, has
+        none, or refuses ours; Timeout at the deadline."""
+        with self.cond:
+            self.auth_challenge, self.auth_ok, self.last_error = None, False, None
+        nonce = auth.new_nonce()
+        self.send(protocol.make("auth_begin", nonce=nonce))
+
+        def auth_error() -> None:
+            err = self.last_error
+            if err is not None and err["code"] == "auth":
+                raise AuthError(f"the master at {self._endpoint} refused this client: {err['msg']}")
+
+        def challenged() -> protocol.Message | None:
+            auth_error()
+            return self.auth_challenge
+
+        challenge = self.wait(challenged, deadline, "the master's authentication challenge")
+        if not challenge["proof"]:
+            raise AuthError(f"the master at {self._endpoint} has no shared secret; refusing to join it with one")
+        if not auth.verify(auth.master_proof(secret, nonce, challenge["nonce"]), challenge["proof"]):
+            raise AuthError(f"the master at {self._endpoint} holds a different shared secret (its proof does not match)")
+        self.send(protocol.make("auth", mac=auth.client_proof(secret, challenge["nonce"], nonce)))
+
+        def accepted() -> bool | None:
+            auth_error()
+            return True if self.auth_ok else None
+
+        self.wait(accepted, deadline, "the master's authentication verdict")
 
     # ------------------------------------------------------------------ waiting
 

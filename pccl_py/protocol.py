@@ -24,6 +24,7 @@ _STR = (str,)
 _BOOL = (bool,)
 _FLOAT = (int, float)
 _LIST = (list,)
+_BYTES = (bytes,)
 
 SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     # peer -> master
@@ -38,7 +39,12 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "sync_done": {"ok": _BOOL, "kind": _STR, "msg": _STR, "rx_bytes": _INT},
     "optimize": {"epoch": _INT, "exposure": _INT, "probe_bytes": _INT},
     "probe_done": {"round": _INT, "results": _LIST},
+    # Authentication (pccl_py.auth), before "hello" or "status" when a secret is set.
+    "auth_begin": {"nonce": _BYTES},
+    "auth": {"mac": _BYTES},
     # master -> peer
+    "auth_challenge": {"nonce": _BYTES, "proof": _BYTES},
+    "auth_ok": {},
     "welcome": {"peer_id": _INT, "heartbeat_interval": _FLOAT, "heartbeat_timeout": _FLOAT, "admitted": _BOOL},
     "topology": {"epoch": _INT, "ring": _LIST, "reason": _STR, "vote": _BOOL, "round": _INT},
     "pending_count": {"query": _INT, "count": _INT},

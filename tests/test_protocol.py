@@ -45,6 +45,8 @@ def strategy_for(types: tuple[type, ...]) -> st.SearchStrategy[Any]:
         options.append(st.lists(VALUE, max_size=5))
     if dict in types:
         options.append(st.dictionaries(TEXT, VALUE, max_size=5))
+    if bytes in types:
+        options.append(st.binary(max_size=40))
     assert options, f"no strategy for {types}"
     return st.one_of(options)
 
@@ -69,6 +71,8 @@ def sample_value(types: tuple[type, ...]) -> Any:
         return [[1, "127.0.0.1", 2]]
     if dict in types:
         return {"k": [1, {"x": None}]}
+    if bytes in types:
+        return b"\x00\xffbytes"
     raise AssertionError(types)
 
 
@@ -115,7 +119,7 @@ def test_every_message_type_has_a_schema_and_a_version() -> None:
 
 # The documented wire format (docs/protocol.md). The other tests derive their cases from
 # protocol.SCHEMAS; this one pins SCHEMAS itself, so a schema change is deliberate.
-I, S, B, N, L, M = "int", "str", "bool", "number", "list", "map"
+I, S, B, N, L, M, BIN = "int", "str", "bool", "number", "list", "map", "bin"
 DOCUMENTED = {
     "hello": {"peer_id": I, "group": I, "host": S, "port": I, "name": S},
     "hb": {},
@@ -148,8 +152,12 @@ DOCUMENTED = {
     "optimize": {"epoch": I, "exposure": I, "probe_bytes": I},
     "probe": {"round": I, "fetch": L},
     "probe_done": {"round": I, "results": L},
+    "auth_begin": {"nonce": BIN},
+    "auth_challenge": {"nonce": BIN, "proof": BIN},
+    "auth": {"mac": BIN},
+    "auth_ok": {},
 }
-_KIND_OF_TYPES = {(int,): I, (str,): S, (bool,): B, (int, float): N, (list,): L, (dict,): M}
+_KIND_OF_TYPES = {(int,): I, (str,): S, (bool,): B, (int, float): N, (list,): L, (dict,): M, (bytes,): BIN}
 
 
 def test_schemas_match_the_documented_wire_format() -> None:
