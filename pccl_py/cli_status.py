@@ -102,7 +102,8 @@ def render(state: dict[str, Any]) -> Group:
     for gid, g in sorted(groups.items(), key=lambda kv: int(kv[0])):
         ring = g.get("ring", [])
         gt.add_row(gid, str(g.get("epoch")), str(len(ring)), str(len(g.get("pending", []))),
-                   str(g.get("state_revision")), " -> ".join(label(p) for p in ring))
+                   "-" if g.get("state_revision") is None else str(g["state_revision"]),
+                   " -> ".join(label(p) for p in ring))
     pt = Table(title=f"peers ({len(peers)})", title_justify="left")
     for col in ("peer", "name", "group", "phase", "data address"):
         pt.add_column(col, overflow="fold")
