@@ -25,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heartbeat-interval", type=float, help="seconds between peer heartbeats")
     parser.add_argument("--heartbeat-timeout", type=float, help="evict a peer silent this long (seconds)")
     parser.add_argument("--event-log", help="append structured events (JSON lines) to this file")
+    parser.add_argument(
+        "--startup-grace",
+        type=float,
+        help="seconds a (re)started master waits for the members of a running group to rejoin before "
+        "it founds the group afresh from new peers (default: two heartbeat intervals)",
+    )
     parser.add_argument("--secret-file", help="file holding the shared secret (default: $PCCL_SECRET)")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free port)")
     parser.add_argument("--metrics-host", help="address of the metrics endpoint (default: --host)")
@@ -36,6 +42,8 @@ def main(args: argparse.Namespace) -> int:
         heartbeat_timeout=args.heartbeat_timeout,
         event_log=args.event_log,
     )
+    grace = args.startup_grace if args.startup_grace is not None else 2 * config.heartbeat_interval
+    config = config.replace(startup_grace=grace)
     try:
         secret = auth.read_secret_file(args.secret_file) if args.secret_file else auth.normalize_secret(config.secret)
     except ConfigError as exc:

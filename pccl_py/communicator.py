@@ -17,6 +17,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -115,6 +116,8 @@ class Communicator:
         self._ring_lock = threading.Lock()
         self._engine_epoch = -1
         self._rings: dict[int, tuple[int, ...]] = {}  # epoch -> peer ids in ring order
+        self._reported: dict[OpKey, tuple[bool, str, str]] = {}  # awaiting a verdict; under control.cond
+        self._synced_revision: int | None = None
         self._seq_lock = threading.Lock()
         self._next_seq: dict[int, int] = {}
         self._round = 0
@@ -144,6 +147,7 @@ class Communicator:
             secret=self._secret or b"",
         )
         self._control = ControlChannel(self._master, cfg, self._on_master_message)
+        self._control.on_master_restart = self._rejoin_restarted_master
         self._control.start(max(0.1, deadline - time.monotonic()))
         if self._secret is not None:
             try:
@@ -227,8 +231,12 @@ class Communicator:
         deadline = self._deadline(timeout, self.config.connect_timeout)
         with control.cond:
             rounds = control.vote_rounds
-        control.send(protocol.make("vote", epoch=self.epoch))
-        control.wait(lambda: True if control.vote_rounds > rounds else None, deadline, "the topology vote")
+        self._ask(
+            protocol.make("vote", epoch=self.epoch),
+            lambda: True if control.vote_rounds > rounds else None,
+            deadline,
+            "the topology vote",
+        )
         self._start_round()
         self._ensure_ring(deadline)
 
@@ -308,8 +316,12 @@ class Communicator:
         deadline = self._deadline(timeout, self.config.connect_timeout)
         self._pending_query += 1
         query = self._pending_query
-        control.send(protocol.make("pending", epoch=self.epoch, query=query))
-        return control.wait(lambda: control.pending_answers.pop(query, None), deadline, "pending_peers()")
+        return self._ask(
+            protocol.make("pending", epoch=self.epoch, query=query),
+            lambda: control.pending_answers.pop(query, None),
+            deadline,
+            "pending_peers()",
+        )
 
     # ------------------------------------------------------------------ collectives
 
@@ -393,9 +405,8 @@ class Communicator:
                     f"{self.config.max_message_bytes}-byte message cap (Config.max_message_bytes): "
                     "merge small tensors into fewer entries or raise the cap on every peer and the master"
                 )
-            control.send(request)
-            plan = control.wait(
-                lambda: control.sync_plan or control.sync_result, deadline, "the shared-state plan"
+            plan = self._ask(
+                request, lambda: control.sync_plan or control.sync_result, deadline, "the shared-state plan"
             )
             if plan["t"] == "sync_plan":
                 ok, kind, msg = True, "", ""
@@ -424,6 +435,7 @@ class Communicator:
             cls = StateMismatch if result["kind"] == "StateMismatch" else _ERRORS.get(result["kind"], PcclError)
             raise cls(f"shared-state sync failed: {result['msg']}", epoch=self.epoch)
         state.revision = result["revision"]
+        self._synced_revision = state.revision
         self._events.emit("sync", revision=state.revision, rx_bytes=rx, tx_bytes=tx, received=received)
         return SyncInfo(revision=state.revision, rx_bytes=rx, tx_bytes=tx, entries_received=received)
 
@@ -528,13 +540,75 @@ class Communicator:
         control = self._require()
         with control.cond:
             known = key in control.outcomes
-        if not known:
-            control.send(
-                protocol.make(
-                    "op", epoch=key[0], tag=key[1], seq=key[2], ok=ok, kind=kind, msg=msg[:2000], peer=culprit
+            self._reported[key] = (ok, kind, msg[:2000])  # handed to a restarted master
+        try:
+            if not known:
+                control.send(
+                    protocol.make(
+                        "op", epoch=key[0], tag=key[1], seq=key[2], ok=ok, kind=kind, msg=msg[:2000], peer=culprit
+                    )
                 )
-            )
-        return control.wait(lambda: control.take_outcome(key), deadline, f"the outcome of op {key}")
+            return control.wait(lambda: control.take_outcome(key), deadline, f"the outcome of op {key}")
+        finally:
+            with control.cond:
+                self._reported.pop(key, None)
+
+    def _ask(self, request: protocol.Message, answer: Callable[[], Any], deadline: float, what: str) -> Any:
+        """Sends a collective request and waits for its answer; a request still waiting
+        when the master restarts is sent again once the group has re-formed."""
+        control = self._require()
+        with control.cond:
+            control.outstanding = request
+        try:
+            control.send(request)
+            return control.wait(answer, deadline, what)
+        finally:
+            with control.cond:
+                if control.outstanding is request:
+                    control.outstanding = None
+
+    def _rejoin_restarted_master(self) -> None:
+        """Control's rejoin thread: the master restarted; register with the new one as a
+        member of our group, with what it needs to take the group over (epoch, ring, op
+        round, last synced revision, ops awaiting a verdict, verdicts received)."""
+        control = self._control
+        engine = self._engine
+        if control is None or engine is None or self._closed:
+            return
+        try:
+            if self._secret is not None:
+                control.authenticate(self._secret, time.monotonic() + self.config.connect_timeout)
+            with control.cond:
+                topo = control.topology
+                if topo is None:
+                    return
+                pending = [[k[0], k[1], k[2], ok, kind, msg] for k, (ok, kind, msg) in self._reported.items()]
+                decided = [
+                    [m["epoch"], m["tag"], m["seq"], m["ok"], m["kind"], m["msg"], m["world"]]
+                    for m in control.recent_verdicts
+                    if m["epoch"] == topo.epoch
+                ]
+                rejoin = protocol.make(
+                    "rejoin",
+                    peer_id=self.peer_id,
+                    group=self._group,
+                    host=self._advertise,
+                    port=engine.port,
+                    name=self._name,
+                    epoch=topo.epoch,
+                    ring=[p[0] for p in topo.ring],
+                    round=control.round,
+                    revision=-1 if self._synced_revision is None else self._synced_revision,
+                    pending=pending,
+                    decided=decided,
+                )
+            control.send(rejoin)
+            self._events.emit("rejoin", peer=self.peer_id, epoch=topo.epoch, pending=len(pending))
+        except PcclError as exc:
+            log.error("cannot rejoin the restarted master: %s", exc)
+            with control.cond:
+                control.evicted = f"could not rejoin the restarted master: {exc}"
+                control.cond.notify_all()
 
     def _track(self, key: OpKey, handle: Any, retry: bool) -> None:
         control = self._require()

@@ -37,6 +37,10 @@ class Config:
     bandwidth_ttl: float = 600.0
     probe_timeout: float = 30.0
     topology_solve_seconds: float = 0.5
+    # Master restart: a (re)started master holds the first admission of a group this
+    # long, so members of a run it must take over can rejoin before a newcomer founds
+    # the group afresh. `pccl master` sets it to two heartbeat intervals by default.
+    startup_grace: float = 0.0
     # Structured JSON-lines event log (membership changes, op outcomes); None: off.
     event_log: str | None = None
     # Shared secret (PCCL_SECRET) authenticating every control and data connection;

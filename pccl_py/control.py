@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -73,6 +73,14 @@ class ControlChannel:
         self.last_error: protocol.Message | None = None
         self.auth_challenge: protocol.Message | None = None
         self.auth_ok = False
+        # Master restart: the verdicts received lately (a rejoin hands them to the new
+        # master), the collective request a caller still waits on (sent again once the
+        # group re-formed), the incarnation we rejoin, and who builds the rejoin.
+        self.recent_verdicts: deque[protocol.Message] = deque(maxlen=1024)
+        self.outstanding: protocol.Message | None = None
+        self.recovering = False
+        self.rejoin_target: int | None = None
+        self.on_master_restart: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self._thread: threading.Thread | None = None
@@ -178,10 +186,18 @@ class ControlChannel:
         with self.cond:
             if kind == "welcome":
                 self.welcome = msg
+            elif kind == "unknown":
+                self._unknown(msg["master"])
             elif kind == "topology":
                 ring = tuple((int(p[0]), str(p[1]), int(p[2])) for p in msg["ring"])
                 if self.topology is None or msg["epoch"] >= self.topology.epoch:
                     self.topology = Topology(msg["epoch"], ring, msg["reason"])
+                if self.recovering:
+                    # The group re-formed under a restarted master: repeat the request a
+                    # caller still waits on (the old master took it to its grave).
+                    self.recovering = False
+                    if self.outstanding is not None:
+                        self._send_now(protocol.encode(self.outstanding))
                 if msg["vote"]:
                     self.vote_rounds += 1
                 self.round = max(self.round, msg["round"])
@@ -190,6 +206,7 @@ class ControlChannel:
                     del self.outcomes[key]
             elif kind == "outcome":
                 key = (msg["epoch"], msg["tag"], msg["seq"])
+                self.recent_verdicts.append(msg)
                 if key not in self.consumed:
                     self.outcomes[key] = msg
                 while len(self.outcomes) > _MAX_KEPT_OUTCOMES:
@@ -213,6 +230,23 @@ class ControlChannel:
                 self.last_error = msg
                 log.warning("master error: %s: %s", msg["code"], msg["msg"])
             self.cond.notify_all()
+
+    def _unknown(self, master: int) -> None:
+        """The master does not know us (under cond): evicted, if it is the master that
+        welcomed us; otherwise the master restarted, and we rejoin it (once per
+        incarnation, on a thread of its own: rejoining waits for replies)."""
+        if self.welcome is None or self.evicted is not None:
+            return
+        if master == self.welcome["master"]:
+            self.evicted = "unknown peer: not registered or evicted"
+            return
+        if master == self.rejoin_target:
+            return  # already rejoining this one
+        self.rejoin_target = master
+        self.recovering = True
+        log.warning("the master restarted (incarnation %d); rejoining it", master)
+        if self.on_master_restart is not None:
+            threading.Thread(target=self.on_master_restart, name="pccl-rejoin", daemon=True).start()
 
     # ------------------------------------------------------------------ authentication
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -31,7 +32,7 @@ from pccl_py.errors import PcclError, ProtocolError, Timeout
 from pccl_py.election import EntryMeta, Submission, SyncStrategy
 from pccl_py.events import EventLog
 from pccl_py.metrics import MasterMetrics
-from pccl_py.membership import Effect, Log, Membership, Send
+from pccl_py.membership import Effect, Log, Membership, RejoinInfo, RejoinRefused, Send
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class Master:
             self.config.failure_grace,
             bandwidth_ttl=self.config.bandwidth_ttl,
             solve_seconds=self.config.topology_solve_seconds,
+            incarnation=secrets.randbits(63),
+            hold_first_admission_until=time.monotonic() + self.config.startup_grace,
         )
         self._events = EventLog(self.config.event_log, "master")
         self._routes: dict[int, bytes] = {}  # peer id -> ZeroMQ routing id
@@ -221,7 +224,7 @@ class Master:
         if kind == "auth":
             await self._auth(rid, msg)
             return
-        if kind in ("status", "hello") and self._secret is not None and rid not in self._authed:
+        if kind in ("status", "hello", "rejoin") and self._secret is not None and rid not in self._authed:
             self.metrics.auth_failures.inc()
             await self._send_raw(rid, protocol.make("error", code="auth", msg="this master requires the shared secret"))
             return
@@ -232,9 +235,15 @@ class Master:
             self._authed.pop(rid, None)  # from now on the routing id is a registered peer
             await self._hello(rid, msg, now)
             return
+        if kind == "rejoin":
+            self._authed.pop(rid, None)
+            await self._rejoin(rid, msg, now)
+            return
         peer_id = self._ids.get(rid)
         if peer_id is None:
-            await self._send_raw(rid, protocol.make("evicted", reason="unknown peer: not registered or evicted"))
+            # A peer this master does not know: evicted, or registered with a previous
+            # master (it compares the incarnation with its welcome's and rejoins).
+            await self._send_raw(rid, protocol.make("unknown", master=self._membership.incarnation))
             return
         try:
             if kind == "hb":
@@ -322,6 +331,38 @@ class Master:
             effects = self._membership.register(peer_id, msg["group"], msg["host"], msg["port"], msg["name"], now)
         except ValueError as exc:
             await self._send_raw(rid, protocol.make("error", code="bad_hello", msg=str(exc)))
+            return
+        self._routes[peer_id] = rid
+        self._ids[rid] = peer_id
+        self._watchers[peer_id] = asyncio.create_task(self._watch(peer_id, msg["host"], msg["port"]))
+        await self._apply(effects)
+
+    async def _rejoin(self, rid: bytes, msg: protocol.Message, now: float) -> None:
+        """A member of a group run by a previous master (this master restarted)."""
+        if rid in self._ids:
+            await self._send_raw(rid, protocol.make("error", code="duplicate_hello", msg="already registered"))
+            return
+        try:
+            if not 0 < msg["port"] < 65536 or msg["group"] < 0:
+                raise ValueError("invalid port or group")
+            info = RejoinInfo(
+                epoch=int(msg["epoch"]),
+                ring=tuple(int(p) for p in msg["ring"]),
+                round=int(msg["round"]),
+                revision=None if msg["revision"] < 0 else int(msg["revision"]),
+                pending=tuple(((int(e), int(t), int(q)), bool(ok), str(k), str(m)) for e, t, q, ok, k, m in msg["pending"]),
+                decided=tuple(
+                    ((int(e), int(t), int(q)), bool(ok), str(k), str(m), int(w)) for e, t, q, ok, k, m, w in msg["decided"]
+                ),
+            )
+        except (ValueError, TypeError) as exc:
+            await self._send_raw(rid, protocol.make("error", code="bad_hello", msg=f"malformed rejoin: {exc}"))
+            return
+        peer_id = msg["peer_id"]
+        try:
+            effects = self._membership.rejoin(peer_id, msg["group"], msg["host"], msg["port"], msg["name"], info, now)
+        except RejoinRefused as exc:
+            await self._send_raw(rid, protocol.make("evicted", reason=str(exc)))
             return
         self._routes[peer_id] = rid
         self._ids[rid] = peer_id

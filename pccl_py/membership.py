@@ -5,7 +5,15 @@ so every rule here is unit-tested without sockets. See docs/protocol.md.
 
 Peer phases:   (new) --register--> PENDING --admitted in a topology vote--> ADMITTED
                PENDING|ADMITTED --leave / crash / heartbeat timeout--> (gone)
+               (new master) --rejoin--> RECOVERING --group re-formed--> ADMITTED
 A group with no admitted peer admits its pending peers at once.
+
+Master restart (the master is soft state): peers that find a new master re-register
+with "rejoin", carrying their epoch, ring, op round, last synced revision, the ops
+they reported without a verdict and the verdicts they received. The group re-forms
+when every member of the newest ring has rejoined (or `recovery_wait` passed): the
+epoch and ring are taken over (a new epoch only if members are missing), verdicts any
+member received are given to all, and ops every member reported ok succeed.
 
 Topology optimisation (optimize_topology(), a collective like a vote): probe rounds
 of the missing or stale pairs, then the ring pccl_py.topology solves, in a new epoch.
@@ -37,6 +45,24 @@ _MAX_OPS_PER_GROUP = 20000
 class Phase(enum.Enum):
     PENDING = "pending"
     ADMITTED = "admitted"
+    RECOVERING = "recovering"  # rejoined a restarted master; its group is re-forming
+
+
+class RejoinRefused(Exception):
+    """A rejoin the master cannot take (the peer must register afresh)."""
+
+
+@dataclass(frozen=True)
+class RejoinInfo:
+    """What a peer tells a restarted master about itself and its group."""
+
+    epoch: int
+    ring: tuple[int, ...]
+    round: int
+    revision: int | None  # the last revision it synced
+    pending: tuple[tuple[OpKey, bool, str, str], ...]  # reported, no verdict: (key, ok, kind, msg)
+    decided: tuple[tuple[OpKey, bool, str, str, int], ...]  # verdicts it got: (key, ok, kind, msg, world)
+
 
 
 @dataclass
@@ -87,6 +113,15 @@ class OpRecord:
 
 
 @dataclass
+class Recovery:
+    """A group re-forming after a master restart."""
+
+    started: float
+    infos: dict[int, RejoinInfo] = field(default_factory=dict)
+    reports: list[tuple[int, OpKey, Report]] = field(default_factory=list)  # op reports meanwhile
+
+
+@dataclass
 class SyncRecord:
     """A shared-state sync between its plan and its result."""
 
@@ -133,6 +168,7 @@ class Group:
     probing: ProbeRecord | None = None
     probe_seq: int = 0
     optimized: bool = False
+    recovery: Recovery | None = None
 
 
 def failures_root(record: OpRecord) -> bool:
@@ -149,12 +185,21 @@ class Membership:
         *,
         bandwidth_ttl: float = 600.0,
         solve_seconds: float = 0.5,
+        incarnation: int = 0,
+        recovery_wait: float | None = None,
+        hold_first_admission_until: float = 0.0,
     ) -> None:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.failure_grace = failure_grace
         self.bandwidth_ttl = bandwidth_ttl  # a measurement older than this is probed again
         self.solve_seconds = solve_seconds  # time budget of the ring heuristic (N > 10)
+        self.incarnation = incarnation  # this master's random id: peers tell a restart by it
+        # How long a re-forming group waits for missing members after the first rejoin.
+        self.recovery_wait = heartbeat_timeout if recovery_wait is None else recovery_wait
+        # A restarted master gives the members of its groups this long to rejoin before it
+        # forms a group afresh from new peers (monotonic time; 0: admit at once).
+        self.hold_until = hold_first_admission_until
         self.peers: dict[int, Peer] = {}
         self.groups: dict[int, Group] = {}
         self._departed: dict[int, str] = {}  # peer -> cause ("left", "crashed", "hung"), recent only
@@ -171,6 +216,8 @@ class Membership:
         g.pending.append(peer_id)
         effects: list[Effect] = [Log("join", {"peer": peer_id, "group": group, "name": name, "host": host, "port": port})]
         admit_now = not g.ring
+        if g.recovery is not None or now < self.hold_until:
+            admit_now = False  # its members may be coming back: the newcomer waits
         effects.append(
             Send(
                 peer_id,
@@ -180,6 +227,7 @@ class Membership:
                     heartbeat_interval=self.heartbeat_interval,
                     heartbeat_timeout=self.heartbeat_timeout,
                     admitted=admit_now,
+                    master=self.incarnation,
                 ),
             )
         )
@@ -211,6 +259,12 @@ class Membership:
     def report_op(
         self, peer_id: int, key: OpKey, ok: bool, kind: str, msg: str, culprit: int, now: float
     ) -> list[Effect]:
+        peer = self.peers.get(peer_id)
+        if peer is not None and peer.phase is Phase.RECOVERING:
+            recovery = self.groups[peer.group].recovery
+            assert recovery is not None
+            recovery.reports.append((peer_id, key, Report(ok, kind, msg, culprit)))
+            return []
         peer, g = self._admitted(peer_id)
         epoch = key[0]
         record = g.ops.get(key)
@@ -279,6 +333,107 @@ class Membership:
         record.awaiting.discard(peer.id)
         return self._advance_probes(g, now)
 
+    def rejoin(
+        self, peer_id: int, group: int, host: str, port: int, name: str, info: RejoinInfo, now: float
+    ) -> list[Effect]:
+        """A member of a group that a previous master ran registers with this one.
+        Raises RejoinRefused when the group has already re-formed without it (it must
+        register afresh, as a new peer) or the id is taken."""
+        if peer_id in self.peers or not 0 <= peer_id < 2**63:
+            raise RejoinRefused(f"peer id {peer_id} is taken or out of range")
+        g = self.groups.setdefault(group, Group(group))
+        if g.recovery is None and (g.ring or g.pending or g.epoch > 0):
+            raise RejoinRefused(f"group {group} has re-formed without this peer (epoch {g.epoch})")
+        if g.recovery is None:
+            g.recovery = Recovery(now)
+        self.peers[peer_id] = Peer(peer_id, group, host, port, name, Phase.RECOVERING, now)
+        g.recovery.infos[peer_id] = info
+        welcome = protocol.make(
+            "welcome",
+            peer_id=peer_id,
+            heartbeat_interval=self.heartbeat_interval,
+            heartbeat_timeout=self.heartbeat_timeout,
+            admitted=True,
+            master=self.incarnation,
+        )
+        effects: list[Effect] = [
+            Log("rejoin", {"peer": peer_id, "group": group, "epoch": info.epoch, "host": host, "port": port}),
+            Send(peer_id, welcome),
+        ]
+        return effects + self._try_reform(g, now, force=False)
+
+    def _try_reform(self, g: Group, now: float, force: bool) -> list[Effect]:
+        recovery = g.recovery
+        if recovery is None or not recovery.infos:
+            return []
+        newest = max(recovery.infos.values(), key=lambda i: i.epoch)
+        if not force and not set(newest.ring) <= set(recovery.infos):
+            return []  # members of the newest ring are still missing: wait for them
+        g.recovery = None
+        epoch, ring = newest.epoch, list(newest.ring)
+        members = [pid for pid in ring if pid in recovery.infos and recovery.infos[pid].epoch == epoch]
+        stale = [pid for pid in recovery.infos if pid not in members]
+        effects: list[Effect] = []
+        for pid in stale:  # from an older epoch: not a member any more; it re-registers
+            effects.append(Send(pid, protocol.make("evicted", reason="the group re-formed after a master restart without this peer")))
+            del self.peers[pid]
+            self._departed[pid] = "lost"
+        for pid in ring:
+            if pid not in members:
+                self._departed[pid] = "lost"  # did not come back: its ops fail as PeerLost
+        for pid in members:
+            self.peers[pid].phase = Phase.ADMITTED
+        infos = [recovery.infos[pid] for pid in members]
+        g.epoch = epoch
+        g.ring = ring
+        g.rings = {epoch: tuple(ring)}
+        g.round = max(i.round for i in infos)
+        revisions = [i.revision for i in infos if i.revision is not None]
+        g.state_revision = max(revisions) if revisions else None
+        g.last_synced = {pid for pid in members if recovery.infos[pid].revision == g.state_revision}
+        g.pruned_at_epoch = epoch
+        effects.append(Log("reform", {"group": g.id, "epoch": epoch, "members": members, "missing": [p for p in ring if p not in members]}))
+        # Ops of the newest epoch: a verdict any member received holds for all.
+        for pid in members:
+            for key, ok, kind, msg, world in recovery.infos[pid].decided:
+                if key[0] != epoch or key in g.ops:
+                    continue
+                record = OpRecord(key, frozenset(ring))
+                record.decided = self._outcome(g, key, ok, kind, msg, -1, world)
+                g.ops[key] = record
+        reports = [(pid, key, Report(ok, kind, msg, -1)) for pid in members for key, ok, kind, msg in recovery.infos[pid].pending]
+        reports += [(pid, key, r) for pid, key, r in recovery.reports if pid in members]
+        for pid, key, report in reports:
+            if key[0] != epoch or pid not in ring:
+                continue
+            record = g.ops.setdefault(key, OpRecord(key, frozenset(ring)))
+            if record.decided is None:
+                record.reports[pid] = report
+                if not report.ok and record.first_failure_at is None:
+                    record.first_failure_at = now
+        if not members:
+            g.ring = []
+            g.epoch += 1
+            if g.pending:
+                effects += self._admit_pending(g, "first peers of the group")
+            return effects
+        if len(members) == len(ring):
+            msg = self._ring_message(g, "the master restarted; the group re-formed", vote=False)
+            effects += [Send(pid, msg) for pid in ring]
+        else:
+            lost = [p for p in ring if p not in members]
+            effects += self._new_epoch(g, members, f"the master restarted; peers {lost} did not come back")
+        for record in list(g.ops.values()):
+            if record.decided is not None:
+                # Re-issued with the current epoch as next_epoch (for retries).
+                key = record.key
+                record.decided = self._outcome(g, key, record.decided["ok"], record.decided["kind"],
+                                               record.decided["msg"], record.decided["peer"], record.decided["world"])
+                effects += [Send(pid, record.decided) for pid in sorted(record.participants) if pid in self.peers]
+            else:
+                effects += self._decide(g, record, now)
+        return effects
+
     def leave(self, peer_id: int, now: float) -> list[Effect]:
         return self._remove(peer_id, "left", "left the group", now)
 
@@ -293,7 +448,11 @@ class Membership:
                 effects += self.evict(
                     peer.id, "hung", f"no heartbeat for {now - peer.last_seen:.1f}s", now
                 )
-        for g in self.groups.values():
+        for g in list(self.groups.values()):
+            if g.recovery is not None and now - g.recovery.started >= self.recovery_wait:
+                effects += self._try_reform(g, now, force=True)
+            if not g.ring and g.pending and g.recovery is None and now >= self.hold_until:
+                effects += self._admit_pending(g, "first peers of the group")
             for record in list(g.ops.values()):
                 if record.decided is None and record.first_failure_at is not None:
                     if now - record.first_failure_at >= self.failure_grace:
@@ -394,6 +553,10 @@ class Membership:
         effects: list[Effect] = [Log("leave" if cause == "left" else "evict", {"peer": peer_id, "group": g.id, "cause": cause, "detail": detail})]
         if peer.phase is Phase.PENDING:
             g.pending.remove(peer_id)
+            return effects
+        if peer.phase is Phase.RECOVERING:
+            if g.recovery is not None:
+                g.recovery.infos.pop(peer_id, None)
             return effects
         g.votes.discard(peer_id)
         g.pending_queries.pop(peer_id, None)

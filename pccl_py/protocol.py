@@ -29,6 +29,22 @@ _BYTES = (bytes,)
 SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     # peer -> master
     "hello": {"peer_id": _INT, "group": _INT, "host": _STR, "port": _INT, "name": _STR},
+    # After a master restart: a member re-registers with what it knows (revision -1:
+    # never synced; pending: [[epoch, tag, seq, ok, kind, msg]] reported without a
+    # verdict; decided: [[epoch, tag, seq, ok, kind, msg, world]] verdicts received).
+    "rejoin": {
+        "peer_id": _INT,
+        "group": _INT,
+        "host": _STR,
+        "port": _INT,
+        "name": _STR,
+        "epoch": _INT,
+        "ring": _LIST,
+        "round": _INT,
+        "revision": _INT,
+        "pending": _LIST,
+        "decided": _LIST,
+    },
     "hb": {},
     "vote": {"epoch": _INT},
     "pending": {"epoch": _INT, "query": _INT},
@@ -45,7 +61,14 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     # master -> peer
     "auth_challenge": {"nonce": _BYTES, "proof": _BYTES},
     "auth_ok": {},
-    "welcome": {"peer_id": _INT, "heartbeat_interval": _FLOAT, "heartbeat_timeout": _FLOAT, "admitted": _BOOL},
+    "welcome": {
+        "peer_id": _INT,
+        "heartbeat_interval": _FLOAT,
+        "heartbeat_timeout": _FLOAT,
+        "admitted": _BOOL,
+        "master": _INT,  # the master's incarnation: a different one means it restarted
+    },
+    "unknown": {"master": _INT},  # to a routing id this master has not registered
     "topology": {"epoch": _INT, "ring": _LIST, "reason": _STR, "vote": _BOOL, "round": _INT},
     "pending_count": {"query": _INT, "count": _INT},
     "outcome": {

@@ -123,10 +123,28 @@ def _stopped_seconds(faults: list[Record], pid: int, t0: float, t1: float) -> fl
     return total
 
 
+def master_outages(faults: list[Record]) -> list[tuple[float, float]]:
+    """[kill, restart] of every master restart the orchestrator made."""
+    out = []
+    down = None
+    for f in sorted(faults, key=lambda f: f["ts"]):
+        if f["kind"] == "master_kill":
+            down = f["ts"]
+        elif f["kind"] == "master_start" and down is not None:
+            out.append((down, f["ts"]))
+            down = None
+    return out
+
+
+def _overlap(a: float, b: float, spans: list[tuple[float, float]]) -> float:
+    return sum(max(0.0, min(b, y) - max(a, x)) for x, y in spans)
+
+
 def _unresolved(records: list[Record], faults: list[Record], params: Params) -> list[Record]:
     begun: dict[tuple[int, int], Record] = {}
     out = []
-    killed_at = {f["pid"]: f["ts"] for f in faults if f["kind"] in ("kill", "restart", "master_kill")}
+    killed_at = {f["pid"]: f["ts"] for f in faults if f["kind"] in ("kill", "restart")}
+    outages = master_outages(faults)
     for r in records:
         if r.get("event") == "begin":
             begun[(r["pid"], r["id"])] = r
@@ -136,6 +154,9 @@ def _unresolved(records: list[Record], faults: list[Record], params: Params) -> 
                 continue
             took = r["ts"] - start["ts"]
             allowed = params.op_timeout + params.slack + _stopped_seconds(faults, r["pid"], start["ts"], r["ts"])
+            if _overlap(start["ts"], r["ts"], outages):
+                # Waiting out a master restart: the outage, plus the group's re-forming.
+                allowed += _overlap(start["ts"], r["ts"], outages) + params.window
             if took > allowed:
                 out.append({"invariant": "liveness", "pid": r["pid"], "what": r["what"], "tag": r.get("tag"),
                             "step": r.get("step"), "seconds": round(took, 3), "allowed": round(allowed, 3)})
@@ -156,7 +177,7 @@ def alive_intervals(records: list[Record], faults: list[Record]) -> list[tuple[f
         if r.get("event") in ("connected", "evicted", "leaving"):
             changes.append((r["ts"], r["pid"], r["event"]))
     for f in faults:
-        if f["kind"] in ("kill", "restart", "master_kill"):
+        if f["kind"] in ("kill", "restart"):
             changes.append((f["ts"], f["pid"], "dead"))
         elif f["kind"] == "stall":
             changes.append((f["ts"], f["pid"], "stop"))
@@ -200,6 +221,19 @@ def _progress_windows(records: list[Record], faults: list[Record], params: Param
             start = None
     if start is not None:
         intervals.append((start, run_end))
+    # The master's outages are not windows the group can progress in (ops need its
+    # verdicts); the window after each restart covers the group's re-forming.
+    for x, y in master_outages(faults):
+        split = []
+        for a, b in intervals:
+            if y <= a or x >= b:
+                split.append((a, b))
+                continue
+            if a < x:
+                split.append((a, x))
+            if y < b:
+                split.append((y, b))
+        intervals = split
     out = []
     for a, b in intervals:
         points = [a] + [t for t in oks if a <= t <= b] + [b]

@@ -122,13 +122,16 @@ def test_every_message_type_has_a_schema_and_a_version() -> None:
 I, S, B, N, L, M, BIN = "int", "str", "bool", "number", "list", "map", "bin"
 DOCUMENTED = {
     "hello": {"peer_id": I, "group": I, "host": S, "port": I, "name": S},
+    "rejoin": {"peer_id": I, "group": I, "host": S, "port": I, "name": S, "epoch": I, "ring": L, "round": I,
+               "revision": I, "pending": L, "decided": L},
     "hb": {},
     "vote": {"epoch": I},
     "pending": {"epoch": I, "query": I},
     "op": {"epoch": I, "tag": I, "seq": I, "ok": B, "kind": S, "msg": S, "peer": I},
     "leave": {},
     "status": {},
-    "welcome": {"peer_id": I, "heartbeat_interval": N, "heartbeat_timeout": N, "admitted": B},
+    "welcome": {"peer_id": I, "heartbeat_interval": N, "heartbeat_timeout": N, "admitted": B, "master": I},
+    "unknown": {"master": I},
     "topology": {"epoch": I, "ring": L, "reason": S, "vote": B, "round": I},
     "pending_count": {"query": I, "count": I},
     "outcome": {
@@ -211,7 +214,7 @@ def test_typical_messages_round_trip_with_their_values() -> None:
         next_epoch=4,
         world=3,
     )
-    welcome = protocol.make("welcome", peer_id=1, heartbeat_interval=1, heartbeat_timeout=5.5, admitted=False)
+    welcome = protocol.make("welcome", peer_id=1, heartbeat_interval=1, heartbeat_timeout=5.5, admitted=False, master=7)
     for msg in (hello, outcome, welcome):
         assert protocol.decode(protocol.encode(msg), CAP) == msg
 
