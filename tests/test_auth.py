@@ -309,6 +309,8 @@ class Relay:
                     sel.register(a, selectors.EVENT_READ)
                     sel.register(b, selectors.EVENT_READ)
                     continue
+                if s not in pairs:  # its partner closed earlier in this batch
+                    continue
                 try:
                     data = s.recv(65536)
                 except OSError:
