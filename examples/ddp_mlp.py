@@ -12,6 +12,7 @@ also under FSDP); --bench prints the median step time (rank 0, one JSON line).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 import time
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--save", default=None, help="write final parameters to SAVE.rank<R>.pt")
     parser.add_argument("--bench", action="store_true", help="print the median step time (rank 0)")
     parser.add_argument("--warmup", type=int, default=20, help="steps left out of the --bench timing")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="collective timeout (seconds)")
     parser.add_argument("--step-delay", type=float, default=0.0, help="sleep per step (for failure tests)")
     args = parser.parse_args()
 
@@ -51,7 +53,7 @@ def main() -> None:
         import pccl_py.torch  # noqa: F401  (registers the "pccl" backend)
 
     torch.set_num_threads(1)
-    dist.init_process_group(args.backend)  # env:// (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)
+    dist.init_process_group(args.backend, timeout=datetime.timedelta(seconds=args.timeout))  # env:// (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)
     rank, world = dist.get_rank(), dist.get_world_size()
 
     torch.manual_seed(args.seed)  # the same initial weights everywhere
@@ -85,7 +87,7 @@ def main() -> None:
         times.append(time.perf_counter() - start)
         if args.step_delay:
             time.sleep(args.step_delay)
-        if rank == 0 and step % 100 == 0 and not args.bench:
+        if rank == 0 and step % 50 == 0 and not args.bench:
             print(f"step {step} loss {loss.item():.4f}", flush=True)
 
     if args.save:

@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import _create_work_from_future
 from torch.futures import Future
 
 from pccl_py.communicator import Communicator
@@ -111,6 +110,66 @@ class _Staged:
         if not self.direct:
             with torch.no_grad():
                 self.target.copy_(self.host)
+
+
+class PcclWork(dist.Work):
+    """A queued collective. wait() raises the op's error (torch's future-wrapping Work
+    would return without raising); get_future() is what DDP's reducer chains on."""
+
+    def __init__(self, future: Future[Any]) -> None:
+        super().__init__()
+        self._future = future
+        # torch's C++ callers (DDP's reducer) must not see the Python exception object
+        # itself: rethrown there without the GIL it crashes the process. A `then`
+        # callback turns it into a C++ error carrying the same message.
+        self._chained = future.then(_value_of)
+
+    def wait(self, timeout: datetime.timedelta = datetime.timedelta(0)) -> bool:
+        seconds = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else 0.0
+        if seconds > 0 and not self._wait_done(seconds):
+            raise PcclBackendError(f"the collective did not finish within {seconds}s")
+        self._future.wait()  # raises the collective's error
+        return True
+
+    def _wait_done(self, seconds: float) -> bool:
+        done = threading.Event()
+        self._future.add_done_callback(lambda _: done.set())
+        return done.wait(seconds)
+
+    def get_future(self) -> Future[Any]:
+        return self._chained
+
+    def is_completed(self) -> bool:
+        return self._future.done()
+
+    def is_success(self) -> bool:
+        if not self._future.done():
+            return False
+        try:
+            self._future.value()
+        except Exception:
+            return False
+        return True
+
+    def exception(self) -> BaseException | None:
+        if not self._future.done():
+            return None
+        try:
+            self._future.value()
+        except Exception as exc:
+            return exc
+        return None
+
+    def result(self) -> list[torch.Tensor]:
+        self._future.wait()
+        return list(self._future.value())
+
+    def synchronize(self) -> None:
+        self.wait()
+
+
+def _value_of(future: Future[Any]) -> Any:
+    return future.value()
 
 
 class ProcessGroupPccl(dist.ProcessGroup):
@@ -507,7 +566,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
             raise PcclBackendError("the pccl process group has been shut down")
         fut: Future[Any] = Future()
         self._queue.put((run, fut))
-        return _create_work_from_future(fut)
+        return PcclWork(fut)
 
     def _work_loop(self) -> None:
         while True:
