@@ -118,6 +118,11 @@ class Communicator:
         self._rings: dict[int, tuple[int, ...]] = {}  # epoch -> peer ids in ring order
         self._reported: dict[OpKey, tuple[bool, str, str]] = {}  # awaiting a verdict; under control.cond
         self._synced_revision: int | None = None
+        # For a restarted master (under control.cond): the collective this peer waits in
+        # (["pending", round, index, query] or ["vote", round]) and its last pending answer.
+        self._waiting: list[int | str] = []
+        self._answered: list[int] = []
+        self._pending_index = 0
         self._seq_lock = threading.Lock()
         self._next_seq: dict[int, int] = {}
         self._round = 0
@@ -231,12 +236,17 @@ class Communicator:
         deadline = self._deadline(timeout, self.config.connect_timeout)
         with control.cond:
             rounds = control.vote_rounds
-        self._ask(
-            protocol.make("vote", epoch=self.epoch),
-            lambda: True if control.vote_rounds > rounds else None,
-            deadline,
-            "the topology vote",
-        )
+            self._waiting = ["vote", control.round]
+        try:
+            self._ask(
+                protocol.make("vote", epoch=self.epoch),
+                lambda: True if control.vote_rounds > rounds else None,
+                deadline,
+                "the topology vote",
+            )
+        finally:
+            with control.cond:
+                self._waiting = []
         self._start_round()
         self._ensure_ring(deadline)
 
@@ -308,6 +318,7 @@ class Communicator:
         with self._seq_lock:
             self._round = new_round
             self._next_seq.clear()
+            self._pending_index = 0
 
     def pending_peers(self, timeout: float | None = None) -> int:
         """Collective: the number of peers waiting for admission, the same on every
@@ -316,12 +327,25 @@ class Communicator:
         deadline = self._deadline(timeout, self.config.connect_timeout)
         self._pending_query += 1
         query = self._pending_query
-        return self._ask(
-            protocol.make("pending", epoch=self.epoch, query=query),
-            lambda: control.pending_answers.pop(query, None),
-            deadline,
-            "pending_peers()",
-        )
+        # (round, index in round) names this query alike on every member: a restarted
+        # master answers a member the old one could not answer with what the others got.
+        self._pending_index += 1
+        name = (self._round, self._pending_index)
+        with control.cond:
+            self._waiting = ["pending", name[0], name[1], query]
+        try:
+            count = self._ask(
+                protocol.make("pending", epoch=self.epoch, query=query),
+                lambda: control.pending_answers.pop(query, None),
+                deadline,
+                "pending_peers()",
+            )
+        finally:
+            with control.cond:
+                self._waiting = []
+        with control.cond:
+            self._answered = [name[0], name[1], count]
+        return count
 
     # ------------------------------------------------------------------ collectives
 
@@ -405,30 +429,44 @@ class Communicator:
                     f"{self.config.max_message_bytes}-byte message cap (Config.max_message_bytes): "
                     "merge small tensors into fewer entries or raise the cap on every peer and the master"
                 )
-            plan = self._ask(
-                request, lambda: control.sync_plan or control.sync_result, deadline, "the shared-state plan"
-            )
-            if plan["t"] == "sync_plan":
-                ok, kind, msg = True, "", ""
-                wanted = [(int(i), int(h), [int(p) for p in holders]) for i, h, holders in plan["fetch"]]
-                received = len(wanted)
-                sources = {int(p): _Source(int(p), str(host), int(port), int(exp)) for p, host, port, exp in plan["sources"]}
-                close_bar = None
-                callback = progress if callable(progress) else None
-                total = sum(int(buffers[i].nbytes) for i, _, _ in wanted)
-                if progress is True and total >= (64 << 20):
-                    callback, close_bar = rich_progress()
-                try:
-                    rx = fetch_entries(self._engine, buffers, wanted, sources, deadline, progress=callback)
-                except PcclError as exc:
-                    ok, kind, msg = False, _kind_of(exc), str(exc)
-                finally:
-                    if close_bar is not None:
-                        close_bar()
-                control.send(protocol.make("sync_done", ok=ok, kind=kind, msg=msg[:2000], rx_bytes=rx))
-                result = control.wait(lambda: control.sync_result, deadline, "the shared-state result")
-            else:
-                result = plan
+            while True:
+                plan = self._ask(
+                    request, lambda: control.sync_plan or control.sync_result, deadline, "the shared-state plan"
+                )
+                if plan["t"] == "sync_plan":
+                    ok, kind, msg = True, "", ""
+                    wanted = [(int(i), int(h), [int(p) for p in holders]) for i, h, holders in plan["fetch"]]
+                    received = len(wanted)
+                    sources = {
+                        int(p): _Source(int(p), str(host), int(port), int(exp)) for p, host, port, exp in plan["sources"]
+                    }
+                    close_bar = None
+                    callback = progress if callable(progress) else None
+                    total = sum(int(buffers[i].nbytes) for i, _, _ in wanted)
+                    if progress is True and total >= (64 << 20):
+                        callback, close_bar = rich_progress()
+                    try:
+                        rx = fetch_entries(self._engine, buffers, wanted, sources, deadline, progress=callback)
+                    except PcclError as exc:
+                        ok, kind, msg = False, _kind_of(exc), str(exc)
+                    finally:
+                        if close_bar is not None:
+                            close_bar()
+                    result = self._ask(
+                        protocol.make("sync_done", ok=ok, kind=kind, msg=msg[:2000], rx_bytes=rx),
+                        lambda: control.sync_result,
+                        deadline,
+                        "the shared-state result",
+                    )
+                else:
+                    result = plan
+                if result["ok"] or result["kind"] != "Retry":
+                    break
+                # The master restarted during this sync and never saw it: ask again (the
+                # other members do the same, so the collective forms anew).
+                with control.cond:
+                    control.sync_plan = None
+                    control.sync_result = None
         finally:
             tx = exposure.close()
         if not result["ok"]:
@@ -580,13 +618,19 @@ class Communicator:
                 control.authenticate(self._secret, time.monotonic() + self.config.connect_timeout)
             with control.cond:
                 topo = control.topology
-                if topo is None:
+                if topo is None or topo.rank_of(self.peer_id) is None:
+                    # Not admitted yet: register again; admission goes on as before.
+                    hello = protocol.make(
+                        "hello", peer_id=self.peer_id, group=self._group, host=self._advertise,
+                        port=engine.port, name=self._name,
+                    )
+                    control.recovering = False
+                    control.send(hello)
                     return
                 pending = [[k[0], k[1], k[2], ok, kind, msg] for k, (ok, kind, msg) in self._reported.items()]
                 decided = [
                     [m["epoch"], m["tag"], m["seq"], m["ok"], m["kind"], m["msg"], m["world"]]
-                    for m in control.recent_verdicts
-                    if m["epoch"] == topo.epoch
+                    for m in list(control.recent_verdicts)[-256:]
                 ]
                 rejoin = protocol.make(
                     "rejoin",
@@ -601,6 +645,8 @@ class Communicator:
                     revision=-1 if self._synced_revision is None else self._synced_revision,
                     pending=pending,
                     decided=decided,
+                    waiting=list(self._waiting),
+                    answered=list(self._answered),
                 )
             control.send(rejoin)
             self._events.emit("rejoin", peer=self.peer_id, epoch=topo.epoch, pending=len(pending))

@@ -200,6 +200,8 @@ class ControlChannel:
                         self._send_now(protocol.encode(self.outstanding))
                 if msg["vote"]:
                     self.vote_rounds += 1
+                    if self.outstanding is not None and self.outstanding["t"] == "vote":
+                        self.outstanding = None  # answered: nothing to repeat
                 self.round = max(self.round, msg["round"])
                 # Outcomes of long-gone epochs will never be asked for.
                 for key in [k for k in self.outcomes if k[0] < msg["epoch"] - 4]:
@@ -213,8 +215,12 @@ class ControlChannel:
                     self.outcomes.popitem(last=False)
             elif kind == "sync_plan":
                 self.sync_plan = msg
+                if self.outstanding is not None and self.outstanding["t"] == "sync":
+                    self.outstanding = None
             elif kind == "sync_result":
                 self.sync_result = msg
+                if self.outstanding is not None and self.outstanding["t"] in ("sync", "sync_done"):
+                    self.outstanding = None
             elif kind == "probe":
                 self.probe = msg
             elif kind == "auth_challenge":
@@ -223,6 +229,9 @@ class ControlChannel:
                 self.auth_ok = True
             elif kind == "pending_count":
                 self.pending_answers[msg["query"]] = msg["count"]
+                out = self.outstanding
+                if out is not None and out["t"] == "pending" and out["query"] == msg["query"]:
+                    self.outstanding = None
             elif kind == "evicted":
                 if self.welcome is not None:
                     self.evicted = msg["reason"]

@@ -354,6 +354,8 @@ class Master:
                 decided=tuple(
                     ((int(e), int(t), int(q)), bool(ok), str(k), str(m), int(w)) for e, t, q, ok, k, m, w in msg["decided"]
                 ),
+                waiting=_waiting(msg["waiting"]),
+                answered=tuple(int(x) for x in msg["answered"]) if len(msg["answered"]) == 3 else (),
             )
         except (ValueError, TypeError) as exc:
             await self._send_raw(rid, protocol.make("error", code="bad_hello", msg=f"malformed rejoin: {exc}"))
@@ -446,6 +448,14 @@ class Master:
         state = self._membership.status()
         state["address"] = self.address
         return state
+
+
+def _waiting(raw: list[Any]) -> tuple[Any, ...]:
+    if len(raw) == 4 and raw[0] == "pending":
+        return ("pending", int(raw[1]), int(raw[2]), int(raw[3]))
+    if len(raw) == 2 and raw[0] == "vote":
+        return ("vote", int(raw[1]))
+    return ()
 
 
 def _submission(peer_id: int, msg: protocol.Message) -> Submission:

@@ -62,6 +62,8 @@ class RejoinInfo:
     revision: int | None  # the last revision it synced
     pending: tuple[tuple[OpKey, bool, str, str], ...]  # reported, no verdict: (key, ok, kind, msg)
     decided: tuple[tuple[OpKey, bool, str, str, int], ...]  # verdicts it got: (key, ok, kind, msg, world)
+    waiting: tuple[Any, ...] = ()  # ("pending", round, index, query) or ("vote", round): waits in it
+    answered: tuple[int, ...] = ()  # (round, index, count): its last pending_peers() answer
 
 
 
@@ -169,6 +171,10 @@ class Group:
     probe_seq: int = 0
     optimized: bool = False
     recovery: Recovery | None = None
+    # After a master restart: members whose last synced revision is behind the group's
+    # (the old master died while telling them the result of that sync).
+    behind: set[int] = field(default_factory=set)
+    recovered: set[int] = field(default_factory=set)  # members since the re-forming, until a sync completes
 
 
 def failures_root(record: OpRecord) -> bool:
@@ -306,6 +312,17 @@ class Membership:
     def sync_done(self, peer_id: int, ok: bool, kind: str, msg: str, now: float) -> list[Effect]:
         peer, g = self._admitted(peer_id)
         record = g.sync_active
+        if record is None and ok and peer.id in g.behind:
+            # It finished the sync the others completed before the master restarted.
+            g.behind.discard(peer.id)
+            g.last_synced.add(peer.id)
+            assert g.state_revision is not None
+            return [Send(peer.id, self._sync_result(g, True, "", ""))]
+        g.behind.discard(peer.id)
+        if record is None and peer.id in g.recovered:
+            # A sync the previous master planned and this one never saw: the members
+            # ask again (the communicator repeats its request on "Retry").
+            return [Send(peer.id, self._sync_result(g, False, "Retry", "the master restarted during this sync"))]
         if record is None or peer.id not in record.participants:
             return [Send(peer.id, self._sync_result(g, False, "Aborted", "no sync in progress for this peer"))]
         record.reports[peer.id] = (ok, kind, msg)
@@ -371,7 +388,8 @@ class Membership:
             return []  # members of the newest ring are still missing: wait for them
         g.recovery = None
         epoch, ring = newest.epoch, list(newest.ring)
-        members = [pid for pid in ring if pid in recovery.infos and recovery.infos[pid].epoch == epoch]
+        # A member of the newest ring that missed its topology message still belongs.
+        members = [pid for pid in ring if pid in recovery.infos]
         stale = [pid for pid in recovery.infos if pid not in members]
         effects: list[Effect] = []
         for pid in stale:  # from an older epoch: not a member any more; it re-registers
@@ -381,6 +399,12 @@ class Membership:
         for pid in ring:
             if pid not in members:
                 self._departed[pid] = "lost"  # did not come back: its ops fail as PeerLost
+        if not members:
+            g.ring = []
+            g.epoch = max(g.epoch, epoch) + 1
+            if g.pending:
+                effects += self._admit_pending(g, "first peers of the group")
+            return effects
         for pid in members:
             self.peers[pid].phase = Phase.ADMITTED
         infos = [recovery.infos[pid] for pid in members]
@@ -391,9 +415,19 @@ class Membership:
         revisions = [i.revision for i in infos if i.revision is not None]
         g.state_revision = max(revisions) if revisions else None
         g.last_synced = {pid for pid in members if recovery.infos[pid].revision == g.state_revision}
+        g.behind = set(members) - g.last_synced if g.state_revision is not None else set()
+        g.recovered = set(members)
         g.pruned_at_epoch = epoch
         effects.append(Log("reform", {"group": g.id, "epoch": epoch, "members": members, "missing": [p for p in ring if p not in members]}))
-        # Ops of the newest epoch: a verdict any member received holds for all.
+        # Ops of the newest epoch: a verdict any member received holds for all. Ops of
+        # older epochs (a member missed the topology that ended them) get the verdict
+        # someone received, else fail as superseded, as under the old master.
+        verdicts = {key: (ok, kind, msg, world) for i in infos for key, ok, kind, msg, world in i.decided}
+        for pid in members:
+            for key, ok, kind, msg in recovery.infos[pid].pending:
+                if key[0] < epoch:
+                    v = verdicts.get(key, (False, "PeerLost", f"superseded by epoch {epoch}", 0))
+                    effects.append(Send(pid, self._outcome(g, key, v[0], v[1], v[2], -1, v[3])))
         for pid in members:
             for key, ok, kind, msg, world in recovery.infos[pid].decided:
                 if key[0] != epoch or key in g.ops:
@@ -411,15 +445,21 @@ class Membership:
                 record.reports[pid] = report
                 if not report.ok and record.first_failure_at is None:
                     record.first_failure_at = now
-        if not members:
-            g.ring = []
-            g.epoch += 1
-            if g.pending:
-                effects += self._admit_pending(g, "first peers of the group")
-            return effects
+        # Collective answers the old master sent to some members only: a pending_peers()
+        # answer (named by round and index) and a completed vote (a newer round).
+        answers = {(i.answered[0], i.answered[1]): i.answered[2] for i in infos if len(i.answered) == 3}
+        vote_behind = set()
+        for pid in members:
+            waiting = recovery.infos[pid].waiting
+            if len(waiting) == 4 and waiting[0] == "pending" and (waiting[1], waiting[2]) in answers:
+                count = answers[(waiting[1], waiting[2])]
+                effects.append(Send(pid, protocol.make("pending_count", query=int(waiting[3]), count=count)))
+            elif len(waiting) == 2 and waiting[0] == "vote" and int(waiting[1]) < g.round:
+                vote_behind.add(pid)
+                effects.append(Send(pid, self._ring_message(g, "the master restarted; the vote completed", vote=True)))
         if len(members) == len(ring):
             msg = self._ring_message(g, "the master restarted; the group re-formed", vote=False)
-            effects += [Send(pid, msg) for pid in ring]
+            effects += [Send(pid, msg) for pid in ring if pid not in vote_behind]
         else:
             lost = [p for p in ring if p not in members]
             effects += self._new_epoch(g, members, f"the master restarted; peers {lost} did not come back")
@@ -709,6 +749,8 @@ class Membership:
         else:
             g.state_revision = record.election.revision
             g.last_synced = set(alive)
+            g.behind = set()
+            g.recovered = set()
             result = self._sync_result(g, True, "", "")
             log = Log("sync", {"group": g.id, "ok": True, "revision": g.state_revision, "peers": sorted(alive)})
         return [log] + [Send(pid, result) for pid in sorted(alive)]

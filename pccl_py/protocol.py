@@ -44,6 +44,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "revision": _INT,
         "pending": _LIST,
         "decided": _LIST,
+        "waiting": _LIST,  # the collective it waits in: ["pending", round, index, query], ["vote", round], []
+        "answered": _LIST,  # its last pending_peers() answer: [round, index, count] or []
     },
     "hb": {},
     "vote": {"epoch": _INT},

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-peers", type=int, default=6)
     parser.add_argument("--fault-every", type=float, default=3.0, help="mean seconds between faults")
     parser.add_argument("--window", type=float, default=15.0, help="liveness window W in seconds")
-    parser.add_argument("--faults", default=",".join(k for k in FAULT_KINDS if k != "master_restart"),
+    parser.add_argument("--faults", default=",".join(FAULT_KINDS),
                         help=f"comma-separated fault kinds to inject, of {','.join(FAULT_KINDS)}")
     parser.add_argument("--workdir", help="keep events and logs here (default: a temp dir)")
     parser.add_argument("--bug", help=argparse.SUPPRESS)  # test only: a deliberately broken peer

@@ -35,6 +35,7 @@ class Params:
     op_timeout: float = 30.0
     slack: float = 5.0  # on top of the op timeout: scheduling on a loaded machine
     window: float = 15.0  # W: the group completes an all-reduce in every window this long
+    recovery: float = 8.0  # after a master restart, an all-reduce succeeds within this long
     max_expected: int = 64  # correctness: recompute at most this many distinct results
 
 
@@ -46,6 +47,7 @@ def check(records: Iterable[Record], faults: list[Record], params: Params) -> tu
     violations += _bit_parity(records)
     violations += _unresolved(records, faults, params)
     violations += _progress_windows(records, faults, params)
+    violations += _master_recovery(records, faults, params)
     return violations, _counts(records)
 
 
@@ -241,6 +243,29 @@ def _progress_windows(records: list[Record], faults: list[Record], params: Param
             if q - p > params.window:
                 out.append({"invariant": "liveness", "detail": "no all-reduce completed in a window",
                             "from": round(p, 3), "to": round(q, 3), "window": params.window})
+    return out
+
+
+def _master_recovery(records: list[Record], faults: list[Record], params: Params) -> list[Record]:
+    """After each master restart that the master survived for `recovery` seconds while
+    at least 2 peers were alive, the group completed an all-reduce within that time."""
+    oks = sorted(r["ts"] for r in records if r.get("event") == "end" and r.get("what") == "allreduce" and r["ok"])
+    series = alive_intervals(records, faults)
+    kills = sorted(f["ts"] for f in faults if f["kind"] == "master_kill")
+    run_end = max((f["ts"] for f in faults if f["kind"] == "run_end"), default=float("inf"))
+    out = []
+    for _, restarted in master_outages(faults):
+        until = restarted + params.recovery
+        next_kill = min([k for k in kills if k > restarted], default=float("inf"))
+        if until > min(next_kill, run_end):
+            continue
+        before = [n for t, n in series if t <= restarted]
+        alive = before[-1] if before else 0
+        if alive < 2 or any(n < 2 for t, n in series if restarted <= t <= until):
+            continue
+        if not any(restarted < t <= until for t in oks):
+            out.append({"invariant": "liveness", "detail": "no all-reduce succeeded after a master restart",
+                        "restarted": round(restarted, 3), "within": params.recovery})
     return out
 
 

@@ -38,7 +38,7 @@ class Scenario:
     fault_every: float = 3.0  # mean seconds between faults (exponential)
     warmup: float = 4.0  # no faults before this many seconds
     weights: dict[str, float] = field(
-        default_factory=lambda: {"kill": 3, "stall": 2, "leave": 1.5, "join": 2, "restart": 2, "master_restart": 0}
+        default_factory=lambda: {"kill": 3, "stall": 2, "leave": 1.5, "join": 2, "restart": 2, "master_restart": 0.7}
     )
     stall_seconds: tuple[float, float] = (0.3, 4.0)
     heartbeat_interval: float = 0.5
@@ -160,6 +160,8 @@ class Orchestrator:
                 continue
             if kind == "join" and len(running) >= self.sc.max_peers:
                 continue
+            if kind == "master_restart" and self._master_due is not None:
+                continue
             kinds.append(kind)
             weights.append(weight)
         if not kinds:
@@ -197,9 +199,7 @@ class Orchestrator:
             self.master.send_signal(signal.SIGKILL)
             self.master.wait()
             self.record("master_kill", pid=self.master.pid)
-            time.sleep(self.rng.uniform(0.5, 3.0))
-            self.start_master()
-            self.record("master_start", pid=self.master.pid)
+            self._master_due = time.time() + self.rng.uniform(0.5, 3.0)
 
     def _resume_due(self, now: float) -> None:
         due = [(t, p) for t, p in self._pending_resumes if t <= now]
@@ -213,6 +213,7 @@ class Orchestrator:
 
     def run(self) -> dict[str, Any]:
         self._pending_resumes: list[tuple[float, Proc]] = []
+        self._master_due: float | None = None
         t_start = time.time()
         self.start_master()
         self.record("master_start", pid=self.master.pid if self.master else -1)
@@ -227,6 +228,10 @@ class Orchestrator:
                 if now >= end:
                     break
                 self._resume_due(now)
+                if self._master_due is not None and now >= self._master_due:
+                    self._master_due = None
+                    self.start_master()
+                    self.record("master_start", pid=self.master.pid if self.master else -1)
                 self._reap_and_replace()
                 if now >= next_fault:
                     kind = self.pick_fault()
@@ -256,6 +261,10 @@ class Orchestrator:
             running.append(fresh)
 
     def shutdown(self) -> None:
+        if self._master_due is not None:  # the peers need a master to leave through
+            self._master_due = None
+            self.start_master()
+            self.record("master_start", pid=self.master.pid if self.master else -1)
         self.record("run_end")
         for _, proc in self._pending_resumes:
             if proc.running():
@@ -330,8 +339,18 @@ class Orchestrator:
                 faults[f["kind"]] += 1
             elif f["kind"] == "master_kill":
                 faults["master_restart"] += 1
+        # Time from each master restart (listening again) to the next all-reduce that
+        # succeeded (its verdict came from the new master).
+        oks = sorted(r["ts"] for r in records if r.get("event") == "end" and r.get("what") == "allreduce" and r["ok"])
+        recoveries = []
+        for f in self.faults:
+            if f["kind"] == "master_start" and any(g["kind"] == "master_kill" and g["ts"] < f["ts"] for g in self.faults):
+                after = [t for t in oks if t > f["ts"]]
+                if after:
+                    recoveries.append(round(after[0] - f["ts"], 3))
         return {
             "scenario": {k: v for k, v in vars(self.sc).items()},
+            "master_restart_to_next_allreduce_s": recoveries,
             "seconds": round(time.time() - t_start, 1),
             "faults": faults,
             "joins": faults["join"] + faults["restart"],

@@ -123,7 +123,7 @@ I, S, B, N, L, M, BIN = "int", "str", "bool", "number", "list", "map", "bin"
 DOCUMENTED = {
     "hello": {"peer_id": I, "group": I, "host": S, "port": I, "name": S},
     "rejoin": {"peer_id": I, "group": I, "host": S, "port": I, "name": S, "epoch": I, "ring": L, "round": I,
-               "revision": I, "pending": L, "decided": L},
+               "revision": I, "pending": L, "decided": L, "waiting": L, "answered": L},
     "hb": {},
     "vote": {"epoch": I},
     "pending": {"epoch": I, "query": I},
