@@ -45,7 +45,7 @@ def test_every_collective_and_dtype_sync_and_async() -> None:
 
 def test_pccl_url_uses_an_external_master() -> None:
     with pccl.Master() as master:
-        reports = _checks(launch(2, [WORKER, "--init", f"pccl://{master.address}"], timeout=240))
+        reports = _checks(launch(2, [WORKER, "--init", f"pccl://{master.address}", "--quick"], timeout=240))
     assert all(r["failures"] == [] for r in reports), reports
 
 
@@ -78,7 +78,7 @@ def test_ddp_matches_gloo(tmp_path: Path, world: int) -> None:
 
 def test_fsdp2_matches_gloo(tmp_path: Path) -> None:
     # torch 2.13's fully_shard runs on CPU with gloo, so the same comparison applies.
-    steps = 100
+    steps = 60
     pccl_params = _train(tmp_path, "pccl", 2, steps, "--fsdp")
     gloo_params = _train(tmp_path, "gloo", 2, steps, "--fsdp")
     _assert_parity(pccl_params, gloo_params)
