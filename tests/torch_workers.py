@@ -243,7 +243,20 @@ def main() -> None:
         dist.all_reduce(t)
         c.same("after a rejected op", t, torch.full((2,), float(world)))
 
+    def subgroup() -> None:
+        # new_group: its own pccl group (torch orders its ranks: group rank 1 is `world - 1`).
+        members = [0, world - 1]
+        group = dist.new_group(members)
+        if rank in members:
+            t = torch.full((5,), float(rank + 1), device=dev)
+            dist.all_reduce(t, group=group)
+            c.same("subgroup all_reduce", t, torch.full((5,), float(world + 1)))
+            src = torch.full((3,), float(rank), device=dev)
+            dist.broadcast(src, group_src=1, group=group)
+            c.same("subgroup broadcast from group rank 1", src, torch.full((3,), float(world - 1)))
+
     c.run("many in flight", many_in_flight)
+    c.run("subgroup", subgroup)
     c.run("coalesced", coalesced)
     c.run("premul/reduce/gather/scatter", premul_and_rooted)
     c.run("unsupported op", unsupported)
