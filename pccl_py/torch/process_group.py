@@ -80,8 +80,10 @@ REDUCE_DTYPES = (
 )
 
 
-class PcclBackendError(RuntimeError):
-    """A collective of the "pccl" backend failed. `cause` is the pccl_py error."""
+class PcclBackendError(PcclError, RuntimeError):
+    """A collective of the "pccl" backend failed or was refused. A RuntimeError, as
+    torch's own backend errors are; when a pccl_py error caused it, that error is its
+    __cause__ (e.g. PeerLost naming the peer)."""
 
 
 def _byte_view(t: torch.Tensor) -> torch.Tensor:
@@ -583,8 +585,9 @@ class ProcessGroupPccl(dist.ProcessGroup):
                 result = run()
             except BaseException as exc:  # handed to the waiter, never lost
                 error = exc if isinstance(exc, PcclBackendError) else PcclBackendError(f"pccl: {exc}")
-                if isinstance(exc, PcclError):
-                    error.__cause__ = exc
+                if isinstance(exc, PcclError):  # the group is broken (peer lost, timeout, shrunk)
+                    if error is not exc:
+                        error.__cause__ = exc
                     self._failure = error
                     log.error("pccl collective failed on rank %d: %s", self._rank, exc)
                 fut.set_exception(error)
