@@ -12,6 +12,9 @@
 #include <vector>
 
 #include "pccl/engine.hpp"
+#ifdef PCCL_WITH_CUDA
+#include "pccl/cuda_quantize.hpp"
+#endif
 
 namespace py = pybind11;
 using namespace pccl;
@@ -213,6 +216,32 @@ PYBIND11_MODULE(_native, m) {
       .value("PROD", ReduceOp::kProd)
       .value("MIN", ReduceOp::kMin)
       .value("MAX", ReduceOp::kMax);
+
+#ifdef PCCL_WITH_CUDA
+  m.attr("CUDA_BUILT") = true;
+  m.def("cuda_available", &cuda::available, "Whether the CUDA kernels can run here (a device is visible).");
+  m.def(
+      "cuda_quantize",
+      [](QuantKind kind, DType wire, DType dtype, uintptr_t src, size_t count, uintptr_t dst) {
+        py::gil_scoped_release release;
+        cuda::quantize(QuantSpec{kind, wire}, dtype, reinterpret_cast<const void*>(src), count,
+                       reinterpret_cast<uint8_t*>(dst));
+      },
+      py::arg("kind"), py::arg("wire"), py::arg("dtype"), py::arg("src"), py::arg("count"), py::arg("dst"),
+      "Encode `count` elements at device address src into device address dst (synchronous).");
+  m.def(
+      "cuda_dequantize",
+      [](QuantKind kind, DType wire, DType dtype, uintptr_t src, size_t count, uintptr_t dst) {
+        py::gil_scoped_release release;
+        cuda::dequantize(QuantSpec{kind, wire}, dtype, reinterpret_cast<const uint8_t*>(src), count,
+                         reinterpret_cast<void*>(dst));
+      },
+      py::arg("kind"), py::arg("wire"), py::arg("dtype"), py::arg("src"), py::arg("count"), py::arg("dst"),
+      "Decode an encoded run at device address src into `count` elements at dst (synchronous).");
+#else
+  m.attr("CUDA_BUILT") = false;
+  m.def("cuda_available", [] { return false; }, "Whether the CUDA kernels can run here (never: built without nvcc).");
+#endif
 
   py::enum_<QuantKind>(m, "QuantKind")
       .value("NONE", QuantKind::kNone)
