@@ -12,6 +12,10 @@
 
 #include "pccl/errors.hpp"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace pccl {
 namespace {
 
@@ -124,6 +128,42 @@ inline Q roundClamp(A v, A qmax) {
   return static_cast<Q>(static_cast<int32_t>(v + A(0.5)));
 }
 
+// q[i] = roundClamp((x[i] - sub) * mul + add): min-max is (x - lo) * inv + 0, zero-point
+// (x - 0) * inv + zp; both equal the plain formulas bit for bit.
+template <typename A, typename Q>
+inline void encodeLoop(const A* __restrict x, size_t n, A sub, A mul, A add, Q* __restrict q) {
+  constexpr A qmax = static_cast<A>(std::numeric_limits<Q>::max());
+  size_t i = 0;
+#if defined(__SSE2__)
+  // The compiler's own vectorisation of the clamp and the narrowing is poor; spell it out.
+  if constexpr (std::is_same_v<A, float>) {
+    const __m128 vs = _mm_set1_ps(sub), vm = _mm_set1_ps(mul), va = _mm_set1_ps(add);
+    const __m128 zero = _mm_setzero_ps(), top = _mm_set1_ps(qmax), half = _mm_set1_ps(0.5f);
+    auto conv = [&](const float* p) {
+      __m128 v = _mm_add_ps(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(p), vs), vm), va);
+      v = _mm_min_ps(_mm_max_ps(v, zero), top);  // max(NaN, 0) is 0
+      return _mm_cvttps_epi32(_mm_add_ps(v, half));
+    };
+    if constexpr (sizeof(Q) == 1) {
+      for (; i + 16 <= n; i += 16) {
+        __m128i lo16 = _mm_packs_epi32(conv(x + i), conv(x + i + 4));
+        __m128i hi16 = _mm_packs_epi32(conv(x + i + 8), conv(x + i + 12));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm_packus_epi16(lo16, hi16));
+      }
+    } else {
+      const __m128i bias = _mm_set1_epi32(32768);
+      const __m128i flip = _mm_set1_epi16(static_cast<int16_t>(0x8000));
+      for (; i + 8 <= n; i += 8) {
+        __m128i a = _mm_sub_epi32(conv(x + i), bias);
+        __m128i b = _mm_sub_epi32(conv(x + i + 4), bias);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm_xor_si128(_mm_packs_epi32(a, b), flip));
+      }
+    }
+  }
+#endif
+  for (; i < n; ++i) q[i] = roundClamp<A, Q>((x[i] - sub) * mul + add, qmax);
+}
+
 template <typename A, typename Q, QuantKind K>
 inline void encodeBlock(const A* __restrict x, size_t n, Params<A>* p, Q* __restrict q) {
   constexpr A qmax = static_cast<A>(std::numeric_limits<Q>::max());
@@ -140,11 +180,11 @@ inline void encodeBlock(const A* __restrict x, size_t n, Params<A>* p, Q* __rest
   p->p1 = range / qmax;
   if constexpr (K == QuantKind::kMinMax) {
     p->p0 = lo;
-    for (size_t i = 0; i < n; ++i) q[i] = roundClamp<A, Q>((x[i] - lo) * inv, qmax);
+    encodeLoop<A, Q>(x, n, lo, inv, A(0), q);
   } else {
     const A zp = static_cast<A>(roundClamp<A, Q>((A(0) - lo) * inv, qmax));
     p->p0 = zp;
-    for (size_t i = 0; i < n; ++i) q[i] = roundClamp<A, Q>(x[i] * inv + zp, qmax);
+    encodeLoop<A, Q>(x, n, A(0), inv, zp, q);
   }
 }
 
@@ -156,6 +196,18 @@ inline void decodeBlock(const Params<A>& p, const Q* __restrict q, size_t n, A* 
     for (size_t i = 0; i < n; ++i) y[i] = p0 + static_cast<A>(q[i]) * p1;
   } else {
     for (size_t i = 0; i < n; ++i) y[i] = (static_cast<A>(q[i]) - p0) * p1;
+  }
+}
+
+// acc[i] += decoded q[i] (the same rounding as decodeBlock, then one addition).
+template <typename A, typename Q, QuantKind K>
+inline void decodeAddBlock(const Params<A>& p, const Q* __restrict q, size_t n, A* __restrict acc) {
+  const A p0 = p.p0;
+  const A p1 = p.p1;
+  if constexpr (K == QuantKind::kMinMax) {
+    for (size_t i = 0; i < n; ++i) acc[i] += p0 + static_cast<A>(q[i]) * p1;
+  } else {
+    for (size_t i = 0; i < n; ++i) acc[i] += (static_cast<A>(q[i]) - p0) * p1;
   }
 }
 
@@ -216,16 +268,21 @@ struct Kernels {
     const A div = static_cast<A>(divisor);
     for (size_t b = 0, off = 0; off < count; ++b, off += kQuantBlockElems) {
       const size_t n = std::min(kQuantBlockElems, count - off);
+      // acc = term_0 + term_1 + ... in rank order, each addition rounded once.
       for (size_t k = 0; k < ranks; ++k) {
-        A* dst = k == 0 ? acc : term;
         if (k == ownRank) {
-          for (size_t i = 0; i < n; ++i) dst[i] = loadAs<A>(own[off + i]);
+          if (k == 0) {
+            for (size_t i = 0; i < n; ++i) acc[i] = loadAs<A>(own[off + i]);
+          } else {
+            for (size_t i = 0; i < n; ++i) acc[i] += loadAs<A>(own[off + i]);
+          }
         } else {
           Encoded<A, Q> c(const_cast<uint8_t*>(contributions[k]), count);
-          decodeBlock<A, Q, K>(c.params[b], c.data + off, n, dst);
-        }
-        if (k > 0) {
-          for (size_t i = 0; i < n; ++i) acc[i] += term[i];
+          if (k == 0) {
+            decodeBlock<A, Q, K>(c.params[b], c.data + off, n, acc);
+          } else {
+            decodeAddBlock<A, Q, K>(c.params[b], c.data + off, n, acc);
+          }
         }
       }
       if (divisor > 1) {
