@@ -25,8 +25,7 @@ struct Sizes {
   size_t segElems;
   size_t segsPerChunk;
   size_t slotBytes;
-  size_t resultBytes;  // in place only
-  size_t stageBytes;   // one of the three staging areas
+  size_t stageBytes;  // one of the three staging areas
 };
 
 Sizes sizesFor(const AllReduceOptions& o, size_t n) {
@@ -35,7 +34,6 @@ Sizes sizesFor(const AllReduceOptions& o, size_t n) {
   s.segElems = segmentElemsFor(o);
   s.segsPerChunk = std::max<size_t>(1, (maxChunk + s.segElems - 1) / s.segElems);
   s.slotBytes = roundUp(quantEncodedBytes(o.quant, o.dtype, std::min(s.segElems, std::max<size_t>(maxChunk, 1))));
-  s.resultBytes = o.input == o.output ? roundUp(o.count * elementSize(o.dtype)) : 0;
   s.stageBytes = n * s.segsPerChunk * s.slotBytes;
   return s;
 }
@@ -59,7 +57,7 @@ uint32_t AllReduceQuantized::digest(const AllReduceOptions& o, size_t worldSize)
 size_t AllReduceQuantized::scratchBytes(const AllReduceOptions& options, size_t n) {
   if (n <= 1 || options.count == 0) return 0;
   Sizes s = sizesFor(options, n);
-  return s.resultBytes + 3 * s.stageBytes;
+  return 3 * s.stageBytes;
 }
 
 AllReduceQuantized::AllReduceQuantized(const AllReduceOptions& options, const RingPosition& ring,
@@ -85,13 +83,13 @@ AllReduceQuantized::AllReduceQuantized(const AllReduceOptions& options, const Ri
   }
   if (n == 1 || options_.count == 0) return;
   Sizes s = sizesFor(options_, n);
-  PCCL_ENFORCE(scratch_.size >= s.resultBytes + 3 * s.stageBytes, "quantized all-reduce needs its scratch");
+  PCCL_ENFORCE(scratch_.size >= 3 * s.stageBytes, "quantized all-reduce needs its scratch");
   segElems_ = s.segElems;
   segsPerChunk_ = s.segsPerChunk;
   slotBytes_ = s.slotBytes;
   uint8_t* base = scratch_.data.get();
-  if (inPlace_) out_ = base;
-  sendStage_ = base + s.resultBytes;
+  if (inPlace_) out_ = nullptr;  // decoded at the end (decodeAll)
+  sendStage_ = base;
   rsStage_ = sendStage_ + s.stageBytes;
   agStage_ = rsStage_ + s.stageBytes;
   rsGot_.assign(n * segsPerChunk_, 0);
@@ -214,6 +212,7 @@ void AllReduceQuantized::onReceived(FrameSink& sink, const FrameHeader& h) {
     return;
   }
   ++agReceived_;
+  if (out_ == nullptr) return;  // in place: decoded on success
   // The sender owns the chunk (checked in receiveTarget).
   const size_t base = options_.count / ring_.size;
   const size_t rem = options_.count % ring_.size;
@@ -232,7 +231,7 @@ void AllReduceQuantized::finishSegment(FrameSink& sink, size_t seg) {
   uint8_t* encoded = agStage_ + slot(me, seg);
   const size_t divisor = options_.op == ReduceOp::kAvg ? n : 1;
   reduceQuantized(spec_, options_.dtype, in_ + first * elemSize_, me, terms_.data(), n, elems, divisor, encoded,
-                  out_ + first * elemSize_);
+                  out_ == nullptr ? nullptr : out_ + first * elemSize_);
   const size_t length = quantEncodedBytes(spec_, options_.dtype, elems);
   for (size_t d = 1; d < n; ++d) {
     const size_t k = (me + d) % n;
@@ -255,13 +254,24 @@ void AllReduceQuantized::forEachPeer(void (*fn)(void*, uint64_t), void* ctx) con
   }
 }
 
+void AllReduceQuantized::decodeAll(uint8_t* dst) const {
+  for (size_t c = 0; c < ring_.size; ++c) {
+    for (size_t seg = 0; seg < segmentsOf(c); ++seg) {
+      const size_t first = chunkBeginElem(c) + seg * segElems_;
+      dequantize(spec_, options_.dtype, agStage_ + slot(c, seg), segmentElems(c, seg), dst + first * elemSize_);
+    }
+  }
+}
+
 void AllReduceQuantized::onSuccess() {
-  if (inPlace_ && nbytes_ > 0 && ring_.size > 1 && !options_.deferCommit) std::memcpy(options_.output, out_, nbytes_);
+  if (inPlace_ && nbytes_ > 0 && ring_.size > 1 && !options_.deferCommit) {
+    decodeAll(static_cast<uint8_t*>(options_.output));
+  }
 }
 
 void AllReduceQuantized::commitResult() {
   PCCL_ENFORCE(state() == OpState::kSucceeded, "only a successful op can be committed");
-  if (holdsResult() && scratch_.data) std::memcpy(options_.output, out_, nbytes_);
+  if (holdsResult() && scratch_.data) decodeAll(static_cast<uint8_t*>(options_.output));
 }
 
 }  // namespace pccl

@@ -289,6 +289,7 @@ struct Kernels {
         for (size_t i = 0; i < n; ++i) acc[i] = acc[i] / div;
       }
       encodeBlock<A, Q, K>(acc, n, result.params + b, result.data + off);
+      if (out == nullptr) continue;
       if constexpr (kDirect) {
         decodeBlock<A, Q, K>(result.params[b], result.data + off, n, out + off);
       } else {

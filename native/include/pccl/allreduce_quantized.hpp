@@ -18,8 +18,11 @@
 // Frames carry the element offset of their segment (as a byte offset in the caller's
 // buffer) and the encoded segment as payload; a segment's next step fires the moment
 // its last contribution arrives, so quantizing, sending and reducing overlap.
-// Input and output rules are those of AllReduceRing (in place: a scratch result,
-// copied back on success or on commit).
+// Out of place, each segment is decoded into the output as it arrives. In place, the
+// input must survive a failure, so nothing is decoded during the op: on success (or on
+// commit, for deferred ops) the encoded result, which every peer holds whole, is
+// decoded straight into the caller's buffer. That replaces a float scratch result and
+// its copy back with one decoding pass.
 #pragma once
 
 #include <cstdint>
@@ -54,8 +57,8 @@ class AllReduceQuantized final : public Collective {
   static uint32_t digest(const AllReduceOptions& options, size_t worldSize);
 
  private:
-  struct Layout;
   void onSuccess() override;
+  void decodeAll(uint8_t* dst) const;
   size_t chunkBeginElem(size_t chunk) const;
   size_t chunkElems(size_t chunk) const;
   size_t segmentsOf(size_t chunk) const;

@@ -51,7 +51,7 @@ void dequantize(const QuantSpec& spec, DType dtype, const uint8_t* src, size_t c
 // (contributions[k] is rank k's encoded run; rank `ownRank` contributes `own` exactly,
 // its entry is ignored), in the accumulation type, divides by `divisor` (AVG; 1 for
 // SUM), encodes the sum into `encoded` and decodes that into `out` (what every other
-// peer will decode from the same bytes).
+// peer will decode from the same bytes; `out` may be null: encode only).
 void reduceQuantized(const QuantSpec& spec, DType dtype, const void* own, size_t ownRank,
                      const uint8_t* const* contributions, size_t ranks, size_t count, size_t divisor,
                      uint8_t* encoded, void* out);
