@@ -435,6 +435,8 @@ def _worker_main(
     """Entry point of one worker process (module level, so 'spawn' can pickle it)."""
     # The parent owns Ctrl-C: it stops or kills the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # numpy's BLAS threads would only compete with the engine for the cores.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     coll: _PcclCollective | _GlooCollective | _CommCollective | None = None
     try:
         if impl == "pccl":
