@@ -7,7 +7,8 @@ Device (CUDA) tensors are staged through pinned host memory (stage_to_host).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

@@ -344,7 +344,9 @@ class _CommCollective:
         if self._out is not self._in:
             self._out.fill(0.0)
 
-    def all_reduce(self, segment_bytes: int) -> None:
+    def all_reduce(self, segment_bytes: int, quantization: str | None = None) -> None:
+        if quantization:
+            raise BenchError("only the native engine runs quantized here")
         out = None if self._out is self._in else self._out
         self.comm.all_reduce(self._in, out=out, timeout=self._timeout)
 
@@ -383,7 +385,9 @@ class _GlooCollective:
     def fill(self, value: float) -> None:
         self._tensor.fill_(value)
 
-    def all_reduce(self, segment_bytes: int) -> None:
+    def all_reduce(self, segment_bytes: int, quantization: str | None = None) -> None:
+        if quantization:
+            raise BenchError("only the native engine runs quantized here")
         self._dist.all_reduce(self._tensor, op=self._dist.ReduceOp.SUM)
 
     def check(self, expected: float) -> bool:
@@ -403,7 +407,13 @@ def _serve(conn: mpc.Connection, coll: _Collective, rank: int, world: int) -> No
         if msg[0] != "run":
             raise BenchError(f"unexpected command {msg!r}")
         _, nbytes, iters, warmup, segment_bytes, in_place, quant = msg
-        reduce = (lambda: coll.all_reduce(segment_bytes, quant)) if quant else (lambda: coll.all_reduce(segment_bytes))
+
+        def reduce(segment_bytes: int = segment_bytes, quant: str | None = quant) -> None:
+            if quant:
+                coll.all_reduce(segment_bytes, quant)
+            else:
+                coll.all_reduce(segment_bytes)
+
         coll.allocate(nbytes, in_place)
         coll.fill(float(rank + 1))
         conn.send(("allocated",))

@@ -374,7 +374,9 @@ class Communicator:
         self._events.emit("sync", revision=state.revision, rx_bytes=rx, tx_bytes=tx, received=received)
         return SyncInfo(revision=state.revision, rx_bytes=rx, tx_bytes=tx, entries_received=received)
 
-    def _prepare(self, x: Any, op: ReduceOp, out: Any, tag: int | None, quantization: Any) -> tuple[Any, ...]:
+    def _prepare(
+        self, x: Any, op: ReduceOp, out: Any, tag: int | None, quantization: Any
+    ) -> tuple[Any, Any, Any, ReduceOp, int, int, Quantization | None]:
         self._require()
         if not isinstance(op, ReduceOp):
             raise InvalidArgument(f"op must be a pccl_py.ReduceOp, got {op!r}")

@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from threads import run_parallel
 
 import pccl_py as pccl
 from pccl_py import _native as nat
 from pccl_py.testing import join_group
-from threads import run_parallel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
 
@@ -56,7 +56,9 @@ def test_communicator_takes_cuda_tensors(master: pccl.Master, quantization) -> N
     n = 2
     comms = [pccl.Communicator(master.address, name=f"g{i}") for i in range(n)]
     try:
-        joined = run_parallel([lambda c=c: join_group(c.connect(timeout=20), n, timeout=20) for c in comms], 40.0)
+        joined = run_parallel(
+            [lambda c=c: join_group(c.connect(timeout=20), n, timeout=20) for c in comms], 40.0
+        )
         assert not any(isinstance(r, BaseException) for r in joined), joined
         xs = [torch.randn(100_003, device="cuda") for _ in range(n)]
         exact = torch.stack([x.double() for x in xs]).sum(0)
@@ -71,7 +73,10 @@ def test_communicator_takes_cuda_tensors(master: pccl.Master, quantization) -> N
         tol = 0.03 if quantization else 1e-5
         assert ((work[0].double() - exact).norm() / exact.norm()).item() < tol
         res = run_parallel(
-            [lambda c=c, x=x, o=o: c.all_reduce(x, out=o, quantization=quantization) for c, x, o in zip(comms, xs, outs)],
+            [
+                lambda c=c, x=x, o=o: c.all_reduce(x, out=o, quantization=quantization)
+                for c, x, o in zip(comms, xs, outs)
+            ],
             40.0,
         )
         assert all(isinstance(r, pccl.ReduceInfo) for r in res), res

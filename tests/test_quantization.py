@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
 from engine_harness import DT, OP, EngineRing, bf16_to_f32, describe, f32_to_bf16
 from threads import run_parallel as run_threads
+
 import pccl_py as pccl
 from pccl_py import _native as nat
 from pccl_py.errors import InvalidArgument, ProtocolError
@@ -126,7 +126,9 @@ def assert_identical(outs: list[np.ndarray]) -> None:
         assert np.array_equal(first, o.view(np.uint8)), f"rank {r} differs from rank 0"
 
 
-def error_bound(inputs64: list[np.ndarray], exact: np.ndarray, n: int, kind: str, qmax: int, dtype: str) -> np.ndarray:
+def error_bound(
+    inputs64: list[np.ndarray], exact: np.ndarray, n: int, kind: str, qmax: int, dtype: str
+) -> np.ndarray:
     """Per element: each contribution is quantized once (error <= one step of its
     block, at most range/qmax of the whole input; zeropoint widens the range to hold 0),
     the owner adds them exactly, the sum is quantized once more (one step of the sum's
@@ -254,7 +256,9 @@ def test_in_place_matches_out_of_place_and_repeats_bit_for_bit(rings: Callable[[
     ring = rings(3)
     inputs = make_inputs(3, "float32", COUNT, seed=5)
     a = values(quantized_all_reduce(ring, inputs, "float32", "minmax", "uint8"))
-    b = values(quantized_all_reduce(ring, [x.copy() for x in inputs], "float32", "minmax", "uint8", in_place=True))
+    b = values(
+        quantized_all_reduce(ring, [x.copy() for x in inputs], "float32", "minmax", "uint8", in_place=True)
+    )
     c = values(quantized_all_reduce(ring, inputs, "float32", "minmax", "uint8"))
     assert np.array_equal(a[0].view(np.uint8), b[0].view(np.uint8))
     assert np.array_equal(a[0].view(np.uint8), c[0].view(np.uint8)), "the same inputs give the same bytes"
@@ -273,9 +277,13 @@ def test_fewer_elements_than_peers_and_world_of_one(rings: Callable[[int], Engin
 def test_mismatched_quantization_fails_on_every_peer() -> None:
     with EngineRing(3) as ring:
         inputs = make_inputs(3, "float32", COUNT, seed=9)
-        outcomes = quantized_all_reduce(ring, inputs, "float32", "minmax", "uint8", kinds=["minmax", "zeropoint", "minmax"])
+        outcomes = quantized_all_reduce(
+            ring, inputs, "float32", "minmax", "uint8", kinds=["minmax", "zeropoint", "minmax"]
+        )
         assert not any(o.ok for o in outcomes), describe(outcomes)
-        assert any(isinstance(o.error, ProtocolError) and "quantiz" in str(o.error) for o in outcomes), describe(outcomes)
+        assert any(isinstance(o.error, ProtocolError) and "quantiz" in str(o.error) for o in outcomes), (
+            describe(outcomes)
+        )
 
 
 def test_unsupported_ops_and_dtypes_are_refused(rings: Callable[[int], EngineRing]) -> None:
@@ -287,7 +295,9 @@ def test_unsupported_ops_and_dtypes_are_refused(rings: Callable[[int], EngineRin
     with pytest.raises(InvalidArgument, match="floating-point"):
         e.all_reduce(i, np.empty_like(i), DT.INT32, OP.SUM, quantization=nat.QuantKind.MINMAX)
     with pytest.raises(InvalidArgument, match="uint8 or uint16"):
-        e.all_reduce(x, np.empty_like(x), DT.FLOAT32, OP.SUM, quantization=nat.QuantKind.MINMAX, quant_dtype=DT.INT8)
+        e.all_reduce(
+            x, np.empty_like(x), DT.FLOAT32, OP.SUM, quantization=nat.QuantKind.MINMAX, quant_dtype=DT.INT8
+        )
 
 
 # ---------------------------------------------------------------------- Communicator
@@ -307,14 +317,19 @@ def test_communicator_quantized_all_reduce(master: pccl.Master) -> None:
     n = 3
     comms = [pccl.Communicator(master.address, name=f"q{i}") for i in range(n)]
     try:
-        joined = run_threads([lambda c=c: join_group(c.connect(timeout=20), n, timeout=20) for c in comms], 40.0)
+        joined = run_threads(
+            [lambda c=c: join_group(c.connect(timeout=20), n, timeout=20) for c in comms], 40.0
+        )
         assert not any(isinstance(r, BaseException) for r in joined), joined
         q = pccl.Quantization("zeropoint", "uint8")
         xs = [torch.randn(30_001, dtype=torch.bfloat16) for _ in range(n)]
         exact = torch.stack([x.double() for x in xs]).mean(0)
         work = [x.clone() for x in xs]
         infos = run_threads(
-            [lambda c=c, w=w: c.all_reduce(w, op=pccl.ReduceOp.AVG, quantization=q) for c, w in zip(comms, work)],
+            [
+                lambda c=c, w=w: c.all_reduce(w, op=pccl.ReduceOp.AVG, quantization=q)
+                for c, w in zip(comms, work)
+            ],
             40.0,
         )
         assert all(isinstance(i, pccl.ReduceInfo) and i.world_size == n for i in infos), infos
