@@ -23,7 +23,7 @@ from threads import run_parallel as run_threads
 
 import pccl_py as pccl
 from pccl_py import _native as nat
-from pccl_py.errors import InvalidArgument, ProtocolError
+from pccl_py.errors import InvalidArgument, PcclError, ProtocolError
 from pccl_py.testing import join_group
 
 BLOCK = 2048  # kQuantBlockElems
@@ -284,6 +284,36 @@ def test_mismatched_quantization_fails_on_every_peer() -> None:
         assert any(isinstance(o.error, ProtocolError) and "quantiz" in str(o.error) for o in outcomes), (
             describe(outcomes)
         )
+
+
+def test_peer_lost_mid_op_leaves_the_inputs_intact() -> None:
+    """Rank 2 closes its engine instead of taking part: the others fail (every peer is
+    connected to every other, so both see it) and their in-place inputs are unchanged."""
+    with EngineRing(3) as ring:
+        inputs = make_inputs(3, "float32", 1 << 20, seed=11)
+        kept = [x.copy() for x in inputs]
+        seq = ring.next_seq()
+
+        def fn(r: int, e: nat.Engine) -> None:
+            if r == 2:
+                e.close()
+                return
+            h = e.all_reduce(
+                inputs[r],
+                inputs[r],
+                DT.FLOAT32,
+                OP.SUM,
+                seq=seq,
+                timeout=OP_TIMEOUT,
+                quantization=KINDS["minmax"],
+            )
+            h.result()
+
+        outcomes = ring.run(fn, timeout=OP_TIMEOUT + 15)
+        for o in outcomes[:2]:
+            assert isinstance(o.error, PcclError), describe(outcomes)
+        for r in range(2):
+            assert np.array_equal(inputs[r], kept[r]), f"rank {r}: the input changed"
 
 
 def test_unsupported_ops_and_dtypes_are_refused(rings: Callable[[int], EngineRing]) -> None:
