@@ -35,8 +35,8 @@ namespace pccl {
 
 class AllReduceQuantized final : public Collective {
  public:
-  // Scratch bytes the op needs for `options` on a ring of `n` peers (result buffer when
-  // in place, plus the encoded staging areas).
+  // Scratch bytes the op needs for `options` on a ring of `n` peers: the three encoded
+  // staging areas (own contributions, contributions received, encoded results).
   static size_t scratchBytes(const AllReduceOptions& options, size_t n);
   // `peers`: the peer ids of the ring, in ring order. `scratch` holds scratchBytes().
   AllReduceQuantized(const AllReduceOptions& options, const RingPosition& ring, std::vector<uint64_t> peers,
