@@ -9,6 +9,8 @@ TORCH_VERSION := 2.13.0
 NATIVE_SOURCES := $(shell find native bindings -type f \( -name '*.cpp' -o -name '*.hpp' -o -name '*.cu' -o -name '*.cuh' \)) CMakeLists.txt pyproject.toml
 
 .PHONY: install test demo bench stress lint clean
+STRESS_SECONDS ?= 600
+STRESS_SEED ?= 1
 
 install: $(VENV)/.stamp-install
 
@@ -26,6 +28,10 @@ test: install
 
 bench: install
 	$(VENV)/bin/pccl bench --peers 2 4 --sizes 1K 1M 16M 64M 256M --compare gloo
+
+# A long churn run (default 10 min; STRESS_SECONDS=1800 for 30). Exits 1 on any violation.
+stress: install
+	$(PY) -m stress --seconds $(STRESS_SECONDS) --seed $(STRESS_SEED) --summary stress-summary.json --plot stress-timeline.png
 
 clean:
 	rm -rf build $(VENV) .pytest_cache

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "pccl/engine.hpp"
+#include "pccl/hmac.hpp"
 #ifdef PCCL_WITH_CUDA
 #include "pccl/cuda_quantize.hpp"
 #endif
@@ -176,6 +177,10 @@ PYBIND11_MODULE(_native, m) {
   m.attr("FRAME_TYPE_GOODBYE") = static_cast<int>(FrameType::kGoodbye);
   m.attr("HELLO_SIZE") = sizeof(Hello);
   m.attr("HELLO_ACK_SIZE") = sizeof(HelloAck);
+  m.attr("HELLO_AUTH") = kHelloAuth;
+  m.attr("HELLO_STATUS_AUTH_FAILED") = static_cast<uint32_t>(HelloStatus::kAuthFailed);
+  m.attr("AUTH_PROOF_SIZE") = sizeof(AuthProof);
+  m.attr("AUTH_RESULT_SIZE") = sizeof(AuthResult);
   m.attr("FRAME_HEADER_SIZE") = sizeof(FrameHeader);
 
   py::register_exception_translator([](std::exception_ptr p) {
@@ -189,6 +194,8 @@ PYBIND11_MODULE(_native, m) {
       raise("Aborted", e.what(), std::nullopt);
     } catch (const ProtocolError& e) {
       raise("ProtocolError", e.what(), e.peer());
+    } catch (const AuthError& e) {
+      raise("AuthError", e.what(), e.peer());
     } catch (const InvalidArgument& e) {
       raise("InvalidArgument", e.what(), std::nullopt);
     } catch (const Error& e) {
@@ -249,6 +256,14 @@ PYBIND11_MODULE(_native, m) {
       .value("ZEROPOINT", QuantKind::kZeroPoint);
 
   m.def("element_size", [](DType d) { return elementSize(d); });
+  m.def(
+      "hmac_sha256",
+      [](const py::bytes& key, const py::bytes& data) {
+        std::string k = key, d = data;
+        Digest256 mac = hmacSha256(k, d.data(), d.size());
+        return py::bytes(reinterpret_cast<const char*>(mac.data()), mac.size());
+      },
+      py::arg("key"), py::arg("data"), "HMAC-SHA256 as the handshake computes it (for tests).");
   m.def(
       "quant_encoded_bytes",
       [](QuantKind kind, DType wire, DType dtype, size_t count) {
@@ -316,7 +331,8 @@ PYBIND11_MODULE(_native, m) {
 
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
       .def(py::init([](uint64_t peerId, const std::string& host, uint16_t port, int connectionsPerPeer,
-                       size_t segmentBytes, int socketBufferBytes, size_t mailboxLimitBytes) {
+                       size_t segmentBytes, int socketBufferBytes, size_t mailboxLimitBytes,
+                       const py::bytes& secret) {
              EngineOptions o;
              o.peerId = peerId;
              o.listenHost = host;
@@ -325,11 +341,13 @@ PYBIND11_MODULE(_native, m) {
              o.segmentBytes = segmentBytes;
              o.socket.bufferBytes = socketBufferBytes;
              o.mailboxLimitBytes = mailboxLimitBytes;
+             o.secret = secret;
              return std::make_shared<Engine>(o);
            }),
            py::arg("peer_id"), py::arg("host") = "127.0.0.1", py::arg("port") = 0,
            py::arg("connections_per_peer") = 1, py::arg("segment_bytes") = 512 << 10,
-           py::arg("socket_buffer_bytes") = 0, py::arg("mailbox_limit_bytes") = size_t(256) << 20)
+           py::arg("socket_buffer_bytes") = 0, py::arg("mailbox_limit_bytes") = size_t(256) << 20,
+           py::arg("secret") = py::bytes())
       .def_property_readonly("port", &Engine::port)
       .def_property_readonly("peer_id", &Engine::peerId)
       .def(

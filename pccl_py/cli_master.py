@@ -1,4 +1,9 @@
-"""`pccl master`: run the coordinator in the foreground until SIGINT/SIGTERM."""
+"""`pccl master`: run the coordinator in the foreground until SIGINT/SIGTERM.
+
+    pccl master --host 0.0.0.0 --port 48148 --secret-file /etc/pccl/secret --metrics-port 9108
+
+The secret comes from --secret-file or PCCL_SECRET; without one on a non-loopback
+address the master warns loudly (anyone who reaches the port could join)."""
 
 from __future__ import annotations
 
@@ -8,7 +13,9 @@ import sys
 
 import zmq
 
+from pccl_py import auth
 from pccl_py.config import Config
+from pccl_py.errors import ConfigError
 from pccl_py.master import Master, new_event_loop
 
 
@@ -18,6 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heartbeat-interval", type=float, help="seconds between peer heartbeats")
     parser.add_argument("--heartbeat-timeout", type=float, help="evict a peer silent this long (seconds)")
     parser.add_argument("--event-log", help="append structured events (JSON lines) to this file")
+    parser.add_argument(
+        "--startup-grace",
+        type=float,
+        help="seconds a (re)started master waits for the members of a running group to rejoin before "
+        "it founds the group afresh from new peers (default: two heartbeat intervals)",
+    )
+    parser.add_argument("--secret-file", help="file holding the shared secret (default: $PCCL_SECRET)")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free port)")
+    parser.add_argument("--metrics-host", help="address of the metrics endpoint (default: --host)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -26,13 +42,31 @@ def main(args: argparse.Namespace) -> int:
         heartbeat_timeout=args.heartbeat_timeout,
         event_log=args.event_log,
     )
-    master = Master(host=args.host, port=args.port, config=config)
+    grace = args.startup_grace if args.startup_grace is not None else 2 * config.heartbeat_interval
+    config = config.replace(startup_grace=grace)
+    try:
+        secret = auth.read_secret_file(args.secret_file) if args.secret_file else auth.normalize_secret(config.secret)
+    except ConfigError as exc:
+        print(f"pccl master: {exc}", file=sys.stderr)
+        return 2
+    if secret is None and not auth.is_loopback(args.host):
+        print(
+            f"pccl master: WARNING: listening on {args.host} WITHOUT A SHARED SECRET: anyone who can reach "
+            f"port {args.port} can join the run or disrupt it. Use --secret-file or PCCL_SECRET.",
+            file=sys.stderr, flush=True,
+        )
+    master = Master(
+        host=args.host, port=args.port, secret=secret, config=config,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+    )
     loop = new_event_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, master.close)
 
     def ready(address: str) -> None:
         print(f"pccl master listening on {address}", flush=True)
+        if master.metrics_address is not None:
+            print(f"pccl master metrics at http://{master.metrics_address}/metrics", flush=True)
 
     try:
         loop.run_until_complete(master.serve(on_ready=ready))

@@ -5,7 +5,9 @@ revive it when it crashes (up to --max-restarts times).
     pccl run --master 10.0.0.1:48148 --group 0 --max-restarts 3 -- python -m examples.tinylm.train
 
 Environment set for the command: PCCL_MASTER (host:port), PCCL_GROUP, PCCL_LOCAL_INDEX
-(the launch index, also counting restarts as the same index), PCCL_RESTART (0 first).
+(the launch index, also counting restarts as the same index), PCCL_RESTART (0 first),
+and PCCL_SECRET when --secret-file is given (else an inherited PCCL_SECRET passes
+through). The secret travels in the environment, never on a command line.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import subprocess
 import sys
 import time
 
+from pccl_py import auth
+from pccl_py.errors import ConfigError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--master", required=True, help="the master's host:port")
@@ -24,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", type=int, default=0, help="this node's launch index (PCCL_LOCAL_INDEX)")
     parser.add_argument("--max-restarts", type=int, default=0, help="revive a crashed command this many times")
     parser.add_argument("--restart-delay", type=float, default=1.0, help="seconds to wait before a restart")
+    parser.add_argument("--secret-file", help="file holding the shared secret, passed on as PCCL_SECRET")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
 
 
@@ -32,6 +38,13 @@ def main(args: argparse.Namespace) -> int:
     if not command:
         print("pccl run: no command given (pccl run --master H:P -- python train.py)", file=sys.stderr)
         return 2
+    secret_env: dict[str, str] = {}
+    if args.secret_file:
+        try:
+            secret_env["PCCL_SECRET"] = auth.read_secret_file(args.secret_file).decode()
+        except (ConfigError, UnicodeDecodeError) as exc:
+            print(f"pccl run: {exc}", file=sys.stderr)
+            return 2
     child: subprocess.Popen[bytes] | None = None
     stopping = False
 
@@ -51,6 +64,7 @@ def main(args: argparse.Namespace) -> int:
             PCCL_GROUP=str(args.group),
             PCCL_LOCAL_INDEX=str(args.index),
             PCCL_RESTART=str(restarts),
+            **secret_env,
         )
         child = subprocess.Popen(command, env=env)
         code = child.wait()

@@ -17,14 +17,18 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from pccl_py import _native, protocol
+import numpy as np
+
+from pccl_py import _native, auth, protocol
 from pccl_py._buffers import native_view, stage_to_host
 from pccl_py.config import Config
 from pccl_py.control import ControlChannel, OpKey, Topology
 from pccl_py.errors import (
     Aborted,
+    AuthError,
     ConfigError,
     InvalidArgument,
     PcclError,
@@ -35,6 +39,7 @@ from pccl_py.errors import (
 from pccl_py.election import SyncStrategy
 from pccl_py.errors import StateMismatch
 from pccl_py.events import EventLog
+from pccl_py.probe import measure_bandwidth
 from pccl_py.shared_state import SharedState, SyncInfo, _Source, check_strategy, fetch_entries, rich_progress
 from pccl_py.types import Quantization, ReduceInfo, ReduceOp
 
@@ -99,11 +104,11 @@ class Communicator:
         advertise_host: str | None = None,
         name: str = "",
     ) -> None:
-        if secret is not None:
-            raise ConfigError("authentication is not implemented yet; run without a secret")
         if group < 0:
             raise ConfigError("group must be >= 0")
         self.config = config or Config()
+        # The shared secret (default: config.secret, i.e. PCCL_SECRET with Config.from_env()).
+        self._secret = auth.normalize_secret(secret if secret is not None else self.config.secret)
         self._master = master
         self._group = group
         self._host = host
@@ -116,6 +121,14 @@ class Communicator:
         self._control: ControlChannel | None = None
         self._ring_lock = threading.Lock()
         self._engine_epoch = -1
+        self._rings: dict[int, tuple[int, ...]] = {}  # epoch -> peer ids in ring order
+        self._reported: dict[OpKey, tuple[bool, str, str]] = {}  # awaiting a verdict; under control.cond
+        self._synced_revision: int | None = None
+        # For a restarted master (under control.cond): the collective this peer waits in
+        # (["pending", round, index, query] or ["vote", round]) and its last pending answer.
+        self._waiting: list[int | str] = []
+        self._answered: list[int] = []
+        self._pending_index = 0
         self._seq_lock = threading.Lock()
         self._next_seq: dict[int, int] = {}
         self._round = 0
@@ -130,7 +143,8 @@ class Communicator:
     def connect(self, timeout: float | None = None) -> Communicator:
         """Registers with the master and returns once this peer is admitted (the first
         peer of a group at once; others at the group's next update_topology()) and
-        connected to its ring. Raises Timeout."""
+        connected to its ring. Raises Timeout, and AuthError when the master and this
+        peer do not share the same secret (or only one of them has one)."""
         deadline = self._deadline(timeout, self.config.connect_timeout)
         cfg = self.config
         self._engine = _native.Engine(
@@ -141,9 +155,17 @@ class Communicator:
             segment_bytes=cfg.segment_bytes,
             socket_buffer_bytes=cfg.socket_buffer_bytes,
             mailbox_limit_bytes=cfg.mailbox_limit_bytes,
+            secret=self._secret or b"",
         )
         self._control = ControlChannel(self._master, cfg, self._on_master_message)
+        self._control.on_master_restart = self._rejoin_restarted_master
         self._control.start(max(0.1, deadline - time.monotonic()))
+        if self._secret is not None:
+            try:
+                self._control.authenticate(self._secret, deadline)
+            except PcclError:
+                self.close()  # nothing of this peer stays behind
+                raise
         self._control.send(
             protocol.make(
                 "hello",
@@ -158,7 +180,8 @@ class Communicator:
 
         def admitted() -> Topology | None:
             if control.last_error is not None and control.welcome is None:
-                raise PcclError(f"master refused this peer: {control.last_error['msg']}")
+                error = AuthError if control.last_error["code"] == "auth" else PcclError
+                raise error(f"master refused this peer: {control.last_error['msg']}")
             topo = control.topology
             return topo if topo is not None and topo.rank_of(self.peer_id) is not None else None
 
@@ -219,10 +242,78 @@ class Communicator:
         deadline = self._deadline(timeout, self.config.connect_timeout)
         with control.cond:
             rounds = control.vote_rounds
-        control.send(protocol.make("vote", epoch=self.epoch))
-        control.wait(lambda: True if control.vote_rounds > rounds else None, deadline, "the topology vote")
+            self._waiting = ["vote", control.round]
+        try:
+            self._ask(
+                protocol.make("vote", epoch=self.epoch),
+                lambda: True if control.vote_rounds > rounds else None,
+                deadline,
+                "the topology vote",
+            )
+        finally:
+            with control.cond:
+                self._waiting = []
         self._start_round()
         self._ensure_ring(deadline)
+
+    def optimize_topology(self, timeout: float | None = None) -> None:
+        """Collective of the admitted peers: reorders the ring by measured bandwidth.
+
+        When every admitted peer has called it, the master has the peers measure the
+        directed pairs it has no fresh measurement of (Config.bandwidth_ttl), peer to
+        peer, in rounds where each peer sends and receives at most one probe
+        (Config.probe_bytes each), then solves the ring whose slowest hop is fastest
+        (pccl_py.topology) and moves the group to a new epoch with it (reason
+        "optimized"). Returns once this peer is on the new ring. Pending peers stay
+        pending (admit them with update_topology()).
+
+        A peer that fails meanwhile is evicted as usual and the call completes with
+        the survivors; a probe that fails leaves its pair unmeasured. Raises Timeout
+        (default: config.op_timeout) and Aborted (this peer evicted or closed)."""
+        control = self._require()
+        engine = self._engine
+        assert engine is not None
+        deadline = self._deadline(timeout, self.config.op_timeout)
+        probe_buffer = np.zeros(self.config.probe_bytes, np.uint8)  # its content is irrelevant
+        exposure = engine.expose_state([probe_buffer])  # served before anyone is told to probe
+        probes = 0
+        try:
+            with control.cond:
+                rounds = control.vote_rounds
+                control.probe = None
+            control.send(
+                protocol.make("optimize", epoch=self.epoch, exposure=exposure.id, probe_bytes=probe_buffer.nbytes)
+            )
+            handled = 0
+
+            def next_step() -> protocol.Message | bool | None:
+                if control.vote_rounds > rounds:
+                    return True
+                task = control.probe
+                return task if task is not None and task["round"] > handled else None
+
+            while True:
+                step = control.wait(next_step, deadline, "the topology optimisation")
+                if step is True:
+                    break
+                assert isinstance(step, dict)
+                handled = step["round"]
+                results: list[list[Any]] = []
+                for sender, host, port, exp, nbytes in step["fetch"]:
+                    limit = min(self.config.probe_timeout, max(0.0, deadline - time.monotonic()))
+                    try:
+                        rate = measure_bandwidth(engine, int(sender), str(host), int(port), int(exp), int(nbytes), limit)
+                    except PcclError as exc:
+                        log.warning("bandwidth probe of peer %d failed: %s", sender, exc)
+                        rate = 0.0
+                    probes += 1
+                    results.append([int(sender), rate])
+                control.send(protocol.make("probe_done", round=handled, results=results))
+        finally:
+            exposure.close()
+        self._start_round()
+        self._ensure_ring(deadline)
+        self._events.emit("optimized", epoch=self.epoch, probes=probes)
 
     def _start_round(self) -> None:
         """Every member restarts its per-tag step numbering at the same point (admission
@@ -233,6 +324,7 @@ class Communicator:
         with self._seq_lock:
             self._round = new_round
             self._next_seq.clear()
+            self._pending_index = 0
 
     def pending_peers(self, timeout: float | None = None) -> int:
         """Collective: the number of peers waiting for admission, the same on every
@@ -241,8 +333,25 @@ class Communicator:
         deadline = self._deadline(timeout, self.config.connect_timeout)
         self._pending_query += 1
         query = self._pending_query
-        control.send(protocol.make("pending", epoch=self.epoch, query=query))
-        return control.wait(lambda: control.pending_answers.pop(query, None), deadline, "pending_peers()")
+        # (round, index in round) names this query alike on every member: a restarted
+        # master answers a member the old one could not answer with what the others got.
+        self._pending_index += 1
+        name = (self._round, self._pending_index)
+        with control.cond:
+            self._waiting = ["pending", name[0], name[1], query]
+        try:
+            count = self._ask(
+                protocol.make("pending", epoch=self.epoch, query=query),
+                lambda: control.pending_answers.pop(query, None),
+                deadline,
+                "pending_peers()",
+            )
+        finally:
+            with control.cond:
+                self._waiting = []
+        with control.cond:
+            self._answered = [name[0], name[1], count]
+        return count
 
     # ------------------------------------------------------------------ collectives
 
@@ -340,37 +449,51 @@ class Communicator:
                     f"{self.config.max_message_bytes}-byte message cap (Config.max_message_bytes): "
                     "merge small tensors into fewer entries or raise the cap on every peer and the master"
                 )
-            control.send(request)
-            plan = control.wait(
-                lambda: control.sync_plan or control.sync_result, deadline, "the shared-state plan"
-            )
-            if plan["t"] == "sync_plan":
-                ok, kind, msg = True, "", ""
-                wanted = [(int(i), int(h), [int(p) for p in holders]) for i, h, holders in plan["fetch"]]
-                received = len(wanted)
-                sources = {int(p): _Source(int(p), str(host), int(port), int(exp)) for p, host, port, exp in plan["sources"]}
-                close_bar = None
-                callback = progress if callable(progress) else None
-                total = sum(int(buffers[i].nbytes) for i, _, _ in wanted)
-                if progress is True and total >= (64 << 20):
-                    callback, close_bar = rich_progress()
-                try:
-                    rx = fetch_entries(self._engine, buffers, wanted, sources, deadline, progress=callback)
-                except PcclError as exc:
-                    ok, kind, msg = False, _kind_of(exc), str(exc)
-                finally:
-                    if close_bar is not None:
-                        close_bar()
-                control.send(protocol.make("sync_done", ok=ok, kind=kind, msg=msg[:2000], rx_bytes=rx))
-                result = control.wait(lambda: control.sync_result, deadline, "the shared-state result")
-            else:
-                result = plan
+            while True:
+                plan = self._ask(
+                    request, lambda: control.sync_plan or control.sync_result, deadline, "the shared-state plan"
+                )
+                if plan["t"] == "sync_plan":
+                    ok, kind, msg = True, "", ""
+                    wanted = [(int(i), int(h), [int(p) for p in holders]) for i, h, holders in plan["fetch"]]
+                    received = len(wanted)
+                    sources = {
+                        int(p): _Source(int(p), str(host), int(port), int(exp)) for p, host, port, exp in plan["sources"]
+                    }
+                    close_bar = None
+                    callback = progress if callable(progress) else None
+                    total = sum(int(buffers[i].nbytes) for i, _, _ in wanted)
+                    if progress is True and total >= (64 << 20):
+                        callback, close_bar = rich_progress()
+                    try:
+                        rx = fetch_entries(self._engine, buffers, wanted, sources, deadline, progress=callback)
+                    except PcclError as exc:
+                        ok, kind, msg = False, _kind_of(exc), str(exc)
+                    finally:
+                        if close_bar is not None:
+                            close_bar()
+                    result = self._ask(
+                        protocol.make("sync_done", ok=ok, kind=kind, msg=msg[:2000], rx_bytes=rx),
+                        lambda: control.sync_result,
+                        deadline,
+                        "the shared-state result",
+                    )
+                else:
+                    result = plan
+                if result["ok"] or result["kind"] != "Retry":
+                    break
+                # The master restarted during this sync and never saw it: ask again (the
+                # other members do the same, so the collective forms anew).
+                with control.cond:
+                    control.sync_plan = None
+                    control.sync_result = None
         finally:
             tx = exposure.close()
         if not result["ok"]:
             cls = StateMismatch if result["kind"] == "StateMismatch" else _ERRORS.get(result["kind"], PcclError)
             raise cls(f"shared-state sync failed: {result['msg']}", epoch=self.epoch)
         state.revision = result["revision"]
+        self._synced_revision = state.revision
         self._events.emit("sync", revision=state.revision, rx_bytes=rx, tx_bytes=tx, received=received)
         return SyncInfo(revision=state.revision, rx_bytes=rx, tx_bytes=tx, entries_received=received)
 
@@ -464,6 +587,7 @@ class Communicator:
                     rx_bytes=handle.rx_bytes if handle is not None else 0,
                     epoch=key[0],
                     attempts=attempts,
+                    contributors=self._rings.get(key[0], ()),
                 )
             if handle is not None:
                 handle.settle(False)
@@ -492,13 +616,83 @@ class Communicator:
         control = self._require()
         with control.cond:
             known = key in control.outcomes
-        if not known:
-            control.send(
-                protocol.make(
-                    "op", epoch=key[0], tag=key[1], seq=key[2], ok=ok, kind=kind, msg=msg[:2000], peer=culprit
+            self._reported[key] = (ok, kind, msg[:2000])  # handed to a restarted master
+        try:
+            if not known:
+                control.send(
+                    protocol.make(
+                        "op", epoch=key[0], tag=key[1], seq=key[2], ok=ok, kind=kind, msg=msg[:2000], peer=culprit
+                    )
                 )
-            )
-        return control.wait(lambda: control.take_outcome(key), deadline, f"the outcome of op {key}")
+            return control.wait(lambda: control.take_outcome(key), deadline, f"the outcome of op {key}")
+        finally:
+            with control.cond:
+                self._reported.pop(key, None)
+
+    def _ask(self, request: protocol.Message, answer: Callable[[], Any], deadline: float, what: str) -> Any:
+        """Sends a collective request and waits for its answer; a request still waiting
+        when the master restarts is sent again once the group has re-formed."""
+        control = self._require()
+        with control.cond:
+            control.outstanding = request
+        try:
+            control.send(request)
+            return control.wait(answer, deadline, what)
+        finally:
+            with control.cond:
+                if control.outstanding is request:
+                    control.outstanding = None
+
+    def _rejoin_restarted_master(self) -> None:
+        """Control's rejoin thread: the master restarted; register with the new one as a
+        member of our group, with what it needs to take the group over (epoch, ring, op
+        round, last synced revision, ops awaiting a verdict, verdicts received)."""
+        control = self._control
+        engine = self._engine
+        if control is None or engine is None or self._closed:
+            return
+        try:
+            if self._secret is not None:
+                control.authenticate(self._secret, time.monotonic() + self.config.connect_timeout)
+            with control.cond:
+                topo = control.topology
+                if topo is None or topo.rank_of(self.peer_id) is None:
+                    # Not admitted yet: register again; admission goes on as before.
+                    hello = protocol.make(
+                        "hello", peer_id=self.peer_id, group=self._group, host=self._advertise,
+                        port=engine.port, name=self._name,
+                    )
+                    control.recovering = False
+                    control.send(hello)
+                    return
+                pending = [[k[0], k[1], k[2], ok, kind, msg] for k, (ok, kind, msg) in self._reported.items()]
+                decided = [
+                    [m["epoch"], m["tag"], m["seq"], m["ok"], m["kind"], m["msg"], m["world"]]
+                    for m in list(control.recent_verdicts)[-256:]
+                ]
+                rejoin = protocol.make(
+                    "rejoin",
+                    peer_id=self.peer_id,
+                    group=self._group,
+                    host=self._advertise,
+                    port=engine.port,
+                    name=self._name,
+                    epoch=topo.epoch,
+                    ring=[p[0] for p in topo.ring],
+                    round=control.round,
+                    revision=-1 if self._synced_revision is None else self._synced_revision,
+                    pending=pending,
+                    decided=decided,
+                    waiting=list(self._waiting),
+                    answered=list(self._answered),
+                )
+            control.send(rejoin)
+            self._events.emit("rejoin", peer=self.peer_id, epoch=topo.epoch, pending=len(pending))
+        except PcclError as exc:
+            log.error("cannot rejoin the restarted master: %s", exc)
+            with control.cond:
+                control.evicted = f"could not rejoin the restarted master: {exc}"
+                control.cond.notify_all()
 
     def _track(self, key: OpKey, handle: Any, retry: bool) -> None:
         control = self._require()
@@ -581,6 +775,9 @@ class Communicator:
                 timeout = min(self.config.connect_timeout, max(0.0, deadline - time.monotonic()))
                 self._engine.set_ring(topo.epoch, list(topo.ring), rank, timeout=timeout)
                 self._engine_epoch = topo.epoch
+                self._rings[topo.epoch] = tuple(p[0] for p in topo.ring)
+                for old in [e for e in self._rings if e < topo.epoch - 8]:
+                    del self._rings[old]
             return topo.epoch
 
     @staticmethod

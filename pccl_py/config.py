@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pccl_py.errors import ConfigError
 
@@ -30,8 +30,22 @@ class Config:
     # Control plane.
     max_message_bytes: int = 16 << 20  # room for the state description of large models
     max_retries: int = 64
+    # Topology optimisation (optimize_topology()): bytes per bandwidth probe, how long
+    # a measurement stays fresh, the per-probe timeout, and the time budget of the ring
+    # heuristic the master runs above 10 peers (exact below).
+    probe_bytes: int = 8 << 20
+    bandwidth_ttl: float = 600.0
+    probe_timeout: float = 30.0
+    topology_solve_seconds: float = 0.5
+    # Master restart: a (re)started master holds the first admission of a group this
+    # long, so members of a run it must take over can rejoin before a newcomer founds
+    # the group afresh. `pccl master` sets it to two heartbeat intervals by default.
+    startup_grace: float = 0.0
     # Structured JSON-lines event log (membership changes, op outcomes); None: off.
     event_log: str | None = None
+    # Shared secret (PCCL_SECRET) authenticating every control and data connection;
+    # None: no authentication. Kept out of repr() so it never lands in a log.
+    secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
@@ -42,6 +56,8 @@ class Config:
             raise ConfigError("segment_bytes must be at least 4096")
         if self.op_timeout <= 0 or self.connect_timeout <= 0:
             raise ConfigError("timeouts must be positive")
+        if not 0 < self.probe_bytes <= 1 << 30 or self.probe_timeout <= 0 or self.topology_solve_seconds <= 0:
+            raise ConfigError("need 0 < probe_bytes <= 1 GiB, probe_timeout > 0, topology_solve_seconds > 0")
 
     def replace(self, **changes: object) -> Config:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

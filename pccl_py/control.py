@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 import zmq
 import zmq.asyncio
 
-from pccl_py import protocol
+from pccl_py import auth, protocol
 from pccl_py.config import Config
-from pccl_py.errors import Aborted, PcclError, ProtocolError, Timeout
+from pccl_py.errors import Aborted, AuthError, PcclError, ProtocolError, Timeout
 from pccl_py.master import new_event_loop
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,18 @@ class ControlChannel:
         self.evicted: str | None = None
         self.sync_plan: protocol.Message | None = None
         self.sync_result: protocol.Message | None = None
+        self.probe: protocol.Message | None = None  # the latest probe task (optimize_topology)
         self.last_error: protocol.Message | None = None
+        self.auth_challenge: protocol.Message | None = None
+        self.auth_ok = False
+        # Master restart: the verdicts received lately (a rejoin hands them to the new
+        # master), the collective request a caller still waits on (sent again once the
+        # group re-formed), the incarnation we rejoin, and who builds the rejoin.
+        self.recent_verdicts: deque[protocol.Message] = deque(maxlen=1024)
+        self.outstanding: protocol.Message | None = None
+        self.recovering = False
+        self.rejoin_target: int | None = None
+        self.on_master_restart: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self._thread: threading.Thread | None = None
@@ -113,6 +124,9 @@ class ControlChannel:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.MAXMSGSIZE, self._config.max_message_bytes)
+        # An unguessable routing id: the master binds authentication to it, and ids the
+        # ROUTER would assign are sequential.
+        sock.setsockopt(zmq.ROUTING_ID, b"\x01" + auth.new_nonce())
         sock.connect(self._endpoint)
         self._sock = sock
         self._ready.set()
@@ -172,28 +186,52 @@ class ControlChannel:
         with self.cond:
             if kind == "welcome":
                 self.welcome = msg
+            elif kind == "unknown":
+                self._unknown(msg["master"])
             elif kind == "topology":
                 ring = tuple((int(p[0]), str(p[1]), int(p[2])) for p in msg["ring"])
                 if self.topology is None or msg["epoch"] >= self.topology.epoch:
                     self.topology = Topology(msg["epoch"], ring, msg["reason"])
+                if self.recovering:
+                    # The group re-formed under a restarted master: repeat the request a
+                    # caller still waits on (the old master took it to its grave).
+                    self.recovering = False
+                    if self.outstanding is not None:
+                        self._send_now(protocol.encode(self.outstanding))
                 if msg["vote"]:
                     self.vote_rounds += 1
+                    if self.outstanding is not None and self.outstanding["t"] == "vote":
+                        self.outstanding = None  # answered: nothing to repeat
                 self.round = max(self.round, msg["round"])
                 # Outcomes of long-gone epochs will never be asked for.
                 for key in [k for k in self.outcomes if k[0] < msg["epoch"] - 4]:
                     del self.outcomes[key]
             elif kind == "outcome":
                 key = (msg["epoch"], msg["tag"], msg["seq"])
+                self.recent_verdicts.append(msg)
                 if key not in self.consumed:
                     self.outcomes[key] = msg
                 while len(self.outcomes) > _MAX_KEPT_OUTCOMES:
                     self.outcomes.popitem(last=False)
             elif kind == "sync_plan":
                 self.sync_plan = msg
+                if self.outstanding is not None and self.outstanding["t"] == "sync":
+                    self.outstanding = None
             elif kind == "sync_result":
                 self.sync_result = msg
+                if self.outstanding is not None and self.outstanding["t"] in ("sync", "sync_done"):
+                    self.outstanding = None
+            elif kind == "probe":
+                self.probe = msg
+            elif kind == "auth_challenge":
+                self.auth_challenge = msg
+            elif kind == "auth_ok":
+                self.auth_ok = True
             elif kind == "pending_count":
                 self.pending_answers[msg["query"]] = msg["count"]
+                out = self.outstanding
+                if out is not None and out["t"] == "pending" and out["query"] == msg["query"]:
+                    self.outstanding = None
             elif kind == "evicted":
                 if self.welcome is not None:
                     self.evicted = msg["reason"]
@@ -201,6 +239,56 @@ class ControlChannel:
                 self.last_error = msg
                 log.warning("master error: %s: %s", msg["code"], msg["msg"])
             self.cond.notify_all()
+
+    def _unknown(self, master: int) -> None:
+        """The master does not know us (under cond): evicted, if it is the master that
+        welcomed us; otherwise the master restarted, and we rejoin it (once per
+        incarnation, on a thread of its own: rejoining waits for replies)."""
+        if self.welcome is None or self.evicted is not None:
+            return
+        if master == self.welcome["master"]:
+            self.evicted = "unknown peer: not registered or evicted"
+            return
+        if master == self.rejoin_target:
+            return  # already rejoining this one
+        self.rejoin_target = master
+        self.recovering = True
+        log.warning("the master restarted (incarnation %d); rejoining it", master)
+        if self.on_master_restart is not None:
+            threading.Thread(target=self.on_master_restart, name="pccl-rejoin", daemon=True).start()
+
+    # ------------------------------------------------------------------ authentication
+
+    def authenticate(self, secret: bytes, deadline: float) -> None:
+        """Mutual challenge-response with the master (pccl_py.auth); call before "hello"
+        or "status". Raises AuthError when the master does not know the secret, has
+        none, or refuses ours; Timeout at the deadline."""
+        with self.cond:
+            self.auth_challenge, self.auth_ok, self.last_error = None, False, None
+        nonce = auth.new_nonce()
+        self.send(protocol.make("auth_begin", nonce=nonce))
+
+        def auth_error() -> None:
+            err = self.last_error
+            if err is not None and err["code"] == "auth":
+                raise AuthError(f"the master at {self._endpoint} refused this client: {err['msg']}")
+
+        def challenged() -> protocol.Message | None:
+            auth_error()
+            return self.auth_challenge
+
+        challenge = self.wait(challenged, deadline, "the master's authentication challenge")
+        if not challenge["proof"]:
+            raise AuthError(f"the master at {self._endpoint} has no shared secret; refusing to join it with one")
+        if not auth.verify(auth.master_proof(secret, nonce, challenge["nonce"]), challenge["proof"]):
+            raise AuthError(f"the master at {self._endpoint} holds a different shared secret (its proof does not match)")
+        self.send(protocol.make("auth", mac=auth.client_proof(secret, challenge["nonce"], nonce)))
+
+        def accepted() -> bool | None:
+            auth_error()
+            return True if self.auth_ok else None
+
+        self.wait(accepted, deadline, "the master's authentication verdict")
 
     # ------------------------------------------------------------------ waiting
 

@@ -16,27 +16,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
+import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from pccl_py import _native, protocol
+from pccl_py import _native, auth, protocol
 from pccl_py.config import Config
-from pccl_py.errors import ConfigError, PcclError, ProtocolError, Timeout
+from pccl_py.errors import PcclError, ProtocolError, Timeout
 from pccl_py.election import EntryMeta, Submission, SyncStrategy
 from pccl_py.events import EventLog
-from pccl_py.membership import Effect, Log, Membership, Send
+from pccl_py.metrics import MasterMetrics
+from pccl_py.membership import Effect, Log, Membership, RejoinInfo, RejoinRefused, Send
 
 log = logging.getLogger(__name__)
 
 # The id the master uses in data-plane handshakes (never a real peer's id).
 MASTER_PEER_ID = 2**64 - 2
 _TICK_SECONDS = 0.05
+# Outstanding challenges and authenticated routing ids kept (oldest dropped first), so
+# a flood of unauthenticated clients cannot grow the master's memory.
+_MAX_AUTH_ENTRIES = 4096
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -50,6 +55,11 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 class Master:
+    """The coordinator. `secret` (default: config.secret) authenticates every peer and
+    status client by challenge-response, and the master's own connections to the peers'
+    data ports; without one, anyone who can reach the port may join. `metrics_port`
+    (0: any free port) serves Prometheus metrics at http://metrics_host:port/metrics."""
+
     def __init__(
         self,
         host: str = "127.0.0.1",
@@ -57,15 +67,28 @@ class Master:
         secret: str | bytes | None = None,
         *,
         config: Config | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str | None = None,
     ) -> None:
-        if secret is not None:
-            raise ConfigError("authentication is not implemented yet; run without a secret")
         self.config = config or Config()
+        self._secret = auth.normalize_secret(secret if secret is not None else self.config.secret)
+        self.metrics = MasterMetrics()
+        self._metrics_port = metrics_port
+        self._metrics_host = metrics_host or host
+        self.metrics_address: str | None = None
+        self._challenges: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()  # rid -> (client, master nonce)
+        self._authed: OrderedDict[bytes, None] = OrderedDict()
         self._host = host
         self._port = port
         self._bound_port: int | None = None
         self._membership = Membership(
-            self.config.heartbeat_interval, self.config.heartbeat_timeout, self.config.failure_grace
+            self.config.heartbeat_interval,
+            self.config.heartbeat_timeout,
+            self.config.failure_grace,
+            bandwidth_ttl=self.config.bandwidth_ttl,
+            solve_seconds=self.config.topology_solve_seconds,
+            incarnation=secrets.randbits(63),
+            hold_first_admission_until=time.monotonic() + self.config.startup_grace,
         )
         self._events = EventLog(self.config.event_log, "master")
         self._routes: dict[int, bytes] = {}  # peer id -> ZeroMQ routing id
@@ -140,6 +163,15 @@ class Master:
             endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             self._bound_port = int(endpoint.rsplit(":", 1)[1])
             self._sock = sock
+            if self._metrics_port is not None:
+                bound = self.metrics.serve(self._metrics_host, self._metrics_port)
+                self.metrics_address = f"{self._metrics_host}:{bound}"
+                log.info("metrics at http://%s/metrics", self.metrics_address)
+            if self._secret is None and not auth.is_loopback(self._host):
+                log.warning(
+                    "INSECURE: the master listens on %s without a shared secret: anyone who reaches "
+                    "this port can join the run. Set --secret-file or PCCL_SECRET.", self._host
+                )
             log.info("master listening on %s", self.address)
             self._events.emit("master_start", address=self.address)
             self._ready.set()
@@ -157,6 +189,7 @@ class Master:
             sock.close(linger=0)
             ctx.term()
             self._sock = None
+            self.metrics.close()
 
     # ------------------------------------------------------------------ inputs
 
@@ -185,15 +218,32 @@ class Master:
             return
         kind = msg["t"]
         now = time.monotonic()
+        if kind == "auth_begin":
+            await self._auth_begin(rid, msg)
+            return
+        if kind == "auth":
+            await self._auth(rid, msg)
+            return
+        if kind in ("status", "hello", "rejoin") and self._secret is not None and rid not in self._authed:
+            self.metrics.auth_failures.inc()
+            await self._send_raw(rid, protocol.make("error", code="auth", msg="this master requires the shared secret"))
+            return
         if kind == "status":
             await self._send_raw(rid, protocol.make("status_reply", state=self._status()))
             return
         if kind == "hello":
+            self._authed.pop(rid, None)  # from now on the routing id is a registered peer
             await self._hello(rid, msg, now)
+            return
+        if kind == "rejoin":
+            self._authed.pop(rid, None)
+            await self._rejoin(rid, msg, now)
             return
         peer_id = self._ids.get(rid)
         if peer_id is None:
-            await self._send_raw(rid, protocol.make("evicted", reason="unknown peer: not registered or evicted"))
+            # A peer this master does not know: evicted, or registered with a previous
+            # master (it compares the incarnation with its welcome's and rejoins).
+            await self._send_raw(rid, protocol.make("unknown", master=self._membership.incarnation))
             return
         try:
             if kind == "hb":
@@ -214,13 +264,60 @@ class Master:
                 submission = _submission(peer_id, msg)
                 await self._apply(self._membership.request_sync(peer_id, submission, msg["exposure"], now))
             elif kind == "sync_done":
+                if msg["ok"] and msg["rx_bytes"] > 0:
+                    self.metrics.state_bytes.inc(msg["rx_bytes"])
                 await self._apply(self._membership.sync_done(peer_id, msg["ok"], msg["kind"], msg["msg"], now))
+            elif kind == "optimize":
+                if not 0 < msg["probe_bytes"] <= 1 << 30:
+                    raise ProtocolError("optimize: probe_bytes must be in (0, 1 GiB]")
+                await self._apply(self._membership.request_optimize(peer_id, msg["exposure"], msg["probe_bytes"], now))
+            elif kind == "probe_done":
+                results = _probe_results(msg)
+                await self._apply(self._membership.probe_done(peer_id, msg["round"], results, now))
             else:
                 await self._send_raw(rid, protocol.make("error", code="unexpected", msg=f"{kind} is not a request"))
         except PermissionError as exc:
             await self._send_raw(rid, protocol.make("error", code="not_admitted", msg=str(exc)))
         except ProtocolError as exc:
             await self._send_raw(rid, protocol.make("error", code="bad_message", msg=str(exc)))
+
+    # ------------------------------------------------------------------ authentication
+
+    async def _auth_begin(self, rid: bytes, msg: protocol.Message) -> None:
+        """Answers a challenge request: our nonce, and our proof (empty without a secret,
+        which a client with a secret refuses)."""
+        nonce_client = msg["nonce"]
+        if len(nonce_client) != auth.NONCE_BYTES:
+            await self._send_raw(rid, protocol.make("error", code="auth", msg="bad nonce length"))
+            return
+        nonce_master = auth.new_nonce()
+        proof = b"" if self._secret is None else auth.master_proof(self._secret, nonce_client, nonce_master)
+        self._challenges[rid] = (nonce_client, nonce_master)
+        self._challenges.move_to_end(rid)
+        while len(self._challenges) > _MAX_AUTH_ENTRIES:
+            self._challenges.popitem(last=False)
+        await self._send_raw(rid, protocol.make("auth_challenge", nonce=nonce_master, proof=proof))
+
+    async def _auth(self, rid: bytes, msg: protocol.Message) -> None:
+        """Checks a client's answer. A challenge answers once: a replay finds none."""
+        challenge = self._challenges.pop(rid, None)
+        if self._secret is None:
+            await self._send_raw(rid, protocol.make("auth_ok"))
+            return
+        if challenge is None or not auth.verify(auth.client_proof(self._secret, challenge[1], challenge[0]), msg["mac"]):
+            self.metrics.auth_failures.inc()
+            self._authed.pop(rid, None)
+            log.warning("refused a client: %s", "no challenge outstanding" if challenge is None else "wrong secret")
+            why = "no challenge outstanding (replayed?)" if challenge is None else "wrong shared secret"
+            await self._send_raw(rid, protocol.make("error", code="auth", msg=f"authentication failed: {why}"))
+            return
+        self._authed[rid] = None
+        self._authed.move_to_end(rid)
+        while len(self._authed) > _MAX_AUTH_ENTRIES:
+            self._authed.popitem(last=False)
+        await self._send_raw(rid, protocol.make("auth_ok"))
+
+    # ------------------------------------------------------------------ registration
 
     async def _hello(self, rid: bytes, msg: protocol.Message, now: float) -> None:
         if rid in self._ids:
@@ -240,6 +337,40 @@ class Master:
         self._watchers[peer_id] = asyncio.create_task(self._watch(peer_id, msg["host"], msg["port"]))
         await self._apply(effects)
 
+    async def _rejoin(self, rid: bytes, msg: protocol.Message, now: float) -> None:
+        """A member of a group run by a previous master (this master restarted)."""
+        if rid in self._ids:
+            await self._send_raw(rid, protocol.make("error", code="duplicate_hello", msg="already registered"))
+            return
+        try:
+            if not 0 < msg["port"] < 65536 or msg["group"] < 0:
+                raise ValueError("invalid port or group")
+            info = RejoinInfo(
+                epoch=int(msg["epoch"]),
+                ring=tuple(int(p) for p in msg["ring"]),
+                round=int(msg["round"]),
+                revision=None if msg["revision"] < 0 else int(msg["revision"]),
+                pending=tuple(((int(e), int(t), int(q)), bool(ok), str(k), str(m)) for e, t, q, ok, k, m in msg["pending"]),
+                decided=tuple(
+                    ((int(e), int(t), int(q)), bool(ok), str(k), str(m), int(w)) for e, t, q, ok, k, m, w in msg["decided"]
+                ),
+                waiting=_waiting(msg["waiting"]),
+                answered=tuple(int(x) for x in msg["answered"]) if len(msg["answered"]) == 3 else (),
+            )
+        except (ValueError, TypeError) as exc:
+            await self._send_raw(rid, protocol.make("error", code="bad_hello", msg=f"malformed rejoin: {exc}"))
+            return
+        peer_id = msg["peer_id"]
+        try:
+            effects = self._membership.rejoin(peer_id, msg["group"], msg["host"], msg["port"], msg["name"], info, now)
+        except RejoinRefused as exc:
+            await self._send_raw(rid, protocol.make("evicted", reason=str(exc)))
+            return
+        self._routes[peer_id] = rid
+        self._ids[rid] = peer_id
+        self._watchers[peer_id] = asyncio.create_task(self._watch(peer_id, msg["host"], msg["port"]))
+        await self._apply(effects)
+
     # ------------------------------------------------------------------ liveness
 
     async def _watch(self, peer_id: int, host: str, port: int) -> None:
@@ -249,14 +380,14 @@ class Master:
         graceful = False
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.config.connect_timeout)
-            writer.write(
+            try:
                 # epoch 2**64-1: a connection tied to no epoch, never retired by a new ring.
-                struct.pack("<IIQQII", _native.HELLO_MAGIC, _native.PROTOCOL_VERSION, MASTER_PEER_ID, 2**64 - 1, 0, 1)
-            )
-            ack = await asyncio.wait_for(reader.readexactly(_native.HELLO_ACK_SIZE), self.config.connect_timeout)
-            magic, status, ack_peer = struct.unpack("<IIQ", ack)
-            if magic != _native.HELLO_MAGIC or status != 0:
-                log.warning("peer %d refused the liveness connection", peer_id)
+                await asyncio.wait_for(
+                    auth.data_handshake(reader, writer, MASTER_PEER_ID, peer_id, 2**64 - 1, self._secret),
+                    self.config.connect_timeout,
+                )
+            except PcclError as exc:
+                log.warning("peer %d refused the liveness connection: %s", peer_id, exc)
                 return
             while True:
                 header = await reader.readexactly(_native.FRAME_HEADER_SIZE)
@@ -287,6 +418,9 @@ class Master:
                     await self._send_raw(rid, effect.msg)
             elif isinstance(effect, Log):
                 self._events.emit(effect.kind, **effect.fields)
+                self.metrics.observe(effect.kind, effect.fields)
+                if effect.kind in ("join", "admit", "evict", "leave"):
+                    self.metrics.set_peers(self._membership.status())
                 if effect.kind in ("evict", "leave"):
                     self._forget(effect.fields["peer"], effect.kind == "evict", effect.fields.get("detail", ""))
                 log.info("%s %s", effect.kind, effect.fields)
@@ -316,6 +450,14 @@ class Master:
         return state
 
 
+def _waiting(raw: list[Any]) -> tuple[Any, ...]:
+    if len(raw) == 4 and raw[0] == "pending":
+        return ("pending", int(raw[1]), int(raw[2]), int(raw[3]))
+    if len(raw) == 2 and raw[0] == "vote":
+        return ("vote", int(raw[1]))
+    return ()
+
+
 def _submission(peer_id: int, msg: protocol.Message) -> Submission:
     """Checks and converts the entries of a "sync" message (ProtocolError if malformed)."""
     try:
@@ -331,3 +473,15 @@ def _submission(peer_id: int, msg: protocol.Message) -> Submission:
     except (ValueError, TypeError):
         raise ProtocolError("sync: malformed strategy or entries") from None
     return Submission(peer_id, msg["revision"], strategy, tuple(entries))
+
+
+def _probe_results(msg: protocol.Message) -> list[tuple[int, float]]:
+    """Checks and converts the results of a "probe_done" message (ProtocolError if
+    malformed): [[sender peer id, bytes per second], ...]."""
+    results = []
+    for item in msg["results"]:
+        if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int
+                and isinstance(item[1], (int, float)) and not isinstance(item[1], bool)):
+            raise ProtocolError("probe_done: malformed results")
+        results.append((item[0], float(item[1])))
+    return results

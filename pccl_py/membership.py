@@ -5,7 +5,18 @@ so every rule here is unit-tested without sockets. See docs/protocol.md.
 
 Peer phases:   (new) --register--> PENDING --admitted in a topology vote--> ADMITTED
                PENDING|ADMITTED --leave / crash / heartbeat timeout--> (gone)
+               (new master) --rejoin--> RECOVERING --group re-formed--> ADMITTED
 A group with no admitted peer admits its pending peers at once.
+
+Master restart (the master is soft state): peers that find a new master re-register
+with "rejoin", carrying their epoch, ring, op round, last synced revision, the ops
+they reported without a verdict and the verdicts they received. The group re-forms
+when every member of the newest ring has rejoined (or `recovery_wait` passed): the
+epoch and ring are taken over (a new epoch only if members are missing), verdicts any
+member received are given to all, and ops every member reported ok succeed.
+
+Topology optimisation (optimize_topology(), a collective like a vote): probe rounds
+of the missing or stale pairs, then the ring pccl_py.topology solves, in a new epoch.
 
 Op outcome (per group, epoch, tag, seq; participants = the ring of that epoch):
   success  when every participant reported success;
@@ -22,7 +33,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from pccl_py import protocol
+from pccl_py import protocol, topology
 from pccl_py.election import Election, ElectionError, Submission, elect
 
 OpKey = tuple[int, int, int]  # (epoch, tag, seq)
@@ -34,6 +45,26 @@ _MAX_OPS_PER_GROUP = 20000
 class Phase(enum.Enum):
     PENDING = "pending"
     ADMITTED = "admitted"
+    RECOVERING = "recovering"  # rejoined a restarted master; its group is re-forming
+
+
+class RejoinRefused(Exception):
+    """A rejoin the master cannot take (the peer must register afresh)."""
+
+
+@dataclass(frozen=True)
+class RejoinInfo:
+    """What a peer tells a restarted master about itself and its group."""
+
+    epoch: int
+    ring: tuple[int, ...]
+    round: int
+    revision: int | None  # the last revision it synced
+    pending: tuple[tuple[OpKey, bool, str, str], ...]  # reported, no verdict: (key, ok, kind, msg)
+    decided: tuple[tuple[OpKey, bool, str, str, int], ...]  # verdicts it got: (key, ok, kind, msg, world)
+    waiting: tuple[Any, ...] = ()  # ("pending", round, index, query) or ("vote", round): waits in it
+    answered: tuple[int, ...] = ()  # (round, index, count): its last pending_peers() answer
+
 
 
 @dataclass
@@ -84,12 +115,32 @@ class OpRecord:
 
 
 @dataclass
+class Recovery:
+    """A group re-forming after a master restart."""
+
+    started: float
+    infos: dict[int, RejoinInfo] = field(default_factory=dict)
+    reports: list[tuple[int, OpKey, Report]] = field(default_factory=list)  # op reports meanwhile
+
+
+@dataclass
 class SyncRecord:
     """A shared-state sync between its plan and its result."""
 
     participants: frozenset[int]
     election: Election
     reports: dict[int, tuple[bool, str, str]] = field(default_factory=dict)  # peer -> (ok, kind, msg)
+
+
+@dataclass
+class ProbeRecord:
+    """An optimize_topology() between its first probe round and the new ring."""
+
+    participants: set[int]
+    exposures: dict[int, tuple[int, int]]  # peer -> (exposure id, probe bytes)
+    rounds: list[list[tuple[int, int]]]  # (sender, receiver) pairs, one round at a time
+    awaiting: set[int] = field(default_factory=set)  # probers of the current round
+    round_id: int = 0
 
 
 @dataclass
@@ -110,6 +161,20 @@ class Group:
     sync_requests: dict[int, tuple[Submission, int]] = field(default_factory=dict)  # peer -> (it, exposure)
     sync_active: SyncRecord | None = None
     pruned_at_epoch: int = 0
+    # Topology optimisation: measured bandwidths (sender, receiver) -> (bytes/s, when),
+    # the optimize_topology() calls collected (peer -> (exposure, probe bytes)), the
+    # probe rounds in progress, and whether the ring order is the solver's (then later
+    # epochs re-solve instead of appending joiners).
+    bandwidth: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
+    optimize_requests: dict[int, tuple[int, int]] = field(default_factory=dict)
+    probing: ProbeRecord | None = None
+    probe_seq: int = 0
+    optimized: bool = False
+    recovery: Recovery | None = None
+    # After a master restart: members whose last synced revision is behind the group's
+    # (the old master died while telling them the result of that sync).
+    behind: set[int] = field(default_factory=set)
+    recovered: set[int] = field(default_factory=set)  # members since the re-forming, until a sync completes
 
 
 def failures_root(record: OpRecord) -> bool:
@@ -118,10 +183,29 @@ def failures_root(record: OpRecord) -> bool:
 
 
 class Membership:
-    def __init__(self, heartbeat_interval: float, heartbeat_timeout: float, failure_grace: float) -> None:
+    def __init__(
+        self,
+        heartbeat_interval: float,
+        heartbeat_timeout: float,
+        failure_grace: float,
+        *,
+        bandwidth_ttl: float = 600.0,
+        solve_seconds: float = 0.5,
+        incarnation: int = 0,
+        recovery_wait: float | None = None,
+        hold_first_admission_until: float = 0.0,
+    ) -> None:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.failure_grace = failure_grace
+        self.bandwidth_ttl = bandwidth_ttl  # a measurement older than this is probed again
+        self.solve_seconds = solve_seconds  # time budget of the ring heuristic (N > 10)
+        self.incarnation = incarnation  # this master's random id: peers tell a restart by it
+        # How long a re-forming group waits for missing members after the first rejoin.
+        self.recovery_wait = heartbeat_timeout if recovery_wait is None else recovery_wait
+        # A restarted master gives the members of its groups this long to rejoin before it
+        # forms a group afresh from new peers (monotonic time; 0: admit at once).
+        self.hold_until = hold_first_admission_until
         self.peers: dict[int, Peer] = {}
         self.groups: dict[int, Group] = {}
         self._departed: dict[int, str] = {}  # peer -> cause ("left", "crashed", "hung"), recent only
@@ -136,8 +220,10 @@ class Membership:
         g = self.groups.setdefault(group, Group(group))
         self.peers[peer_id] = Peer(peer_id, group, host, port, name, Phase.PENDING, now)
         g.pending.append(peer_id)
-        effects: list[Effect] = [Log("join", {"peer": peer_id, "group": group, "name": name})]
+        effects: list[Effect] = [Log("join", {"peer": peer_id, "group": group, "name": name, "host": host, "port": port})]
         admit_now = not g.ring
+        if g.recovery is not None or now < self.hold_until:
+            admit_now = False  # its members may be coming back: the newcomer waits
         effects.append(
             Send(
                 peer_id,
@@ -147,6 +233,7 @@ class Membership:
                     heartbeat_interval=self.heartbeat_interval,
                     heartbeat_timeout=self.heartbeat_timeout,
                     admitted=admit_now,
+                    master=self.incarnation,
                 ),
             )
         )
@@ -178,6 +265,12 @@ class Membership:
     def report_op(
         self, peer_id: int, key: OpKey, ok: bool, kind: str, msg: str, culprit: int, now: float
     ) -> list[Effect]:
+        peer = self.peers.get(peer_id)
+        if peer is not None and peer.phase is Phase.RECOVERING:
+            recovery = self.groups[peer.group].recovery
+            assert recovery is not None
+            recovery.reports.append((peer_id, key, Report(ok, kind, msg, culprit)))
+            return []
         peer, g = self._admitted(peer_id)
         epoch = key[0]
         record = g.ops.get(key)
@@ -219,10 +312,167 @@ class Membership:
     def sync_done(self, peer_id: int, ok: bool, kind: str, msg: str, now: float) -> list[Effect]:
         peer, g = self._admitted(peer_id)
         record = g.sync_active
+        if record is None and ok and peer.id in g.behind:
+            # It finished the sync the others completed before the master restarted.
+            g.behind.discard(peer.id)
+            g.last_synced.add(peer.id)
+            assert g.state_revision is not None
+            return [Send(peer.id, self._sync_result(g, True, "", ""))]
+        g.behind.discard(peer.id)
+        if record is None and peer.id in g.recovered:
+            # A sync the previous master planned and this one never saw: the members
+            # ask again (the communicator repeats its request on "Retry").
+            return [Send(peer.id, self._sync_result(g, False, "Retry", "the master restarted during this sync"))]
         if record is None or peer.id not in record.participants:
             return [Send(peer.id, self._sync_result(g, False, "Aborted", "no sync in progress for this peer"))]
         record.reports[peer.id] = (ok, kind, msg)
         return self._complete_sync(g)
+
+    def request_optimize(self, peer_id: int, exposure: int, probe_bytes: int, now: float) -> list[Effect]:
+        """A peer called optimize_topology(): collective of the admitted peers. Its engine
+        serves a probe buffer of `probe_bytes` under `exposure`."""
+        peer, g = self._admitted(peer_id)
+        if g.probing is not None and peer.id in g.probing.participants:
+            return [Log("optimize_ignored", {"group": g.id, "peer": peer.id, "why": "already probing"})]
+        g.optimize_requests[peer.id] = (exposure, probe_bytes)
+        return self._complete_optimize_requests(g, now)
+
+    def probe_done(self, peer_id: int, round_id: int, results: list[tuple[int, float]], now: float) -> list[Effect]:
+        """A prober's measurements for one round: (sender, bytes/s), <= 0 for a failed
+        probe (the pair stays unknown)."""
+        peer, g = self._admitted(peer_id)
+        record = g.probing
+        if record is None or record.round_id != round_id or peer.id not in record.awaiting:
+            return []  # late or duplicate: that round is over
+        for sender, rate in results:
+            if rate > 0 and sender in record.participants and sender != peer.id:
+                g.bandwidth[(sender, peer.id)] = (float(rate), now)
+        record.awaiting.discard(peer.id)
+        return self._advance_probes(g, now)
+
+    def rejoin(
+        self, peer_id: int, group: int, host: str, port: int, name: str, info: RejoinInfo, now: float
+    ) -> list[Effect]:
+        """A member of a group that a previous master ran registers with this one.
+        Raises RejoinRefused when the group has already re-formed without it (it must
+        register afresh, as a new peer) or the id is taken."""
+        if peer_id in self.peers or not 0 <= peer_id < 2**63:
+            raise RejoinRefused(f"peer id {peer_id} is taken or out of range")
+        g = self.groups.setdefault(group, Group(group))
+        if g.recovery is None and (g.ring or g.pending or g.epoch > 0):
+            raise RejoinRefused(f"group {group} has re-formed without this peer (epoch {g.epoch})")
+        if g.recovery is None:
+            g.recovery = Recovery(now)
+        self.peers[peer_id] = Peer(peer_id, group, host, port, name, Phase.RECOVERING, now)
+        g.recovery.infos[peer_id] = info
+        welcome = protocol.make(
+            "welcome",
+            peer_id=peer_id,
+            heartbeat_interval=self.heartbeat_interval,
+            heartbeat_timeout=self.heartbeat_timeout,
+            admitted=True,
+            master=self.incarnation,
+        )
+        effects: list[Effect] = [
+            Log("rejoin", {"peer": peer_id, "group": group, "epoch": info.epoch, "host": host, "port": port}),
+            Send(peer_id, welcome),
+        ]
+        return effects + self._try_reform(g, now, force=False)
+
+    def _try_reform(self, g: Group, now: float, force: bool) -> list[Effect]:
+        recovery = g.recovery
+        if recovery is None or not recovery.infos:
+            return []
+        newest = max(recovery.infos.values(), key=lambda i: i.epoch)
+        if not force and not set(newest.ring) <= set(recovery.infos):
+            return []  # members of the newest ring are still missing: wait for them
+        g.recovery = None
+        epoch, ring = newest.epoch, list(newest.ring)
+        # A member of the newest ring that missed its topology message still belongs.
+        members = [pid for pid in ring if pid in recovery.infos]
+        stale = [pid for pid in recovery.infos if pid not in members]
+        effects: list[Effect] = []
+        for pid in stale:  # from an older epoch: not a member any more; it re-registers
+            effects.append(Send(pid, protocol.make("evicted", reason="the group re-formed after a master restart without this peer")))
+            del self.peers[pid]
+            self._departed[pid] = "lost"
+        for pid in ring:
+            if pid not in members:
+                self._departed[pid] = "lost"  # did not come back: its ops fail as PeerLost
+        if not members:
+            g.ring = []
+            g.epoch = max(g.epoch, epoch) + 1
+            if g.pending:
+                effects += self._admit_pending(g, "first peers of the group")
+            return effects
+        for pid in members:
+            self.peers[pid].phase = Phase.ADMITTED
+        infos = [recovery.infos[pid] for pid in members]
+        g.epoch = epoch
+        g.ring = ring
+        g.rings = {epoch: tuple(ring)}
+        g.round = max(i.round for i in infos)
+        revisions = [i.revision for i in infos if i.revision is not None]
+        g.state_revision = max(revisions) if revisions else None
+        g.last_synced = {pid for pid in members if recovery.infos[pid].revision == g.state_revision}
+        g.behind = set(members) - g.last_synced if g.state_revision is not None else set()
+        g.recovered = set(members)
+        g.pruned_at_epoch = epoch
+        effects.append(Log("reform", {"group": g.id, "epoch": epoch, "members": members, "missing": [p for p in ring if p not in members]}))
+        # Ops of the newest epoch: a verdict any member received holds for all. Ops of
+        # older epochs (a member missed the topology that ended them) get the verdict
+        # someone received, else fail as superseded, as under the old master.
+        verdicts = {key: (ok, kind, msg, world) for i in infos for key, ok, kind, msg, world in i.decided}
+        for pid in members:
+            for key, ok, kind, msg in recovery.infos[pid].pending:
+                if key[0] < epoch:
+                    v = verdicts.get(key, (False, "PeerLost", f"superseded by epoch {epoch}", 0))
+                    effects.append(Send(pid, self._outcome(g, key, v[0], v[1], v[2], -1, v[3])))
+        for pid in members:
+            for key, ok, kind, msg, world in recovery.infos[pid].decided:
+                if key[0] != epoch or key in g.ops:
+                    continue
+                record = OpRecord(key, frozenset(ring))
+                record.decided = self._outcome(g, key, ok, kind, msg, -1, world)
+                g.ops[key] = record
+        reports = [(pid, key, Report(ok, kind, msg, -1)) for pid in members for key, ok, kind, msg in recovery.infos[pid].pending]
+        reports += [(pid, key, r) for pid, key, r in recovery.reports if pid in members]
+        for pid, key, report in reports:
+            if key[0] != epoch or pid not in ring:
+                continue
+            record = g.ops.setdefault(key, OpRecord(key, frozenset(ring)))
+            if record.decided is None:
+                record.reports[pid] = report
+                if not report.ok and record.first_failure_at is None:
+                    record.first_failure_at = now
+        # Collective answers the old master sent to some members only: a pending_peers()
+        # answer (named by round and index) and a completed vote (a newer round).
+        answers = {(i.answered[0], i.answered[1]): i.answered[2] for i in infos if len(i.answered) == 3}
+        vote_behind = set()
+        for pid in members:
+            waiting = recovery.infos[pid].waiting
+            if len(waiting) == 4 and waiting[0] == "pending" and (waiting[1], waiting[2]) in answers:
+                count = answers[(waiting[1], waiting[2])]
+                effects.append(Send(pid, protocol.make("pending_count", query=int(waiting[3]), count=count)))
+            elif len(waiting) == 2 and waiting[0] == "vote" and int(waiting[1]) < g.round:
+                vote_behind.add(pid)
+                effects.append(Send(pid, self._ring_message(g, "the master restarted; the vote completed", vote=True)))
+        if len(members) == len(ring):
+            msg = self._ring_message(g, "the master restarted; the group re-formed", vote=False)
+            effects += [Send(pid, msg) for pid in ring if pid not in vote_behind]
+        else:
+            lost = [p for p in ring if p not in members]
+            effects += self._new_epoch(g, members, f"the master restarted; peers {lost} did not come back")
+        for record in list(g.ops.values()):
+            if record.decided is not None:
+                # Re-issued with the current epoch as next_epoch (for retries).
+                key = record.key
+                record.decided = self._outcome(g, key, record.decided["ok"], record.decided["kind"],
+                                               record.decided["msg"], record.decided["peer"], record.decided["world"])
+                effects += [Send(pid, record.decided) for pid in sorted(record.participants) if pid in self.peers]
+            else:
+                effects += self._decide(g, record, now)
+        return effects
 
     def leave(self, peer_id: int, now: float) -> list[Effect]:
         return self._remove(peer_id, "left", "left the group", now)
@@ -238,7 +488,11 @@ class Membership:
                 effects += self.evict(
                     peer.id, "hung", f"no heartbeat for {now - peer.last_seen:.1f}s", now
                 )
-        for g in self.groups.values():
+        for g in list(self.groups.values()):
+            if g.recovery is not None and now - g.recovery.started >= self.recovery_wait:
+                effects += self._try_reform(g, now, force=True)
+            if not g.ring and g.pending and g.recovery is None and now >= self.hold_until:
+                effects += self._admit_pending(g, "first peers of the group")
             for record in list(g.ops.values()):
                 if record.decided is None and record.first_failure_at is not None:
                     if now - record.first_failure_at >= self.failure_grace:
@@ -264,6 +518,9 @@ class Membership:
                     "ring": list(g.ring),
                     "pending": list(g.pending),
                     "state_revision": g.state_revision,
+                    "optimized": g.optimized,
+                    # [sender, receiver, bytes/s] for every measured pair
+                    "bandwidth": [[a, b, rate] for (a, b), (rate, _) in sorted(g.bandwidth.items())],
                 }
                 for g in self.groups.values()
             },
@@ -302,7 +559,7 @@ class Membership:
         for pid in joiners:
             self.peers[pid].phase = Phase.ADMITTED
         effects: list[Effect] = [Log("admit", {"group": g.id, "peers": joiners})] if joiners else []
-        return effects + self._new_epoch(g, g.ring + joiners, reason, vote)
+        return effects + self._new_epoch(g, self._reorder(g, g.ring + joiners), reason, vote)
 
     def _complete_votes(self, g: Group) -> list[Effect]:
         if not g.ring or not set(g.ring) <= g.votes:
@@ -337,11 +594,18 @@ class Membership:
         if peer.phase is Phase.PENDING:
             g.pending.remove(peer_id)
             return effects
+        if peer.phase is Phase.RECOVERING:
+            if g.recovery is not None:
+                g.recovery.infos.pop(peer_id, None)
+            return effects
         g.votes.discard(peer_id)
         g.pending_queries.pop(peer_id, None)
+        g.optimize_requests.pop(peer_id, None)
+        for pair in [p for p in g.bandwidth if peer_id in p]:
+            del g.bandwidth[pair]  # its row and column: a peer that comes back is probed afresh
         survivors = [pid for pid in g.ring if pid != peer_id]
         if survivors:
-            effects += self._new_epoch(g, survivors, f"peer {peer_id} {cause}: {detail}")
+            effects += self._new_epoch(g, self._reorder(g, survivors), f"peer {peer_id} {cause}: {detail}")
         else:
             g.ring = []
             g.epoch += 1
@@ -351,6 +615,12 @@ class Membership:
                 effects += self._decide(g, record, now)
         effects += self._complete_votes(g)
         effects += self._complete_pending_queries(g)
+        effects += self._complete_optimize_requests(g, now)
+        if g.probing is not None and peer_id in g.probing.participants:
+            g.probing.participants.discard(peer_id)
+            g.probing.awaiting.discard(peer_id)
+            g.probing.rounds = [[p for p in r if peer_id not in p] for r in g.probing.rounds]
+            effects += self._advance_probes(g, now)
         g.sync_requests.pop(peer_id, None)
         effects += self._complete_sync_requests(g)
         if g.sync_active is not None and peer_id in g.sync_active.participants:
@@ -360,6 +630,72 @@ class Membership:
         if not g.ring and not g.pending:
             del self.groups[g.id]  # nothing left to remember; a new group starts afresh
         return effects
+
+    # ------------------------------------------------------------------ topology optimisation
+
+    def _complete_optimize_requests(self, g: Group, now: float) -> list[Effect]:
+        if not g.ring or not set(g.ring) <= set(g.optimize_requests) or g.probing is not None:
+            return []
+        exposures = {pid: g.optimize_requests[pid] for pid in g.ring}
+        g.optimize_requests.clear()
+        measured_at = {pair: at for pair, (_, at) in g.bandwidth.items()}
+        wanted = topology.pairs_to_probe(g.ring, measured_at, now, self.bandwidth_ttl)
+        rounds = topology.probe_rounds(g.ring, wanted)
+        g.probing = ProbeRecord(set(g.ring), exposures, rounds)
+        effects: list[Effect] = [Log("probe_plan", {"group": g.id, "pairs": len(wanted), "rounds": len(rounds)})]
+        return effects + self._advance_probes(g, now)
+
+    def _advance_probes(self, g: Group, now: float) -> list[Effect]:
+        """Starts the next probe round once the current one is over; after the last,
+        solves the ring and moves the group to it."""
+        record = g.probing
+        if record is None or record.awaiting:
+            return []
+        while record.rounds:
+            batch = [(a, b) for a, b in record.rounds.pop(0) if a in record.participants and b in record.participants]
+            if not batch:
+                continue
+            g.probe_seq += 1
+            record.round_id = g.probe_seq
+            tasks: dict[int, list[list[Any]]] = {}
+            for sender, receiver in batch:
+                exposure, nbytes = record.exposures[sender]
+                host, port = self.peers[sender].host, self.peers[sender].port
+                tasks.setdefault(receiver, []).append([sender, host, port, exposure, nbytes])
+            record.awaiting = set(tasks)
+            return [Send(pid, protocol.make("probe", round=record.round_id, fetch=fetch)) for pid, fetch in tasks.items()]
+        g.probing = None
+        if not g.ring:
+            return []
+        ring = self._solve(g, g.ring)
+        g.optimized = True
+        g.round += 1  # a collective like a vote: every member restarts its step numbering
+        cost = topology.ring_cost(ring, self._rates(g))
+        effects: list[Effect] = [
+            Log(
+                "optimize",
+                {"group": g.id, "ring": ring, "bottleneck": cost.bottleneck, "unknown_hops": cost.unknown},
+            )
+        ]
+        return effects + self._new_epoch(g, ring, "optimized", vote=True)
+
+    def _rates(self, g: Group) -> dict[tuple[int, int], float]:
+        return {pair: rate for pair, (rate, _) in g.bandwidth.items()}
+
+    def _solve(self, g: Group, peers: list[int], initial: list[int] | None = None, budget: float | None = None) -> list[int]:
+        budget = self.solve_seconds if budget is None else budget
+        return topology.solve_ring(peers, self._rates(g), time_budget=budget, seed=g.id, initial=initial)
+
+    def _reorder(self, g: Group, ring: list[int]) -> list[int]:
+        """The ring of a new epoch. Until the group is optimised: as given (survivors in
+        order, joiners appended). After: re-solved over the known bandwidths, so an
+        eviction does not leave a slow hop in the ring and joiners (whose pairs are
+        unknown until the next optimize_topology()) go where the fewest unknown hops
+        and the fastest known ones remain."""
+        if not g.optimized or len(ring) < 3:
+            return ring
+        # A short budget: this runs on every join and departure (exact up to 10 peers).
+        return self._solve(g, ring, initial=ring, budget=min(self.solve_seconds, 0.1))
 
     def _sync_result(self, g: Group, ok: bool, kind: str, msg: str) -> protocol.Message:
         revision = g.state_revision if g.state_revision is not None else -1
@@ -413,6 +749,8 @@ class Membership:
         else:
             g.state_revision = record.election.revision
             g.last_synced = set(alive)
+            g.behind = set()
+            g.recovered = set()
             result = self._sync_result(g, True, "", "")
             log = Log("sync", {"group": g.id, "ok": True, "revision": g.state_revision, "peers": sorted(alive)})
         return [log] + [Send(pid, result) for pid in sorted(alive)]

@@ -24,10 +24,29 @@ _STR = (str,)
 _BOOL = (bool,)
 _FLOAT = (int, float)
 _LIST = (list,)
+_BYTES = (bytes,)
 
 SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     # peer -> master
     "hello": {"peer_id": _INT, "group": _INT, "host": _STR, "port": _INT, "name": _STR},
+    # After a master restart: a member re-registers with what it knows (revision -1:
+    # never synced; pending: [[epoch, tag, seq, ok, kind, msg]] reported without a
+    # verdict; decided: [[epoch, tag, seq, ok, kind, msg, world]] verdicts received).
+    "rejoin": {
+        "peer_id": _INT,
+        "group": _INT,
+        "host": _STR,
+        "port": _INT,
+        "name": _STR,
+        "epoch": _INT,
+        "ring": _LIST,
+        "round": _INT,
+        "revision": _INT,
+        "pending": _LIST,
+        "decided": _LIST,
+        "waiting": _LIST,  # the collective it waits in: ["pending", round, index, query], ["vote", round], []
+        "answered": _LIST,  # its last pending_peers() answer: [round, index, count] or []
+    },
     "hb": {},
     "vote": {"epoch": _INT},
     "pending": {"epoch": _INT, "query": _INT},
@@ -36,8 +55,22 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "status": {},
     "sync": {"epoch": _INT, "revision": _INT, "strategy": _STR, "exposure": _INT, "entries": _LIST},
     "sync_done": {"ok": _BOOL, "kind": _STR, "msg": _STR, "rx_bytes": _INT},
+    "optimize": {"epoch": _INT, "exposure": _INT, "probe_bytes": _INT},
+    "probe_done": {"round": _INT, "results": _LIST},
+    # Authentication (pccl_py.auth), before "hello" or "status" when a secret is set.
+    "auth_begin": {"nonce": _BYTES},
+    "auth": {"mac": _BYTES},
     # master -> peer
-    "welcome": {"peer_id": _INT, "heartbeat_interval": _FLOAT, "heartbeat_timeout": _FLOAT, "admitted": _BOOL},
+    "auth_challenge": {"nonce": _BYTES, "proof": _BYTES},
+    "auth_ok": {},
+    "welcome": {
+        "peer_id": _INT,
+        "heartbeat_interval": _FLOAT,
+        "heartbeat_timeout": _FLOAT,
+        "admitted": _BOOL,
+        "master": _INT,  # the master's incarnation: a different one means it restarted
+    },
+    "unknown": {"master": _INT},  # to a routing id this master has not registered
     "topology": {"epoch": _INT, "ring": _LIST, "reason": _STR, "vote": _BOOL, "round": _INT},
     "pending_count": {"query": _INT, "count": _INT},
     "outcome": {
@@ -54,6 +87,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "evicted": {"reason": _STR},
     "sync_plan": {"revision": _INT, "fetch": _LIST, "sources": _LIST},
     "sync_result": {"ok": _BOOL, "kind": _STR, "msg": _STR, "revision": _INT},
+    "probe": {"round": _INT, "fetch": _LIST},
     "error": {"code": _STR, "msg": _STR},
     "status_reply": {"state": (dict,)},
 }

@@ -38,6 +38,7 @@ class ReduceInfo:
     rx_bytes: int
     epoch: int  # the epoch it succeeded in
     attempts: int  # 1 unless it was retried over the survivors
+    contributors: tuple[int, ...] = ()  # peer ids whose input is in the result, ring order
 
 
 _QUANT_KINDS = {"minmax": _native.QuantKind.MINMAX, "zeropoint": _native.QuantKind.ZEROPOINT}

@@ -171,6 +171,15 @@ def _cmd_update_topology(comm: pccl.Communicator, cmd: dict[str, Any]) -> dict[s
     return {"ok": True, "elapsed": time.monotonic() - t0}
 
 
+def _cmd_optimize_topology(comm: pccl.Communicator, cmd: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.monotonic()
+    try:
+        comm.optimize_topology(timeout=cmd.get("timeout", 30.0))
+    except Exception as exc:  # noqa: BLE001 - reported to the test, whatever it is
+        return {"ok": False, "elapsed": time.monotonic() - t0, **_error_fields(exc)}
+    return {"ok": True, "elapsed": time.monotonic() - t0}
+
+
 def _cmd_join(comm: pccl.Communicator, cmd: dict[str, Any]) -> dict[str, Any]:
     join_group(comm, cmd["world"], timeout=cmd.get("timeout", 30.0))
     return {"ok": True}
@@ -197,6 +206,7 @@ _COMMANDS = {
     "pending_until": _cmd_pending_until,
     "pending_once": _cmd_pending_once,
     "update_topology": _cmd_update_topology,
+    "optimize_topology": _cmd_optimize_topology,
     "join": _cmd_join,
     "wait_world": _cmd_wait_world,
     "close": _cmd_close,

@@ -85,3 +85,96 @@ def test_pccl_run_gives_up_after_max_restarts(tmp_path: Path) -> None:
     )
     assert result.returncode == 3
     assert "no restarts left" in result.stderr
+
+
+def _steps(path: Path) -> list[dict]:
+    import json
+
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_pccl_run_revives_a_killed_peer_that_rejoins_and_receives_the_state(tmp_path: Path) -> None:
+    """Two nodes under `pccl run --max-restarts 1 --secret-file F`, training with a
+    shared state. SIGKILL node 1's training process (not its launcher): the launcher
+    revives it, the new process rejoins, receives the whole state (bytes equal to node
+    0's at the same revision) and `pccl status` lists it."""
+    import json
+
+    secret = "run-test-secret-7f3a"
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(secret + "\n")
+    stop = tmp_path / "stop"
+    logs = [tmp_path / f"node{i}.jsonl" for i in range(2)]
+    worker = str(Path(__file__).with_name("run_worker.py"))
+    env = {k: v for k, v in os.environ.items() if k != "PCCL_SECRET"}
+    launchers: list[subprocess.Popen[str]] = []
+    with pccl.Master(secret=secret) as master:
+        try:
+            for i in range(2):
+                launchers.append(subprocess.Popen(
+                    PCCL + ["run", "--master", master.address, "--index", str(i), "--max-restarts", "1",
+                            "--restart-delay", "0.2", "--secret-file", str(secret_file), "--",
+                            sys.executable, worker, str(logs[i]), str(stop), "120"],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                ))
+                _wait_for(lambda i=i: any(s["event"] == "step" for s in _steps(logs[i])), 60, f"node {i} training")
+            _wait_for(lambda: any(s.get("world") == 2 for s in _steps(logs[0])), 60, "a group of two")
+            victim = next(s for s in _steps(logs[1]) if s["event"] == "connected")
+            cmdline = Path(f"/proc/{victim['pid']}/cmdline").read_bytes()
+            assert secret.encode() not in cmdline  # the secret travels in the environment only
+            os.kill(victim["pid"], signal.SIGKILL)
+
+            revived = _wait_for(
+                lambda: [s for s in _steps(logs[1]) if s["event"] == "step" and s["restart"] == 1], 60, "the revival"
+            )
+            first = revived[0]
+            assert first["rx_bytes"] == (1 << 18) * 4  # the whole state, received from node 0
+            ref = _wait_for(
+                lambda: [s for s in _steps(logs[0]) if s["event"] == "step" and s["revision"] == first["revision"]],
+                30, "node 0 at the same revision",
+            )
+            assert ref[-1]["sha256"] == first["sha256"]  # bit-identical
+
+            status = subprocess.run(
+                PCCL + ["status", "--master", master.address, "--json"], capture_output=True, text=True,
+                timeout=30, env={**env, "PCCL_SECRET": secret},
+            )
+            assert status.returncode == 0, status.stderr
+            peers = json.loads(status.stdout)["peers"]
+            names = {p["name"]: p["phase"] for p in peers.values()}
+            assert names.get("node1-r1") == "admitted", names
+            assert "node1-r0" not in names
+            table = subprocess.run(
+                PCCL + ["status", "--master", master.address, "--secret-file", str(secret_file)],
+                capture_output=True, text=True, timeout=30, env={**env, "COLUMNS": "200"},
+            )
+            assert table.returncode == 0 and "node1-r1" in table.stdout, table.stdout + table.stderr
+            refused = subprocess.run(PCCL + ["status", "--master", master.address], capture_output=True,
+                                     text=True, timeout=30, env=env)
+            assert refused.returncode == 1 and "shared secret" in refused.stderr
+
+            stop.write_text("")
+            for launcher in launchers:
+                launcher.wait(timeout=60)
+            assert "restart 1/1" in launchers[1].communicate()[1]
+            assert [launcher.returncode for launcher in launchers] == [0, 0]
+        finally:
+            stop.write_text("")
+            for launcher in launchers:
+                if launcher.poll() is None:
+                    launcher.kill()
+                    launcher.wait(10)

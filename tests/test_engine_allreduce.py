@@ -342,7 +342,7 @@ def test_allreduce_late_poster_with_small_mailbox():
 # ---------------------------------------------------------------- a frame straddling the post
 
 # Wire format (native/include/pccl/wire.hpp), spoken here by a fake peer.
-_HELLO, _HELLO_ACK, _HEADER = struct.Struct("<IIQQII"), struct.Struct("<IIQ"), struct.Struct("<IBBHIIQQQQ")
+_HELLO, _HELLO_ACK, _HEADER = struct.Struct("<IIQQII"), struct.Struct("<IIQII16s"), struct.Struct("<IBBHIIQQQQ")
 _HELLO_MAGIC, _FRAME_MAGIC = nat.HELLO_MAGIC, nat.FRAME_MAGIC
 
 
@@ -392,7 +392,7 @@ def test_frame_arriving_across_op_post_is_delivered(split):
             c, _ = lst.accept()
             c.settimeout(10)
             _recv_exact(c, _HELLO.size)
-            c.sendall(_HELLO_ACK.pack(_HELLO_MAGIC, 0, 2000))  # status ok, peer 2000
+            c.sendall(_HELLO_ACK.pack(_HELLO_MAGIC, 0, 2000, 0, 0, bytes(16)))  # status ok, peer 2000, no auth
             try:
                 while True:
                     b = c.recv(1 << 16)

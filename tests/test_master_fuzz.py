@@ -49,7 +49,8 @@ CONFIG = pccl_py.Config(
 
 # Types of replies the master may send to anyone.
 MASTER_TO_PEER = {
-    "welcome", "topology", "pending_count", "outcome", "evicted", "error", "status_reply", "sync_plan", "sync_result",
+    "welcome", "topology", "pending_count", "outcome", "evicted", "unknown", "error", "status_reply", "sync_plan",
+    "sync_result",
 }
 
 
@@ -522,7 +523,7 @@ def test_bad_input_gets_an_error_reply(master: pccl_py.Master, frames: list[byte
         ctx.term()
 
 
-def test_requests_from_unregistered_sockets_are_answered_evicted(master: pccl_py.Master) -> None:
+def test_requests_from_unregistered_sockets_are_answered_unknown(master: pccl_py.Master) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -537,7 +538,8 @@ def test_requests_from_unregistered_sockets_are_answered_evicted(master: pccl_py
             sock.send(protocol.encode(msg))
             assert sock.poll(2000), f"no reply to {msg['t']}"
             reply = protocol.decode(sock.recv(), 1 << 20)
-            assert reply["t"] == "evicted", reply
+            # "unknown" names this master's incarnation: a peer of a previous master rejoins.
+            assert reply["t"] == "unknown" and reply["master"] == master._membership.incarnation, reply
         assert master._membership.peers == {}
     finally:
         sock.close(0)
@@ -569,7 +571,7 @@ def test_hello_with_a_real_peers_id_does_not_disturb_it(master: pccl_py.Master) 
         assert reply["t"] == "error" and reply["code"] == "bad_hello", reply
         sock.send(protocol.encode(protocol.make("leave")))  # not registered: must not remove the real peer
         assert sock.poll(2000)
-        assert protocol.decode(sock.recv(), 1 << 20)["t"] == "evicted"
+        assert protocol.decode(sock.recv(), 1 << 20)["t"] == "unknown"
         x = np.ones(8, dtype=np.float32)
         assert comm.all_reduce(x, timeout=10).world_size == 1
         assert set(master._membership.peers) == {comm.peer_id}

@@ -45,6 +45,8 @@ def strategy_for(types: tuple[type, ...]) -> st.SearchStrategy[Any]:
         options.append(st.lists(VALUE, max_size=5))
     if dict in types:
         options.append(st.dictionaries(TEXT, VALUE, max_size=5))
+    if bytes in types:
+        options.append(st.binary(max_size=40))
     assert options, f"no strategy for {types}"
     return st.one_of(options)
 
@@ -69,6 +71,8 @@ def sample_value(types: tuple[type, ...]) -> Any:
         return [[1, "127.0.0.1", 2]]
     if dict in types:
         return {"k": [1, {"x": None}]}
+    if bytes in types:
+        return b"\x00\xffbytes"
     raise AssertionError(types)
 
 
@@ -115,16 +119,19 @@ def test_every_message_type_has_a_schema_and_a_version() -> None:
 
 # The documented wire format (docs/protocol.md). The other tests derive their cases from
 # protocol.SCHEMAS; this one pins SCHEMAS itself, so a schema change is deliberate.
-I, S, B, N, L, M = "int", "str", "bool", "number", "list", "map"
+I, S, B, N, L, M, BIN = "int", "str", "bool", "number", "list", "map", "bin"
 DOCUMENTED = {
     "hello": {"peer_id": I, "group": I, "host": S, "port": I, "name": S},
+    "rejoin": {"peer_id": I, "group": I, "host": S, "port": I, "name": S, "epoch": I, "ring": L, "round": I,
+               "revision": I, "pending": L, "decided": L, "waiting": L, "answered": L},
     "hb": {},
     "vote": {"epoch": I},
     "pending": {"epoch": I, "query": I},
     "op": {"epoch": I, "tag": I, "seq": I, "ok": B, "kind": S, "msg": S, "peer": I},
     "leave": {},
     "status": {},
-    "welcome": {"peer_id": I, "heartbeat_interval": N, "heartbeat_timeout": N, "admitted": B},
+    "welcome": {"peer_id": I, "heartbeat_interval": N, "heartbeat_timeout": N, "admitted": B, "master": I},
+    "unknown": {"master": I},
     "topology": {"epoch": I, "ring": L, "reason": S, "vote": B, "round": I},
     "pending_count": {"query": I, "count": I},
     "outcome": {
@@ -145,8 +152,15 @@ DOCUMENTED = {
     "sync_done": {"ok": B, "kind": S, "msg": S, "rx_bytes": I},
     "sync_plan": {"revision": I, "fetch": L, "sources": L},
     "sync_result": {"ok": B, "kind": S, "msg": S, "revision": I},
+    "optimize": {"epoch": I, "exposure": I, "probe_bytes": I},
+    "probe": {"round": I, "fetch": L},
+    "probe_done": {"round": I, "results": L},
+    "auth_begin": {"nonce": BIN},
+    "auth_challenge": {"nonce": BIN, "proof": BIN},
+    "auth": {"mac": BIN},
+    "auth_ok": {},
 }
-_KIND_OF_TYPES = {(int,): I, (str,): S, (bool,): B, (int, float): N, (list,): L, (dict,): M}
+_KIND_OF_TYPES = {(int,): I, (str,): S, (bool,): B, (int, float): N, (list,): L, (dict,): M, (bytes,): BIN}
 
 
 def test_schemas_match_the_documented_wire_format() -> None:
@@ -200,7 +214,7 @@ def test_typical_messages_round_trip_with_their_values() -> None:
         next_epoch=4,
         world=3,
     )
-    welcome = protocol.make("welcome", peer_id=1, heartbeat_interval=1, heartbeat_timeout=5.5, admitted=False)
+    welcome = protocol.make("welcome", peer_id=1, heartbeat_interval=1, heartbeat_timeout=5.5, admitted=False, master=7)
     for msg in (hello, outcome, welcome):
         assert protocol.decode(protocol.encode(msg), CAP) == msg
 

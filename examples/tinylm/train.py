@@ -103,7 +103,7 @@ def train(
     held_out = Batches(encode(generate(100_000, seed=999_999)), cfg.batch, cfg.context, seed=7)
     val = [held_out.next() for _ in range(cfg.eval_batches)]
 
-    comm = pccl.Communicator(master, name=f"tinylm-{index}").connect(timeout=300)
+    comm = pccl.Communicator(master, name=f"tinylm-{index}", config=pccl.Config.from_env()).connect(timeout=300)
     try:
         if not joining:
             join_group(comm, cfg.world, timeout=300)

@@ -13,8 +13,28 @@
 #include <cstring>
 #include <future>
 
+#include "pccl/hmac.hpp"
+
 namespace pccl {
 namespace {
+
+constexpr char kConnectorLabel[] = "pccl-data-v2 connector";
+constexpr char kAcceptorLabel[] = "pccl-data-v2 acceptor";
+
+// The MAC one side of a handshake proves the shared secret with (wire.hpp).
+Digest256 handshakeMac(const std::string& secret, const char* label, const uint8_t* nonceA, const uint8_t* nonceC,
+                       const Hello& hello, uint64_t acceptorId) {
+  std::string msg(label);
+  msg.append(reinterpret_cast<const char*>(nonceA), kNonceBytes);
+  msg.append(reinterpret_cast<const char*>(nonceC), kNonceBytes);
+  auto put = [&msg](const void* p, size_t n) { msg.append(static_cast<const char*>(p), n); };
+  put(&hello.peerId, sizeof(hello.peerId));
+  put(&acceptorId, sizeof(acceptorId));
+  put(&hello.epoch, sizeof(hello.epoch));
+  put(&hello.connIndex, sizeof(hello.connIndex));
+  put(&hello.poolSize, sizeof(hello.poolSize));
+  return hmacSha256(secret, msg.data(), msg.size());
+}
 
 constexpr size_t kMaxIov = 64;
 constexpr int kReadBudget = 64;  // frames or reads per connection per loop turn (fairness)
@@ -76,6 +96,10 @@ struct Engine::Connection {
 
   Hello hello{};
   size_t helloGot = 0;
+  bool awaitingProof = false;     // HelloAck sent with a challenge; AuthProof expected
+  uint8_t nonce[kNonceBytes]{};   // the challenge sent
+  AuthProof proof{};
+  size_t proofGot = 0;
 
   FrameHeader header{};
   size_t headerGot = 0;
@@ -241,6 +265,7 @@ void Engine::ensureConnected(const PeerAddress& peer, uint64_t epoch, double tim
                                 std::to_string(ack.peerId) + ", expected " + std::to_string(peer.peerId),
                             peer.peerId);
       }
+      if ((ack.flags & kHelloAuth) || !options_.secret.empty()) authenticateOutgoing(fd.get(), peer, ack, hello, deadline);
       setNonBlocking(fd.get(), true);
       fds.push_back(fd.release());
     }
@@ -491,7 +516,66 @@ void Engine::addConnection(Fd fd, uint64_t peer, uint64_t epoch, bool outgoing, 
   }
 }
 
+void Engine::authenticateOutgoing(int fd, const PeerAddress& peer, const HelloAck& ack, const Hello& hello,
+                                  Clock::time_point deadline) {
+  const std::string who = "peer " + std::to_string(peer.peerId) + " at " + peer.host + ":" + std::to_string(peer.port);
+  if (options_.secret.empty()) {
+    throw AuthError(who + " requires a shared secret and this peer has none (set PCCL_SECRET)", peer.peerId);
+  }
+  if (!(ack.flags & kHelloAuth)) {
+    throw AuthError(who + " does not authenticate (it has no shared secret); refusing to connect", peer.peerId);
+  }
+  AuthProof proof{};
+  randomBytes(proof.nonce, kNonceBytes);
+  Digest256 mine = handshakeMac(options_.secret, kConnectorLabel, ack.nonce, proof.nonce, hello, peer.peerId);
+  std::memcpy(proof.mac, mine.data(), kMacBytes);
+  sendExact(fd, &proof, sizeof(proof), deadline, peer.peerId);
+  AuthResult result{};
+  recvExact(fd, &result, sizeof(result), deadline, peer.peerId);
+  if (result.magic != kHelloMagic) throw ProtocolError(who + " sent a malformed authentication result", peer.peerId);
+  if (result.status != static_cast<uint32_t>(HelloStatus::kOk)) {
+    throw AuthError(who + " refused the connection: authentication failed (the shared secrets differ)", peer.peerId);
+  }
+  Digest256 theirs = handshakeMac(options_.secret, kAcceptorLabel, ack.nonce, proof.nonce, hello, peer.peerId);
+  if (!constantTimeEqual(theirs.data(), result.mac, kMacBytes)) {
+    throw AuthError(who + " failed to prove the shared secret", peer.peerId);
+  }
+}
+
+bool Engine::readAuthProof(Connection* c) {
+  auto* dst = reinterpret_cast<uint8_t*>(&c->proof);
+  ssize_t n = ::recv(c->fd.get(), dst + c->proofGot, sizeof(AuthProof) - c->proofGot, 0);
+  if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+    closeConnection(c, ErrorKind::kPeerLost, "handshake aborted", /*quiet=*/true);
+    return false;
+  }
+  if (n < 0) return false;
+  c->proofGot += static_cast<size_t>(n);
+  if (c->proofGot < sizeof(AuthProof)) return true;
+  Digest256 expected = handshakeMac(options_.secret, kConnectorLabel, c->nonce, c->proof.nonce, c->hello, options_.peerId);
+  AuthResult result{kHelloMagic, static_cast<uint32_t>(HelloStatus::kOk), {}};
+  const bool ok = constantTimeEqual(expected.data(), c->proof.mac, kMacBytes);
+  if (ok) {
+    Digest256 mine = handshakeMac(options_.secret, kAcceptorLabel, c->nonce, c->proof.nonce, c->hello, options_.peerId);
+    std::memcpy(result.mac, mine.data(), kMacBytes);
+  } else {
+    result.status = static_cast<uint32_t>(HelloStatus::kAuthFailed);
+  }
+  ssize_t w = ::send(c->fd.get(), &result, sizeof(result), MSG_NOSIGNAL | MSG_DONTWAIT);
+  if (!ok || w != static_cast<ssize_t>(sizeof(result))) {
+    // Established connections are untouched: only this one closes.
+    closeConnection(c, ErrorKind::kProtocol, "authentication failed", /*quiet=*/true);
+    return false;
+  }
+  c->awaitingProof = false;
+  c->peer = c->hello.peerId;
+  c->epoch = c->hello.epoch;
+  c->handshaking = false;
+  return true;
+}
+
 bool Engine::readHandshake(Connection* c) {
+  if (c->awaitingProof) return readAuthProof(c);
   auto* dst = reinterpret_cast<uint8_t*>(&c->hello);
   ssize_t n = ::recv(c->fd.get(), dst + c->helloGot, sizeof(Hello) - c->helloGot, 0);
   if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
@@ -501,7 +585,7 @@ bool Engine::readHandshake(Connection* c) {
   if (n < 0) return false;
   c->helloGot += static_cast<size_t>(n);
   if (c->helloGot < sizeof(Hello)) return true;
-  HelloAck ack{kHelloMagic, static_cast<uint32_t>(HelloStatus::kOk), options_.peerId};
+  HelloAck ack{kHelloMagic, static_cast<uint32_t>(HelloStatus::kOk), options_.peerId, 0, 0, {}};
   bool ok = true;
   if (c->hello.magic != kHelloMagic) {
     ack.status = static_cast<uint32_t>(HelloStatus::kBadMagic);
@@ -510,10 +594,25 @@ bool Engine::readHandshake(Connection* c) {
     ack.status = static_cast<uint32_t>(HelloStatus::kBadVersion);
     ok = false;
   }
+  const bool challenge = ok && !options_.secret.empty();
+  if (challenge) {
+    try {
+      randomBytes(c->nonce, kNonceBytes);
+    } catch (const Error&) {
+      closeConnection(c, ErrorKind::kProtocol, "no randomness for the handshake", /*quiet=*/true);
+      return false;
+    }
+    ack.flags = kHelloAuth;
+    std::memcpy(ack.nonce, c->nonce, kNonceBytes);
+  }
   ssize_t w = ::send(c->fd.get(), &ack, sizeof(ack), MSG_NOSIGNAL | MSG_DONTWAIT);
   if (!ok || w != static_cast<ssize_t>(sizeof(ack))) {
     closeConnection(c, ErrorKind::kProtocol, "handshake refused", /*quiet=*/true);
     return false;
+  }
+  if (challenge) {
+    c->awaitingProof = true;  // peer and epoch are set once the proof checks out
+    return true;
   }
   c->peer = c->hello.peerId;
   c->epoch = c->hello.epoch;

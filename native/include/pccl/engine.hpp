@@ -42,6 +42,9 @@ struct EngineOptions {
   SocketOptions socket;
   size_t mailboxLimitBytes = 256u << 20;  // frames that arrive before their op is posted
   double handshakeTimeoutSeconds = 10.0;
+  // Shared secret: when set, every connection is authenticated both ways by HMAC
+  // challenge-response in the handshake (wire.hpp). Empty: no authentication.
+  std::string secret;
 };
 
 struct PeerAddress {
@@ -146,6 +149,10 @@ class Engine {
   void acceptAll();
   void onReadable(Connection* c);
   bool readHandshake(Connection* c);
+  bool readAuthProof(Connection* c);
+  // Connector side of the authentication exchange (blocking, caller thread).
+  void authenticateOutgoing(int fd, const PeerAddress& peer, const HelloAck& ack, const Hello& hello,
+                            Clock::time_point deadline);
   void dispatchHeader(Connection* c);
   void onFrameComplete(Connection* c);
   void deliverEarly(const std::shared_ptr<Collective>& op, const MailFrame& frame);

@@ -47,6 +47,17 @@ class ProtocolError : public Error {
   uint64_t peer_;
 };
 
+// A connection handshake failed authentication: the shared secrets differ, or one
+// side has a secret and the other has none.
+class AuthError : public Error {
+ public:
+  AuthError(const std::string& what, uint64_t peer = kNoPeer) : Error(what), peer_(peer) {}
+  uint64_t peer() const { return peer_; }
+
+ private:
+  uint64_t peer_;
+};
+
 class InvalidArgument : public Error {
  public:
   using Error::Error;

@@ -1,0 +1,142 @@
+"""How the ranks of a torch.distributed group find one pccl master and form one pccl
+group of exactly world_size peers.
+
+- `init_method="pccl://host:port[?group=G]"`: use the pccl master at host:port (started
+  with `pccl master`). torch gets a process-local store holding that address; the
+  ranks meet at the master, not in the store.
+- `env://` (or `tcp://`, or an explicit `store=`): rank 0 of the group starts an
+  in-process pccl master on the store's host and publishes its address in the store;
+  the other ranks read it there. That rank's process group owns the master.
+
+Then every rank connects, the admitted peers let the others in (update_topology) until
+the group has world_size members, and one all-reduce checks that the torch ranks are
+distinct and complete. A rank's torch rank is its slot in every collective, whatever
+its place in the pccl ring.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import time
+import zlib
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import torch
+import torch.distributed as dist
+
+from pccl_py.communicator import Communicator
+from pccl_py.config import Config
+from pccl_py.errors import PcclError
+from pccl_py.master import Master
+from pccl_py.testing import join_group
+from pccl_py.torch.process_group import PcclBackendError, ProcessGroupPccl
+
+_MASTER_KEY = "pccl/master"
+_GROUP_KEY = "pccl/group"
+
+
+def pccl_rendezvous_handler(url: str, timeout: datetime.timedelta = datetime.timedelta(minutes=30), **kwargs: Any) -> Iterator[tuple[Any, int, int]]:
+    """torch rendezvous handler for `pccl://host:port?rank=R&world_size=N[&group=G]`
+    (rank and world_size may also come from RANK / WORLD_SIZE, as with tcp://)."""
+    import os
+
+    parsed = urlparse(url)
+    if not parsed.hostname or parsed.port is None:
+        raise ValueError(f"pccl:// needs host:port, got {url!r}")
+    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    rank = int(query.get("rank", os.environ.get("RANK", -1)))
+    world_size = int(query.get("world_size", os.environ.get("WORLD_SIZE", -1)))
+    if rank < 0 or world_size < 1:
+        raise ValueError("pccl:// needs rank and world_size (arguments, or RANK and WORLD_SIZE)")
+    store = dist.HashStore()
+    store.set_timeout(timeout)
+    store.set(_MASTER_KEY, f"{parsed.hostname}:{parsed.port}")
+    store.set(_GROUP_KEY, query.get("group", "0"))
+    yield store, rank, world_size
+    raise RuntimeError("pccl:// rendezvous cannot be repeated (a process group was re-created)")
+
+
+def create_process_group(options: Any, backend_options: Any = None) -> ProcessGroupPccl:
+    """The creator torch calls for backend "pccl" (extended API): connects this rank's
+    Communicator and returns once the pccl group has exactly group_size members."""
+    store = options.store
+    rank = int(options.group_rank)
+    size = int(options.group_size)
+    timeout: datetime.timedelta = options.timeout
+    seconds = timeout.total_seconds()
+    config = Config.from_env(op_timeout=seconds, connect_timeout=seconds)
+    base = _base_store(store)
+    master: Master | None = None
+    if base.check([_MASTER_KEY]):  # pccl://: an external master
+        address = base.get(_MASTER_KEY).decode()
+        group = int(base.get(_GROUP_KEY).decode())
+    elif rank == 0:
+        master = Master(host=_store_host(base), port=0, config=config).start()
+        address = master.address
+        store.set(_MASTER_KEY, address)
+        group = 0
+    else:
+        address = store.get(_MASTER_KEY).decode()  # waits up to the store's timeout
+        group = 0
+    if options.global_ranks_in_group:  # a subgroup (new_group): its own pccl group
+        group = (group + zlib.crc32(str(options.group_id).encode()) + 1) % (2**31)
+    host = _local_address(address)
+    comm = Communicator(address, group=group, config=config, host=host, name=f"torch-rank-{rank}")
+    try:
+        comm.connect(timeout=seconds)
+        join_group(comm, size, timeout=seconds)
+        _check_ranks(comm, rank, size, seconds)
+    except BaseException:
+        comm.close()
+        if master is not None:
+            master.close()
+        raise
+    return ProcessGroupPccl(comm, rank, size, timeout, master=master)
+
+
+def wait_until_alone(comm: Communicator, grace: float) -> None:
+    """Waits (at most `grace` seconds) until this peer is the last of its group."""
+    deadline = time.monotonic() + grace
+    while comm.world_size > 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _check_ranks(comm: Communicator, rank: int, size: int, timeout: float) -> None:
+    """One all-reduce: every torch rank marks its slot; each slot must be marked once."""
+    if comm.world_size != size:
+        raise PcclBackendError(f"the pccl group has {comm.world_size} peers, expected {size}")
+    marks = torch.zeros(size, dtype=torch.int64)
+    marks[rank] = 1
+    info = comm.all_reduce(marks, timeout=timeout)
+    if info.world_size != size or not bool((marks == 1).all()):
+        raise PcclBackendError(
+            f"ranks are not distinct: slot counts {marks.tolist()} (each of 0..{size - 1} must appear once)"
+        )
+
+
+def _base_store(store: Any) -> Any:
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    return store
+
+
+def _store_host(store: Any) -> str:
+    """The address the other ranks reach rank 0 on: the TCPStore's host (MASTER_ADDR)."""
+    host = getattr(store, "host", None) if isinstance(store, dist.TCPStore) else None
+    if not host:
+        return "127.0.0.1"
+    try:
+        return socket.gethostbyname(host)
+    except OSError as exc:
+        raise PcclError(f"cannot resolve the store host {host!r}: {exc}") from None
+
+
+def _local_address(master: str) -> str:
+    """This host's address on the route to the master (what the other peers can reach)."""
+    host, _, port = master.rpartition(":")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, int(port)))  # UDP connect sends nothing; it picks the route
+        return str(probe.getsockname()[0])
