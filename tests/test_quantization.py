@@ -376,3 +376,29 @@ def test_communicator_quantized_all_reduce(master: pccl.Master) -> None:
     finally:
         for c in comms:
             c.close()
+
+
+def test_quantized_all_reduce_with_authentication() -> None:
+    """The quantized op connects every pair of peers (not only ring neighbours): those
+    connections are authenticated like the ring's."""
+    n = 3
+    with pccl.Master(host="127.0.0.1", port=0, secret="quant-secret") as master:
+        comms = [pccl.Communicator(master.address, secret="quant-secret", name=f"a{i}") for i in range(n)]
+        try:
+            joined = run_threads(
+                [lambda c=c: join_group(c.connect(timeout=20), n, timeout=20) for c in comms], 40.0
+            )
+            assert not any(isinstance(r, BaseException) for r in joined), joined
+            xs = [np.random.default_rng(i).standard_normal(100_003).astype(np.float32) for i in range(n)]
+            res = run_threads(
+                [
+                    lambda c=c, x=x: c.all_reduce(x, quantization=pccl.Quantization())
+                    for c, x in zip(comms, xs)
+                ],
+                40.0,
+            )
+            assert all(isinstance(r, pccl.ReduceInfo) and r.world_size == n for r in res), res
+            assert all(np.array_equal(xs[0], x) for x in xs)
+        finally:
+            for c in comms:
+                c.close()
