@@ -13,6 +13,9 @@
 
 #include "pccl/engine.hpp"
 #include "pccl/hmac.hpp"
+#ifdef PCCL_WITH_CUDA
+#include "pccl/cuda_quantize.hpp"
+#endif
 
 namespace py = pybind11;
 using namespace pccl;
@@ -84,19 +87,19 @@ class OpHandle {
 
 class AllReduceHandle : public OpHandle {
  public:
-  AllReduceHandle(std::shared_ptr<Engine> engine, std::shared_ptr<AllReduceRing> op,
+  AllReduceHandle(std::shared_ptr<Engine> engine, std::shared_ptr<Collective> op,
                   std::unique_ptr<BufferView> input, std::unique_ptr<BufferView> output)
-      : OpHandle(std::move(engine), op), ring_(std::move(op)), input_(std::move(input)), output_(std::move(output)) {}
+      : OpHandle(std::move(engine), std::move(op)), input_(std::move(input)), output_(std::move(output)) {}
 
   ~AllReduceHandle() {
     py::gil_scoped_release release;
     stopIfRunning();
-    engine_->settle(ring_, /*commit=*/false);
+    engine_->settle(op_, /*commit=*/false);
   }
 
   void settle(bool commit) {
     py::gil_scoped_release release;
-    engine_->settle(ring_, commit);
+    engine_->settle(op_, commit);
   }
   uint64_t txBytes() const { return op_->txBytes(); }
   uint64_t rxBytes() const { return op_->rxBytes(); }
@@ -106,7 +109,6 @@ class AllReduceHandle : public OpHandle {
   }
 
  private:
-  std::shared_ptr<AllReduceRing> ring_;
   std::unique_ptr<BufferView> input_;
   std::unique_ptr<BufferView> output_;
 };
@@ -222,6 +224,37 @@ PYBIND11_MODULE(_native, m) {
       .value("MIN", ReduceOp::kMin)
       .value("MAX", ReduceOp::kMax);
 
+#ifdef PCCL_WITH_CUDA
+  m.attr("CUDA_BUILT") = true;
+  m.def("cuda_available", &cuda::available, "Whether the CUDA kernels can run here (a device is visible).");
+  m.def(
+      "cuda_quantize",
+      [](QuantKind kind, DType wire, DType dtype, uintptr_t src, size_t count, uintptr_t dst) {
+        py::gil_scoped_release release;
+        cuda::quantize(QuantSpec{kind, wire}, dtype, reinterpret_cast<const void*>(src), count,
+                       reinterpret_cast<uint8_t*>(dst));
+      },
+      py::arg("kind"), py::arg("wire"), py::arg("dtype"), py::arg("src"), py::arg("count"), py::arg("dst"),
+      "Encode `count` elements at device address src into device address dst (synchronous).");
+  m.def(
+      "cuda_dequantize",
+      [](QuantKind kind, DType wire, DType dtype, uintptr_t src, size_t count, uintptr_t dst) {
+        py::gil_scoped_release release;
+        cuda::dequantize(QuantSpec{kind, wire}, dtype, reinterpret_cast<const uint8_t*>(src), count,
+                         reinterpret_cast<void*>(dst));
+      },
+      py::arg("kind"), py::arg("wire"), py::arg("dtype"), py::arg("src"), py::arg("count"), py::arg("dst"),
+      "Decode an encoded run at device address src into `count` elements at dst (synchronous).");
+#else
+  m.attr("CUDA_BUILT") = false;
+  m.def("cuda_available", [] { return false; }, "Whether the CUDA kernels can run here (never: built without nvcc).");
+#endif
+
+  py::enum_<QuantKind>(m, "QuantKind")
+      .value("NONE", QuantKind::kNone)
+      .value("MINMAX", QuantKind::kMinMax)
+      .value("ZEROPOINT", QuantKind::kZeroPoint);
+
   m.def("element_size", [](DType d) { return elementSize(d); });
   m.def(
       "hmac_sha256",
@@ -231,6 +264,47 @@ PYBIND11_MODULE(_native, m) {
         return py::bytes(reinterpret_cast<const char*>(mac.data()), mac.size());
       },
       py::arg("key"), py::arg("data"), "HMAC-SHA256 as the handshake computes it (for tests).");
+  m.def(
+      "quant_encoded_bytes",
+      [](QuantKind kind, DType wire, DType dtype, size_t count) {
+        QuantSpec spec{kind, wire};
+        checkQuantizable(spec, dtype);
+        return quantEncodedBytes(spec, dtype, count);
+      },
+      py::arg("kind"), py::arg("wire"), py::arg("dtype"), py::arg("count"),
+      "Bytes of `count` elements of `dtype` quantized to `wire` (uint8/uint16) by `kind`.");
+  m.def(
+      "quantize",
+      [](QuantKind kind, DType wire, DType dtype, py::object src, py::object dst) {
+        QuantSpec spec{kind, wire};
+        checkQuantizable(spec, dtype);
+        BufferView in(src, false);
+        BufferView out(dst, true);
+        const size_t count = in.size() / elementSize(dtype);
+        if (in.size() % elementSize(dtype) != 0 || out.size() != quantEncodedBytes(spec, dtype, count)) {
+          throw InvalidArgument("buffer sizes do not match the encoding");
+        }
+        py::gil_scoped_release release;
+        quantize(spec, dtype, in.data(), count, static_cast<uint8_t*>(out.data()));
+      },
+      py::arg("kind"), py::arg("wire"), py::arg("dtype"), py::arg("src"), py::arg("dst"),
+      "Encode src (elements of dtype) into dst (quant_encoded_bytes bytes), as the all-reduce does.");
+  m.def(
+      "dequantize",
+      [](QuantKind kind, DType wire, DType dtype, py::object src, py::object dst) {
+        QuantSpec spec{kind, wire};
+        checkQuantizable(spec, dtype);
+        BufferView in(src, false);
+        BufferView out(dst, true);
+        const size_t count = out.size() / elementSize(dtype);
+        if (out.size() % elementSize(dtype) != 0 || in.size() != quantEncodedBytes(spec, dtype, count)) {
+          throw InvalidArgument("buffer sizes do not match the encoding");
+        }
+        py::gil_scoped_release release;
+        dequantize(spec, dtype, static_cast<const uint8_t*>(in.data()), count, out.data());
+      },
+      py::arg("kind"), py::arg("wire"), py::arg("dtype"), py::arg("src"), py::arg("dst"),
+      "Decode src (an encoded run) into dst (elements of dtype).");
 
   py::class_<OpHandle>(m, "OpHandle")
       .def("wait", &OpHandle::wait, py::arg("timeout") = py::none(),
@@ -291,7 +365,7 @@ PYBIND11_MODULE(_native, m) {
           "all_reduce",
           [](const std::shared_ptr<Engine>& e, py::object input, py::object output, DType dtype, ReduceOp op,
              uint64_t tag, uint64_t seq, std::optional<double> timeout, std::optional<double> connectTimeout,
-             size_t segmentBytes, bool deferCommit) {
+             size_t segmentBytes, bool deferCommit, QuantKind quantization, DType quantDType) {
             auto in = std::make_unique<BufferView>(input, /*writable=*/input.is(output));
             std::unique_ptr<BufferView> out;
             void* outPtr = in->data();
@@ -313,7 +387,8 @@ PYBIND11_MODULE(_native, m) {
             o.timeoutSeconds = toSeconds(timeout);
             o.segmentBytes = segmentBytes;
             o.deferCommit = deferCommit;
-            std::shared_ptr<AllReduceRing> ring;
+            o.quant = QuantSpec{quantization, quantDType};
+            std::shared_ptr<Collective> ring;
             {
               py::gil_scoped_release release;
               ring = e->allReduce(o, connectTimeout.has_value() ? *connectTimeout : o.timeoutSeconds);
@@ -322,8 +397,10 @@ PYBIND11_MODULE(_native, m) {
           },
           py::arg("input"), py::arg("output"), py::arg("dtype"), py::arg("op"), py::arg("tag") = 0,
           py::arg("seq") = 0, py::arg("timeout") = py::none(), py::arg("connect_timeout") = py::none(),
-          py::arg("segment_bytes") = 0, py::arg("defer_commit") = false,
-          "Start a ring all-reduce of `input` into `output` (the same object: in place). Returns a handle.")
+          py::arg("segment_bytes") = 0, py::arg("defer_commit") = false, py::arg("quantization") = QuantKind::kNone,
+          py::arg("quant_dtype") = DType::kUInt8,
+          "Start a ring all-reduce of `input` into `output` (the same object: in place). Returns a handle.\n"
+          "quantization != NONE: quantized to quant_dtype (UINT8/UINT16), SUM/AVG of floats only.")
       .def(
           "disconnect", [](Engine& e, uint64_t peer, const std::string& reason) { e.disconnect(peer, reason); },
           py::arg("peer"), py::arg("reason") = "disconnected by caller")

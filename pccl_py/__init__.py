@@ -21,7 +21,7 @@ from pccl_py.errors import (
 )
 from pccl_py.master import Master
 from pccl_py.shared_state import SharedState, SyncInfo
-from pccl_py.types import ReduceInfo, ReduceOp
+from pccl_py.types import Quantization, ReduceInfo, ReduceOp
 
 __version__ = "0.1.0"
 
@@ -37,6 +37,7 @@ __all__ = [
     "PcclError",
     "PeerLost",
     "ProtocolError",
+    "Quantization",
     "ReduceInfo",
     "ReduceOp",
     "SharedState",

@@ -2,10 +2,12 @@
 
 numpy arrays pass through as they are; torch CPU tensors become numpy views of the
 same memory (bfloat16, which numpy lacks, is viewed as int16 and tagged BFLOAT16).
+Device (CUDA) tensors are staged through pinned host memory (stage_to_host).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -46,7 +48,7 @@ def native_view(x: Any) -> tuple[np.ndarray, _native.DataType]:
         import torch
 
         if x.device.type != "cpu":
-            raise InvalidArgument(f"tensor on {x.device} is not supported here; pass a CPU tensor")
+            raise InvalidArgument(f"tensor on {x.device} must be staged to host memory first (stage_to_host)")
         if not x.is_contiguous():
             raise InvalidArgument("tensor must be contiguous")
         t = x.detach()
@@ -57,3 +59,48 @@ def native_view(x: Any) -> tuple[np.ndarray, _native.DataType]:
         view = t.numpy()
         return native_view(view)
     raise InvalidArgument(f"expected a numpy array or a torch CPU tensor, got {type(x).__name__}")
+
+
+def is_device_tensor(x: Any) -> bool:
+    """A torch tensor that does not live in host memory (CUDA)."""
+    return is_torch_tensor(x) and x.device.type != "cpu"
+
+
+def stage_to_host(x: Any, out: Any) -> tuple[Any, Any, Callable[[], None] | None]:
+    """Device tensors go through pinned host memory: returns (host x, host out,
+    copy_back). copy_back() writes the host result into the device tensor that receives
+    it (x in place, or out); it is None when nothing lives on a device. The device
+    tensors are untouched until copy_back(), so a failed op leaves them as they were."""
+    if not is_device_tensor(x) and not is_device_tensor(out):
+        return x, out, None
+    in_place = out is None or out is x
+    x_host = _pinned_copy(x) if is_device_tensor(x) else x
+    if in_place:
+        out_host, target = x_host, x
+    elif is_device_tensor(out):
+        if not out.is_contiguous():
+            raise InvalidArgument("out must be contiguous")
+        out_host, target = _pinned_empty(out), out
+    else:
+        out_host, target = out, None
+    if target is None:
+        return x_host, out_host, None
+
+    def copy_back() -> None:
+        target.copy_(out_host.view_as(target))
+
+    return x_host, out_host, copy_back
+
+
+def _pinned_empty(t: Any) -> Any:
+    import torch
+
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+
+
+def _pinned_copy(t: Any) -> Any:
+    if not t.is_contiguous():
+        raise InvalidArgument("tensor must be contiguous")
+    host = _pinned_empty(t)
+    host.copy_(t.detach())
+    return host

@@ -16,6 +16,11 @@ the reported time is the median of those maxima (over all rounds).
 
 algbw = bytes / time; busbw = algbw * 2(N-1)/N (the bytes each rank's link carries in a
 bandwidth-optimal all-reduce, as in nccl-tests).
+
+With --quantization, every pccl variant is also measured quantized (same engines, same
+buffers, back to back). Its algbw is the *effective* one: the original float32 bytes
+over the time, so it compares directly with the unquantized run; the table shows the
+ratio. The verification op stays exact: constant blocks quantize without error.
 """
 
 from __future__ import annotations
@@ -132,6 +137,7 @@ class BenchConfig:
     json_path: Path | None = None
     op_timeout: float = 120.0
     start_timeout: float = 120.0
+    quantization: tuple[str, ...] = ()  # e.g. ("minmax:uint8",): pccl variants also run quantized
 
     def validate(self) -> None:
         if not self.peers or any(n < 2 for n in self.peers):
@@ -152,6 +158,10 @@ class BenchConfig:
             raise ValueError("--segment-bytes must be at least 4")
         if self.skip_pccl and not self.compare:
             raise ValueError("--skip-pccl leaves nothing to run without --compare")
+        from pccl_py.types import Quantization
+
+        for q in self.quantization:
+            Quantization.parse(q)  # raises ValueError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +177,7 @@ class Result:
     connections: int | None = None
     segment_bytes: int | None = None
     socket_buffer_bytes: int | None = None
+    quantization: str | None = None  # "kind:dtype" (pccl only); algbw is then effective
 
     @property
     def seconds(self) -> float:
@@ -184,7 +195,8 @@ class Result:
     def label(self) -> str:
         if self.impl != "pccl":
             return self.impl
-        return f"pccl K={self.connections} seg={format_size(self.segment_bytes or 0)}"
+        q = f" q={self.quantization}" if self.quantization else ""
+        return f"pccl K={self.connections} seg={format_size(self.segment_bytes or 0)}{q}"
 
     def to_json(self) -> dict[str, Any]:
         ordered = sorted(self.per_iter_max)
@@ -209,12 +221,14 @@ class Result:
             out["connections"] = self.connections
             out["segment_bytes"] = self.segment_bytes
             out["socket_buffer_bytes"] = self.socket_buffer_bytes
+            out["quantization"] = self.quantization
         return out
 
 
 # --------------------------------------------------------------------------- workers
 #
-# Parent -> worker:  ("ring", ring | None), ("run", nbytes, iters, warmup, segment_bytes, in_place),
+# Parent -> worker:  ("ring", ring | None),
+#                    ("run", nbytes, iters, warmup, segment_bytes, in_place, quantization | None),
 #                    ("go",), ("stop",)
 # Worker -> parent:  ("hello", port | None), ("ready",), ("allocated",), ("times", [seconds]),
 #                    ("error", traceback text)
@@ -225,7 +239,7 @@ class _Collective(Protocol):
 
     def fill(self, value: float) -> None: ...
 
-    def all_reduce(self, segment_bytes: int) -> None: ...
+    def all_reduce(self, segment_bytes: int, quantization: str | None = None) -> None: ...
 
     def check(self, expected: float) -> bool: ...
 
@@ -268,7 +282,10 @@ class _PcclCollective:
         if self._out is not self._in:
             self._out.fill(0.0)
 
-    def all_reduce(self, segment_bytes: int) -> None:
+    def all_reduce(self, segment_bytes: int, quantization: str | None = None) -> None:
+        from pccl_py.types import Quantization
+
+        q = Quantization.parse(quantization) if quantization else None
         self._seq += 1
         handle = self.engine.all_reduce(
             self._in,
@@ -279,6 +296,8 @@ class _PcclCollective:
             seq=self._seq,
             timeout=self._timeout,
             segment_bytes=segment_bytes,
+            quantization=q.native_kind if q else self._nat.QuantKind.NONE,
+            quant_dtype=q.native_dtype if q else self._nat.DataType.UINT8,
         )
         handle.result()
 
@@ -325,7 +344,9 @@ class _CommCollective:
         if self._out is not self._in:
             self._out.fill(0.0)
 
-    def all_reduce(self, segment_bytes: int) -> None:
+    def all_reduce(self, segment_bytes: int, quantization: str | None = None) -> None:
+        if quantization:
+            raise BenchError("only the native engine runs quantized here")
         out = None if self._out is self._in else self._out
         self.comm.all_reduce(self._in, out=out, timeout=self._timeout)
 
@@ -364,7 +385,9 @@ class _GlooCollective:
     def fill(self, value: float) -> None:
         self._tensor.fill_(value)
 
-    def all_reduce(self, segment_bytes: int) -> None:
+    def all_reduce(self, segment_bytes: int, quantization: str | None = None) -> None:
+        if quantization:
+            raise BenchError("only the native engine runs quantized here")
         self._dist.all_reduce(self._tensor, op=self._dist.ReduceOp.SUM)
 
     def check(self, expected: float) -> bool:
@@ -383,22 +406,29 @@ def _serve(conn: mpc.Connection, coll: _Collective, rank: int, world: int) -> No
             return
         if msg[0] != "run":
             raise BenchError(f"unexpected command {msg!r}")
-        _, nbytes, iters, warmup, segment_bytes, in_place = msg
+        _, nbytes, iters, warmup, segment_bytes, in_place, quant = msg
+
+        def reduce(segment_bytes: int = segment_bytes, quant: str | None = quant) -> None:
+            if quant:
+                coll.all_reduce(segment_bytes, quant)
+            else:
+                coll.all_reduce(segment_bytes)
+
         coll.allocate(nbytes, in_place)
         coll.fill(float(rank + 1))
         conn.send(("allocated",))
         if conn.recv()[0] != "go":
             raise BenchError("expected 'go'")
-        coll.all_reduce(segment_bytes)
+        reduce()
         if not coll.check(expected):
             raise BenchError(f"rank {rank}: wrong all-reduce result for {nbytes} bytes (expected {expected})")
         coll.fill(0.0)
         for _ in range(warmup):
-            coll.all_reduce(segment_bytes)
+            reduce()
         times: list[float] = []
         for _ in range(iters):
             t0 = time.perf_counter()
-            coll.all_reduce(segment_bytes)
+            reduce()
             times.append(time.perf_counter() - t0)
         conn.send(("times", times))
 
@@ -415,6 +445,8 @@ def _worker_main(
     """Entry point of one worker process (module level, so 'spawn' can pickle it)."""
     # The parent owns Ctrl-C: it stops or kills the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # numpy's BLAS threads would only compete with the engine for the cores.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     coll: _PcclCollective | _GlooCollective | _CommCollective | None = None
     try:
         if impl == "pccl":
@@ -484,10 +516,16 @@ class _Group:
         self._gather("ready", timeout)
 
     def measure(
-        self, nbytes: int, iters: int, warmup: int, segment_bytes: int, in_place: bool
+        self,
+        nbytes: int,
+        iters: int,
+        warmup: int,
+        segment_bytes: int,
+        in_place: bool,
+        quantization: str | None = None,
     ) -> list[float]:
         """Runs one size; returns, per timed iteration, the slowest rank's seconds."""
-        self._broadcast(("run", nbytes, iters, warmup, segment_bytes, in_place))
+        self._broadcast(("run", nbytes, iters, warmup, segment_bytes, in_place, quantization))
         self._gather("allocated", self.op_timeout)
         self._broadcast(("go",))
         budget = self.op_timeout * (iters + warmup + 1)
@@ -594,6 +632,7 @@ class _Variant:
     impl: str
     connections: int | None = None  # pccl only
     segment_bytes: int | None = None  # pccl only
+    quantization: str | None = None  # pccl only
 
 
 def run_benchmark(cfg: BenchConfig, on_result: Callable[[Result], None] | None = None) -> list[Result]:
@@ -606,7 +645,10 @@ def run_benchmark(cfg: BenchConfig, on_result: Callable[[Result], None] | None =
     results: list[Result] = []
     variants: list[_Variant] = []
     if not cfg.skip_pccl:
-        variants += [_Variant("pccl", k, seg) for k in cfg.connections for seg in cfg.segment_bytes]
+        for k in cfg.connections:
+            for seg in cfg.segment_bytes:
+                variants.append(_Variant("pccl", k, seg))
+                variants += [_Variant("pccl", k, seg, q) for q in cfg.quantization]
     variants += [_Variant(impl) for impl in cfg.compare]
 
     for world in cfg.peers:
@@ -628,7 +670,9 @@ def run_benchmark(cfg: BenchConfig, on_result: Callable[[Result], None] | None =
                     for v in variants:
                         in_place = cfg.in_place or v.impl != "pccl"  # gloo always runs in place
                         group = groups[(v.impl, v.connections)]
-                        times[v] += group.measure(nbytes, iters, warmup, v.segment_bytes or 0, in_place)
+                        times[v] += group.measure(
+                            nbytes, iters, warmup, v.segment_bytes or 0, in_place, v.quantization
+                        )
                 for v in variants:
                     result = Result(
                         impl=v.impl,
@@ -642,6 +686,7 @@ def run_benchmark(cfg: BenchConfig, on_result: Callable[[Result], None] | None =
                         connections=v.connections,
                         segment_bytes=v.segment_bytes,
                         socket_buffer_bytes=cfg.socket_buffer_bytes if v.impl == "pccl" else None,
+                        quantization=v.quantization,
                     )
                     results.append(result)
                     if on_result is not None:
@@ -652,13 +697,30 @@ def run_benchmark(cfg: BenchConfig, on_result: Callable[[Result], None] | None =
 def results_table(results: Sequence[Result], title: str | None = None) -> Table:
     baseline = {(r.peers, r.nbytes): r for r in results if r.impl == "gloo"}
     show_ratio = bool(baseline) and any(r.impl == "pccl" for r in results)
+    unquantized = {
+        (r.peers, r.nbytes, r.connections, r.segment_bytes): r
+        for r in results
+        if r.impl == "pccl" and not r.quantization
+    }
+    show_quant = any(r.quantization for r in results)
     table = Table(title=title)
     for name in ("impl", "K", "segment", "peers", "size", "iters", "median time", "algbw GB/s", "busbw GB/s"):
         table.add_column(name, justify="left" if name == "impl" else "right", no_wrap=True)
+    if show_quant:
+        table.add_column("quantized", justify="left", no_wrap=True)
+        table.add_column("eff. algbw vs unquantized", justify="right", no_wrap=True)
     if show_ratio:
         table.add_column("pccl/gloo busbw", justify="right", no_wrap=True)
     for r in sorted(
-        results, key=lambda r: (r.peers, r.nbytes, r.impl != "pccl", r.connections or 0, r.segment_bytes or 0)
+        results,
+        key=lambda r: (
+            r.peers,
+            r.nbytes,
+            r.impl != "pccl",
+            r.connections or 0,
+            r.segment_bytes or 0,
+            r.quantization or "",
+        ),
     ):
         row = [
             r.impl,
@@ -671,6 +733,14 @@ def results_table(results: Sequence[Result], title: str | None = None) -> Table:
             f"{r.algbw_gbps:.3f}",
             f"{r.busbw_gbps:.3f}",
         ]
+        if show_quant:
+            row.append(r.quantization or "")
+            plain = unquantized.get((r.peers, r.nbytes, r.connections, r.segment_bytes))
+            if r.quantization and plain is not None:
+                qratio = r.algbw_gbps / plain.algbw_gbps
+                row.append(f"[{'green' if qratio >= 2.5 else 'red'}]{qratio:.2f}x[/]")
+            else:
+                row.append("")
         if show_ratio:
             base = baseline.get((r.peers, r.nbytes))
             if r.impl == "pccl" and base is not None:
@@ -790,6 +860,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="measure every variant this many times per size, interleaved (pccl, gloo, pccl, ...); "
         "the median is over all rounds' iterations (default: 1)",
     )
+    parser.add_argument(
+        "--quantization",
+        type=parse_quantization,
+        nargs="+",
+        default=[],
+        metavar="Q",
+        help="also run pccl quantized: uint8, uint16, or KIND:DTYPE (minmax|zeropoint : uint8|uint16); "
+        "algbw is then effective (original bytes / time) and the table shows the ratio to the unquantized run",
+    )
     parser.add_argument("--skip-pccl", action="store_true", help="run only the --compare implementations")
     parser.add_argument(
         "--json",
@@ -822,7 +901,19 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         skip_pccl=args.skip_pccl,
         json_path=args.json,
         op_timeout=args.op_timeout,
+        quantization=tuple(dict.fromkeys(args.quantization)),
     )
+
+
+def parse_quantization(text: str) -> str:
+    """'uint8' -> 'minmax:uint8' (argparse type of --quantization)."""
+    from pccl_py.types import Quantization
+
+    try:
+        q = Quantization.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return f"{q.kind}:{q.dtype}"
 
 
 def main(args: argparse.Namespace) -> int:

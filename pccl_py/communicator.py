@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from pccl_py import _native, auth, protocol
-from pccl_py._buffers import native_view
+from pccl_py._buffers import native_view, stage_to_host
 from pccl_py.config import Config
 from pccl_py.control import ControlChannel, OpKey, Topology
 from pccl_py.errors import (
@@ -41,7 +41,7 @@ from pccl_py.errors import StateMismatch
 from pccl_py.events import EventLog
 from pccl_py.probe import measure_bandwidth
 from pccl_py.shared_state import SharedState, SyncInfo, _Source, check_strategy, fetch_entries, rich_progress
-from pccl_py.types import ReduceInfo, ReduceOp
+from pccl_py.types import Quantization, ReduceInfo, ReduceOp
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,12 @@ _ERRORS: dict[str, type[PcclError]] = {
     "ProtocolError": ProtocolError,
     "InvalidArgument": InvalidArgument,
 }
+_FLOAT_DTYPES = (
+    _native.DataType.FLOAT16,
+    _native.DataType.BFLOAT16,
+    _native.DataType.FLOAT32,
+    _native.DataType.FLOAT64,
+)
 # Failures that re-running over the survivors can fix.
 _RETRYABLE = ("PeerLost", "PeerLeft")
 
@@ -359,13 +365,19 @@ class Communicator:
         timeout: float | None = None,
         retry: bool = False,
     ) -> ReduceInfo:
-        """Reduces `x` (numpy array or torch CPU tensor) across the group, in place or
-        into `out`. Every participant gets the same bytes. On a peer failure raises
-        PeerLost on every survivor with `x` intact, or with retry=True re-runs over the
-        survivors; ReduceInfo.world_size tells how many contributed. `timeout` bounds
-        the whole call (default: config.op_timeout)."""
-        args = self._prepare(x, op, out, tag, quantization)
-        return self._run_all_reduce(*args, self._deadline(timeout, self.config.op_timeout), retry)
+        """Reduces `x` (numpy array or torch tensor; CUDA tensors are staged through
+        pinned host memory) across the group, in place or into `out`. Every participant
+        gets the same bytes. On a peer failure raises PeerLost on every survivor with `x`
+        intact, or with retry=True re-runs over the survivors; ReduceInfo.world_size
+        tells how many contributed. `timeout` bounds the whole call (default:
+        config.op_timeout). `quantization`: a pccl_py.Quantization (SUM/AVG of floats;
+        every peer must pass the same one), see docs/quantization.md."""
+        x_host, out_host, copy_back = stage_to_host(x, out)
+        args = self._prepare(x_host, op, out_host, tag, quantization)
+        info = self._run_all_reduce(*args, self._deadline(timeout, self.config.op_timeout), retry)
+        if copy_back is not None:
+            copy_back()
+        return info
 
     def all_reduce_async(
         self,
@@ -379,11 +391,19 @@ class Communicator:
     ) -> AllReduceHandle:
         """Starts an all-reduce and returns a handle. Ops in flight at once need distinct
         tags; do not touch `x`/`out` until the handle is done."""
-        args = self._prepare(x, op, out, tag, quantization)
+        x_host, out_host, copy_back = stage_to_host(x, out)
+        args = self._prepare(x_host, op, out_host, tag, quantization)
         deadline = self._deadline(timeout, self.config.op_timeout)
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="pccl-op")
-        return AllReduceHandle(self._executor.submit(self._run_all_reduce, *args, deadline, retry))
+
+        def run() -> ReduceInfo:
+            info = self._run_all_reduce(*args, deadline, retry)
+            if copy_back is not None:
+                copy_back()
+            return info
+
+        return AllReduceHandle(self._executor.submit(run))
 
     # ------------------------------------------------------------------ shared state
 
@@ -477,13 +497,20 @@ class Communicator:
         self._events.emit("sync", revision=state.revision, rx_bytes=rx, tx_bytes=tx, received=received)
         return SyncInfo(revision=state.revision, rx_bytes=rx, tx_bytes=tx, entries_received=received)
 
-    def _prepare(self, x: Any, op: ReduceOp, out: Any, tag: int | None, quantization: Any) -> tuple[Any, ...]:
+    def _prepare(
+        self, x: Any, op: ReduceOp, out: Any, tag: int | None, quantization: Any
+    ) -> tuple[Any, Any, Any, ReduceOp, int, int, Quantization | None]:
         self._require()
-        if quantization is not None:
-            raise InvalidArgument("quantized all-reduce is not available in this version")
         if not isinstance(op, ReduceOp):
             raise InvalidArgument(f"op must be a pccl_py.ReduceOp, got {op!r}")
+        if quantization is not None and not isinstance(quantization, Quantization):
+            raise InvalidArgument(f"quantization must be a pccl_py.Quantization or None, got {quantization!r}")
         src, dtype = native_view(x)
+        if quantization is not None:
+            if op not in (ReduceOp.SUM, ReduceOp.AVG):
+                raise InvalidArgument(f"a quantized all-reduce supports SUM and AVG only, not {op.name}")
+            if dtype not in _FLOAT_DTYPES:
+                raise InvalidArgument(f"quantization needs a floating-point tensor, not {dtype.name.lower()}")
         if out is None or out is x:
             dst = src
         else:
@@ -497,10 +524,19 @@ class Communicator:
             step = self._next_seq.get(tag, 0)
             self._next_seq[tag] = step + 1
             seq = (self._round << _STEP_BITS) | step
-        return src, dst, dtype, op, tag, seq
+        return src, dst, dtype, op, tag, seq, quantization
 
     def _run_all_reduce(
-        self, src: Any, dst: Any, dtype: Any, op: ReduceOp, tag: int, seq: int, deadline: float, retry: bool
+        self,
+        src: Any,
+        dst: Any,
+        dtype: Any,
+        op: ReduceOp,
+        tag: int,
+        seq: int,
+        quantization: Quantization | None,
+        deadline: float,
+        retry: bool,
     ) -> ReduceInfo:
         engine = self._engine
         control = self._require()
@@ -525,6 +561,8 @@ class Communicator:
                     timeout=max(0.0, deadline - time.monotonic()),
                     connect_timeout=min(self.config.connect_timeout, max(0.0, deadline - time.monotonic())),
                     defer_commit=in_place,
+                    quantization=quantization.native_kind if quantization else _native.QuantKind.NONE,
+                    quant_dtype=quantization.native_dtype if quantization else _native.DataType.UINT8,
                 )
                 self._track(key, handle, retry)
                 try:

@@ -1,4 +1,4 @@
-"""Small public value types: reduction operators and op results."""
+"""Small public value types: reduction operators, quantization settings and op results."""
 
 from __future__ import annotations
 
@@ -39,3 +39,47 @@ class ReduceInfo:
     epoch: int  # the epoch it succeeded in
     attempts: int  # 1 unless it was retried over the survivors
     contributors: tuple[int, ...] = ()  # peer ids whose input is in the result, ring order
+
+
+_QUANT_KINDS = {"minmax": _native.QuantKind.MINMAX, "zeropoint": _native.QuantKind.ZEROPOINT}
+_QUANT_DTYPES = {"uint8": _native.DataType.UINT8, "uint16": _native.DataType.UINT16}
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How an all-reduce quantizes what it sends (docs/quantization.md).
+
+    kind: "minmax" (block min and scale) or "zeropoint" (scale and a zero point, so 0 is
+    exact); dtype: "uint8" or "uint16". Parameters are per block of 2048 elements and
+    travel with the bytes; sums are accumulated in full precision (float, double for
+    float64), and every peer ends with the same bytes. Only SUM and AVG of float16,
+    bfloat16, float32 and float64 tensors can be quantized; every peer must pass the
+    same Quantization (a mismatch fails the op on every peer with ProtocolError).
+    """
+
+    kind: str = "minmax"
+    dtype: str = "uint8"
+
+    def __post_init__(self) -> None:
+        if self.kind not in _QUANT_KINDS:
+            raise ValueError(f"Quantization kind must be one of {sorted(_QUANT_KINDS)}, not {self.kind!r}")
+        if self.dtype not in _QUANT_DTYPES:
+            raise ValueError(f"Quantization dtype must be one of {sorted(_QUANT_DTYPES)}, not {self.dtype!r}")
+
+    @property
+    def native_kind(self) -> _native.QuantKind:
+        return _QUANT_KINDS[self.kind]
+
+    @property
+    def native_dtype(self) -> _native.DataType:
+        return _QUANT_DTYPES[self.dtype]
+
+    @classmethod
+    def parse(cls, text: str) -> Quantization:
+        """'uint8' -> minmax uint8; 'zeropoint:uint16' or 'zeropoint-uint16' -> that."""
+        parts = text.replace("-", ":").split(":")
+        if len(parts) == 1:
+            return cls(dtype=parts[0]) if parts[0] in _QUANT_DTYPES else cls(kind=parts[0])
+        if len(parts) == 2:
+            return cls(kind=parts[0], dtype=parts[1])
+        raise ValueError(f"bad quantization {text!r}: expected KIND:DTYPE, e.g. minmax:uint8")

@@ -319,33 +319,55 @@ void Engine::giveScratch(ScratchBuffer scratch) {
   }
 }
 
-std::shared_ptr<AllReduceRing> Engine::allReduce(const AllReduceOptions& in, double connectTimeoutSeconds) {
+std::shared_ptr<Collective> Engine::allReduce(const AllReduceOptions& in, double connectTimeoutSeconds) {
   AllReduceOptions options = in;
   const size_t esize = elementSize(options.dtype);
   if (!isValidReduceOp(static_cast<int>(options.op))) throw InvalidArgument("unknown reduce op");
+  const bool quantized = options.quant.kind != QuantKind::kNone;
+  if (quantized) {
+    checkQuantizable(options.quant, options.dtype);
+    if (options.op != ReduceOp::kSum && options.op != ReduceOp::kAvg) {
+      throw InvalidArgument(std::string("a quantized all-reduce supports SUM and AVG only, not ") +
+                            reduceOpName(options.op));
+    }
+  }
   if (options.count > (SIZE_MAX / 2) / esize) throw InvalidArgument("element count too large");
   if (options.count > 0 && (options.input == nullptr || options.output == nullptr)) {
     throw InvalidArgument("null buffer");
   }
   if (options.segmentBytes == 0) options.segmentBytes = options_.segmentBytes;
   RingPosition pos;
-  PeerAddress next;
+  std::vector<PeerAddress> peers;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) throw AbortedError("engine is closed");
     pos = ring_;
-    next = ringPeers_[(pos.rank + 1) % pos.size];
+    peers = ringPeers_;
   }
-  if (pos.size > 1) ensureConnected(next, pos.epoch, connectTimeoutSeconds);
+  if (pos.size > 1 && quantized) {
+    for (size_t i = 1; i < pos.size; ++i) ensureConnected(peers[(pos.rank + i) % pos.size], pos.epoch, connectTimeoutSeconds);
+  } else if (pos.size > 1) {
+    ensureConnected(peers[(pos.rank + 1) % pos.size], pos.epoch, connectTimeoutSeconds);
+  }
   const size_t nbytes = options.count * esize;
   ScratchBuffer scratch;
-  if (options.input == options.output && nbytes > 0 && pos.size > 1) scratch = takeScratch(nbytes);
-  auto op = std::make_shared<AllReduceRing>(options, pos, std::move(scratch));
+  std::shared_ptr<Collective> op;
+  if (quantized) {
+    const size_t need = AllReduceQuantized::scratchBytes(options, pos.size);
+    if (need > 0) scratch = takeScratch(need);
+    std::vector<uint64_t> ids;
+    for (const auto& p : peers) ids.push_back(p.peerId);
+    if (ids.empty()) ids.push_back(options_.peerId);
+    op = std::make_shared<AllReduceQuantized>(options, pos, std::move(ids), std::move(scratch));
+  } else {
+    if (options.input == options.output && nbytes > 0 && pos.size > 1) scratch = takeScratch(nbytes);
+    op = std::make_shared<AllReduceRing>(options, pos, std::move(scratch));
+  }
   post([this, op] { startOp(op); });
   return op;
 }
 
-void Engine::settle(const std::shared_ptr<AllReduceRing>& op, bool commit) {
+void Engine::settle(const std::shared_ptr<Collective>& op, bool commit) {
   if (!op->done()) throw InvalidArgument("settle() needs a finished op");
   if (commit && op->state() == OpState::kSucceeded) op->commitResult();
   if (op->holdsResult()) giveScratch(op->releaseScratch());

@@ -24,6 +24,7 @@
 
 #include "pccl/dtype.hpp"
 #include "pccl/op.hpp"
+#include "pccl/quantize.hpp"
 
 namespace pccl {
 
@@ -49,6 +50,8 @@ struct AllReduceOptions {
   // commits it (Engine::settle). Lets an outside arbiter veto a data-plane success
   // without the caller's input being overwritten.
   bool deferCommit = false;
+  // kind != kNone: a quantized all-reduce (AllReduceQuantized; SUM and AVG of floats).
+  QuantSpec quant;
 };
 
 class AllReduceRing final : public Collective {
@@ -69,7 +72,7 @@ class AllReduceRing final : public Collective {
   uint32_t shapeDigest() const override { return digest_; }
   bool holdsResult() const override { return inPlace_ && options_.deferCommit && nbytes_ > 0 && ring_.size > 1; }
   // Copies the held result into the caller's buffer (deferred in-place ops).
-  void commitResult();
+  void commitResult() override;
   size_t nbytes() const { return nbytes_; }
 
   // Shape digest carried by every frame; peers that disagree fail the op.

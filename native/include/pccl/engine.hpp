@@ -26,6 +26,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "pccl/allreduce_quantized.hpp"
 #include "pccl/allreduce_ring.hpp"
 #include "pccl/state_fetch.hpp"
 #include "pccl/tcp.hpp"
@@ -86,13 +87,14 @@ class Engine {
 
   // Starts an all-reduce over the current ring. Reopens the connection pool to the
   // next neighbour if a failure closed it. The buffers must stay valid until the op
-  // finishes (the binding guarantees it).
-  std::shared_ptr<AllReduceRing> allReduce(const AllReduceOptions& options, double connectTimeoutSeconds);
+  // finishes (the binding guarantees it). A quantized one (options.quant) connects to
+  // every peer of the ring (AllReduceQuantized).
+  std::shared_ptr<Collective> allReduce(const AllReduceOptions& options, double connectTimeoutSeconds);
 
   // Ends a deferred-commit op that has finished: copies the held result into the
   // caller's buffer when `commit` and the op succeeded, then frees the scratch. A no-op
   // for other ops. Caller thread.
-  void settle(const std::shared_ptr<AllReduceRing>& op, bool commit);
+  void settle(const std::shared_ptr<Collective>& op, bool commit);
 
   // Fails `op` with AbortedError (no-op if it already finished). Returns at once;
   // waiters wake within one loop turn.
