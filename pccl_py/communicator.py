@@ -235,6 +235,11 @@ class Communicator:
         rank = topo.rank_of(self.peer_id) if topo else None
         return -1 if rank is None else rank
 
+    def ring_of(self, epoch: int) -> tuple[int, ...]:
+        """Peer ids of the ring of a recent epoch this peer ran ops in, in ring order
+        (empty when unknown): who took part in that epoch's collectives."""
+        return self._rings.get(epoch, ())
+
     def update_topology(self, timeout: float | None = None) -> None:
         """Collective of the admitted peers: when all have called it, the master admits
         the pending peers and every peer moves to the new epoch's ring."""
@@ -580,7 +585,9 @@ class Communicator:
             if outcome["ok"]:
                 if handle is not None:
                     handle.settle(True)
-                self._events.emit("op", epoch=key[0], tag=tag, seq=key[2], ok=True, world=outcome["world"])
+                self._events.emit(
+                    "op", epoch=key[0], tag=tag, seq=key[2], ok=True, world=outcome["world"], ring=self.ring_of(key[0])
+                )
                 return ReduceInfo(
                     world_size=outcome["world"],
                     tx_bytes=handle.tx_bytes if handle is not None else 0,
@@ -591,7 +598,9 @@ class Communicator:
                 )
             if handle is not None:
                 handle.settle(False)
-            self._events.emit("op", epoch=key[0], tag=tag, seq=key[2], ok=False, kind=outcome["kind"])
+            self._events.emit(
+                "op", epoch=key[0], tag=tag, seq=key[2], ok=False, kind=outcome["kind"], ring=self.ring_of(key[0])
+            )
             error = _ERRORS.get(outcome["kind"], PcclError)(
                 f"all-reduce failed: {outcome['msg']}",
                 peer=outcome["peer"] if outcome["peer"] >= 0 else None,

@@ -57,25 +57,31 @@ def check(records: Iterable[Record], faults: list[Record], params: Params) -> tu
 def _outcome_agreement(records: list[Record]) -> list[Record]:
     """From the Communicator's per-attempt "op" records, and the harness's "end"
     records of all-reduces (per (tag, step, epoch) as the final word of each call)."""
-    by_key: dict[tuple[int, int, int], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    # Keyed by the epoch's ring too: a group founded afresh (by a master that no member
+    # came back to) numbers its epochs and ops from the start again.
+    by_key: dict[tuple[Any, ...], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r.get("event") == "op":
             verdict = "ok" if r["ok"] else f"failed:{r.get('kind', '')}"
-            by_key[(r["epoch"], r["tag"], r["seq"])][verdict].append(r["pid"])
+            ring = tuple(sorted(r.get("ring") or ()))
+            by_key[(r["epoch"], r["tag"], r["seq"], ring)][verdict].append(r["pid"])
     out = []
     for key, verdicts in by_key.items():
         if len(verdicts) > 1:
-            out.append({"invariant": "outcome_agreement", "op": list(key), "verdicts": dict(verdicts)})
+            out.append({"invariant": "outcome_agreement", "op": list(key[:3]), "ring": list(key[3]),
+                        "verdicts": dict(verdicts)})
     # The harness's view: a call that ended ok in epoch e must not have ended failed on
     # another participant of e that also reached the end of the call.
-    calls: dict[tuple[int, int, int], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    calls: dict[tuple[Any, ...], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r.get("event") == "end" and r.get("what") == "allreduce" and r.get("epoch") is not None:
             verdict = "ok" if r["ok"] else f"failed:{r.get('kind', '')}"
-            calls[(r["epoch"], r["tag"], r["step"])][verdict].append(r["pid"])
+            ring = tuple(sorted((r.get("contributors") if r["ok"] else r.get("ring")) or r.get("contributors") or ()))
+            calls[(r["epoch"], r["tag"], r["step"], ring)][verdict].append(r["pid"])
     for key, verdicts in calls.items():
         if "ok" in verdicts and len(verdicts) > 1:
-            out.append({"invariant": "outcome_agreement", "call": list(key), "verdicts": dict(verdicts)})
+            out.append({"invariant": "outcome_agreement", "call": list(key[:3]), "ring": list(key[3]),
+                        "verdicts": dict(verdicts)})
     return out
 
 

@@ -186,9 +186,11 @@ class Peer:
             self.emit("end", id=op_id, what="allreduce", tag=tag, step=step, ok=True, lie=True,
                       epoch=exc.epoch, contributors=[], digest="", elements=0)
             return
+        assert self.comm is not None
+        ring = list(self.comm.ring_of(exc.epoch)) if isinstance(exc.epoch, int) else []
         self.emit(
             "end", id=op_id, what="allreduce", tag=tag, step=step, ok=False, kind=type(exc).__name__,
-            epoch=exc.epoch, msg=str(exc)[:300],
+            epoch=exc.epoch, ring=ring, msg=str(exc)[:300],
         )
 
     def collectives(self) -> bool:

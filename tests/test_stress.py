@@ -76,6 +76,22 @@ def test_disagreeing_outcome_is_caught() -> None:
     assert violations[0]["op"] == [op["epoch"], op["tag"], op["seq"]]
 
 
+def test_same_op_key_in_another_group_life_is_not_a_disagreement() -> None:
+    """A group founded afresh (a master nobody came back to) numbers epochs and ops
+    from the start again: the same (epoch, tag, seq) with another ring is another op."""
+    records, faults = clean_run()
+    for r in records:
+        if r["event"] == "op":
+            r["ring"] = [A, B, C]
+    later = [{"ts": 50.0, "pid": 44, "event": "op", "epoch": 2, "tag": 0, "seq": 0, "ok": False,
+              "kind": "PeerLost", "ring": [7, 8]}]
+    violations, _ = check(records + later, faults, Params(window=5.0))
+    assert violations == []
+    same_ring = [dict(later[0], ring=[A, B, C])]
+    violations, _ = check(records + same_ring, faults, Params(window=5.0))
+    assert kinds(violations) == {"outcome_agreement"}
+
+
 def test_call_reported_ok_by_one_and_failed_by_another_is_caught() -> None:
     records, faults = clean_run()
     end = next(r for r in records if r["event"] == "end" and r["what"] == "allreduce" and r["pid"] == P3)
