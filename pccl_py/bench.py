@@ -21,6 +21,11 @@ With --quantization, every pccl variant is also measured quantized (same engines
 buffers, back to back). Its algbw is the *effective* one: the original float32 bytes
 over the time, so it compares directly with the unquantized run; the table shows the
 ratio. The verification op stays exact: constant blocks quantize without error.
+
+With --netns-rate RATE (root only), the workers do not share loopback: each runs in its
+own network namespace on a bridge, its egress shaped to RATE by htb (pccl_py.netns), so
+the wire, not the CPU, is the bottleneck, as between hosts. Several rates are measured
+one after the other in the same invocation; the namespaces are removed at the end.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ from typing import IO, Any, Protocol
 
 from rich.console import Console
 from rich.table import Table
+
+from pccl_py import netns
+from pccl_py.netns import format_rate
 
 LOOPBACK = "127.0.0.1"
 # pccl: the native engine alone; gloo: torch.distributed gloo; comm: pccl_py.Communicator
@@ -138,6 +146,7 @@ class BenchConfig:
     op_timeout: float = 120.0
     start_timeout: float = 120.0
     quantization: tuple[str, ...] = ()  # e.g. ("minmax:uint8",): pccl variants also run quantized
+    netns_rates: tuple[int, ...] = ()  # bits/s: each worker in its own namespace, egress shaped
 
     def validate(self) -> None:
         if not self.peers or any(n < 2 for n in self.peers):
@@ -156,6 +165,8 @@ class BenchConfig:
             raise ValueError("--connections must be at least 1")
         if any(b < FLOAT32_BYTES for b in self.segment_bytes):
             raise ValueError("--segment-bytes must be at least 4")
+        if any(r <= 0 for r in self.netns_rates):
+            raise ValueError("--netns-rate must be positive")
         if self.skip_pccl and not self.compare:
             raise ValueError("--skip-pccl leaves nothing to run without --compare")
         from pccl_py.types import Quantization
@@ -178,6 +189,8 @@ class Result:
     segment_bytes: int | None = None
     socket_buffer_bytes: int | None = None
     quantization: str | None = None  # "kind:dtype" (pccl only); algbw is then effective
+    netns_rate_bits: int | None = None  # each worker's shaped egress (bits/s); None: loopback
+    load1: float | None = None  # the machine's 1-minute load average when the row was measured
 
     @property
     def seconds(self) -> float:
@@ -192,11 +205,20 @@ class Result:
         return self.algbw_gbps * bus_factor(self.peers)
 
     @property
+    def link_utilization(self) -> float | None:
+        """busbw over the shaped egress rate (what each peer's link carries in a ring, as a
+        fraction of what it can); effective, so above 1 when quantized. None on loopback."""
+        if self.netns_rate_bits is None:
+            return None
+        return self.busbw_gbps * 1e9 / (self.netns_rate_bits / 8)
+
+    @property
     def label(self) -> str:
+        link = f" @{format_rate(self.netns_rate_bits)}" if self.netns_rate_bits else ""
         if self.impl != "pccl":
-            return self.impl
+            return self.impl + link
         q = f" q={self.quantization}" if self.quantization else ""
-        return f"pccl K={self.connections} seg={format_size(self.segment_bytes or 0)}{q}"
+        return f"pccl K={self.connections} seg={format_size(self.segment_bytes or 0)}{q}{link}"
 
     def to_json(self) -> dict[str, Any]:
         ordered = sorted(self.per_iter_max)
@@ -216,6 +238,10 @@ class Result:
             "seconds_min": ordered[0],
             "seconds_p90": ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)],
             "seconds_max": ordered[-1],
+            "link": "loopback" if self.netns_rate_bits is None else "netns-htb",
+            "netns_rate_bps": self.netns_rate_bits,
+            "link_utilization": self.link_utilization,
+            "load1": self.load1,
         }
         if self.impl == "pccl":
             out["connections"] = self.connections
@@ -247,7 +273,7 @@ class _Collective(Protocol):
 
 
 class _PcclCollective:
-    def __init__(self, rank: int, world: int, params: PcclParams, op_timeout: float) -> None:
+    def __init__(self, rank: int, world: int, params: PcclParams, op_timeout: float, host: str) -> None:
         import numpy as np
 
         import pccl_py._native as nat
@@ -262,7 +288,7 @@ class _PcclCollective:
         self._out: Any = None
         self.engine = nat.Engine(
             peer_id=rank,
-            host=LOOPBACK,
+            host=host,
             port=0,
             connections_per_peer=params.connections,
             segment_bytes=DEFAULT_SEGMENT_BYTES,
@@ -313,10 +339,11 @@ class _CommCollective:
     """All-reduce through pccl_py.Communicator: every op pays the control path (report,
     the master's verdict, commit), as users see it."""
 
-    def __init__(self, rank: int, world: int, params: PcclParams, op_timeout: float) -> None:
+    def __init__(self, rank: int, world: int, params: PcclParams, op_timeout: float, host: str) -> None:
         import numpy as np
 
         self._np = np
+        self._host = host
         self._world = world
         self._params = params
         self._timeout = op_timeout
@@ -331,7 +358,8 @@ class _CommCollective:
         config = pccl_py.Config(
             connections_per_peer=self._params.connections, socket_buffer_bytes=self._params.socket_buffer_bytes
         )
-        self.comm = pccl_py.Communicator(master, config=config).connect(timeout=self._timeout)
+        comm = pccl_py.Communicator(master, host=self._host, config=config)
+        self.comm = comm.connect(timeout=self._timeout)
         join_group(self.comm, self._world, timeout=self._timeout)
 
     def allocate(self, nbytes: int, in_place: bool) -> None:
@@ -360,9 +388,9 @@ class _CommCollective:
 
 
 class _GlooCollective:
-    def __init__(self, rank: int, world: int, store_path: str, op_timeout: float) -> None:
-        # gloo binds to the address of this interface: keep all traffic on loopback.
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo" if sys.platform.startswith("linux") else "lo0"
+    def __init__(self, rank: int, world: int, store_path: str, op_timeout: float, ifname: str) -> None:
+        # gloo binds to the address of this interface: loopback, or a namespace's shaped eth0.
+        os.environ["GLOO_SOCKET_IFNAME"] = ifname
         import torch
         import torch.distributed as dist
 
@@ -441,27 +469,34 @@ def _worker_main(
     params: PcclParams,
     store_path: str,
     op_timeout: float,
+    namespace: str | None = None,
+    host: str = LOOPBACK,
 ) -> None:
-    """Entry point of one worker process (module level, so 'spawn' can pickle it)."""
+    """Entry point of one worker process (module level, so 'spawn' can pickle it). With a
+    `namespace`, the worker moves into it first (before any socket or thread) and listens
+    on `host`, its address there; the Pipe to the parent is a socketpair and stays usable."""
     # The parent owns Ctrl-C: it stops or kills the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # numpy's BLAS threads would only compete with the engine for the cores.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     coll: _PcclCollective | _GlooCollective | _CommCollective | None = None
     try:
+        if namespace is not None:
+            netns.enter(namespace)
         if impl == "pccl":
-            coll = _PcclCollective(rank, world, params, op_timeout)
+            coll = _PcclCollective(rank, world, params, op_timeout, host)
             conn.send(("hello", coll.engine.port))
             ring = conn.recv()[1]
             coll.connect([tuple(p) for p in ring])
         elif impl == "comm":
-            coll = _CommCollective(rank, world, params, op_timeout)
+            coll = _CommCollective(rank, world, params, op_timeout, host)
             conn.send(("hello", None))
             coll.connect(conn.recv()[1])
         else:
             conn.send(("hello", None))
             conn.recv()
-            coll = _GlooCollective(rank, world, store_path, op_timeout)
+            ifname = "eth0" if namespace is not None else "lo" if sys.platform.startswith("linux") else "lo0"
+            coll = _GlooCollective(rank, world, store_path, op_timeout, ifname)
         conn.send(("ready",))
         _serve(conn, coll, rank, world)
     except (EOFError, BrokenPipeError):
@@ -477,10 +512,14 @@ def _worker_main(
 
 
 class _Group:
-    """N worker processes of one implementation, driven over one Pipe each."""
+    """N worker processes of one implementation, driven over one Pipe each; on loopback, or
+    rank r in namespace r of `net` (the master of impl "comm" then listens on its bridge)."""
 
-    def __init__(self, impl: str, world: int, params: PcclParams, op_timeout: float) -> None:
+    def __init__(
+        self, impl: str, world: int, params: PcclParams, op_timeout: float, net: netns.ShapedNet | None = None
+    ) -> None:
         self.impl = impl
+        self.net = net
         self.world = world
         self.params = params
         self.op_timeout = op_timeout
@@ -493,11 +532,24 @@ class _Group:
     def start(self, timeout: float) -> None:
         self._tmpdir = tempfile.mkdtemp(prefix="pccl-bench-")
         store_path = os.path.join(self._tmpdir, "gloo-store")
+        net = self.net
+        hosts = net.ips[: self.world] if net is not None else [LOOPBACK] * self.world
         for rank in range(self.world):
             parent_end, child_end = self._ctx.Pipe(duplex=True)
+            namespace = net.namespaces[rank] if net is not None else None
             proc = self._ctx.Process(
                 target=_worker_main,
-                args=(child_end, self.impl, rank, self.world, self.params, store_path, self.op_timeout),
+                args=(
+                    child_end,
+                    self.impl,
+                    rank,
+                    self.world,
+                    self.params,
+                    store_path,
+                    self.op_timeout,
+                    namespace,
+                    hosts[rank],
+                ),
                 name=f"pccl-bench-{self.impl}-{rank}",
                 daemon=True,
             )
@@ -506,11 +558,13 @@ class _Group:
             self._procs.append(proc)
             self._conns.append(parent_end)
         hellos = self._gather("hello", timeout)
-        ring: Any = [(rank, LOOPBACK, int(h[1])) for rank, h in enumerate(hellos)] if self.impl == "pccl" else None
+        ring: Any = None
+        if self.impl == "pccl":
+            ring = [(rank, hosts[rank], int(h[1])) for rank, h in enumerate(hellos)]
         if self.impl == "comm":
             from pccl_py.master import Master
 
-            self._master = Master(host=LOOPBACK).start()
+            self._master = Master(host=net.hub_ip if net is not None else LOOPBACK).start()
             ring = self._master.address
         self._broadcast(("ring", ring))
         self._gather("ready", timeout)
@@ -610,8 +664,10 @@ class _Group:
 
 
 @contextmanager
-def _group(impl: str, world: int, params: PcclParams, cfg: BenchConfig) -> Iterator[_Group]:
-    group = _Group(impl, world, params, cfg.op_timeout)
+def _group(
+    impl: str, world: int, params: PcclParams, cfg: BenchConfig, net: netns.ShapedNet | None = None
+) -> Iterator[_Group]:
+    group = _Group(impl, world, params, cfg.op_timeout, net)
     try:
         group.start(cfg.start_timeout)
         yield group
@@ -635,12 +691,58 @@ class _Variant:
     quantization: str | None = None  # pccl only
 
 
+def _measure_peer_count(
+    cfg: BenchConfig, variants: Sequence[_Variant], world: int, net: netns.ShapedNet | None, rate: int | None
+) -> Iterator[Result]:
+    """Every size and variant at one peer count (and link rate); yields each result."""
+    with ExitStack() as stack:
+        groups: dict[tuple[str, int | None], _Group] = {}
+        for v in variants:
+            key = (v.impl, v.connections)
+            if key not in groups:
+                params = PcclParams(
+                    connections=v.connections or DEFAULT_CONNECTIONS,
+                    socket_buffer_bytes=cfg.socket_buffer_bytes,
+                )
+                groups[key] = stack.enter_context(_group(v.impl, world, params, cfg, net))
+        for nbytes in cfg.sizes:
+            iters = cfg.iters if cfg.iters is not None else default_iters(nbytes)
+            warmup = cfg.warmup if cfg.warmup is not None else default_warmup(iters)
+            times: dict[_Variant, list[float]] = {v: [] for v in variants}
+            for _ in range(cfg.rounds):
+                for v in variants:
+                    in_place = cfg.in_place or v.impl != "pccl"  # gloo always runs in place
+                    group = groups[(v.impl, v.connections)]
+                    times[v] += group.measure(
+                        nbytes, iters, warmup, v.segment_bytes or 0, in_place, v.quantization
+                    )
+            for v in variants:
+                result = Result(
+                    impl=v.impl,
+                    peers=world,
+                    nbytes=nbytes,
+                    iters=iters * cfg.rounds,
+                    warmup=warmup,
+                    in_place=cfg.in_place or v.impl != "pccl",
+                    per_iter_max=tuple(times[v]),
+                    rounds=cfg.rounds,
+                    connections=v.connections,
+                    segment_bytes=v.segment_bytes,
+                    socket_buffer_bytes=cfg.socket_buffer_bytes if v.impl == "pccl" else None,
+                    quantization=v.quantization,
+                    netns_rate_bits=rate,
+                    load1=os.getloadavg()[0],
+                )
+                yield result
+
+
 def run_benchmark(cfg: BenchConfig, on_result: Callable[[Result], None] | None = None) -> list[Result]:
     """Runs every (peers, size, variant) combination; returns the results.
 
     For one peer count, every group (pccl per K, gloo) is up at once and the variants are
     measured back to back per size, `rounds` times over, so a change in background load
-    hits them alike instead of one implementation's whole sweep."""
+    hits them alike instead of one implementation's whole sweep. With cfg.netns_rates,
+    all of that runs once per rate, in shaped namespaces (pccl_py.netns; needs root)."""
     cfg.validate()
     results: list[Result] = []
     variants: list[_Variant] = []
@@ -651,43 +753,16 @@ def run_benchmark(cfg: BenchConfig, on_result: Callable[[Result], None] | None =
                 variants += [_Variant("pccl", k, seg, q) for q in cfg.quantization]
     variants += [_Variant(impl) for impl in cfg.compare]
 
-    for world in cfg.peers:
-        with ExitStack() as stack:
-            groups: dict[tuple[str, int | None], _Group] = {}
-            for v in variants:
-                key = (v.impl, v.connections)
-                if key not in groups:
-                    params = PcclParams(
-                        connections=v.connections or DEFAULT_CONNECTIONS,
-                        socket_buffer_bytes=cfg.socket_buffer_bytes,
-                    )
-                    groups[key] = stack.enter_context(_group(v.impl, world, params, cfg))
-            for nbytes in cfg.sizes:
-                iters = cfg.iters if cfg.iters is not None else default_iters(nbytes)
-                warmup = cfg.warmup if cfg.warmup is not None else default_warmup(iters)
-                times: dict[_Variant, list[float]] = {v: [] for v in variants}
-                for _ in range(cfg.rounds):
-                    for v in variants:
-                        in_place = cfg.in_place or v.impl != "pccl"  # gloo always runs in place
-                        group = groups[(v.impl, v.connections)]
-                        times[v] += group.measure(
-                            nbytes, iters, warmup, v.segment_bytes or 0, in_place, v.quantization
-                        )
-                for v in variants:
-                    result = Result(
-                        impl=v.impl,
-                        peers=world,
-                        nbytes=nbytes,
-                        iters=iters * cfg.rounds,
-                        warmup=warmup,
-                        in_place=cfg.in_place or v.impl != "pccl",
-                        per_iter_max=tuple(times[v]),
-                        rounds=cfg.rounds,
-                        connections=v.connections,
-                        segment_bytes=v.segment_bytes,
-                        socket_buffer_bytes=cfg.socket_buffer_bytes if v.impl == "pccl" else None,
-                        quantization=v.quantization,
-                    )
+    links: tuple[int | None, ...] = cfg.netns_rates or (None,)
+    with ExitStack() as net_stack:
+        net = None
+        if cfg.netns_rates:
+            net = net_stack.enter_context(netns.ShapedNet(max(cfg.peers), cfg.netns_rates[0]))
+        for rate in links:
+            if net is not None and rate is not None and rate != net.rate_bits:
+                net.set_rate(rate)
+            for world in cfg.peers:
+                for result in _measure_peer_count(cfg, variants, world, net, rate):
                     results.append(result)
                     if on_result is not None:
                         on_result(result)
@@ -695,17 +770,22 @@ def run_benchmark(cfg: BenchConfig, on_result: Callable[[Result], None] | None =
 
 
 def results_table(results: Sequence[Result], title: str | None = None) -> Table:
-    baseline = {(r.peers, r.nbytes): r for r in results if r.impl == "gloo"}
+    baseline = {(r.netns_rate_bits, r.peers, r.nbytes): r for r in results if r.impl == "gloo"}
     show_ratio = bool(baseline) and any(r.impl == "pccl" for r in results)
     unquantized = {
-        (r.peers, r.nbytes, r.connections, r.segment_bytes): r
+        (r.netns_rate_bits, r.peers, r.nbytes, r.connections, r.segment_bytes): r
         for r in results
         if r.impl == "pccl" and not r.quantization
     }
     show_quant = any(r.quantization for r in results)
+    show_link = any(r.netns_rate_bits for r in results)
     table = Table(title=title)
+    if show_link:
+        table.add_column("link", justify="right", no_wrap=True)
     for name in ("impl", "K", "segment", "peers", "size", "iters", "median time", "algbw GB/s", "busbw GB/s"):
         table.add_column(name, justify="left" if name == "impl" else "right", no_wrap=True)
+    if show_link:
+        table.add_column("busbw / link", justify="right", no_wrap=True)
     if show_quant:
         table.add_column("quantized", justify="left", no_wrap=True)
         table.add_column("eff. algbw vs unquantized", justify="right", no_wrap=True)
@@ -714,6 +794,7 @@ def results_table(results: Sequence[Result], title: str | None = None) -> Table:
     for r in sorted(
         results,
         key=lambda r: (
+            r.netns_rate_bits or 0,
             r.peers,
             r.nbytes,
             r.impl != "pccl",
@@ -733,16 +814,20 @@ def results_table(results: Sequence[Result], title: str | None = None) -> Table:
             f"{r.algbw_gbps:.3f}",
             f"{r.busbw_gbps:.3f}",
         ]
+        if show_link:
+            row.insert(0, format_rate(r.netns_rate_bits) if r.netns_rate_bits else "loopback")
+            util = r.link_utilization
+            row.append(f"{util:.2f}" if util is not None else "")
         if show_quant:
             row.append(r.quantization or "")
-            plain = unquantized.get((r.peers, r.nbytes, r.connections, r.segment_bytes))
+            plain = unquantized.get((r.netns_rate_bits, r.peers, r.nbytes, r.connections, r.segment_bytes))
             if r.quantization and plain is not None:
                 qratio = r.algbw_gbps / plain.algbw_gbps
                 row.append(f"[{'green' if qratio >= 2.5 else 'red'}]{qratio:.2f}x[/]")
             else:
                 row.append("")
         if show_ratio:
-            base = baseline.get((r.peers, r.nbytes))
+            base = baseline.get((r.netns_rate_bits, r.peers, r.nbytes))
             if r.impl == "pccl" and base is not None:
                 ratio = r.busbw_gbps / base.busbw_gbps
                 row.append(f"[{'green' if ratio >= 1.0 else 'red'}]{ratio:.2f}x[/]")
@@ -869,6 +954,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also run pccl quantized: uint8, uint16, or KIND:DTYPE (minmax|zeropoint : uint8|uint16); "
         "algbw is then effective (original bytes / time) and the table shows the ratio to the unquantized run",
     )
+    parser.add_argument(
+        "--netns-rate",
+        type=parse_netns_rate,
+        nargs="+",
+        default=[],
+        metavar="RATE",
+        help="run each worker in its own network namespace, its egress shaped to RATE by htb "
+        "(e.g. 1gbit 200mbit; several rates run one after the other); needs root and iproute2",
+    )
     parser.add_argument("--skip-pccl", action="store_true", help="run only the --compare implementations")
     parser.add_argument(
         "--json",
@@ -902,7 +996,16 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         json_path=args.json,
         op_timeout=args.op_timeout,
         quantization=tuple(dict.fromkeys(args.quantization)),
+        netns_rates=tuple(dict.fromkeys(args.netns_rate)),
     )
+
+
+def parse_netns_rate(text: str) -> int:
+    """'200mbit' -> 200_000_000 bits/s (argparse type of --netns-rate)."""
+    try:
+        return netns.parse_rate(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_quantization(text: str) -> str:
@@ -924,11 +1027,22 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         Console(stderr=True).print(f"[red]error:[/] {e}")
         return 2
+    if cfg.netns_rates:
+        why_not = netns.unavailable()
+        if why_not is not None:
+            Console(stderr=True).print(f"[red]error:[/] --netns-rate {why_not}")
+            return 2
     out = Console()
     if not out.is_terminal:
         out = Console(width=160)  # a file or pipe: do not squeeze the table into 80 columns
     progress = Console(stderr=True, soft_wrap=True)
-    progress.print(f"[dim]{_describe_machine()}; loopback {LOOPBACK}[/]")
+    if cfg.netns_rates:
+        rates = ", ".join(format_rate(r) for r in cfg.netns_rates)
+        where = f"one network namespace per worker, egress shaped by htb to {rates}"
+    else:
+        where = f"loopback {LOOPBACK}"
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    progress.print(f"[dim]{_describe_machine()}; {where}; load average {load}[/]")
     json_file: IO[str] | None = None
     started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
@@ -946,7 +1060,7 @@ def main(args: argparse.Namespace) -> int:
             if cfg.json_path is not None:
                 json_file = open(cfg.json_path, "w", encoding="utf-8")  # noqa: SIM115 - closed below
             results = run_benchmark(cfg, on_result)
-    except BenchError as e:
+    except (BenchError, netns.NetnsError) as e:
         progress.print(f"[red]benchmark failed:[/] {e}")
         return 1
     finally:
