@@ -359,7 +359,9 @@ class Membership:
         if peer_id in self.peers or not 0 <= peer_id < 2**63:
             raise RejoinRefused(f"peer id {peer_id} is taken or out of range")
         g = self.groups.setdefault(group, Group(group))
-        if g.recovery is None and (g.ring or g.pending or g.epoch > 0):
+        # Newcomers that registered first stay pending (the group's members admit them
+        # once it re-forms); a group this master already formed is not taken over.
+        if g.recovery is None and (g.ring or g.epoch > 0):
             raise RejoinRefused(f"group {group} has re-formed without this peer (epoch {g.epoch})")
         if g.recovery is None:
             g.recovery = Recovery(now)

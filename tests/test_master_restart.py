@@ -244,3 +244,19 @@ def test_member_that_missed_the_newest_topology_stays_and_its_old_op_is_settled(
     [outcome] = msgs(effects, "outcome")[B]
     assert (outcome["epoch"], outcome["ok"], outcome["kind"]) == (7, False, "PeerLost")
     assert msgs(effects, "topology")[B][0]["epoch"] == 8
+
+
+def test_members_rejoin_after_a_newcomer_registered_first() -> None:
+    """A newcomer reaches the restarted master before the members do: it stays pending
+    (held), the members take the group over, and it is admitted at their next vote."""
+    m = fresh_master(hold_until=T0 + 2.0)
+    m.register(999, 0, "127.0.0.1", 5000, "new", T0)
+    for pid in RING:
+        effects = rejoin(m, pid, info())
+    assert set(msgs(effects, "topology")) == set(RING)
+    g = m.groups[0]
+    assert g.ring == list(RING) and g.pending == [999] and g.epoch == 7
+    assert msgs(m.tick(T0 + 2.5), "topology") == {}  # the hold ends: still pending, not a new group
+    for pid in RING:
+        effects = m.vote_topology(pid, T0 + 3)
+    assert [p[0] for p in msgs(effects, "topology")[999][0]["ring"]] == [*RING, 999]
