@@ -200,31 +200,28 @@ class Peer:
         step = int(self.state.tensors["step"][0])
         me = comm.peer_id
         results: dict[int, np.ndarray] = {}
-        first_error: PcclError | None = None
         pending: list[tuple[int, int, np.ndarray, Any]] = []
+
+        def settle(op_id: int, tag: int, x: np.ndarray, wait: Any) -> PcclError | None:
+            try:
+                info = wait()
+            except PcclError as exc:
+                self.fail(op_id, tag, step, exc)
+                return exc
+            self.finish(op_id, tag, step, x, info)
+            results[tag] = x
+            return None
+
+        errors: list[PcclError | None] = []
         for tag, elements, is_async in OPS:
             x = contribution(me, tag, step, elements)
             op_id = self.begin("allreduce", tag, step)
             if is_async:
                 pending.append((op_id, tag, x, comm.all_reduce_async(x, tag=tag, retry=True)))
-                continue
-            try:
-                info = comm.all_reduce(x, tag=tag, retry=True)
-            except PcclError as exc:
-                self.fail(op_id, tag, step, exc)
-                first_error = first_error or exc
-                continue
-            self.finish(op_id, tag, step, x, info)
-            results[tag] = x
-        for op_id, tag, x, handle in pending:
-            try:
-                info = handle.wait()
-            except PcclError as exc:
-                self.fail(op_id, tag, step, exc)
-                first_error = first_error or exc
-                continue
-            self.finish(op_id, tag, step, x, info)
-            results[tag] = x
+            else:
+                errors.append(settle(op_id, tag, x, lambda x=x, tag=tag: comm.all_reduce(x, tag=tag, retry=True)))
+        errors += [settle(op_id, tag, x, handle.wait) for op_id, tag, x, handle in pending]
+        first_error = next((e for e in errors if e is not None), None)
         if first_error is not None:
             raise first_error
         w = self.state.tensors["w"]
