@@ -435,6 +435,7 @@ class Communicator:
         exposure = self._engine.expose_state(buffers)  # ready to serve before anyone is told to fetch
         rx = 0
         received = 0
+        fetched: list[int] = []
         try:
             with control.cond:
                 control.sync_plan = None
@@ -462,6 +463,7 @@ class Communicator:
                     ok, kind, msg = True, "", ""
                     wanted = [(int(i), int(h), [int(p) for p in holders]) for i, h, holders in plan["fetch"]]
                     received = len(wanted)
+                    fetched = [i for i, _, _ in wanted]
                     sources = {
                         int(p): _Source(int(p), str(host), int(port), int(exp)) for p, host, port, exp in plan["sources"]
                     }
@@ -497,6 +499,7 @@ class Communicator:
         if not result["ok"]:
             cls = StateMismatch if result["kind"] == "StateMismatch" else _ERRORS.get(result["kind"], PcclError)
             raise cls(f"shared-state sync failed: {result['msg']}", epoch=self.epoch)
+        state.stage_out(fetched)  # CUDA entries get the received bytes only now
         state.revision = result["revision"]
         self._synced_revision = state.revision
         self._events.emit("sync", revision=state.revision, rx_bytes=rx, tx_bytes=tx, received=received)

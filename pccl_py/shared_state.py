@@ -15,7 +15,7 @@ import numpy as np
 import xxhash
 
 from pccl_py import _native
-from pccl_py._buffers import native_view
+from pccl_py._buffers import _pinned_empty, is_device_tensor, native_view
 from pccl_py.election import EntryMeta
 from pccl_py.errors import InvalidArgument, PeerLost, Timeout
 
@@ -25,7 +25,11 @@ ProgressFn = Callable[[int, int], None]
 
 @dataclass
 class SharedState:
-    """Named tensors (numpy arrays or torch CPU tensors) plus a revision.
+    """Named tensors (numpy arrays, torch CPU or CUDA tensors) plus a revision.
+
+    CUDA tensors are mirrored in pinned host memory: each sync copies them to the
+    mirror before hashing and copies received entries back to the device after a
+    successful sync (the device tensor is untouched by a failed one).
 
     PCCL's rule: after changing the content, bump `revision` by exactly one before the
     next sync. A peer that receives the state adopts the group's revision. Entries are
@@ -35,9 +39,16 @@ class SharedState:
     tensors: Mapping[str, Any]
     revision: int = 0
     _views: list[tuple[str, np.ndarray, str, tuple[int, ...]]] = field(default_factory=list, init=False, repr=False)
+    _device: dict[int, tuple[Any, Any]] = field(default_factory=dict, init=False, repr=False)  # index -> (device, host)
 
     def __post_init__(self) -> None:
-        for name, tensor in self.tensors.items():
+        for index, (name, tensor) in enumerate(self.tensors.items()):
+            if is_device_tensor(tensor):
+                if not tensor.is_contiguous():
+                    raise InvalidArgument(f"shared-state entry {name!r} must be contiguous")
+                host = _pinned_empty(tensor)
+                self._device[index] = (tensor, host)
+                tensor = host
             view, dtype = native_view(tensor)
             shape = tuple(int(d) for d in tensor.shape)
             self._views.append((name, view.reshape(-1).view(np.uint8), dtype.name.lower(), shape))
@@ -48,10 +59,23 @@ class SharedState:
 
     def entries(self) -> list[EntryMeta]:
         """Name, dtype, shape, size and content hash (xxh3-64 of the exact bytes) per entry."""
+        self.stage_in()
         return [EntryMeta(name, dtype, shape, int(v.nbytes), digest(v)) for name, v, dtype, shape in self._views]
 
     def hashes(self) -> dict[str, int]:
         return {e.name: e.hash for e in self.entries()}
+
+    def stage_in(self) -> None:
+        """Copies device entries to their host mirrors (a no-op without device entries)."""
+        for device, host in self._device.values():
+            host.copy_(device.detach())
+
+    def stage_out(self, indices: list[int]) -> None:
+        """Copies the host mirrors of these entries (received in a sync) to the device."""
+        for index in indices:
+            pair = self._device.get(index)
+            if pair is not None:
+                pair[0].copy_(pair[1])
 
 
 @dataclass(frozen=True)

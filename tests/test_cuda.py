@@ -84,3 +84,33 @@ def test_communicator_takes_cuda_tensors(master: pccl.Master, quantization) -> N
     finally:
         for c in comms:
             c.close()
+
+
+def test_shared_state_syncs_cuda_tensors(master: pccl.Master) -> None:
+    """CUDA entries are hashed from their host mirrors and receive the elected bytes on
+    the device; the sender's device tensors are untouched."""
+    n = 2
+    comms = [pccl.Communicator(master.address, name=f"s{i}") for i in range(n)]
+    try:
+        joined = run_parallel(
+            [lambda c=c: join_group(c.connect(timeout=20), n, timeout=20) for c in comms], 40.0
+        )
+        assert not any(isinstance(r, BaseException) for r in joined), joined
+        source = torch.randn(1 << 20, device="cuda")
+        states = [
+            pccl.SharedState({"w": source.clone(), "b": torch.arange(7, device="cuda")}, revision=1),
+            pccl.SharedState({"w": torch.zeros(1 << 20, device="cuda"), "b": torch.zeros(7, dtype=torch.int64, device="cuda")}),
+        ]
+        strategies = [pccl.SyncStrategy.SEND_ONLY, pccl.SyncStrategy.RECEIVE_ONLY]
+        res = run_parallel(
+            [lambda c=c, s=s, k=k: c.sync_shared_state(s, strategy=k) for c, s, k in zip(comms, states, strategies)],
+            60.0,
+        )
+        assert all(isinstance(r, pccl.SyncInfo) for r in res), res
+        assert states[1].tensors["w"].is_cuda and torch.equal(states[1].tensors["w"], source)
+        assert torch.equal(states[1].tensors["b"].cpu(), torch.arange(7))
+        assert torch.equal(states[0].tensors["w"], source)
+        assert states[0].hashes() == states[1].hashes()
+    finally:
+        for c in comms:
+            c.close()
