@@ -28,10 +28,12 @@ ranks: an op that succeeded with fewer contributors than the group's size fails 
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -206,6 +208,10 @@ class ProcessGroupPccl(dist.ProcessGroup):
         self._worker = threading.Thread(target=self._work_loop, name="pccl-torch", daemon=True)
         self._worker.start()
         self._closed = False
+        # A script that dies of a collective's error never calls destroy_process_group():
+        # stop the worker and the communicator's threads before the interpreter tears
+        # torch down under them (which crashed such processes with SIGSEGV at exit).
+        atexit.register(_shutdown_at_exit, weakref.ref(self))
 
     # ------------------------------------------------------------------ identity
 
@@ -561,6 +567,12 @@ class ProcessGroupPccl(dist.ProcessGroup):
 
     abort = shutdown
 
+    def _shutdown_quietly(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:  # at exit: never mask the error the script is dying of
+            log.debug("pccl process group shutdown at exit failed", exc_info=True)
+
     # ------------------------------------------------------------------ internals
 
     def _submit(self, run: Callable[[], list[torch.Tensor]]) -> dist.Work:
@@ -684,3 +696,9 @@ def _split_into(buf: torch.Tensor, parts: Sequence[torch.Tensor]) -> None:
     for part in parts:
         part.copy_(buf[offset : offset + part.numel()])
         offset += part.numel()
+
+
+def _shutdown_at_exit(ref: weakref.ref[ProcessGroupPccl]) -> None:
+    pg = ref()
+    if pg is not None:
+        pg._shutdown_quietly()
