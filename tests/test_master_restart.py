@@ -105,7 +105,7 @@ def test_a_member_that_does_not_come_back_fails_its_ops_and_leaves_the_ring() ->
     m = fresh_master()
     rejoin(m, A, info(pending=((KEY, True, "", ""),)))
     rejoin(m, B, info(pending=((KEY, True, "", ""),)))
-    assert m.tick(T0 + 1.0) == [] or True  # within recovery_wait: nothing forced yet
+    assert m.tick(T0 + 1.0) == []  # within recovery_wait: nothing forced yet
     assert m.groups[0].recovery is not None
     effects = m.tick(T0 + 3.5)
     topo = msgs(effects, "topology")
@@ -121,7 +121,7 @@ def test_a_member_of_an_older_epoch_is_sent_away_and_a_late_one_refused() -> Non
     rejoin(m, A, info(ring=(A, B)))
     rejoin(m, C, info(epoch=5, ring=(A, B, C)))  # evicted by the old master before it died
     effects = rejoin(m, B, info(ring=(A, B)))
-    assert "C" not in str(msgs(effects, "evicted").keys()) and C in msgs(effects, "evicted")
+    assert set(msgs(effects, "evicted")) == {C}
     assert C not in m.peers and set(m.groups[0].ring) == {A, B}
     with pytest.raises(RejoinRefused):
         m.rejoin(999, 0, "127.0.0.1", 1, "late", info(ring=(A, B)), T0 + 1)
