@@ -56,6 +56,7 @@ class Proc:
     started: float
     stopped: bool = False
     leaving: bool = False
+    reaped: bool = False  # its exit was seen (and judged) during the run
 
     @property
     def pid(self) -> int:
@@ -248,8 +249,8 @@ class Orchestrator:
         group is kept at >= min_alive by starting fresh peers when too few are running."""
         for proc in self.procs:
             code = proc.popen.poll()
-            if code is not None and not getattr(proc, "reaped", False):
-                proc.reaped = True  # type: ignore[attr-defined]
+            if code is not None and not proc.reaped:
+                proc.reaped = True
                 expected = code == -signal.SIGKILL or (proc.leaving and code in (0, -signal.SIGTERM))
                 if not expected:
                     self.problems.append({"invariant": "peer_exit", "pid": proc.pid, "slot": proc.slot, "code": code,
@@ -286,7 +287,7 @@ class Orchestrator:
                 proc.popen.wait()
             else:
                 # SIGTERM before its handler is installed (a peer still starting) is a leave too.
-                if proc.popen.returncode not in (0, -signal.SIGKILL, -signal.SIGTERM) and not getattr(proc, "reaped", False):
+                if proc.popen.returncode not in (0, -signal.SIGKILL, -signal.SIGTERM) and not proc.reaped:
                     self.problems.append({"invariant": "peer_exit", "pid": proc.pid, "slot": proc.slot,
                                           "code": proc.popen.returncode})
         if self.master is not None and self.master.poll() is None:
