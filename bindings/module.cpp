@@ -103,6 +103,7 @@ class AllReduceHandle : public OpHandle {
   }
   uint64_t txBytes() const { return op_->txBytes(); }
   uint64_t rxBytes() const { return op_->rxBytes(); }
+  bool voted() const { return op_->voted(); }
   std::tuple<uint64_t, uint64_t, uint64_t> key() const {
     const OpKey& k = op_->key();
     return {k.epoch, k.tag, k.seq};
@@ -319,7 +320,9 @@ PYBIND11_MODULE(_native, m) {
            "For defer_commit ops: copy the held result into the buffer (commit=True) or drop it.")
       .def_property_readonly("tx_bytes", &AllReduceHandle::txBytes)
       .def_property_readonly("rx_bytes", &AllReduceHandle::rxBytes)
-      .def_property_readonly("key", &AllReduceHandle::key);
+      .def_property_readonly("key", &AllReduceHandle::key)
+      .def_property_readonly("voted", &AllReduceHandle::voted,
+                             "Whether this peer cast its commit vote (it held the complete result).");
 
   py::class_<StateExposure>(m, "StateExposure")
       .def_property_readonly("id", &StateExposure::id)
@@ -365,7 +368,7 @@ PYBIND11_MODULE(_native, m) {
           "all_reduce",
           [](const std::shared_ptr<Engine>& e, py::object input, py::object output, DType dtype, ReduceOp op,
              uint64_t tag, uint64_t seq, std::optional<double> timeout, std::optional<double> connectTimeout,
-             size_t segmentBytes, bool deferCommit, QuantKind quantization, DType quantDType) {
+             size_t segmentBytes, bool deferCommit, QuantKind quantization, DType quantDType, bool vote) {
             auto in = std::make_unique<BufferView>(input, /*writable=*/input.is(output));
             std::unique_ptr<BufferView> out;
             void* outPtr = in->data();
@@ -387,6 +390,7 @@ PYBIND11_MODULE(_native, m) {
             o.timeoutSeconds = toSeconds(timeout);
             o.segmentBytes = segmentBytes;
             o.deferCommit = deferCommit;
+            o.vote = vote;
             o.quant = QuantSpec{quantization, quantDType};
             std::shared_ptr<Collective> ring;
             {
@@ -398,9 +402,11 @@ PYBIND11_MODULE(_native, m) {
           py::arg("input"), py::arg("output"), py::arg("dtype"), py::arg("op"), py::arg("tag") = 0,
           py::arg("seq") = 0, py::arg("timeout") = py::none(), py::arg("connect_timeout") = py::none(),
           py::arg("segment_bytes") = 0, py::arg("defer_commit") = false, py::arg("quantization") = QuantKind::kNone,
-          py::arg("quant_dtype") = DType::kUInt8,
+          py::arg("quant_dtype") = DType::kUInt8, py::arg("vote") = false,
           "Start a ring all-reduce of `input` into `output` (the same object: in place). Returns a handle.\n"
-          "quantization != NONE: quantized to quant_dtype (UINT8/UINT16), SUM/AVG of floats only.")
+          "quantization != NONE: quantized to quant_dtype (UINT8/UINT16), SUM/AVG of floats only.\n"
+          "vote: succeed only once every peer holds the result (commit vote); handle.voted tells whether\n"
+          "a failed op had voted (then every peer may hold the result; settle(True) still commits it).")
       .def(
           "disconnect", [](Engine& e, uint64_t peer, const std::string& reason) { e.disconnect(peer, reason); },
           py::arg("peer"), py::arg("reason") = "disconnected by caller")

@@ -199,6 +199,7 @@ class Communicator:
         self._closed = True
         if self._control is not None:
             try:
+                self._control.flush_committed()
                 self._control.send(protocol.make("leave"))
             except Aborted:
                 pass
@@ -571,6 +572,7 @@ class Communicator:
                     defer_commit=in_place,
                     quantization=quantization.native_kind if quantization else _native.QuantKind.NONE,
                     quant_dtype=quantization.native_dtype if quantization else _native.DataType.UINT8,
+                    vote=True,
                 )
                 self._track(key, handle, retry)
                 try:
@@ -578,11 +580,32 @@ class Communicator:
                 finally:
                     self._untrack(key)
             except PcclError as exc:
-                ok, kind, msg = False, _kind_of(exc), str(exc)
-                culprit = exc.peer if isinstance(exc.peer, int) and exc.peer < 2**63 else -1
                 if epoch < 0:  # no ring to run on (evicted, closed, timed out)
                     raise
                 key = (epoch, tag, (seq << _ATTEMPT_BITS) | failures_in_epoch.get(epoch, 0))
+                # After voting, this peer held the whole result and another may have
+                # committed it: it reports ok and the master settles the op (one
+                # commit anywhere makes it a success). Before voting: a failure, and
+                # provably nobody committed.
+                ok = handle is not None and handle.voted
+                kind, msg = ("", "") if ok else (_kind_of(exc), str(exc))
+                culprit = exc.peer if isinstance(exc.peer, int) and exc.peer < 2**63 else -1
+            else:
+                # Committed: the vote came round, every participant holds the result.
+                # No master round trip; the master hears of it in the next "done" batch.
+                handle.settle(True)
+                world = len(self._rings.get(key[0], ()))
+                control.note_committed(key, world)
+                attempts += 1
+                self._events.emit("op", epoch=key[0], tag=tag, seq=key[2], ok=True, world=world, ring=self.ring_of(key[0]))
+                return ReduceInfo(
+                    world_size=world,
+                    tx_bytes=handle.tx_bytes,
+                    rx_bytes=handle.rx_bytes,
+                    epoch=key[0],
+                    attempts=attempts,
+                    contributors=self._rings.get(key[0], ()),
+                )
             outcome = self._outcome(key, ok, kind, msg, culprit, deadline)
             attempts += 1
             if outcome["ok"]:
@@ -626,6 +649,7 @@ class Communicator:
     def _outcome(self, key: OpKey, ok: bool, kind: str, msg: str, culprit: int, deadline: float) -> protocol.Message:
         """Reports this peer's result for op `key` and returns the master's decision."""
         control = self._require()
+        control.flush_committed()  # the master weighs this report against those
         with control.cond:
             known = key in control.outcomes
             self._reported[key] = (ok, kind, msg[:2000])  # handed to a restarted master
@@ -645,6 +669,7 @@ class Communicator:
         """Sends a collective request and waits for its answer; a request still waiting
         when the master restarts is sent again once the group has re-formed."""
         control = self._require()
+        control.flush_committed()  # the master sees this peer's ops before its next request
         with control.cond:
             control.outstanding = request
         try:

@@ -30,6 +30,10 @@ class Config:
     # Control plane.
     max_message_bytes: int = 16 << 20  # room for the state description of large models
     max_retries: int = 64
+    # Ops a peer committed through the commit vote are reported to the master in
+    # batches, at most this many seconds apart (nobody waits on them; a failure report
+    # sends the batch at once).
+    commit_report_interval: float = 0.05
     # Topology optimisation (optimize_topology()): bytes per bandwidth probe, how long
     # a measurement stays fresh, the per-probe timeout, and the time budget of the ring
     # heuristic the master runs above 10 peers (exact below).
@@ -54,6 +58,8 @@ class Config:
             raise ConfigError("connections_per_peer must be in [1, 64]")
         if self.segment_bytes < 4096:
             raise ConfigError("segment_bytes must be at least 4096")
+        if not 0 < self.commit_report_interval <= self.heartbeat_interval:
+            raise ConfigError("need 0 < commit_report_interval <= heartbeat_interval")
         if self.op_timeout <= 0 or self.connect_timeout <= 0:
             raise ConfigError("timeouts must be positive")
         if not 0 < self.probe_bytes <= 1 << 30 or self.probe_timeout <= 0 or self.topology_solve_seconds <= 0:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 OpKey = tuple[int, int, int]
 _MAX_KEPT_OUTCOMES = 4096
+_MAX_DONE_BATCH = 1024  # committed ops per "done" message; a fuller batch goes at once
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ class ControlChannel:
         # master), the collective request a caller still waits on (sent again once the
         # group re-formed), the incarnation we rejoin, and who builds the rejoin.
         self.recent_verdicts: deque[protocol.Message] = deque(maxlen=1024)
+        # Ops committed through the commit vote, not yet reported ("done" batches).
+        self._committed: list[list[int]] = []
         self.outstanding: protocol.Message | None = None
         self.recovering = False
         self.rejoin_target: int | None = None
@@ -134,9 +137,11 @@ class ControlChannel:
             async with asyncio.TaskGroup() as tasks:
                 receiver = tasks.create_task(self._receive_loop(sock))
                 beater = tasks.create_task(self._heartbeat_loop(sock))
+                reporter = tasks.create_task(self._commit_report_loop())
                 await self._stopped.wait()
                 receiver.cancel()
                 beater.cancel()
+                reporter.cancel()
         finally:
             self._sock = None
             sock.close(linger=1000)
@@ -158,6 +163,33 @@ class ControlChannel:
         if self._sock is not None:
             with contextlib.suppress(zmq.ZMQError):
                 zmq.Socket.send(self._sock, data, flags=zmq.NOBLOCK)  # no future: we are its loop's thread
+
+    def note_committed(self, key: OpKey, world: int) -> None:
+        """Op `key` committed through the commit vote (any thread): it joins the next
+        "done" batch, and the verdicts a restarted master is told about."""
+        with self.cond:
+            self._committed.append([key[0], key[1], key[2]])
+            self.recent_verdicts.append(
+                {"epoch": key[0], "tag": key[1], "seq": key[2], "ok": True, "kind": "", "msg": "", "world": world}
+            )
+            full = len(self._committed) >= _MAX_DONE_BATCH
+        if full:
+            self.flush_committed()
+
+    def flush_committed(self) -> None:
+        """Sends the committed ops not reported yet (any thread; ordered before any
+        message sent after it)."""
+        with self.cond:
+            batch, self._committed = self._committed, []
+        if batch and self.welcome is not None:
+            with contextlib.suppress(Aborted):
+                self.send(protocol.make("done", ops=batch))
+
+    async def _commit_report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.commit_report_interval)
+            if self._committed:
+                self.flush_committed()
 
     async def _heartbeat_loop(self, sock: zmq.asyncio.Socket) -> None:
         beat = protocol.encode(protocol.make("hb"))

@@ -258,6 +258,10 @@ class Master:
                 await self._apply(
                     self._membership.report_op(peer_id, key, msg["ok"], msg["kind"], msg["msg"], msg["peer"], now)
                 )
+            elif kind == "done":
+                keys = _op_keys(msg["ops"])
+                self._membership.heartbeat(peer_id, now)
+                await self._apply(self._membership.report_committed(peer_id, keys, now))
             elif kind == "leave":
                 await self._apply(self._membership.leave(peer_id, now))
             elif kind == "sync":
@@ -448,6 +452,16 @@ class Master:
         state = self._membership.status()
         state["address"] = self.address
         return state
+
+
+def _op_keys(raw: list[Any]) -> list[tuple[int, int, int]]:
+    """The keys of a "done" batch; anything else in it is a protocol error."""
+    keys = []
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 3 and all(type(v) is int and 0 <= v < 2**64 for v in item)):
+            raise ProtocolError("done: every op must be [epoch, tag, seq] of unsigned integers")
+        keys.append((item[0], item[1], item[2]))
+    return keys
 
 
 def _waiting(raw: list[Any]) -> tuple[Any, ...]:

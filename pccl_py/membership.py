@@ -99,10 +99,13 @@ Effect = Send | Log
 
 @dataclass(frozen=True)
 class Report:
-    ok: bool
+    ok: bool  # the peer holds the complete result (it committed, or it voted)
     kind: str
     msg: str
     culprit: int  # -1: unknown
+    # The peer's commit vote reached it from all others: it has already returned
+    # success and waits for nothing (its report comes in a "done" batch).
+    committed: bool = False
 
 
 @dataclass
@@ -262,20 +265,31 @@ class Membership:
         g.pending_queries[peer.id] = query
         return self._complete_pending_queries(g)
 
+    def report_committed(self, peer_id: int, keys: list[OpKey], now: float) -> list[Effect]:
+        """A "done" batch: ops this peer committed through the commit vote. Nobody
+        waits on these, so they are never answered; an op not known yet is decided at
+        once (a commit proves that every participant holds the result)."""
+        effects: list[Effect] = []
+        for key in keys:
+            effects += self.report_op(peer_id, key, True, "", "", -1, now, committed=True)
+        return effects
+
     def report_op(
-        self, peer_id: int, key: OpKey, ok: bool, kind: str, msg: str, culprit: int, now: float
+        self, peer_id: int, key: OpKey, ok: bool, kind: str, msg: str, culprit: int, now: float, committed: bool = False
     ) -> list[Effect]:
         peer = self.peers.get(peer_id)
         if peer is not None and peer.phase is Phase.RECOVERING:
             recovery = self.groups[peer.group].recovery
             assert recovery is not None
-            recovery.reports.append((peer_id, key, Report(ok, kind, msg, culprit)))
+            recovery.reports.append((peer_id, key, Report(ok, kind, msg, culprit, committed)))
             return []
         peer, g = self._admitted(peer_id)
         epoch = key[0]
         record = g.ops.get(key)
         if record is None:
             participants = g.rings.get(epoch)
+            if committed and (participants is None or peer.id not in participants):
+                return []  # an epoch this master forgot (or never ran): nothing to settle
             if participants is None:
                 # An epoch this master has no ring for (pruned, or from a future it never
                 # made): the op cannot be vouched for.
@@ -295,8 +309,12 @@ class Membership:
             outcome = self._outcome(g, key, False, "ProtocolError", f"peer {peer.id} is not in the ring of epoch {epoch}", -1, 0)
             return [Send(peer.id, outcome)]
         if record.decided is not None:
-            return [Send(peer.id, record.decided)]  # every report gets an answer
-        record.reports[peer.id] = Report(ok, kind, msg, culprit)
+            if committed:
+                if not record.decided["ok"]:
+                    return [Log("contradiction", {"group": g.id, "peer": peer.id, "key": list(key)})]
+                return []
+            return [Send(peer.id, record.decided)]  # every waiting report gets an answer
+        record.reports[peer.id] = Report(ok, kind, msg, culprit, committed)
         if not ok and record.first_failure_at is None:
             record.first_failure_at = now
         return self._decide(g, record, now)
@@ -777,11 +795,18 @@ class Membership:
     def _decide(self, g: Group, record: OpRecord, now: float, grace_over: bool = False) -> list[Effect]:
         if record.decided is not None:
             return []
+        # The commit vote (docs/protocol.md): a peer reports ok only once it held the
+        # complete result, and commits on its own only once every peer did. So one
+        # committed report proves success, one failure report proves that nobody
+        # committed, and when every live participant holds the result the op succeeds
+        # whoever else is gone. Peers that are gone without a word do not decide it.
         alive = {pid for pid in record.participants if pid in self.peers}
         gone_unreported = [pid for pid in sorted(record.participants - alive) if pid not in record.reports or not record.reports[pid].ok]
         failures = {pid: r for pid, r in record.reports.items() if not r.ok}
         all_reported = alive <= set(record.reports)
-        if gone_unreported:
+        if any(r.committed for r in record.reports.values()):
+            ok, kind, msg, culprit = True, "", "", -1
+        elif failures and gone_unreported:
             culprit = gone_unreported[0]
             cause = self._departed.get(culprit, "lost")
             left = all(self._departed.get(pid) == "left" for pid in gone_unreported) and not failures_root(record)
@@ -816,7 +841,10 @@ class Membership:
                 },
             )
         ]
-        effects += [Send(pid, outcome) for pid in sorted(alive)]
+        # A success goes to those waiting for it (peers that report later are answered
+        # then); a failure to every live participant, to stop ops still running.
+        waiting = {pid for pid, r in record.reports.items() if not r.committed}
+        effects += [Send(pid, outcome) for pid in sorted(alive) if pid in waiting or not ok]
         return effects
 
     def _prune_ops(self, g: Group) -> None:

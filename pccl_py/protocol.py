@@ -51,6 +51,9 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "vote": {"epoch": _INT},
     "pending": {"epoch": _INT, "query": _INT},
     "op": {"epoch": _INT, "tag": _INT, "seq": _INT, "ok": _BOOL, "kind": _STR, "msg": _STR, "peer": _INT},
+    # Ops this peer committed through the commit vote, batched: [[epoch, tag, seq], ...].
+    # Never answered.
+    "done": {"ops": _LIST},
     "leave": {},
     "status": {},
     "sync": {"epoch": _INT, "revision": _INT, "strategy": _STR, "exposure": _INT, "entries": _LIST},

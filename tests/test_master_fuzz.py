@@ -179,7 +179,7 @@ KNOWN_TRICKY = [
     pack({"t": "op", "v": 1, "epoch": 1, "tag": 0, "seq": 0, "ok": 1, "kind": "", "msg": "", "peer": -1}),
 ]
 SMALL_INT = st.one_of(st.integers(-3, 5), INT64)
-PEER_TYPES = ["hello", "hb", "vote", "pending", "op", "leave", "status"]
+PEER_TYPES = ["hello", "hb", "vote", "pending", "op", "done", "leave", "status"]
 
 
 def value_for(types: tuple[type, ...]) -> st.SearchStrategy[Any]:
@@ -263,6 +263,10 @@ def fuzz_frames(real_ids: list[int], ports: list[int]) -> st.SearchStrategy[list
                 "msg": TEXT,
                 "peer": st.one_of(st.just(-1), st.sampled_from(real_ids), INT64),
             }
+        ),
+        st.builds(
+            lambda ops: {"t": "done", "v": 1, "ops": ops},
+            st.lists(st.one_of(st.lists(st.integers(-1, 4), min_size=3, max_size=3), VALUE), max_size=5),
         ),
     )
     oversized = st.one_of(

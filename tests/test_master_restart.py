@@ -103,8 +103,8 @@ def test_an_op_reported_during_recovery_is_decided_at_the_reform() -> None:
 
 def test_a_member_that_does_not_come_back_fails_its_ops_and_leaves_the_ring() -> None:
     m = fresh_master()
-    rejoin(m, A, info(pending=((KEY, True, "", ""),)))
-    rejoin(m, B, info(pending=((KEY, True, "", ""),)))
+    rejoin(m, A, info(pending=((KEY, True, "", ""),)))  # voted
+    rejoin(m, B, info(pending=((KEY, False, "PeerLost", "C closed"),)))  # had not: nobody committed
     assert m.tick(T0 + 1.0) == []  # within recovery_wait: nothing forced yet
     assert m.groups[0].recovery is not None
     effects = m.tick(T0 + 3.5)
@@ -114,6 +114,15 @@ def test_a_member_that_does_not_come_back_fails_its_ops_and_leaves_the_ring() ->
     got = msgs(effects, "outcome")
     assert set(got) == {A, B}
     assert all(not o[0]["ok"] and o[0]["kind"] == "PeerLost" and o[0]["next_epoch"] == 8 for o in got.values())
+
+
+def test_members_that_all_voted_succeed_although_one_does_not_come_back() -> None:
+    m = fresh_master()
+    rejoin(m, A, info(pending=((KEY, True, "", ""),)))
+    rejoin(m, B, info(pending=((KEY, True, "", ""),)))
+    got = msgs(m.tick(T0 + 3.5), "outcome")
+    assert set(got) == {A, B}
+    assert all(o[0]["ok"] and o[0]["world"] == 3 for o in got.values())
 
 
 def test_a_member_of_an_older_epoch_is_sent_away_and_a_late_one_refused() -> None:

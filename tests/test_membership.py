@@ -440,19 +440,62 @@ def test_root_cause_reported_within_grace_wins_over_peer_lost(m: Membership) -> 
     assert {msg["peer"] for msg in decided.values()} == {C}
 
 
-def test_evicting_a_participant_that_had_not_reported_fails_the_op_with_peer_lost(m: Membership) -> None:
+def test_evicting_a_silent_participant_waits_for_the_survivors_then_fails_with_peer_lost(m: Membership) -> None:
+    # A gone participant that said nothing may have voted or not: the survivors'
+    # reports decide. One that never voted proves that nobody committed.
     epoch = form_group(m, [A, B, C])
     key = (epoch, 0, 0)
     report(m, A, key)
     effects = m.evict(C, "crashed", "its connection closed", T0)
+    assert outcomes(effects) == {}  # B has not reported yet
+    effects = report(m, B, key, ok=False, kind="PeerLost", msg="C closed", culprit=C)
     decided = outcomes(effects)
-    assert set(decided) == {A, B}  # survivors only; B has not reported yet
+    assert set(decided) == {A, B}
     for msg in decided.values():
         assert msg["ok"] is False
         assert msg["kind"] == "PeerLost"
         assert msg["peer"] == C
         assert msg["world"] == 3
     assert_valid_messages(effects)
+
+
+def test_survivors_that_all_voted_succeed_although_a_participant_vanished(m: Membership) -> None:
+    # Every live participant held the complete result (it voted): success over all N,
+    # whatever the silent one did.
+    epoch = form_group(m, [A, B, C])
+    key = (epoch, 0, 0)
+    report(m, A, key)
+    assert outcomes(m.evict(C, "crashed", "its connection closed", T0)) == {}
+    decided = outcomes(report(m, B, key))
+    assert set(decided) == {A, B}
+    assert {msg["ok"] for msg in decided.values()} == {True}
+    assert {msg["world"] for msg in decided.values()} == {3}
+
+
+def test_one_committed_report_decides_success_and_answers_only_the_waiting(m: Membership) -> None:
+    epoch = form_group(m, [A, B, C])
+    key = (epoch, 0, 0)
+    report(m, A, key)  # voted, then its op failed: waits for the verdict
+    effects = m.report_committed(B, [key], T0)
+    decided = outcomes(effects)
+    assert set(decided) == {A}  # B committed on its own; C has not asked
+    assert decided[A]["ok"] is True and decided[A]["world"] == 3
+    assert outcomes(report(m, C, key)) == {C: decided[A]}  # a later report is answered
+    assert m.report_committed(C, [key], T0) == []  # a committed report is never answered
+
+
+def test_committed_reports_of_unknown_epochs_are_dropped_silently(m: Membership) -> None:
+    epoch = form_group(m, [A, B])
+    assert m.report_committed(A, [(epoch + 5, 0, 0), (epoch + 9, 1, 2)], T0) == []
+
+
+def test_a_committed_report_wins_over_a_silent_departure(m: Membership) -> None:
+    epoch = form_group(m, [A, B, C])
+    key = (epoch, 0, 0)
+    assert outcomes(m.evict(C, "crashed", "closed", T0)) == {}
+    assert outcomes(m.report_committed(A, [key], T0)) == {}
+    decided = outcomes(report(m, B, key))
+    assert decided[B]["ok"] is True
 
 
 def test_peer_lost_report_decided_at_once_when_the_culprit_is_evicted(m: Membership) -> None:
@@ -469,7 +512,8 @@ def test_graceful_leave_before_reporting_fails_the_op_with_peer_left(m: Membersh
     epoch = form_group(m, [A, B, C])
     key = (epoch, 0, 0)
     report(m, A, key)
-    decided = outcomes(m.leave(C, T0))
+    assert outcomes(m.leave(C, T0)) == {}
+    decided = outcomes(report(m, B, key, ok=False, kind="PeerLost", msg="C closed its connection", culprit=C))
     assert set(decided) == {A, B}
     assert {msg["kind"] for msg in decided.values()} == {"PeerLeft"}
     assert {msg["ok"] for msg in decided.values()} == {False}
@@ -489,7 +533,7 @@ def test_one_leaver_and_one_crash_give_peer_lost_not_peer_left(m: Membership) ->
     key = (epoch, 0, 0)
     m.leave(C, T0)
     m.evict(D, "crashed", "closed", T0)
-    decided = outcomes(report(m, A, key))  # the op's first report comes after both departures
+    decided = outcomes(report(m, A, key, ok=False, kind="PeerLost", msg="closed", culprit=D))
     assert set(decided) == {A, B}
     assert {msg["kind"] for msg in decided.values()} == {"PeerLost"}
 
@@ -499,7 +543,7 @@ def test_two_leavers_give_peer_left(m: Membership) -> None:
     key = (epoch, 0, 0)
     m.leave(C, T0)
     m.leave(D, T0)
-    decided = outcomes(report(m, A, key))
+    decided = outcomes(report(m, A, key, ok=False, kind="PeerLost", msg="closed", culprit=D))
     assert {msg["kind"] for msg in decided.values()} == {"PeerLeft"}
 
 
@@ -517,7 +561,7 @@ def test_participant_that_reported_ok_then_left_does_not_fail_the_op(m: Membersh
 
 def test_eviction_sends_new_ring_to_survivors_before_the_outcomes(m: Membership) -> None:
     epoch = form_group(m, [A, B, C])
-    report(m, A, (epoch, 0, 0))
+    report(m, A, (epoch, 0, 0), ok=False, kind="PeerLost", msg="B closed", culprit=B)
     effects = m.evict(B, "crashed", "closed", T0)
     for pid in (A, C):
         kinds = [s.msg["t"] for s in sends(effects) if s.to == pid]
@@ -634,7 +678,8 @@ def test_heartbeat_from_unknown_peer_is_refused(m: Membership) -> None:
 
 def test_hung_participant_eviction_fails_its_op(m: Membership) -> None:
     epoch = form_group(m, [A, B], now=T0)
-    report(m, A, (epoch, 0, 0), now=T0)
+    # A's op never completed: the master's new ring aborts it (reported as PeerLost).
+    report(m, A, (epoch, 0, 0), ok=False, kind="PeerLost", msg="superseded", now=T0)
     m.heartbeat(A, T0 + HB_TIMEOUT)
     decided = outcomes(m.tick(T0 + HB_TIMEOUT + 0.5))
     assert set(decided) == {A}
@@ -761,7 +806,7 @@ def test_outcome_goes_only_to_live_participants(m: Membership) -> None:
     register(m, D)  # pending member of the same group
     m.evict(C, "crashed", "x", T0)  # C's op (epoch) fails; outcomes for the old epoch
     key = (epoch, 5, 0)  # a fresh op of the old epoch: participants A, B, C
-    decided = outcomes(report(m, A, key))
+    decided = outcomes(report(m, A, key, ok=False, kind="PeerLost", msg="C closed", culprit=C))
     assert set(decided) == {A, B}  # not the evicted C, not the pending D
 
 

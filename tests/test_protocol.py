@@ -150,6 +150,7 @@ DOCUMENTED = {
     "status_reply": {"state": M},
     "sync": {"epoch": I, "revision": I, "strategy": S, "exposure": I, "entries": L},
     "sync_done": {"ok": B, "kind": S, "msg": S, "rx_bytes": I},
+    "done": {"ops": L},
     "sync_plan": {"revision": I, "fetch": L, "sources": L},
     "sync_result": {"ok": B, "kind": S, "msg": S, "revision": I},
     "optimize": {"epoch": I, "exposure": I, "probe_bytes": I},

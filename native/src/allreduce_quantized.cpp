@@ -81,6 +81,7 @@ AllReduceQuantized::AllReduceQuantized(const AllReduceOptions& options, const Ri
     throw InvalidArgument("a quantized all-reduce supports SUM and AVG only, not " +
                           std::string(reduceOpName(options_.op)));
   }
+  if (options_.vote) enableVote(n, ring_.prevPeer, ring_.nextPeer, digest_);
   if (n == 1 || options_.count == 0) return;
   Sizes s = sizesFor(options_, n);
   PCCL_ENFORCE(scratch_.size >= 3 * s.stageBytes, "quantized all-reduce needs its scratch");
@@ -270,7 +271,7 @@ void AllReduceQuantized::onSuccess() {
 }
 
 void AllReduceQuantized::commitResult() {
-  PCCL_ENFORCE(state() == OpState::kSucceeded, "only a successful op can be committed");
+  PCCL_ENFORCE(state() == OpState::kSucceeded || voted(), "only a successful or voted op can be committed");
   if (holdsResult() && scratch_.data) decodeAll(static_cast<uint8_t*>(options_.output));
 }
 

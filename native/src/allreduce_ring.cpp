@@ -47,6 +47,7 @@ AllReduceRing::AllReduceRing(const AllReduceOptions& options, const RingPosition
     rsExpected_ = nbytes_ - chunkBytes(ring_.rank);
     agExpected_ = nbytes_ - chunkBytes(ownedChunk_);
   }
+  if (options.vote) enableVote(n, ring_.prevPeer, ring_.nextPeer, digest_);
 }
 
 size_t AllReduceRing::chunkBegin(size_t chunk) const {
@@ -166,7 +167,7 @@ void AllReduceRing::onSuccess() {
 }
 
 void AllReduceRing::commitResult() {
-  PCCL_ENFORCE(state() == OpState::kSucceeded, "only a successful op can be committed");
+  PCCL_ENFORCE(state() == OpState::kSucceeded || voted(), "only a successful or voted op can be committed");
   if (holdsResult() && scratch_.data) std::memcpy(options_.output, out_, nbytes_);
 }
 

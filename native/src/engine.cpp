@@ -369,7 +369,7 @@ std::shared_ptr<Collective> Engine::allReduce(const AllReduceOptions& in, double
 
 void Engine::settle(const std::shared_ptr<Collective>& op, bool commit) {
   if (!op->done()) throw InvalidArgument("settle() needs a finished op");
-  if (commit && op->state() == OpState::kSucceeded) op->commitResult();
+  if (commit && (op->state() == OpState::kSucceeded || op->voted())) op->commitResult();
   if (op->holdsResult()) giveScratch(op->releaseScratch());
 }
 
@@ -679,9 +679,10 @@ void Engine::dispatchHeader(Connection* c) {
   const bool abort = h.type == static_cast<uint8_t>(FrameType::kAbort);
   const bool stateCtl = h.type == static_cast<uint8_t>(FrameType::kStateRequest) ||
                         h.type == static_cast<uint8_t>(FrameType::kStateRefused);
+  const bool vote = h.type == static_cast<uint8_t>(FrameType::kCommit);
   if (h.magic != kFrameMagic || h.length > kMaxFramePayload || (data && h.length == 0) ||
-      (goodbye && h.length != 0) || (abort && h.length > kMaxAbortReason) ||
-      !(data || goodbye || abort || stateCtl)) {
+      ((goodbye || vote) && h.length != 0) || (abort && h.length > kMaxAbortReason) ||
+      !(data || goodbye || abort || stateCtl || vote)) {
     closeConnection(c, ErrorKind::kProtocol, "malformed frame from peer " + std::to_string(c->peer), false);
     return;
   }
@@ -721,7 +722,11 @@ void Engine::dispatchHeader(Connection* c) {
   if (it != activeByTag_.end() && it->second->accepts(h)) {
     const auto& op = it->second;
     try {
-      c->dst = op->receiveTarget(c->peer, h);
+      if (vote) {
+        op->checkVote(c->peer, h);
+      } else {
+        c->dst = op->receiveTarget(c->peer, h);
+      }
     } catch (const Error& e) {
       auto keep = op;
       failOp(keep.get(), kindOf(e), e.what(), peerOf(e));
@@ -790,7 +795,11 @@ void Engine::onFrameComplete(Connection* c) {
     if (op->state() == OpState::kRunning) {
       try {
         Sink frames(this);
-        op->onReceived(frames, h);
+        if (h.type == static_cast<uint8_t>(FrameType::kCommit)) {
+          op->onVote(h);
+        } else {
+          op->onReceived(frames, h);
+        }
       } catch (const Error& e) {
         failOp(op.get(), kindOf(e), e.what(), peerOf(e));
       }
@@ -831,6 +840,11 @@ void Engine::onFrameComplete(Connection* c) {
 void Engine::deliverEarly(const std::shared_ptr<Collective>& op, const MailFrame& frame) {
   if (op->state() != OpState::kRunning) return;
   try {
+    if (frame.header.type == static_cast<uint8_t>(FrameType::kCommit)) {
+      op->checkVote(frame.peer, frame.header);
+      op->onVote(frame.header);
+      return;
+    }
     uint8_t* dst = op->receiveTarget(frame.peer, frame.header);
     std::memcpy(dst, frame.payload.data(), frame.header.length);
     Sink frames(this);
@@ -986,6 +1000,10 @@ void Engine::startOp(const std::shared_ptr<Collective>& op) {
     return;
   }
   activeByTag_[tag] = op;
+  if (withholdVoteOps_ > 0 && op->voting()) {
+    --withholdVoteOps_;
+    op->withholdVotes();
+  }
   for (const Tombstone& t : tombstones_) {
     const OpKey& k = op->key();
     if (t.key.epoch == k.epoch && t.key.tag == k.tag && t.key.seq == k.seq) {
@@ -1031,6 +1049,20 @@ void Engine::startOp(const std::shared_ptr<Collective>& op) {
 void Engine::finishIfComplete(Collective* op) {
   if (op->state() != OpState::kRunning || !op->complete()) return;
   auto keep = op->shared_from_this();
+  if (op->voting()) {
+    bool ready = false;
+    try {
+      Sink frames(this);
+      ready = op->readyToCommit(frames);
+    } catch (const Error& e) {
+      failOp(op, kindOf(e), e.what(), peerOf(e));
+      return;
+    }
+    if (!ready) {
+      flushDirty();  // the vote goes out now; its send completion calls us again
+      return;
+    }
+  }
   op->succeed();
   retire(op);
 }
@@ -1041,7 +1073,10 @@ void Engine::retire(Collective* op) {
   auto it = activeByTag_.find(tag);
   if (it != activeByTag_.end() && it->second.get() == op) {
     // A successful deferred op keeps its scratch (the result) until settle().
-    if (!(op->state() == OpState::kSucceeded && it->second->holdsResult())) giveScratch(it->second->releaseScratch());
+    // So does one that failed after voting: the arbiter may still declare it a success.
+    if (!((op->state() == OpState::kSucceeded || op->voted()) && it->second->holdsResult())) {
+      giveScratch(it->second->releaseScratch());
+    }
     lastDoneByTag_[tag] = Finished{op->key(), it->second->shapeDigest()};
     activeByTag_.erase(it);
   }
@@ -1234,8 +1269,13 @@ std::shared_ptr<StateFetch> Engine::fetchState(const PeerAddress& source, uint64
 }
 
 void Engine::injectFault(const std::string& kind, int count) {
-  if (kind != "corrupt_state") throw InvalidArgument("unknown fault '" + kind + "'");
-  post([this, count] { corruptStateChunks_ = count; });
+  if (kind == "corrupt_state") {
+    post([this, count] { corruptStateChunks_ = count; });
+  } else if (kind == "withhold_vote") {
+    post([this, count] { withholdVoteOps_ = count; });
+  } else {
+    throw InvalidArgument("unknown fault '" + kind + "'");
+  }
 }
 
 void Engine::queueControl(Connection* c, const FrameHeader& h, std::string payload) {

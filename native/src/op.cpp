@@ -1,5 +1,7 @@
 #include "pccl/op.hpp"
 
+#include <algorithm>
+
 namespace pccl {
 
 Collective::Collective(OpKey key, double timeoutSeconds) : key_(key) {
@@ -56,6 +58,45 @@ void Collective::rethrow() const {
       throw InvalidArgument(errorMessage_);
   }
 }
+
+void Collective::enableVote(size_t ringSize, uint64_t prevPeer, uint64_t nextPeer, uint32_t digest) {
+  voteSize_ = ringSize;
+  votePrev_ = prevPeer;
+  voteNext_ = nextPeer;
+  voteDigest_ = digest;
+  if (ringSize <= 1) voted_.store(true, std::memory_order_release);
+}
+
+bool Collective::readyToCommit(FrameSink& sink) {
+  if (voteSize_ <= 1) return true;
+  const uint64_t count = std::min<uint64_t>(voteReceived_ + 1, voteSize_ - 1);
+  if (count > voteSent_) {
+    voteSent_ = count;
+    voted_.store(true, std::memory_order_release);
+    if (withholdVotes_) return voteReceived_ >= voteSize_ - 1;
+    FrameHeader h{};
+    h.magic = kFrameMagic;
+    h.type = static_cast<uint8_t>(FrameType::kCommit);
+    h.length = 0;
+    h.digest = voteDigest_;
+    h.epoch = key_.epoch;
+    h.tag = key_.tag;
+    h.seq = key_.seq;
+    h.offset = count;
+    ++pendingSends_;  // complete() waits for it: the op outlives its last frame
+    sink.sendFrame(this, voteNext_, 0, h, nullptr);
+    return false;
+  }
+  return voteReceived_ >= voteSize_ - 1;
+}
+
+void Collective::checkVote(uint64_t peer, const FrameHeader& h) const {
+  if (voteSize_ <= 1 || h.digest != voteDigest_ || peer != votePrev_ || h.offset == 0 || h.offset > voteSize_ - 1) {
+    throw ProtocolError("bad commit vote from peer " + std::to_string(peer) + " " + describe(), peer);
+  }
+}
+
+void Collective::onVote(const FrameHeader& h) { voteReceived_ = std::max<uint64_t>(voteReceived_, h.offset); }
 
 void Collective::onSent(uint32_t bytes) {
   --pendingSends_;

@@ -50,6 +50,9 @@ struct AllReduceOptions {
   // commits it (Engine::settle). Lets an outside arbiter veto a data-plane success
   // without the caller's input being overwritten.
   bool deferCommit = false;
+  // Commit vote (Collective::readyToCommit): the op succeeds only once every peer holds
+  // the result; with deferCommit, a vote-failed op keeps its result for settle().
+  bool vote = false;
   // kind != kNone: a quantized all-reduce (AllReduceQuantized; SUM and AVG of floats).
   QuantSpec quant;
 };

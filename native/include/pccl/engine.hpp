@@ -111,7 +111,9 @@ class Engine {
   std::shared_ptr<StateFetch> fetchState(const PeerAddress& source, uint64_t exposure,
                                          std::vector<FetchChunk> chunks, double timeoutSeconds);
   // Test-only fault injection: "corrupt_state" flips one byte in each of the next
-  // `count` state chunks this peer serves.
+  // `count` state chunks this peer serves; "withhold_vote": the next `count` voting ops
+  // posted here vote (and may commit) without telling their successor, so the peers
+  // after this one cannot commit on their own.
   void injectFault(const std::string& kind, int count);
 
   // Closes every connection to `peer` (any epoch), failing ops that involve it.
@@ -223,6 +225,7 @@ class Engine {
   std::deque<Tombstone> tombstones_;
   std::unordered_map<uint64_t, Exposure> exposures_;
   int corruptStateChunks_ = 0;
+  int withholdVoteOps_ = 0;
   std::atomic<uint64_t> nextExposure_{1};
   std::atomic<uint64_t> nextFetchTag_{1};
   std::unordered_map<uint64_t, std::deque<MailFrame>> mailbox_;

@@ -76,7 +76,8 @@ class Collective : public std::enable_shared_from_this<Collective> {
   virtual bool complete() const = 0;
   // Whether an incoming frame with this op's tag belongs to it.
   virtual bool accepts(const FrameHeader& h) const {
-    return h.type == static_cast<uint8_t>(FrameType::kData) && h.epoch == key_.epoch && h.seq == key_.seq;
+    return (h.type == static_cast<uint8_t>(FrameType::kData) || h.type == static_cast<uint8_t>(FrameType::kCommit)) &&
+           h.epoch == key_.epoch && h.seq == key_.seq;
   }
   virtual ScratchBuffer releaseScratch() { return {}; }
   // Whether a successful op still holds its result (deferred commit).
@@ -94,10 +95,34 @@ class Collective : public std::enable_shared_from_this<Collective> {
   void succeed();
   void fail(ErrorKind kind, const std::string& message, uint64_t peer = kNoPeer);
 
+  // ---- commit vote (ops posted with AllReduceOptions::vote)
+  // Once its data is complete, a peer tells its ring successor how many consecutive
+  // peers, itself and those before it, hold the complete result (kCommit frames; the
+  // count only grows, capped at N-1). A peer whose predecessor reports N-1 while it
+  // holds the result itself knows that every peer holds it: it succeeds ("commits")
+  // without asking anyone. So an op that one peer committed was complete everywhere,
+  // and a peer that never voted proves that nobody committed: an outside arbiter can
+  // then settle the peers whose op failed after voting without ever contradicting a
+  // peer that committed (docs/protocol.md, "Commit vote").
+  bool voting() const { return voteSize_ > 1; }
+  // Whether this peer cast its vote (it held the complete result). Any thread.
+  bool voted() const { return voted_.load(std::memory_order_acquire); }
+  // Progress thread, once complete(): sends this peer's count if it grew; returns true
+  // when every peer holds the result (always true without a vote).
+  bool readyToCommit(FrameSink& sink);
+  // Progress thread: validates a kCommit frame from `peer` (throws ProtocolError).
+  void checkVote(uint64_t peer, const FrameHeader& h) const;
+  void onVote(const FrameHeader& h);
+  // Test-only fault: this op's votes are counted as cast but never sent.
+  void withholdVotes() { withholdVotes_ = true; }
+
  protected:
   virtual void onSuccess() {}
   virtual void onFailure() {}
   std::string describe() const;
+
+  // Ops that vote call this from their constructor: N, ring neighbours, shape digest.
+  void enableVote(size_t ringSize, uint64_t prevPeer, uint64_t nextPeer, uint32_t digest);
 
   uint64_t pendingSends_ = 0;  // progress thread only
   uint64_t txProgress_ = 0;
@@ -106,6 +131,14 @@ class Collective : public std::enable_shared_from_this<Collective> {
  private:
   OpKey key_;
   Clock::time_point deadline_;
+  size_t voteSize_ = 0;  // 0/1: no vote
+  uint64_t votePrev_ = kNoPeer;
+  uint64_t voteNext_ = kNoPeer;
+  uint32_t voteDigest_ = 0;
+  uint64_t voteReceived_ = 0;  // the predecessor's latest count
+  uint64_t voteSent_ = 0;
+  bool withholdVotes_ = false;
+  std::atomic<bool> voted_{false};
   mutable std::mutex mu_;
   std::condition_variable cv_;
   OpState state_ = OpState::kRunning;

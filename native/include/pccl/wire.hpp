@@ -85,6 +85,9 @@ enum class FrameType : uint8_t {
   kStateRequest = 4,
   kStateData = 5,
   kStateRefused = 6,
+  // Commit vote of an all-reduce (no payload; `offset` carries the count, see
+  // Collective::readyToCommit).
+  kCommit = 7,
 };
 constexpr uint32_t kMaxAbortReason = 1024;
 constexpr uint64_t kStateEpoch = UINT64_MAX - 1;  // pool used by state transfers (never retired)
