@@ -25,7 +25,7 @@ import zmq.asyncio
 from pccl_py import auth, protocol
 from pccl_py.config import Config
 from pccl_py.errors import Aborted, AuthError, PcclError, ProtocolError, Timeout
-from pccl_py.master import new_event_loop
+from pccl_py.master import new_event_loop, send_nowait
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +161,7 @@ class ControlChannel:
 
     def _send_now(self, data: bytes) -> None:
         if self._sock is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                zmq.Socket.send(self._sock, data, flags=zmq.NOBLOCK)  # no future: we are its loop's thread
+            send_nowait(self._sock, [data])  # we are its loop's thread
 
     def note_committed(self, key: OpKey, world: int) -> None:
         """Op `key` committed through the commit vote (any thread): it joins the next

@@ -435,23 +435,41 @@ class Master:
             self._ids.pop(rid, None)
             if evicted and self._sock is not None:
                 # Tell it, in case it is alive (a hung peer that wakes up).
-                with contextlib.suppress(zmq.ZMQError):
-                    self._sock.send_multipart([rid, protocol.encode(protocol.make("evicted", reason=reason))], flags=zmq.NOBLOCK)
+                send_nowait(self._sock, [rid, protocol.encode(protocol.make("evicted", reason=reason))])
         watcher = self._watchers.pop(peer_id, None)
         if watcher is not None and watcher is not asyncio.current_task():
             watcher.cancel()
 
     async def _send_raw(self, rid: bytes, msg: protocol.Message) -> None:
         assert self._sock is not None
-        # A non-blocking send straight on the socket (we are on its loop's thread): no
-        # future per message on the per-op path.
-        with contextlib.suppress(zmq.ZMQError):
-            zmq.Socket.send_multipart(self._sock, [rid, protocol.encode(msg)], flags=zmq.NOBLOCK)
+        send_nowait(self._sock, [rid, protocol.encode(msg)])
 
     def _status(self) -> dict[str, Any]:
         state = self._membership.status()
         state["address"] = self.address
         return state
+
+
+def send_nowait(sock: zmq.asyncio.Socket, frames: list[bytes]) -> None:
+    """A non-blocking send from the socket's own loop thread (a message that cannot go
+    now is dropped, as a lost message would be). It goes through pyzmq's asyncio
+    wrapper on purpose: the socket's file descriptor is edge-triggered, a send can
+    consume the edge of a message that arrived meanwhile, and the wrapper then re-checks
+    the socket's events. A raw zmq.Socket.send does not, and that message would wait
+    for the next unrelated event (up to a heartbeat interval)."""
+    try:
+        future = sock.send_multipart(frames, flags=zmq.NOBLOCK)
+    except zmq.ZMQError:  # closed meanwhile
+        return
+    if future.done():
+        _retrieve(future)
+    else:
+        future.add_done_callback(_retrieve)
+
+
+def _retrieve(future: Any) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: a failed send is not logged as never retrieved
 
 
 def _op_keys(raw: list[Any]) -> list[tuple[int, int, int]]:
