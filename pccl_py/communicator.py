@@ -481,7 +481,9 @@ class Communicator:
                         if close_bar is not None:
                             close_bar()
                     result = self._ask(
-                        protocol.make("sync_done", ok=ok, kind=kind, msg=msg[:2000], rx_bytes=rx),
+                        protocol.make(
+                            "sync_done", ok=ok, kind=kind, msg=msg[:2000], rx_bytes=rx, revision=int(plan["revision"])
+                        ),
                         lambda: control.sync_result,
                         deadline,
                         "the shared-state result",

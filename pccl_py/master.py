@@ -270,7 +270,7 @@ class Master:
             elif kind == "sync_done":
                 if msg["ok"] and msg["rx_bytes"] > 0:
                     self.metrics.state_bytes.inc(msg["rx_bytes"])
-                await self._apply(self._membership.sync_done(peer_id, msg["ok"], msg["kind"], msg["msg"], now))
+                await self._apply(self._membership.sync_done(peer_id, msg["ok"], msg["kind"], msg["msg"], now, msg["revision"]))
             elif kind == "optimize":
                 if not 0 < msg["probe_bytes"] <= 1 << 30:
                     raise ProtocolError("optimize: probe_bytes must be in (0, 1 GiB]")

@@ -327,11 +327,14 @@ class Membership:
         g.sync_requests[peer.id] = (submission, exposure)
         return self._complete_sync_requests(g)
 
-    def sync_done(self, peer_id: int, ok: bool, kind: str, msg: str, now: float) -> list[Effect]:
+    def sync_done(self, peer_id: int, ok: bool, kind: str, msg: str, now: float, revision: int) -> list[Effect]:
+        """A peer's part of the planned sync is over; `revision` is the plan's."""
         peer, g = self._admitted(peer_id)
         record = g.sync_active
-        if record is None and ok and peer.id in g.behind:
+        if record is None and ok and peer.id in g.behind and revision == g.state_revision:
             # It finished the sync the others completed before the master restarted.
+            # (A peer behind for another reason, e.g. a joiner that never synced, may
+            # answer a newer plan that nobody completed: that one is retried below.)
             g.behind.discard(peer.id)
             g.last_synced.add(peer.id)
             assert g.state_revision is not None
@@ -732,6 +735,11 @@ class Membership:
             result = self._sync_result(g, False, "StateMismatch", str(exc))
             return [Log("sync", {"group": g.id, "ok": False, "error": str(exc)})] + [Send(pid, result) for pid in requests]
         g.sync_active = SyncRecord(frozenset(requests), election)
+        if not any(election.fetch.get(pid) for pid in requests):
+            # Nobody fetches anything: the plan would only be answered by every peer's
+            # "nothing received". Decide at once, one round trip instead of two.
+            g.sync_active.reports.update({pid: (True, "", "") for pid in requests})
+            return self._complete_sync(g)
         sources = sorted({pid for holders in election.holders for pid in holders})
         source_table = [
             [pid, self.peers[pid].host, self.peers[pid].port, requests[pid][1]] for pid in sources if pid in self.peers

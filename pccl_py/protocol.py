@@ -57,7 +57,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "leave": {},
     "status": {},
     "sync": {"epoch": _INT, "revision": _INT, "strategy": _STR, "exposure": _INT, "entries": _LIST},
-    "sync_done": {"ok": _BOOL, "kind": _STR, "msg": _STR, "rx_bytes": _INT},
+    # revision: the revision of the plan it answers (the sync it took part in).
+    "sync_done": {"ok": _BOOL, "kind": _STR, "msg": _STR, "rx_bytes": _INT, "revision": _INT},
     "optimize": {"epoch": _INT, "exposure": _INT, "probe_bytes": _INT},
     "probe_done": {"round": _INT, "results": _LIST},
     # Authentication (pccl_py.auth), before "hello" or "status" when a secret is set.

@@ -14,7 +14,7 @@ from pccl_py import protocol
 from pccl_py.membership import Membership, Phase, RejoinInfo, RejoinRefused, Send
 from stress.orchestrator import Scenario, load, run_scenario
 
-A, B, C = 901, 17, 455
+A, B, C, D = 901, 17, 455, 3003
 T0 = 100.0
 RING = (A, B, C)
 
@@ -193,13 +193,13 @@ def test_member_behind_on_the_last_sync_finishes_it_under_the_new_master() -> No
     rejoin(m, A, info(revision=13))
     rejoin(m, B, info(revision=12))
     rejoin(m, C, info(revision=12))
-    effects = m.sync_done(B, True, "", "", T0)
+    effects = m.sync_done(B, True, "", "", T0, 13)
     [result] = msgs(effects, "sync_result")[B]
     assert result["ok"] and result["revision"] == 13
     # Not behind (or a failed fetch): there is no sync to finish.
-    [result] = msgs(m.sync_done(A, True, "", "", T0), "sync_result")[A]
+    [result] = msgs(m.sync_done(A, True, "", "", T0, 13), "sync_result")[A]
     assert not result["ok"]
-    [result] = msgs(m.sync_done(C, False, "PeerLost", "x", T0), "sync_result")[C]
+    [result] = msgs(m.sync_done(C, False, "PeerLost", "x", T0, 13), "sync_result")[C]
     assert not result["ok"]
 
 
@@ -238,7 +238,21 @@ def test_sync_the_new_master_never_saw_is_retried() -> None:
     m = fresh_master()
     for pid in RING:
         rejoin(m, pid, info())
-    [result] = msgs(m.sync_done(A, True, "", "", T0), "sync_result")[A]
+    [result] = msgs(m.sync_done(A, True, "", "", T0, 1), "sync_result")[A]
+    assert not result["ok"] and result["kind"] == "Retry"
+
+
+def test_joiner_that_answers_a_plan_nobody_completed_is_retried_not_settled() -> None:
+    """Members A, B, C synced revision 12; joiner D (never synced) was fetching for the
+    revision-13 plan when the old master died, before anyone got that sync's result.
+    D is behind the group's revision (12), but its sync_done answers plan 13: it must
+    be retried with the others, not told that it holds revision 12 (it holds the
+    bytes of 13)."""
+    m = fresh_master()
+    for pid in RING:
+        rejoin(m, pid, info(ring=RING + (D,), revision=12))
+    rejoin(m, D, info(ring=RING + (D,), revision=-1))
+    [result] = msgs(m.sync_done(D, True, "", "", T0, 13), "sync_result")[D]
     assert not result["ok"] and result["kind"] == "Retry"
 
 

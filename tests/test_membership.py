@@ -886,3 +886,43 @@ def test_emptied_group_admits_the_next_peer_at_once(m: Membership) -> None:
     assert welcome["admitted"] is True
     [topo] = msgs_to(effects, C, "topology")
     assert ring_ids(topo) == [C]
+
+
+# ---------------------------------------------------------------------- shared-state sync
+
+
+def _submission(pid: int, hashes: list[int], revision: int = 1) -> Any:
+    from pccl_py.election import EntryMeta, Submission, SyncStrategy
+
+    entries = tuple(EntryMeta(f"e{i}", "float32", (4,), 16, h) for i, h in enumerate(hashes))
+    return Submission(pid, revision, SyncStrategy.ENFORCE_POPULAR, entries)
+
+
+def test_a_sync_where_nobody_fetches_is_decided_in_one_round_trip(m: Membership) -> None:
+    epoch = form_group(m, [A, B, C])
+    assert m.request_sync(A, _submission(A, [1, 2]), 1, T0) == []
+    assert m.request_sync(B, _submission(B, [1, 2]), 2, T0) == []
+    effects = m.request_sync(C, _submission(C, [1, 2]), 3, T0)
+    assert sends(effects, "sync_plan") == []
+    results = {s.to: s.msg for s in sends(effects, "sync_result")}
+    assert set(results) == {A, B, C}
+    assert all(r["ok"] and r["revision"] == 1 for r in results.values())
+    assert m.groups[0].sync_active is None and m.groups[0].state_revision == 1
+    assert epoch == m.groups[0].epoch
+    assert_valid_messages(effects)
+
+
+def test_a_sync_with_a_differing_entry_sends_plans_and_waits_for_every_peer(m: Membership) -> None:
+    form_group(m, [A, B, C])
+    m.request_sync(A, _submission(A, [1, 2]), 1, T0)
+    m.request_sync(B, _submission(B, [1, 2]), 2, T0)
+    effects = m.request_sync(C, _submission(C, [1, 9]), 3, T0)
+    plans = {s.to: s.msg for s in sends(effects, "sync_plan")}
+    assert set(plans) == {A, B, C}
+    assert plans[C]["fetch"] and plans[C]["fetch"][0][0] == 1
+    assert plans[A]["fetch"] == [] and plans[B]["fetch"] == []
+    assert sends(effects, "sync_result") == []
+    assert sends(m.sync_done(A, True, "", "", T0, 1), "sync_result") == []
+    assert sends(m.sync_done(B, True, "", "", T0, 1), "sync_result") == []
+    results = sends(m.sync_done(C, True, "", "", T0, 1), "sync_result")
+    assert {s.to for s in results} == {A, B, C}

@@ -149,7 +149,7 @@ DOCUMENTED = {
     "error": {"code": S, "msg": S},
     "status_reply": {"state": M},
     "sync": {"epoch": I, "revision": I, "strategy": S, "exposure": I, "entries": L},
-    "sync_done": {"ok": B, "kind": S, "msg": S, "rx_bytes": I},
+    "sync_done": {"ok": B, "kind": S, "msg": S, "rx_bytes": I, "revision": I},
     "done": {"ops": L},
     "sync_plan": {"revision": I, "fetch": L, "sources": L},
     "sync_result": {"ok": B, "kind": S, "msg": S, "revision": I},
