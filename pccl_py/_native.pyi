@@ -1,0 +1,244 @@
+"""pccl_py native data plane (private; use pccl_py.Communicator).
+
+Typed description of the pybind11 module built from bindings/module.cpp.
+tests/test_native_stub.py checks it against the built module: keep the two in step.
+"""
+
+from collections.abc import Sequence
+from typing import Any, ClassVar, Final, Literal, TypeAlias
+
+# Any object exporting a C-contiguous buffer (numpy array, bytearray, memoryview, ...).
+# It is held, zero-copy, until the op that took it finishes.
+_Buffer: TypeAlias = Any
+
+PROTOCOL_VERSION: Final[int]
+MAX_FRAME_PAYLOAD: Final[int]
+HELLO_MAGIC: Final[int]
+FRAME_MAGIC: Final[int]
+FRAME_TYPE_GOODBYE: Final[int]
+HELLO_SIZE: Final[int]
+HELLO_ACK_SIZE: Final[int]
+HELLO_AUTH: Final[int]
+HELLO_STATUS_AUTH_FAILED: Final[int]
+AUTH_PROOF_SIZE: Final[int]
+AUTH_RESULT_SIZE: Final[int]
+FRAME_HEADER_SIZE: Final[int]
+CUDA_BUILT: Final[bool]
+"""Whether the module was built with the CUDA kernels (cuda_quantize/cuda_dequantize)."""
+
+class DataType:
+    """Element type of a buffer."""
+
+    FLOAT16: ClassVar[DataType]
+    BFLOAT16: ClassVar[DataType]
+    FLOAT32: ClassVar[DataType]
+    FLOAT64: ClassVar[DataType]
+    INT8: ClassVar[DataType]
+    INT16: ClassVar[DataType]
+    INT32: ClassVar[DataType]
+    INT64: ClassVar[DataType]
+    UINT8: ClassVar[DataType]
+    UINT16: ClassVar[DataType]
+    UINT32: ClassVar[DataType]
+    UINT64: ClassVar[DataType]
+    __members__: ClassVar[dict[str, DataType]]
+    def __init__(self, value: int) -> None: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __ne__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __int__(self) -> int: ...
+    def __index__(self) -> int: ...
+    def __getstate__(self) -> int: ...
+    def __setstate__(self, state: int, /) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
+class ReduceOp:
+    """Reduction applied by all_reduce."""
+
+    SUM: ClassVar[ReduceOp]
+    AVG: ClassVar[ReduceOp]
+    PROD: ClassVar[ReduceOp]
+    MIN: ClassVar[ReduceOp]
+    MAX: ClassVar[ReduceOp]
+    __members__: ClassVar[dict[str, ReduceOp]]
+    def __init__(self, value: int) -> None: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __ne__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __int__(self) -> int: ...
+    def __index__(self) -> int: ...
+    def __getstate__(self) -> int: ...
+    def __setstate__(self, state: int, /) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
+class QuantKind:
+    """Wire quantization of an all-reduce."""
+
+    NONE: ClassVar[QuantKind]
+    MINMAX: ClassVar[QuantKind]
+    ZEROPOINT: ClassVar[QuantKind]
+    __members__: ClassVar[dict[str, QuantKind]]
+    def __init__(self, value: int) -> None: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __ne__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __int__(self) -> int: ...
+    def __index__(self) -> int: ...
+    def __getstate__(self) -> int: ...
+    def __setstate__(self, state: int, /) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
+def cuda_available() -> bool:
+    """Whether the CUDA kernels can run here (always False when CUDA_BUILT is False)."""
+
+# Bound only when CUDA_BUILT is True. src/dst are device addresses (e.g. tensor.data_ptr()).
+def cuda_quantize(kind: QuantKind, wire: DataType, dtype: DataType, src: int, count: int, dst: int) -> None:
+    """Encode `count` elements at device address src into device address dst (synchronous)."""
+
+def cuda_dequantize(kind: QuantKind, wire: DataType, dtype: DataType, src: int, count: int, dst: int) -> None:
+    """Decode an encoded run at device address src into `count` elements at dst (synchronous)."""
+
+def element_size(dtype: DataType, /) -> int:
+    """Bytes per element of `dtype`."""
+
+def hmac_sha256(key: bytes, data: bytes) -> bytes:
+    """HMAC-SHA256 as the handshake computes it (for tests)."""
+
+def quant_encoded_bytes(kind: QuantKind, wire: DataType, dtype: DataType, count: int) -> int:
+    """Bytes of `count` elements of `dtype` quantized to `wire` (uint8/uint16) by `kind`."""
+
+def quantize(kind: QuantKind, wire: DataType, dtype: DataType, src: _Buffer, dst: _Buffer) -> None:
+    """Encode src (elements of dtype) into dst (quant_encoded_bytes bytes), as the all-reduce does."""
+
+def dequantize(kind: QuantKind, wire: DataType, dtype: DataType, src: _Buffer, dst: _Buffer) -> None:
+    """Decode src (an encoded run) into dst (elements of dtype)."""
+
+class OpHandle:
+    """A running op; made by Engine, not constructible from Python."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the op finishes or `timeout` seconds pass; returns whether it finished."""
+
+    def result(self, timeout: float | None = None) -> None:
+        """Wait, then raise the op's error if it failed."""
+
+    def done(self) -> bool: ...
+    def abort(self, reason: str = "aborted by caller") -> None: ...
+
+class AllReduceHandle(OpHandle):
+    """Handle of Engine.all_reduce; dropping it aborts a running op."""
+
+    def settle(self, commit: bool) -> None:
+        """For defer_commit ops: copy the held result into the buffer (commit=True) or drop it."""
+
+    @property
+    def tx_bytes(self) -> int: ...
+    @property
+    def rx_bytes(self) -> int: ...
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """The op's (epoch, tag, seq)."""
+
+    @property
+    def voted(self) -> bool:
+        """Whether this peer cast its commit vote (it held the complete result)."""
+
+class StateExposure:
+    """Buffers served to fetching peers until close() (or garbage collection)."""
+
+    @property
+    def id(self) -> int: ...
+    def close(self) -> int:
+        """Stop serving; returns the bytes served."""
+
+class FetchHandle(OpHandle):
+    """Handle of Engine.fetch_state."""
+
+    @property
+    def rx_bytes(self) -> int:
+        """Bytes received so far (the total once done)."""
+
+    @property
+    def source(self) -> int:
+        """Peer id the state is fetched from."""
+
+class Engine:
+    """One peer's data plane: a listening socket, the ring connections and the ops on them."""
+
+    def __init__(
+        self,
+        peer_id: int,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        connections_per_peer: int = 1,
+        segment_bytes: int = 524288,
+        socket_buffer_bytes: int = 0,
+        mailbox_limit_bytes: int = 268435456,
+        secret: bytes = b"",
+    ) -> None: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def peer_id(self) -> int: ...
+    def set_ring(
+        self, epoch: int, ring: Sequence[tuple[int, str, int]], rank: int, timeout: float | None = None
+    ) -> None:
+        """Install the ring of `epoch` ((peer_id, host, port) in ring order) and connect to the next peer."""
+
+    def all_reduce(
+        self,
+        input: _Buffer,
+        output: _Buffer,
+        dtype: DataType,
+        op: ReduceOp,
+        tag: int = 0,
+        seq: int = 0,
+        timeout: float | None = None,
+        connect_timeout: float | None = None,
+        segment_bytes: int = 0,
+        defer_commit: bool = False,
+        quantization: QuantKind = QuantKind.NONE,
+        quant_dtype: DataType = DataType.UINT8,
+        vote: bool = False,
+    ) -> AllReduceHandle:
+        """Start a ring all-reduce of `input` into `output` (the same object: in place).
+
+        quantization != NONE: quantized to quant_dtype (UINT8/UINT16), SUM/AVG of floats only.
+        vote: succeed only once every peer holds the result (handle.voted, settle(True)).
+        """
+
+    def disconnect(self, peer: int, reason: str = "disconnected by caller") -> None: ...
+    def next_event(
+        self, timeout: float | None = None
+    ) -> tuple[Literal["peer_disconnected"], int, str] | None:
+        """The next (kind, peer, reason) event, or None if none came within `timeout`."""
+
+    def live_connections(self, peer: int, epoch: int) -> int: ...
+    def expose_state(self, buffers: list[_Buffer]) -> StateExposure:
+        """Serve these buffers (entry i = buffers[i]) to fetching peers until close()."""
+
+    def fetch_state(
+        self,
+        source: int,
+        host: str,
+        port: int,
+        exposure: int,
+        dsts: list[_Buffer],
+        chunks: Sequence[tuple[int, int, int, int, int]],
+        timeout: float | None = None,
+    ) -> FetchHandle:
+        """Fetch (entry, offset, length, dst index, dst offset) chunks of a peer's exposure into dsts."""
+
+    def inject_fault(self, kind: str, count: int = 1) -> None:
+        """Test-only: 'corrupt_state' flips a byte in the next served chunks."""
+
+    def close(self) -> None: ...
