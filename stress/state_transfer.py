@@ -11,7 +11,8 @@
     back to back (`--syncs` times after a warm-up); the time of one sync = the slowest
     peer's call in that round; median reported. Repeated with 1 MiB: the fixed cost.
     Every peer hashes its whole state at every sync, so with all peers on one host
-    this is bounded below by peers * size / (cores * digest throughput).
+    this is bounded below by hashing peers * size on all cores at once, which is
+    measured too ("floor"; memory bandwidth, not the digest, limits it).
 (c) digest: xxh3-64 (pccl_py.shared_state.digest) of a `--mib` MiB buffer, one core.
 
     python -m stress.state_transfer
@@ -28,6 +29,7 @@ import multiprocessing as mp
 import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -173,6 +175,26 @@ def no_transfer_sync(n_peers: int, mib: int, entries: int, syncs: int) -> dict[s
     }
 
 
+def hashing_floor(n_peers: int, mib: int, reps: int = 5) -> dict[str, Any]:
+    """What (b) cannot go below with every peer on this host: `n_peers` states of `mib`
+    MiB hashed at once on every core (threads; the digest releases the GIL), as the
+    peers of a no-transfer sync must. Memory bandwidth bounds it, not the digest."""
+    buffers = [np.empty(mib << 20, np.uint8) for _ in range(n_peers)]
+    for i, b in enumerate(buffers):
+        fill(b, i + 1)
+    threads = os.cpu_count() or 1
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(digest, buffers))  # warm-up
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            list(pool.map(digest, buffers))
+            times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    total = sum(b.nbytes for b in buffers)
+    return {"test": "hashing_floor", "peers": n_peers, "bytes": total, "threads": threads, "median_s": t, "gbps": total / t / 1e9}
+
+
 def digest_throughput(mib: int, reps: int = 7) -> dict[str, Any]:
     buffer = np.empty(mib << 20, np.uint8)
     fill(buffer, 7)
@@ -216,6 +238,13 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
     if "sync" in args.only:
+        r = hashing_floor(args.peers, args.mib)
+        results.append(r)
+        print(
+            f"(b) floor: {args.peers} x {args.mib} MiB hashed at once on {r['threads']} cores: "
+            f"{r['median_s'] * 1000:.1f} ms ({r['gbps']:.1f} GB/s in all)",
+            flush=True,
+        )
         # The same at 1 MiB: the fixed cost (control round trips), without the hashing.
         for mib in (args.mib, 1):
             r = no_transfer_sync(args.peers, mib, args.entries, args.syncs)
