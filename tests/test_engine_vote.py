@@ -135,3 +135,24 @@ def test_many_voting_ops_back_to_back_on_three_tags() -> None:
     # each (step, tag) sums r + step + tag over r = 0..n-1
     expected = sorted(float(sum(r + s + t for r in range(n))) for s in range(rounds) for t in range(3) for _ in range(n))
     assert sorted(sums) == expected
+
+
+@pytest.mark.parametrize("vote", [True, False])
+def test_a_deferred_in_place_success_settled_without_commit_gives_the_input_back(vote: bool) -> None:
+    """The result is built in the caller's buffer; an arbiter's veto (settle(False))
+    must still leave the caller's input exactly as it was, and a second settle is a
+    no-op."""
+    n, count = 3, (1 << 18) + 5
+    xs = _inputs(n, count)
+    originals = [x.copy() for x in xs]
+    with EngineRing(n) as ring:
+
+        def run(r: int, e) -> None:
+            h = e.all_reduce(xs[r], xs[r], DT.FLOAT32, OP.SUM, tag=0, seq=1, timeout=20, defer_commit=True, vote=vote)
+            h.result()
+            h.settle(False)
+            h.settle(True)  # too late: already settled
+
+        ring.run_ok(run)
+    for x, orig in zip(xs, originals):
+        np.testing.assert_array_equal(x, orig)

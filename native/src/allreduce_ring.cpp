@@ -35,9 +35,11 @@ AllReduceRing::AllReduceRing(const AllReduceOptions& options, const RingPosition
   PCCL_ENFORCE(ring_.size >= 1 && ring_.rank < ring_.size, "bad ring position");
   segmentBytes_ = std::max(elemSize_, options.segmentBytes - options.segmentBytes % elemSize_);
   segmentBytes_ = std::min<size_t>(segmentBytes_, kMaxFramePayload - kMaxFramePayload % elemSize_);
+  rsBuf_ = out_;
   if (inPlace_ && nbytes_ > 0 && ring_.size > 1) {  // N=1 in place: the input is the result
     PCCL_ENFORCE(scratch_.size >= nbytes_, "in-place all-reduce needs a scratch buffer");
-    out_ = scratch_.data.get();
+    rsBuf_ = scratch_.data.get();  // reduce-scatter arrivals, then the input they replace
+    backups_.reserve(nbytes_ / segmentBytes_ + ring_.size + 1);
   }
   const size_t n = ring_.size;
   ownedChunk_ = (ring_.rank + 1) % n;
@@ -95,7 +97,19 @@ void AllReduceRing::start(FrameSink& sink) {
     return;
   }
   const size_t own = ring_.rank;
+  // In place, our own chunk is overwritten only by its all-gather, long after this:
+  // it is kept a piece at a time while the reduce-scatter runs (backUpOwnChunk), so
+  // the first frames leave at once.
+  ownKept_ = chunkBegin(own);
   sendRange(sink, Phase::kReduceScatter, chunkBegin(own), chunkBegin(own + 1), in_);
+}
+
+void AllReduceRing::backUpOwnChunk(size_t upTo) {
+  const size_t end = std::min(upTo, chunkBegin(ring_.rank + 1));
+  if (rsBuf_ == out_ || ownKept_ >= end) return;
+  streamCopy(rsBuf_ + ownKept_, in_ + ownKept_, end - ownKept_);
+  backups_.push_back({ownKept_, end - ownKept_});
+  ownKept_ = end;
 }
 
 uint8_t* AllReduceRing::receiveTarget(uint64_t peer, const FrameHeader& h) {
@@ -120,10 +134,11 @@ uint8_t* AllReduceRing::receiveTarget(uint64_t peer, const FrameHeader& h) {
     if (chunk == ring_.rank || rsReceived_ + h.length > rsExpected_) throw bad("unexpected reduce-scatter segment");
   } else if (h.phase == static_cast<uint8_t>(Phase::kAllGather)) {
     if (chunk == ownedChunk_ || agReceived_ + h.length > agExpected_) throw bad("unexpected all-gather segment");
+    if (chunk == ring_.rank) backUpOwnChunk(SIZE_MAX);  // about to overwrite our own input
   } else {
     throw bad("unknown phase");
   }
-  return out_ + h.offset;
+  return (h.phase == static_cast<uint8_t>(Phase::kReduceScatter) ? rsBuf_ : out_) + h.offset;
 }
 
 void AllReduceRing::onReceived(FrameSink& sink, const FrameHeader& h) {
@@ -133,9 +148,16 @@ void AllReduceRing::onReceived(FrameSink& sink, const FrameHeader& h) {
   const size_t chunk = chunkOf(off);
   if (h.phase == static_cast<uint8_t>(Phase::kReduceScatter)) {
     rsReceived_ += len;
-    // The payload (partial reduction from upstream) already sits in out_; fold in our
-    // own contribution.
-    reduceInto(options_.dtype, options_.op, out_ + off, in_ + off, out_ + off, len / elemSize_);
+    // The payload (partial reduction from upstream) sits in rsBuf_; fold in our own
+    // contribution. In place, the sum replaces our input in the caller's buffer and
+    // the input moves to rsBuf_ (restored from there if the op fails).
+    if (rsBuf_ != out_) {
+      reduceSwap(options_.dtype, options_.op, rsBuf_ + off, out_ + off, len / elemSize_);
+      backups_.push_back({off, len});
+      backUpOwnChunk(ownKept_ + segmentBytes_);
+    } else {
+      reduceInto(options_.dtype, options_.op, out_ + off, out_ + off, in_ + off, len / elemSize_);
+    }
     if (chunk == ownedChunk_) {
       if (options_.op == ReduceOp::kAvg) finalizeAverage(options_.dtype, out_ + off, len / elemSize_, ring_.size);
       sendRange(sink, Phase::kAllGather, off, off + len, out_);
@@ -162,13 +184,22 @@ void AllReduceRing::forEachPeer(void (*fn)(void*, uint64_t), void* ctx) const {
   if (ring_.nextPeer != ring_.prevPeer) fn(ctx, ring_.nextPeer);
 }
 
-void AllReduceRing::onSuccess() {
-  if (inPlace_ && nbytes_ > 0 && !options_.deferCommit) std::memcpy(options_.output, out_, nbytes_);
+void AllReduceRing::onFailure() {
+  // Deferred and voted: the result may still be declared a success; settle() decides.
+  if (!(options_.deferCommit && voted())) restoreInput();
 }
 
 void AllReduceRing::commitResult() {
   PCCL_ENFORCE(state() == OpState::kSucceeded || voted(), "only a successful or voted op can be committed");
-  if (holdsResult() && scratch_.data) std::memcpy(options_.output, out_, nbytes_);
+  // The result is already in the caller's buffer.
+}
+
+void AllReduceRing::rollback() { restoreInput(); }
+
+void AllReduceRing::restoreInput() {
+  if (rsBuf_ == out_ || !scratch_.data) return;  // out of place, or the backup is gone
+  for (const auto& [off, len] : backups_) std::memcpy(out_ + off, rsBuf_ + off, len);
+  backups_.clear();
 }
 
 }  // namespace pccl

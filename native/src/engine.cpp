@@ -369,8 +369,15 @@ std::shared_ptr<Collective> Engine::allReduce(const AllReduceOptions& in, double
 
 void Engine::settle(const std::shared_ptr<Collective>& op, bool commit) {
   if (!op->done()) throw InvalidArgument("settle() needs a finished op");
-  if (commit && (op->state() == OpState::kSucceeded || op->voted())) op->commitResult();
-  if (op->holdsResult()) giveScratch(op->releaseScratch());
+  // Only a deferred op that succeeded or voted still holds its scratch (retire() left
+  // it to us; it released the others' on the progress thread, maybe just now).
+  if (!op->holdsResult() || !(op->state() == OpState::kSucceeded || op->voted())) return;
+  if (commit) {
+    op->commitResult();
+  } else {
+    op->rollback();
+  }
+  giveScratch(op->releaseScratch());
 }
 
 void Engine::abort(const std::shared_ptr<Collective>& op, const std::string& reason) {

@@ -3,8 +3,12 @@
 // reduction step gives the same bits on every machine.
 #include "pccl/reduce.hpp"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include <type_traits>
 
 #include "pccl/errors.hpp"
@@ -96,6 +100,38 @@ inline C nanAwareMax(C a, C b) {
   return a < b ? b : a;
 }
 
+// b[i] = a[i] op b[i], a[i] = old b[i]. a and b never overlap (restrict lets the
+// compiler vectorise the pass).
+template <typename T, ReduceOp kOp>
+void reduceSwapLoop(T* __restrict a, T* __restrict b, size_t n) {
+  using C = typename Compute<T>::type;
+  for (size_t i = 0; i < n; ++i) {
+    const T bi = b[i];
+    const C x = load(a[i]);
+    const C y = load(bi);
+    C r;
+    if constexpr (kOp == ReduceOp::kSum || kOp == ReduceOp::kAvg) {
+      if constexpr (std::is_integral_v<C>) {
+        r = wrapAdd(x, y);
+      } else {
+        r = x + y;
+      }
+    } else if constexpr (kOp == ReduceOp::kProd) {
+      if constexpr (std::is_integral_v<C>) {
+        r = wrapMul(x, y);
+      } else {
+        r = x * y;
+      }
+    } else if constexpr (kOp == ReduceOp::kMin) {
+      r = nanAwareMin(x, y);
+    } else {
+      r = nanAwareMax(x, y);
+    }
+    b[i] = store<T>(r);
+    a[i] = bi;
+  }
+}
+
 template <typename T, ReduceOp kOp>
 void reduceLoop(T* dst, const T* a, const T* b, size_t n) {
   using C = typename Compute<T>::type;
@@ -139,6 +175,24 @@ void reduceTyped(ReduceOp op, void* dst, const void* a, const void* b, size_t n)
       return reduceLoop<T, ReduceOp::kMin>(d, x, y, n);
     case ReduceOp::kMax:
       return reduceLoop<T, ReduceOp::kMax>(d, x, y, n);
+  }
+  throw InvalidArgument("unknown reduce op");
+}
+
+template <typename T>
+void reduceSwapTyped(ReduceOp op, void* a, void* b, size_t n) {
+  auto* x = static_cast<T*>(a);
+  auto* y = static_cast<T*>(b);
+  switch (op) {
+    case ReduceOp::kSum:
+    case ReduceOp::kAvg:
+      return reduceSwapLoop<T, ReduceOp::kSum>(x, y, n);
+    case ReduceOp::kProd:
+      return reduceSwapLoop<T, ReduceOp::kProd>(x, y, n);
+    case ReduceOp::kMin:
+      return reduceSwapLoop<T, ReduceOp::kMin>(x, y, n);
+    case ReduceOp::kMax:
+      return reduceSwapLoop<T, ReduceOp::kMax>(x, y, n);
   }
   throw InvalidArgument("unknown reduce op");
 }
@@ -200,6 +254,11 @@ struct ReduceFn {
 };
 
 template <typename T>
+struct ReduceSwapFn {
+  static void run(ReduceOp op, void* a, void* b, size_t n) { reduceSwapTyped<T>(op, a, b, n); }
+};
+
+template <typename T>
 struct AverageFn {
   static void run(void* data, size_t n, size_t divisor) { averageTyped<T>(data, n, divisor); }
 };
@@ -208,6 +267,37 @@ struct AverageFn {
 
 void reduceInto(DType dtype, ReduceOp op, void* dst, const void* a, const void* b, size_t count) {
   dispatch<ReduceFn>(dtype, op, dst, a, b, count);
+}
+
+void streamCopy(void* dst, const void* src, size_t bytes) {
+  auto* d = static_cast<uint8_t*>(dst);
+  const auto* s = static_cast<const uint8_t*>(src);
+#if defined(__SSE2__)
+  // Non-temporal stores: the destination is not read back soon, and they spare the
+  // read of each destination cache line that a normal store costs.
+  size_t head = (16 - (reinterpret_cast<uintptr_t>(d) & 15)) & 15;
+  if (head > bytes) head = bytes;
+  std::memcpy(d, s, head);
+  size_t i = head;
+  for (; i + 64 <= bytes; i += 64) {
+    const __m128i x0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+    const __m128i x1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 16));
+    const __m128i x2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 32));
+    const __m128i x3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 48));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), x0);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 16), x1);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 32), x2);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 48), x3);
+  }
+  std::memcpy(d + i, s + i, bytes - i);
+  _mm_sfence();
+#else
+  std::memcpy(d, s, bytes);
+#endif
+}
+
+void reduceSwap(DType dtype, ReduceOp op, void* a, void* b, size_t count) {
+  dispatch<ReduceSwapFn>(dtype, op, a, b, count);
 }
 
 void finalizeAverage(DType dtype, void* data, size_t count, size_t divisor) {

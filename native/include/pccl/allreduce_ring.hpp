@@ -13,9 +13,12 @@
 // striped over the pool of connections to the neighbour. Each peer sends and
 // receives 2(N-1)/N of the buffer.
 //
-// The caller's input is never written: the reduction lands in the output buffer (or,
-// in place, in a scratch buffer copied back only on success), so a failed op leaves
-// the input as it was.
+// Out of place, the caller's input is never written. In place, the result is built in
+// the caller's buffer with no final copy: a reduce-scatter segment arrives in a
+// scratch buffer, and one pass (reduceSwap) writes the sum over our input while
+// moving that input into the scratch; all-gather segments land in the caller's buffer
+// directly. Every byte of input overwritten is kept, and a failed op restores it, so
+// the input is intact after any failure (with deferCommit, at Engine::settle).
 #pragma once
 
 #include <cstdint>
@@ -73,16 +76,20 @@ class AllReduceRing final : public Collective {
   ScratchBuffer releaseScratch() override { return std::move(scratch_); }
   bool inPlace() const { return inPlace_; }
   uint32_t shapeDigest() const override { return digest_; }
+  // Deferred in-place ops keep the input they overwrote until settle(): commit keeps
+  // the result (already in place), rollback restores the input.
   bool holdsResult() const override { return inPlace_ && options_.deferCommit && nbytes_ > 0 && ring_.size > 1; }
-  // Copies the held result into the caller's buffer (deferred in-place ops).
   void commitResult() override;
+  void rollback() override;
   size_t nbytes() const { return nbytes_; }
 
   // Shape digest carried by every frame; peers that disagree fail the op.
   static uint32_t digest(size_t count, DType dtype, ReduceOp op, size_t worldSize);
 
  private:
-  void onSuccess() override;
+  void onFailure() override;
+  void restoreInput();
+  void backUpOwnChunk(size_t upTo);  // in place: keep our own chunk's input up to byte upTo
   size_t chunkBegin(size_t chunk) const;
   size_t chunkOf(size_t byteOffset) const;
   void sendRange(FrameSink& sink, Phase phase, size_t begin, size_t end, const uint8_t* base);
@@ -97,7 +104,10 @@ class AllReduceRing final : public Collective {
   size_t segmentBytes_;
   uint32_t digest_;
   const uint8_t* in_;
-  uint8_t* out_;
+  uint8_t* out_;      // the result: the output buffer (in place: the input)
+  uint8_t* rsBuf_;    // reduce-scatter arrivals: out_, or in place the scratch
+  std::vector<std::pair<size_t, size_t>> backups_;  // in place: (offset, bytes) of input kept in rsBuf_
+  size_t ownKept_ = 0;  // in place: our own chunk is kept in rsBuf_ up to this byte
   size_t ownedChunk_;    // the chunk this peer finishes: (rank + 1) mod N
   size_t noForwardChunk_;  // all-gather chunk whose next hop is its owner: (rank + 2) mod N
   size_t rsExpected_ = 0;

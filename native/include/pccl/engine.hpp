@@ -91,9 +91,11 @@ class Engine {
   // every peer of the ring (AllReduceQuantized).
   std::shared_ptr<Collective> allReduce(const AllReduceOptions& options, double connectTimeoutSeconds);
 
-  // Ends a deferred-commit op that has finished: copies the held result into the
-  // caller's buffer when `commit` and the op succeeded, then frees the scratch. A no-op
-  // for other ops. Caller thread.
+  // Ends a deferred-commit op that has finished and succeeded or voted: with `commit`
+  // the result stays in (or is copied into) the caller's buffer, without it the
+  // caller's input is put back; then frees the scratch. A no-op for other ops (a failed
+  // op that never voted restored its input when it failed) and when called again.
+  // Caller thread.
   void settle(const std::shared_ptr<Collective>& op, bool commit);
 
   // Fails `op` with AbortedError (no-op if it already finished). Returns at once;

@@ -84,6 +84,8 @@ class Collective : public std::enable_shared_from_this<Collective> {
   virtual bool holdsResult() const { return false; }
   // Copies a held result into the caller's buffer (deferred in-place ops).
   virtual void commitResult() {}
+  // A deferred in-place op is settled without commit: put the caller's input back.
+  virtual void rollback() {}
   // Digest of the op's shape, for late frames of a finished op (0: none).
   virtual uint32_t shapeDigest() const { return 0; }
   // Poisoning after a failure closes the neighbours' pools of epochs in
