@@ -896,7 +896,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=IMPLS[1:],
         default=[],
         metavar="IMPL",
-        help="also run these implementations in the same invocation (choices: gloo)",
+        help="also run these implementations in the same invocation: gloo (torch.distributed), "
+        "comm (pccl_py.Communicator through a real master: control plane and commit vote included)",
     )
     parser.add_argument(
         "--iters",
