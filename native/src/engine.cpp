@@ -775,9 +775,14 @@ void Engine::dispatchHeader(Connection* c) {
     } else {
       // Early frame of an op this peer has not posted yet. With no op running, leave
       // it in the kernel (stop reading this connection: TCP pushes back on the sender)
-      // until an op is posted; that costs no copy. With ops running, other ops' frames
-      // may queue behind it, so hold it in the mailbox (up to a cap) instead.
-      if (activeByTag_.empty() || mailboxBytes_ + h.length > options_.mailboxLimitBytes) {
+      // until an op is posted; that costs no copy. The same when the only op running
+      // is the one before it on its tag: a connection carries a sender's frames in
+      // order, so nothing that op still needs can queue behind this frame (a peer that
+      // finished first no longer makes its neighbour copy its next op through the
+      // mailbox). With other ops running, their frames may queue behind it, so hold it
+      // in the mailbox (up to a cap) instead.
+      const bool onlyItsTag = activeByTag_.size() == 1 && activeByTag_.begin()->first == h.tag;
+      if (activeByTag_.empty() || onlyItsTag || mailboxBytes_ + h.length > options_.mailboxLimitBytes) {
         c->paused = true;
         updateInterest(c);
         return;
@@ -1070,6 +1075,9 @@ void Engine::finishIfComplete(Collective* op) {
       return;
     }
   }
+  // Hand the scratch back before the waiter wakes: a caller that posts its next op at
+  // once then finds it in the pool instead of allocating (and faulting in) a new one.
+  if (!op->holdsResult()) giveScratch(op->releaseScratch());
   op->succeed();
   retire(op);
 }
