@@ -100,99 +100,65 @@ inline C nanAwareMax(C a, C b) {
   return a < b ? b : a;
 }
 
-// b[i] = a[i] op b[i], a[i] = old b[i]. a and b never overlap (restrict lets the
-// compiler vectorise the pass).
-template <typename T, ReduceOp kOp>
-void reduceSwapLoop(T* __restrict a, T* __restrict b, size_t n) {
-  using C = typename Compute<T>::type;
-  for (size_t i = 0; i < n; ++i) {
-    const T bi = b[i];
-    const C x = load(a[i]);
-    const C y = load(bi);
-    C r;
-    if constexpr (kOp == ReduceOp::kSum || kOp == ReduceOp::kAvg) {
-      if constexpr (std::is_integral_v<C>) {
-        r = wrapAdd(x, y);
-      } else {
-        r = x + y;
-      }
-    } else if constexpr (kOp == ReduceOp::kProd) {
-      if constexpr (std::is_integral_v<C>) {
-        r = wrapMul(x, y);
-      } else {
-        r = x * y;
-      }
-    } else if constexpr (kOp == ReduceOp::kMin) {
-      r = nanAwareMin(x, y);
+template <ReduceOp kOp, typename C>
+inline C combine(C x, C y) {
+  if constexpr (kOp == ReduceOp::kSum || kOp == ReduceOp::kAvg) {
+    if constexpr (std::is_integral_v<C>) {
+      return wrapAdd(x, y);
     } else {
-      r = nanAwareMax(x, y);
+      return x + y;
     }
-    b[i] = store<T>(r);
-    a[i] = bi;
+  } else if constexpr (kOp == ReduceOp::kProd) {
+    if constexpr (std::is_integral_v<C>) {
+      return wrapMul(x, y);
+    } else {
+      return x * y;
+    }
+  } else if constexpr (kOp == ReduceOp::kMin) {
+    return nanAwareMin(x, y);
+  } else {
+    return nanAwareMax(x, y);
   }
 }
 
 template <typename T, ReduceOp kOp>
 void reduceLoop(T* dst, const T* a, const T* b, size_t n) {
-  using C = typename Compute<T>::type;
+  for (size_t i = 0; i < n; ++i) dst[i] = store<T>(combine<kOp>(load(a[i]), load(b[i])));
+}
+
+// b[i] = a[i] op b[i], a[i] = old b[i]. a and b never overlap (restrict lets the
+// compiler vectorise the pass).
+template <typename T, ReduceOp kOp>
+void reduceSwapLoop(T* __restrict a, T* __restrict b, size_t n) {
   for (size_t i = 0; i < n; ++i) {
-    C x = load(a[i]);
-    C y = load(b[i]);
-    C r;
-    if constexpr (kOp == ReduceOp::kSum || kOp == ReduceOp::kAvg) {
-      if constexpr (std::is_integral_v<C>) {
-        r = wrapAdd(x, y);
-      } else {
-        r = x + y;
-      }
-    } else if constexpr (kOp == ReduceOp::kProd) {
-      if constexpr (std::is_integral_v<C>) {
-        r = wrapMul(x, y);
-      } else {
-        r = x * y;
-      }
-    } else if constexpr (kOp == ReduceOp::kMin) {
-      r = nanAwareMin(x, y);
-    } else {
-      r = nanAwareMax(x, y);
-    }
-    dst[i] = store<T>(r);
+    const T bi = b[i];
+    b[i] = store<T>(combine<kOp>(load(a[i]), load(bi)));
+    a[i] = bi;
   }
 }
 
-template <typename T>
+template <typename T, ReduceOp kOp, bool kSwap>
+void reduceRun(void* dst, const void* a, const void* b, size_t n) {
+  if constexpr (kSwap) {
+    reduceSwapLoop<T, kOp>(static_cast<T*>(const_cast<void*>(a)), static_cast<T*>(dst), n);
+  } else {
+    reduceLoop<T, kOp>(static_cast<T*>(dst), static_cast<const T*>(a), static_cast<const T*>(b), n);
+  }
+}
+
+// kSwap: dst is b, and a receives b's old values (reduceSwap).
+template <typename T, bool kSwap>
 void reduceTyped(ReduceOp op, void* dst, const void* a, const void* b, size_t n) {
-  auto* d = static_cast<T*>(dst);
-  auto* x = static_cast<const T*>(a);
-  auto* y = static_cast<const T*>(b);
   switch (op) {
     case ReduceOp::kSum:
     case ReduceOp::kAvg:
-      return reduceLoop<T, ReduceOp::kSum>(d, x, y, n);
+      return reduceRun<T, ReduceOp::kSum, kSwap>(dst, a, b, n);
     case ReduceOp::kProd:
-      return reduceLoop<T, ReduceOp::kProd>(d, x, y, n);
+      return reduceRun<T, ReduceOp::kProd, kSwap>(dst, a, b, n);
     case ReduceOp::kMin:
-      return reduceLoop<T, ReduceOp::kMin>(d, x, y, n);
+      return reduceRun<T, ReduceOp::kMin, kSwap>(dst, a, b, n);
     case ReduceOp::kMax:
-      return reduceLoop<T, ReduceOp::kMax>(d, x, y, n);
-  }
-  throw InvalidArgument("unknown reduce op");
-}
-
-template <typename T>
-void reduceSwapTyped(ReduceOp op, void* a, void* b, size_t n) {
-  auto* x = static_cast<T*>(a);
-  auto* y = static_cast<T*>(b);
-  switch (op) {
-    case ReduceOp::kSum:
-    case ReduceOp::kAvg:
-      return reduceSwapLoop<T, ReduceOp::kSum>(x, y, n);
-    case ReduceOp::kProd:
-      return reduceSwapLoop<T, ReduceOp::kProd>(x, y, n);
-    case ReduceOp::kMin:
-      return reduceSwapLoop<T, ReduceOp::kMin>(x, y, n);
-    case ReduceOp::kMax:
-      return reduceSwapLoop<T, ReduceOp::kMax>(x, y, n);
+      return reduceRun<T, ReduceOp::kMax, kSwap>(dst, a, b, n);
   }
   throw InvalidArgument("unknown reduce op");
 }
@@ -249,13 +215,13 @@ void dispatch(DType dtype, Args&&... args) {
 template <typename T>
 struct ReduceFn {
   static void run(ReduceOp op, void* dst, const void* a, const void* b, size_t n) {
-    reduceTyped<T>(op, dst, a, b, n);
+    reduceTyped<T, false>(op, dst, a, b, n);
   }
 };
 
 template <typename T>
 struct ReduceSwapFn {
-  static void run(ReduceOp op, void* a, void* b, size_t n) { reduceSwapTyped<T>(op, a, b, n); }
+  static void run(ReduceOp op, void* a, void* b, size_t n) { reduceTyped<T, true>(op, b, a, b, n); }
 };
 
 template <typename T>
