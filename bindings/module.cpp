@@ -317,7 +317,7 @@ PYBIND11_MODULE(_native, m) {
 
   py::class_<AllReduceHandle, OpHandle>(m, "AllReduceHandle")
       .def("settle", &AllReduceHandle::settle, py::arg("commit"),
-           "For defer_commit ops: copy the held result into the buffer (commit=True) or drop it.")
+           "For defer_commit in-place ops: keep the result (commit=True) or put the input back.")
       .def_property_readonly("tx_bytes", &AllReduceHandle::txBytes)
       .def_property_readonly("rx_bytes", &AllReduceHandle::rxBytes)
       .def_property_readonly("key", &AllReduceHandle::key)
@@ -468,7 +468,8 @@ PYBIND11_MODULE(_native, m) {
           "Fetch (entry, offset, length, dst index, dst offset) chunks of a peer's exposure into dsts.")
       .def(
           "inject_fault", [](Engine& e, const std::string& kind, int count) { e.injectFault(kind, count); },
-          py::arg("kind"), py::arg("count") = 1, "Test-only: 'corrupt_state' flips a byte in the next served chunks.")
+          py::arg("kind"), py::arg("count") = 1, "Test-only: 'corrupt_state' flips a byte in the next served chunks; 'withhold_vote': the\n"
+          "next voting ops cast their commit vote without sending it.")
       .def("close", [](Engine& e) {
         py::gil_scoped_release release;
         e.close();

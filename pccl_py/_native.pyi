@@ -138,7 +138,7 @@ class AllReduceHandle(OpHandle):
     """Handle of Engine.all_reduce; dropping it aborts a running op."""
 
     def settle(self, commit: bool) -> None:
-        """For defer_commit ops: copy the held result into the buffer (commit=True) or drop it."""
+        """For defer_commit in-place ops: keep the result (commit=True) or put the input back."""
 
     @property
     def tx_bytes(self) -> int: ...
@@ -239,6 +239,7 @@ class Engine:
         """Fetch (entry, offset, length, dst index, dst offset) chunks of a peer's exposure into dsts."""
 
     def inject_fault(self, kind: str, count: int = 1) -> None:
-        """Test-only: 'corrupt_state' flips a byte in the next served chunks."""
+        """Test-only: 'corrupt_state' flips a byte in the next served chunks; 'withhold_vote': the
+        next voting ops cast their commit vote without sending it."""
 
     def close(self) -> None: ...

@@ -558,6 +558,7 @@ class Communicator:
         while True:
             epoch = -1
             handle = None
+            outcome: protocol.Message | None = None
             ok, kind, msg, culprit = True, "", "", -1
             try:
                 epoch = self._ensure_ring(deadline)
@@ -595,20 +596,11 @@ class Communicator:
             else:
                 # Committed: the vote came round, every participant holds the result.
                 # No master round trip; the master hears of it in the next "done" batch.
-                handle.settle(True)
                 world = len(self._rings.get(key[0], ()))
                 control.note_committed(key, world)
-                attempts += 1
-                self._events.emit("op", epoch=key[0], tag=tag, seq=key[2], ok=True, world=world, ring=self.ring_of(key[0]))
-                return ReduceInfo(
-                    world_size=world,
-                    tx_bytes=handle.tx_bytes,
-                    rx_bytes=handle.rx_bytes,
-                    epoch=key[0],
-                    attempts=attempts,
-                    contributors=self._rings.get(key[0], ()),
-                )
-            outcome = self._outcome(key, ok, kind, msg, culprit, deadline)
+                outcome = {"ok": True, "world": world}
+            if outcome is None:
+                outcome = self._outcome(key, ok, kind, msg, culprit, deadline)
             attempts += 1
             if outcome["ok"]:
                 if handle is not None:

@@ -1087,7 +1087,8 @@ void Engine::retire(Collective* op) {
   const uint64_t tag = op->key().tag;
   auto it = activeByTag_.find(tag);
   if (it != activeByTag_.end() && it->second.get() == op) {
-    // A successful deferred op keeps its scratch (the result) until settle().
+    // A successful deferred op keeps its scratch (its result, or in place the input it
+    // replaced) until settle().
     // So does one that failed after voting: the arbiter may still declare it a success.
     if (!((op->state() == OpState::kSucceeded || op->voted()) && it->second->holdsResult())) {
       giveScratch(it->second->releaseScratch());
