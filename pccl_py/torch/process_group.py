@@ -665,6 +665,7 @@ def _reduce_op(red: Any, dtype: torch.dtype) -> ReduceOp:
     if kind == _RedOp.PREMUL_SUM:
         if not dtype.is_floating_point:
             raise PcclBackendError("PREMUL_SUM needs a floating-point tensor")
+        _premul_factor(red)  # rejected before queueing where torch hides the factor
         return ReduceOp.SUM
     if kind == _RedOp.AVG and not dtype.is_floating_point:
         raise PcclBackendError("AVG needs a floating-point tensor (as with NCCL)")
@@ -679,6 +680,11 @@ def _reduce_op(red: Any, dtype: torch.dtype) -> ReduceOp:
 def _premul_factor(red: Any) -> float | None:
     if getattr(red, "op", None) != _RedOp.PREMUL_SUM:
         return None
+    if not hasattr(red, "factor"):
+        raise PcclBackendError(
+            f"PREMUL_SUM: this torch ({torch.__version__}) does not expose the op's factor to Python "
+            "backends (ReduceOp.factor); scale the tensor and use SUM instead"
+        )
     factor = red.factor
     return float(factor.item() if isinstance(factor, torch.Tensor) else factor)
 
