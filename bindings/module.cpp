@@ -317,7 +317,8 @@ PYBIND11_MODULE(_native, m) {
 
   py::class_<AllReduceHandle, OpHandle>(m, "AllReduceHandle")
       .def("settle", &AllReduceHandle::settle, py::arg("commit"),
-           "For defer_commit in-place ops: keep the result (commit=True) or put the input back.")
+           "For defer_commit in-place ops: keep the result (commit=True; only an op that succeeded or voted\n"
+           "has one) or put the input back.")
       .def_property_readonly("tx_bytes", &AllReduceHandle::txBytes)
       .def_property_readonly("rx_bytes", &AllReduceHandle::rxBytes)
       .def_property_readonly("key", &AllReduceHandle::key)
@@ -335,7 +336,7 @@ PYBIND11_MODULE(_native, m) {
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
       .def(py::init([](uint64_t peerId, const std::string& host, uint16_t port, int connectionsPerPeer,
                        size_t segmentBytes, int socketBufferBytes, size_t mailboxLimitBytes,
-                       const py::bytes& secret) {
+                       const py::bytes& secret, bool zeroCopy) {
              EngineOptions o;
              o.peerId = peerId;
              o.listenHost = host;
@@ -345,13 +346,16 @@ PYBIND11_MODULE(_native, m) {
              o.socket.bufferBytes = socketBufferBytes;
              o.mailboxLimitBytes = mailboxLimitBytes;
              o.secret = secret;
+             o.zeroCopySend = zeroCopy;
              return std::make_shared<Engine>(o);
            }),
            py::arg("peer_id"), py::arg("host") = "127.0.0.1", py::arg("port") = 0,
            py::arg("connections_per_peer") = 1, py::arg("segment_bytes") = 512 << 10,
            py::arg("socket_buffer_bytes") = 0, py::arg("mailbox_limit_bytes") = size_t(256) << 20,
-           py::arg("secret") = py::bytes())
+           py::arg("secret") = py::bytes(), py::arg("zero_copy") = true)
       .def_property_readonly("port", &Engine::port)
+      .def_property_readonly("zero_copy_bytes", &Engine::zeroCopyBytes,
+                             "Payload bytes sent by reference (vmsplice + splice) instead of copied.")
       .def_property_readonly("peer_id", &Engine::peerId)
       .def(
           "set_ring",
@@ -406,7 +410,10 @@ PYBIND11_MODULE(_native, m) {
           "Start a ring all-reduce of `input` into `output` (the same object: in place). Returns a handle.\n"
           "quantization != NONE: quantized to quant_dtype (UINT8/UINT16), SUM/AVG of floats only.\n"
           "vote: succeed only once every peer holds the result (commit vote); handle.voted tells whether\n"
-          "a failed op had voted (then every peer may hold the result; settle(True) still commits it).")
+          "a failed op had voted (then every peer may hold the result; settle(True) still commits it).\n"
+          "A voting op (out of place, or in place with defer_commit) sends large payloads by reference:\n"
+          "leave both buffers alone until it has ended (committed or settled). In place with defer_commit,\n"
+          "a voting op that fails puts its input back at settle(False) (or when the handle is dropped).")
       .def(
           "disconnect", [](Engine& e, uint64_t peer, const std::string& reason) { e.disconnect(peer, reason); },
           py::arg("peer"), py::arg("reason") = "disconnected by caller")

@@ -138,7 +138,8 @@ class AllReduceHandle(OpHandle):
     """Handle of Engine.all_reduce; dropping it aborts a running op."""
 
     def settle(self, commit: bool) -> None:
-        """For defer_commit in-place ops: keep the result (commit=True) or put the input back."""
+        """For defer_commit in-place ops: keep the result (commit=True; only an op that
+        succeeded or voted has one) or put the input back."""
 
     @property
     def tx_bytes(self) -> int: ...
@@ -184,9 +185,13 @@ class Engine:
         socket_buffer_bytes: int = 0,
         mailbox_limit_bytes: int = 268435456,
         secret: bytes = b"",
+        zero_copy: bool = True,
     ) -> None: ...
     @property
     def port(self) -> int: ...
+    @property
+    def zero_copy_bytes(self) -> int:
+        """Payload bytes sent by reference (vmsplice + splice) instead of copied."""
     @property
     def peer_id(self) -> int: ...
     def set_ring(
@@ -214,6 +219,10 @@ class Engine:
 
         quantization != NONE: quantized to quant_dtype (UINT8/UINT16), SUM/AVG of floats only.
         vote: succeed only once every peer holds the result (handle.voted, settle(True)).
+        A voting op (out of place, or in place with defer_commit) sends large payloads by
+        reference: leave both buffers alone until it has ended (committed or settled). In
+        place with defer_commit, a voting op that fails puts its input back at settle(False)
+        (or when the handle is dropped), not when it fails.
         """
 
     def disconnect(self, peer: int, reason: str = "disconnected by caller") -> None: ...

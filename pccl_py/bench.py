@@ -127,6 +127,7 @@ class PcclParams:
 
     connections: int = DEFAULT_CONNECTIONS
     socket_buffer_bytes: int = 0
+    zero_copy: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +140,7 @@ class BenchConfig:
     connections: tuple[int, ...] = (DEFAULT_CONNECTIONS,)
     segment_bytes: tuple[int, ...] = (DEFAULT_SEGMENT_BYTES,)
     socket_buffer_bytes: int = 0
+    zero_copy: bool = True  # pccl: voting ops send large payloads by reference
     in_place: bool = True
     rounds: int = 1
     skip_pccl: bool = False
@@ -188,6 +190,7 @@ class Result:
     connections: int | None = None
     segment_bytes: int | None = None
     socket_buffer_bytes: int | None = None
+    zero_copy: bool | None = None  # pccl only
     quantization: str | None = None  # "kind:dtype" (pccl only); algbw is then effective
     netns_rate_bits: int | None = None  # each worker's shaped egress (bits/s); None: loopback
     load1: float | None = None  # the machine's 1-minute load average when the row was measured
@@ -247,6 +250,7 @@ class Result:
             out["connections"] = self.connections
             out["segment_bytes"] = self.segment_bytes
             out["socket_buffer_bytes"] = self.socket_buffer_bytes
+            out["zero_copy"] = self.zero_copy
             out["quantization"] = self.quantization
         return out
 
@@ -293,6 +297,7 @@ class _PcclCollective:
             connections_per_peer=params.connections,
             segment_bytes=DEFAULT_SEGMENT_BYTES,
             socket_buffer_bytes=params.socket_buffer_bytes,
+            zero_copy=params.zero_copy,
         )
 
     def connect(self, ring: list[tuple[int, str, int]]) -> None:
@@ -313,6 +318,8 @@ class _PcclCollective:
 
         q = Quantization.parse(quantization) if quantization else None
         self._seq += 1
+        # As the Communicator runs it: with the commit vote, and in place with the
+        # input kept until the op is settled (without the master's verdict here).
         handle = self.engine.all_reduce(
             self._in,
             self._out,
@@ -322,10 +329,13 @@ class _PcclCollective:
             seq=self._seq,
             timeout=self._timeout,
             segment_bytes=segment_bytes,
+            defer_commit=self._in is self._out,
             quantization=q.native_kind if q else self._nat.QuantKind.NONE,
             quant_dtype=q.native_dtype if q else self._nat.DataType.UINT8,
+            vote=True,
         )
         handle.result()
+        handle.settle(True)
 
     def check(self, expected: float) -> bool:
         return bool((self._out == expected).all())
@@ -703,6 +713,7 @@ def _measure_peer_count(
                 params = PcclParams(
                     connections=v.connections or DEFAULT_CONNECTIONS,
                     socket_buffer_bytes=cfg.socket_buffer_bytes,
+                    zero_copy=cfg.zero_copy,
                 )
                 groups[key] = stack.enter_context(_group(v.impl, world, params, cfg, net))
         for nbytes in cfg.sizes:
@@ -729,6 +740,7 @@ def _measure_peer_count(
                     connections=v.connections,
                     segment_bytes=v.segment_bytes,
                     socket_buffer_bytes=cfg.socket_buffer_bytes if v.impl == "pccl" else None,
+                    zero_copy=cfg.zero_copy if v.impl == "pccl" else None,
                     quantization=v.quantization,
                     netns_rate_bits=rate,
                     load1=os.getloadavg()[0],
@@ -935,6 +947,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pccl SO_SNDBUF/SO_RCVBUF (default: 0, the kernel's autotuning)",
     )
     parser.add_argument(
+        "--no-zero-copy",
+        action="store_true",
+        help="pccl copies every payload into the socket instead of sending large ones by reference "
+        "(vmsplice + splice)",
+    )
+    parser.add_argument(
         "--out-of-place",
         action="store_true",
         help="pccl writes into a separate output buffer (gloo always runs in place)",
@@ -991,6 +1009,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         connections=tuple(dict.fromkeys(args.connections)),
         segment_bytes=tuple(dict.fromkeys(args.segment_bytes)),
         socket_buffer_bytes=args.socket_buffer_bytes,
+        zero_copy=not args.no_zero_copy,
         in_place=not args.out_of_place,
         rounds=args.rounds,
         skip_pccl=args.skip_pccl,
@@ -1068,7 +1087,8 @@ def main(args: argparse.Namespace) -> int:
         if json_file is not None:
             json_file.close()
     placement = "in-place" if cfg.in_place else "out-of-place (pccl; gloo in place)"
-    out.print(results_table(results, title=f"all-reduce float32 SUM, {placement}"))
+    sends = "zero-copy sends" if cfg.zero_copy else "copied sends"
+    out.print(results_table(results, title=f"all-reduce float32 SUM, {placement}; pccl: commit vote, {sends}"))
     return 0
 
 

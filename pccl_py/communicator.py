@@ -156,6 +156,7 @@ class Communicator:
             socket_buffer_bytes=cfg.socket_buffer_bytes,
             mailbox_limit_bytes=cfg.mailbox_limit_bytes,
             secret=self._secret or b"",
+            zero_copy=cfg.zero_copy,
         )
         self._control = ControlChannel(self._master, cfg, self._on_master_message)
         self._control.on_master_restart = self._rejoin_restarted_master

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from pccl_py.errors import ConfigError
 
 
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 @dataclass(frozen=True)
 class Config:
     # Liveness: a peer sends a heartbeat every interval; the master evicts a peer it has
@@ -26,6 +29,9 @@ class Config:
     connections_per_peer: int = 1
     segment_bytes: int = 512 << 10
     socket_buffer_bytes: int = 0
+    # Large all-reduce payloads go to the kernel by reference (vmsplice + splice), not
+    # copied (docs/architecture.md, "Zero-copy sends"). False: copy everything.
+    zero_copy: bool = True
     mailbox_limit_bytes: int = 256 << 20
     # Control plane.
     max_message_bytes: int = 16 << 20  # room for the state description of large models
@@ -82,9 +88,11 @@ class Config:
                     values[field.name] = float(raw)
                 elif field.type in ("int", int):
                     values[field.name] = int(raw)
+                elif field.type in ("bool", bool):
+                    values[field.name] = _BOOLS[raw.strip().lower()]
                 else:
                     values[field.name] = raw or None
-            except ValueError:
+            except (ValueError, KeyError):
                 raise ConfigError(f"PCCL_{field.name.upper()}={raw!r} is not a valid {field.type}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

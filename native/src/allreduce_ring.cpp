@@ -185,8 +185,9 @@ void AllReduceRing::forEachPeer(void (*fn)(void*, uint64_t), void* ctx) const {
 }
 
 void AllReduceRing::onFailure() {
-  // Deferred and voted: the result may still be declared a success; settle() decides.
-  if (!(options_.deferCommit && voted())) restoreInput();
+  // Deferred and voting: the result may still be declared a success (if this peer
+  // voted), and the restore waits for the arbiter's verdict anyway; settle() decides.
+  if (!defersRestore()) restoreInput();
 }
 
 void AllReduceRing::commitResult() {

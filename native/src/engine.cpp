@@ -1,6 +1,7 @@
 #include "pccl/engine.hpp"
 
 #include <linux/sockios.h>
+#include <fcntl.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/eventfd.h>
@@ -37,6 +38,8 @@ Digest256 handshakeMac(const std::string& secret, const char* label, const uint8
 }
 
 constexpr size_t kMaxIov = 64;
+constexpr uint32_t kZeroCopyMinBytes = 32u << 10;  // smaller payloads are copied
+constexpr size_t kPipeMaxBytes = 1u << 20;         // the default fs.pipe-max-size
 constexpr int kReadBudget = 64;  // frames or reads per connection per loop turn (fairness)
 constexpr size_t kScratchPoolSize = 4;
 constexpr size_t kMaxEvents = 4096;
@@ -72,6 +75,7 @@ struct Engine::SendItem {
   std::shared_ptr<Collective> op;  // null for control frames and state answers
   uint64_t exposure = 0;           // state answers: the exposure `data` points into
   std::shared_ptr<std::string> hold = nullptr;  // owns `data` when the engine made it
+  bool splice = false;  // payload sent by reference (vmsplice + splice), not copied
 };
 
 struct Engine::MailFrame {
@@ -111,6 +115,11 @@ struct Engine::Connection {
 
   std::deque<SendItem> sendq;
   size_t headSent = 0;  // bytes of the head item (header, then payload) already written
+  // Zero-copy sends: a payload is vmspliced into this pipe (the pipe then refers to the
+  // caller's pages) and spliced from it into the socket. pipeBytes: still in the pipe.
+  Fd pipeRead, pipeWrite;
+  size_t pipeBytes = 0;
+  size_t pipeCapacity = 0;  // what F_SETPIPE_SZ was last asked for (or gave)
   bool dirty = false;
 };
 
@@ -126,7 +135,8 @@ class Engine::Sink : public FrameSink {
                           peer);
     }
     Connection* c = it->second[stripe % it->second.size()];
-    c->sendq.push_back(SendItem{header, data, op->shared_from_this(), 0, nullptr});
+    c->sendq.push_back(SendItem{header, data, op->shared_from_this(), 0, nullptr,
+                                engine_->zeroCopy(c, *op, header)});
     if (!c->dirty) {
       c->dirty = true;
       engine_->dirty_.push_back(c);
@@ -174,6 +184,17 @@ void Engine::post(std::function<void()> command) {
   uint64_t one = 1;
   ssize_t n = ::write(wakeFd_.get(), &one, sizeof(one));
   (void)n;
+}
+
+void Engine::barrier() {
+  auto done = std::make_shared<std::promise<void>>();
+  std::future<void> turn = done->get_future();
+  try {
+    post([done] { done->set_value(); });
+  } catch (const AbortedError&) {
+    return;  // closed: the progress thread is gone or going, every op already failed
+  }
+  turn.wait();
 }
 
 void Engine::close() {
@@ -369,12 +390,18 @@ std::shared_ptr<Collective> Engine::allReduce(const AllReduceOptions& in, double
 
 void Engine::settle(const std::shared_ptr<Collective>& op, bool commit) {
   if (!op->done()) throw InvalidArgument("settle() needs a finished op");
-  // Only a deferred op that succeeded or voted still holds its scratch (retire() left
-  // it to us; it released the others' on the progress thread, maybe just now).
-  if (!op->holdsResult() || !(op->state() == OpState::kSucceeded || op->voted())) return;
-  if (commit) {
+  // Only a deferred op that succeeded, voted or defers its restore still holds its
+  // scratch (retire() left it to us; it released the others' on the progress thread,
+  // maybe just now).
+  const bool held = op->state() == OpState::kSucceeded || op->voted();
+  if (!op->holdsResult() || !(held || op->defersRestore())) return;
+  if (commit && held) {
     op->commitResult();
   } else {
+    // A failed op closed its connections on the progress thread (failOp), maybe just
+    // after waking us: wait for that turn to end, so that the neighbours can tell the
+    // connection closed before the input that was sent by reference changes.
+    if (op->state() == OpState::kFailed && op->sendsByReference()) barrier();
     op->rollback();
   }
   giveScratch(op->releaseScratch());
@@ -439,6 +466,7 @@ void Engine::run() {
       // On errors and hang-ups, read first: frames queued before a reset (an abort
       // with its reason, say) are still delivered; recv() reports the error after them.
       if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+        if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) failReadersByReference(c);
         if (c->paused && (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))) {
           closeConnection(c, ErrorKind::kPeerLost, "peer " + std::to_string(c->peer) + " closed the connection", false);
           continue;
@@ -866,6 +894,30 @@ void Engine::deliverEarly(const std::shared_ptr<Collective>& op, const MailFrame
   }
 }
 
+// Zero-copy send: the payload is vmspliced into the connection's pipe (the pipe then
+// refers to the caller's pages) and spliced into the socket, so the kernel copies it
+// once, into the receiver, instead of twice. The catch: a byte changed after the frame
+// was queued but before the receiver read it arrives changed. Only ops that say this
+// cannot matter (Collective::sendsByReference) go this way, and only payloads large
+// enough for the pipe's two extra system calls to pay.
+bool Engine::zeroCopy(Connection* c, const Collective& op, const FrameHeader& h) {
+  if (!options_.zeroCopySend || h.length < kZeroCopyMinBytes || !op.sendsByReference()) return false;
+  if (!c->pipeWrite.valid()) {
+    int p[2];
+    if (::pipe2(p, O_NONBLOCK | O_CLOEXEC) != 0) return false;  // copy instead
+    c->pipeRead.reset(p[0]);
+    c->pipeWrite.reset(p[1]);
+  }
+  // Room for a whole segment (plus the pages an unaligned one straddles); the kernel
+  // may refuse (pipe-max-size, the user's pipe quota), and then it goes in pieces.
+  const size_t want = std::min<size_t>(kPipeMaxBytes, (h.length + (8u << 10) + 4095) & ~size_t(4095));
+  if (c->pipeCapacity < want) {
+    const int got = ::fcntl(c->pipeWrite.get(), F_SETPIPE_SZ, static_cast<int>(want));
+    c->pipeCapacity = got > 0 ? static_cast<size_t>(got) : want;  // refused: don't ask again per frame
+  }
+  return true;
+}
+
 void Engine::flushDirty() {
   while (!dirty_.empty()) {
     std::vector<Connection*> batch;
@@ -879,17 +931,69 @@ void Engine::flushDirty() {
 
 void Engine::flush(Connection* c) {
   std::vector<std::shared_ptr<Collective>> progressed;
+  const size_t hdr = sizeof(FrameHeader);
+  // Completes the head item once all of it is in the socket (its spliced payload too).
+  auto completeHead = [&] {
+    SendItem& head = c->sendq.front();
+    if (head.op) {
+      head.op->onSent(head.header.length);
+      progressed.push_back(std::move(head.op));
+    }
+    c->sendq.pop_front();
+    c->headSent = 0;
+  };
+  auto fail = [&](int err) {
+    // The peer may have said why it reset the stream (an abort frame): read that first.
+    onReadable(c);
+    if (!c->dead) {
+      closeConnection(c, ErrorKind::kPeerLost,
+                      "send to peer " + std::to_string(c->peer) + " failed: " + std::strerror(err), false);
+    }
+  };
   while (!c->sendq.empty()) {
+    SendItem& front = c->sendq.front();
+    // A payload handed to the kernel by reference (vmsplice) leaves the pipe first.
+    if (c->pipeBytes > 0) {
+      // SPLICE_F_MORE holds a partial TCP segment back for the bytes that follow: only
+      // when some do, or the frame's tail would wait for the next send.
+      const bool more = c->headSent < hdr + front.header.length || c->sendq.size() > 1;
+      ssize_t n = ::splice(c->pipeRead.get(), nullptr, c->fd.get(), nullptr, c->pipeBytes,
+                           SPLICE_F_NONBLOCK | SPLICE_F_MOVE | (more ? SPLICE_F_MORE : 0u));
+      if (n < 0) {
+        if (errno == EAGAIN || errno == EINTR) break;
+        return fail(errno);
+      }
+      c->pipeBytes -= static_cast<size_t>(n);
+      if (c->pipeBytes == 0 && c->headSent == hdr + front.header.length) completeHead();
+      continue;
+    }
+    if (front.splice && c->headSent >= hdr) {
+      const size_t off = c->headSent - hdr;
+      iovec v{const_cast<uint8_t*>(front.data) + off, front.header.length - off};
+      ssize_t n = ::vmsplice(c->pipeWrite.get(), &v, 1, SPLICE_F_NONBLOCK);
+      if (n <= 0) {
+        if (n < 0 && (errno == EAGAIN || errno == EINTR)) break;
+        return fail(n < 0 ? errno : EPIPE);
+      }
+      c->headSent += static_cast<size_t>(n);
+      c->pipeBytes = static_cast<size_t>(n);
+      zeroCopyBytes_.fetch_add(static_cast<uint64_t>(n), std::memory_order_relaxed);
+      continue;
+    }
     iovec iov[kMaxIov];
     size_t iovCount = 0;
     size_t skip = c->headSent;
+    bool more = false;
     for (auto it = c->sendq.begin(); it != c->sendq.end() && iovCount + 2 <= kMaxIov; ++it) {
-      const size_t hdr = sizeof(FrameHeader);
       if (skip < hdr) {
         iov[iovCount++] = iovec{reinterpret_cast<uint8_t*>(&it->header) + skip, hdr - skip};
         skip = 0;
       } else {
         skip -= hdr;
+      }
+      if (it->splice) {  // its payload goes by reference, after this write
+        more = true;
+        break;
       }
       if (it->header.length > skip) {
         iov[iovCount++] = iovec{const_cast<uint8_t*>(it->data) + skip, it->header.length - skip};
@@ -899,33 +1003,21 @@ void Engine::flush(Connection* c) {
     msghdr msg{};
     msg.msg_iov = iov;
     msg.msg_iovlen = iovCount;
-    ssize_t n = ::sendmsg(c->fd.get(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    ssize_t n = ::sendmsg(c->fd.get(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT | (more ? MSG_MORE : 0));
     if (n < 0) {
       if (errno == EAGAIN || errno == EINTR) break;
-      const int err = errno;
-      // The peer may have said why it reset the stream (an abort frame): read that first.
-      onReadable(c);
-      if (!c->dead) {
-        closeConnection(c, ErrorKind::kPeerLost,
-                        "send to peer " + std::to_string(c->peer) + " failed: " + std::strerror(err), false);
-      }
-      return;
+      return fail(errno);
     }
     size_t written = static_cast<size_t>(n);
     while (written > 0 && !c->sendq.empty()) {
       SendItem& head = c->sendq.front();
-      const size_t total = sizeof(FrameHeader) + head.header.length;
-      const size_t take = std::min(written, total - c->headSent);
+      const size_t total = hdr + head.header.length;
+      const size_t limit = head.splice ? hdr : total;
+      const size_t take = std::min(written, limit - c->headSent);
       c->headSent += take;
       written -= take;
-      if (c->headSent == total) {
-        if (head.op) {
-          head.op->onSent(head.header.length);
-          progressed.push_back(std::move(head.op));
-        }
-        c->sendq.pop_front();
-        c->headSent = 0;
-      }
+      if (c->headSent == total) completeHead();
+      else break;
     }
   }
   updateInterest(c);
@@ -994,6 +1086,23 @@ void Engine::closeConnection(Connection* c, ErrorKind kind, const std::string& r
   }
   for (auto& op : victims) failOp(op.get(), kind, reason, peer);
   resumePaused();
+}
+
+// The predecessor closed a connection while an op still needs its frames. If the op
+// sends by reference, so did the predecessor: its unread frames still refer to its
+// pages, which it may rewrite once it has failed (settle(False) puts its input back).
+// Fail the op now rather than read bytes that may no longer be the ones it sent: the
+// predecessor cannot have committed, since this peer has not voted.
+void Engine::failReadersByReference(Connection* c) {
+  if (c->outgoing || c->handshaking) return;
+  std::vector<std::shared_ptr<Collective>> doomed;
+  for (auto& [tag, op] : activeByTag_) {
+    if (op->key().epoch == c->epoch && op->sendsByReference() && op->awaitsDataFrom(c->peer)) doomed.push_back(op);
+  }
+  for (auto& op : doomed) {
+    failOp(op.get(), ErrorKind::kPeerLost, "peer " + std::to_string(c->peer) + " closed the connection mid-op",
+           c->peer);
+  }
 }
 
 void Engine::closePeer(uint64_t peer, uint64_t minEpoch, uint64_t maxEpoch, ErrorKind kind, const std::string& reason) {
@@ -1090,7 +1199,8 @@ void Engine::retire(Collective* op) {
     // A successful deferred op keeps its scratch (its result, or in place the input it
     // replaced) until settle().
     // So does one that failed after voting: the arbiter may still declare it a success.
-    if (!((op->state() == OpState::kSucceeded || op->voted()) && it->second->holdsResult())) {
+    // A voting one keeps it whatever happened: its restore waits for settle().
+    if (!((op->state() == OpState::kSucceeded || op->voted() || op->defersRestore()) && op->holdsResult())) {
       giveScratch(it->second->releaseScratch());
     }
     lastDoneByTag_[tag] = Finished{op->key(), it->second->shapeDigest()};

@@ -79,6 +79,22 @@ class AllReduceRing final : public Collective {
   // Deferred in-place ops keep the input they overwrote until settle(): commit keeps
   // the result (already in place), rollback restores the input.
   bool holdsResult() const override { return inPlace_ && options_.deferCommit && nbytes_ > 0 && ring_.size > 1; }
+  // A deferred in-place op that votes restores its input only at settle(), also when it
+  // failed before voting, so that the restore comes after the arbiter heard of the
+  // failure (zero-copy sends, below).
+  bool defersRestore() const override { return holdsResult() && voting(); }
+  // Payloads go by reference only when the op votes and, in place, defers its restore.
+  // A byte this peer sent can then change before the successor reads it only (a) after
+  // this peer committed or settled a success: every peer held the result, so had read
+  // all it needed from us; (b) when the failed op is restored at settle(False) or a
+  // retry reuses the buffer: the op failed for every peer, since a peer that failed
+  // before voting never voted and so nobody committed, and the arbiter hears of the
+  // failure before the restore. Out of place, only the caller changes the buffers,
+  // after the op ended in one of those ways.
+  bool sendsByReference() const override { return voting() && (!inPlace_ || options_.deferCommit); }
+  bool awaitsDataFrom(uint64_t peer) const override {
+    return ring_.size > 1 && peer == ring_.prevPeer && (rsReceived_ < rsExpected_ || agReceived_ < agExpected_);
+  }
   void commitResult() override;
   void rollback() override;
   size_t nbytes() const { return nbytes_; }

@@ -45,6 +45,9 @@ struct EngineOptions {
   // Shared secret: when set, every connection is authenticated both ways by HMAC
   // challenge-response in the handshake (wire.hpp). Empty: no authentication.
   std::string secret;
+  // Large all-reduce payloads of voting ops go to the kernel by reference (vmsplice +
+  // splice) instead of being copied: see Engine::zeroCopy. false: always copy.
+  bool zeroCopySend = true;
 };
 
 struct PeerAddress {
@@ -91,11 +94,10 @@ class Engine {
   // every peer of the ring (AllReduceQuantized).
   std::shared_ptr<Collective> allReduce(const AllReduceOptions& options, double connectTimeoutSeconds);
 
-  // Ends a deferred-commit op that has finished and succeeded or voted: with `commit`
-  // the result stays in (or is copied into) the caller's buffer, without it the
-  // caller's input is put back; then frees the scratch. A no-op for other ops (a failed
-  // op that never voted restored its input when it failed) and when called again.
-  // Caller thread.
+  // Ends a deferred-commit op that has finished: with `commit`, if it succeeded or
+  // voted, the result stays in the caller's buffer; otherwise the caller's input is put
+  // back. Then frees the scratch. A no-op for other ops (a failed op that neither voted
+  // nor votes restored its input when it failed) and when called again. Caller thread.
   void settle(const std::shared_ptr<Collective>& op, bool commit);
 
   // Fails `op` with AbortedError (no-op if it already finished). Returns at once;
@@ -131,6 +133,9 @@ class Engine {
   // Open outgoing connections to `peer` in the pool of `epoch`.
   size_t liveConnections(uint64_t peer, uint64_t epoch) const;
 
+  // Payload bytes sent by reference (zero-copy) so far.
+  uint64_t zeroCopyBytes() const { return zeroCopyBytes_.load(std::memory_order_relaxed); }
+
  private:
   struct Connection;
   struct SendItem;
@@ -139,6 +144,8 @@ class Engine {
 
   // caller side
   void post(std::function<void()> command);
+  // Returns once the progress thread has finished the loop turn it is in.
+  void barrier();
   void ensureConnected(const PeerAddress& peer, uint64_t epoch, double timeoutSeconds);
   using PoolKey = std::pair<uint64_t, uint64_t>;  // (peer, epoch)
   struct PoolKeyHash {
@@ -161,11 +168,13 @@ class Engine {
   void onFrameComplete(Connection* c);
   void deliverEarly(const std::shared_ptr<Collective>& op, const MailFrame& frame);
   void flush(Connection* c);
+  bool zeroCopy(Connection* c, const Collective& op, const FrameHeader& h);
   void updateInterest(Connection* c);
   void addConnection(Fd fd, uint64_t peer, uint64_t epoch, bool outgoing, bool handshaking);
   void closeConnection(Connection* c, ErrorKind kind, const std::string& reason, bool quiet);
   // Closes the connections to `peer` of epochs in [minEpoch, maxEpoch].
   void closePeer(uint64_t peer, uint64_t minEpoch, uint64_t maxEpoch, ErrorKind kind, const std::string& reason);
+  void failReadersByReference(Connection* c);
   void flushDirty();
   void sendGoodbye(Connection* c);
   void sendAbort(Connection* c, const Collective& op, ErrorKind kind, const std::string& reason);
@@ -229,6 +238,7 @@ class Engine {
   int corruptStateChunks_ = 0;
   int withholdVoteOps_ = 0;
   std::atomic<uint64_t> nextExposure_{1};
+  std::atomic<uint64_t> zeroCopyBytes_{0};
   std::atomic<uint64_t> nextFetchTag_{1};
   std::unordered_map<uint64_t, std::deque<MailFrame>> mailbox_;
   size_t mailboxBytes_ = 0;

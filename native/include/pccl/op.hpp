@@ -80,6 +80,15 @@ class Collective : public std::enable_shared_from_this<Collective> {
            h.epoch == key_.epoch && h.seq == key_.seq;
   }
   virtual ScratchBuffer releaseScratch() { return {}; }
+  // Whether the engine may send this op's payloads by reference (the kernel reads the
+  // caller's pages when the receiver reads, not when the frame is queued). Only safe
+  // when no peer can rely on a byte this peer changes before every peer holds the
+  // result: see AllReduceRing::sendsByReference.
+  virtual bool sendsByReference() const { return false; }
+  // Whether a failed op leaves its caller's input to settle() to restore.
+  virtual bool defersRestore() const { return false; }
+  // Whether this op still needs payload frames from `peer`.
+  virtual bool awaitsDataFrom(uint64_t peer) const { (void)peer; return false; }
   // Whether a successful op still holds its result (deferred commit).
   virtual bool holdsResult() const { return false; }
   // Copies a held result into the caller's buffer (deferred in-place ops).
