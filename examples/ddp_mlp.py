@@ -60,12 +60,16 @@ def main() -> None:
     inputs, classes = 64, 10
     model = build_model(args.width, args.depth, inputs, classes)
     if args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # The model trains on the CPU: say so, or fully_shard picks the accelerator's
+        # mesh wherever torch sees one (and a single-GPU host has no device for rank 1).
+        mesh = init_device_mesh("cpu", (world,))
         for layer in model:
             if isinstance(layer, nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         trained: nn.Module = model
     else:
         trained = nn.parallel.DistributedDataParallel(model)
