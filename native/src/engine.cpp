@@ -186,17 +186,6 @@ void Engine::post(std::function<void()> command) {
   (void)n;
 }
 
-void Engine::barrier() {
-  auto done = std::make_shared<std::promise<void>>();
-  std::future<void> turn = done->get_future();
-  try {
-    post([done] { done->set_value(); });
-  } catch (const AbortedError&) {
-    return;  // closed: the progress thread is gone or going, every op already failed
-  }
-  turn.wait();
-}
-
 void Engine::close() {
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -398,10 +387,6 @@ void Engine::settle(const std::shared_ptr<Collective>& op, bool commit) {
   if (commit && held) {
     op->commitResult();
   } else {
-    // A failed op closed its connections on the progress thread (failOp), maybe just
-    // after waking us: wait for that turn to end, so that the neighbours can tell the
-    // connection closed before the input that was sent by reference changes.
-    if (op->state() == OpState::kFailed && op->sendsByReference()) barrier();
     op->rollback();
   }
   giveScratch(op->releaseScratch());
@@ -1211,7 +1196,14 @@ void Engine::retire(Collective* op) {
 void Engine::failOp(Collective* op, ErrorKind kind, const std::string& message, uint64_t peer) {
   if (op->state() != OpState::kRunning) return;
   auto keep = op->shared_from_this();
-  op->fail(kind, message, peer);
+  // The caller sees the failure only once the connections are closed (below): from then
+  // on a neighbour still reading frames sent by reference knows they are from a failed
+  // op (failReadersByReference), whatever the caller does with its buffers.
+  op->fail(kind, message, peer, /*publish=*/false);
+  struct PublishAtEnd {
+    Collective* op;
+    ~PublishAtEnd() { op->publish(); }
+  } publishAtEnd{op};
   retire(op);
   // Poison: the neighbours' streams may hold frames of this op mid-flight.
   struct Ctx {

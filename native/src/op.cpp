@@ -12,7 +12,7 @@ Collective::Collective(OpKey key, double timeoutSeconds) : key_(key) {
 
 bool Collective::wait(double timeoutSeconds) {
   std::unique_lock<std::mutex> lock(mu_);
-  auto finished = [this] { return state_ != OpState::kRunning; };
+  auto finished = [this] { return published_; };
   if (timeoutSeconds < 0) {
     cv_.wait(lock, finished);
     return true;
@@ -22,7 +22,7 @@ bool Collective::wait(double timeoutSeconds) {
 
 bool Collective::done() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return state_ != OpState::kRunning;
+  return published_;
 }
 
 OpState Collective::state() const {
@@ -116,11 +116,12 @@ void Collective::succeed() {
     state_ = OpState::kSucceeded;
     txBytes_ = txProgress_;
     rxBytes_ = rxProgress_;
+    published_ = true;
   }
   cv_.notify_all();
 }
 
-void Collective::fail(ErrorKind kind, const std::string& message, uint64_t peer) {
+void Collective::fail(ErrorKind kind, const std::string& message, uint64_t peer, bool publish) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (state_ != OpState::kRunning) return;
@@ -131,7 +132,16 @@ void Collective::fail(ErrorKind kind, const std::string& message, uint64_t peer)
     txBytes_ = txProgress_;
     rxBytes_ = rxProgress_;
   }
-  onFailure();
+  onFailure();  // before the caller can see the failure: an in-place input is back
+  if (publish) this->publish();
+}
+
+void Collective::publish() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (published_ || state_ == OpState::kRunning) return;
+    published_ = true;
+  }
   cv_.notify_all();
 }
 

@@ -144,8 +144,6 @@ class Engine {
 
   // caller side
   void post(std::function<void()> command);
-  // Returns once the progress thread has finished the loop turn it is in.
-  void barrier();
   void ensureConnected(const PeerAddress& peer, uint64_t epoch, double timeoutSeconds);
   using PoolKey = std::pair<uint64_t, uint64_t>;  // (peer, epoch)
   struct PoolKeyHash {

@@ -104,7 +104,10 @@ class Collective : public std::enable_shared_from_this<Collective> {
   // Peers whose connections are poisoned when this op fails.
   virtual void forEachPeer(void (*fn)(void*, uint64_t), void* ctx) const = 0;
   void succeed();
-  void fail(ErrorKind kind, const std::string& message, uint64_t peer = kNoPeer);
+  // Marks the op failed (the progress thread no longer drives it) and, with `publish`,
+  // lets waiters see it; otherwise publish() does, once the engine has cleaned up.
+  void fail(ErrorKind kind, const std::string& message, uint64_t peer = kNoPeer, bool publish = true);
+  void publish();
 
   // ---- commit vote (ops posted with AllReduceOptions::vote)
   // Once its data is complete, a peer tells its ring successor how many consecutive
@@ -153,6 +156,7 @@ class Collective : public std::enable_shared_from_this<Collective> {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   OpState state_ = OpState::kRunning;
+  bool published_ = false;  // the outcome is visible to callers (wait, done)
   ErrorKind errorKind_ = ErrorKind::kNone;
   std::string errorMessage_;
   uint64_t errorPeer_ = kNoPeer;
