@@ -49,12 +49,7 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"pccl master: {exc}", file=sys.stderr)
         return 2
-    if secret is None and not auth.is_loopback(args.host):
-        print(
-            f"pccl master: WARNING: listening on {args.host} WITHOUT A SHARED SECRET: anyone who can reach "
-            f"port {args.port} can join the run or disrupt it. Use --secret-file or PCCL_SECRET.",
-            file=sys.stderr, flush=True,
-        )
+    # Without a secret on a non-loopback address the Master logs the warning itself.
     master = Master(
         host=args.host, port=args.port, secret=secret, config=config,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host,

@@ -170,7 +170,7 @@ class Master:
             if self._secret is None and not auth.is_loopback(self._host):
                 log.warning(
                     "INSECURE: the master listens on %s without a shared secret: anyone who reaches "
-                    "this port can join the run. Set --secret-file or PCCL_SECRET.", self._host
+                    "this port can join the run or disrupt it. Set --secret-file or PCCL_SECRET.", self._host
                 )
             log.info("master listening on %s", self.address)
             self._events.emit("master_start", address=self.address)

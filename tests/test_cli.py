@@ -43,6 +43,24 @@ def test_pccl_master_serves_peers_and_stops_on_sigterm(tmp_path: Path) -> None:
             proc.wait(5)
 
 
+def test_pccl_master_without_a_secret_off_loopback_warns_once() -> None:
+    """Listening on every interface (this machine has only loopback) without a secret."""
+    env = {k: v for k, v in os.environ.items() if k != "PCCL_SECRET"}
+    proc = subprocess.Popen(
+        PCCL + ["master", "--host", "0.0.0.0", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert proc.stdout is not None
+        assert "listening on" in proc.stdout.readline()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert err.lower().count("without a shared secret") == 1, err
+
+
 def test_pccl_master_reports_a_port_in_use() -> None:
     with pccl.Master() as running:
         port = running.address.rsplit(":", 1)[1]
