@@ -11,6 +11,7 @@ from pccl_py.election import SyncStrategy
 from pccl_py.errors import (
     Aborted,
     AuthError,
+    CollectiveMismatch,
     ConfigError,
     InvalidArgument,
     PcclError,
@@ -29,6 +30,7 @@ __all__ = [
     "Aborted",
     "AllReduceHandle",
     "AuthError",
+    "CollectiveMismatch",
     "Communicator",
     "Config",
     "ConfigError",

@@ -29,6 +29,7 @@ from pccl_py.control import ControlChannel, OpKey, Topology
 from pccl_py.errors import (
     Aborted,
     AuthError,
+    CollectiveMismatch,
     ConfigError,
     InvalidArgument,
     PcclError,
@@ -57,6 +58,7 @@ _ERRORS: dict[str, type[PcclError]] = {
     "Aborted": Aborted,
     "ProtocolError": ProtocolError,
     "InvalidArgument": InvalidArgument,
+    "CollectiveMismatch": CollectiveMismatch,
 }
 _FLOAT_DTYPES = (
     _native.DataType.FLOAT16,
@@ -71,10 +73,21 @@ _RETRYABLE = ("PeerLost", "PeerLeft")
 class AllReduceHandle:
     """An all-reduce in flight. wait() returns its ReduceInfo or raises its error."""
 
-    def __init__(self, future: concurrent.futures.Future[ReduceInfo]) -> None:
+    def __init__(
+        self, future: concurrent.futures.Future[ReduceInfo], on_slow: Callable[[], None] | None = None, slow_after: float = 0.0
+    ) -> None:
         self._future = future
+        self._on_slow = on_slow  # tells the master what this caller waits on (mismatch detection)
+        self._slow_after = slow_after
 
     def wait(self, timeout: float | None = None) -> ReduceInfo:
+        if self._on_slow is not None and (timeout is None or timeout > self._slow_after):
+            try:
+                return self._future.result(self._slow_after)
+            except concurrent.futures.TimeoutError:
+                self._on_slow()
+            if timeout is not None:
+                timeout -= self._slow_after
         try:
             return self._future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -133,8 +146,11 @@ class Communicator:
         self._next_seq: dict[int, int] = {}
         self._round = 0
         self._pending_query = 0
-        # op key -> (native handle, retry flag); guarded by control.cond
-        self._inflight: dict[OpKey, tuple[Any, bool]] = {}
+        # op key -> (native handle, retry flag, shape description); guarded by control.cond
+        self._inflight: dict[OpKey, tuple[Any, bool, str]] = {}
+        # No collective call since admission but pending_peers(): the master lets a
+        # joiner's first update_topology() be the vote that admitted it.
+        self._fresh = False
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
 
@@ -189,6 +205,7 @@ class Communicator:
         control.wait(admitted, deadline, "admission by the master")
         self._start_round()
         self._ensure_ring(deadline)
+        self._fresh = True
         self._events.emit("connected", peer=self.peer_id, group=self._group, epoch=self.epoch)
         return self
 
@@ -244,18 +261,25 @@ class Communicator:
 
     def update_topology(self, timeout: float | None = None) -> None:
         """Collective of the admitted peers: when all have called it, the master admits
-        the pending peers and every peer moves to the new epoch's ring."""
+        the pending peers and every peer moves to the new epoch's ring.
+
+        A peer admitted by a vote took part in it: if it calls update_topology() before
+        any other collective (pending_peers() aside), that call returns at once, so a
+        joiner that runs the same loop as the members lines up with them. Raises
+        CollectiveMismatch when the members are blocked in other collectives."""
         control = self._require()
         deadline = self._deadline(timeout, self.config.connect_timeout)
+        fresh, self._fresh = self._fresh, False
         with control.cond:
             rounds = control.vote_rounds
             self._waiting = ["vote", control.round]
         try:
             self._ask(
-                protocol.make("vote", epoch=self.epoch),
+                protocol.make("vote", epoch=self.epoch, fresh=fresh),
                 lambda: True if control.vote_rounds > rounds else None,
                 deadline,
                 "the topology vote",
+                call="update_topology",
             )
         finally:
             with control.cond:
@@ -281,6 +305,9 @@ class Communicator:
         engine = self._engine
         assert engine is not None
         deadline = self._deadline(timeout, self.config.op_timeout)
+        self._fresh = False
+        with control.cond:
+            mismatches = control.mismatches
         probe_buffer = np.zeros(self.config.probe_bytes, np.uint8)  # its content is irrelevant
         exposure = engine.expose_state([probe_buffer])  # served before anyone is told to probe
         probes = 0
@@ -300,7 +327,17 @@ class Communicator:
                 return task if task is not None and task["round"] > handled else None
 
             while True:
-                step = control.wait(next_step, deadline, "the topology optimisation")
+                try:
+                    step = control.wait(
+                        next_step,
+                        deadline,
+                        "the topology optimisation",
+                        mismatches=mismatches,
+                        on_slow=lambda: self._report_blocked("optimize_topology"),
+                    )
+                except CollectiveMismatch:
+                    self._start_round()
+                    raise
                 if step is True:
                     break
                 assert isinstance(step, dict)
@@ -348,10 +385,11 @@ class Communicator:
             self._waiting = ["pending", name[0], name[1], query]
         try:
             count = self._ask(
-                protocol.make("pending", epoch=self.epoch, query=query),
+                protocol.make("pending", epoch=self.epoch, query=query, fresh=self._fresh),
                 lambda: control.pending_answers.pop(query, None),
                 deadline,
                 "pending_peers()",
+                call="pending_peers",
             )
         finally:
             with control.cond:
@@ -381,7 +419,7 @@ class Communicator:
         every peer must pass the same one), see docs/quantization.md."""
         x_host, out_host, copy_back = stage_to_host(x, out)
         args = self._prepare(x_host, op, out_host, tag, quantization)
-        info = self._run_all_reduce(*args, self._deadline(timeout, self.config.op_timeout), retry)
+        info = self._run_all_reduce(*args, self._deadline(timeout, self.config.op_timeout), retry, blocking=True)
         if copy_back is not None:
             copy_back()
         return info
@@ -404,13 +442,19 @@ class Communicator:
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="pccl-op")
 
+        current: list[OpKey] = []  # the key of its latest attempt, for wait()'s report
+
         def run() -> ReduceInfo:
-            info = self._run_all_reduce(*args, deadline, retry)
+            info = self._run_all_reduce(*args, deadline, retry, attempt_key=current)
             if copy_back is not None:
                 copy_back()
             return info
 
-        return AllReduceHandle(self._executor.submit(run))
+        def on_slow() -> None:
+            if current:
+                self._report_blocked("all_reduce", current[-1])
+
+        return AllReduceHandle(self._executor.submit(run), on_slow, self.config.blocked_report_after)
 
     # ------------------------------------------------------------------ shared state
 
@@ -432,6 +476,7 @@ class Communicator:
         check_strategy(strategy)
         assert self._engine is not None
         deadline = self._deadline(timeout, self.config.op_timeout)
+        self._fresh = False
         entries = state.entries()
         buffers = state.buffers()
         exposure = self._engine.expose_state(buffers)  # ready to serve before anyone is told to fetch
@@ -459,7 +504,11 @@ class Communicator:
                 )
             while True:
                 plan = self._ask(
-                    request, lambda: control.sync_plan or control.sync_result, deadline, "the shared-state plan"
+                    request,
+                    lambda: control.sync_plan or control.sync_result,
+                    deadline,
+                    "the shared-state plan",
+                    call="sync_shared_state",
                 )
                 if plan["t"] == "sync_plan":
                     ok, kind, msg = True, "", ""
@@ -488,6 +537,7 @@ class Communicator:
                         lambda: control.sync_result,
                         deadline,
                         "the shared-state result",
+                        call="sync_shared_state",
                     )
                 else:
                     result = plan
@@ -513,6 +563,7 @@ class Communicator:
         self, x: Any, op: ReduceOp, out: Any, tag: int | None, quantization: Any
     ) -> tuple[Any, Any, Any, ReduceOp, int, int, Quantization | None]:
         self._require()
+        self._fresh = False
         if not isinstance(op, ReduceOp):
             raise InvalidArgument(f"op must be a pccl_py.ReduceOp, got {op!r}")
         if quantization is not None and not isinstance(quantization, Quantization):
@@ -549,11 +600,18 @@ class Communicator:
         quantization: Quantization | None,
         deadline: float,
         retry: bool,
+        *,
+        blocking: bool = False,
+        attempt_key: list[OpKey] | None = None,
     ) -> ReduceInfo:
+        """Runs (and with `retry` re-runs) one all-reduce. `blocking`: the caller's
+        thread waits in it (reported to the master if it waits long: mismatch
+        detection); `attempt_key` receives the key of each attempt."""
         engine = self._engine
         control = self._require()
         assert engine is not None
         in_place = dst is src
+        desc = _describe(src, dtype, op, tag, seq, quantization)
         failures_in_epoch: dict[int, int] = {}  # a retry in the same epoch needs a fresh key
         attempts = 0
         while True:
@@ -578,8 +636,12 @@ class Communicator:
                     quant_dtype=quantization.native_dtype if quantization else _native.DataType.UINT8,
                     vote=True,
                 )
-                self._track(key, handle, retry)
+                self._track(key, handle, retry, desc)
+                if attempt_key is not None:
+                    attempt_key.append(key)
                 try:
+                    if blocking and not handle.wait(self.config.blocked_report_after):
+                        self._report_blocked("all_reduce", key)
                     handle.result()
                 finally:
                     self._untrack(key)
@@ -629,6 +691,8 @@ class Communicator:
                 tag=tag,
                 step=seq & ((1 << _STEP_BITS) - 1),
             )
+            if outcome["kind"] == "CollectiveMismatch":
+                self._start_round()  # every member does: numbering restarts where the master says
             retryable = outcome["kind"] == "PeerLeft" or (retry and outcome["kind"] in _RETRYABLE)
             failures_in_epoch[key[0]] = failures_in_epoch.get(key[0], 0) + 1
             if not retryable or attempts >= self.config.max_retries or failures_in_epoch[key[0]] >= 1 << _ATTEMPT_BITS:
@@ -660,20 +724,47 @@ class Communicator:
             with control.cond:
                 self._reported.pop(key, None)
 
-    def _ask(self, request: protocol.Message, answer: Callable[[], Any], deadline: float, what: str) -> Any:
-        """Sends a collective request and waits for its answer; a request still waiting
-        when the master restarts is sent again once the group has re-formed."""
+    def _ask(
+        self, request: protocol.Message, answer: Callable[[], Any], deadline: float, what: str, call: str
+    ) -> Any:
+        """Sends the request of collective `call` and waits for its answer; a request
+        still waiting when the master restarts is sent again once the group has
+        re-formed. A wait that lasts is reported to the master, which raises
+        CollectiveMismatch here when the members wait in calls that cannot match."""
         control = self._require()
         control.flush_committed()  # the master sees this peer's ops before its next request
         with control.cond:
             control.outstanding = request
+            mismatches = control.mismatches
         try:
             control.send(request)
-            return control.wait(answer, deadline, what)
+            return control.wait(
+                answer, deadline, what, mismatches=mismatches, on_slow=lambda: self._report_blocked(call)
+            )
+        except CollectiveMismatch:
+            self._start_round()  # every member does: numbering restarts where the master says
+            raise
         finally:
             with control.cond:
                 if control.outstanding is request:
                     control.outstanding = None
+
+    def _report_blocked(self, call: str, op: OpKey | None = None) -> None:
+        """Tells the master this peer's caller has waited a while in `call` (and on op
+        `op`), with the data-plane ops it has in flight: the master's mismatch rule."""
+        control = self._control
+        if control is None or self._closed:
+            return
+        control.flush_committed()  # the master learns which of our ops are over first
+        with control.cond:
+            inflight = [[k[0], k[1], k[2], d] for k, (_, _, d) in self._inflight.items()]
+            desc = self._inflight[op][2] if op is not None and op in self._inflight else ""
+        if op is not None and not desc:
+            return  # that attempt is over already
+        try:
+            control.send(protocol.make("blocked", call=call, op=list(op) if op else [], desc=desc, inflight=inflight))
+        except Aborted:
+            pass
 
     def _rejoin_restarted_master(self) -> None:
         """Control's rejoin thread: the master restarted; register with the new one as a
@@ -726,10 +817,10 @@ class Communicator:
                 control.evicted = f"could not rejoin the restarted master: {exc}"
                 control.cond.notify_all()
 
-    def _track(self, key: OpKey, handle: Any, retry: bool) -> None:
+    def _track(self, key: OpKey, handle: Any, retry: bool, desc: str) -> None:
         control = self._require()
         with control.cond:
-            self._inflight[key] = (handle, retry)
+            self._inflight[key] = (handle, retry, desc)
             decided = control.outcomes.get(key)
             superseded = control.topology is not None and control.topology.epoch > key[0]
             older_failure = not retry and any(
@@ -752,7 +843,7 @@ class Communicator:
         assert control is not None
         with control.cond:
             if kind == "topology":
-                doomed = [h for k, (h, _) in self._inflight.items() if k[0] < msg["epoch"]]
+                doomed = [h for k, (h, _, _) in self._inflight.items() if k[0] < msg["epoch"]]
             elif kind == "outcome" and not msg["ok"]:
                 failed = (msg["epoch"], msg["tag"], msg["seq"])
                 rerun = msg["kind"] == "PeerLeft"  # re-run by every survivor: nothing to doom
@@ -760,11 +851,11 @@ class Communicator:
                 # not retry (the peers that failed in the old epoch raise: so must it).
                 doomed = [
                     h
-                    for k, (h, retry) in self._inflight.items()
+                    for k, (h, retry, _) in self._inflight.items()
                     if k == failed or (not retry and not rerun and _same_step(k, failed) and k[0] > failed[0])
                 ]
             elif kind == "evicted":
-                doomed = [h for h, _ in self._inflight.values()]
+                doomed = [h for h, _, _ in self._inflight.values()]
         for handle in doomed:
             handle.abort(f"superseded by the master ({kind})")
         if kind == "topology":
@@ -815,6 +906,13 @@ class Communicator:
     @staticmethod
     def _deadline(timeout: float | None, default: float) -> float:
         return time.monotonic() + (default if timeout is None else timeout)
+
+
+def _describe(src: Any, dtype: Any, op: ReduceOp, tag: int, seq: int, quantization: Quantization | None) -> str:
+    """An all-reduce's shape as the master compares it: peers in the same step must agree."""
+    count = src.nbytes // _native.element_size(dtype)
+    text = f"tag {tag}, step {seq & ((1 << _STEP_BITS) - 1)}, {count} x {dtype.name.lower()}, {op.name}"
+    return text + (f", {quantization.kind} {quantization.dtype}" if quantization is not None else "")
 
 
 def _same_step(a: OpKey, b: OpKey) -> bool:

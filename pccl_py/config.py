@@ -40,6 +40,12 @@ class Config:
     # batches, at most this many seconds apart (nobody waits on them; a failure report
     # sends the batch at once).
     commit_report_interval: float = 0.05
+    # Mismatched collectives (docs/protocol.md): a peer whose collective call has waited
+    # this long tells the master what it waits in; the master fails every member's call
+    # with CollectiveMismatch once all of them have waited in calls that cannot match
+    # for `mismatch_grace` seconds.
+    blocked_report_after: float = 0.2
+    mismatch_grace: float = 0.25
     # Topology optimisation (optimize_topology()): bytes per bandwidth probe, how long
     # a measurement stays fresh, the per-probe timeout, and the time budget of the ring
     # heuristic the master runs above 10 peers (exact below).
@@ -64,6 +70,8 @@ class Config:
             raise ConfigError("connections_per_peer must be in [1, 64]")
         if self.segment_bytes < 4096:
             raise ConfigError("segment_bytes must be at least 4096")
+        if self.blocked_report_after <= 0 or self.mismatch_grace < 0:
+            raise ConfigError("need blocked_report_after > 0 and mismatch_grace >= 0")
         if not 0 < self.commit_report_interval <= self.heartbeat_interval:
             raise ConfigError("need 0 < commit_report_interval <= heartbeat_interval")
         if self.op_timeout <= 0 or self.connect_timeout <= 0:

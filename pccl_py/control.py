@@ -24,7 +24,7 @@ import zmq.asyncio
 
 from pccl_py import auth, protocol
 from pccl_py.config import Config
-from pccl_py.errors import Aborted, AuthError, PcclError, ProtocolError, Timeout
+from pccl_py.errors import Aborted, AuthError, CollectiveMismatch, PcclError, ProtocolError, Timeout
 from pccl_py.master import new_event_loop, send_nowait
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,9 @@ class ControlChannel:
         self.sync_result: protocol.Message | None = None
         self.probe: protocol.Message | None = None  # the latest probe task (optimize_topology)
         self.last_error: protocol.Message | None = None
+        # Mismatched collectives: how many "mismatch" verdicts arrived, and the latest.
+        self.mismatches = 0
+        self.mismatch: protocol.Message | None = None
         self.auth_challenge: protocol.Message | None = None
         self.auth_ok = False
         # Master restart: the verdicts received lately (a rejoin hands them to the new
@@ -263,6 +266,11 @@ class ControlChannel:
                 out = self.outstanding
                 if out is not None and out["t"] == "pending" and out["query"] == msg["query"]:
                     self.outstanding = None
+            elif kind == "mismatch":
+                self.mismatches += 1
+                self.mismatch = msg
+                self.round = max(self.round, msg["round"])
+                self.outstanding = None  # the master dropped the call: nothing to repeat
             elif kind == "evicted":
                 if self.welcome is not None:
                     self.evicted = msg["reason"]
@@ -323,9 +331,21 @@ class ControlChannel:
 
     # ------------------------------------------------------------------ waiting
 
-    def wait(self, predicate: Callable[[], T | None], deadline: float, what: str) -> T:
+    def wait(
+        self,
+        predicate: Callable[[], T | None],
+        deadline: float,
+        what: str,
+        *,
+        mismatches: int | None = None,
+        on_slow: Callable[[], None] | None = None,
+    ) -> T:
         """Waits until predicate() (evaluated under the lock) returns non-None; raises
-        Timeout at the deadline and Aborted if this peer is evicted or closed."""
+        Timeout at the deadline and Aborted if this peer is evicted or closed. With
+        `mismatches` (the count when the collective call began), raises
+        CollectiveMismatch once the master fails the call as mismatched; `on_slow` is
+        called once the wait has lasted Config.blocked_report_after."""
+        slow_at = time.monotonic() + self._config.blocked_report_after if on_slow is not None else None
         with self.cond:
             while True:
                 value = predicate()
@@ -335,10 +355,19 @@ class ControlChannel:
                     raise Aborted(f"this peer was evicted by the master: {self.evicted}")
                 if self._closed:
                     raise Aborted("the communicator is closed")
-                remaining = deadline - time.monotonic()
+                if mismatches is not None and self.mismatches > mismatches:
+                    assert self.mismatch is not None
+                    raise CollectiveMismatch(self.mismatch["msg"])
+                now = time.monotonic()
+                remaining = deadline - now
                 if remaining <= 0:
                     raise Timeout(f"timed out waiting for {what}")
-                self.cond.wait(remaining)
+                if slow_at is not None and now >= slow_at:
+                    slow_at = None
+                    assert on_slow is not None
+                    on_slow()
+                    continue
+                self.cond.wait(remaining if slow_at is None else min(remaining, slow_at - now))
 
     def take_outcome(self, key: OpKey) -> protocol.Message | None:
         """Removes and returns the outcome of `key` if known (call under cond)."""

@@ -41,6 +41,14 @@ class ProtocolError(PcclError):
     on an operation's shape (element count, dtype, operator)."""
 
 
+class CollectiveMismatch(ProtocolError):
+    """The members of a group were blocked in different collectives (say one in
+    all_reduce(), another in sync_shared_state()), or in the same all-reduce step with
+    different shapes, so none of them could ever complete. The master fails every one
+    of those calls at once; the message names each peer's call. Inputs are intact, and
+    the group stays usable: the next calls that match succeed."""
+
+
 class AuthError(PcclError):
     """Authentication failed (wrong or missing shared secret)."""
 
@@ -63,6 +71,7 @@ __all__ = [
     "Timeout",
     "Aborted",
     "ProtocolError",
+    "CollectiveMismatch",
     "AuthError",
     "ConfigError",
     "InvalidArgument",

@@ -89,6 +89,7 @@ class Master:
             solve_seconds=self.config.topology_solve_seconds,
             incarnation=secrets.randbits(63),
             hold_first_admission_until=time.monotonic() + self.config.startup_grace,
+            mismatch_grace=self.config.mismatch_grace,
         )
         self._events = EventLog(self.config.event_log, "master")
         self._routes: dict[int, bytes] = {}  # peer id -> ZeroMQ routing id
@@ -249,9 +250,12 @@ class Master:
             if kind == "hb":
                 self._membership.heartbeat(peer_id, now)
             elif kind == "vote":
-                await self._apply(self._membership.vote_topology(peer_id, now))
+                await self._apply(self._membership.vote_topology(peer_id, now, msg["fresh"]))
             elif kind == "pending":
-                await self._apply(self._membership.query_pending(peer_id, msg["query"], now))
+                await self._apply(self._membership.query_pending(peer_id, msg["query"], now, msg["fresh"]))
+            elif kind == "blocked":
+                op, inflight = _blocked(msg)
+                await self._apply(self._membership.report_blocked(peer_id, msg["call"], op, msg["desc"], inflight, now))
             elif kind == "op":
                 key = (msg["epoch"], msg["tag"], msg["seq"])
                 self._membership.heartbeat(peer_id, now)
@@ -480,6 +484,34 @@ def _op_keys(raw: list[Any]) -> list[tuple[int, int, int]]:
             raise ProtocolError("done: every op must be [epoch, tag, seq] of unsigned integers")
         keys.append((item[0], item[1], item[2]))
     return keys
+
+
+_BLOCKED_CALLS = ("update_topology", "pending_peers", "sync_shared_state", "optimize_topology", "all_reduce")
+_MAX_INFLIGHT = 1024
+
+
+def _is_key(item: Any) -> bool:
+    return len(item) == 3 and all(type(v) is int and 0 <= v < 2**64 for v in item)
+
+
+def _blocked(msg: protocol.Message) -> tuple[tuple[int, int, int] | None, list[tuple[tuple[int, int, int], str]]]:
+    """Checks and converts a "blocked" message: (its op or None, [(op, desc), ...])."""
+    if msg["call"] not in _BLOCKED_CALLS:
+        raise ProtocolError(f"blocked: unknown call {msg['call']!r}")
+    raw = msg["op"]
+    if raw and not _is_key(raw):
+        raise ProtocolError("blocked: op must be [epoch, tag, seq] of unsigned integers or []")
+    op = (raw[0], raw[1], raw[2]) if raw else None
+    if msg["call"] == "all_reduce" and op is None:
+        raise ProtocolError("blocked: an all_reduce names its op")
+    if len(msg["inflight"]) > _MAX_INFLIGHT:
+        raise ProtocolError(f"blocked: more than {_MAX_INFLIGHT} ops in flight")
+    inflight = []
+    for item in msg["inflight"]:
+        if not (isinstance(item, list) and len(item) == 4 and _is_key(item[:3]) and isinstance(item[3], str)):
+            raise ProtocolError("blocked: every op in flight must be [epoch, tag, seq, desc]")
+        inflight.append(((item[0], item[1], item[2]), item[3]))
+    return op, inflight
 
 
 def _waiting(raw: list[Any]) -> tuple[Any, ...]:

@@ -15,6 +15,17 @@ when every member of the newest ring has rejoined (or `recovery_wait` passed): t
 epoch and ring are taken over (a new epoch only if members are missing), verdicts any
 member received are given to all, and ops every member reported ok succeed.
 
+A joiner admitted by a topology vote took part in that vote: while it has made no
+other collective call, its first update_topology() returns at once (and a
+pending_peers() before it gets the answer the members got before that vote), so a
+joiner that runs the members' loop lines up with them (docs/protocol.md, "Joining").
+
+Mismatched collectives: a member whose collective call has waited a while says what
+it waits in ("blocked": the call, and the data-plane ops it has in flight). When every
+member of a group is blocked and no collective is common to all of them for
+`mismatch_grace`, none can complete: every member's call fails with
+CollectiveMismatch (data-plane ops get that outcome), and the op round restarts.
+
 Topology optimisation (optimize_topology(), a collective like a vote): probe rounds
 of the missing or stale pairs, then the ring pccl_py.topology solves, in a new epoch.
 
@@ -76,6 +87,23 @@ class Peer:
     name: str
     phase: Phase
     last_seen: float
+    # A joiner admitted by a vote replays the members' part of that vote: "pending" (a
+    # pending_peers() answered with replay_count, then an update_topology()), "vote"
+    # (an update_topology() only), None (nothing to replay). Only while the group is
+    # still in joined_round, the round that vote opened.
+    replay: str | None = None
+    replay_count: int = 0
+    joined_round: int = -1
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """What a member told the master it has been waiting in for a while."""
+
+    call: str  # update_topology, pending_peers, sync_shared_state, optimize_topology, all_reduce
+    op: OpKey | None  # the data-plane op it waits on (all_reduce)
+    desc: str  # that op's shape: "tag 0, step 3, 1024 x float32, SUM"
+    inflight: tuple[tuple[OpKey, str], ...]  # its data-plane ops in flight, with their shapes
 
 
 @dataclass(frozen=True)
@@ -178,6 +206,12 @@ class Group:
     # (the old master died while telling them the result of that sync).
     behind: set[int] = field(default_factory=set)
     recovered: set[int] = field(default_factory=set)  # members since the re-forming, until a sync completes
+    pending_answer: tuple[int, int] | None = None  # (round, count) of the last pending_peers() answer
+    blocked: dict[int, Blocked] = field(default_factory=dict)  # member -> the call it waits in
+    # Joiners' fresh calls not decided yet: a replay of the vote that admitted them, or
+    # a real call (peer -> (call, pending query id)); see _resolve_held().
+    held: dict[int, tuple[str, int]] = field(default_factory=dict)
+    mismatch_since: float | None = None  # since when every member waits in calls that cannot match
 
 
 def failures_root(record: OpRecord) -> bool:
@@ -197,6 +231,7 @@ class Membership:
         incarnation: int = 0,
         recovery_wait: float | None = None,
         hold_first_admission_until: float = 0.0,
+        mismatch_grace: float = 0.25,
     ) -> None:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
@@ -209,6 +244,8 @@ class Membership:
         # A restarted master gives the members of its groups this long to rejoin before it
         # forms a group afresh from new peers (monotonic time; 0: admit at once).
         self.hold_until = hold_first_admission_until
+        # How long every member must wait in calls that cannot match before they fail.
+        self.mismatch_grace = mismatch_grace
         self.peers: dict[int, Peer] = {}
         self.groups: dict[int, Group] = {}
         self._departed: dict[int, str] = {}  # peer -> cause ("left", "crashed", "hung"), recent only
@@ -255,15 +292,36 @@ class Membership:
         peer.last_seen = now
         return True
 
-    def vote_topology(self, peer_id: int, now: float) -> list[Effect]:
+    def vote_topology(self, peer_id: int, now: float, fresh: bool = False) -> list[Effect]:
+        """A member called update_topology(). `fresh`: the peer made no other collective
+        call since its admission (only pending_peers())."""
         peer, g = self._admitted(peer_id)
+        g.blocked.pop(peer.id, None)
+        if self._may_replay(peer, g, fresh, "update_topology"):
+            g.held[peer.id] = ("update_topology", 0)
+            return self._resolve_held(g)
+        peer.replay = None
         g.votes.add(peer.id)
-        return self._complete_votes(g)
+        return self._complete_votes(g) + self._resolve_held(g)
 
-    def query_pending(self, peer_id: int, query: int, now: float) -> list[Effect]:
+    def query_pending(self, peer_id: int, query: int, now: float, fresh: bool = False) -> list[Effect]:
         peer, g = self._admitted(peer_id)
+        g.blocked.pop(peer.id, None)
+        if self._may_replay(peer, g, fresh, "pending_peers"):
+            g.held[peer.id] = ("pending_peers", query)
+            return self._resolve_held(g)
+        peer.replay = None
         g.pending_queries[peer.id] = query
-        return self._complete_pending_queries(g)
+        return self._complete_pending_queries(g) + self._resolve_held(g)
+
+    def report_blocked(
+        self, peer_id: int, call: str, op: OpKey | None, desc: str, inflight: list[tuple[OpKey, str]], now: float
+    ) -> list[Effect]:
+        """A member has been waiting in `call` for a while (Config.blocked_report_after).
+        Mismatches are decided by tick(), once they have lasted `mismatch_grace`."""
+        peer, g = self._admitted(peer_id)
+        g.blocked[peer.id] = Blocked(call, op, desc, tuple(inflight))
+        return self._resolve_held(g)
 
     def report_committed(self, peer_id: int, keys: list[OpKey], now: float) -> list[Effect]:
         """A "done" batch: ops this peer committed through the commit vote. Nobody
@@ -278,6 +336,8 @@ class Membership:
         self, peer_id: int, key: OpKey, ok: bool, kind: str, msg: str, culprit: int, now: float, committed: bool = False
     ) -> list[Effect]:
         peer = self.peers.get(peer_id)
+        if peer is not None:
+            peer.replay = None  # it ran a collective: nothing left to replay
         if peer is not None and peer.phase is Phase.RECOVERING:
             recovery = self.groups[peer.group].recovery
             assert recovery is not None
@@ -322,10 +382,12 @@ class Membership:
     def request_sync(self, peer_id: int, submission: Submission, exposure: int, now: float) -> list[Effect]:
         """A peer called sync_shared_state(): collective of the admitted peers."""
         peer, g = self._admitted(peer_id)
+        peer.replay = None
+        g.blocked.pop(peer.id, None)
         if g.sync_active is not None and peer.id in g.sync_active.participants:
             return [Send(peer.id, self._sync_result(g, False, "Aborted", "a previous sync is still in progress"))]
         g.sync_requests[peer.id] = (submission, exposure)
-        return self._complete_sync_requests(g)
+        return self._complete_sync_requests(g) + self._resolve_held(g)
 
     def sync_done(self, peer_id: int, ok: bool, kind: str, msg: str, now: float, revision: int) -> list[Effect]:
         """A peer's part of the planned sync is over; `revision` is the plan's."""
@@ -353,10 +415,12 @@ class Membership:
         """A peer called optimize_topology(): collective of the admitted peers. Its engine
         serves a probe buffer of `probe_bytes` under `exposure`."""
         peer, g = self._admitted(peer_id)
+        peer.replay = None
+        g.blocked.pop(peer.id, None)
         if g.probing is not None and peer.id in g.probing.participants:
             return [Log("optimize_ignored", {"group": g.id, "peer": peer.id, "why": "already probing"})]
         g.optimize_requests[peer.id] = (exposure, probe_bytes)
-        return self._complete_optimize_requests(g, now)
+        return self._complete_optimize_requests(g, now) + self._resolve_held(g)
 
     def probe_done(self, peer_id: int, round_id: int, results: list[tuple[int, float]], now: float) -> list[Effect]:
         """A prober's measurements for one round: (sender, bytes/s), <= 0 for a failed
@@ -520,6 +584,7 @@ class Membership:
                 if record.decided is None and record.first_failure_at is not None:
                     if now - record.first_failure_at >= self.failure_grace:
                         effects += self._decide(g, record, now, grace_over=True)
+            effects += self._check_mismatch(g, now)
         return effects
 
     # ------------------------------------------------------------------ queries
@@ -551,6 +616,140 @@ class Membership:
 
     # ------------------------------------------------------------------ rules
 
+    def _may_replay(self, peer: Peer, g: Group, fresh: bool, call: str) -> bool:
+        """Whether this call of a joiner may be its part of the vote that admitted it."""
+        if not fresh or peer.replay is None or g.round != peer.joined_round:
+            return False
+        return call == "update_topology" or peer.replay == "pending"
+
+    def _engaged(self, g: Group, pid: int) -> set[str]:
+        """The collectives member `pid` is in, as far as this master knows."""
+        calls = set()
+        if pid in g.votes:
+            calls.add("update_topology")
+        if pid in g.pending_queries:
+            calls.add("pending_peers")
+        if pid in g.sync_requests or (g.sync_active is not None and pid in g.sync_active.participants):
+            calls.add("sync_shared_state")
+        if pid in g.optimize_requests or (g.probing is not None and pid in g.probing.participants):
+            calls.add("optimize_topology")
+        b = g.blocked.get(pid)
+        if b is not None and (b.call != "all_reduce" or (b.op is not None and self._op_open(g, b.op))):
+            calls.add(b.call)
+        return calls
+
+    def _resolve_held(self, g: Group) -> list[Effect]:
+        """Decides the joiners' fresh calls held so far. If the other members are in the
+        same call, it is a real one (it counts like theirs); if they went on to another
+        collective, it was the joiner's part of the vote that admitted it, answered as
+        the members were: the vote's ring, or their pending_peers() answer. Otherwise
+        (the members compute) it waits."""
+        effects: list[Effect] = []
+        for pid, (call, query) in list(g.held.items()):
+            peer = self.peers[pid]
+            others = [self._engaged(g, p) for p in g.ring if p != pid and p not in g.held]
+            if others and not any(call in e for e in others) and not any(others):
+                continue
+            del g.held[pid]
+            g.blocked.pop(pid, None)
+            if not others or any(call in e for e in others):
+                peer.replay = None
+                if call == "update_topology":
+                    g.votes.add(pid)
+                    effects += self._complete_votes(g)
+                else:
+                    g.pending_queries[pid] = query
+                    effects += self._complete_pending_queries(g)
+                continue
+            effects.append(Log("replay", {"group": g.id, "peer": pid, "call": call}))
+            if call == "update_topology":
+                peer.replay = None
+                effects.append(Send(pid, self._ring_message(g, "the vote that admitted this peer", vote=True)))
+            else:
+                peer.replay = "vote"
+                effects.append(Send(pid, protocol.make("pending_count", query=query, count=peer.replay_count)))
+        return effects
+
+    def _unblock(self, g: Group, call: str) -> None:
+        """A collective completed: nobody waits in it any more."""
+        for pid in [p for p, b in g.blocked.items() if b.call == call]:
+            del g.blocked[pid]
+
+    def _op_open(self, g: Group, key: OpKey) -> bool:
+        """Whether data-plane op `key` can still be waiting: of the current epoch, undecided."""
+        record = g.ops.get(key)
+        return key[0] == g.epoch and (record is None or record.decided is None)
+
+    def _mismatched(self, g: Group) -> dict[int, tuple[Blocked, set[tuple[Any, ...]]]] | None:
+        """Every member's blocked call and the collectives it is part of, when every
+        member is blocked and no collective is common to all; else None."""
+        if len(g.ring) < 2 or g.recovery is not None or g.probing is not None or g.sync_active is not None:
+            return None
+        calls: dict[int, tuple[Blocked, set[tuple[Any, ...]]]] = {}
+        for pid in g.ring:
+            b = g.blocked.get(pid)
+            if b is None:
+                return None
+            parts: set[tuple[Any, ...]] = {("op", k, d) for k, d in b.inflight if self._op_open(g, k)}
+            if b.call == "all_reduce":
+                if b.op is None or not self._op_open(g, b.op):
+                    return None  # its op is over (or moved to a new epoch): it is not stuck
+                parts.add(("op", b.op, b.desc))
+            else:
+                parts.add((b.call,))
+            calls[pid] = (b, parts)
+        common = set.intersection(*(parts for _, parts in calls.values()))
+        return None if common else calls
+
+    def _check_mismatch(self, g: Group, now: float) -> list[Effect]:
+        calls = self._mismatched(g)
+        if calls is None:
+            g.mismatch_since = None
+            return []
+        if g.mismatch_since is None:
+            g.mismatch_since = now
+        if now - g.mismatch_since < self.mismatch_grace:
+            return []
+        return self._fail_mismatch(g, calls, now)
+
+    def _fail_mismatch(self, g: Group, calls: dict[int, tuple[Blocked, set[tuple[Any, ...]]]], now: float) -> list[Effect]:
+        """Fails every member's call: control-plane calls by a "mismatch" message,
+        data-plane ops by a CollectiveMismatch outcome. Op numbering restarts."""
+        g.mismatch_since = None
+        g.round += 1
+        described = []
+        for pid, (b, parts) in calls.items():
+            name = self.peers[pid].name
+            who = f"peer {pid}" + (f" ({name})" if name else "")
+            what = f"all_reduce({b.desc})" if b.call == "all_reduce" else f"{b.call}()"
+            others = len([p for p in parts if p[0] == "op" and p[1] != b.op])
+            described.append(f"{who} in {what}" + (f" with {others} other all-reduce(s) in flight" if others else ""))
+        text = "the members are blocked in collectives that cannot match: " + "; ".join(described)
+        g.blocked.clear()
+        g.held.clear()
+        g.votes.clear()
+        g.pending_queries.clear()
+        g.sync_requests.clear()
+        g.optimize_requests.clear()
+        effects: list[Effect] = [Log("mismatch", {"group": g.id, "round": g.round, "calls": described})]
+        effects += [Send(pid, protocol.make("mismatch", round=g.round, msg=text)) for pid in g.ring]
+        keys = sorted({part[1] for _, parts in calls.values() for part in parts if part[0] == "op"})
+        for key in keys:
+            record = g.ops.get(key)
+            if record is None:
+                participants = g.rings.get(key[0])
+                if participants is None:
+                    continue
+                record = OpRecord(key, frozenset(participants))
+                g.ops[key] = record
+            if record.decided is None:
+                record.decided = self._outcome(g, key, False, "CollectiveMismatch", text, -1, len(record.participants))
+                effects.append(Log("outcome", {"group": g.id, "epoch": key[0], "tag": key[1], "seq": key[2],
+                                               "ok": False, "kind": "CollectiveMismatch",
+                                               "participants": sorted(record.participants)}))
+                effects += [Send(pid, record.decided) for pid in sorted(record.participants) if pid in self.peers]
+        return effects
+
     def _admitted(self, peer_id: int) -> tuple[Peer, Group]:
         peer = self.peers.get(peer_id)
         if peer is None:
@@ -579,8 +778,15 @@ class Membership:
             g.round += 1  # admitted without a vote (empty group): still a fresh numbering
         joiners = list(g.pending)
         g.pending.clear()
+        # Members that asked pending_peers() before this vote did so in the previous round.
+        asked = g.pending_answer if g.pending_answer is not None and g.pending_answer[0] == g.round - 1 else None
         for pid in joiners:
-            self.peers[pid].phase = Phase.ADMITTED
+            peer = self.peers[pid]
+            peer.phase = Phase.ADMITTED
+            if vote:
+                peer.joined_round = g.round
+                peer.replay = "pending" if asked is not None else "vote"
+                peer.replay_count = asked[1] if asked is not None else 0
         effects: list[Effect] = [Log("admit", {"group": g.id, "peers": joiners})] if joiners else []
         return effects + self._new_epoch(g, self._reorder(g, g.ring + joiners), reason, vote)
 
@@ -588,6 +794,7 @@ class Membership:
         if not g.ring or not set(g.ring) <= g.votes:
             return []
         g.votes.clear()
+        self._unblock(g, "update_topology")
         g.round += 1
         if g.pending:
             return self._admit_pending(g, "topology update admitted pending peers", vote=True)
@@ -603,6 +810,8 @@ class Membership:
             Send(pid, protocol.make("pending_count", query=q, count=count)) for pid, q in g.pending_queries.items()
         ]
         g.pending_queries.clear()
+        g.pending_answer = (g.round, count)
+        self._unblock(g, "pending_peers")
         return effects
 
     def _remove(self, peer_id: int, cause: str, detail: str, now: float) -> list[Effect]:
@@ -622,6 +831,8 @@ class Membership:
                 g.recovery.infos.pop(peer_id, None)
             return effects
         g.votes.discard(peer_id)
+        g.blocked.pop(peer_id, None)
+        g.held.pop(peer_id, None)
         g.pending_queries.pop(peer_id, None)
         g.optimize_requests.pop(peer_id, None)
         for pair in [p for p in g.bandwidth if peer_id in p]:
@@ -648,6 +859,7 @@ class Membership:
         effects += self._complete_sync_requests(g)
         if g.sync_active is not None and peer_id in g.sync_active.participants:
             effects += self._complete_sync(g)
+        effects += self._resolve_held(g)
         if not g.ring and g.pending:
             effects += self._admit_pending(g, "previous peers are gone")
         if not g.ring and not g.pending:
@@ -661,6 +873,7 @@ class Membership:
             return []
         exposures = {pid: g.optimize_requests[pid] for pid in g.ring}
         g.optimize_requests.clear()
+        self._unblock(g, "optimize_topology")
         measured_at = {pair: at for pair, (_, at) in g.bandwidth.items()}
         wanted = topology.pairs_to_probe(g.ring, measured_at, now, self.bandwidth_ttl)
         rounds = topology.probe_rounds(g.ring, wanted)
@@ -729,6 +942,7 @@ class Membership:
             return []
         requests = {pid: g.sync_requests[pid] for pid in g.ring}
         g.sync_requests.clear()
+        self._unblock(g, "sync_shared_state")
         try:
             election = elect([sub for sub, _ in requests.values()], g.state_revision, g.last_synced)
         except ElectionError as exc:
@@ -769,6 +983,7 @@ class Membership:
         if not alive <= set(record.reports):
             return []
         g.sync_active = None
+        self._unblock(g, "sync_shared_state")
         failures = sorted((pid, r) for pid, r in record.reports.items() if pid in alive and not r[0])
         if failures:
             pid, (_, kind, msg) = failures[0]

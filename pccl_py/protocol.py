@@ -14,7 +14,7 @@ import msgpack
 
 from pccl_py.errors import ProtocolError
 
-VERSION = 1
+VERSION = 2
 
 Message = dict[str, Any]
 
@@ -48,8 +48,15 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "answered": _LIST,  # its last pending_peers() answer: [round, index, count] or []
     },
     "hb": {},
-    "vote": {"epoch": _INT},
-    "pending": {"epoch": _INT, "query": _INT},
+    # fresh: the caller made no other collective call since it was admitted (a joiner's
+    # first update_topology() is the vote that admitted it: docs/protocol.md).
+    "vote": {"epoch": _INT, "fresh": _BOOL},
+    "pending": {"epoch": _INT, "query": _INT, "fresh": _BOOL},
+    # A collective call that has waited Config.blocked_report_after seconds: the call
+    # ("update_topology", "pending_peers", "sync_shared_state", "optimize_topology",
+    # "all_reduce"), the op it waits on ([epoch, tag, seq] or []), a description of it,
+    # and the data-plane ops this peer has in flight: [[epoch, tag, seq, desc], ...].
+    "blocked": {"call": _STR, "op": _LIST, "desc": _STR, "inflight": _LIST},
     "op": {"epoch": _INT, "tag": _INT, "seq": _INT, "ok": _BOOL, "kind": _STR, "msg": _STR, "peer": _INT},
     # Ops this peer committed through the commit vote, batched: [[epoch, tag, seq], ...].
     # Never answered.
@@ -77,6 +84,9 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "unknown": {"master": _INT},  # to a routing id this master has not registered
     "topology": {"epoch": _INT, "ring": _LIST, "reason": _STR, "vote": _BOOL, "round": _INT},
     "pending_count": {"query": _INT, "count": _INT},
+    # Every member of the group was blocked in collectives that cannot match: each
+    # one's call fails with CollectiveMismatch, and op numbering restarts at `round`.
+    "mismatch": {"round": _INT, "msg": _STR},
     "outcome": {
         "epoch": _INT,
         "tag": _INT,
@@ -99,7 +109,9 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
 # Failure kinds carried by "op" and "outcome" (names of pccl_py.errors classes).
 # "PeerLeft": the op failed only because a participant left gracefully before taking
 # part; nothing was lost, so the survivors re-run it without telling the caller.
-FAILURE_KINDS = ("", "PeerLost", "PeerLeft", "Timeout", "Aborted", "ProtocolError", "InvalidArgument")
+FAILURE_KINDS = (
+    "", "PeerLost", "PeerLeft", "Timeout", "Aborted", "ProtocolError", "InvalidArgument", "CollectiveMismatch",
+)
 
 
 def make(msg_type: str, /, **fields: Any) -> Message:

@@ -98,7 +98,6 @@ class Peer:
             }
         )
         self.syncs = 0
-        self.just_joined = False
 
     def emit(self, event: str, **fields: Any) -> None:
         self.events.emit(event, index=self.args.index, **fields)
@@ -118,7 +117,6 @@ class Peer:
                 time.sleep(0.2)
                 continue
             self.emit("connected", peer=comm.peer_id, epoch=comm.epoch, world=comm.world_size)
-            self.just_joined = True
             return comm
 
     def rejoin(self, reason: str) -> None:
@@ -238,11 +236,10 @@ class Peer:
         while not self.stop:
             comm = self.comm
             try:
-                # A peer just admitted is where the members are after update_topology():
-                # its first collective is the sync, like theirs.
-                if not self.just_joined and comm.pending_peers() > 0:
+                # A joiner runs this too: its first pending_peers() and update_topology()
+                # replay the members' part of the vote that admitted it (docs/protocol.md).
+                if comm.pending_peers() > 0:
                     comm.update_topology()
-                self.just_joined = False
                 self.sync()
                 # Bump once per completed sync, whatever the step does next: the group
                 # expects revision G + 1 from every peer that took part in sync G.

@@ -159,7 +159,12 @@ def _cmd_pending_until(comm: pccl.Communicator, cmd: dict[str, Any]) -> dict[str
 
 
 def _cmd_pending_once(comm: pccl.Communicator, cmd: dict[str, Any]) -> dict[str, Any]:
-    return {"ok": True, "answer": comm.pending_peers(timeout=cmd.get("timeout", 30.0))}
+    t0 = time.monotonic()
+    try:
+        answer = comm.pending_peers(timeout=cmd.get("timeout", 30.0))
+    except Exception as exc:  # noqa: BLE001 - reported to the test, whatever it is
+        return {"ok": False, "elapsed": time.monotonic() - t0, **_error_fields(exc)}
+    return {"ok": True, "elapsed": time.monotonic() - t0, "answer": answer}
 
 
 def _cmd_update_topology(comm: pccl.Communicator, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -195,6 +200,17 @@ def _cmd_wait_world(comm: pccl.Communicator, cmd: dict[str, Any]) -> dict[str, A
     return {"ok": True}
 
 
+def _cmd_sync(comm: pccl.Communicator, cmd: dict[str, Any]) -> dict[str, Any]:
+    """sync_shared_state() of a one-entry state make_input(n, coef), at `revision`."""
+    state = pccl.SharedState({"w": make_input(cmd.get("n", 1024), cmd.get("coef", 1.0))}, revision=cmd.get("revision", 0))
+    t0 = time.monotonic()
+    try:
+        info = comm.sync_shared_state(state, timeout=cmd.get("timeout", 30.0))
+    except Exception as exc:  # noqa: BLE001 - reported to the test, whatever it is
+        return {"ok": False, "elapsed": time.monotonic() - t0, **_error_fields(exc)}
+    return {"ok": True, "elapsed": time.monotonic() - t0, "revision": info.revision, "crc": checksum(state.tensors["w"])}
+
+
 def _cmd_close(comm: pccl.Communicator, cmd: dict[str, Any]) -> dict[str, Any]:
     comm.close()
     return {"ok": True}
@@ -209,6 +225,7 @@ _COMMANDS = {
     "optimize_topology": _cmd_optimize_topology,
     "join": _cmd_join,
     "wait_world": _cmd_wait_world,
+    "sync": _cmd_sync,
     "close": _cmd_close,
     "state": lambda comm, cmd: {"ok": True},
 }

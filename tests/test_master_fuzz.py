@@ -172,14 +172,14 @@ KNOWN_TRICKY = [
     b"\x80",
     b"\x81\xa1t\xa6status",
     b"\x91" * 3000 + b"\xc0",  # deep nesting
-    pack({"t": "status", "v": 1}) + b"\x00",  # trailing bytes
-    pack({"t": "hb", "v": 1, "a": 1, b"b": 1}),  # extra fields with str and bin keys
+    pack({"t": "status", "v": protocol.VERSION}) + b"\x00",  # trailing bytes
+    pack({"t": "hb", "v": protocol.VERSION, "a": 1, b"b": 1}),  # extra fields with str and bin keys
     pack({"t": "status", "v": True}),  # a bool version
-    pack({"t": "vote", "v": 1, "epoch": True}),
-    pack({"t": "op", "v": 1, "epoch": 1, "tag": 0, "seq": 0, "ok": 1, "kind": "", "msg": "", "peer": -1}),
+    pack({"t": "vote", "v": protocol.VERSION, "epoch": True}),
+    pack({"t": "op", "v": protocol.VERSION, "epoch": 1, "tag": 0, "seq": 0, "ok": 1, "kind": "", "msg": "", "peer": -1}),
 ]
 SMALL_INT = st.one_of(st.integers(-3, 5), INT64)
-PEER_TYPES = ["hello", "hb", "vote", "pending", "op", "done", "leave", "status"]
+PEER_TYPES = ["hello", "hb", "vote", "pending", "blocked", "op", "done", "leave", "status"]
 
 
 def value_for(types: tuple[type, ...]) -> st.SearchStrategy[Any]:
@@ -205,7 +205,7 @@ def fuzz_frames(real_ids: list[int], ports: list[int]) -> st.SearchStrategy[list
     hello = st.fixed_dictionaries(
         {
             "t": st.just("hello"),
-            "v": st.just(1),
+            "v": st.just(protocol.VERSION),
             "peer_id": st.one_of(
                 st.sampled_from(real_ids + [0, -1, 2**63, 2**64 - 1]), st.integers(1, 2**63 - 1)
             ),
@@ -221,7 +221,7 @@ def fuzz_frames(real_ids: list[int], ports: list[int]) -> st.SearchStrategy[list
     def schema_valid(draw: st.DrawFn) -> dict[str, Any]:
         t = draw(st.sampled_from(sorted(set(protocol.SCHEMAS) - {"hello"})))
         fields = {f: draw(value_for(types)) for f, types in protocol.SCHEMAS[t].items()}
-        return {"t": t, "v": 1, **fields}
+        return {"t": t, "v": protocol.VERSION, **fields}
 
     @st.composite
     def near_valid(draw: st.DrawFn) -> dict[Any, Any]:
@@ -248,13 +248,30 @@ def fuzz_frames(real_ids: list[int], ports: list[int]) -> st.SearchStrategy[list
 
     valid_peer_msg = st.one_of(
         hello,
-        st.sampled_from([{"t": t, "v": 1} for t in ("hb", "leave", "status")]),
-        st.builds(lambda e: {"t": "vote", "v": 1, "epoch": e}, SMALL_INT),
-        st.builds(lambda e, q: {"t": "pending", "v": 1, "epoch": e, "query": q}, SMALL_INT, SMALL_INT),
+        st.sampled_from([{"t": t, "v": protocol.VERSION} for t in ("hb", "leave", "status")]),
+        st.builds(lambda e, f: {"t": "vote", "v": protocol.VERSION, "epoch": e, "fresh": f}, SMALL_INT, st.booleans()),
+        st.builds(
+            lambda e, q, f: {"t": "pending", "v": protocol.VERSION, "epoch": e, "query": q, "fresh": f},
+            SMALL_INT,
+            SMALL_INT,
+            st.booleans(),
+        ),
+        st.fixed_dictionaries(
+            {
+                "t": st.just("blocked"),
+                "v": st.just(protocol.VERSION),
+                "call": st.sampled_from(["update_topology", "pending_peers", "sync_shared_state", "all_reduce", "x"]),
+                "op": st.one_of(st.just([]), st.lists(st.integers(-1, 4), min_size=3, max_size=3), st.lists(VALUE, max_size=4)),
+                "desc": TEXT,
+                "inflight": st.lists(
+                    st.one_of(st.tuples(st.integers(-1, 4), SMALL_INT, SMALL_INT, TEXT).map(list), VALUE), max_size=3
+                ),
+            }
+        ),
         st.fixed_dictionaries(
             {
                 "t": st.just("op"),
-                "v": st.just(1),
+                "v": st.just(protocol.VERSION),
                 "epoch": st.integers(-1, 4),
                 "tag": SMALL_INT,
                 "seq": SMALL_INT,
@@ -265,18 +282,18 @@ def fuzz_frames(real_ids: list[int], ports: list[int]) -> st.SearchStrategy[list
             }
         ),
         st.builds(
-            lambda ops: {"t": "done", "v": 1, "ops": ops},
+            lambda ops: {"t": "done", "v": protocol.VERSION, "ops": ops},
             st.lists(st.one_of(st.lists(st.integers(-1, 4), min_size=3, max_size=3), VALUE), max_size=5),
         ),
     )
     oversized = st.one_of(
         st.integers(CAP + 1, 3 * CAP).map(lambda n: b"\x00" * n),
-        st.integers(CAP + 1, 2 * CAP).map(lambda n: pack({"t": "status", "v": 1, "pad": "x" * n})),
+        st.integers(CAP + 1, 2 * CAP).map(lambda n: pack({"t": "status", "v": protocol.VERSION, "pad": "x" * n})),
         st.integers(CAP, 2 * CAP).map(
             lambda n: pack(
                 {
                     "t": "hello",
-                    "v": 1,
+                    "v": protocol.VERSION,
                     "peer_id": 1,
                     "group": 0,
                     "host": "127.0.0.1",
@@ -475,13 +492,13 @@ def test_oversized_frame_is_refused_and_the_sender_can_reconnect(master: pccl_py
     [
         ([b"\xc1"], "bad_message"),
         ([pack([1, 2])], "bad_message"),
-        ([pack({"t": "status", "v": 2})], "bad_message"),
+        ([pack({"t": "status", "v": protocol.VERSION + 1})], "bad_message"),
         (
             [
                 pack(
                     {
                         "t": "hello",
-                        "v": 1,
+                        "v": protocol.VERSION,
                         "peer_id": 5,
                         "group": 0,
                         "host": "127.0.0.1",
@@ -497,7 +514,7 @@ def test_oversized_frame_is_refused_and_the_sender_can_reconnect(master: pccl_py
                 pack(
                     {
                         "t": "hello",
-                        "v": 1,
+                        "v": protocol.VERSION,
                         "peer_id": -5,
                         "group": 0,
                         "host": "127.0.0.1",
@@ -535,7 +552,7 @@ def test_requests_from_unregistered_sockets_are_answered_unknown(master: pccl_py
         sock.connect("tcp://" + master.address)
         for msg in (
             protocol.make("hb"),
-            protocol.make("vote", epoch=1),
+            protocol.make("vote", epoch=1, fresh=False),
             protocol.make("leave"),
             protocol.make("op", epoch=1, tag=0, seq=0, ok=True, kind="", msg="", peer=-1),
         ):

@@ -110,9 +110,9 @@ def pack(obj: Any) -> bytes:
 
 
 def test_every_message_type_has_a_schema_and_a_version() -> None:
-    assert protocol.VERSION == 1
-    assert {"hello", "hb", "vote", "pending", "op", "leave", "status"} <= set(TYPES)
-    assert {"welcome", "topology", "pending_count", "outcome", "evicted", "error", "status_reply"} <= set(
+    assert protocol.VERSION == 2  # 2: "vote"/"pending" carry "fresh"; "blocked" and "mismatch"
+    assert {"hello", "hb", "vote", "pending", "op", "leave", "status", "blocked"} <= set(TYPES)
+    assert {"welcome", "topology", "pending_count", "outcome", "evicted", "error", "status_reply", "mismatch"} <= set(
         TYPES
     )
 
@@ -125,8 +125,9 @@ DOCUMENTED = {
     "rejoin": {"peer_id": I, "group": I, "host": S, "port": I, "name": S, "epoch": I, "ring": L, "round": I,
                "revision": I, "pending": L, "decided": L, "waiting": L, "answered": L},
     "hb": {},
-    "vote": {"epoch": I},
-    "pending": {"epoch": I, "query": I},
+    "vote": {"epoch": I, "fresh": B},
+    "pending": {"epoch": I, "query": I, "fresh": B},
+    "blocked": {"call": S, "op": L, "desc": S, "inflight": L},
     "op": {"epoch": I, "tag": I, "seq": I, "ok": B, "kind": S, "msg": S, "peer": I},
     "leave": {},
     "status": {},
@@ -134,6 +135,7 @@ DOCUMENTED = {
     "unknown": {"master": I},
     "topology": {"epoch": I, "ring": L, "reason": S, "vote": B, "round": I},
     "pending_count": {"query": I, "count": I},
+    "mismatch": {"round": I, "msg": S},
     "outcome": {
         "epoch": I,
         "tag": I,
@@ -235,7 +237,7 @@ def test_make_rejects_missing_field() -> None:
 
 def test_make_rejects_wrong_field_type() -> None:
     with pytest.raises(ProtocolError):
-        protocol.make("vote", epoch="1")
+        protocol.make("vote", epoch="1", fresh=False)
 
 
 def test_make_rejects_extra_field() -> None:
@@ -272,7 +274,7 @@ def test_decode_rejects_unknown_or_missing_type(msg: dict[Any, Any]) -> None:
     rejects(pack(msg))
 
 
-@pytest.mark.parametrize("version", [0, 2, -1, 2**64 - 1, "1", b"\x01", None, [1]], ids=repr)
+@pytest.mark.parametrize("version", [0, 1, 3, -1, 2**64 - 1, "2", b"\x02", None, [2]], ids=repr)
 @pytest.mark.parametrize("msg_type", ["hb", "hello", "outcome"])
 def test_decode_rejects_wrong_version(msg_type: str, version: Any) -> None:
     msg = sample(msg_type)
