@@ -320,6 +320,8 @@ class Membership:
         """A member has been waiting in `call` for a while (Config.blocked_report_after).
         Mismatches are decided by tick(), once they have lasted `mismatch_grace`."""
         peer, g = self._admitted(peer_id)
+        if call != "all_reduce" and call not in self._requested(g, peer.id) and call not in g.held.get(peer.id, ()):
+            return []  # answered meanwhile: the report crossed the answer
         g.blocked[peer.id] = Blocked(call, op, desc, tuple(inflight))
         return self._resolve_held(g)
 
@@ -624,6 +626,14 @@ class Membership:
 
     def _engaged(self, g: Group, pid: int) -> set[str]:
         """The collectives member `pid` is in, as far as this master knows."""
+        calls = self._requested(g, pid)
+        b = g.blocked.get(pid)
+        if b is not None and (b.call != "all_reduce" or (b.op is not None and self._op_open(g, b.op))):
+            calls.add(b.call)
+        return calls
+
+    def _requested(self, g: Group, pid: int) -> set[str]:
+        """The control-plane collectives member `pid` asked for and still waits in."""
         calls = set()
         if pid in g.votes:
             calls.add("update_topology")
@@ -633,9 +643,6 @@ class Membership:
             calls.add("sync_shared_state")
         if pid in g.optimize_requests or (g.probing is not None and pid in g.probing.participants):
             calls.add("optimize_topology")
-        b = g.blocked.get(pid)
-        if b is not None and (b.call != "all_reduce" or (b.op is not None and self._op_open(g, b.op))):
-            calls.add(b.call)
         return calls
 
     def _resolve_held(self, g: Group) -> list[Effect]:
