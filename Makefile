@@ -1,5 +1,5 @@
 # make install: .venv/ with the package (editable) and everything it needs.
-# make test: the test suite. make demo: the main job. make bench / make stress.
+# make test: the test suite. make lint: ruff + mypy. make demo: the main job. make bench / make stress.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -20,11 +20,15 @@ $(VENV)/.stamp-install: $(NATIVE_SOURCES)
 	# Pin torch first: an unpinned resolve would pull a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12"
-	$(PIP) install -q --no-build-isolation -e '.[test,demo]' -Cbuild-dir=build
+	$(PIP) install -q --no-build-isolation -e '.[test,demo,lint]' -Cbuild-dir=build
 	touch $@
 
 test: install
 	$(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check pccl_py
+	$(VENV)/bin/mypy pccl_py
 
 bench: install
 	$(VENV)/bin/pccl bench --peers 2 4 --sizes 1K 1M 16M 64M 256M --compare gloo

@@ -511,7 +511,7 @@ def _worker_main(
         _serve(conn, coll, rank, world)
     except (EOFError, BrokenPipeError):
         pass  # the parent is gone
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - whatever it is, the parent hears of it
         with suppress(OSError, EOFError):
             conn.send(("error", traceback.format_exc()))
     finally:

@@ -18,7 +18,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from pccl_py import _native, auth, protocol
 from pccl_py._buffers import native_view, stage_to_host
 from pccl_py.config import Config
 from pccl_py.control import ControlChannel, OpKey, Topology
+from pccl_py.election import SyncStrategy
 from pccl_py.errors import (
     Aborted,
     AuthError,
@@ -35,10 +36,9 @@ from pccl_py.errors import (
     PcclError,
     PeerLost,
     ProtocolError,
+    StateMismatch,
     Timeout,
 )
-from pccl_py.election import SyncStrategy
-from pccl_py.errors import StateMismatch
 from pccl_py.events import EventLog
 from pccl_py.probe import measure_bandwidth
 from pccl_py.shared_state import SharedState, SyncInfo, _Source, check_strategy, fetch_entries, rich_progress
@@ -230,7 +230,7 @@ class Communicator:
         self._events.emit("closed", peer=self.peer_id)
         self._events.close()
 
-    def __enter__(self) -> Communicator:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -700,7 +700,7 @@ class Communicator:
             # Re-run once the master's new ring (if the failure made one) is known here.
             next_epoch = outcome["next_epoch"]
             control.wait(
-                lambda: True if control.topology is not None and control.topology.epoch >= next_epoch else None,
+                _epoch_reached(control, outcome["next_epoch"]),
                 deadline,
                 f"epoch {next_epoch}",
             )
@@ -913,6 +913,11 @@ def _describe(src: Any, dtype: Any, op: ReduceOp, tag: int, seq: int, quantizati
     count = src.nbytes // _native.element_size(dtype)
     text = f"tag {tag}, step {seq & ((1 << _STEP_BITS) - 1)}, {count} x {dtype.name.lower()}, {op.name}"
     return text + (f", {quantization.kind} {quantization.dtype}" if quantization is not None else "")
+
+
+def _epoch_reached(control: ControlChannel, epoch: int) -> Callable[[], bool | None]:
+    """A wait predicate: the master's topology is at `epoch` or later."""
+    return lambda: True if control.topology is not None and control.topology.epoch >= epoch else None
 
 
 def _same_step(a: OpKey, b: OpKey) -> bool:

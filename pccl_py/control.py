@@ -24,7 +24,7 @@ import zmq.asyncio
 
 from pccl_py import auth, protocol
 from pccl_py.config import Config
-from pccl_py.errors import Aborted, AuthError, CollectiveMismatch, PcclError, ProtocolError, Timeout
+from pccl_py.errors import Aborted, AuthError, CollectiveMismatch, PcclError, Timeout
 from pccl_py.master import new_event_loop, send_nowait
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ class ControlChannel:
             data = await sock.recv()
             try:
                 msg = protocol.decode(data, self._config.max_message_bytes)
-            except Exception as exc:  # whatever sits at the master's address, this thread lives on
+            except Exception as exc:  # noqa: BLE001 - whatever sits at the master's address, this thread lives on
                 log.warning("dropped a bad message from the master: %s", exc)
                 continue
             try:

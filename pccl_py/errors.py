@@ -66,14 +66,14 @@ class StateMismatch(PcclError):
 
 
 __all__ = [
-    "PcclError",
-    "PeerLost",
-    "Timeout",
     "Aborted",
-    "ProtocolError",
-    "CollectiveMismatch",
     "AuthError",
+    "CollectiveMismatch",
     "ConfigError",
     "InvalidArgument",
+    "PcclError",
+    "PeerLost",
+    "ProtocolError",
     "StateMismatch",
+    "Timeout",
 ]

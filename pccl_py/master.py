@@ -21,18 +21,18 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import zmq
 import zmq.asyncio
 
 from pccl_py import _native, auth, protocol
 from pccl_py.config import Config
-from pccl_py.errors import PcclError, ProtocolError, Timeout
 from pccl_py.election import EntryMeta, Submission, SyncStrategy
+from pccl_py.errors import PcclError, ProtocolError, Timeout
 from pccl_py.events import EventLog
-from pccl_py.metrics import MasterMetrics
 from pccl_py.membership import Effect, Log, Membership, RejoinInfo, RejoinRefused, Send
+from pccl_py.metrics import MasterMetrics
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Master:
             raise PcclError("master is not listening yet")
         return f"{self._host}:{self._bound_port}"
 
-    def start(self, timeout: float = 10.0) -> Master:
+    def start(self, timeout: float = 10.0) -> Self:
         """Runs the master on a background thread; returns once it is listening."""
         if self._thread is not None:
             return self
@@ -133,7 +133,7 @@ class Master:
             self._thread = None
         self._events.close()
 
-    def __enter__(self) -> Master:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -143,7 +143,7 @@ class Master:
         loop = new_event_loop()
         try:
             loop.run_until_complete(self.serve())
-        except BaseException as exc:  # surfaced to start()
+        except BaseException as exc:  # noqa: BLE001 - surfaced to start()
             self._failure = exc
             self._ready.set()
         finally:
@@ -387,11 +387,12 @@ class Master:
         writer: asyncio.StreamWriter | None = None
         graceful = False
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.config.connect_timeout)
+            reader, opened = await asyncio.wait_for(asyncio.open_connection(host, port), self.config.connect_timeout)
+            writer = opened
             try:
                 # epoch 2**64-1: a connection tied to no epoch, never retired by a new ring.
                 await asyncio.wait_for(
-                    auth.data_handshake(reader, writer, MASTER_PEER_ID, peer_id, 2**64 - 1, self._secret),
+                    auth.data_handshake(reader, opened, MASTER_PEER_ID, peer_id, 2**64 - 1, self._secret),
                     self.config.connect_timeout,
                 )
             except PcclError as exc:
@@ -403,7 +404,7 @@ class Master:
                     graceful = True
         except asyncio.CancelledError:
             raise
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
             if writer is None:
                 log.warning("cannot reach peer %d's data port %s:%d (%s); relying on heartbeats", peer_id, host, port, exc)
                 return
@@ -462,7 +463,7 @@ def send_nowait(sock: zmq.asyncio.Socket, frames: list[bytes]) -> None:
     the socket's events. A raw zmq.Socket.send does not, and that message would wait
     for the next unrelated event (up to a heartbeat interval)."""
     try:
-        future = sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        future: Any = sock.send_multipart(frames, flags=zmq.NOBLOCK)  # an asyncio future (pyzmq's stubs say Awaitable)
     except zmq.ZMQError:  # closed meanwhile
         return
     if future.done():

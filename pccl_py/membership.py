@@ -547,8 +547,8 @@ class Membership:
                 vote_behind.add(pid)
                 effects.append(Send(pid, self._ring_message(g, "the master restarted; the vote completed", vote=True)))
         if len(members) == len(ring):
-            msg = self._ring_message(g, "the master restarted; the group re-formed", vote=False)
-            effects += [Send(pid, msg) for pid in ring if pid not in vote_behind]
+            reformed = self._ring_message(g, "the master restarted; the group re-formed", vote=False)
+            effects += [Send(pid, reformed) for pid in ring if pid not in vote_behind]
         else:
             lost = [p for p in ring if p not in members]
             effects += self._new_epoch(g, members, f"the master restarted; peers {lost} did not come back")
@@ -583,9 +583,9 @@ class Membership:
             if not g.ring and g.pending and g.recovery is None and now >= self.hold_until:
                 effects += self._admit_pending(g, "first peers of the group")
             for record in list(g.ops.values()):
-                if record.decided is None and record.first_failure_at is not None:
-                    if now - record.first_failure_at >= self.failure_grace:
-                        effects += self._decide(g, record, now, grace_over=True)
+                failing_since = record.first_failure_at
+                if record.decided is None and failing_since is not None and now - failing_since >= self.failure_grace:
+                    effects += self._decide(g, record, now, grace_over=True)
             effects += self._check_mismatch(g, now)
         return effects
 

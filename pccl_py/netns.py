@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 from types import TracebackType
+from typing import Self
 
 CLONE_NEWNET = 0x40000000
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(bit|kbit|mbit|gbit)\s*$", re.IGNORECASE)
@@ -133,7 +134,7 @@ class ShapedNet:
         self._created_bridge = False
         self._created: list[int] = []  # peer indices whose namespace exists
 
-    def __enter__(self) -> ShapedNet:
+    def __enter__(self) -> Self:
         try:
             self.up()
         except BaseException:
@@ -191,10 +192,10 @@ class ShapedNet:
         for i in self._created:
             link = f"{self.prefix}h{i}"
             if os.path.exists(f"/sys/class/net/{link}"):
-                subprocess.run(["ip", "link", "del", link], capture_output=True, timeout=_CMD_TIMEOUT)
+                subprocess.run(["ip", "link", "del", link], check=False, capture_output=True, timeout=_CMD_TIMEOUT)
         self._created.clear()
         if self._created_bridge:
-            subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=_CMD_TIMEOUT)
+            subprocess.run(["ip", "link", "del", self.bridge], check=False, capture_output=True, timeout=_CMD_TIMEOUT)
             self._created_bridge = False
 
     @staticmethod

@@ -152,6 +152,6 @@ def decode(data: bytes, max_bytes: int) -> Message:
         raise ProtocolError(f"message of {len(data)} bytes exceeds the {max_bytes}-byte cap")
     try:
         msg = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=max_bytes, max_str_len=max_bytes)
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types on garbage
         raise ProtocolError(f"undecodable message: {type(exc).__name__}") from None
     return validate(msg)

@@ -89,7 +89,7 @@ class SyncInfo:
 
 
 def digest(buffer: np.ndarray) -> int:
-    return xxhash.xxh3_64_intdigest(buffer)
+    return xxhash.xxh3_64_intdigest(buffer.data)
 
 
 @dataclass
@@ -153,7 +153,7 @@ def fetch_entries(
                     raise PeerLost(f"peer {peer} unreachable")
                 handle.result(timeout=0)
                 received += handle.rx_bytes
-            except Exception:
+            except Exception:  # noqa: BLE001 - any failure of a source: fetch its chunks elsewhere
                 dead.add(peer)
                 incomplete.update(chunk[0] for chunk in chunks)
         for index in [i for i in pending if i not in incomplete]:

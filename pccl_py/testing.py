@@ -16,7 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self, cast
 
 import numpy as np
 
@@ -148,12 +148,13 @@ class PeerGroup:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._readers:
                 raise queue.Empty
-            for reader in mp_connection.wait(list(self._readers), remaining):
+            for ready in mp_connection.wait(list(self._readers), remaining):
+                reader = cast(mp_connection.Connection, ready)
                 try:
-                    self._backlog.append(reader.recv())  # type: ignore[union-attr]
+                    self._backlog.append(reader.recv())
                 except (EOFError, OSError):  # the peer exited or died
                     del self._readers[reader]
-                    reader.close()  # type: ignore[union-attr]
+                    reader.close()
         return self._backlog.pop(0)
 
     def wait_for(self, predicate: Callable[[Record], bool], timeout: float) -> list[Record]:
@@ -186,7 +187,7 @@ class PeerGroup:
             reader.close()
         self._readers.clear()
 
-    def __enter__(self) -> PeerGroup:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -151,7 +151,7 @@ class PcclWork(dist.Work):
             return False
         try:
             self._future.value()
-        except Exception:
+        except Exception:  # noqa: BLE001 - the op's error, whatever it is, means "not successful"
             return False
         return True
 
@@ -160,7 +160,7 @@ class PcclWork(dist.Work):
             return None
         try:
             self._future.value()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - handed to the caller as the op's exception
             return exc
         return None
 
@@ -215,7 +215,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
 
     # ------------------------------------------------------------------ identity
 
-    def getBackendName(self) -> str:  # noqa: N802 - torch's name
+    def getBackendName(self) -> str:
         return "pccl"
 
     @property
@@ -352,7 +352,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
     def allgather_coalesced(self, output_lists: Any, input_list: Any, opts: Any = None) -> dist.Work:
         return self.allgather(output_lists, input_list, opts)
 
-    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> dist.Work:  # noqa: A002
+    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> dist.Work:
         return self.all_gather_single_coalesced([output], [input], opts)
 
     _allgather_base = all_gather_single
@@ -417,7 +417,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
 
         return self._submit(run)
 
-    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> dist.Work:  # noqa: A002
+    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> dist.Work:
         return self.reduce_scatter_single_coalesced([output], [input], opts)
 
     _reduce_scatter_base = reduce_scatter_single
@@ -595,7 +595,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
                 continue
             try:
                 result = run()
-            except BaseException as exc:  # handed to the waiter, never lost
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiter, never lost
                 error = exc if isinstance(exc, PcclBackendError) else PcclBackendError(f"pccl: {exc}")
                 if isinstance(exc, PcclError):  # the group is broken (peer lost, timeout, shrunk)
                     if error is not exc:

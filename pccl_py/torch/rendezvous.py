@@ -47,8 +47,8 @@ def pccl_rendezvous_handler(url: str, timeout: datetime.timedelta = datetime.tim
     if not parsed.hostname or parsed.port is None:
         raise ValueError(f"pccl:// needs host:port, got {url!r}")
     query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
-    rank = int(query.get("rank", os.environ.get("RANK", -1)))
-    world_size = int(query.get("world_size", os.environ.get("WORLD_SIZE", -1)))
+    rank = int(query.get("rank", os.environ.get("RANK", "-1")))
+    world_size = int(query.get("world_size", os.environ.get("WORLD_SIZE", "-1")))
     if rank < 0 or world_size < 1:
         raise ValueError("pccl:// needs rank and world_size (arguments, or RANK and WORLD_SIZE)")
     store = dist.HashStore()
