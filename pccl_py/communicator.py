@@ -221,12 +221,14 @@ class Communicator:
                 self._control.send(protocol.make("leave"))
             except Aborted:
                 pass
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        # The engine fails the ops it runs and the control channel the waits on the
+        # master, so the executor's threads (async all-reduces) end and are joined.
         if self._engine is not None:
             self._engine.close()
         if self._control is not None:
             self._control.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
         self._events.emit("closed", peer=self.peer_id)
         self._events.close()
 

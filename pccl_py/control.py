@@ -87,6 +87,7 @@ class ControlChannel:
         self.recovering = False
         self.rejoin_target: int | None = None
         self.on_master_restart: Callable[[], None] | None = None
+        self._rejoin_thread: threading.Thread | None = None  # owned: joined by close()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self._thread: threading.Thread | None = None
@@ -112,7 +113,10 @@ class ControlChannel:
             self._thread.join(timeout)
             self._thread = None
         with self.cond:
-            self.cond.notify_all()
+            self.cond.notify_all()  # a rejoin waiting on the master gives up (Aborted)
+        rejoin, self._rejoin_thread = self._rejoin_thread, None
+        if rejoin is not None and rejoin is not threading.current_thread():
+            rejoin.join(timeout)
 
     def _thread_main(self) -> None:
         loop = new_event_loop()
@@ -294,7 +298,11 @@ class ControlChannel:
         self.recovering = True
         log.warning("the master restarted (incarnation %d); rejoining it", master)
         if self.on_master_restart is not None:
-            threading.Thread(target=self.on_master_restart, name="pccl-rejoin", daemon=True).start()
+            previous = self._rejoin_thread
+            if previous is not None and previous.is_alive():
+                log.warning("a rejoin of an earlier master incarnation is still running")
+            self._rejoin_thread = threading.Thread(target=self.on_master_restart, name="pccl-rejoin", daemon=True)
+            self._rejoin_thread.start()
 
     # ------------------------------------------------------------------ authentication
 

@@ -94,7 +94,8 @@ class Master:
         self._events = EventLog(self.config.event_log, "master")
         self._routes: dict[int, bytes] = {}  # peer id -> ZeroMQ routing id
         self._ids: dict[bytes, int] = {}
-        self._watchers: dict[int, asyncio.Task[None]] = {}
+        self._watchers: dict[int, asyncio.Task[None]] = {}  # tasks of serve()'s TaskGroup
+        self._tasks: asyncio.TaskGroup | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -179,6 +180,7 @@ class Master:
             if on_ready is not None:
                 on_ready(self.address)
             async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks  # the liveness watchers are its tasks too
                 receiver = tasks.create_task(self._receive_loop())
                 ticker = tasks.create_task(self._tick_loop())
                 await self._stop.wait()
@@ -187,6 +189,8 @@ class Master:
                 for watcher in list(self._watchers.values()):
                     watcher.cancel()
         finally:
+            self._tasks = None
+            self._watchers.clear()
             sock.close(linger=0)
             ctx.term()
             self._sock = None
@@ -342,7 +346,7 @@ class Master:
             return
         self._routes[peer_id] = rid
         self._ids[rid] = peer_id
-        self._watchers[peer_id] = asyncio.create_task(self._watch(peer_id, msg["host"], msg["port"]))
+        self._start_watcher(peer_id, msg["host"], msg["port"])
         await self._apply(effects)
 
     async def _rejoin(self, rid: bytes, msg: protocol.Message, now: float) -> None:
@@ -376,10 +380,24 @@ class Master:
             return
         self._routes[peer_id] = rid
         self._ids[rid] = peer_id
-        self._watchers[peer_id] = asyncio.create_task(self._watch(peer_id, msg["host"], msg["port"]))
+        self._start_watcher(peer_id, msg["host"], msg["port"])
         await self._apply(effects)
 
     # ------------------------------------------------------------------ liveness
+
+    def _start_watcher(self, peer_id: int, host: str, port: int) -> None:
+        assert self._tasks is not None, "peers register only while serve() runs"
+        self._watchers[peer_id] = self._tasks.create_task(self._watch_guarded(peer_id, host, port))
+
+    async def _watch_guarded(self, peer_id: int, host: str, port: int) -> None:
+        """A watcher's own bug ends that watcher (heartbeats still cover the peer), never
+        the master: an exception in a TaskGroup task would cancel every task."""
+        try:
+            await self._watch(peer_id, host, port)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # logged; the master serves on
+            log.exception("liveness watcher of peer %d failed", peer_id)
 
     async def _watch(self, peer_id: int, host: str, port: int) -> None:
         """Holds a TCP connection to the peer's data port; EOF without a goodbye means the
