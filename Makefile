@@ -20,7 +20,7 @@ $(VENV)/.stamp-install: $(NATIVE_SOURCES)
 	# Pin torch first: an unpinned resolve would pull a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12"
-	$(PIP) install -q --no-build-isolation -e '.[test,demo,lint]' -Cbuild-dir=build
+	$(PIP) install -q --no-build-isolation -e '.[torch,test,demo,lint]' -Cbuild-dir=build
 	touch $@
 
 test: install

@@ -1039,6 +1039,14 @@ def parse_quantization(text: str) -> str:
     return f"{q.kind}:{q.dtype}"
 
 
+def _torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main(args: argparse.Namespace) -> int:
     """`pccl bench`: runs the benchmark, prints the table, writes JSON lines. Returns the exit code."""
     cfg = config_from_args(args)
@@ -1046,6 +1054,9 @@ def main(args: argparse.Namespace) -> int:
         cfg.validate()
     except ValueError as e:
         Console(stderr=True).print(f"[red]error:[/] {e}")
+        return 2
+    if "gloo" in cfg.compare and not _torch_available():
+        Console(stderr=True).print("[red]error:[/] --compare gloo needs torch: pip install 'pccl_py\\[torch]'")
         return 2
     if cfg.netns_rates:
         why_not = netns.unavailable()

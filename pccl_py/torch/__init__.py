@@ -13,6 +13,11 @@ See docs/torch.md for what is supported, what it costs, and how failures surface
 
 from __future__ import annotations
 
+try:
+    import torch  # noqa: F401
+except ImportError as exc:  # the core runs without torch; this part does not
+    raise ImportError("pccl_py.torch (the torch.distributed backend) needs torch: pip install 'pccl_py[torch]' (pin a CPU or CUDA build first)") from exc
+
 import torch.distributed as dist
 from torch.distributed.rendezvous import _rendezvous_handlers, register_rendezvous_handler
 
