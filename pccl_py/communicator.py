@@ -32,12 +32,12 @@ from pccl_py.errors import (
     AuthError,
     CollectiveMismatch,
     ConfigError,
+    FailureKind,
     InvalidArgument,
     PcclError,
-    PeerLost,
-    ProtocolError,
-    StateMismatch,
     Timeout,
+    error_class,
+    failure_kind,
 )
 from pccl_py.events import EventLog
 from pccl_py.probe import measure_bandwidth
@@ -51,15 +51,6 @@ log = logging.getLogger(__name__)
 # others); the attempt changes at each retry: every attempt is a distinct op.
 _ATTEMPT_BITS = 8
 _STEP_BITS = 32
-_ERRORS: dict[str, type[PcclError]] = {
-    "PeerLost": PeerLost,
-    "PeerLeft": PeerLost,
-    "Timeout": Timeout,
-    "Aborted": Aborted,
-    "ProtocolError": ProtocolError,
-    "InvalidArgument": InvalidArgument,
-    "CollectiveMismatch": CollectiveMismatch,
-}
 _FLOAT_DTYPES = (
     _native.DataType.FLOAT16,
     _native.DataType.BFLOAT16,
@@ -67,7 +58,7 @@ _FLOAT_DTYPES = (
     _native.DataType.FLOAT64,
 )
 # Failures that re-running over the survivors can fix.
-_RETRYABLE = ("PeerLost", "PeerLeft")
+_RETRYABLE = (FailureKind.PEER_LOST, FailureKind.PEER_LEFT)
 
 
 class AllReduceHandle:
@@ -148,6 +139,9 @@ class Communicator:
         self._pending_query = 0
         # op key -> (native handle, retry flag, shape description); guarded by control.cond
         self._inflight: dict[OpKey, tuple[Any, bool, str]] = {}
+        # Ops this peer aborted because the master had moved on (their failure is a
+        # consequence, reported as PeerLost, not a cause); guarded by control.cond.
+        self._superseded: set[OpKey] = set()
         # No collective call since admission but pending_peers(): the master lets a
         # joiner's first update_topology() be the vote that admitted it.
         self._fresh = False
@@ -528,7 +522,7 @@ class Communicator:
                     try:
                         rx = fetch_entries(self._engine, buffers, wanted, sources, deadline, progress=callback)
                     except PcclError as exc:
-                        ok, kind, msg = False, _kind_of(exc), str(exc)
+                        ok, kind, msg = False, failure_kind(exc), str(exc)
                     finally:
                         if close_bar is not None:
                             close_bar()
@@ -543,7 +537,7 @@ class Communicator:
                     )
                 else:
                     result = plan
-                if result["ok"] or result["kind"] != "Retry":
+                if result["ok"] or result["kind"] != FailureKind.RETRY:
                     break
                 # The master restarted during this sync and never saw it: ask again (the
                 # other members do the same, so the collective forms anew).
@@ -553,8 +547,7 @@ class Communicator:
         finally:
             tx = exposure.close()
         if not result["ok"]:
-            cls = StateMismatch if result["kind"] == "StateMismatch" else _ERRORS.get(result["kind"], PcclError)
-            raise cls(f"shared-state sync failed: {result['msg']}", epoch=self.epoch)
+            raise error_class(result["kind"])(f"shared-state sync failed: {result['msg']}", epoch=self.epoch)
         state.stage_out(fetched)  # CUDA entries get the received bytes only now
         state.revision = result["revision"]
         self._synced_revision = state.revision
@@ -620,6 +613,7 @@ class Communicator:
             epoch = -1
             handle = None
             outcome: protocol.Message | None = None
+            superseded = False  # this peer aborted the attempt: the master had moved on
             ok, kind, msg, culprit = True, "", "", -1
             try:
                 epoch = self._ensure_ring(deadline)
@@ -646,7 +640,7 @@ class Communicator:
                         self._report_blocked("all_reduce", key)
                     handle.result()
                 finally:
-                    self._untrack(key)
+                    superseded = self._untrack(key)
             except PcclError as exc:
                 if epoch < 0:  # no ring to run on (evicted, closed, timed out)
                     raise
@@ -656,7 +650,10 @@ class Communicator:
                 # commit anywhere makes it a success). Before voting: a failure, and
                 # provably nobody committed.
                 ok = handle is not None and handle.voted
-                kind, msg = ("", "") if ok else (_kind_of(exc), str(exc))
+                kind = failure_kind(exc)
+                if kind == FailureKind.ABORTED and superseded:
+                    kind = FailureKind.PEER_LOST  # the master moved on: a consequence, not a cause
+                kind, msg = (FailureKind.NONE, "") if ok else (kind, str(exc))
                 culprit = exc.peer if isinstance(exc.peer, int) and exc.peer < 2**63 else -1
             else:
                 # Committed: the vote came round, every participant holds the result.
@@ -686,16 +683,16 @@ class Communicator:
             self._events.emit(
                 "op", epoch=key[0], tag=tag, seq=key[2], ok=False, kind=outcome["kind"], ring=self.ring_of(key[0])
             )
-            error = _ERRORS.get(outcome["kind"], PcclError)(
+            error = error_class(outcome["kind"])(
                 f"all-reduce failed: {outcome['msg']}",
                 peer=outcome["peer"] if outcome["peer"] >= 0 else None,
                 epoch=key[0],
                 tag=tag,
                 step=seq & ((1 << _STEP_BITS) - 1),
             )
-            if outcome["kind"] == "CollectiveMismatch":
+            if outcome["kind"] == FailureKind.COLLECTIVE_MISMATCH:
                 self._start_round()  # every member does: numbering restarts where the master says
-            retryable = outcome["kind"] == "PeerLeft" or (retry and outcome["kind"] in _RETRYABLE)
+            retryable = outcome["kind"] == FailureKind.PEER_LEFT or (retry and outcome["kind"] in _RETRYABLE)
             failures_in_epoch[key[0]] = failures_in_epoch.get(key[0], 0) + 1
             if not retryable or attempts >= self.config.max_retries or failures_in_epoch[key[0]] >= 1 << _ATTEMPT_BITS:
                 raise error
@@ -826,38 +823,48 @@ class Communicator:
             decided = control.outcomes.get(key)
             superseded = control.topology is not None and control.topology.epoch > key[0]
             older_failure = not retry and any(
-                _same_step(k, key) and k[0] < key[0] and not o["ok"] and o["kind"] != "PeerLeft"
+                _same_step(k, key) and k[0] < key[0] and not o["ok"] and o["kind"] != FailureKind.PEER_LEFT
                 for k, o in control.outcomes.items()
             )
-        if (decided is not None and not decided["ok"]) or superseded or older_failure:
+            doomed = (decided is not None and not decided["ok"]) or superseded or older_failure
+            if doomed:
+                self._superseded.add(key)
+        if doomed:
             handle.abort("the master already failed this op (superseded)")
 
-    def _untrack(self, key: OpKey) -> None:
+    def _untrack(self, key: OpKey) -> bool:
+        """Forgets op `key`; returns whether this peer aborted it as superseded."""
         control = self._require()
         with control.cond:
             self._inflight.pop(key, None)
+            superseded = key in self._superseded
+            self._superseded.discard(key)
+        return superseded
 
     def _on_master_message(self, msg: protocol.Message) -> None:
         """Control thread: stop data-plane ops the master has given up on."""
         kind = msg["t"]
-        doomed: list[Any] = []
         control = self._control
         assert control is not None
         with control.cond:
             if kind == "topology":
-                doomed = [h for k, (h, _, _) in self._inflight.items() if k[0] < msg["epoch"]]
+                keys = [k for k in self._inflight if k[0] < msg["epoch"]]
             elif kind == "outcome" and not msg["ok"]:
                 failed = (msg["epoch"], msg["tag"], msg["seq"])
-                rerun = msg["kind"] == "PeerLeft"  # re-run by every survivor: nothing to doom
+                rerun = msg["kind"] == FailureKind.PEER_LEFT  # re-run by every survivor: nothing to doom
                 # This op, or the same step started in a newer epoch by a call that will
                 # not retry (the peers that failed in the old epoch raise: so must it).
-                doomed = [
-                    h
-                    for k, (h, retry, _) in self._inflight.items()
+                keys = [
+                    k
+                    for k, (_, retry, _) in self._inflight.items()
                     if k == failed or (not retry and not rerun and _same_step(k, failed) and k[0] > failed[0])
                 ]
             elif kind == "evicted":
-                doomed = [h for h, _, _ in self._inflight.values()]
+                keys = list(self._inflight)
+            else:
+                keys = []
+            self._superseded.update(keys)
+            doomed = [self._inflight[k][0] for k in keys]
         for handle in doomed:
             handle.abort(f"superseded by the master ({kind})")
         if kind == "topology":
@@ -925,17 +932,3 @@ def _epoch_reached(control: ControlChannel, epoch: int) -> Callable[[], bool | N
 def _same_step(a: OpKey, b: OpKey) -> bool:
     """Same tag and step (round included), whatever the epoch and attempt."""
     return a[1] == b[1] and a[2] >> _ATTEMPT_BITS == b[2] >> _ATTEMPT_BITS
-
-
-def _kind_of(exc: PcclError) -> str:
-    for name, cls in (
-        ("PeerLost", PeerLost),
-        ("Timeout", Timeout),
-        ("Aborted", Aborted),
-        ("ProtocolError", ProtocolError),
-        ("InvalidArgument", InvalidArgument),
-    ):
-        if isinstance(exc, cls):
-            # An op we aborted because the master moved on is a consequence, not a cause.
-            return "PeerLost" if name == "Aborted" and "superseded" in str(exc) else name
-    return "Aborted"

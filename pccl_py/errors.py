@@ -4,6 +4,8 @@ known."""
 
 from __future__ import annotations
 
+import enum
+
 
 class PcclError(Exception):
     """Root of every error pccl_py raises."""
@@ -65,15 +67,78 @@ class StateMismatch(PcclError):
     """Shared state disagrees in a way synchronisation cannot repair (revision rules)."""
 
 
+class FailureKind(enum.StrEnum):
+    """Why an op or a sync failed: the one encoding of failure kinds. The wire's "kind"
+    fields carry these values, the native engine's error kinds map onto them
+    (pccl_py._native.ErrorKind, checked by a test), and error_class() gives the Python
+    class a caller sees. Retry decisions are made on these, never on message text."""
+
+    NONE = ""
+    PEER_LOST = "PeerLost"  # a participant crashed, hung, or its connection broke
+    PEER_LEFT = "PeerLeft"  # a participant left gracefully before taking part: the survivors re-run
+    TIMEOUT = "Timeout"
+    ABORTED = "Aborted"
+    PROTOCOL = "ProtocolError"
+    INVALID_ARGUMENT = "InvalidArgument"
+    COLLECTIVE_MISMATCH = "CollectiveMismatch"
+    STATE_MISMATCH = "StateMismatch"
+    RETRY = "Retry"  # a sync the master never saw (it restarted): ask again
+
+    @classmethod
+    def parse(cls, value: str) -> FailureKind | str:
+        """The kind named by a wire value; an unknown value (a newer peer's) is kept as is."""
+        try:
+            return cls(value)
+        except ValueError:
+            return value
+
+
+def error_class(kind: str) -> type[PcclError]:
+    """The error class a caller sees for a failure of `kind` (PcclError if unknown)."""
+    return _CLASSES.get(kind, PcclError)
+
+
+def failure_kind(exc: PcclError) -> FailureKind:
+    """The kind of a local error, as reported to the master."""
+    for cls, kind in _KINDS:
+        if isinstance(exc, cls):
+            return kind
+    return FailureKind.ABORTED
+
+
 __all__ = [
     "Aborted",
     "AuthError",
     "CollectiveMismatch",
     "ConfigError",
+    "FailureKind",
     "InvalidArgument",
     "PcclError",
     "PeerLost",
     "ProtocolError",
     "StateMismatch",
     "Timeout",
+    "error_class",
+    "failure_kind",
 ]
+
+_CLASSES: dict[str, type[PcclError]] = {
+    FailureKind.PEER_LOST: PeerLost,
+    FailureKind.PEER_LEFT: PeerLost,
+    FailureKind.TIMEOUT: Timeout,
+    FailureKind.ABORTED: Aborted,
+    FailureKind.PROTOCOL: ProtocolError,
+    FailureKind.INVALID_ARGUMENT: InvalidArgument,
+    FailureKind.COLLECTIVE_MISMATCH: CollectiveMismatch,
+    FailureKind.STATE_MISMATCH: StateMismatch,
+}
+# Most specific first: CollectiveMismatch is a ProtocolError.
+_KINDS: tuple[tuple[type[PcclError], FailureKind], ...] = (
+    (CollectiveMismatch, FailureKind.COLLECTIVE_MISMATCH),
+    (StateMismatch, FailureKind.STATE_MISMATCH),
+    (PeerLost, FailureKind.PEER_LOST),
+    (Timeout, FailureKind.TIMEOUT),
+    (Aborted, FailureKind.ABORTED),
+    (ProtocolError, FailureKind.PROTOCOL),
+    (InvalidArgument, FailureKind.INVALID_ARGUMENT),
+)

@@ -46,6 +46,7 @@ from typing import Any
 
 from pccl_py import protocol, topology
 from pccl_py.election import Election, ElectionError, Submission, elect
+from pccl_py.errors import FailureKind
 
 OpKey = tuple[int, int, int]  # (epoch, tag, seq)
 
@@ -216,7 +217,7 @@ class Group:
 
 def failures_root(record: OpRecord) -> bool:
     """Whether a participant reported a failure other than a broken connection."""
-    return any(not r.ok and r.kind != "PeerLost" for r in record.reports.values())
+    return any(not r.ok and r.kind != FailureKind.PEER_LOST for r in record.reports.values())
 
 
 class Membership:
@@ -356,19 +357,19 @@ class Membership:
                 # An epoch this master has no ring for (pruned, or from a future it never
                 # made): the op cannot be vouched for.
                 outcome = self._outcome(
-                    g, key, False, "Aborted", f"epoch {epoch} is not current (group is at {g.epoch})", -1, 0
+                    g, key, False, FailureKind.ABORTED, f"epoch {epoch} is not current (group is at {g.epoch})", -1, 0
                 )
                 return [Send(peer.id, outcome)]
             if peer.id not in participants:
                 outcome = self._outcome(
-                    g, key, False, "ProtocolError", f"peer {peer.id} is not in the ring of epoch {epoch}", -1, 0
+                    g, key, False, FailureKind.PROTOCOL, f"peer {peer.id} is not in the ring of epoch {epoch}", -1, 0
                 )
                 return [Send(peer.id, outcome)]
             record = OpRecord(key, frozenset(participants))
             g.ops[key] = record
             self._prune_ops(g)
         if peer.id not in record.participants:
-            outcome = self._outcome(g, key, False, "ProtocolError", f"peer {peer.id} is not in the ring of epoch {epoch}", -1, 0)
+            outcome = self._outcome(g, key, False, FailureKind.PROTOCOL, f"peer {peer.id} is not in the ring of epoch {epoch}", -1, 0)
             return [Send(peer.id, outcome)]
         if record.decided is not None:
             if committed:
@@ -387,7 +388,7 @@ class Membership:
         peer.replay = None
         g.blocked.pop(peer.id, None)
         if g.sync_active is not None and peer.id in g.sync_active.participants:
-            return [Send(peer.id, self._sync_result(g, False, "Aborted", "a previous sync is still in progress"))]
+            return [Send(peer.id, self._sync_result(g, False, FailureKind.ABORTED, "a previous sync is still in progress"))]
         g.sync_requests[peer.id] = (submission, exposure)
         return self._complete_sync_requests(g) + self._resolve_held(g)
 
@@ -407,9 +408,9 @@ class Membership:
         if record is None and peer.id in g.recovered:
             # A sync the previous master planned and this one never saw: the members
             # ask again (the communicator repeats its request on "Retry").
-            return [Send(peer.id, self._sync_result(g, False, "Retry", "the master restarted during this sync"))]
+            return [Send(peer.id, self._sync_result(g, False, FailureKind.RETRY, "the master restarted during this sync"))]
         if record is None or peer.id not in record.participants:
-            return [Send(peer.id, self._sync_result(g, False, "Aborted", "no sync in progress for this peer"))]
+            return [Send(peer.id, self._sync_result(g, False, FailureKind.ABORTED, "no sync in progress for this peer"))]
         record.reports[peer.id] = (ok, kind, msg)
         return self._complete_sync(g)
 
@@ -515,7 +516,7 @@ class Membership:
         for pid in members:
             for key, ok, kind, msg in recovery.infos[pid].pending:
                 if key[0] < epoch:
-                    v = verdicts.get(key, (False, "PeerLost", f"superseded by epoch {epoch}", 0))
+                    v = verdicts.get(key, (False, FailureKind.PEER_LOST, f"superseded by epoch {epoch}", 0))
                     effects.append(Send(pid, self._outcome(g, key, v[0], v[1], v[2], -1, v[3])))
         for pid in members:
             for key, ok, kind, msg, world in recovery.infos[pid].decided:
@@ -750,9 +751,9 @@ class Membership:
                 record = OpRecord(key, frozenset(participants))
                 g.ops[key] = record
             if record.decided is None:
-                record.decided = self._outcome(g, key, False, "CollectiveMismatch", text, -1, len(record.participants))
+                record.decided = self._outcome(g, key, False, FailureKind.COLLECTIVE_MISMATCH, text, -1, len(record.participants))
                 effects.append(Log("outcome", {"group": g.id, "epoch": key[0], "tag": key[1], "seq": key[2],
-                                               "ok": False, "kind": "CollectiveMismatch",
+                                               "ok": False, "kind": FailureKind.COLLECTIVE_MISMATCH,
                                                "participants": sorted(record.participants)}))
                 effects += [Send(pid, record.decided) for pid in sorted(record.participants) if pid in self.peers]
         return effects
@@ -953,7 +954,7 @@ class Membership:
         try:
             election = elect([sub for sub, _ in requests.values()], g.state_revision, g.last_synced)
         except ElectionError as exc:
-            result = self._sync_result(g, False, "StateMismatch", str(exc))
+            result = self._sync_result(g, False, FailureKind.STATE_MISMATCH, str(exc))
             return [Log("sync", {"group": g.id, "ok": False, "error": str(exc)})] + [Send(pid, result) for pid in requests]
         g.sync_active = SyncRecord(frozenset(requests), election)
         if not any(election.fetch.get(pid) for pid in requests):
@@ -994,7 +995,7 @@ class Membership:
         failures = sorted((pid, r) for pid, r in record.reports.items() if pid in alive and not r[0])
         if failures:
             pid, (_, kind, msg) = failures[0]
-            result = self._sync_result(g, False, kind or "PeerLost", f"peer {pid}: {msg}")
+            result = self._sync_result(g, False, kind or FailureKind.PEER_LOST, f"peer {pid}: {msg}")
             log: Effect = Log("sync", {"group": g.id, "ok": False, "error": msg})
         else:
             g.state_revision = record.election.revision
@@ -1040,15 +1041,15 @@ class Membership:
             culprit = gone_unreported[0]
             cause = self._departed.get(culprit, "lost")
             left = all(self._departed.get(pid) == "left" for pid in gone_unreported) and not failures_root(record)
-            ok, kind, msg = False, "PeerLeft" if left else "PeerLost", f"peer {culprit} {cause} during the op"
+            ok, kind, msg = False, FailureKind.PEER_LEFT if left else FailureKind.PEER_LOST, f"peer {culprit} {cause} during the op"
         elif failures:
-            roots = {pid: r for pid, r in failures.items() if r.kind != "PeerLost"}
+            roots = {pid: r for pid, r in failures.items() if r.kind != FailureKind.PEER_LOST}
             if roots:
                 pid, r = min(roots.items())
                 ok, kind, msg, culprit = False, r.kind, f"peer {pid}: {r.msg}", r.culprit if r.culprit >= 0 else pid
             elif all_reported or grace_over:
                 pid, r = min(failures.items())
-                ok, kind, msg, culprit = False, "PeerLost", f"peer {pid}: {r.msg}", r.culprit
+                ok, kind, msg, culprit = False, FailureKind.PEER_LOST, f"peer {pid}: {r.msg}", r.culprit
             else:
                 return []  # wait for the root cause (tick() decides when the grace ends)
         elif all_reported:

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgpack
 
-from pccl_py.errors import ProtocolError
+from pccl_py.errors import FailureKind, ProtocolError
 
 VERSION = 2
 
@@ -106,12 +106,9 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "status_reply": {"state": (dict,)},
 }
 
-# Failure kinds carried by "op" and "outcome" (names of pccl_py.errors classes).
-# "PeerLeft": the op failed only because a participant left gracefully before taking
-# part; nothing was lost, so the survivors re-run it without telling the caller.
-FAILURE_KINDS = (
-    "", "PeerLost", "PeerLeft", "Timeout", "Aborted", "ProtocolError", "InvalidArgument", "CollectiveMismatch",
-)
+# Failure kinds carried by "op", "outcome", "sync_done" and "sync_result"
+# (pccl_py.errors.FailureKind).
+FAILURE_KINDS = tuple(kind.value for kind in FailureKind)
 
 
 def make(msg_type: str, /, **fields: Any) -> Message:
