@@ -14,9 +14,10 @@ import sys
 import zmq
 
 from pccl_py import auth
+from pccl_py.aio import new_event_loop
 from pccl_py.config import Config
 from pccl_py.errors import ConfigError
-from pccl_py.master import Master, new_event_loop
+from pccl_py.master import Master
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

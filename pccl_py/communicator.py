@@ -13,6 +13,7 @@ and can be retried.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import secrets
 import threading
@@ -25,7 +26,7 @@ import numpy as np
 from pccl_py import _native, auth, protocol
 from pccl_py._buffers import native_view, stage_to_host
 from pccl_py.config import Config
-from pccl_py.control import ControlChannel, OpKey, Topology
+from pccl_py.control import ControlChannel
 from pccl_py.election import SyncStrategy
 from pccl_py.errors import (
     Aborted,
@@ -41,6 +42,7 @@ from pccl_py.errors import (
 )
 from pccl_py.events import EventLog
 from pccl_py.probe import measure_bandwidth
+from pccl_py.session import ATTEMPT_BITS, OpKey, Session, Topology
 from pccl_py.shared_state import SharedState, SyncInfo, _Source, check_strategy, fetch_entries, rich_progress
 from pccl_py.types import Quantization, ReduceInfo, ReduceOp
 
@@ -49,7 +51,7 @@ log = logging.getLogger(__name__)
 # Engine step = round << 40 | step << 8 | attempt. The round changes at each topology
 # vote (when every member restarts its step numbering, so joiners line up with the
 # others); the attempt changes at each retry: every attempt is a distinct op.
-_ATTEMPT_BITS = 8
+_ATTEMPT_BITS = ATTEMPT_BITS
 _STEP_BITS = 32
 _FLOAT_DTYPES = (
     _native.DataType.FLOAT16,
@@ -122,26 +124,18 @@ class Communicator:
         self.peer_id = secrets.randbits(63)
         self._events = EventLog(self.config.event_log, f"peer-{self.peer_id}")
         self._engine: _native.Engine | None = None
+        # What this peer knows of the master and of its ops in flight: the session owns
+        # it (one lock); the control channel does the talking.
+        self._session = Session(self.peer_id, self.config.blocked_report_after)
         self._control: ControlChannel | None = None
         self._ring_lock = threading.Lock()
         self._engine_epoch = -1
         self._rings: dict[int, tuple[int, ...]] = {}  # epoch -> peer ids in ring order
-        self._reported: dict[OpKey, tuple[bool, str, str]] = {}  # awaiting a verdict; under control.cond
-        self._synced_revision: int | None = None
-        # For a restarted master (under control.cond): the collective this peer waits in
-        # (["pending", round, index, query] or ["vote", round]) and its last pending answer.
-        self._waiting: list[int | str] = []
-        self._answered: list[int] = []
         self._pending_index = 0
         self._seq_lock = threading.Lock()
         self._next_seq: dict[int, int] = {}
         self._round = 0
         self._pending_query = 0
-        # op key -> (native handle, retry flag, shape description); guarded by control.cond
-        self._inflight: dict[OpKey, tuple[Any, bool, str]] = {}
-        # Ops this peer aborted because the master had moved on (their failure is a
-        # consequence, reported as PeerLost, not a cause); guarded by control.cond.
-        self._superseded: set[OpKey] = set()
         # No collective call since admission but pending_peers(): the master lets a
         # joiner's first update_topology() be the vote that admitted it.
         self._fresh = False
@@ -168,8 +162,9 @@ class Communicator:
             secret=self._secret or b"",
             zero_copy=cfg.zero_copy,
         )
-        self._control = ControlChannel(self._master, cfg, self._on_master_message)
-        self._control.on_master_restart = self._rejoin_restarted_master
+        self._control = ControlChannel(
+            self._master, cfg, self._session, self._rejoin_restarted_master, on_topology=self._on_topology
+        )
         self._control.start(max(0.1, deadline - time.monotonic()))
         if self._secret is not None:
             try:
@@ -187,16 +182,16 @@ class Communicator:
                 name=self._name,
             )
         )
-        control = self._control
+        session = self._session
 
         def admitted() -> Topology | None:
-            if control.last_error is not None and control.welcome is None:
-                error = AuthError if control.last_error["code"] == "auth" else PcclError
-                raise error(f"master refused this peer: {control.last_error['msg']}")
-            topo = control.topology
-            return topo if topo is not None and topo.rank_of(self.peer_id) is not None else None
+            refusal = session.last_error()
+            if refusal is not None and not session.welcomed():
+                error = AuthError if refusal["code"] == "auth" else PcclError
+                raise error(f"master refused this peer: {refusal['msg']}")
+            return session.admitted_topology()
 
-        control.wait(admitted, deadline, "admission by the master")
+        session.wait(admitted, deadline, "admission by the master")
         self._start_round()
         self._ensure_ring(deadline)
         self._fresh = True
@@ -263,23 +258,19 @@ class Communicator:
         any other collective (pending_peers() aside), that call returns at once, so a
         joiner that runs the same loop as the members lines up with them. Raises
         CollectiveMismatch when the members are blocked in other collectives."""
-        control = self._require()
+        self._require()
+        session = self._session
         deadline = self._deadline(timeout, self.config.connect_timeout)
         fresh, self._fresh = self._fresh, False
-        with control.cond:
-            rounds = control.vote_rounds
-            self._waiting = ["vote", control.round]
-        try:
-            self._ask(
-                protocol.make("vote", epoch=self.epoch, fresh=fresh),
-                lambda: True if control.vote_rounds > rounds else None,
-                deadline,
-                "the topology vote",
-                call="update_topology",
-            )
-        finally:
-            with control.cond:
-                self._waiting = []
+        rounds = session.vote_rounds()
+        self._ask(
+            protocol.make("vote", epoch=self.epoch, fresh=fresh),
+            lambda: True if session.vote_rounds() > rounds else None,
+            deadline,
+            "the topology vote",
+            call="update_topology",
+            waiting=["vote", session.round()],
+        )
         self._start_round()
         self._ensure_ring(deadline)
 
@@ -302,29 +293,27 @@ class Communicator:
         assert engine is not None
         deadline = self._deadline(timeout, self.config.op_timeout)
         self._fresh = False
-        with control.cond:
-            mismatches = control.mismatches
+        session = self._session
+        mismatches = session.mismatches()
         probe_buffer = np.zeros(self.config.probe_bytes, np.uint8)  # its content is irrelevant
         exposure = engine.expose_state([probe_buffer])  # served before anyone is told to probe
         probes = 0
         try:
-            with control.cond:
-                rounds = control.vote_rounds
-                control.probe = None
+            rounds = session.vote_rounds()
+            session.reset_probe()
             control.send(
                 protocol.make("optimize", epoch=self.epoch, exposure=exposure.id, probe_bytes=probe_buffer.nbytes)
             )
             handled = 0
 
             def next_step() -> protocol.Message | bool | None:
-                if control.vote_rounds > rounds:
+                if session.vote_rounds() > rounds:
                     return True
-                task = control.probe
-                return task if task is not None and task["round"] > handled else None
+                return session.probe_after(handled)
 
             while True:
                 try:
-                    step = control.wait(
+                    step = session.wait(
                         next_step,
                         deadline,
                         "the topology optimisation",
@@ -358,9 +347,8 @@ class Communicator:
     def _start_round(self) -> None:
         """Every member restarts its per-tag step numbering at the same point (admission
         or a completed vote), so peers that joined at different times agree on steps."""
-        control = self._require()
-        with control.cond:
-            new_round = control.round
+        self._require()
+        new_round = self._session.round()
         with self._seq_lock:
             self._round = new_round
             self._next_seq.clear()
@@ -369,7 +357,7 @@ class Communicator:
     def pending_peers(self, timeout: float | None = None) -> int:
         """Collective: the number of peers waiting for admission, the same on every
         admitted peer (use it to skip update_topology() when nobody waits)."""
-        control = self._require()
+        self._require()
         deadline = self._deadline(timeout, self.config.connect_timeout)
         self._pending_query += 1
         query = self._pending_query
@@ -377,21 +365,16 @@ class Communicator:
         # master answers a member the old one could not answer with what the others got.
         self._pending_index += 1
         name = (self._round, self._pending_index)
-        with control.cond:
-            self._waiting = ["pending", name[0], name[1], query]
-        try:
-            count = self._ask(
-                protocol.make("pending", epoch=self.epoch, query=query, fresh=self._fresh),
-                lambda: control.pending_answers.pop(query, None),
-                deadline,
-                "pending_peers()",
-                call="pending_peers",
-            )
-        finally:
-            with control.cond:
-                self._waiting = []
-        with control.cond:
-            self._answered = [name[0], name[1], count]
+        session = self._session
+        count = self._ask(
+            protocol.make("pending", epoch=self.epoch, query=query, fresh=self._fresh),
+            lambda: session.take_pending_answer(query),
+            deadline,
+            "pending_peers()",
+            call="pending_peers",
+            waiting=["pending", name[0], name[1], query],
+        )
+        session.set_answered([name[0], name[1], count])
         return count
 
     # ------------------------------------------------------------------ collectives
@@ -468,7 +451,8 @@ class Communicator:
         StateMismatch (layouts or revisions that cannot be reconciled), PeerLost (an
         entry could not be obtained), Timeout. `progress`: True for a progress bar on
         large transfers, or a callable(done_bytes, total_bytes)."""
-        control = self._require()
+        self._require()
+        session = self._session
         check_strategy(strategy)
         assert self._engine is not None
         deadline = self._deadline(timeout, self.config.op_timeout)
@@ -480,9 +464,7 @@ class Communicator:
         received = 0
         fetched: list[int] = []
         try:
-            with control.cond:
-                control.sync_plan = None
-                control.sync_result = None
+            session.reset_sync()
             request = protocol.make(
                 "sync",
                 epoch=self.epoch,
@@ -501,7 +483,7 @@ class Communicator:
             while True:
                 plan = self._ask(
                     request,
-                    lambda: control.sync_plan or control.sync_result,
+                    session.sync_plan_or_result,
                     deadline,
                     "the shared-state plan",
                     call="sync_shared_state",
@@ -530,7 +512,7 @@ class Communicator:
                         protocol.make(
                             "sync_done", ok=ok, kind=kind, msg=msg[:2000], rx_bytes=rx, revision=int(plan["revision"])
                         ),
-                        lambda: control.sync_result,
+                        session.sync_result,
                         deadline,
                         "the shared-state result",
                         call="sync_shared_state",
@@ -541,16 +523,14 @@ class Communicator:
                     break
                 # The master restarted during this sync and never saw it: ask again (the
                 # other members do the same, so the collective forms anew).
-                with control.cond:
-                    control.sync_plan = None
-                    control.sync_result = None
+                session.reset_sync()
         finally:
             tx = exposure.close()
         if not result["ok"]:
             raise error_class(result["kind"])(f"shared-state sync failed: {result['msg']}", epoch=self.epoch)
         state.stage_out(fetched)  # CUDA entries get the received bytes only now
         state.revision = result["revision"]
-        self._synced_revision = state.revision
+        session.set_synced_revision(state.revision)
         self._events.emit("sync", revision=state.revision, rx_bytes=rx, tx_bytes=tx, received=received)
         return SyncInfo(revision=state.revision, rx_bytes=rx, tx_bytes=tx, entries_received=received)
 
@@ -698,8 +678,8 @@ class Communicator:
                 raise error
             # Re-run once the master's new ring (if the failure made one) is known here.
             next_epoch = outcome["next_epoch"]
-            control.wait(
-                _epoch_reached(control, outcome["next_epoch"]),
+            self._session.wait(
+                functools.partial(self._session.epoch_reached, next_epoch),
                 deadline,
                 f"epoch {next_epoch}",
             )
@@ -707,10 +687,9 @@ class Communicator:
     def _outcome(self, key: OpKey, ok: bool, kind: str, msg: str, culprit: int, deadline: float) -> protocol.Message:
         """Reports this peer's result for op `key` and returns the master's decision."""
         control = self._require()
+        session = self._session
         control.flush_committed()  # the master weighs this report against those
-        with control.cond:
-            known = key in control.outcomes
-            self._reported[key] = (ok, kind, msg[:2000])  # handed to a restarted master
+        known = session.note_reported(key, ok, kind, msg[:2000])  # handed to a restarted master
         try:
             if not known:
                 control.send(
@@ -718,35 +697,37 @@ class Communicator:
                         "op", epoch=key[0], tag=key[1], seq=key[2], ok=ok, kind=kind, msg=msg[:2000], peer=culprit
                     )
                 )
-            return control.wait(lambda: control.take_outcome(key), deadline, f"the outcome of op {key}")
+            return session.wait(lambda: session.take_outcome(key), deadline, f"the outcome of op {key}")
         finally:
-            with control.cond:
-                self._reported.pop(key, None)
+            session.forget_reported(key)
 
     def _ask(
-        self, request: protocol.Message, answer: Callable[[], Any], deadline: float, what: str, call: str
+        self,
+        request: protocol.Message,
+        answer: Callable[[], Any],
+        deadline: float,
+        what: str,
+        call: str,
+        waiting: list[Any] | None = None,
     ) -> Any:
         """Sends the request of collective `call` and waits for its answer; a request
         still waiting when the master restarts is sent again once the group has
         re-formed. A wait that lasts is reported to the master, which raises
         CollectiveMismatch here when the members wait in calls that cannot match."""
         control = self._require()
+        session = self._session
         control.flush_committed()  # the master sees this peer's ops before its next request
-        with control.cond:
-            control.outstanding = request
-            mismatches = control.mismatches
+        mismatches = session.begin_request(request, waiting)
         try:
             control.send(request)
-            return control.wait(
+            return session.wait(
                 answer, deadline, what, mismatches=mismatches, on_slow=lambda: self._report_blocked(call)
             )
         except CollectiveMismatch:
             self._start_round()  # every member does: numbering restarts where the master says
             raise
         finally:
-            with control.cond:
-                if control.outstanding is request:
-                    control.outstanding = None
+            session.end_request(request)
 
     def _report_blocked(self, call: str, op: OpKey | None = None) -> None:
         """Tells the master this peer's caller has waited a while in `call` (and on op
@@ -755,10 +736,9 @@ class Communicator:
         if control is None or self._closed:
             return
         control.flush_committed()  # the master learns which of our ops are over first
-        with control.cond:
-            inflight = [[k[0], k[1], k[2], d] for k, (_, _, d) in self._inflight.items()]
-            desc = self._inflight[op][2] if op is not None and op in self._inflight else ""
-        if op is not None and not desc:
+        inflight = self._session.inflight()
+        desc = self._session.inflight_desc(op) if op is not None else ""
+        if desc is None:
             return  # that attempt is over already
         try:
             control.send(protocol.make("blocked", call=call, op=list(op) if op else [], desc=desc, inflight=inflight))
@@ -776,99 +756,50 @@ class Communicator:
         try:
             if self._secret is not None:
                 control.authenticate(self._secret, time.monotonic() + self.config.connect_timeout)
-            with control.cond:
-                topo = control.topology
-                if topo is None or topo.rank_of(self.peer_id) is None:
-                    # Not admitted yet: register again; admission goes on as before.
-                    hello = protocol.make(
-                        "hello", peer_id=self.peer_id, group=self._group, host=self._advertise,
-                        port=engine.port, name=self._name,
-                    )
-                    control.recovering = False
-                    control.send(hello)
-                    return
-                pending = [[k[0], k[1], k[2], ok, kind, msg] for k, (ok, kind, msg) in self._reported.items()]
-                decided = [
-                    [m["epoch"], m["tag"], m["seq"], m["ok"], m["kind"], m["msg"], m["world"]]
-                    for m in list(control.recent_verdicts)[-256:]
-                ]
-                rejoin = protocol.make(
-                    "rejoin",
-                    peer_id=self.peer_id,
-                    group=self._group,
-                    host=self._advertise,
-                    port=engine.port,
-                    name=self._name,
-                    epoch=topo.epoch,
-                    ring=[p[0] for p in topo.ring],
-                    round=control.round,
-                    revision=-1 if self._synced_revision is None else self._synced_revision,
-                    pending=pending,
-                    decided=decided,
-                    waiting=list(self._waiting),
-                    answered=list(self._answered),
+            state = self._session.rejoin_state()
+            topo = state.topology
+            if topo is None or topo.rank_of(self.peer_id) is None:
+                # Not admitted yet: register again; admission goes on as before.
+                hello = protocol.make(
+                    "hello", peer_id=self.peer_id, group=self._group, host=self._advertise,
+                    port=engine.port, name=self._name,
                 )
+                self._session.stop_recovering()
+                control.send(hello)
+                return
+            rejoin = protocol.make(
+                "rejoin",
+                peer_id=self.peer_id,
+                group=self._group,
+                host=self._advertise,
+                port=engine.port,
+                name=self._name,
+                epoch=topo.epoch,
+                ring=[p[0] for p in topo.ring],
+                round=state.round,
+                revision=-1 if state.revision is None else state.revision,
+                pending=state.pending,
+                decided=state.decided,
+                waiting=state.waiting,
+                answered=state.answered,
+            )
             control.send(rejoin)
-            self._events.emit("rejoin", peer=self.peer_id, epoch=topo.epoch, pending=len(pending))
+            self._events.emit("rejoin", peer=self.peer_id, epoch=topo.epoch, pending=len(state.pending))
         except PcclError as exc:
             log.error("cannot rejoin the restarted master: %s", exc)
-            with control.cond:
-                control.evicted = f"could not rejoin the restarted master: {exc}"
-                control.cond.notify_all()
+            self._session.mark_evicted(f"could not rejoin the restarted master: {exc}")
 
     def _track(self, key: OpKey, handle: Any, retry: bool, desc: str) -> None:
-        control = self._require()
-        with control.cond:
-            self._inflight[key] = (handle, retry, desc)
-            decided = control.outcomes.get(key)
-            superseded = control.topology is not None and control.topology.epoch > key[0]
-            older_failure = not retry and any(
-                _same_step(k, key) and k[0] < key[0] and not o["ok"] and o["kind"] != FailureKind.PEER_LEFT
-                for k, o in control.outcomes.items()
-            )
-            doomed = (decided is not None and not decided["ok"]) or superseded or older_failure
-            if doomed:
-                self._superseded.add(key)
-        if doomed:
+        if self._session.track(key, handle, retry, desc):
             handle.abort("the master already failed this op (superseded)")
 
     def _untrack(self, key: OpKey) -> bool:
         """Forgets op `key`; returns whether this peer aborted it as superseded."""
-        control = self._require()
-        with control.cond:
-            self._inflight.pop(key, None)
-            superseded = key in self._superseded
-            self._superseded.discard(key)
-        return superseded
+        return self._session.untrack(key)
 
-    def _on_master_message(self, msg: protocol.Message) -> None:
-        """Control thread: stop data-plane ops the master has given up on."""
-        kind = msg["t"]
-        control = self._control
-        assert control is not None
-        with control.cond:
-            if kind == "topology":
-                keys = [k for k in self._inflight if k[0] < msg["epoch"]]
-            elif kind == "outcome" and not msg["ok"]:
-                failed = (msg["epoch"], msg["tag"], msg["seq"])
-                rerun = msg["kind"] == FailureKind.PEER_LEFT  # re-run by every survivor: nothing to doom
-                # This op, or the same step started in a newer epoch by a call that will
-                # not retry (the peers that failed in the old epoch raise: so must it).
-                keys = [
-                    k
-                    for k, (_, retry, _) in self._inflight.items()
-                    if k == failed or (not retry and not rerun and _same_step(k, failed) and k[0] > failed[0])
-                ]
-            elif kind == "evicted":
-                keys = list(self._inflight)
-            else:
-                keys = []
-            self._superseded.update(keys)
-            doomed = [self._inflight[k][0] for k in keys]
-        for handle in doomed:
-            handle.abort(f"superseded by the master ({kind})")
-        if kind == "topology":
-            self._events.emit("topology", epoch=msg["epoch"], ring=[p[0] for p in msg["ring"]], reason=msg["reason"])
+    def _on_topology(self, msg: protocol.Message) -> None:
+        """Control thread: a new topology (for the event log)."""
+        self._events.emit("topology", epoch=msg["epoch"], ring=[p[0] for p in msg["ring"]], reason=msg["reason"])
 
     # ------------------------------------------------------------------ helpers
 
@@ -880,18 +811,13 @@ class Communicator:
         return self._control
 
     def _topology(self) -> Topology | None:
-        control = self._control
-        if control is None:
-            return None
-        with control.cond:
-            return control.topology
+        return self._session.topology()
 
     def _ensure_ring(self, deadline: float) -> int:
         """Moves the data plane to the master's latest ring; returns its epoch."""
-        control = self._require()
+        self._require()
         assert self._engine is not None
-        with control.cond:
-            evicted = control.evicted
+        evicted = self._session.evicted()
         if evicted is not None:
             raise Aborted(f"this peer was evicted by the master: {evicted}")
         with self._ring_lock:
@@ -900,8 +826,7 @@ class Communicator:
                 raise PcclError("no topology yet")
             rank = topo.rank_of(self.peer_id)
             if rank is None:
-                with control.cond:
-                    reason = control.evicted
+                reason = self._session.evicted()
                 raise Aborted(f"this peer is not in the ring of epoch {topo.epoch}" + (f": {reason}" if reason else ""))
             if topo.epoch != self._engine_epoch:
                 timeout = min(self.config.connect_timeout, max(0.0, deadline - time.monotonic()))
@@ -922,13 +847,3 @@ def _describe(src: Any, dtype: Any, op: ReduceOp, tag: int, seq: int, quantizati
     count = src.nbytes // _native.element_size(dtype)
     text = f"tag {tag}, step {seq & ((1 << _STEP_BITS) - 1)}, {count} x {dtype.name.lower()}, {op.name}"
     return text + (f", {quantization.kind} {quantization.dtype}" if quantization is not None else "")
-
-
-def _epoch_reached(control: ControlChannel, epoch: int) -> Callable[[], bool | None]:
-    """A wait predicate: the master's topology is at `epoch` or later."""
-    return lambda: True if control.topology is not None and control.topology.epoch >= epoch else None
-
-
-def _same_step(a: OpKey, b: OpKey) -> bool:
-    """Same tag and step (round included), whatever the epoch and attempt."""
-    return a[1] == b[1] and a[2] >> _ATTEMPT_BITS == b[2] >> _ATTEMPT_BITS

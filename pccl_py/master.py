@@ -27,6 +27,7 @@ import zmq
 import zmq.asyncio
 
 from pccl_py import _native, auth, protocol
+from pccl_py.aio import new_event_loop, send_nowait
 from pccl_py.config import Config
 from pccl_py.election import EntryMeta, Submission, SyncStrategy
 from pccl_py.errors import PcclError, ProtocolError, Timeout
@@ -42,16 +43,6 @@ _TICK_SECONDS = 0.05
 # Outstanding challenges and authenticated routing ids kept (oldest dropped first), so
 # a flood of unauthenticated clients cannot grow the master's memory.
 _MAX_AUTH_ENTRIES = 4096
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A uvloop loop when uvloop is installed, else asyncio's default."""
-    try:
-        import uvloop
-
-        return uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.new_event_loop()
 
 
 class Master:
@@ -471,28 +462,6 @@ class Master:
         state = self._membership.status()
         state["address"] = self.address
         return state
-
-
-def send_nowait(sock: zmq.asyncio.Socket, frames: list[bytes]) -> None:
-    """A non-blocking send from the socket's own loop thread (a message that cannot go
-    now is dropped, as a lost message would be). It goes through pyzmq's asyncio
-    wrapper on purpose: the socket's file descriptor is edge-triggered, a send can
-    consume the edge of a message that arrived meanwhile, and the wrapper then re-checks
-    the socket's events. A raw zmq.Socket.send does not, and that message would wait
-    for the next unrelated event (up to a heartbeat interval)."""
-    try:
-        future: Any = sock.send_multipart(frames, flags=zmq.NOBLOCK)  # an asyncio future (pyzmq's stubs say Awaitable)
-    except zmq.ZMQError:  # closed meanwhile
-        return
-    if future.done():
-        _retrieve(future)
-    else:
-        future.add_done_callback(_retrieve)
-
-
-def _retrieve(future: Any) -> None:
-    if not future.cancelled():
-        future.exception()  # retrieved: a failed send is not logged as never retrieved
 
 
 def _op_keys(raw: list[Any]) -> list[tuple[int, int, int]]:

@@ -48,9 +48,8 @@ def test_close_leaves_no_thread_behind_even_after_a_master_restart() -> None:
         master.close()  # the peers find a new master at the same address and rejoin it
         master = pccl.Master(port=port, config=FAST).start()
         deadline = time.monotonic() + 20
-        # White box: each control channel saw the new incarnation and the group re-form.
-        while not all(c._control is not None and c._control.rejoin_target is not None
-                      and not c._control.recovering for c in comms):
+        # White box: each session saw the new incarnation and the group re-form.
+        while not all(c._session.rejoin_target() is not None and not c._session.recovering() for c in comms):
             assert time.monotonic() < deadline, "the group did not re-form"
             time.sleep(0.05)
         out = run_parallel([lambda c=c, x=x: c.all_reduce(x, timeout=10) for c, x in zip(comms, xs, strict=True)])
