@@ -13,6 +13,7 @@
 
 #include "pccl/engine.hpp"
 #include "pccl/hmac.hpp"
+#include "pccl/prefault.hpp"
 #ifdef PCCL_WITH_CUDA
 #include "pccl/cuda_quantize.hpp"
 #endif
@@ -266,6 +267,16 @@ PYBIND11_MODULE(_native, m) {
       },
       py::arg("key"), py::arg("data"), "HMAC-SHA256 as the handshake computes it (for tests).");
   m.def(
+      "populate",
+      [](py::object buffer) {
+        BufferView view(buffer, /*writable=*/true);
+        py::gil_scoped_release release;
+        return populateWritable(view.data(), view.size());
+      },
+      py::arg("buffer"),
+      "Fault the buffer's pages in writable without changing a byte, as the engine does ahead of a\n"
+      "receive (MADV_POPULATE_WRITE); False when the kernel cannot (for tests).");
+  m.def(
       "quant_encoded_bytes",
       [](QuantKind kind, DType wire, DType dtype, size_t count) {
         QuantSpec spec{kind, wire};
@@ -336,7 +347,7 @@ PYBIND11_MODULE(_native, m) {
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
       .def(py::init([](uint64_t peerId, const std::string& host, uint16_t port, int connectionsPerPeer,
                        size_t segmentBytes, int socketBufferBytes, size_t mailboxLimitBytes,
-                       const py::bytes& secret, bool zeroCopy) {
+                       const py::bytes& secret, bool zeroCopy, bool prefault) {
              EngineOptions o;
              o.peerId = peerId;
              o.listenHost = host;
@@ -347,15 +358,18 @@ PYBIND11_MODULE(_native, m) {
              o.mailboxLimitBytes = mailboxLimitBytes;
              o.secret = secret;
              o.zeroCopySend = zeroCopy;
+             o.prefault = prefault;
              return std::make_shared<Engine>(o);
            }),
            py::arg("peer_id"), py::arg("host") = "127.0.0.1", py::arg("port") = 0,
            py::arg("connections_per_peer") = 1, py::arg("segment_bytes") = 512 << 10,
            py::arg("socket_buffer_bytes") = 0, py::arg("mailbox_limit_bytes") = size_t(256) << 20,
-           py::arg("secret") = py::bytes(), py::arg("zero_copy") = true)
+           py::arg("secret") = py::bytes(), py::arg("zero_copy") = true, py::arg("prefault") = true)
       .def_property_readonly("port", &Engine::port)
       .def_property_readonly("zero_copy_bytes", &Engine::zeroCopyBytes,
                              "Payload bytes sent by reference (vmsplice + splice) instead of copied.")
+      .def_property_readonly("prefaulted_bytes", &Engine::prefaultedBytes,
+                             "Bytes of receive destinations faulted in ahead of their payloads (prefault=True).")
       .def_property_readonly("peer_id", &Engine::peerId)
       .def(
           "set_ring",

@@ -113,6 +113,10 @@ def element_size(dtype: DataType, /) -> int:
 def hmac_sha256(key: bytes, data: bytes) -> bytes:
     """HMAC-SHA256 as the handshake computes it (for tests)."""
 
+def populate(buffer: _Buffer) -> bool:
+    """Fault the buffer's pages in writable without changing a byte, as the engine does ahead of a
+    receive (MADV_POPULATE_WRITE); False when the kernel cannot (for tests)."""
+
 def quant_encoded_bytes(kind: QuantKind, wire: DataType, dtype: DataType, count: int) -> int:
     """Bytes of `count` elements of `dtype` quantized to `wire` (uint8/uint16) by `kind`."""
 
@@ -186,12 +190,16 @@ class Engine:
         mailbox_limit_bytes: int = 268435456,
         secret: bytes = b"",
         zero_copy: bool = True,
+        prefault: bool = True,
     ) -> None: ...
     @property
     def port(self) -> int: ...
     @property
     def zero_copy_bytes(self) -> int:
         """Payload bytes sent by reference (vmsplice + splice) instead of copied."""
+    @property
+    def prefaulted_bytes(self) -> int:
+        """Bytes of receive destinations faulted in ahead of their payloads (prefault=True)."""
     @property
     def peer_id(self) -> int: ...
     def set_ring(

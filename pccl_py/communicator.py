@@ -161,6 +161,7 @@ class Communicator:
             mailbox_limit_bytes=cfg.mailbox_limit_bytes,
             secret=self._secret or b"",
             zero_copy=cfg.zero_copy,
+            prefault=cfg.prefault,
         )
         self._control = ControlChannel(
             self._master, cfg, self._session, self._rejoin_restarted_master, on_topology=self._on_topology

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 from pccl_py.errors import ConfigError
 
-
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
@@ -32,6 +31,10 @@ class Config:
     # Large all-reduce payloads go to the kernel by reference (vmsplice + splice), not
     # copied (docs/architecture.md, "Zero-copy sends"). False: copy everything.
     zero_copy: bool = True
+    # Large receives into the caller's memory (a state fetch, an out-of-place
+    # all-reduce's output) have their pages faulted in by a worker thread ahead of the
+    # bytes (docs/architecture.md, "Prefaulted receives"). False: recv() faults them in.
+    prefault: bool = True
     mailbox_limit_bytes: int = 256 << 20
     # Control plane.
     max_message_bytes: int = 16 << 20  # room for the state description of large models
@@ -87,20 +90,20 @@ class Config:
         """Defaults, overridden by PCCL_<FIELD> environment variables, then by `overrides`."""
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
-        for field in dataclasses.fields(cls):
-            raw = env.get("PCCL_" + field.name.upper())
+        for spec in dataclasses.fields(cls):
+            raw = env.get("PCCL_" + spec.name.upper())
             if raw is None:
                 continue
             try:
-                if field.type in ("float", float):
-                    values[field.name] = float(raw)
-                elif field.type in ("int", int):
-                    values[field.name] = int(raw)
-                elif field.type in ("bool", bool):
-                    values[field.name] = _BOOLS[raw.strip().lower()]
+                if spec.type in ("float", float):
+                    values[spec.name] = float(raw)
+                elif spec.type in ("int", int):
+                    values[spec.name] = int(raw)
+                elif spec.type in ("bool", bool):
+                    values[spec.name] = _BOOLS[raw.strip().lower()]
                 else:
-                    values[field.name] = raw or None
+                    values[spec.name] = raw or None
             except (ValueError, KeyError):
-                raise ConfigError(f"PCCL_{field.name.upper()}={raw!r} is not a valid {field.type}") from None
+                raise ConfigError(f"PCCL_{spec.name.upper()}={raw!r} is not a valid {spec.type}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

@@ -6,7 +6,16 @@
     call sync first; the joiner's sync_shared_state() is timed end to end (hash its
     own state, plan, fetch, verify, result) and its transfer phase (fetch + hash
     verification) on its own. Repeated `--reps` times (the joiner zeroes its state
-    again before each), median reported.
+    again before each, so its pages are touched), median reported.
+(a') fresh joiner (`--only fresh`): the same, but the joiner's state is freshly
+    allocated before each rep, pages never touched, as a joiner's usually is: the
+    kernel must fault in (and zero) every page the receive lands in. The engine faults
+    them in ahead of the bytes on a thread of its own (Config.prefault). `--fresh-memory`:
+    np.zeros (numpy advises huge pages for it) or plain anonymous memory (as torch.empty
+    gives: 4 KiB pages unless advised). The old state is freed just before, so the new
+    one reuses its pages; `--fresh-idle S` frees it S (+1) s before instead: on a VM with
+    free page reporting the host has taken those pages back by then, and faulting them
+    in again costs its time too.
 (b) no-transfer sync: `--peers` peers with identical state call sync_shared_state()
     back to back (`--syncs` times after a warm-up); the time of one sync = the slowest
     peer's call in that round; median reported. Repeated with 1 MiB: the fixed cost.
@@ -17,6 +26,7 @@
 
     python -m stress.state_transfer
     python -m stress.state_transfer --mib 256 --reps 5 --syncs 15 --json results.jsonl
+    python -m stress.state_transfer --only joiner fresh --mib 256 --entries 1 --sources 3 --reps 5
 
 GB/s is 1e9 bytes per second.
 """
@@ -54,11 +64,11 @@ class _Peers:
         self._child: list[Any] = []
         self._ctx = mp.get_context("spawn")
 
-    def start(self, index: int, spec: list[Any]) -> None:
+    def start(self, index: int, spec: list[Any], config: dict[str, Any] | None = None) -> None:
         parent, child = self._ctx.Pipe()
         self.conns[index] = parent
         self._child.append(child)
-        self.group.start(index, conn=child, spec=spec)
+        self.group.start(index, conn=child, spec=spec, config=config)
 
     def recv(self, index: int, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -98,22 +108,35 @@ def _check(record: dict[str, Any], what: str) -> dict[str, Any]:
     return record
 
 
-def joiner_transfer(sources: int, mib: int, entries: int, reps: int) -> dict[str, Any]:
+def joiner_transfer(
+    sources: int,
+    mib: int,
+    entries: int,
+    reps: int,
+    fresh: str | None = None,
+    fresh_idle: float = 0.0,
+    prefault: bool = True,
+) -> dict[str, Any]:
+    """(a), or (a') with `fresh` ("numpy" or "plain", tests/state_workers.py): the
+    joiner's state is newly allocated before each rep; with `fresh_idle`, the old one is
+    freed that long before (plus the 1 s the sources get), instead of just before.
+    `prefault`: the joiner's Config.prefault."""
     total = sum(n * 4 for _, _, n, _ in _spec(mib, entries))
     with Master() as master:
         peers = _Peers(master, world=sources + 1)
         try:
             for i in range(sources):
                 peers.start(i, _spec(mib, entries))
-            peers.start(sources, _spec(mib, entries, zero=True))
+            peers.start(sources, _spec(mib, entries, zero=True), config=None if prefault else {"prefault": False})
             peers.wait_ready()
             times, fetch_times, reference = [], [], None
             for rep in range(reps):
                 for i in range(sources):
                     peers.conns[i].send({"cmd": "sync", "revision": rep, "timeout": 120})
                 time.sleep(1.0)  # the sources have hashed and submitted: time the joiner alone
+                again: dict[str, Any] = {"fresh": fresh} if fresh else {"zero": True}
                 peers.conns[sources].send(
-                    {"cmd": "sync", "revision": 0, "strategy": "RECEIVE_ONLY", "zero": True, "timeout": 120}
+                    {"cmd": "sync", "revision": 0, "strategy": "RECEIVE_ONLY", "timeout": 120, **again}
                 )
                 joiner = _check(peers.recv(sources, 180), "joiner sync")
                 served = [_check(peers.recv(i, 180), "source sync") for i in range(sources)]
@@ -122,21 +145,35 @@ def joiner_transfer(sources: int, mib: int, entries: int, reps: int) -> dict[str
                 reference = reference or served[0]["hashes"]
                 if joiner["hashes"] != reference or any(s["hashes"] != reference for s in served):
                     raise RuntimeError("peers hold different state after the sync")
+                if not prefault and joiner["prefaulted"]:
+                    raise RuntimeError(
+                        "Config(prefault=False) did not reach the joiner's engine: the Communicator must pass "
+                        "prefault=cfg.prefault to _native.Engine"
+                    )
+                if fresh and fresh_idle > 0:
+                    peers.conns[sources].send({"cmd": "drop"})
+                    _check(peers.recv(sources, 60), "joiner drop")
+                    time.sleep(fresh_idle)
                 times.append(joiner["elapsed"][0])
                 fetch_times.append(joiner["fetch_s"][0])
                 tx = [s["tx"] for s in served]
                 print(
-                    f"  joiner from {sources} source(s), rep {rep}: sync {times[-1] * 1000:.0f} ms "
+                    f"  {'fresh ' if fresh else ''}joiner from {sources} source(s), rep {rep}: "
+                    f"sync {times[-1] * 1000:.0f} ms "
                     f"({total / times[-1] / 1e9:.2f} GB/s), transfer+verify {fetch_times[-1] * 1000:.0f} ms "
-                    f"({total / fetch_times[-1] / 1e9:.2f} GB/s), served per source MiB {[t >> 20 for t in tx]}",
+                    f"({total / fetch_times[-1] / 1e9:.2f} GB/s), served per source MiB {[t >> 20 for t in tx]}, "
+                    f"prefaulted so far {joiner['prefaulted'] >> 20} MiB",
                     flush=True,
                 )
         finally:
             peers.close()
     sync_s, fetch_s = statistics.median(times), statistics.median(fetch_times)
     return {
-        "test": "joiner",
+        "test": "joiner_fresh" if fresh else "joiner",
         "sources": sources,
+        "prefault": prefault,
+        "fresh_memory": fresh,
+        "fresh_idle_s": fresh_idle if fresh else None,
         "bytes": total,
         "sync_s": sync_s,
         "sync_gbps": total / sync_s / 1e9,
@@ -216,7 +253,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=3, help="joiner transfers per source count")
     parser.add_argument("--peers", type=int, default=4, help="peers of the no-transfer sync")
     parser.add_argument("--syncs", type=int, default=9, help="timed no-transfer syncs (after 1 warm-up)")
-    parser.add_argument("--only", choices=["joiner", "sync", "digest"], nargs="+", default=["joiner", "sync", "digest"])
+    parser.add_argument(
+        "--only", choices=["joiner", "fresh", "sync", "digest"], nargs="+", default=["joiner", "fresh", "sync", "digest"]
+    )
+    parser.add_argument(
+        "--fresh-memory",
+        choices=["numpy", "plain"],
+        default="numpy",
+        help="fresh joiner: np.zeros (numpy advises huge pages for it) or plain anonymous memory without "
+        "that advice, as torch.empty or malloc give (4 KiB pages unless the engine advises otherwise)",
+    )
+    parser.add_argument(
+        "--fresh-idle",
+        type=float,
+        default=0.0,
+        help="fresh joiner: free the state this many seconds (+1) before the next is allocated, instead of "
+        "just before. Under a hypervisor with free page reporting (virtio-balloon), memory left free "
+        "for ~2 s goes back to the host, and faulting it in again then costs the host's time too",
+    )
+    parser.add_argument(
+        "--no-prefault", action="store_true", help="joiner: Config(prefault=False), receives fault their pages in"
+    )
     parser.add_argument("--json", help="append one JSON line per result to this file")
     args = parser.parse_args(argv)
     results = []
@@ -226,12 +283,27 @@ def main(argv: list[str] | None = None) -> None:
         r = digest_throughput(args.mib)
         results.append(r)
         print(f"(c) digest xxh3-64 of {args.mib} MiB: {r['median_s'] * 1000:.1f} ms, {r['gbps']:.2f} GB/s", flush=True)
-    if "joiner" in args.only:
+    for label, fresh in (("joiner", None), ("fresh", args.fresh_memory)):
+        if label not in args.only:
+            continue
         for sources in args.sources:
-            r = joiner_transfer(sources, args.mib, args.entries, args.reps)
+            r = joiner_transfer(
+                sources,
+                args.mib,
+                args.entries,
+                args.reps,
+                fresh=fresh,
+                fresh_idle=args.fresh_idle,
+                prefault=not args.no_prefault,
+            )
             results.append(r)
+            what = "(a) joiner" + (" (prefault off)" if args.no_prefault else "")
+            if fresh:
+                idle = f", freed {args.fresh_idle + 1:.0f} s before" if args.fresh_idle > 0 else ""
+                off = ", prefault off" if args.no_prefault else ""
+                what = f"(a') fresh joiner (untouched {fresh} pages{idle}{off})"
             print(
-                f"(a) joiner receives {args.mib} MiB ({args.entries} entries) from {sources} source(s): "
+                f"{what} receives {args.mib} MiB ({args.entries} entries) from {sources} source(s): "
                 f"sync {r['sync_s'] * 1000:.0f} ms = {r['sync_gbps']:.2f} GB/s; "
                 f"transfer+verify {r['transfer_s'] * 1000:.0f} ms = {r['transfer_gbps']:.2f} GB/s "
                 f"(median of {args.reps})",

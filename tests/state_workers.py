@@ -10,10 +10,17 @@ lock would silence the others.
 {"event": "ready", "peer": id, "pid": pid}, then executes commands from `conn`:
 
     {"cmd": "sync", "revision": r, "strategy": "ENFORCE_POPULAR", "timeout": s,
-     "inject": k, "repeat": n}  ->  {"ok", "revision", "rx", "tx", "received",
-                                      "elapsed": [per call], "fetch_s", "hashes"}
+     "inject": k, "repeat": n, "zero": z, "fresh": f}
+        ->  {"ok", "revision", "rx", "tx", "received", "elapsed": [per call], "fetch_s", "hashes",
+             "prefaulted"}
     {"cmd": "hashes"}          ->  {"ok", "hashes"}
+    {"cmd": "drop"}            ->  {"ok"}: the state is freed (a "fresh" sync makes a new one)
     {"cmd": "close"}           ->  {"ok"} and the worker exits
+
+A joiner again before each sync: "zero" zeroes its state in place (the pages stay
+touched); "fresh" ("numpy" or "plain") frees it and allocates a new one, np.zeros or
+plain_zeros: pages the kernel has yet to fault in, so the receive pays for them.
+"prefaulted": the bytes its engine has faulted in ahead of receives so far.
 
 `spec` describes the state: a list of (name, dtype, elements, content) where content
 is an int seed (deterministic pattern, see `fill`) or None (zeros).
@@ -21,6 +28,7 @@ is an int seed (deterministic pattern, see `fill`) or None (zeros).
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
 import traceback
@@ -42,10 +50,19 @@ def fill(buffer: np.ndarray, seed: int) -> None:
     tail[:] = np.arange(tail.size, dtype=np.uint8) + np.uint8(seed & 0xFF)
 
 
-def make_state(spec: Spec) -> dict[str, np.ndarray]:
+def plain_zeros(elements: int, dtype: str) -> np.ndarray:
+    """Zeros in fresh private anonymous memory with no huge-page advice, as torch.empty
+    or malloc give (np.zeros advises huge pages for arrays of 4 MiB and more). The
+    mapping is released with the last view of the array."""
+    nbytes = max(1, elements * np.dtype(dtype).itemsize)
+    return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype, elements)
+
+
+def make_state(spec: Spec, plain: bool = False) -> dict[str, np.ndarray]:
+    """The tensors of `spec`; with `plain`, the zero entries in plain_zeros memory."""
     tensors: dict[str, np.ndarray] = {}
     for name, dtype, elements, content in spec:
-        t = np.zeros(elements, dtype=dtype)
+        t = plain_zeros(elements, dtype) if plain and content is None else np.zeros(elements, dtype=dtype)
         if content is not None:
             fill(t, content)
         tensors[name] = t
@@ -96,6 +113,10 @@ def state_worker(master: str, index: int, out: Any, *, conn: Any, world: int, sp
             if kind == "hashes":
                 conn.send({"ok": True, "hashes": state.hashes()})
                 continue
+            if kind == "drop":
+                state = pccl.SharedState({}, revision=state.revision)
+                conn.send({"ok": True})
+                continue
             if kind != "sync":
                 conn.send({"ok": False, "error": f"unknown command {kind}"})
                 continue
@@ -109,7 +130,11 @@ def state_worker(master: str, index: int, out: Any, *, conn: Any, world: int, sp
                 for n in range(int(cmd.get("repeat", 1))):
                     if "revision" in cmd:
                         state.revision = int(cmd["revision"]) + n
-                    if cmd.get("zero"):  # a joiner again: zero the state before each sync
+                    if cmd.get("fresh"):
+                        revision = state.revision
+                        state = pccl.SharedState({})  # freed first: the new one may reuse its pages
+                        state = pccl.SharedState(make_state(spec, plain=cmd["fresh"] == "plain"), revision=revision)
+                    elif cmd.get("zero"):
                         for b in state.buffers():
                             b[:] = 0
                     t0 = time.perf_counter()
@@ -124,6 +149,7 @@ def state_worker(master: str, index: int, out: Any, *, conn: Any, world: int, sp
                 if not isinstance(exc, pccl.PcclError):
                     rec["traceback"] = traceback.format_exc()[-3000:]
             rec.update(elapsed=elapsed, fetch_s=list(fetch_times), hashes=state.hashes(), world_now=comm.world_size)
+            rec["prefaulted"] = comm._engine.prefaulted_bytes if comm._engine is not None else 0
             conn.send(rec)
     except BaseException as exc:
         try:

@@ -184,6 +184,17 @@ void AllReduceRing::forEachPeer(void (*fn)(void*, uint64_t), void* ctx) const {
   if (ring_.nextPeer != ring_.prevPeer) fn(ctx, ring_.nextPeer);
 }
 
+std::vector<MemoryRange> AllReduceRing::landingRanges() const {
+  std::vector<MemoryRange> ranges;
+  if (inPlace_ || ring_.size == 1 || nbytes_ == 0) return ranges;
+  const size_t n = ring_.size;
+  for (size_t k = 1; k <= n; ++k) {
+    const size_t chunk = (ring_.rank + n - k) % n;
+    ranges.push_back(MemoryRange{out_ + chunkBegin(chunk), chunkBegin(chunk + 1) - chunkBegin(chunk)});
+  }
+  return ranges;
+}
+
 void AllReduceRing::onFailure() {
   // Deferred and voting: the result may still be declared a success (if this peer
   // voted), and the restore waits for the arbiter's verdict anyway; settle() decides.

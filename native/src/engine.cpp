@@ -149,7 +149,7 @@ class Engine::Sink : public FrameSink {
 
 // ---------------------------------------------------------------- caller side
 
-Engine::Engine(const EngineOptions& options) : options_(options) {
+Engine::Engine(const EngineOptions& options) : options_(options), prefaulter_(PrefaultOptions{}) {
   if (options_.connectionsPerPeer < 1 || options_.connectionsPerPeer > 64) {
     throw InvalidArgument("connectionsPerPeer must be in [1, 64]");
   }
@@ -197,6 +197,7 @@ void Engine::close() {
   ssize_t n = ::write(wakeFd_.get(), &one, sizeof(one));
   (void)n;
   if (thread_.joinable()) thread_.join();
+  prefaulter_.stop();
   eventsCv_.notify_all();
 }
 
@@ -1117,6 +1118,9 @@ void Engine::startOp(const std::shared_ptr<Collective>& op) {
       return;
     }
   }
+  // Before the first request leaves: the worker faults the destination in while the
+  // bytes are on their way.
+  if (options_.prefault) prefaulter_.add(op.get(), op->landingRanges());
   Sink frames(this);
   try {
     op->start(frames);
@@ -1172,12 +1176,20 @@ void Engine::finishIfComplete(Collective* op) {
   // Hand the scratch back before the waiter wakes: a caller that posts its next op at
   // once then finds it in the pool instead of allocating (and faulting in) a new one.
   if (!op->holdsResult()) giveScratch(op->releaseScratch());
+  endPrefault(op);
   op->succeed();
   retire(op);
 }
 
+void Engine::endPrefault(Collective* op) {
+  // The caller may free the destination once it sees the outcome: nothing of the
+  // worker's may touch it after that. Usually the worker finished long ago.
+  if (options_.prefault) prefaulter_.cancel(op);
+}
+
 void Engine::retire(Collective* op) {
   auto keep = op->shared_from_this();
+  endPrefault(op);  // a failed op: before publish() lets its caller see the failure
   const uint64_t tag = op->key().tag;
   auto it = activeByTag_.find(tag);
   if (it != activeByTag_.end() && it->second.get() == op) {

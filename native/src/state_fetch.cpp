@@ -53,6 +53,13 @@ void StateFetch::onReceived(FrameSink&, const FrameHeader& h) {
   rxProgress_ += h.length;
 }
 
+std::vector<MemoryRange> StateFetch::landingRanges() const {
+  std::vector<MemoryRange> ranges;
+  ranges.reserve(chunks_.size());
+  for (const FetchChunk& c : chunks_) ranges.push_back(MemoryRange{c.dst, c.length});
+  return ranges;
+}
+
 bool StateFetch::complete() const { return remaining_ == 0 && pendingSends_ == 0; }
 
 }  // namespace pccl

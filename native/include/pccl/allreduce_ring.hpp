@@ -72,6 +72,10 @@ class AllReduceRing final : public Collective {
   bool complete() const override;
   bool involves(uint64_t peer) const override;
   void forEachPeer(void (*fn)(void*, uint64_t), void* ctx) const override;
+  // Out of place: the output, chunk by chunk in the order the reduce-scatter brings
+  // them (r-1, r-2, ...), our own chunk (filled by the all-gather) last. In place the
+  // caller's buffer holds the input, so its pages are there already.
+  std::vector<MemoryRange> landingRanges() const override;
 
   ScratchBuffer releaseScratch() override { return std::move(scratch_); }
   bool inPlace() const { return inPlace_; }

@@ -28,6 +28,7 @@
 
 #include "pccl/allreduce_quantized.hpp"
 #include "pccl/allreduce_ring.hpp"
+#include "pccl/prefault.hpp"
 #include "pccl/state_fetch.hpp"
 #include "pccl/tcp.hpp"
 
@@ -48,6 +49,10 @@ struct EngineOptions {
   // Large all-reduce payloads of voting ops go to the kernel by reference (vmsplice +
   // splice) instead of being copied: see Engine::zeroCopy. false: always copy.
   bool zeroCopySend = true;
+  // Large receives into caller memory (a state fetch, an out-of-place all-reduce's
+  // output) have their pages faulted in by a worker thread ahead of the bytes, instead
+  // of one by one inside recv(): see prefault.hpp. false: recv() faults them in.
+  bool prefault = true;
 };
 
 struct PeerAddress {
@@ -127,7 +132,7 @@ class Engine {
   bool nextEvent(Event* event, double timeoutSeconds);
 
   // Fails all ops with AbortedError, says goodbye to every peer, joins the
-  // progress thread. Idempotent.
+  // progress thread and the prefault worker. Idempotent.
   void close();
 
   // Open outgoing connections to `peer` in the pool of `epoch`.
@@ -135,6 +140,8 @@ class Engine {
 
   // Payload bytes sent by reference (zero-copy) so far.
   uint64_t zeroCopyBytes() const { return zeroCopyBytes_.load(std::memory_order_relaxed); }
+  // Bytes of receive destinations faulted in ahead of their payloads so far.
+  uint64_t prefaultedBytes() const { return prefaulter_.populatedBytes(); }
 
  private:
   struct Connection;
@@ -186,6 +193,8 @@ class Engine {
     uint64_t served = 0;
   };
   void startOp(const std::shared_ptr<Collective>& op);
+  // Stops faulting in `op`'s destinations; afterwards they are the caller's again.
+  void endPrefault(Collective* op);
   void failOp(Collective* op, ErrorKind kind, const std::string& message, uint64_t peer);
   void finishIfComplete(Collective* op);
   void retire(Collective* op);
@@ -199,6 +208,7 @@ class Engine {
   uint16_t port_ = 0;
   Fd epollFd_;
   Fd wakeFd_;
+  Prefaulter prefaulter_;  // before thread_: the progress thread uses it until joined
   std::thread thread_;
 
   // caller-side state

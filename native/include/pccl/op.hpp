@@ -9,8 +9,10 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "pccl/errors.hpp"
+#include "pccl/prefault.hpp"
 #include "pccl/tcp.hpp"
 #include "pccl/wire.hpp"
 
@@ -80,6 +82,9 @@ class Collective : public std::enable_shared_from_this<Collective> {
            h.epoch == key_.epoch && h.seq == key_.seq;
   }
   virtual ScratchBuffer releaseScratch() { return {}; }
+  // Caller memory that incoming payloads land in straight from recv(), in the order
+  // they are expected: the engine faults it in ahead of them (Prefaulter).
+  virtual std::vector<MemoryRange> landingRanges() const { return {}; }
   // Whether the engine may send this op's payloads by reference (the kernel reads the
   // caller's pages when the receiver reads, not when the frame is queued). Only safe
   // when no peer can rely on a byte this peer changes before every peer holds the

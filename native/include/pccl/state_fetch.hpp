@@ -35,6 +35,7 @@ class StateFetch final : public Collective {
   bool involves(uint64_t peer) const override { return peer == source_; }
   void forEachPeer(void (*fn)(void*, uint64_t), void* ctx) const override { fn(ctx, source_); }
   uint64_t poisonFloor() const override { return kStateEpoch; }
+  std::vector<MemoryRange> landingRanges() const override;
   uint64_t source() const { return source_; }
 
  private:
