@@ -1,7 +1,7 @@
 // CUDA quantize/dequantize: one thread block per quantization block (kQuantBlockElems
 // elements). Min and max are exact, so their reduction order does not matter; the
 // parameters are computed with IEEE division and the values with the same clamp and
-// round-half-up as native/src/quantize.cpp, and decoding uses explicitly rounded
+// round-half-up as native/src/kernels/quantize.cpp, and decoding uses explicitly rounded
 // multiply and add (never an FMA), so the bytes and the decoded values match the CPU's.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -26,7 +26,7 @@
 #include <vector>
 
 #include "pccl/dtype.hpp"
-#include "pccl/op.hpp"
+#include "pccl/collective.hpp"
 #include "pccl/quantize.hpp"
 
 namespace pccl {

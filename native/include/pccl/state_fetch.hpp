@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "pccl/op.hpp"
+#include "pccl/collective.hpp"
 
 namespace pccl {
 

@@ -1,4 +1,4 @@
-#include "pccl/op.hpp"
+#include "pccl/collective.hpp"
 
 #include <algorithm>
 
