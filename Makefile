@@ -7,6 +7,10 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_VERSION := 2.13.0
 NATIVE_SOURCES := $(shell find native bindings -type f \( -name '*.cpp' -o -name '*.hpp' -o -name '*.cu' -o -name '*.cuh' \)) CMakeLists.txt pyproject.toml
+# The editable install maps each Python module to its file when it is installed: a module
+# added, moved or removed needs a reinstall (an edit to an existing one does not).
+PY_MODULES := $(shell find pccl_py -name '*.py' | sort | md5sum | cut -c1-12)
+MODULE_STAMP := $(VENV)/.modules-$(PY_MODULES)
 
 .PHONY: install test demo bench stress lint clean
 STRESS_SECONDS ?= 600
@@ -14,13 +18,18 @@ STRESS_SEED ?= 1
 
 install: $(VENV)/.stamp-install
 
-$(VENV)/.stamp-install: $(NATIVE_SOURCES)
+$(VENV)/.stamp-install: $(NATIVE_SOURCES) $(MODULE_STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# Pin torch first: an unpinned resolve would pull a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12"
 	$(PIP) install -q --no-build-isolation -e '.[torch,test,demo,lint]' -Cbuild-dir=build
+	touch $@
+
+$(MODULE_STAMP):
+	mkdir -p $(VENV)
+	rm -f $(VENV)/.modules-*
 	touch $@
 
 test: install

@@ -5,9 +5,7 @@
     info = comm.all_reduce(tensor, op=pccl.ReduceOp.AVG, retry=True)
 """
 
-from pccl_py.communicator import AllReduceHandle, Communicator
 from pccl_py.config import Config
-from pccl_py.election import SyncStrategy
 from pccl_py.errors import (
     Aborted,
     AuthError,
@@ -20,9 +18,11 @@ from pccl_py.errors import (
     StateMismatch,
     Timeout,
 )
-from pccl_py.master import Master
-from pccl_py.shared_state import SharedState, SyncInfo
-from pccl_py.types import Quantization, ReduceInfo, ReduceOp
+from pccl_py.master.server import Master
+from pccl_py.peer.communicator import AllReduceHandle, Communicator
+from pccl_py.peer.group import join_group
+from pccl_py.peer.shared_state import SharedState, SyncInfo
+from pccl_py.types import Quantization, ReduceInfo, ReduceOp, SyncStrategy
 
 __version__ = "0.1.0"
 
@@ -47,4 +47,5 @@ __all__ = [
     "SyncInfo",
     "SyncStrategy",
     "Timeout",
+    "join_group",
 ]

@@ -20,24 +20,13 @@ from typing import Any, Self, cast
 
 import numpy as np
 
-from pccl_py.communicator import Communicator
 from pccl_py.config import Config
 from pccl_py.errors import PcclError
+from pccl_py.peer.communicator import Communicator
+from pccl_py.peer.group import join_group
 from pccl_py.types import ReduceOp
 
 Record = dict[str, Any]
-
-
-def join_group(comm: Communicator, world: int, timeout: float) -> None:
-    """Admitted peers call update_topology() until the group has `world` peers."""
-    deadline = time.monotonic() + timeout
-    while comm.world_size < world:
-        if time.monotonic() > deadline:
-            raise PcclError(f"group did not reach {world} peers (has {comm.world_size})")
-        if comm.pending_peers(timeout=timeout) > 0:
-            comm.update_topology(timeout=timeout)
-        else:
-            time.sleep(0.01)
 
 
 def allreduce_worker(

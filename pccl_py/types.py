@@ -1,4 +1,6 @@
-"""Small public value types: reduction operators, quantization settings and op results."""
+"""Small value types shared by the layers: reduction operators, quantization settings,
+op results, and what a peer tells the master about its shared state (the sync
+strategy and one entry's description)."""
 
 from __future__ import annotations
 
@@ -83,3 +85,20 @@ class Quantization:
         if len(parts) == 2:
             return cls(kind=parts[0], dtype=parts[1])
         raise ValueError(f"bad quantization {text!r}: expected KIND:DTYPE, e.g. minmax:uint8")
+
+
+class SyncStrategy(enum.Enum):
+    ENFORCE_POPULAR = "enforce_popular"  # the most popular content wins (default)
+    SEND_ONLY = "send_only"  # my content is authoritative: I never receive
+    RECEIVE_ONLY = "receive_only"  # I expect to receive (a joiner); I never vote
+
+
+@dataclass(frozen=True)
+class EntryMeta:
+    """One shared-state entry as the master sees it: layout and content hash."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    hash: int

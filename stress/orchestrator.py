@@ -102,7 +102,7 @@ class Orchestrator:
     def start_master(self) -> None:
         log = open(self.dir / "master.log", "ab")  # noqa: SIM115 - owned by the child
         cmd = [
-            sys.executable, "-m", "pccl_py.cli", "master", "--host", "127.0.0.1", "--port", str(self.port),
+            sys.executable, "-m", "pccl_py.cli.main", "master", "--host", "127.0.0.1", "--port", str(self.port),
             "--heartbeat-interval", str(self.sc.heartbeat_interval),
             "--heartbeat-timeout", str(self.sc.heartbeat_timeout),
             "--event-log", str(self.events_dir / "master.jsonl"),

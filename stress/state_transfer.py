@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from pccl_py import Master
-from pccl_py.shared_state import digest
+from pccl_py.peer.shared_state import digest
 from pccl_py.testing import PeerGroup
 from tests.state_workers import fill, state_worker
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 import pccl_py as pccl
-from pccl_py.shared_state import digest
+from pccl_py.peer.shared_state import digest
 
 
 def user_loop_worker(

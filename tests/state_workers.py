@@ -70,7 +70,7 @@ def make_state(spec: Spec, plain: bool = False) -> dict[str, np.ndarray]:
 
 
 def expected_hashes(spec: Spec) -> dict[str, int]:
-    from pccl_py.shared_state import digest
+    from pccl_py.peer.shared_state import digest
 
     return {name: digest(t.view(np.uint8)) for name, t in make_state(spec).items()}
 
@@ -78,7 +78,7 @@ def expected_hashes(spec: Spec) -> dict[str, int]:
 def _timed_fetch(times: list[float]) -> None:
     """Measures the transfer phase (fetch + verification) of the next syncs: wraps the
     fetch function the Communicator calls (this process only)."""
-    from pccl_py import communicator
+    from pccl_py.peer import communicator
 
     inner = communicator.fetch_entries
 

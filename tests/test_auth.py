@@ -18,7 +18,8 @@ import zmq
 from threads import run_parallel
 
 import pccl_py as pccl
-from pccl_py import _native, auth, protocol
+from pccl_py import _native
+from pccl_py.wire import auth, protocol
 from pccl_py.errors import AuthError
 from pccl_py.testing import join_group
 

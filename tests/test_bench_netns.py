@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from pccl_py import bench, netns
+from pccl_py.tools import bench, netns
 
 RATE = "500mbit"
 

@@ -22,7 +22,7 @@ import itertools
 
 import pytest
 
-from pccl_py.election import Election, ElectionError, EntryMeta, Submission, SyncStrategy, elect
+from pccl_py.master.election import Election, ElectionError, EntryMeta, Submission, SyncStrategy, elect
 
 EP = SyncStrategy.ENFORCE_POPULAR
 SO = SyncStrategy.SEND_ONLY

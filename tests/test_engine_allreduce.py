@@ -41,7 +41,7 @@ from engine_harness import (
     run_ring,
 )
 from pccl_py import _native as nat
-from pccl_py._buffers import native_view
+from pccl_py.peer.buffers import native_view
 from pccl_py.errors import PcclError, Timeout
 
 NS = [1, 2, 3, 4, 8]

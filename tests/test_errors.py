@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import pccl_py as pccl
-from pccl_py import protocol
+from pccl_py.wire import protocol
 from pccl_py.errors import FailureKind, error_class, failure_kind
 
 PACKAGE = Path(pccl.__file__).parent

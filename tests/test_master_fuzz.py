@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pccl_py
-from pccl_py import protocol
+from pccl_py.wire import protocol
 from pccl_py.errors import ProtocolError
 
 pytestmark = pytest.mark.timeout(120)

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from pccl_py import protocol
-from pccl_py.membership import Membership, Phase, RejoinInfo, RejoinRefused, Send
+from pccl_py.wire import protocol
+from pccl_py.master.membership import Membership, Phase, RejoinInfo, RejoinRefused, Send
 from stress.orchestrator import Scenario, load, run_scenario
 
 A, B, C, D = 901, 17, 455, 3003

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from pccl_py import protocol
-from pccl_py.membership import Log, Membership, Send
+from pccl_py.wire import protocol
+from pccl_py.master.membership import Log, Membership, Send
 
 HB_INTERVAL = 1.0
 HB_TIMEOUT = 5.0
@@ -892,7 +892,7 @@ def test_emptied_group_admits_the_next_peer_at_once(m: Membership) -> None:
 
 
 def _submission(pid: int, hashes: list[int], revision: int = 1) -> Any:
-    from pccl_py.election import EntryMeta, Submission, SyncStrategy
+    from pccl_py.master.election import EntryMeta, Submission, SyncStrategy
 
     entries = tuple(EntryMeta(f"e{i}", "float32", (4,), 16, h) for i, h in enumerate(hashes))
     return Submission(pid, revision, SyncStrategy.ENFORCE_POPULAR, entries)

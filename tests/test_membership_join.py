@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from pccl_py import protocol
-from pccl_py.election import EntryMeta, Submission, SyncStrategy
-from pccl_py.membership import Log, Membership, Send
+from pccl_py.wire import protocol
+from pccl_py.master.election import EntryMeta, Submission, SyncStrategy
+from pccl_py.master.membership import Log, Membership, Send
 
 T0 = 1000.0
 GRACE = 0.25

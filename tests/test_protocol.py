@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pccl_py import protocol
+from pccl_py.wire import protocol
 from pccl_py.errors import PcclError, ProtocolError
 
 CAP = 1 << 20

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import pccl_py as pccl
-from pccl_py.shared_state import CHUNK_BYTES, digest
+from pccl_py.peer.shared_state import CHUNK_BYTES, digest
 from pccl_py.testing import PeerGroup, join_group
 from threads import run_parallel
 from state_workers import expected_hashes, fill, make_state, state_worker

@@ -14,11 +14,11 @@ import pytest
 from peer_workers import Cluster
 
 import pccl_py as pccl
-from pccl_py import protocol
+from pccl_py.wire import protocol
 from pccl_py.errors import ProtocolError
-from pccl_py.master import _probe_results
-from pccl_py.membership import Membership, Send
-from pccl_py.topology import (
+from pccl_py.master.server import _probe_results
+from pccl_py.master.membership import Membership, Send
+from pccl_py.master.topology import (
     canonical,
     pairs_to_probe,
     probe_rounds,

@@ -66,7 +66,7 @@ def test_the_torch_parts_name_the_extra(module: str) -> None:
 def test_bench_compare_gloo_names_the_extra() -> None:
     result = run(
         """
-        from pccl_py.cli import main
+        from pccl_py.cli.main import main
         sys.exit(main(["bench", "--peers", "2", "--sizes", "1K", "--compare", "gloo"]))
         """
     )

@@ -26,7 +26,7 @@ import pccl_py as pccl
 from examples.tinylm.corpus import ALPHABET, generate
 from examples.tinylm.model import TinyGPT
 from pccl_py.optim import AsyncDiLoCo, DiLoCo
-from pccl_py.testing import join_group
+from pccl_py.peer.group import join_group
 
 STOI = {c: i for i, c in enumerate(ALPHABET)}
 

@@ -34,10 +34,7 @@ from typing import Any
 
 import torch
 
-from pccl_py.communicator import Communicator
-from pccl_py.election import SyncStrategy
-from pccl_py.shared_state import SharedState, SyncInfo
-from pccl_py.types import ReduceOp
+from pccl_py import Communicator, ReduceOp, SharedState, SyncInfo, SyncStrategy
 
 log = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ import datetime
 import logging
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,10 +42,7 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
-from pccl_py.communicator import Communicator
-from pccl_py.errors import PcclError
-from pccl_py.master import Master
-from pccl_py.types import ReduceOp
+from pccl_py import Communicator, Master, PcclError, ReduceOp
 
 log = logging.getLogger(__name__)
 
@@ -558,8 +556,6 @@ class ProcessGroupPccl(dist.ProcessGroup):
         if master is not None:
             # The other ranks may still be waiting for the outcome of the last op:
             # keep the master up until they have left (or were found dead).
-            from pccl_py.torch.rendezvous import wait_until_alone
-
             wait_until_alone(self._comm, grace=min(self._timeout, 30.0))
         self._comm.close()
         if master is not None:
@@ -708,3 +704,10 @@ def _shutdown_at_exit(ref: weakref.ref[ProcessGroupPccl]) -> None:
     pg = ref()
     if pg is not None:
         pg._shutdown_quietly()
+
+
+def wait_until_alone(comm: Communicator, grace: float) -> None:
+    """Waits (at most `grace` seconds) until this peer is the last of its group."""
+    deadline = time.monotonic() + grace
+    while comm.world_size > 1 and time.monotonic() < deadline:
+        time.sleep(0.02)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import socket
-import time
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -27,11 +26,7 @@ from urllib.parse import parse_qs, urlparse
 import torch
 import torch.distributed as dist
 
-from pccl_py.communicator import Communicator
-from pccl_py.config import Config
-from pccl_py.errors import PcclError
-from pccl_py.master import Master
-from pccl_py.testing import join_group
+from pccl_py import Communicator, Config, Master, PcclError, join_group
 from pccl_py.torch.process_group import PcclBackendError, ProcessGroupPccl
 
 _MASTER_KEY = "pccl/master"
@@ -95,13 +90,6 @@ def create_process_group(options: Any, backend_options: Any = None) -> ProcessGr
             master.close()
         raise
     return ProcessGroupPccl(comm, rank, size, timeout, master=master)
-
-
-def wait_until_alone(comm: Communicator, grace: float) -> None:
-    """Waits (at most `grace` seconds) until this peer is the last of its group."""
-    deadline = time.monotonic() + grace
-    while comm.world_size > 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
 
 
 def _check_ranks(comm: Communicator, rank: int, size: int, timeout: float) -> None:

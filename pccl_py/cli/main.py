@@ -22,11 +22,11 @@ class Subcommand:
 
 
 SUBCOMMANDS: tuple[Subcommand, ...] = (
-    Subcommand("master", "pccl_py.cli_master", "run the master (coordinator) in the foreground"),
-    Subcommand("run", "pccl_py.cli_run", "launch a training command with the pccl environment, restart it on crashes"),
-    Subcommand("status", "pccl_py.cli_status", "show the master's peers, groups, epochs, rings and bandwidth"),
+    Subcommand("master", "pccl_py.cli.master", "run the master (coordinator) in the foreground"),
+    Subcommand("run", "pccl_py.cli.run", "launch a training command with the pccl environment, restart it on crashes"),
+    Subcommand("status", "pccl_py.cli.status", "show the master's peers, groups, epochs, rings and bandwidth"),
     Subcommand(
-        "bench", "pccl_py.bench", "benchmark all-reduce across local processes, optionally against gloo"
+        "bench", "pccl_py.tools.bench", "benchmark all-reduce across local processes, optionally against gloo"
     ),
 )
 

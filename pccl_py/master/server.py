@@ -26,14 +26,15 @@ from typing import Any, Self
 import zmq
 import zmq.asyncio
 
-from pccl_py import _native, auth, protocol
-from pccl_py.aio import new_event_loop, send_nowait
+from pccl_py import _native
 from pccl_py.config import Config
-from pccl_py.election import EntryMeta, Submission, SyncStrategy
 from pccl_py.errors import PcclError, ProtocolError, Timeout
 from pccl_py.events import EventLog
-from pccl_py.membership import Effect, Log, Membership, RejoinInfo, RejoinRefused, Send
-from pccl_py.metrics import MasterMetrics
+from pccl_py.master.election import EntryMeta, Submission, SyncStrategy
+from pccl_py.master.membership import Effect, Log, Membership, RejoinInfo, RejoinRefused, Send
+from pccl_py.master.metrics import MasterMetrics
+from pccl_py.wire import auth, protocol
+from pccl_py.wire.aio import new_event_loop, send_nowait
 
 log = logging.getLogger(__name__)
 

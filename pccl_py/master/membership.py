@@ -44,9 +44,10 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from pccl_py import protocol, topology
-from pccl_py.election import Election, ElectionError, Submission, elect
 from pccl_py.errors import FailureKind
+from pccl_py.master import topology
+from pccl_py.master.election import Election, ElectionError, Submission, elect
+from pccl_py.wire import protocol
 
 OpKey = tuple[int, int, int]  # (epoch, tag, seq)
 

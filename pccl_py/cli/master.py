@@ -13,11 +13,11 @@ import sys
 
 import zmq
 
-from pccl_py import auth
-from pccl_py.aio import new_event_loop
 from pccl_py.config import Config
 from pccl_py.errors import ConfigError
-from pccl_py.master import Master
+from pccl_py.master.server import Master
+from pccl_py.wire import auth
+from pccl_py.wire.aio import new_event_loop
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

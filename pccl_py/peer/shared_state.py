@@ -15,9 +15,9 @@ import numpy as np
 import xxhash
 
 from pccl_py import _native
-from pccl_py._buffers import _pinned_empty, is_device_tensor, native_view
-from pccl_py.election import EntryMeta
 from pccl_py.errors import InvalidArgument, PeerLost, Timeout
+from pccl_py.peer.buffers import is_device_tensor, native_view, pinned_empty
+from pccl_py.types import EntryMeta
 
 CHUNK_BYTES = 8 << 20  # transfer unit; chunks of one entry are spread over the sources
 ProgressFn = Callable[[int, int], None]
@@ -46,7 +46,7 @@ class SharedState:
             if is_device_tensor(tensor):
                 if not tensor.is_contiguous():
                     raise InvalidArgument(f"shared-state entry {name!r} must be contiguous")
-                host = _pinned_empty(tensor)
+                host = pinned_empty(tensor)
                 self._device[index] = (tensor, host)
                 tensor = host
             view, dtype = native_view(tensor)
@@ -93,7 +93,7 @@ def digest(buffer: np.ndarray) -> int:
 
 
 @dataclass
-class _Source:
+class Source:
     peer: int
     host: str
     port: int
@@ -104,7 +104,7 @@ def fetch_entries(
     engine: _native.Engine,
     buffers: list[np.ndarray],
     wanted: list[tuple[int, int, list[int]]],
-    sources: dict[int, _Source],
+    sources: dict[int, Source],
     deadline: float,
     progress: ProgressFn | None = None,
 ) -> int:
@@ -194,7 +194,7 @@ def rich_progress() -> tuple[ProgressFn, Callable[[], None]]:
 
 
 def check_strategy(strategy: Any) -> None:
-    from pccl_py.election import SyncStrategy
+    from pccl_py.types import SyncStrategy
 
     if not isinstance(strategy, SyncStrategy):
         raise InvalidArgument(f"strategy must be a pccl_py.SyncStrategy, got {strategy!r}")

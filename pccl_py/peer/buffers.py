@@ -80,7 +80,7 @@ def stage_to_host(x: Any, out: Any) -> tuple[Any, Any, Callable[[], None] | None
     elif is_device_tensor(out):
         if not out.is_contiguous():
             raise InvalidArgument("out must be contiguous")
-        out_host, target = _pinned_empty(out), out
+        out_host, target = pinned_empty(out), out
     else:
         out_host, target = out, None
     if target is None:
@@ -92,7 +92,7 @@ def stage_to_host(x: Any, out: Any) -> tuple[Any, Any, Callable[[], None] | None
     return x_host, out_host, copy_back
 
 
-def _pinned_empty(t: Any) -> Any:
+def pinned_empty(t: Any) -> Any:
     import torch
 
     return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -101,6 +101,6 @@ def _pinned_empty(t: Any) -> Any:
 def _pinned_copy(t: Any) -> Any:
     if not t.is_contiguous():
         raise InvalidArgument("tensor must be contiguous")
-    host = _pinned_empty(t)
+    host = pinned_empty(t)
     host.copy_(t.detach())
     return host

@@ -23,11 +23,8 @@ from typing import Any, Self
 
 import numpy as np
 
-from pccl_py import _native, auth, protocol
-from pccl_py._buffers import native_view, stage_to_host
+from pccl_py import _native
 from pccl_py.config import Config
-from pccl_py.control import ControlChannel
-from pccl_py.election import SyncStrategy
 from pccl_py.errors import (
     Aborted,
     AuthError,
@@ -41,10 +38,20 @@ from pccl_py.errors import (
     failure_kind,
 )
 from pccl_py.events import EventLog
-from pccl_py.probe import measure_bandwidth
-from pccl_py.session import ATTEMPT_BITS, OpKey, Session, Topology
-from pccl_py.shared_state import SharedState, SyncInfo, _Source, check_strategy, fetch_entries, rich_progress
-from pccl_py.types import Quantization, ReduceInfo, ReduceOp
+from pccl_py.peer.buffers import native_view, stage_to_host
+from pccl_py.peer.control import ControlChannel
+from pccl_py.peer.probe import measure_bandwidth
+from pccl_py.peer.session import ATTEMPT_BITS, OpKey, Session, Topology
+from pccl_py.peer.shared_state import (
+    SharedState,
+    Source,
+    SyncInfo,
+    check_strategy,
+    fetch_entries,
+    rich_progress,
+)
+from pccl_py.types import Quantization, ReduceInfo, ReduceOp, SyncStrategy
+from pccl_py.wire import auth, protocol
 
 log = logging.getLogger(__name__)
 
@@ -495,7 +502,7 @@ class Communicator:
                     received = len(wanted)
                     fetched = [i for i, _, _ in wanted]
                     sources = {
-                        int(p): _Source(int(p), str(host), int(port), int(exp)) for p, host, port, exp in plan["sources"]
+                        int(p): Source(int(p), str(host), int(port), int(exp)) for p, host, port, exp in plan["sources"]
                     }
                     close_bar = None
                     callback = progress if callable(progress) else None

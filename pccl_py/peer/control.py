@@ -18,11 +18,11 @@ from collections.abc import Callable
 import zmq
 import zmq.asyncio
 
-from pccl_py import auth, protocol
-from pccl_py.aio import new_event_loop, send_nowait
 from pccl_py.config import Config
 from pccl_py.errors import Aborted, AuthError, PcclError, Timeout
-from pccl_py.session import OpKey, Session
+from pccl_py.peer.session import OpKey, Session
+from pccl_py.wire import auth, protocol
+from pccl_py.wire.aio import new_event_loop, send_nowait
 
 log = logging.getLogger(__name__)
 

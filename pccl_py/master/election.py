@@ -22,23 +22,11 @@ Rules:
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
+from pccl_py.types import EntryMeta, SyncStrategy
 
-class SyncStrategy(enum.Enum):
-    ENFORCE_POPULAR = "enforce_popular"  # the most popular content wins (default)
-    SEND_ONLY = "send_only"  # my content is authoritative: I never receive
-    RECEIVE_ONLY = "receive_only"  # I expect to receive (a joiner); I never vote
-
-
-@dataclass(frozen=True)
-class EntryMeta:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    hash: int
+__all__ = ["Election", "ElectionError", "EntryMeta", "Submission", "SyncStrategy", "elect"]
 
 
 @dataclass(frozen=True)

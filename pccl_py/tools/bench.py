@@ -55,8 +55,8 @@ from typing import IO, Any, Protocol
 from rich.console import Console
 from rich.table import Table
 
-from pccl_py import netns
-from pccl_py.netns import format_rate
+from pccl_py.tools import netns
+from pccl_py.tools.netns import format_rate
 
 LOOPBACK = "127.0.0.1"
 # pccl: the native engine alone; gloo: torch.distributed gloo; comm: pccl_py.Communicator
@@ -363,7 +363,7 @@ class _CommCollective:
 
     def connect(self, master: str) -> None:
         import pccl_py
-        from pccl_py.testing import join_group
+        from pccl_py.peer.group import join_group
 
         config = pccl_py.Config(
             connections_per_peer=self._params.connections, socket_buffer_bytes=self._params.socket_buffer_bytes
@@ -572,7 +572,7 @@ class _Group:
         if self.impl == "pccl":
             ring = [(rank, hosts[rank], int(h[1])) for rank, h in enumerate(hellos)]
         if self.impl == "comm":
-            from pccl_py.master import Master
+            from pccl_py.master.server import Master
 
             self._master = Master(host=net.hub_ip if net is not None else LOOPBACK).start()
             ring = self._master.address

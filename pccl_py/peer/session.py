@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from pccl_py import protocol
 from pccl_py.errors import Aborted, CollectiveMismatch, FailureKind, Timeout
+from pccl_py.wire import protocol
 
 T = TypeVar("T")
 OpKey = tuple[int, int, int]

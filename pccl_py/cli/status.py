@@ -18,9 +18,9 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from pccl_py import auth, protocol
 from pccl_py.config import Config
 from pccl_py.errors import AuthError, PcclError, Timeout
+from pccl_py.wire import auth, protocol
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,8 +19,8 @@ import subprocess
 import sys
 import time
 
-from pccl_py import auth
 from pccl_py.errors import ConfigError
+from pccl_py.wire import auth
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
