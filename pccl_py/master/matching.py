@@ -1,0 +1,174 @@
+"""Two rules about collective calls that do not line up, mixed into Membership.
+
+A joiner admitted by a topology vote took part in that vote: while it has made no
+other collective call, its first update_topology() (and a pending_peers() before it)
+is held until the other members show what they do next. Members in the same call make
+it a real one; members in another collective make it the joiner's part of the vote
+that admitted it, answered as the members were (docs/protocol.md, "Joining").
+
+Mismatched collectives: a member whose collective call has waited a while says what
+it waits in ("blocked": the call, and the data-plane ops it has in flight). When every
+member of a group is blocked and no collective is common to all of them for
+`mismatch_grace`, none can complete: every member's call fails with
+CollectiveMismatch (data-plane ops get that outcome), and the op round restarts
+(docs/protocol.md, "Mismatched collectives")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pccl_py.errors import FailureKind
+from pccl_py.master.records import Blocked, Effect, Group, Log, OpKey, OpRecord, Peer, Rules, Send
+from pccl_py.wire import protocol
+
+
+class MatchingRules:
+    def report_blocked(
+        self: Rules, peer_id: int, call: str, op: OpKey | None, desc: str, inflight: list[tuple[OpKey, str]], now: float
+    ) -> list[Effect]:
+        """A member has been waiting in `call` for a while (Config.blocked_report_after).
+        Mismatches are decided by tick(), once they have lasted `mismatch_grace`."""
+        peer, g = self._admitted(peer_id)
+        if call != "all_reduce" and call not in self._requested(g, peer.id) and call not in g.held.get(peer.id, ()):
+            return []  # answered meanwhile: the report crossed the answer
+        g.blocked[peer.id] = Blocked(call, op, desc, tuple(inflight))
+        return self._resolve_held(g)
+
+    def _may_replay(self: Rules, peer: Peer, g: Group, fresh: bool, call: str) -> bool:
+        """Whether this call of a joiner may be its part of the vote that admitted it."""
+        if not fresh or peer.replay is None or g.round != peer.joined_round:
+            return False
+        return call == "update_topology" or peer.replay == "pending"
+
+    def _engaged(self: Rules, g: Group, pid: int) -> set[str]:
+        """The collectives member `pid` is in, as far as this master knows."""
+        calls = self._requested(g, pid)
+        b = g.blocked.get(pid)
+        if b is not None and (b.call != "all_reduce" or (b.op is not None and self._op_open(g, b.op))):
+            calls.add(b.call)
+        return calls
+
+    def _requested(self: Rules, g: Group, pid: int) -> set[str]:
+        """The control-plane collectives member `pid` asked for and still waits in."""
+        calls = set()
+        if pid in g.votes:
+            calls.add("update_topology")
+        if pid in g.pending_queries:
+            calls.add("pending_peers")
+        if pid in g.sync_requests or (g.sync_active is not None and pid in g.sync_active.participants):
+            calls.add("sync_shared_state")
+        if pid in g.optimize_requests or (g.probing is not None and pid in g.probing.participants):
+            calls.add("optimize_topology")
+        return calls
+
+    def _resolve_held(self: Rules, g: Group) -> list[Effect]:
+        """Decides the joiners' fresh calls held so far. If the other members are in the
+        same call, it is a real one (it counts like theirs); if they went on to another
+        collective, it was the joiner's part of the vote that admitted it, answered as
+        the members were: the vote's ring, or their pending_peers() answer. Otherwise
+        (the members compute) it waits."""
+        effects: list[Effect] = []
+        for pid, (call, query) in list(g.held.items()):
+            peer = self.peers[pid]
+            others = [self._engaged(g, p) for p in g.ring if p != pid and p not in g.held]
+            if others and not any(call in e for e in others) and not any(others):
+                continue
+            del g.held[pid]
+            g.blocked.pop(pid, None)
+            if not others or any(call in e for e in others):
+                peer.replay = None
+                if call == "update_topology":
+                    g.votes.add(pid)
+                    effects += self._complete_votes(g)
+                else:
+                    g.pending_queries[pid] = query
+                    effects += self._complete_pending_queries(g)
+                continue
+            effects.append(Log("replay", {"group": g.id, "peer": pid, "call": call}))
+            if call == "update_topology":
+                peer.replay = None
+                effects.append(Send(pid, self._ring_message(g, "the vote that admitted this peer", vote=True)))
+            else:
+                peer.replay = "vote"
+                effects.append(Send(pid, protocol.make("pending_count", query=query, count=peer.replay_count)))
+        return effects
+
+    def _unblock(self: Rules, g: Group, call: str) -> None:
+        """A collective completed: nobody waits in it any more."""
+        for pid in [p for p, b in g.blocked.items() if b.call == call]:
+            del g.blocked[pid]
+
+    def _op_open(self: Rules, g: Group, key: OpKey) -> bool:
+        """Whether data-plane op `key` can still be waiting: of the current epoch, undecided."""
+        record = g.ops.get(key)
+        return key[0] == g.epoch and (record is None or record.decided is None)
+
+    def _mismatched(self: Rules, g: Group) -> dict[int, tuple[Blocked, set[tuple[Any, ...]]]] | None:
+        """Every member's blocked call and the collectives it is part of, when every
+        member is blocked and no collective is common to all; else None."""
+        if len(g.ring) < 2 or g.recovery is not None or g.probing is not None or g.sync_active is not None:
+            return None
+        calls: dict[int, tuple[Blocked, set[tuple[Any, ...]]]] = {}
+        for pid in g.ring:
+            b = g.blocked.get(pid)
+            if b is None:
+                return None
+            parts: set[tuple[Any, ...]] = {("op", k, d) for k, d in b.inflight if self._op_open(g, k)}
+            if b.call == "all_reduce":
+                if b.op is None or not self._op_open(g, b.op):
+                    return None  # its op is over (or moved to a new epoch): it is not stuck
+                parts.add(("op", b.op, b.desc))
+            else:
+                parts.add((b.call,))
+            calls[pid] = (b, parts)
+        common = set.intersection(*(parts for _, parts in calls.values()))
+        return None if common else calls
+
+    def _check_mismatch(self: Rules, g: Group, now: float) -> list[Effect]:
+        calls = self._mismatched(g)
+        if calls is None:
+            g.mismatch_since = None
+            return []
+        if g.mismatch_since is None:
+            g.mismatch_since = now
+        if now - g.mismatch_since < self.mismatch_grace:
+            return []
+        return self._fail_mismatch(g, calls, now)
+
+    def _fail_mismatch(self: Rules, g: Group, calls: dict[int, tuple[Blocked, set[tuple[Any, ...]]]], now: float) -> list[Effect]:
+        """Fails every member's call: control-plane calls by a "mismatch" message,
+        data-plane ops by a CollectiveMismatch outcome. Op numbering restarts."""
+        g.mismatch_since = None
+        g.round += 1
+        described = []
+        for pid, (b, parts) in calls.items():
+            name = self.peers[pid].name
+            who = f"peer {pid}" + (f" ({name})" if name else "")
+            what = f"all_reduce({b.desc})" if b.call == "all_reduce" else f"{b.call}()"
+            others = len([p for p in parts if p[0] == "op" and p[1] != b.op])
+            described.append(f"{who} in {what}" + (f" with {others} other all-reduce(s) in flight" if others else ""))
+        text = "the members are blocked in collectives that cannot match: " + "; ".join(described)
+        g.blocked.clear()
+        g.held.clear()
+        g.votes.clear()
+        g.pending_queries.clear()
+        g.sync_requests.clear()
+        g.optimize_requests.clear()
+        effects: list[Effect] = [Log("mismatch", {"group": g.id, "round": g.round, "calls": described})]
+        effects += [Send(pid, protocol.make("mismatch", round=g.round, msg=text)) for pid in g.ring]
+        keys = sorted({part[1] for _, parts in calls.values() for part in parts if part[0] == "op"})
+        for key in keys:
+            record = g.ops.get(key)
+            if record is None:
+                participants = g.rings.get(key[0])
+                if participants is None:
+                    continue
+                record = OpRecord(key, frozenset(participants))
+                g.ops[key] = record
+            if record.decided is None:
+                record.decided = self._outcome(g, key, False, FailureKind.COLLECTIVE_MISMATCH, text, -1, len(record.participants))
+                effects.append(Log("outcome", {"group": g.id, "epoch": key[0], "tag": key[1], "seq": key[2],
+                                               "ok": False, "kind": FailureKind.COLLECTIVE_MISMATCH,
+                                               "participants": sorted(record.participants)}))
+                effects += [Send(pid, record.decided) for pid in sorted(record.participants) if pid in self.peers]
+        return effects
