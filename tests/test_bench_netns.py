@@ -14,6 +14,7 @@ import subprocess
 
 import pytest
 
+from pccl_py.cli import bench as bench_cli
 from pccl_py.tools import bench, netns
 
 RATE = "500mbit"
@@ -21,7 +22,7 @@ RATE = "500mbit"
 
 def _bench_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    bench_cli.add_arguments(parser)
     return parser.parse_args(list(argv))
 
 
@@ -41,7 +42,7 @@ def test_parse_rate() -> None:
 def test_refuses_clearly_without_root(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(netns, "unavailable", lambda: "needs root (network namespaces, veth links and tc qdiscs)")
     args = _bench_args("--peers", "2", "--sizes", "1M", "--netns-rate", "1gbit")
-    assert bench.main(args) == 2
+    assert bench_cli.main(args) == 2
     err = capsys.readouterr().err
     assert "--netns-rate needs root" in err
 

@@ -26,7 +26,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("run", "pccl_py.cli.run", "launch a training command with the pccl environment, restart it on crashes"),
     Subcommand("status", "pccl_py.cli.status", "show the master's peers, groups, epochs, rings and bandwidth"),
     Subcommand(
-        "bench", "pccl_py.tools.bench", "benchmark all-reduce across local processes, optionally against gloo"
+        "bench", "pccl_py.cli.bench", "benchmark all-reduce across local processes, optionally against gloo"
     ),
 )
 

@@ -1,0 +1,115 @@
+"""What one `pccl bench` invocation measures: BenchConfig (and its validation), the
+engine settings of a pccl group, the defaults, and byte sizes as the command line writes
+them ('1K', '16M'). BenchError is the one error a failed run raises."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+# pccl: the native engine alone; gloo: torch.distributed gloo; comm: pccl_py.Communicator
+# through a real master (control plane and outcome agreement included).
+IMPLS = ("pccl", "gloo", "comm")
+DEFAULT_PEERS = (2, 4)
+DEFAULT_SIZES = ("1K", "1M", "16M", "64M", "256M")
+DEFAULT_CONNECTIONS = 1
+DEFAULT_SEGMENT_BYTES = 512 << 10
+FLOAT32_BYTES = 4
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)(?:I?B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+class BenchError(RuntimeError):
+    """A worker failed, died, or did not answer in time."""
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def parse_size(text: str) -> int:
+    """'1K' -> 1024, '16M' -> 16 MiB, '1G' -> 1 GiB, '4096' -> 4096 (powers of 1024)."""
+    m = _SIZE_RE.match(text)
+    if m is None:
+        raise ValueError(f"bad size {text!r}: expected a number with an optional K, M or G suffix")
+    value = float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    if value != int(value):
+        raise ValueError(f"bad size {text!r}: not a whole number of bytes")
+    return int(value)
+
+
+def format_size(nbytes: int) -> str:
+    for suffix, unit in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if nbytes >= unit and nbytes % unit == 0:
+            return f"{nbytes // unit}{suffix}"
+    return f"{nbytes}B" if nbytes < 1024 else f"{nbytes / 1024:.1f}K"
+
+
+def default_iters(nbytes: int) -> int:
+    """Timed iterations: ~1 GiB moved per (size, N), between 5 and 500 iterations."""
+    return max(5, min(500, (1 << 30) // max(nbytes, 1)))
+
+
+def default_warmup(iters: int) -> int:
+    return max(1, min(20, iters // 10))
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class PcclParams:
+    """Engine settings of one pccl group (segment size is per op, swept within a group)."""
+
+    connections: int = DEFAULT_CONNECTIONS
+    socket_buffer_bytes: int = 0
+    zero_copy: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    peers: tuple[int, ...]
+    sizes: tuple[int, ...]
+    compare: tuple[str, ...] = ()
+    iters: int | None = None
+    warmup: int | None = None
+    connections: tuple[int, ...] = (DEFAULT_CONNECTIONS,)
+    segment_bytes: tuple[int, ...] = (DEFAULT_SEGMENT_BYTES,)
+    socket_buffer_bytes: int = 0
+    zero_copy: bool = True  # pccl: voting ops send large payloads by reference
+    in_place: bool = True
+    rounds: int = 1
+    skip_pccl: bool = False
+    json_path: Path | None = None
+    op_timeout: float = 120.0
+    start_timeout: float = 120.0
+    quantization: tuple[str, ...] = ()  # e.g. ("minmax:uint8",): pccl variants also run quantized
+    netns_rates: tuple[int, ...] = ()  # bits/s: each worker in its own namespace, egress shaped
+
+    def validate(self) -> None:
+        if not self.peers or any(n < 2 for n in self.peers):
+            raise ValueError("--peers: every peer count must be at least 2")
+        if not self.sizes or any(s < FLOAT32_BYTES or s % FLOAT32_BYTES for s in self.sizes):
+            raise ValueError("--sizes: every size must be a positive multiple of 4 bytes (float32)")
+        if any(c not in IMPLS[1:] for c in self.compare):
+            raise ValueError(f"--compare: unknown implementation(s) {self.compare}; known: {', '.join(IMPLS[1:])}")
+        if self.iters is not None and self.iters < 1:
+            raise ValueError("--iters must be at least 1")
+        if self.rounds < 1:
+            raise ValueError("--rounds must be at least 1")
+        if self.warmup is not None and self.warmup < 0:
+            raise ValueError("--warmup must not be negative")
+        if any(k < 1 for k in self.connections):
+            raise ValueError("--connections must be at least 1")
+        if any(b < FLOAT32_BYTES for b in self.segment_bytes):
+            raise ValueError("--segment-bytes must be at least 4")
+        if any(r <= 0 for r in self.netns_rates):
+            raise ValueError("--netns-rate must be positive")
+        if self.skip_pccl and not self.compare:
+            raise ValueError("--skip-pccl leaves nothing to run without --compare")
+        from pccl_py.types import Quantization
+
+        for q in self.quantization:
+            Quantization.parse(q)  # raises ValueError

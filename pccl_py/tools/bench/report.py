@@ -1,0 +1,208 @@
+"""What `pccl bench` reports: one Result per measured row, its derived bandwidths, and
+how rows are shown: the rich table, the progress line, one JSON object per row.
+
+algbw = bytes / time; busbw = algbw * 2(N-1)/N (the bytes each rank's link carries in a
+bandwidth-optimal all-reduce, as in nccl-tests). A quantized row's algbw is the
+*effective* one: the original float32 bytes over the time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from rich.table import Table
+
+from pccl_py.tools.bench.config import format_size
+from pccl_py.tools.netns import format_rate
+
+
+def bus_factor(peers: int) -> float:
+    return 2.0 * (peers - 1) / peers
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
+    if seconds < 1.0:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.3f} s"
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    impl: str
+    peers: int
+    nbytes: int
+    iters: int
+    warmup: int
+    in_place: bool
+    per_iter_max: tuple[float, ...]  # per timed iteration (all rounds), the slowest rank's time
+    rounds: int = 1
+    connections: int | None = None
+    segment_bytes: int | None = None
+    socket_buffer_bytes: int | None = None
+    zero_copy: bool | None = None  # pccl only
+    quantization: str | None = None  # "kind:dtype" (pccl only); algbw is then effective
+    netns_rate_bits: int | None = None  # each worker's shaped egress (bits/s); None: loopback
+    load1: float | None = None  # the machine's 1-minute load average when the row was measured
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.per_iter_max)
+
+    @property
+    def algbw_gbps(self) -> float:
+        return self.nbytes / self.seconds / 1e9
+
+    @property
+    def busbw_gbps(self) -> float:
+        return self.algbw_gbps * bus_factor(self.peers)
+
+    @property
+    def link_utilization(self) -> float | None:
+        """busbw over the shaped egress rate (what each peer's link carries in a ring, as a
+        fraction of what it can); effective, so above 1 when quantized. None on loopback."""
+        if self.netns_rate_bits is None:
+            return None
+        return self.busbw_gbps * 1e9 / (self.netns_rate_bits / 8)
+
+    @property
+    def label(self) -> str:
+        link = f" @{format_rate(self.netns_rate_bits)}" if self.netns_rate_bits else ""
+        if self.impl != "pccl":
+            return self.impl + link
+        q = f" q={self.quantization}" if self.quantization else ""
+        return f"pccl K={self.connections} seg={format_size(self.segment_bytes or 0)}{q}{link}"
+
+    def to_json(self) -> dict[str, Any]:
+        ordered = sorted(self.per_iter_max)
+        out: dict[str, Any] = {
+            "impl": self.impl,
+            "peers": self.peers,
+            "bytes": self.nbytes,
+            "seconds": self.seconds,
+            "algbw_GBps": self.algbw_gbps,
+            "busbw_GBps": self.busbw_gbps,
+            "dtype": "float32",
+            "op": "sum",
+            "in_place": self.in_place,
+            "iters": self.iters,
+            "rounds": self.rounds,
+            "warmup": self.warmup,
+            "seconds_min": ordered[0],
+            "seconds_p90": ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)],
+            "seconds_max": ordered[-1],
+            "link": "loopback" if self.netns_rate_bits is None else "netns-htb",
+            "netns_rate_bps": self.netns_rate_bits,
+            "link_utilization": self.link_utilization,
+            "load1": self.load1,
+        }
+        if self.impl == "pccl":
+            out["connections"] = self.connections
+            out["segment_bytes"] = self.segment_bytes
+            out["socket_buffer_bytes"] = self.socket_buffer_bytes
+            out["zero_copy"] = self.zero_copy
+            out["quantization"] = self.quantization
+        return out
+
+
+def progress_line(r: Result) -> str:
+    """One row as it is printed the moment it was measured."""
+    return (
+        f"  {r.label:<24} N={r.peers} {format_size(r.nbytes):>5}  {format_seconds(r.seconds):>10}  "
+        f"busbw {r.busbw_gbps:7.3f} GB/s  ({r.iters} iters)"
+    )
+
+
+def json_line(r: Result, started: str) -> str:
+    """One row as a JSON line; `started` (ISO time) tells the invocations in a file apart."""
+    return json.dumps({**r.to_json(), "started": started}) + "\n"
+
+
+def results_table(results: Sequence[Result], title: str | None = None) -> Table:
+    baseline = {(r.netns_rate_bits, r.peers, r.nbytes): r for r in results if r.impl == "gloo"}
+    show_ratio = bool(baseline) and any(r.impl == "pccl" for r in results)
+    unquantized = {
+        (r.netns_rate_bits, r.peers, r.nbytes, r.connections, r.segment_bytes): r
+        for r in results
+        if r.impl == "pccl" and not r.quantization
+    }
+    show_quant = any(r.quantization for r in results)
+    show_link = any(r.netns_rate_bits for r in results)
+    table = Table(title=title)
+    if show_link:
+        table.add_column("link", justify="right", no_wrap=True)
+    for name in ("impl", "K", "segment", "peers", "size", "iters", "median time", "algbw GB/s", "busbw GB/s"):
+        table.add_column(name, justify="left" if name == "impl" else "right", no_wrap=True)
+    if show_link:
+        table.add_column("busbw / link", justify="right", no_wrap=True)
+    if show_quant:
+        table.add_column("quantized", justify="left", no_wrap=True)
+        table.add_column("eff. algbw vs unquantized", justify="right", no_wrap=True)
+    if show_ratio:
+        table.add_column("pccl/gloo busbw", justify="right", no_wrap=True)
+    for r in sorted(
+        results,
+        key=lambda r: (
+            r.netns_rate_bits or 0,
+            r.peers,
+            r.nbytes,
+            r.impl != "pccl",
+            r.connections or 0,
+            r.segment_bytes or 0,
+            r.quantization or "",
+        ),
+    ):
+        row = [
+            r.impl,
+            str(r.connections) if r.connections is not None else "",
+            format_size(r.segment_bytes) if r.segment_bytes is not None else "",
+            str(r.peers),
+            format_size(r.nbytes),
+            str(r.iters),
+            format_seconds(r.seconds),
+            f"{r.algbw_gbps:.3f}",
+            f"{r.busbw_gbps:.3f}",
+        ]
+        if show_link:
+            row.insert(0, format_rate(r.netns_rate_bits) if r.netns_rate_bits else "loopback")
+            util = r.link_utilization
+            row.append(f"{util:.2f}" if util is not None else "")
+        if show_quant:
+            row.append(r.quantization or "")
+            plain = unquantized.get((r.netns_rate_bits, r.peers, r.nbytes, r.connections, r.segment_bytes))
+            if r.quantization and plain is not None:
+                qratio = r.algbw_gbps / plain.algbw_gbps
+                row.append(f"[{'green' if qratio >= 2.5 else 'red'}]{qratio:.2f}x[/]")
+            else:
+                row.append("")
+        if show_ratio:
+            base = baseline.get((r.netns_rate_bits, r.peers, r.nbytes))
+            if r.impl == "pccl" and base is not None:
+                ratio = r.busbw_gbps / base.busbw_gbps
+                row.append(f"[{'green' if ratio >= 1.0 else 'red'}]{ratio:.2f}x[/]")
+            else:
+                row.append("")
+        table.add_row(*row)
+    return table
+
+
+def describe_machine() -> str:
+    """Cores, CPU model and kernel: the line printed before the rows."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {model}, {platform.system()} {platform.release()}"
