@@ -19,7 +19,6 @@
 namespace pccl {
 
 enum class OpState { kRunning, kSucceeded, kFailed };
-enum class ErrorKind { kNone, kPeerLost, kTimeout, kAborted, kProtocol, kInvalid };
 
 class Collective;
 
@@ -37,13 +36,6 @@ class FrameSink {
 struct ScratchBuffer {
   std::unique_ptr<uint8_t[]> data;
   size_t size = 0;
-};
-
-// Identity of an op: frames of other (epoch, tag, seq) never reach it.
-struct OpKey {
-  uint64_t epoch = 0;
-  uint64_t tag = 0;
-  uint64_t seq = 0;
 };
 
 class Collective : public std::enable_shared_from_this<Collective> {

@@ -55,12 +55,6 @@ struct EngineOptions {
   bool prefault = true;
 };
 
-struct PeerAddress {
-  uint64_t peerId = 0;
-  std::string host;
-  uint16_t port = 0;
-};
-
 // One exposed shared-state entry: read-only memory other peers may fetch from.
 struct StateRegion {
   const uint8_t* data = nullptr;

@@ -63,6 +63,17 @@ class InvalidArgument : public Error {
   using Error::Error;
 };
 
+// Why an op failed. The values travel in kAbort frames (FrameHeader::phase) and so
+// never change. errorKindName() is each kind's stable name: the pccl_py error class the
+// binding raises for it, and its pccl_py FailureKind value ("" for kNone).
+enum class ErrorKind : uint8_t { kNone = 0, kPeerLost = 1, kTimeout = 2, kAborted = 3, kProtocol = 4, kInvalid = 5 };
+constexpr ErrorKind kLastErrorKind = ErrorKind::kInvalid;
+
+const char* errorKindName(ErrorKind kind);
+// The kind of a caught error (kProtocol for one of no typed kind) and the peer it names.
+ErrorKind errorKindOf(const Error& e);
+uint64_t errorPeerOf(const Error& e);
+
 [[noreturn]] void enforceFailed(const char* expr, const char* file, int line, const std::string& msg);
 
 }  // namespace pccl

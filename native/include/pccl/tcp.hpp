@@ -10,6 +10,13 @@ namespace pccl {
 
 using Clock = std::chrono::steady_clock;
 
+// Where a peer's engine listens.
+struct PeerAddress {
+  uint64_t peerId = 0;
+  std::string host;
+  uint16_t port = 0;
+};
+
 struct SocketOptions {
   int bufferBytes = 0;  // SO_SNDBUF/SO_RCVBUF; 0 keeps the kernel's autotuning
 };

@@ -126,17 +126,8 @@ size_t AllReduceQuantized::rankOf(uint64_t peer) const {
 }
 
 FrameHeader AllReduceQuantized::header(Phase phase, size_t chunk, size_t seg, size_t length) const {
-  FrameHeader h{};
-  h.magic = kFrameMagic;
-  h.type = static_cast<uint8_t>(FrameType::kData);
-  h.phase = static_cast<uint8_t>(phase);
-  h.length = static_cast<uint32_t>(length);
-  h.digest = digest_;
-  h.epoch = key().epoch;
-  h.tag = key().tag;
-  h.seq = key().seq;
-  h.offset = (chunkBeginElem(chunk) + seg * segElems_) * elemSize_;
-  return h;
+  return makeHeader(FrameType::kData, key(), static_cast<uint32_t>(length), digest_,
+                    (chunkBeginElem(chunk) + seg * segElems_) * elemSize_, static_cast<uint8_t>(phase));
 }
 
 void AllReduceQuantized::start(FrameSink& sink) {

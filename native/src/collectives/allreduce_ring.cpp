@@ -70,17 +70,8 @@ size_t AllReduceRing::chunkOf(size_t byteOffset) const {
 }
 
 FrameHeader AllReduceRing::header(Phase phase, size_t offset, size_t length) const {
-  FrameHeader h{};
-  h.magic = kFrameMagic;
-  h.type = static_cast<uint8_t>(FrameType::kData);
-  h.phase = static_cast<uint8_t>(phase);
-  h.length = static_cast<uint32_t>(length);
-  h.digest = digest_;
-  h.epoch = key().epoch;
-  h.tag = key().tag;
-  h.seq = key().seq;
-  h.offset = offset;
-  return h;
+  return makeHeader(FrameType::kData, key(), static_cast<uint32_t>(length), digest_, offset,
+                    static_cast<uint8_t>(phase));
 }
 
 void AllReduceRing::sendRange(FrameSink& sink, Phase phase, size_t begin, size_t end, const uint8_t* base) {

@@ -74,17 +74,9 @@ bool Collective::readyToCommit(FrameSink& sink) {
     voteSent_ = count;
     voted_.store(true, std::memory_order_release);
     if (withholdVotes_) return voteReceived_ >= voteSize_ - 1;
-    FrameHeader h{};
-    h.magic = kFrameMagic;
-    h.type = static_cast<uint8_t>(FrameType::kCommit);
-    h.length = 0;
-    h.digest = voteDigest_;
-    h.epoch = key_.epoch;
-    h.tag = key_.tag;
-    h.seq = key_.seq;
-    h.offset = count;
     ++pendingSends_;  // complete() waits for it: the op outlives its last frame
-    sink.sendFrame(this, voteNext_, 0, h, nullptr);
+    sink.sendFrame(this, voteNext_, 0, makeHeader(FrameType::kCommit, key_, /*length=*/0, voteDigest_, /*offset=*/count),
+                   nullptr);
     return false;
   }
   return voteReceived_ >= voteSize_ - 1;

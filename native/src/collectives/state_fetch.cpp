@@ -18,15 +18,9 @@ StateFetch::StateFetch(uint64_t tag, uint64_t source, uint64_t exposure, std::ve
 
 void StateFetch::start(FrameSink& sink) {
   for (size_t i = 0; i < chunks_.size(); ++i) {
-    FrameHeader h{};
-    h.magic = kFrameMagic;
-    h.type = static_cast<uint8_t>(FrameType::kStateRequest);
-    h.length = sizeof(StateRequest);
-    h.digest = chunks_[i].entry;
-    h.epoch = kStateEpoch;
-    h.tag = key().tag;
-    h.seq = i;
-    h.offset = chunks_[i].offset;
+    // digest: the entry; seq: the chunk index (wire.hpp).
+    FrameHeader h = makeHeader(FrameType::kStateRequest, OpKey{kStateEpoch, key().tag, i}, sizeof(StateRequest),
+                               chunks_[i].entry, chunks_[i].offset);
     ++pendingSends_;
     sink.sendFrame(this, source_, i, h, reinterpret_cast<const uint8_t*>(&requests_[i]));
   }

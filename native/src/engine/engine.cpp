@@ -19,9 +19,6 @@
 namespace pccl {
 namespace {
 
-constexpr char kConnectorLabel[] = "pccl-data-v2 connector";
-constexpr char kAcceptorLabel[] = "pccl-data-v2 acceptor";
-
 // The MAC one side of a handshake proves the shared secret with (wire.hpp).
 Digest256 handshakeMac(const std::string& secret, const char* label, const uint8_t* nonceA, const uint8_t* nonceC,
                        const Hello& hello, uint64_t acceptorId) {
@@ -43,29 +40,6 @@ constexpr size_t kPipeMaxBytes = 1u << 20;         // the default fs.pipe-max-si
 constexpr int kReadBudget = 64;  // frames or reads per connection per loop turn (fairness)
 constexpr size_t kScratchPoolSize = 4;
 constexpr size_t kMaxEvents = 4096;
-
-bool keyBefore(const OpKey& a, const FrameHeader& h) {
-  return a.epoch < h.epoch || (a.epoch == h.epoch && a.seq < h.seq);
-}
-bool frameBefore(const FrameHeader& h, const OpKey& a) {
-  return h.epoch < a.epoch || (h.epoch == a.epoch && h.seq < a.seq);
-}
-bool sameKey(const OpKey& a, const FrameHeader& h) { return a.epoch == h.epoch && a.seq == h.seq; }
-
-ErrorKind kindOf(const Error& e) {
-  if (dynamic_cast<const PeerLostError*>(&e)) return ErrorKind::kPeerLost;
-  if (dynamic_cast<const TimeoutError*>(&e)) return ErrorKind::kTimeout;
-  if (dynamic_cast<const AbortedError*>(&e)) return ErrorKind::kAborted;
-  if (dynamic_cast<const ProtocolError*>(&e)) return ErrorKind::kProtocol;
-  if (dynamic_cast<const InvalidArgument*>(&e)) return ErrorKind::kInvalid;
-  return ErrorKind::kProtocol;
-}
-
-uint64_t peerOf(const Error& e) {
-  if (auto* p = dynamic_cast<const PeerLostError*>(&e)) return p->peer();
-  if (auto* p = dynamic_cast<const ProtocolError*>(&e)) return p->peer();
-  return kNoPeer;
-}
 
 }  // namespace
 
@@ -483,9 +457,7 @@ void Engine::run() {
 
 void Engine::sendGoodbye(Connection* c) {
   if (!c->sendq.empty()) return;  // mid-frame: a bare EOF is all the peer can get
-  FrameHeader bye{};
-  bye.magic = kFrameMagic;
-  bye.type = static_cast<uint8_t>(FrameType::kGoodbye);
+  FrameHeader bye = makeHeader(FrameType::kGoodbye, OpKey{});
   ssize_t w = ::send(c->fd.get(), &bye, sizeof(bye), MSG_NOSIGNAL | MSG_DONTWAIT);
   (void)w;
 }
@@ -750,8 +722,8 @@ void Engine::dispatchHeader(Connection* c) {
       }
     } catch (const Error& e) {
       auto keep = op;
-      failOp(keep.get(), kindOf(e), e.what(), peerOf(e));
-      closeConnection(c, kindOf(e), e.what(), /*quiet=*/true);
+      failOp(keep.get(), errorKindOf(e), e.what(), errorPeerOf(e));
+      closeConnection(c, errorKindOf(e), e.what(), /*quiet=*/true);
       return;
     }
     c->rxOp = op;
@@ -761,10 +733,10 @@ void Engine::dispatchHeader(Connection* c) {
   } else {
     bool stale = h.epoch < currentEpoch_;
     if (it != activeByTag_.end()) {
-      stale = stale || frameBefore(h, it->second->key());
+      stale = stale || stepBefore(keyOf(h), it->second->key());
     } else {
       auto done = lastDoneByTag_.find(h.tag);
-      if (done != lastDoneByTag_.end() && sameKey(done->second.key, h) && done->second.digest != h.digest) {
+      if (done != lastDoneByTag_.end() && sameStep(done->second.key, keyOf(h)) && done->second.digest != h.digest) {
         // Our side of this op already finished (e.g. with nothing to send), but the
         // sender's op has another shape: it would wait forever. Tell it why.
         const std::string why = "peers disagree on the all-reduce: peer " + std::to_string(options_.peerId) +
@@ -782,7 +754,7 @@ void Engine::dispatchHeader(Connection* c) {
         closeConnection(c, ErrorKind::kProtocol, why, /*quiet=*/true);
         return;
       }
-      stale = stale || (done != lastDoneByTag_.end() && !keyBefore(done->second.key, h));
+      stale = stale || (done != lastDoneByTag_.end() && !stepBefore(done->second.key, keyOf(h)));
     }
     if (stale) {
       c->sink = Connection::Sink::kDiscard;
@@ -827,7 +799,7 @@ void Engine::onFrameComplete(Connection* c) {
           op->onReceived(frames, h);
         }
       } catch (const Error& e) {
-        failOp(op.get(), kindOf(e), e.what(), peerOf(e));
+        failOp(op.get(), errorKindOf(e), e.what(), errorPeerOf(e));
       }
       finishIfComplete(op.get());
     }
@@ -876,7 +848,7 @@ void Engine::deliverEarly(const std::shared_ptr<Collective>& op, const MailFrame
     Sink frames(this);
     op->onReceived(frames, frame.header);
   } catch (const Error& e) {
-    failOp(op.get(), kindOf(e), e.what(), peerOf(e));
+    failOp(op.get(), errorKindOf(e), e.what(), errorPeerOf(e));
   }
 }
 
@@ -1125,7 +1097,7 @@ void Engine::startOp(const std::shared_ptr<Collective>& op) {
   try {
     op->start(frames);
   } catch (const Error& e) {
-    failOp(op.get(), kindOf(e), e.what(), peerOf(e));
+    failOp(op.get(), errorKindOf(e), e.what(), errorPeerOf(e));
   }
   // Replay frames that arrived before the op was posted. Taken out of the mailbox
   // first: a delivery can fail the op, and failing closes connections, which purges
@@ -1139,7 +1111,7 @@ void Engine::startOp(const std::shared_ptr<Collective>& op) {
       mailboxBytes_ -= frame.payload.size();
       if (op->accepts(frame.header)) {
         deliverEarly(op, frame);
-      } else if (!frameBefore(frame.header, op->key())) {
+      } else if (!stepBefore(keyOf(frame.header), op->key())) {
         mailboxBytes_ += frame.payload.size();
         later.push_back(std::move(frame));
       }
@@ -1165,7 +1137,7 @@ void Engine::finishIfComplete(Collective* op) {
       Sink frames(this);
       ready = op->readyToCommit(frames);
     } catch (const Error& e) {
-      failOp(op, kindOf(e), e.what(), peerOf(e));
+      failOp(op, errorKindOf(e), e.what(), errorPeerOf(e));
       return;
     }
     if (!ready) {
@@ -1244,14 +1216,8 @@ void Engine::sendAbort(Connection* c, const Collective& op, ErrorKind kind, cons
   if (c->headSent != 0) return;  // a frame is half on the wire: only EOF can follow
   c->sendq.clear();
   std::string text = reason.substr(0, kMaxAbortReason);
-  FrameHeader h{};
-  h.magic = kFrameMagic;
-  h.type = static_cast<uint8_t>(FrameType::kAbort);
-  h.phase = static_cast<uint8_t>(kind);
-  h.length = static_cast<uint32_t>(text.size());
-  h.epoch = op.key().epoch;
-  h.tag = op.key().tag;
-  h.seq = op.key().seq;
+  FrameHeader h = makeHeader(FrameType::kAbort, op.key(), static_cast<uint32_t>(text.size()), /*digest=*/0,
+                             /*offset=*/0, /*phase=*/static_cast<uint8_t>(kind));
   iovec iov[2] = {{&h, sizeof(h)}, {text.data(), text.size()}};
   msghdr msg{};
   msg.msg_iov = iov;
@@ -1262,12 +1228,11 @@ void Engine::sendAbort(Connection* c, const Collective& op, ErrorKind kind, cons
 
 void Engine::onAbortFrame(Connection* c, const FrameHeader& h, const std::string& reason) {
   c->goodbye = true;  // the EOF that follows is this abort, not a crash
-  ErrorKind kind = h.phase <= static_cast<uint8_t>(ErrorKind::kInvalid) ? static_cast<ErrorKind>(h.phase)
-                                                                         : ErrorKind::kProtocol;
+  ErrorKind kind = h.phase <= static_cast<uint8_t>(kLastErrorKind) ? static_cast<ErrorKind>(h.phase)
+                                                                   : ErrorKind::kProtocol;
   // A neighbour's timeout or abort reaches us as a lost peer; a shape mismatch stays one.
   if (kind != ErrorKind::kProtocol) kind = ErrorKind::kPeerLost;
-  OpKey key{h.epoch, h.tag, h.seq};
-  tombstones_.push_back(Tombstone{key, kind, reason, c->peer});
+  tombstones_.push_back(Tombstone{keyOf(h), kind, reason, c->peer});
   while (tombstones_.size() > 1024) tombstones_.pop_front();
   auto it = activeByTag_.find(h.tag);
   if (it != activeByTag_.end() && it->second->key().epoch == h.epoch && it->second->key().seq == h.seq) {
@@ -1422,7 +1387,6 @@ void Engine::queueControl(Connection* c, const FrameHeader& h, std::string paylo
 void Engine::onStateRequest(Connection* c, const FrameHeader& h, const std::vector<uint8_t>& payload) {
   StateRequest req{};
   std::memcpy(&req, payload.data(), sizeof(req));
-  FrameHeader answer = h;
   auto it = exposures_.find(req.exposure);
   std::string refusal;
   if (it == exposures_.end()) {
@@ -1433,14 +1397,14 @@ void Engine::onStateRequest(Connection* c, const FrameHeader& h, const std::vect
              req.length > it->second.regions[h.digest].bytes - h.offset) {
     refusal = "state range out of bounds";
   }
+  // An answer names the request's chunk: same tag, seq (chunk), digest (entry), offset.
   if (!refusal.empty()) {
-    answer.type = static_cast<uint8_t>(FrameType::kStateRefused);
-    queueControl(c, answer, refusal);
+    queueControl(c, makeHeader(FrameType::kStateRefused, keyOf(h), 0, h.digest, h.offset), refusal);
     return;
   }
   const StateRegion& region = it->second.regions[h.digest];
-  answer.type = static_cast<uint8_t>(FrameType::kStateData);
-  answer.length = static_cast<uint32_t>(req.length);
+  const FrameHeader answer =
+      makeHeader(FrameType::kStateData, keyOf(h), static_cast<uint32_t>(req.length), h.digest, h.offset);
   SendItem item{answer, region.data + h.offset, nullptr, req.exposure, nullptr};
   if (corruptStateChunks_ > 0) {
     --corruptStateChunks_;

@@ -1,6 +1,6 @@
 #include "pccl/dtype.hpp"
 
-#include <sstream>
+#include <string>
 
 #include "pccl/errors.hpp"
 
@@ -44,11 +44,5 @@ const char* reduceOpName(ReduceOp op) {
 
 bool isValidDType(int code) { return code >= 0 && code < kNumDTypes; }
 bool isValidReduceOp(int code) { return code >= 0 && code < kNumReduceOps; }
-
-void enforceFailed(const char* expr, const char* file, int line, const std::string& msg) {
-  std::ostringstream out;
-  out << "invariant violated: " << expr << " at " << file << ":" << line << ": " << msg;
-  throw Error(out.str());
-}
 
 }  // namespace pccl
