@@ -34,6 +34,9 @@
 
 namespace pccl {
 
+struct Connection;  // transport/connection.hpp (private to the engine)
+struct SendItem;
+
 struct EngineOptions {
   uint64_t peerId = 0;
   std::string listenHost = "127.0.0.1";
@@ -138,64 +141,85 @@ class Engine {
   uint64_t prefaultedBytes() const { return prefaulter_.populatedBytes(); }
 
  private:
-  struct Connection;
-  struct SendItem;
-  struct MailFrame;
-  class Sink;
+  struct MailFrame {
+    FrameHeader header;
+    uint64_t peer;
+    std::vector<uint8_t> payload;
+  };
+  // What collectives send through: a frame goes to the pool of (peer, the op's epoch).
+  class Sink final : public FrameSink {
+   public:
+    explicit Sink(Engine* engine) : engine_(engine) {}
+    void sendFrame(Collective* op, uint64_t peer, size_t stripe, const FrameHeader& header,
+                   const uint8_t* data) override {
+      engine_->queueFrame(op, peer, stripe, header, data);
+    }
 
-  // caller side
-  void post(std::function<void()> command);
-  void ensureConnected(const PeerAddress& peer, uint64_t epoch, double timeoutSeconds);
+   private:
+    Engine* engine_;
+  };
   using PoolKey = std::pair<uint64_t, uint64_t>;  // (peer, epoch)
   struct PoolKeyHash {
     size_t operator()(const PoolKey& k) const { return std::hash<uint64_t>()(k.first * 0x9E3779B97F4A7C15ull ^ k.second); }
   };
+
+  // ---- caller side (engine.cpp)
+  void post(std::function<void()> command);
+  void ensureConnected(const PeerAddress& peer, uint64_t epoch, double timeoutSeconds);
   ScratchBuffer takeScratch(size_t bytes);
   void giveScratch(ScratchBuffer scratch);
 
-  // progress thread
+  // ---- progress thread: the loop and the ops' lifecycle (engine.cpp)
   void run();
   void drainCommands();
+  void startOp(const std::shared_ptr<Collective>& op);
+  void finishIfComplete(Collective* op);
+  // Stops faulting in `op`'s destinations; afterwards they are the caller's again.
+  void endPrefault(Collective* op);
+  void failOp(Collective* op, ErrorKind kind, const std::string& message, uint64_t peer);
+  void retire(Collective* op);
+  void checkDeadlines();
+  void pushEvent(Event event);
+  void setRingEpoch(uint64_t epoch);
+
+  // ---- progress thread: connections and their pools (connections.cpp)
   void acceptAll();
-  void onReadable(Connection* c);
-  bool readHandshake(Connection* c);
-  bool readAuthProof(Connection* c);
-  // Connector side of the authentication exchange (blocking, caller thread).
-  void authenticateOutgoing(int fd, const PeerAddress& peer, const HelloAck& ack, const Hello& hello,
-                            Clock::time_point deadline);
-  void dispatchHeader(Connection* c);
-  void onFrameComplete(Connection* c);
-  void deliverEarly(const std::shared_ptr<Collective>& op, const MailFrame& frame);
-  void flush(Connection* c);
-  bool zeroCopy(Connection* c, const Collective& op, const FrameHeader& h);
-  void updateInterest(Connection* c);
   void addConnection(Fd fd, uint64_t peer, uint64_t epoch, bool outgoing, bool handshaking);
+  void queueFrame(Collective* op, uint64_t peer, size_t stripe, const FrameHeader& header, const uint8_t* data);
+  void queueItem(Connection* c, SendItem item);
+  bool zeroCopy(Connection* c, const Collective& op, const FrameHeader& h);
+  void flush(Connection* c);
+  void flushDirty();
+  void updateInterest(Connection* c);
   void closeConnection(Connection* c, ErrorKind kind, const std::string& reason, bool quiet);
   // Closes the connections to `peer` of epochs in [minEpoch, maxEpoch].
   void closePeer(uint64_t peer, uint64_t minEpoch, uint64_t maxEpoch, ErrorKind kind, const std::string& reason);
   void failReadersByReference(Connection* c);
-  void flushDirty();
-  void sendGoodbye(Connection* c);
-  void sendAbort(Connection* c, const Collective& op, ErrorKind kind, const std::string& reason);
-  void onAbortFrame(Connection* c, const FrameHeader& h, const std::string& reason);
-  void onStateRequest(Connection* c, const FrameHeader& h, const std::vector<uint8_t>& payload);
-  void queueControl(Connection* c, const FrameHeader& h, std::string payload);
-  void dropExposure(uint64_t exposure);
+  void resumePaused();
 
+  // ---- progress thread: the receive path, bytes to frames to ops (frames.cpp)
+  void onReadable(Connection* c);
+  bool readHandshake(Connection* c);
+  void dispatchHeader(Connection* c);
+  void dispatchOpFrame(Connection* c);
+  bool routeUnclaimed(Connection* c, const Collective* sameTag);
+  void readControl(Connection* c);
+  void onFrameComplete(Connection* c);
+  void deliverEarly(const std::shared_ptr<Collective>& op, const MailFrame& frame);
+  void onAbortFrame(Connection* c, const FrameHeader& h, const std::string& reason);
+
+  // ---- progress thread: serving shared state (state_server.cpp)
   struct Exposure {
     std::vector<StateRegion> regions;
     uint64_t served = 0;
   };
-  void startOp(const std::shared_ptr<Collective>& op);
-  // Stops faulting in `op`'s destinations; afterwards they are the caller's again.
-  void endPrefault(Collective* op);
-  void failOp(Collective* op, ErrorKind kind, const std::string& message, uint64_t peer);
-  void finishIfComplete(Collective* op);
-  void retire(Collective* op);
-  void checkDeadlines();
-  void resumePaused();
-  void pushEvent(Event event);
-  void setRingEpoch(uint64_t epoch);
+  void onStateRequest(Connection* c, const FrameHeader& h, const std::vector<uint8_t>& payload);
+  void queueControl(Connection* c, const FrameHeader& h, std::string payload);
+  void dropExposure(uint64_t exposure);
+
+  // ---- progress thread: test-only faults armed by injectFault() (fault_injection.cpp)
+  void maybeWithholdVotes(Collective* op);
+  void maybeCorrupt(SendItem& answer);
 
   EngineOptions options_;
   Fd listenFd_;

@@ -1,0 +1,196 @@
+// The engine's connections, on the progress thread: accepting and adding them, the
+// pools of outgoing ones per (peer, epoch), queueing frames and flushing them, and
+// closing, which fails the ops that needed a connection (transport/connection.cpp
+// holds what a single stream does).
+#include <sys/epoll.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "pccl/engine.hpp"
+#include "transport/connection.hpp"
+
+namespace pccl {
+
+void Engine::acceptAll() {
+  for (;;) {
+    int fd = ::accept4(listenFd_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) return;  // EAGAIN, or a transient error (EMFILE...): try again on the next event
+    tuneSocket(fd, options_.socket);
+    addConnection(Fd(fd), kNoPeer, 0, /*outgoing=*/false, /*handshaking=*/true);
+  }
+}
+
+void Engine::addConnection(Fd fd, uint64_t peer, uint64_t epoch, bool outgoing, bool handshaking) {
+  auto c = std::make_unique<Connection>();
+  Connection* raw = c.get();
+  raw->peer = peer;
+  raw->epoch = epoch;
+  raw->outgoing = outgoing;
+  raw->handshaking = handshaking;
+  auto timeout = std::chrono::duration<double>(options_.handshakeTimeoutSeconds);
+  raw->handshakeDeadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(timeout);
+  raw->interest = EPOLLIN | EPOLLRDHUP;
+  epoll_event ev{};
+  ev.events = raw->interest;
+  ev.data.ptr = raw;
+  ::epoll_ctl(epollFd_.get(), EPOLL_CTL_ADD, fd.get(), &ev);
+  int key = fd.get();
+  raw->fd = std::move(fd);
+  connections_[key] = std::move(c);
+  if (outgoing) {
+    outgoing_[PoolKey{peer, epoch}].push_back(raw);
+    std::lock_guard<std::mutex> lock(mu_);
+    ++liveOutgoing_[PoolKey{peer, epoch}];
+  }
+}
+
+void Engine::queueFrame(Collective* op, uint64_t peer, size_t stripe, const FrameHeader& header,
+                        const uint8_t* data) {
+  auto it = outgoing_.find(PoolKey{peer, op->key().epoch});
+  if (it == outgoing_.end() || it->second.empty()) {
+    throw PeerLostError("no connection to peer " + std::to_string(peer) + " in epoch " +
+                            std::to_string(op->key().epoch),
+                        peer);
+  }
+  Connection* c = it->second[stripe % it->second.size()];
+  queueItem(c, SendItem{header, data, op->shared_from_this(), 0, nullptr, zeroCopy(c, *op, header)});
+}
+
+void Engine::queueItem(Connection* c, SendItem item) {
+  c->sendq.push_back(std::move(item));
+  if (!c->dirty) {
+    c->dirty = true;
+    dirty_.push_back(c);
+  }
+}
+
+// Large payloads of ops that allow it go by reference (Connection::preparePipe).
+bool Engine::zeroCopy(Connection* c, const Collective& op, const FrameHeader& h) {
+  if (!options_.zeroCopySend || h.length < kZeroCopyMinBytes || !op.sendsByReference()) return false;
+  return c->preparePipe(h.length);
+}
+
+void Engine::flushDirty() {
+  while (!dirty_.empty()) {
+    std::vector<Connection*> batch;
+    batch.swap(dirty_);
+    for (Connection* c : batch) {
+      c->dirty = false;
+      if (!c->dead) flush(c);
+    }
+  }
+}
+
+void Engine::flush(Connection* c) {
+  std::vector<std::shared_ptr<Collective>> sent;
+  if (const int err = c->write(sent, zeroCopyBytes_)) {
+    // The peer may have said why it reset the stream (an abort frame): read that first.
+    onReadable(c);
+    if (!c->dead) {
+      closeConnection(c, ErrorKind::kPeerLost,
+                      "send to peer " + std::to_string(c->peer) + " failed: " + std::strerror(err), false);
+    }
+    return;
+  }
+  updateInterest(c);
+  for (auto& op : sent) finishIfComplete(op.get());
+}
+
+void Engine::updateInterest(Connection* c) {
+  if (c->dead) return;
+  uint32_t want = EPOLLRDHUP | (c->paused ? 0u : static_cast<uint32_t>(EPOLLIN)) |
+                  (c->sendq.empty() ? 0u : static_cast<uint32_t>(EPOLLOUT));
+  if (want == c->interest) return;
+  c->interest = want;
+  epoll_event ev{};
+  ev.events = want;
+  ev.data.ptr = c;
+  ::epoll_ctl(epollFd_.get(), EPOLL_CTL_MOD, c->fd.get(), &ev);
+}
+
+void Engine::closeConnection(Connection* c, ErrorKind kind, const std::string& reason, bool quiet) {
+  if (c->dead) return;
+  c->dead = true;
+  const uint64_t peer = c->peer;
+  ::epoll_ctl(epollFd_.get(), EPOLL_CTL_DEL, c->fd.get(), nullptr);
+  if (c->sink == Connection::Sink::kMailbox) mailboxBytes_ -= c->mail.size();
+  c->sendq.clear();
+  c->rxOp.reset();
+  if (c->outgoing) {
+    const PoolKey key{peer, c->epoch};
+    auto& pool = outgoing_[key];
+    pool.erase(std::remove(pool.begin(), pool.end(), c), pool.end());
+    if (pool.empty()) outgoing_.erase(key);
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = liveOutgoing_.find(key);
+    if (it != liveOutgoing_.end() && it->second > 0 && --it->second == 0) liveOutgoing_.erase(it);
+  }
+  c->resetIfUnsent();
+  auto node = connections_.extract(c->fd.get());
+  c->fd.reset();
+  if (!node.empty()) graveyard_.push_back(std::move(node.mapped()));
+  if (!quiet && !c->handshaking && peer != kNoPeer) {
+    pushEvent(Event{EventKind::kPeerDisconnected, peer, reason});
+  }
+  if (peer == kNoPeer) return;
+  // Frames held for later ops of this peer came from a stream that just broke.
+  const uint64_t epoch = c->epoch;
+  for (auto& [tag, box] : mailbox_) {
+    for (auto it = box.begin(); it != box.end();) {
+      if (it->peer == peer && it->header.epoch == epoch) {
+        mailboxBytes_ -= it->payload.size();
+        it = box.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  std::vector<std::shared_ptr<Collective>> victims;
+  for (auto& [tag, op] : activeByTag_) {
+    if (op->involves(peer) && (epoch == UINT64_MAX || op->key().epoch == epoch)) victims.push_back(op);
+  }
+  for (auto& op : victims) failOp(op.get(), kind, reason, peer);
+  resumePaused();
+}
+
+// The predecessor closed a connection while an op still needs its frames. If the op
+// sends by reference, so did the predecessor: its unread frames still refer to its
+// pages, which it may rewrite once it has failed (settle(False) puts its input back).
+// Fail the op now rather than read bytes that may no longer be the ones it sent: the
+// predecessor cannot have committed, since this peer has not voted.
+void Engine::failReadersByReference(Connection* c) {
+  if (c->outgoing || c->handshaking) return;
+  std::vector<std::shared_ptr<Collective>> doomed;
+  for (auto& [tag, op] : activeByTag_) {
+    if (op->key().epoch == c->epoch && op->sendsByReference() && op->awaitsDataFrom(c->peer)) doomed.push_back(op);
+  }
+  for (auto& op : doomed) {
+    failOp(op.get(), ErrorKind::kPeerLost, "peer " + std::to_string(c->peer) + " closed the connection mid-op",
+           c->peer);
+  }
+}
+
+void Engine::closePeer(uint64_t peer, uint64_t minEpoch, uint64_t maxEpoch, ErrorKind kind, const std::string& reason) {
+  std::vector<Connection*> doomed;
+  for (auto& [fd, c] : connections_) {
+    if (c->peer == peer && !c->dead && c->epoch >= minEpoch && c->epoch <= maxEpoch) doomed.push_back(c.get());
+  }
+  for (Connection* c : doomed) closeConnection(c, kind, reason, /*quiet=*/true);
+}
+
+void Engine::resumePaused() {
+  std::vector<Connection*> paused;
+  for (auto& [fd, c] : connections_) {
+    if (c->paused && !c->dead) paused.push_back(c.get());
+  }
+  for (Connection* c : paused) {
+    if (c->dead) continue;
+    c->paused = false;
+    dispatchHeader(c);
+    updateInterest(c);
+  }
+}
+
+}  // namespace pccl

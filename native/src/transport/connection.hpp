@@ -1,0 +1,86 @@
+// One data-plane connection as the engine's progress thread holds it: the socket, the
+// handshake of an incoming one, the frame being read, and the frames queued to send.
+// The engine decides where frames go and when a connection closes; this is only the
+// stream: writing the queue out (payloads copied, or by reference through a pipe) and
+// the frames that end a stream (goodbye, abort).
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pccl/collective.hpp"
+#include "pccl/errors.hpp"
+#include "pccl/tcp.hpp"
+#include "pccl/wire.hpp"
+#include "transport/handshake.hpp"
+
+namespace pccl {
+
+// Payloads smaller than this are copied: the pipe's two extra system calls don't pay.
+constexpr uint32_t kZeroCopyMinBytes = 32u << 10;
+
+// One frame queued to send.
+struct SendItem {
+  FrameHeader header;
+  const uint8_t* data;
+  std::shared_ptr<Collective> op;  // null for control frames and state answers
+  uint64_t exposure = 0;           // state answers: the exposure `data` points into
+  std::shared_ptr<std::string> hold = nullptr;  // owns `data` when the engine made it
+  bool splice = false;  // payload sent by reference (vmsplice + splice), not copied
+};
+
+struct Connection {
+  // Where the payload of the frame being read goes.
+  enum class Sink { kNone, kOp, kMailbox, kDiscard, kControl };
+
+  Fd fd;
+  uint64_t peer = kNoPeer;
+  uint64_t epoch = 0;  // the epoch whose pool it belongs to (UINT64_MAX: not tied to one)
+  bool outgoing = false;
+  bool handshaking = false;
+  bool dead = false;
+  bool goodbye = false;  // the peer announced an orderly close
+  bool paused = false;   // a header waits for room in the mailbox
+  Clock::time_point handshakeDeadline;
+  uint32_t interest = 0;
+  HandshakeAcceptor handshake;  // incoming connections, until established
+
+  FrameHeader header{};
+  size_t headerGot = 0;
+  Sink sink = Sink::kNone;
+  std::shared_ptr<Collective> rxOp;
+  uint8_t* dst = nullptr;
+  std::vector<uint8_t> mail;
+  size_t payloadGot = 0;
+
+  std::deque<SendItem> sendq;
+  size_t headSent = 0;  // bytes of the head item (header, then payload) already written
+  // Zero-copy sends: a payload is vmspliced into this pipe (the pipe then refers to the
+  // caller's pages) and spliced from it into the socket. pipeBytes: still in the pipe.
+  Fd pipeRead, pipeWrite;
+  size_t pipeBytes = 0;
+  size_t pipeCapacity = 0;  // what F_SETPIPE_SZ was last asked for (or gave)
+  bool dirty = false;       // in the engine's list of connections to flush
+
+  // Writes queued frames until the socket is full or the queue is empty. The ops of
+  // frames now wholly in the socket are appended to `sent`; bytes sent by reference are
+  // added to `zeroCopyBytes`. Returns 0, or the errno that broke the stream.
+  int write(std::vector<std::shared_ptr<Collective>>& sent, std::atomic<uint64_t>& zeroCopyBytes);
+  // Readies the pipe for a payload of `length` bytes sent by reference; false: the
+  // kernel gave no pipe, copy it instead.
+  bool preparePipe(uint32_t length);
+  // Announces an orderly close, unless a frame is queued (then only EOF can follow).
+  void sendGoodbye();
+  // Tells the peer that this peer failed the op `key`, and why; dropped if a frame is
+  // half written. Best effort: the close that follows is the signal that always arrives.
+  void sendAbort(const OpKey& key, ErrorKind kind, const std::string& reason);
+  // Before closing: if the peer left bytes unread in the kernel, make the close a reset.
+  void resetIfUnsent();
+};
+
+}  // namespace pccl
