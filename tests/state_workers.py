@@ -78,9 +78,9 @@ def expected_hashes(spec: Spec) -> dict[str, int]:
 def _timed_fetch(times: list[float]) -> None:
     """Measures the transfer phase (fetch + verification) of the next syncs: wraps the
     fetch function the Communicator calls (this process only)."""
-    from pccl_py.peer import communicator
+    from pccl_py.peer import sync
 
-    inner = communicator.fetch_entries
+    inner = sync.fetch_entries
 
     def wrapper(*args: Any, **kwargs: Any) -> int:
         t0 = time.perf_counter()
@@ -89,7 +89,7 @@ def _timed_fetch(times: list[float]) -> None:
         finally:
             times.append(time.perf_counter() - t0)
 
-    communicator.fetch_entries = wrapper  # type: ignore[assignment]
+    sync.fetch_entries = wrapper  # type: ignore[assignment]
 
 
 def state_worker(master: str, index: int, out: Any, *, conn: Any, world: int, spec: Spec, config: dict | None = None) -> None:
