@@ -184,26 +184,53 @@ PYBIND11_MODULE(_native, m) {
   m.attr("AUTH_PROOF_SIZE") = sizeof(AuthProof);
   m.attr("AUTH_RESULT_SIZE") = sizeof(AuthResult);
   m.attr("FRAME_HEADER_SIZE") = sizeof(FrameHeader);
+  // The layouts of wire.hpp in struct notation and the MAC labels, for pccl_py's own
+  // codec of the handshake (checked against these by a test).
+  m.attr("HELLO_STATUS_OK") = static_cast<uint32_t>(HelloStatus::kOk);
+  m.attr("NONCE_BYTES") = kNonceBytes;
+  m.attr("MAC_BYTES") = kMacBytes;
+  m.attr("HELLO_FORMAT") = kHelloFormat;
+  m.attr("HELLO_ACK_FORMAT") = kHelloAckFormat;
+  m.attr("AUTH_PROOF_FORMAT") = kAuthProofFormat;
+  m.attr("AUTH_RESULT_FORMAT") = kAuthResultFormat;
+  m.attr("HANDSHAKE_TRANSCRIPT_FORMAT") = kHandshakeTranscriptFormat;
+  m.attr("HANDSHAKE_CONNECTOR_LABEL") = py::bytes(kConnectorLabel);
+  m.attr("HANDSHAKE_ACCEPTOR_LABEL") = py::bytes(kAcceptorLabel);
+  m.attr("FRAME_HEADER_FORMAT") = kFrameHeaderFormat;
+  m.attr("STATE_REQUEST_FORMAT") = kStateRequestFormat;
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const PeerLostError& e) {
-      raise("PeerLost", e.what(), e.peer());
+      raise(errorKindName(ErrorKind::kPeerLost), e.what(), e.peer());
     } catch (const TimeoutError& e) {
-      raise("Timeout", e.what(), std::nullopt);
+      raise(errorKindName(ErrorKind::kTimeout), e.what(), std::nullopt);
     } catch (const AbortedError& e) {
-      raise("Aborted", e.what(), std::nullopt);
+      raise(errorKindName(ErrorKind::kAborted), e.what(), std::nullopt);
     } catch (const ProtocolError& e) {
-      raise("ProtocolError", e.what(), e.peer());
+      raise(errorKindName(ErrorKind::kProtocol), e.what(), e.peer());
     } catch (const AuthError& e) {
       raise("AuthError", e.what(), e.peer());
     } catch (const InvalidArgument& e) {
-      raise("InvalidArgument", e.what(), std::nullopt);
+      raise(errorKindName(ErrorKind::kInvalid), e.what(), std::nullopt);
     } catch (const Error& e) {
       raise("PcclError", e.what(), std::nullopt);
     }
   });
+
+  // Why an op failed; each name is the pccl_py FailureKind member it maps onto, and
+  // error_kind_name() its value (the error class raised for it).
+  py::enum_<ErrorKind>(m, "ErrorKind")
+      .value("NONE", ErrorKind::kNone)
+      .value("PEER_LOST", ErrorKind::kPeerLost)
+      .value("TIMEOUT", ErrorKind::kTimeout)
+      .value("ABORTED", ErrorKind::kAborted)
+      .value("PROTOCOL", ErrorKind::kProtocol)
+      .value("INVALID_ARGUMENT", ErrorKind::kInvalid);
+  m.def(
+      "error_kind_name", [](ErrorKind kind) { return std::string(errorKindName(kind)); }, py::arg("kind"),
+      "The stable name of a native error kind: its pccl_py FailureKind value and error class (\"\" for NONE).");
 
   py::enum_<DType>(m, "DataType")
       .value("FLOAT16", DType::kFloat16)

@@ -23,8 +23,49 @@ HELLO_STATUS_AUTH_FAILED: Final[int]
 AUTH_PROOF_SIZE: Final[int]
 AUTH_RESULT_SIZE: Final[int]
 FRAME_HEADER_SIZE: Final[int]
+HELLO_STATUS_OK: Final[int]
+NONCE_BYTES: Final[int]
+MAC_BYTES: Final[int]
+# The layouts of native/include/pccl/wire.hpp in struct notation (checked against the C++
+# structs when the module is built) and the labels each side's handshake MAC starts with:
+# MAC = HMAC-SHA256(secret, label + struct.pack(HANDSHAKE_TRANSCRIPT_FORMAT, ...)).
+HELLO_FORMAT: Final[str]
+HELLO_ACK_FORMAT: Final[str]
+AUTH_PROOF_FORMAT: Final[str]
+AUTH_RESULT_FORMAT: Final[str]
+HANDSHAKE_TRANSCRIPT_FORMAT: Final[str]
+HANDSHAKE_CONNECTOR_LABEL: Final[bytes]
+HANDSHAKE_ACCEPTOR_LABEL: Final[bytes]
+FRAME_HEADER_FORMAT: Final[str]
+STATE_REQUEST_FORMAT: Final[str]
 CUDA_BUILT: Final[bool]
 """Whether the module was built with the CUDA kernels (cuda_quantize/cuda_dequantize)."""
+
+class ErrorKind:
+    """Why a native op failed; each member is named as the pccl_py FailureKind it maps onto."""
+
+    NONE: ClassVar[ErrorKind]
+    PEER_LOST: ClassVar[ErrorKind]
+    TIMEOUT: ClassVar[ErrorKind]
+    ABORTED: ClassVar[ErrorKind]
+    PROTOCOL: ClassVar[ErrorKind]
+    INVALID_ARGUMENT: ClassVar[ErrorKind]
+    __members__: ClassVar[dict[str, ErrorKind]]
+    def __init__(self, value: int) -> None: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __ne__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __int__(self) -> int: ...
+    def __index__(self) -> int: ...
+    def __getstate__(self) -> int: ...
+    def __setstate__(self, state: int, /) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
+def error_kind_name(kind: ErrorKind) -> str:
+    """The stable name of a native error kind: its pccl_py FailureKind value and error class ("" for NONE)."""
 
 class DataType:
     """Element type of a buffer."""
