@@ -150,10 +150,11 @@ def test_import_pccl_py_alone_does_not_register() -> None:
 def test_unsupported_reductions_are_named() -> None:
     import torch.distributed as dist
 
-    from pccl_py.torch.process_group import PcclBackendError, _reduce_op
+    from pccl_py.torch import PcclBackendError
+    from pccl_py.torch.ops import reduce_op
 
-    assert _reduce_op(dist.ReduceOp(dist.ReduceOp.SUM), torch.bool) == pccl.ReduceOp.MAX
-    assert _reduce_op(dist.ReduceOp(dist.ReduceOp.PRODUCT), torch.float32) == pccl.ReduceOp.PROD
+    assert reduce_op(dist.ReduceOp(dist.ReduceOp.SUM), torch.bool) == pccl.ReduceOp.MAX
+    assert reduce_op(dist.ReduceOp(dist.ReduceOp.PRODUCT), torch.float32) == pccl.ReduceOp.PROD
     for op, dtype in [(dist.ReduceOp.BXOR, torch.int32), (dist.ReduceOp.AVG, torch.int64), (dist.ReduceOp.SUM, torch.complex64)]:
         with pytest.raises(PcclBackendError):
-            _reduce_op(dist.ReduceOp(op), dtype)
+            reduce_op(dist.ReduceOp(op), dtype)

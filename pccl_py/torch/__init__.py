@@ -21,7 +21,9 @@ except ImportError as exc:  # the core runs without torch; this part does not
 import torch.distributed as dist
 from torch.distributed.rendezvous import _rendezvous_handlers, register_rendezvous_handler
 
-from pccl_py.torch.process_group import REDUCE_DTYPES, PcclBackendError, ProcessGroupPccl
+from pccl_py.torch.errors import PcclBackendError
+from pccl_py.torch.ops import REDUCE_DTYPES
+from pccl_py.torch.process_group import ProcessGroupPccl
 from pccl_py.torch.rendezvous import create_process_group, pccl_rendezvous_handler
 
 BACKEND = "pccl"

@@ -18,8 +18,9 @@ bit-exactly:
   about twice the bytes of a dedicated reduce-scatter).
 - barrier: a one-byte all-reduce.
 
-Tensors outside host memory (CUDA) are staged: copied to host when the op is issued,
-reduced there, copied back before the Work completes.
+Tensors outside host memory (CUDA) are staged (pccl_py.torch.staging): copied to host
+when the op is issued, reduced there, copied back before the Work completes. Reduce ops
+and dtypes map onto pccl's in pccl_py.torch.ops; the Work is pccl_py.torch.work's.
 
 Failure: the first error poisons the group, as in Gloo: that op and every later one
 fail with the error (a PeerLost names the peer). The group never carries on with fewer
@@ -43,135 +44,12 @@ import torch.distributed as dist
 from torch.futures import Future
 
 from pccl_py import Communicator, Master, PcclError, ReduceOp
+from pccl_py.torch.errors import PcclBackendError
+from pccl_py.torch.ops import premul_factor, reduce_op
+from pccl_py.torch.staging import Staged, by_dtype, byte_view, split_into
+from pccl_py.torch.work import PcclWork
 
 log = logging.getLogger(__name__)
-
-_RedOp = dist.ReduceOp.RedOpType
-_OPS: dict[Any, ReduceOp] = {
-    _RedOp.SUM: ReduceOp.SUM,
-    _RedOp.AVG: ReduceOp.AVG,
-    _RedOp.PRODUCT: ReduceOp.PROD,
-    _RedOp.MIN: ReduceOp.MIN,
-    _RedOp.MAX: ReduceOp.MAX,
-}
-# Logical ops on bool tensors reduce their uint8 view (0/1) with MIN/MAX.
-_BOOL_OPS: dict[Any, ReduceOp] = {
-    _RedOp.SUM: ReduceOp.MAX,
-    _RedOp.MAX: ReduceOp.MAX,
-    _RedOp.BOR: ReduceOp.MAX,
-    _RedOp.PRODUCT: ReduceOp.MIN,
-    _RedOp.MIN: ReduceOp.MIN,
-    _RedOp.BAND: ReduceOp.MIN,
-}
-# dtypes the engine reduces natively; every dtype works for the byte-moving collectives.
-REDUCE_DTYPES = (
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.uint8,
-    torch.uint16,
-    torch.uint32,
-    torch.uint64,
-)
-
-
-class PcclBackendError(PcclError, RuntimeError):
-    """A collective of the "pccl" backend failed or was refused. A RuntimeError, as
-    torch's own backend errors are; when a pccl_py error caused it, that error is its
-    __cause__ (e.g. PeerLost naming the peer)."""
-
-
-def _byte_view(t: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 view of a contiguous CPU tensor's memory."""
-    return t.detach().reshape(-1).view(torch.uint8)
-
-
-class _Staged:
-    """A tensor's host-memory, contiguous counterpart. For a contiguous CPU tensor it is
-    the tensor itself; otherwise a host copy made now (on the caller's thread, so a CUDA
-    tensor is read after the kernels that produce it), written back by commit()."""
-
-    def __init__(self, t: torch.Tensor, read: bool = True) -> None:
-        if t.device.type not in ("cpu", "cuda"):
-            raise PcclBackendError(f"the pccl backend supports CPU and CUDA tensors, not {t.device}")
-        self.target = t
-        self.direct = t.device.type == "cpu" and t.is_contiguous()
-        if self.direct:
-            self.host = t.detach()
-        elif read:
-            self.host = t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format).contiguous()
-        else:
-            self.host = torch.empty(t.shape, dtype=t.dtype)
-
-    def commit(self) -> None:
-        if not self.direct:
-            with torch.no_grad():
-                self.target.copy_(self.host)
-
-
-class PcclWork(dist.Work):
-    """A queued collective. wait() raises the op's error (torch's future-wrapping Work
-    would return without raising); get_future() is what DDP's reducer chains on."""
-
-    def __init__(self, future: Future[Any]) -> None:
-        super().__init__()
-        self._future = future
-        # torch's C++ callers (DDP's reducer) must not see the Python exception object
-        # itself: rethrown there without the GIL it crashes the process. A `then`
-        # callback turns it into a C++ error carrying the same message.
-        self._chained = future.then(_value_of)
-
-    def wait(self, timeout: datetime.timedelta = datetime.timedelta(0)) -> bool:
-        seconds = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else 0.0
-        if seconds > 0 and not self._wait_done(seconds):
-            raise PcclBackendError(f"the collective did not finish within {seconds}s")
-        self._future.wait()  # raises the collective's error
-        return True
-
-    def _wait_done(self, seconds: float) -> bool:
-        done = threading.Event()
-        self._future.add_done_callback(lambda _: done.set())
-        return done.wait(seconds)
-
-    def get_future(self) -> Future[Any]:
-        return self._chained
-
-    def is_completed(self) -> bool:
-        return self._future.done()
-
-    def is_success(self) -> bool:
-        if not self._future.done():
-            return False
-        try:
-            self._future.value()
-        except Exception:  # noqa: BLE001 - the op's error, whatever it is, means "not successful"
-            return False
-        return True
-
-    def exception(self) -> BaseException | None:
-        if not self._future.done():
-            return None
-        try:
-            self._future.value()
-        except Exception as exc:  # noqa: BLE001 - handed to the caller as the op's exception
-            return exc
-        return None
-
-    def result(self) -> list[torch.Tensor]:
-        self._future.wait()
-        return list(self._future.value())
-
-    def synchronize(self) -> None:
-        self.wait()
-
-
-def _value_of(future: Future[Any]) -> Any:
-    return future.value()
 
 
 class ProcessGroupPccl(dist.ProcessGroup):
@@ -260,17 +138,17 @@ class ProcessGroupPccl(dist.ProcessGroup):
     def allreduce_coalesced(self, tensors: Sequence[torch.Tensor], opts: Any = None) -> dist.Work:
         red = opts.reduceOp if opts is not None else dist.ReduceOp(dist.ReduceOp.SUM)
         timeout = self._op_timeout(opts)
-        staged = [_Staged(t) for t in tensors]
+        staged = [Staged(t) for t in tensors]
         for s in staged:
-            _reduce_op(red, s.host.dtype)  # reject unsupported ops before queueing
+            reduce_op(red, s.host.dtype)  # reject unsupported ops before queueing
 
         def run() -> list[torch.Tensor]:
             # One all-reduce per dtype over the flattened tensors.
-            for group in _by_dtype(staged):
+            for group in by_dtype(staged):
                 hosts = [s.host for s in group]
                 dtype = hosts[0].dtype
-                op = _reduce_op(red, dtype)
-                factor = _premul_factor(red)
+                op = reduce_op(red, dtype)
+                factor = premul_factor(red)
                 if len(hosts) == 1:
                     flat = hosts[0]
                 else:
@@ -296,20 +174,20 @@ class ProcessGroupPccl(dist.ProcessGroup):
         root = opts.rootRank if opts is not None else 0
         self._check_rank(root)
         timeout = self._op_timeout(opts)
-        staged = [_Staged(t, read=self._rank == root) for t in tensors]
+        staged = [Staged(t, read=self._rank == root) for t in tensors]
 
         def run() -> list[torch.Tensor]:
             if len(staged) == 1:
-                buf = _byte_view(staged[0].host)
+                buf = byte_view(staged[0].host)
             else:
-                buf = torch.cat([_byte_view(s.host) for s in staged]) if self._rank == root else None
+                buf = torch.cat([byte_view(s.host) for s in staged]) if self._rank == root else None
                 if buf is None:
                     buf = torch.empty(sum(s.host.nbytes for s in staged), dtype=torch.uint8)
             if self._rank != root:
                 buf.zero_()
             self._all_reduce(buf, ReduceOp.SUM, timeout)
             if len(staged) > 1:
-                _split_into(buf, [_byte_view(s.host) for s in staged])
+                split_into(buf, [byte_view(s.host) for s in staged])
             for s in staged:
                 s.commit()
             return list(tensors)
@@ -328,7 +206,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
             self._check_list(outs, "allgather output")
             if outs[self._rank].nbytes != x.nbytes:
                 raise PcclBackendError("allgather: the input must have the size of this rank's output slot")
-            plans.append(([_Staged(o, read=False) for o in outs], _Staged(x)))
+            plans.append(([Staged(o, read=False) for o in outs], Staged(x)))
 
         def run() -> list[torch.Tensor]:
             slots = [s for outs, _ in plans for s in outs]
@@ -337,10 +215,10 @@ class ProcessGroupPccl(dist.ProcessGroup):
             for outs, x in plans:
                 for r, s in enumerate(outs):
                     if r == self._rank:
-                        buf[offset : offset + s.host.nbytes].copy_(_byte_view(x.host))
+                        buf[offset : offset + s.host.nbytes].copy_(byte_view(x.host))
                     offset += s.host.nbytes
             self._all_reduce(buf, ReduceOp.SUM, timeout)
-            _split_into(buf, [_byte_view(s.host) for s in slots])
+            split_into(buf, [byte_view(s.host) for s in slots])
             for s in slots:
                 s.commit()
             return [t for outs in output_tensors for t in outs]
@@ -365,23 +243,23 @@ class ProcessGroupPccl(dist.ProcessGroup):
                 raise PcclBackendError(
                     f"all_gather_single: output must hold world_size ({self._size}) inputs of the same dtype"
                 )
-            pairs.append((_Staged(out, read=False), _Staged(x)))
+            pairs.append((Staged(out, read=False), Staged(x)))
 
         def run() -> list[torch.Tensor]:
             if len(pairs) == 1 and pairs[0][0].direct:
                 out, x = pairs[0]
-                buf = _byte_view(out.host)
-                self._place_own_slot(buf, _byte_view(x.host))
+                buf = byte_view(out.host)
+                self._place_own_slot(buf, byte_view(x.host))
             else:
                 buf = torch.zeros(sum(o.host.nbytes for o, _ in pairs), dtype=torch.uint8)
                 offset = 0
                 for o, x in pairs:
                     part = buf[offset : offset + o.host.nbytes]
-                    self._place_own_slot(part, _byte_view(x.host))
+                    self._place_own_slot(part, byte_view(x.host))
                     offset += o.host.nbytes
             self._all_reduce(buf, ReduceOp.SUM, timeout)
             if not (len(pairs) == 1 and pairs[0][0].direct):
-                _split_into(buf, [_byte_view(o.host) for o, _ in pairs])
+                split_into(buf, [byte_view(o.host) for o, _ in pairs])
             for o, _ in pairs:
                 o.commit()
             return list(outputs)
@@ -401,8 +279,8 @@ class ProcessGroupPccl(dist.ProcessGroup):
             self._check_list(xs, "reduce_scatter input")
             if any(x.dtype != y.dtype for x in xs) or xs[self._rank].numel() != y.numel():
                 raise PcclBackendError("reduce_scatter: inputs must match the output's dtype and this rank's size")
-            _reduce_op(red, y.dtype)
-            plans.append((_Staged(y, read=False), [_Staged(x) for x in xs]))
+            reduce_op(red, y.dtype)
+            plans.append((Staged(y, read=False), [Staged(x) for x in xs]))
 
         def run() -> list[torch.Tensor]:
             for y, xs in plans:
@@ -431,11 +309,11 @@ class ProcessGroupPccl(dist.ProcessGroup):
                 raise PcclBackendError(
                     f"reduce_scatter_single: input must hold world_size ({self._size}) outputs of the same dtype"
                 )
-            _reduce_op(red, y.dtype)
-            pairs.append((_Staged(y, read=False), _Staged(x)))
+            reduce_op(red, y.dtype)
+            pairs.append((Staged(y, read=False), Staged(x)))
 
         def run() -> list[torch.Tensor]:
-            for group in _by_dtype([x for _, x in pairs]):
+            for group in by_dtype([x for _, x in pairs]):
                 members = [(y, x) for y, x in pairs if any(x is g for g in group)]
                 if len(members) == 1:
                     y, x = members[0]
@@ -468,9 +346,9 @@ class ProcessGroupPccl(dist.ProcessGroup):
         self._check_rank(root)
         red = opts.reduceOp if opts is not None else dist.ReduceOp(dist.ReduceOp.SUM)
         timeout = self._op_timeout(opts)
-        staged = [_Staged(t) for t in tensors]
+        staged = [Staged(t) for t in tensors]
         for s in staged:
-            _reduce_op(red, s.host.dtype)
+            reduce_op(red, s.host.dtype)
 
         def run() -> list[torch.Tensor]:
             for s in staged:
@@ -497,17 +375,17 @@ class ProcessGroupPccl(dist.ProcessGroup):
         self._check_rank(root)
         y = output_tensors[0]
         timeout = self._op_timeout(opts)
-        target = _Staged(y, read=False)
-        sources = [_Staged(t) for t in input_lists[0]] if self._rank == root else []
+        target = Staged(y, read=False)
+        sources = [Staged(t) for t in input_lists[0]] if self._rank == root else []
 
         def run() -> list[torch.Tensor]:
             n = target.host.nbytes
             if self._rank == root:
-                buf = torch.cat([_byte_view(s.host) for s in sources])
+                buf = torch.cat([byte_view(s.host) for s in sources])
             else:
                 buf = torch.zeros(n * self._size, dtype=torch.uint8)
             self._all_reduce(buf, ReduceOp.SUM, timeout)
-            _byte_view(target.host).copy_(buf[self._rank * n : (self._rank + 1) * n])
+            byte_view(target.host).copy_(buf[self._rank * n : (self._rank + 1) * n])
             target.commit()
             return [y]
 
@@ -608,8 +486,8 @@ class ProcessGroupPccl(dist.ProcessGroup):
 
     def _reduce(self, x: torch.Tensor, out: torch.Tensor | None, red: Any, timeout: float) -> None:
         """all-reduce with a torch ReduceOp (PREMUL_SUM scales a copy first)."""
-        op = _reduce_op(red, x.dtype)
-        factor = _premul_factor(red)
+        op = reduce_op(red, x.dtype)
+        factor = premul_factor(red)
         if factor is not None:
             x = x.mul(factor) if out is not None else x.mul_(factor)
         if x.dtype == torch.bool:
@@ -648,56 +526,6 @@ class ProcessGroupPccl(dist.ProcessGroup):
     def _check_list(self, tensors: Sequence[torch.Tensor], what: str) -> None:
         if len(tensors) != self._size:
             raise PcclBackendError(f"{what}: expected {self._size} tensors, got {len(tensors)}")
-
-
-def _reduce_op(red: Any, dtype: torch.dtype) -> ReduceOp:
-    kind = red.op if hasattr(red, "op") else red
-    if dtype == torch.bool:
-        if kind in _BOOL_OPS:
-            return _BOOL_OPS[kind]
-        raise PcclBackendError(f"the pccl backend cannot reduce bool tensors with {kind}")
-    if dtype not in REDUCE_DTYPES:
-        raise PcclBackendError(f"the pccl backend cannot reduce {dtype} tensors")
-    if kind == _RedOp.PREMUL_SUM:
-        if not dtype.is_floating_point:
-            raise PcclBackendError("PREMUL_SUM needs a floating-point tensor")
-        _premul_factor(red)  # rejected before queueing where torch hides the factor
-        return ReduceOp.SUM
-    if kind == _RedOp.AVG and not dtype.is_floating_point:
-        raise PcclBackendError("AVG needs a floating-point tensor (as with NCCL)")
-    try:
-        return _OPS[kind]
-    except KeyError:
-        raise PcclBackendError(
-            f"the pccl backend does not support {kind} (supported: SUM, AVG, PRODUCT, MIN, MAX, PREMUL_SUM)"
-        ) from None
-
-
-def _premul_factor(red: Any) -> float | None:
-    if getattr(red, "op", None) != _RedOp.PREMUL_SUM:
-        return None
-    if not hasattr(red, "factor"):
-        raise PcclBackendError(
-            f"PREMUL_SUM: this torch ({torch.__version__}) does not expose the op's factor to Python "
-            "backends (ReduceOp.factor); scale the tensor and use SUM instead"
-        )
-    factor = red.factor
-    return float(factor.item() if isinstance(factor, torch.Tensor) else factor)
-
-
-def _by_dtype(staged: Sequence[Any]) -> list[list[Any]]:
-    """Groups staged tensors by dtype, in first-seen order."""
-    groups: dict[torch.dtype, list[Any]] = {}
-    for s in staged:
-        groups.setdefault(s.host.dtype, []).append(s)
-    return list(groups.values())
-
-
-def _split_into(buf: torch.Tensor, parts: Sequence[torch.Tensor]) -> None:
-    offset = 0
-    for part in parts:
-        part.copy_(buf[offset : offset + part.numel()])
-        offset += part.numel()
 
 
 def _shutdown_at_exit(ref: weakref.ref[ProcessGroupPccl]) -> None:

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 from pccl_py import Communicator, Config, Master, PcclError, join_group
-from pccl_py.torch.process_group import PcclBackendError, ProcessGroupPccl
+from pccl_py.torch.errors import PcclBackendError
+from pccl_py.torch.process_group import ProcessGroupPccl
 
 _MASTER_KEY = "pccl/master"
 _GROUP_KEY = "pccl/group"
