@@ -171,3 +171,8 @@ def test_no_import_cycles() -> None:
         if v not in index:
             visit(v)
     assert not cycles, cycles
+
+
+def test_no_module_over_600_lines() -> None:
+    long = {module: n for module, source in sources().items() if (n := len(source.splitlines())) > 600}
+    assert not long, long
