@@ -1,5 +1,5 @@
 """Shared-state synchronisation, measured (not asserted). Peers are separate processes
-(tests/state_workers.py's state_worker); the master runs in this process.
+(tests/helpers/state_workers.py's state_worker); the master runs in this process.
 
 (a) joiner: a RECEIVE_ONLY peer with a zero-filled state receives the whole state
     (`--mib` MiB in `--entries` float32 entries) from 1 and from 3 sources. The sources
@@ -47,7 +47,7 @@ import numpy as np
 from pccl_py import Master
 from pccl_py.peer.shared_state import digest
 from pccl_py.testing import PeerGroup
-from tests.state_workers import fill, state_worker
+from tests.helpers.state_workers import fill, state_worker
 
 
 def _spec(mib: int, entries: int, zero: bool = False) -> list[tuple[str, str, int, int | None]]:
@@ -117,7 +117,7 @@ def joiner_transfer(
     fresh_idle: float = 0.0,
     prefault: bool = True,
 ) -> dict[str, Any]:
-    """(a), or (a') with `fresh` ("numpy" or "plain", tests/state_workers.py): the
+    """(a), or (a') with `fresh` ("numpy" or "plain", tests/helpers/state_workers.py): the
     joiner's state is newly allocated before each rep; with `fresh_idle`, the old one is
     freed that long before (plus the 1 s the sources get), instead of just before.
     `prefault`: the joiner's Config.prefault."""

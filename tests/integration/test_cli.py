@@ -137,7 +137,7 @@ def test_pccl_run_revives_a_killed_peer_that_rejoins_and_receives_the_state(tmp_
     secret_file.write_text(secret + "\n")
     stop = tmp_path / "stop"
     logs = [tmp_path / f"node{i}.jsonl" for i in range(2)]
-    worker = str(Path(__file__).with_name("run_worker.py"))
+    worker = str(Path(__file__).parents[1] / "helpers" / "run_worker.py")
     env = {k: v for k, v in os.environ.items() if k != "PCCL_SECRET"}
     launchers: list[subprocess.Popen[str]] = []
     with pccl.Master(secret=secret) as master:

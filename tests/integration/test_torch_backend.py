@@ -23,7 +23,7 @@ import torch
 import pccl_py as pccl
 from pccl_py.torch.bench import EXAMPLE, finish, launch, start
 
-WORKER = str(Path(__file__).with_name("torch_workers.py"))
+WORKER = str(Path(__file__).parents[1] / "helpers" / "torch_workers.py")
 
 
 def _checks(results: list[tuple[int, str, str]]) -> list[dict[str, object]]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pccl_py.errors import Aborted, PeerLost, Timeout
-from tests.engine_harness import DT, OP, EngineRing
+from engine_harness import DT, OP, EngineRing
 
 BIG = 1 << 20  # float32 elements: 4 MiB, segments of 512 KiB (all above the 32 KiB floor)
 

@@ -22,7 +22,7 @@ import pytest
 
 from pccl_py import _native
 
-PACKAGE = Path(__file__).resolve().parents[1] / "pccl_py"
+PACKAGE = Path(__file__).resolve().parents[2] / "pccl_py"
 STUB = PACKAGE / "_native.pyi"
 CUDA_ONLY = {"cuda_quantize", "cuda_dequantize"}  # bound only under PCCL_WITH_CUDA
 BUFFER_ALIAS = "_Buffer"  # the stub's name for "any object exporting a buffer"

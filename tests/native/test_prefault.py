@@ -26,8 +26,8 @@ import xxhash
 
 from pccl_py import Config
 from pccl_py import _native as nat
-from tests.engine_harness import DT, OP, EngineRing
-from tests.state_workers import fill, plain_zeros
+from engine_harness import DT, OP, EngineRing
+from state_workers import fill, plain_zeros
 
 HOST = "127.0.0.1"
 MIB = 1 << 20

@@ -33,7 +33,7 @@ FAST = "200mbit"
 SLOW = "20mbit"
 ELEMENTS = 512 << 10  # 2 MiB of float32
 REPS = 3
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PEER_CONFIG = {"probe_bytes": 256 << 10, "heartbeat_timeout": 10.0}
 
 
@@ -110,7 +110,7 @@ class NetnsPeer:
     def __init__(self, ns: str, ip: str, master: str, log: Path) -> None:
         self._stderr = log.open("w")
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, str(REPO / "tests" / "netns_peer.py"), master, ip,
+            ["ip", "netns", "exec", ns, sys.executable, str(REPO / "tests" / "helpers" / "netns_peer.py"), master, ip,
              json.dumps(PEER_CONFIG)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, cwd=REPO,
         )

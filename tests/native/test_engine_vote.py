@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pccl_py.errors import Aborted, PeerLost, Timeout
-from tests.engine_harness import DT, OP, EngineRing
+from engine_harness import DT, OP, EngineRing
 
 
 def _inputs(n: int, count: int) -> list[np.ndarray]:
