@@ -266,6 +266,7 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
                     "pending": list(g.pending),
                     "state_revision": g.state_revision,
                     "optimized": g.optimized,
+                    "votes": sorted(g.votes),  # members in update_topology() now
                     # [sender, receiver, bytes/s] for every measured pair
                     "bandwidth": [[a, b, rate] for (a, b), (rate, _) in sorted(g.bandwidth.items())],
                 }

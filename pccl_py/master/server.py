@@ -459,9 +459,29 @@ class Master:
         assert self._sock is not None
         send_nowait(self._sock, [rid, protocol.encode(msg)])
 
+    def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        """A snapshot of what `pccl status` shows (peers, groups with their epoch, ring,
+        pending peers, votes and measured bandwidths), taken on the master's own thread
+        so it is consistent; plus this master's incarnation. Raises Timeout if the
+        master does not answer within `timeout`."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            raise PcclError("the master is not running")
+
+        async def take() -> dict[str, Any]:
+            return self._status()
+
+        future = asyncio.run_coroutine_threadsafe(take(), loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise Timeout(f"the master did not answer within {timeout}s") from None
+
     def _status(self) -> dict[str, Any]:
         state = self._membership.status()
         state["address"] = self.address
+        state["incarnation"] = self._membership.incarnation
         return state
 
 

@@ -16,7 +16,7 @@ native and releases the GIL); every wait is bounded.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -27,7 +27,6 @@ from threads import run_parallel as run_threads
 import pccl_py as pccl
 from pccl_py.optim import AsyncDiLoCo, DiLoCo
 from pccl_py.optim.diloco import materialize_state
-from pccl_py.testing import join_group
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -140,27 +139,9 @@ def run_parallel(fns: list[Callable[[], Any]], timeout: float = 40.0) -> list[An
     return results
 
 @pytest.fixture
-def group(master: pccl.Master) -> Iterator[Callable[[int], list[pccl.Communicator]]]:
-    """group(n) -> n admitted communicators; closed at teardown."""
-    created: list[pccl.Communicator] = []
-
-    def make(n: int) -> list[pccl.Communicator]:
-        comms = [pccl.Communicator(master.address, name=f"d{i}") for i in range(n)]
-        created.extend(comms)
-
-        def member(c: pccl.Communicator) -> None:
-            c.connect(timeout=20)
-            join_group(c, n, timeout=20)
-
-        run_parallel([lambda c=c: member(c) for c in comms])
-        assert all(c.world_size == n for c in comms)
-        return comms
-
-    try:
-        yield make
-    finally:
-        for c in created:
-            c.close()
+def group(make_group: Callable[..., list[pccl.Communicator]]) -> Callable[[int], list[pccl.Communicator]]:
+    """group(n) -> n admitted communicators (conftest's make_group); closed at teardown."""
+    return make_group
 
 
 # ---------------------------------------------------------------------- (a) one peer

@@ -192,7 +192,7 @@ def test_optimize_topology_avoids_slow_links(wan_net: WanNet, tmp_path: Path) ->
                 for p in peers[:-1]:
                     assert p.next()["world"] == i + 1
 
-            initial = master._status()["groups"]["0"]["ring"]
+            initial = master.status()["groups"]["0"]["ring"]
             hops = [(index_of[initial[k]], index_of[initial[(k + 1) % PEERS]]) for k in range(PEERS)]
             slow = set(hops)  # every hop of the initial ring; the reversed ring has none
             for src, dst in slow:
@@ -200,7 +200,7 @@ def test_optimize_topology_avoids_slow_links(wan_net: WanNet, tmp_path: Path) ->
 
             before = _all_reduce_seconds(peers)
             opt = _all(peers, {"cmd": "optimize"})
-            status = master._status()["groups"]["0"]
+            status = master.status()["groups"]["0"]
             ring = [index_of[p] for p in status["ring"]]
             after = _all_reduce_seconds(peers)
 

@@ -359,10 +359,7 @@ def wait_for_votes(master: pccl.Master, voters: set[int], timeout: float = 30.0)
     the in-process master's membership state; read-only)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            votes = {pid for g in list(master._membership.groups.values()) for pid in list(g.votes)}
-        except RuntimeError:  # changed while we copied it
-            votes = set()
+        votes = {pid for g in master.status()["groups"].values() for pid in g["votes"]}
         if voters <= votes:
             return
         time.sleep(0.005)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -56,41 +55,6 @@ def unwrap(results: list[Any]) -> list[Any]:
     if errors:
         raise AssertionError(f"unexpected errors: {errors!r}") from errors[0]
     return results
-
-
-def connect_all(master: pccl.Master, comms: list[pccl.Communicator], world: int, members: list[pccl.Communicator]) -> None:
-    """Connects `comms` while `members` (already admitted) let them in, until the
-    group has `world` peers."""
-
-    def joiner(c: pccl.Communicator) -> None:
-        c.connect(timeout=30)
-        join_group(c, world, timeout=30)
-
-    unwrap(
-        run_parallel(
-            [lambda c=c: joiner(c) for c in comms] + [lambda c=c: join_group(c, world, timeout=30) for c in members]
-        )
-    )
-
-
-@pytest.fixture
-def make_group(master: pccl.Master) -> Iterator[Callable[..., list[pccl.Communicator]]]:
-    """make_group(n) -> n admitted communicators (closed at teardown);
-    make_group(k, members=[...]) adds k joiners to the group of `members`."""
-    created: list[pccl.Communicator] = []
-
-    def make(n: int, members: list[pccl.Communicator] | None = None) -> list[pccl.Communicator]:
-        members = members or []
-        comms = [pccl.Communicator(master.address, name=f"t{len(created) + i}") for i in range(n)]
-        created.extend(comms)
-        connect_all(master, comms, len(members) + n, members)
-        return comms
-
-    try:
-        yield make
-    finally:
-        for c in created:
-            c.close()
 
 
 def sync_all(
@@ -428,7 +392,7 @@ def test_source_killed_mid_transfer_receiver_completes_from_another_source(maste
     group = PeerGroup(master.address, state_worker, dict(world=3, spec=BIG_SPEC))
     try:
         group.start(0, conn=child_conn)
-        connect_all(master, [holder, receiver], 3, [])
+        unwrap(run_parallel([lambda c=c: join_group(c.connect(timeout=30), 3, timeout=30) for c in (holder, receiver)]))
         assert parent_conn.poll(60), "victim did not report"
         ready = parent_conn.recv()
         assert ready.get("event") == "ready", ready
