@@ -27,16 +27,18 @@ import struct
 from pccl_py import _native
 from pccl_py.errors import AuthError, ConfigError, ProtocolError
 
-NONCE_BYTES = 16
+NONCE_BYTES = _native.NONCE_BYTES
 _CTL_MASTER = b"pccl-ctl-v1 master"
 _CTL_CLIENT = b"pccl-ctl-v1 client"
-_DATA_CONNECTOR = b"pccl-data-v2 connector"
-_DATA_ACCEPTOR = b"pccl-data-v2 acceptor"
-
-_HELLO = struct.Struct("<IIQQII")
-_HELLO_ACK = struct.Struct("<IIQII16s")
-_AUTH_PROOF = struct.Struct("<16s32s")
-_AUTH_RESULT = struct.Struct("<II32s")
+# The data-plane handshake is the engine's (native/src/transport/handshake.cpp): its
+# layouts and MAC labels come from the binding, so this side cannot drift from it.
+_DATA_CONNECTOR = _native.HANDSHAKE_CONNECTOR_LABEL
+_DATA_ACCEPTOR = _native.HANDSHAKE_ACCEPTOR_LABEL
+_HELLO = struct.Struct(_native.HELLO_FORMAT)
+_HELLO_ACK = struct.Struct(_native.HELLO_ACK_FORMAT)
+_AUTH_PROOF = struct.Struct(_native.AUTH_PROOF_FORMAT)
+_AUTH_RESULT = struct.Struct(_native.AUTH_RESULT_FORMAT)
+_TRANSCRIPT = struct.Struct(_native.HANDSHAKE_TRANSCRIPT_FORMAT)
 
 
 def normalize_secret(secret: str | bytes | None) -> bytes | None:
@@ -110,7 +112,7 @@ async def data_handshake(
     hello = _HELLO.pack(_native.HELLO_MAGIC, _native.PROTOCOL_VERSION, my_id, epoch, 0, 1)
     writer.write(hello)
     magic, status, peer, flags, _, nonce_a = _HELLO_ACK.unpack(await reader.readexactly(_HELLO_ACK.size))
-    if magic != _native.HELLO_MAGIC or status != 0:
+    if magic != _native.HELLO_MAGIC or status != _native.HELLO_STATUS_OK:
         raise ProtocolError(f"peer {expected_peer} refused the handshake (status {status})", peer=expected_peer)
     if peer != expected_peer:
         raise ProtocolError(f"the data port belongs to peer {peer}, expected {expected_peer}", peer=expected_peer)
@@ -122,7 +124,7 @@ async def data_handshake(
     if not wants_auth:
         raise AuthError(f"peer {peer} does not authenticate (it has no shared secret)", peer=peer)
     nonce_c = new_nonce()
-    transcript = nonce_a + nonce_c + struct.pack("<QQQII", my_id, peer, epoch, 0, 1)
+    transcript = _TRANSCRIPT.pack(nonce_a, nonce_c, my_id, peer, epoch, 0, 1)
     writer.write(_AUTH_PROOF.pack(nonce_c, _mac(secret, _DATA_CONNECTOR, transcript)))
     magic, status, their_mac = _AUTH_RESULT.unpack(await reader.readexactly(_AUTH_RESULT.size))
     if magic != _native.HELLO_MAGIC:

@@ -342,7 +342,10 @@ def test_allreduce_late_poster_with_small_mailbox():
 # ---------------------------------------------------------------- a frame straddling the post
 
 # Wire format (native/include/pccl/wire.hpp), spoken here by a fake peer.
-_HELLO, _HELLO_ACK, _HEADER = struct.Struct("<IIQQII"), struct.Struct("<IIQII16s"), struct.Struct("<IBBHIIQQQQ")
+# The engine's layouts (wire.hpp), as the binding exports them.
+_HELLO, _HELLO_ACK, _HEADER = (
+    struct.Struct(nat.HELLO_FORMAT), struct.Struct(nat.HELLO_ACK_FORMAT), struct.Struct(nat.FRAME_HEADER_FORMAT)
+)
 _HELLO_MAGIC, _FRAME_MAGIC = nat.HELLO_MAGIC, nat.FRAME_MAGIC
 
 

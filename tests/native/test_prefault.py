@@ -151,7 +151,10 @@ def test_populate_racing_a_writer_keeps_every_byte_written(kind: str) -> None:
 # ---- state fetch, held: a fake source answers only when told ---------------------------------
 
 # Wire format (native/include/pccl/wire.hpp), spoken here by a fake serving peer.
-_HELLO, _HELLO_ACK, _HEADER = struct.Struct("<IIQQII"), struct.Struct("<IIQII16s"), struct.Struct("<IBBHIIQQQQ")
+# The engine's layouts (wire.hpp), as the binding exports them.
+_HELLO, _HELLO_ACK, _HEADER = (
+    struct.Struct(nat.HELLO_FORMAT), struct.Struct(nat.HELLO_ACK_FORMAT), struct.Struct(nat.FRAME_HEADER_FORMAT)
+)
 _STATE_REQUEST, _STATE_DATA = 4, 5
 
 

@@ -230,9 +230,10 @@ def test_an_engine_with_the_secret_is_admitted_by_the_data_port(group) -> None:
     assert_undisturbed(master, comms, comms[0].epoch)
 
 
-_HELLO = struct.Struct("<IIQQII")
-_ACK = struct.Struct("<IIQII16s")
-_RESULT = struct.Struct("<II32s")
+# The engine's layouts (wire.hpp), as the binding exports them.
+_HELLO = struct.Struct(_native.HELLO_FORMAT)
+_ACK = struct.Struct(_native.HELLO_ACK_FORMAT)
+_RESULT = struct.Struct(_native.AUTH_RESULT_FORMAT)
 
 
 def _recv_exact(s: socket.socket, n: int) -> bytes:
@@ -254,7 +255,7 @@ def _connector_handshake(port: int, my_id: int, peer_id: int, secret: bytes, non
         ack = _recv_exact(s, _ACK.size)
         magic, status, pid, flags, _, nonce_a = _ACK.unpack(ack)
         assert (magic, status, pid, flags) == (_native.HELLO_MAGIC, 0, peer_id, _native.HELLO_AUTH)
-        transcript = nonce_a + nonce_c + struct.pack("<QQQII", my_id, peer_id, 9, 0, 1)
+        transcript = struct.pack(_native.HANDSHAKE_TRANSCRIPT_FORMAT, nonce_a, nonce_c, my_id, peer_id, 9, 0, 1)
         mac = hmac.new(secret, b"pccl-data-v2 connector" + transcript, hashlib.sha256).digest()
         proof = nonce_c + mac
         s.sendall(proof)
@@ -363,3 +364,17 @@ def test_the_secret_never_appears_on_the_wire() -> None:
         assert SECRET not in captured
         assert SECRET[:8] not in captured and SECRET[-8:] not in captured
         assert hashlib.sha256(SECRET).digest() not in captured
+
+
+def test_the_python_handshake_codec_is_the_engines() -> None:
+    """pccl_py.wire.auth speaks the connector side of the data-plane handshake (the
+    master's liveness watcher); its layouts and labels are the binding's."""
+    assert auth._HELLO.format == _native.HELLO_FORMAT and auth._HELLO.size == _native.HELLO_SIZE
+    assert auth._HELLO_ACK.size == _native.HELLO_ACK_SIZE
+    assert auth._AUTH_PROOF.size == _native.AUTH_PROOF_SIZE and auth._AUTH_RESULT.size == _native.AUTH_RESULT_SIZE
+    assert auth._TRANSCRIPT.format == _native.HANDSHAKE_TRANSCRIPT_FORMAT
+    assert (auth._DATA_CONNECTOR, auth._DATA_ACCEPTOR) == (
+        _native.HANDSHAKE_CONNECTOR_LABEL,
+        _native.HANDSHAKE_ACCEPTOR_LABEL,
+    )
+    assert auth.NONCE_BYTES == _native.NONCE_BYTES

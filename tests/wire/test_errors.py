@@ -56,3 +56,12 @@ def test_no_module_decides_on_an_error_message() -> None:
             ):
                 offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert not offenders, offenders
+
+
+def test_every_native_error_kind_is_a_failure_kind() -> None:
+    """The engine's error kinds (pccl_py._native.ErrorKind) are named as the FailureKind
+    they map onto, and error_kind_name() gives its wire value."""
+    from pccl_py import _native
+
+    for name, kind in _native.ErrorKind.__members__.items():
+        assert FailureKind[name].value == _native.error_kind_name(kind)
