@@ -62,15 +62,18 @@ class AllReduceHandle:
         self._slow_after = slow_after
 
     def wait(self, timeout: float | None = None) -> ReduceInfo:
-        if self._on_slow is not None and (timeout is None or timeout > self._slow_after):
-            try:
-                return self._future.result(self._slow_after)
-            except concurrent.futures.TimeoutError:
-                self._on_slow()
-            if timeout is not None:
-                timeout -= self._slow_after
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._on_slow is not None:
+            # Report what this caller waits on after slow_after, then every second.
+            step = self._slow_after
+            while deadline is None or deadline - time.monotonic() > step:
+                try:
+                    return self._future.result(step)
+                except concurrent.futures.TimeoutError:
+                    self._on_slow()
+                step = 1.0
         try:
-            return self._future.result(timeout)
+            return self._future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
         except concurrent.futures.TimeoutError:
             raise Timeout(f"all-reduce still running after {timeout}s") from None
 
@@ -222,8 +225,13 @@ class AllReduceCalls:
                 if attempt_key is not None:
                     attempt_key.append(key)
                 try:
-                    if blocking and not handle.wait(self.config.blocked_report_after):
-                        self._report_blocked("all_reduce", key)
+                    if blocking:
+                        # Tell the master what this caller waits on, and again every
+                        # heartbeat interval (a restarted master must hear it too).
+                        wait = self.config.blocked_report_after
+                        while not handle.wait(wait):
+                            self._report_blocked("all_reduce", key)
+                            wait = self.config.heartbeat_interval
                     handle.result()
                 finally:
                     superseded = self._untrack(key)

@@ -75,7 +75,7 @@ class Communicator(AllReduceCalls, SyncCalls, OptimizeCalls, RejoinCalls):
         self._engine: _native.Engine | None = None
         # What this peer knows of the master and of its ops in flight: the session owns
         # it (one lock); the control channel does the talking.
-        self._session = Session(self.peer_id, self.config.blocked_report_after)
+        self._session = Session(self.peer_id, self.config.blocked_report_after, self.config.heartbeat_interval)
         self._control: ControlChannel | None = None
         self._ring_lock = threading.Lock()
         self._engine_epoch = -1
@@ -285,8 +285,8 @@ class Communicator(AllReduceCalls, SyncCalls, OptimizeCalls, RejoinCalls):
         """Tells the master this peer's caller has waited a while in `call` (and on op
         `op`), with the data-plane ops it has in flight: the master's mismatch rule."""
         control = self._control
-        if control is None or self._closed:
-            return
+        if control is None or self._closed or self._session.recovering():
+            return  # (a master re-forming the group hears the next report)
         control.flush_committed()  # the master learns which of our ops are over first
         inflight = self._session.inflight()
         desc = self._session.inflight_desc(op) if op is not None else ""

@@ -71,9 +71,11 @@ class RejoinState:
 
 
 class Session:
-    def __init__(self, peer_id: int, blocked_report_after: float) -> None:
+    def __init__(self, peer_id: int, blocked_report_after: float, blocked_report_every: float = 1.0) -> None:
         self._peer_id = peer_id
         self._slow_after = blocked_report_after
+        # A wait reports again this often: a restarted master never heard the first report.
+        self._slow_every = blocked_report_every
         self._cond = threading.Condition()
         self._closed = False
         # From the master.
@@ -127,7 +129,8 @@ class Session:
         session's methods) returns non-None. Raises Timeout at the deadline, Aborted if
         this peer is evicted or closed, and with `mismatches` (the count when the
         collective call began) CollectiveMismatch once the master fails the call as
-        mismatched. `on_slow` is called once the wait has lasted blocked_report_after."""
+        mismatched. `on_slow` is called once the wait has lasted blocked_report_after,
+        then every blocked_report_every (a restarted master must hear it again)."""
         slow_at = time.monotonic() + self._slow_after if on_slow is not None else None
         with self._cond:
             while True:
@@ -146,7 +149,7 @@ class Session:
                 if remaining <= 0:
                     raise Timeout(f"timed out waiting for {what}")
                 if slow_at is not None and now >= slow_at:
-                    slow_at = None
+                    slow_at = now + self._slow_every
                     assert on_slow is not None
                     on_slow()
                     continue

@@ -318,3 +318,24 @@ def test_a_departure_ends_a_mismatch_in_the_making(m: Membership) -> None:
     effects = m.leave(C, T0 + 0.1)  # completes the vote of the other two
     assert to(effects, A, "topology") and to(effects, B, "topology")
     assert m.tick(T0 + GRACE + 0.1) == []
+
+
+def test_a_mismatch_after_a_master_restart_is_found_from_repeated_reports() -> None:
+    """The old master died while telling A the result of a sync the others completed: A
+    repeats its sync request to the new master, B waits in the next all-reduce. Their
+    reports (repeated while blocked, so the new master hears them) end it at once."""
+    from pccl_py.master.membership import RejoinInfo
+
+    m = Membership(1.0, 5.0, 0.2, mismatch_grace=GRACE, incarnation=7, recovery_wait=3.0)
+    for pid, revision in ((A, 11), (B, 12)):
+        info = RejoinInfo(epoch=4, ring=(A, B), round=2, revision=revision, pending=(), decided=())
+        m.rejoin(pid, 0, "127.0.0.1", 20000 + pid, f"peer-{pid}", info, T0)
+    assert group(m)["ring"] == [A, B] and group(m)["epoch"] == 4
+    assert sync(m, A) == []  # its repeated request: B will not sync
+    key = (4, 0, 7 << 8)
+    blocked(m, A, "sync_shared_state")
+    blocked(m, B, "all_reduce", key, "d", [(key, "d")])
+    m.tick(T0)
+    effects = m.tick(T0 + GRACE)
+    assert to(effects, A, "mismatch") and to(effects, B, "mismatch")
+    assert to(effects, B, "outcome")[0]["kind"] == "CollectiveMismatch"
