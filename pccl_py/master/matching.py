@@ -17,8 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pccl_py.errors import FailureKind
-from pccl_py.master.records import Blocked, Effect, Group, Log, OpKey, OpRecord, Peer, Rules, Send
+from pccl_py.master.records import Blocked, Effect, Group, Log, OpKey, Peer, Rules, Send
 from pccl_py.wire import protocol
 
 
@@ -136,8 +135,12 @@ class MatchingRules:
         return self._fail_mismatch(g, calls, now)
 
     def _fail_mismatch(self: Rules, g: Group, calls: dict[int, tuple[Blocked, set[tuple[Any, ...]]]], now: float) -> list[Effect]:
-        """Fails every member's call: control-plane calls by a "mismatch" message,
-        data-plane ops by a CollectiveMismatch outcome. Op numbering restarts."""
+        """Fails every member's call: control-plane calls by a "mismatch" message, which
+        also names the all-reduces involved. The master does not decide those: one may
+        have committed on a peer it has not heard from yet. Each peer aborts them and
+        reports as usual (a peer that voted reports ok, one that did not reports
+        CollectiveMismatch), so their outcome is decided by the commit-vote rules and
+        agreed by everyone. Op numbering restarts."""
         g.mismatch_since = None
         g.round += 1
         described = []
@@ -155,20 +158,6 @@ class MatchingRules:
         g.sync_requests.clear()
         g.optimize_requests.clear()
         effects: list[Effect] = [Log("mismatch", {"group": g.id, "round": g.round, "calls": described})]
-        effects += [Send(pid, protocol.make("mismatch", round=g.round, msg=text)) for pid in g.ring]
-        keys = sorted({part[1] for _, parts in calls.values() for part in parts if part[0] == "op"})
-        for key in keys:
-            record = g.ops.get(key)
-            if record is None:
-                participants = g.rings.get(key[0])
-                if participants is None:
-                    continue
-                record = OpRecord(key, frozenset(participants))
-                g.ops[key] = record
-            if record.decided is None:
-                record.decided = self._outcome(g, key, False, FailureKind.COLLECTIVE_MISMATCH, text, -1, len(record.participants))
-                effects.append(Log("outcome", {"group": g.id, "epoch": key[0], "tag": key[1], "seq": key[2],
-                                               "ok": False, "kind": FailureKind.COLLECTIVE_MISMATCH,
-                                               "participants": sorted(record.participants)}))
-                effects += [Send(pid, record.decided) for pid in sorted(record.participants) if pid in self.peers]
-        return effects
+        ops = sorted({part[1] for _, parts in calls.values() for part in parts if part[0] == "op"})
+        msg = protocol.make("mismatch", round=g.round, msg=text, ops=[list(k) for k in ops])
+        return effects + [Send(pid, msg) for pid in g.ring]

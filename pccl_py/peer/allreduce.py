@@ -147,6 +147,7 @@ class AllReduceCalls:
         self: PeerCore, x: Any, op: ReduceOp, out: Any, tag: int | None, quantization: Any
     ) -> tuple[Any, Any, Any, ReduceOp, int, int, Quantization | None]:
         self._require()
+        self._catch_up_round()
         self._fresh = False
         if not isinstance(op, ReduceOp):
             raise InvalidArgument(f"op must be a pccl_py.ReduceOp, got {op!r}")
@@ -202,7 +203,7 @@ class AllReduceCalls:
             epoch = -1
             handle = None
             outcome: protocol.Message | None = None
-            superseded = False  # this peer aborted the attempt: the master had moved on
+            superseded = mismatched = False  # this peer aborted the attempt: the master moved on / found a mismatch
             ok, kind, msg, culprit = True, "", "", -1
             try:
                 epoch = self._ensure_ring(deadline)
@@ -234,7 +235,7 @@ class AllReduceCalls:
                             wait = self.config.heartbeat_interval
                     handle.result()
                 finally:
-                    superseded = self._untrack(key)
+                    superseded, mismatched = self._untrack(key)
             except PcclError as exc:
                 if epoch < 0:  # no ring to run on (evicted, closed, timed out)
                     raise
@@ -245,9 +246,12 @@ class AllReduceCalls:
                 # provably nobody committed.
                 ok = handle is not None and handle.voted
                 kind = failure_kind(exc)
-                if kind == FailureKind.ABORTED and superseded:
+                if kind == FailureKind.ABORTED and mismatched:
+                    kind = FailureKind.COLLECTIVE_MISMATCH  # the master found the members out of step
+                elif kind == FailureKind.ABORTED and superseded:
                     kind = FailureKind.PEER_LOST  # the master moved on: a consequence, not a cause
-                kind, msg = (FailureKind.NONE, "") if ok else (kind, str(exc))
+                text = self._session.mismatch_text() if kind == FailureKind.COLLECTIVE_MISMATCH else str(exc)
+                kind, msg = (FailureKind.NONE, "") if ok else (kind, text)
                 culprit = exc.peer if isinstance(exc.peer, int) and exc.peer < 2**63 else -1
             else:
                 # Committed: the vote came round, every participant holds the result.
@@ -319,6 +323,7 @@ class AllReduceCalls:
         if self._session.track(key, handle, retry, desc):
             handle.abort("the master already failed this op (superseded)")
 
-    def _untrack(self: PeerCore, key: OpKey) -> bool:
-        """Forgets op `key`; returns whether this peer aborted it as superseded."""
+    def _untrack(self: PeerCore, key: OpKey) -> tuple[bool, bool]:
+        """Forgets op `key`; returns whether this peer aborted it as superseded, and
+        whether because of a mismatch."""
         return self._session.untrack(key)

@@ -88,6 +88,7 @@ class Communicator(AllReduceCalls, SyncCalls, OptimizeCalls, RejoinCalls):
         # No collective call since admission but pending_peers(): the master lets a
         # joiner's first update_topology() be the vote that admitted it.
         self._fresh = False
+        self._mismatches_seen = 0  # "mismatch" verdicts this peer's numbering has caught up with
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
 
@@ -225,15 +226,23 @@ class Communicator(AllReduceCalls, SyncCalls, OptimizeCalls, RejoinCalls):
         or a completed vote), so peers that joined at different times agree on steps."""
         self._require()
         new_round = self._session.round()
+        self._mismatches_seen = self._session.mismatches()
         with self._seq_lock:
             self._round = new_round
             self._next_seq.clear()
             self._pending_index = 0
 
+    def _catch_up_round(self) -> None:
+        """After a "mismatch" verdict every member restarts its numbering at the round it
+        names, before its next numbered call, however its own calls ended."""
+        if self._session.mismatches() != self._mismatches_seen:
+            self._start_round()
+
     def pending_peers(self, timeout: float | None = None) -> int:
         """Collective: the number of peers waiting for admission, the same on every
         admitted peer (use it to skip update_topology() when nobody waits)."""
         self._require()
+        self._catch_up_round()
         deadline = self._deadline(timeout, self.config.connect_timeout)
         self._pending_query += 1
         query = self._pending_query

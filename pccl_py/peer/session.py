@@ -110,6 +110,7 @@ class Session:
         # Ops this peer aborted because the master had moved on (their failure is a
         # consequence, reported as PeerLost, not a cause).
         self._superseded: set[OpKey] = set()
+        self._mismatched: set[OpKey] = set()  # aborted because the master found a mismatch
         self._waiting: list[Any] = []  # ["pending", round, index, query], ["vote", round] or []
         self._answered: list[int] = []  # [round, index, count] of the last pending_peers() answer
         self._synced_revision: int | None = None
@@ -199,6 +200,10 @@ class Session:
                 self._mismatch = msg
                 self._round = max(self._round, msg["round"])
                 self._outstanding = None  # the master dropped the call: nothing to repeat
+                named = {(int(k[0]), int(k[1]), int(k[2])) for k in msg["ops"] if len(k) == 3}
+                keys = [k for k in self._inflight if k in named]
+                self._mismatched.update(keys)
+                reaction.abort = self._doom(keys)
             elif kind == "evicted":
                 if self._welcome is not None:
                     self._evicted = msg["reason"]
@@ -298,6 +303,11 @@ class Session:
     def mismatches(self) -> int:
         with self._cond:
             return self._mismatches
+
+    def mismatch_text(self) -> str:
+        """The latest "mismatch" verdict's message (which names each member's call)."""
+        with self._cond:
+            return self._mismatch["msg"] if self._mismatch is not None else ""
 
     def epoch_reached(self, epoch: int) -> bool | None:
         """Predicate: the master's topology is at `epoch` or later."""
@@ -413,13 +423,16 @@ class Session:
                 self._superseded.add(key)
             return doomed
 
-    def untrack(self, key: OpKey) -> bool:
-        """Forgets op `key`; returns whether this peer aborted it as superseded."""
+    def untrack(self, key: OpKey) -> tuple[bool, bool]:
+        """Forgets op `key`; returns whether this peer aborted it as superseded, and
+        whether because of a mismatch."""
         with self._cond:
             self._inflight.pop(key, None)
             superseded = key in self._superseded
+            mismatched = key in self._mismatched
             self._superseded.discard(key)
-            return superseded
+            self._mismatched.discard(key)
+            return superseded, mismatched
 
     def inflight(self) -> list[list[Any]]:
         """[[epoch, tag, seq, desc], ...] of the ops in flight ("blocked" reports)."""

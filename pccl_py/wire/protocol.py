@@ -86,7 +86,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "pending_count": {"query": _INT, "count": _INT},
     # Every member of the group was blocked in collectives that cannot match: each
     # one's call fails with CollectiveMismatch, and op numbering restarts at `round`.
-    "mismatch": {"round": _INT, "msg": _STR},
+    "mismatch": {"round": _INT, "msg": _STR, "ops": _LIST},
     "outcome": {
         "epoch": _INT,
         "tag": _INT,

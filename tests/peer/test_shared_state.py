@@ -421,9 +421,10 @@ def test_source_killed_mid_transfer_receiver_completes_from_another_source(maste
         h_info, r_info = unwrap(results)
         assert h_info.revision == r_info.revision == 0
         assert r_info.entries_received == len(BIG_SPEC)
-        # The victim's part failed and its entries were fetched again from the holder:
-        # more than the state arrived (a failed source's bytes are not counted).
-        assert r_info.rx_bytes > total, (r_info, kill)
+        # The victim's unfinished part was fetched again from the holder: at least the
+        # whole state arrived (more when the victim's part had begun; with prefaulted
+        # receives the victim may also have sent its whole part before SIGKILL landed).
+        assert r_info.rx_bytes >= total, (r_info, kill)
         assert h_info.tx_bytes >= total // 2
         assert_identical([holder_state, zeros], expected_hashes(BIG_SPEC))
         assert elapsed < 30, f"the sync took {elapsed:.1f}s after the kill"

@@ -135,7 +135,7 @@ DOCUMENTED = {
     "unknown": {"master": I},
     "topology": {"epoch": I, "ring": L, "reason": S, "vote": B, "round": I},
     "pending_count": {"query": I, "count": I},
-    "mismatch": {"round": I, "msg": S},
+    "mismatch": {"round": I, "msg": S, "ops": L},
     "outcome": {
         "epoch": I,
         "tag": I,
