@@ -70,8 +70,8 @@ class MatchingRules:
         for pid, (call, query) in list(g.held.items()):
             peer = self.peers[pid]
             others = [self._engaged(g, p) for p in g.ring if p != pid and p not in g.held]
-            if others and not any(call in e for e in others) and not any(others):
-                continue
+            if others and not any(others):
+                continue  # the others compute: wait until they show what they do next
             del g.held[pid]
             g.blocked.pop(pid, None)
             if not others or any(call in e for e in others):

@@ -55,23 +55,28 @@ class AllReduceHandle:
     """An all-reduce in flight. wait() returns its ReduceInfo or raises its error."""
 
     def __init__(
-        self, future: concurrent.futures.Future[ReduceInfo], on_slow: Callable[[], None] | None = None, slow_after: float = 0.0
+        self,
+        future: concurrent.futures.Future[ReduceInfo],
+        on_slow: Callable[[], None] | None = None,
+        slow_after: float = 0.0,
+        slow_every: float = 1.0,
     ) -> None:
         self._future = future
         self._on_slow = on_slow  # tells the master what this caller waits on (mismatch detection)
         self._slow_after = slow_after
+        self._slow_every = slow_every
 
     def wait(self, timeout: float | None = None) -> ReduceInfo:
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._on_slow is not None:
-            # Report what this caller waits on after slow_after, then every second.
+            # Report what this caller waits on after slow_after, then every slow_every.
             step = self._slow_after
             while deadline is None or deadline - time.monotonic() > step:
                 try:
                     return self._future.result(step)
                 except concurrent.futures.TimeoutError:
                     self._on_slow()
-                step = 1.0
+                step = self._slow_every
         try:
             return self._future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
         except concurrent.futures.TimeoutError:
@@ -141,7 +146,9 @@ class AllReduceCalls:
             if current:
                 self._report_blocked("all_reduce", current[-1])
 
-        return AllReduceHandle(self._op_executor().submit(run), on_slow, self.config.blocked_report_after)
+        return AllReduceHandle(
+            self._op_executor().submit(run), on_slow, self.config.blocked_report_after, self.config.heartbeat_interval
+        )
 
     def _prepare(
         self: PeerCore, x: Any, op: ReduceOp, out: Any, tag: int | None, quantization: Any
@@ -196,7 +203,8 @@ class AllReduceCalls:
         control = self._require()
         assert engine is not None
         in_place = dst is src
-        desc = _describe(src, dtype, op, tag, seq, quantization)
+        # Only a "blocked" report needs the op's shape in words: built then, not per op.
+        desc = functools.partial(_describe, src, dtype, op, tag, seq, quantization)
         failures_in_epoch: dict[int, int] = {}  # a retry in the same epoch needs a fresh key
         attempts = 0
         while True:
@@ -319,7 +327,7 @@ class AllReduceCalls:
         finally:
             session.forget_reported(key)
 
-    def _track(self: PeerCore, key: OpKey, handle: Any, retry: bool, desc: str) -> None:
+    def _track(self: PeerCore, key: OpKey, handle: Any, retry: bool, desc: Callable[[], str]) -> None:
         if self._session.track(key, handle, retry, desc):
             handle.abort("the master already failed this op (superseded)")
 

@@ -106,7 +106,8 @@ class Session:
         # Of this peer.
         self._committed: list[list[int]] = []  # committed through the commit vote, not reported yet
         self._reported: dict[OpKey, tuple[bool, str, str]] = {}  # reported, awaiting a verdict
-        self._inflight: dict[OpKey, tuple[Any, bool, str]] = {}  # key -> (handle, retry, shape)
+        # key -> (handle, retry, its shape in words: built only when a report needs it)
+        self._inflight: dict[OpKey, tuple[Any, bool, Callable[[], str]]] = {}
         # Ops this peer aborted because the master had moved on (their failure is a
         # consequence, reported as PeerLost, not a cause).
         self._superseded: set[OpKey] = set()
@@ -407,7 +408,7 @@ class Session:
 
     # ------------------------------------------------------------------ data-plane ops
 
-    def track(self, key: OpKey, handle: Any, retry: bool, desc: str) -> bool:
+    def track(self, key: OpKey, handle: Any, retry: bool, desc: Callable[[], str]) -> bool:
         """An op started; returns whether it is already doomed (the master failed it, or
         moved past its epoch, or failed its step for everyone): the caller aborts it."""
         with self._cond:
@@ -437,16 +438,12 @@ class Session:
     def inflight(self) -> list[list[Any]]:
         """[[epoch, tag, seq, desc], ...] of the ops in flight ("blocked" reports)."""
         with self._cond:
-            return [[k[0], k[1], k[2], d] for k, (_, _, d) in self._inflight.items()]
+            return [[k[0], k[1], k[2], d()] for k, (_, _, d) in self._inflight.items()]
 
     def inflight_desc(self, key: OpKey) -> str | None:
         with self._cond:
             entry = self._inflight.get(key)
-            return entry[2] if entry is not None else None
-
-    def has_outcome(self, key: OpKey) -> bool:
-        with self._cond:
-            return key in self._outcomes
+            return entry[2]() if entry is not None else None
 
     def take_outcome(self, key: OpKey) -> protocol.Message | None:
         """Removes and returns the outcome of `key` if known."""
