@@ -7,7 +7,8 @@ with "invariant" and the details needed to debug it, and the counts for the summ
 
 Invariants:
 - outcome_agreement: for every op attempt (epoch, tag, seq) all participants that
-  reported it report the same outcome (ok, or the same failure kind).
+  reported it report the same outcome (ok, or the same failure kind); and no call
+  (epoch, tag, step) ends ok on one peer and, for good, failed on another.
 - correctness: every successful all-reduce equals the exact sum of the contributions
   of the peers it names as contributors (stress.peer.contribution).
 - bit_parity: all peers that completed a sync at revision r report the same hash of
@@ -71,13 +72,19 @@ def _outcome_agreement(records: list[Record]) -> list[Record]:
             out.append({"invariant": "outcome_agreement", "op": list(key[:3]), "ring": list(key[3]),
                         "verdicts": dict(verdicts)})
     # The harness's view: a call that ended ok in epoch e must not have ended failed on
-    # another participant of e that also reached the end of the call.
-    calls: dict[tuple[Any, ...], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    # another participant of e that also reached the end of the call. A peer's word on
+    # a call is its last: after a CollectiveMismatch the whole group retries the same
+    # step in the same epoch (the op records above check each attempt on its own).
+    final: dict[tuple[Any, ...], dict[int, str]] = defaultdict(dict)
     for r in records:
         if r.get("event") == "end" and r.get("what") == "allreduce" and r.get("epoch") is not None:
             verdict = "ok" if r["ok"] else f"failed:{r.get('kind', '')}"
             ring = tuple(sorted((r.get("contributors") if r["ok"] else r.get("ring")) or r.get("contributors") or ()))
-            calls[(r["epoch"], r["tag"], r["step"], ring)][verdict].append(r["pid"])
+            final[(r["epoch"], r["tag"], r["step"], ring)][r["pid"]] = verdict
+    calls: dict[tuple[Any, ...], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for key, by_pid in final.items():
+        for pid, verdict in by_pid.items():
+            calls[key][verdict].append(pid)
     for key, verdicts in calls.items():
         if "ok" in verdicts and len(verdicts) > 1:
             out.append({"invariant": "outcome_agreement", "call": list(key[:3]), "ring": list(key[3]),

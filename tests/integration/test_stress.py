@@ -100,6 +100,22 @@ def test_call_reported_ok_by_one_and_failed_by_another_is_caught() -> None:
     assert "outcome_agreement" in kinds(violations)
 
 
+def test_step_retried_after_a_mismatch_in_the_same_epoch_is_not_a_disagreement() -> None:
+    """A CollectiveMismatch ends the calls of some peers while the others were in
+    another collective; the whole group then runs the step again in the same epoch."""
+    records, faults = clean_run()
+    end = next(r for r in records if r["event"] == "end" and r["what"] == "allreduce" and r["pid"] == P3)
+    ring = sorted(end["contributors"])
+    failed = dict(end, ok=False, kind="CollectiveMismatch", ring=ring, ts=end["ts"] - 0.01)
+    del failed["contributors"]
+    at = records.index(end)
+    violations, _ = check(records[:at] + [failed] + records[at:], faults, Params(window=5.0))
+    assert violations == []
+    # The same failure as the peer's last word on the call is a disagreement.
+    violations, _ = check(records[:at + 1] + [failed] + records[at + 1:], faults, Params(window=5.0))
+    assert kinds(violations) == {"outcome_agreement"}
+
+
 def test_wrong_result_is_caught() -> None:
     records, faults = clean_run()
     end = [r for r in records if r["event"] == "end" and r["what"] == "allreduce"][7]
