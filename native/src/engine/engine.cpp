@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <cstring>
 #include <future>
+#include <thread>
 
 #include "transport/connection.hpp"
 #include "transport/handshake.hpp"
@@ -132,20 +133,33 @@ void Engine::ensureConnected(const PeerAddress& peer, uint64_t epoch, double tim
   }
   if (timeoutSeconds < 0 || timeoutSeconds > 1e7) timeoutSeconds = 1e7;
   auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeoutSeconds));
-  std::vector<int> fds;
-  try {
-    for (size_t i = 0; i < k; ++i) {
+  // The K connections open at once: one after another, each costs its own round trips
+  // (connect, then the handshake), K times over on a long link.
+  std::vector<Fd> opened(k);
+  std::vector<std::exception_ptr> errors(k);
+  auto open = [&](size_t i) {
+    try {
       Fd fd = connectTcp(peer.host, peer.port, deadline, peer.peerId);
       tuneSocket(fd.get(), options_.socket);
       const Hello hello = makeHello(options_.peerId, epoch, static_cast<uint32_t>(i), static_cast<uint32_t>(k));
       connectHandshake(fd.get(), peer, hello, options_.secret, deadline);
       setNonBlocking(fd.get(), true);
-      fds.push_back(fd.release());
+      opened[i] = std::move(fd);
+    } catch (...) {
+      errors[i] = std::current_exception();
     }
-  } catch (...) {
-    for (int fd : fds) ::close(fd);
-    throw;
+  };
+  {
+    std::vector<std::thread> helpers;
+    for (size_t i = 1; i < k; ++i) helpers.emplace_back(open, i);
+    open(0);
+    for (auto& t : helpers) t.join();
   }
+  for (auto& error : errors) {
+    if (error) std::rethrow_exception(error);  // the opened ones close with `opened`
+  }
+  std::vector<int> fds;
+  for (auto& fd : opened) fds.push_back(fd.release());
   // The progress thread owns the pools; wait until it has taken these, so the next
   // check (and the op posted next) sees them.
   auto added = std::make_shared<std::promise<void>>();
