@@ -14,10 +14,14 @@ _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false":
 
 @dataclass(frozen=True)
 class Config:
-    # Liveness: a peer sends a heartbeat every interval; the master evicts a peer it has
-    # not heard from for `heartbeat_timeout` seconds (a hung or partitioned peer).
-    heartbeat_interval: float = 1.0
-    heartbeat_timeout: float = 5.0
+    # Liveness, both ways: a peer sends a heartbeat every interval and the master answers
+    # it; the master evicts a peer it has not heard from for `heartbeat_timeout` seconds
+    # (a hung or partitioned peer), and a peer that has not heard the master for as long
+    # over a live connection knows it is cut off (Partitioned). The master's values win.
+    # 0.5 / 2 s: a 300 ms round trip with jitter never comes near it, and a partition
+    # is detected in 2 s.
+    heartbeat_interval: float = 0.5
+    heartbeat_timeout: float = 2.0
     # Per-op default timeout (seconds) for collectives, and for connect/admission.
     op_timeout: float = 120.0
     connect_timeout: float = 30.0

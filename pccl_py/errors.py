@@ -38,6 +38,15 @@ class Aborted(PcclError):
     """The operation was aborted (by the caller, by close(), or by the master)."""
 
 
+class Partitioned(Aborted):
+    """This peer heard nothing from the master for `heartbeat_timeout` although its
+    connection stayed up: a silent network partition cut it off (or the master hangs).
+    The master evicts a peer it cannot hear within the same bound, so the peer leaves
+    the group on its own: its calls end with this error at once, never by their timeout,
+    and its inputs are intact. Rejoin with a new Communicator; the state comes from the
+    group, whatever this peer's last op did."""
+
+
 class ProtocolError(PcclError):
     """A peer or the master sent something that breaks the protocol, or peers disagree
     on an operation's shape (element count, dtype, operator)."""

@@ -34,7 +34,7 @@ from pccl_py.master.election import EntryMeta, Submission, SyncStrategy
 from pccl_py.master.membership import Effect, Log, Membership, RejoinInfo, RejoinRefused, Send
 from pccl_py.master.metrics import MasterMetrics
 from pccl_py.wire import auth, protocol
-from pccl_py.wire.aio import new_event_loop, send_nowait
+from pccl_py.wire.aio import new_event_loop, send_nowait, watch_connections
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ _TICK_SECONDS = 0.05
 # Outstanding challenges and authenticated routing ids kept (oldest dropped first), so
 # a flood of unauthenticated clients cannot grow the master's memory.
 _MAX_AUTH_ENTRIES = 4096
+_HEARTBEAT = protocol.make("hb")
 
 
 class Master:
@@ -173,11 +174,16 @@ class Master:
                 on_ready(self.address)
             async with asyncio.TaskGroup() as tasks:
                 self._tasks = tasks  # the liveness watchers are its tasks too
-                receiver = tasks.create_task(self._receive_loop())
-                ticker = tasks.create_task(self._tick_loop())
+                loops = [
+                    tasks.create_task(self._receive_loop()),
+                    tasks.create_task(self._tick_loop()),
+                    # Caps each peer connection's retransmission backoff: after a
+                    # short outage, answers reach the peer within a second.
+                    tasks.create_task(watch_connections(sock)),
+                ]
                 await self._stop.wait()
-                receiver.cancel()
-                ticker.cancel()
+                for task in loops:
+                    task.cancel()
                 for watcher in list(self._watchers.values()):
                     watcher.cancel()
         finally:
@@ -245,6 +251,8 @@ class Master:
         try:
             if kind == "hb":
                 self._membership.heartbeat(peer_id, now)
+                # Answered, so that a peer can tell when it no longer hears the master.
+                await self._send_raw(rid, _HEARTBEAT)
             elif kind == "vote":
                 await self._apply(self._membership.vote_topology(peer_id, now, msg["fresh"]))
             elif kind == "pending":

@@ -330,9 +330,9 @@ class Communicator(AllReduceCalls, SyncCalls, OptimizeCalls, RejoinCalls):
         """Moves the data plane to the master's latest ring; returns its epoch."""
         self._require()
         assert self._engine is not None
-        evicted = self._session.evicted()
+        evicted = self._session.eviction_error()
         if evicted is not None:
-            raise Aborted(f"this peer was evicted by the master: {evicted}")
+            raise evicted
         with self._ring_lock:
             topo = self._topology()
             if topo is None:

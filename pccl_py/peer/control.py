@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import zmq
@@ -22,7 +23,7 @@ from pccl_py.config import Config
 from pccl_py.errors import Aborted, AuthError, PcclError, Timeout
 from pccl_py.peer.session import OpKey, Session
 from pccl_py.wire import auth, protocol
-from pccl_py.wire.aio import new_event_loop, send_nowait
+from pccl_py.wire.aio import new_event_loop, send_nowait, watch_connections
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,10 @@ class ControlChannel:
         self._stopped: asyncio.Event | None = None
         self._ready = threading.Event()
         self._closed = False
+        # The loop thread's view of the master: when it last said anything (it answers
+        # every heartbeat), and whether the TCP connection to it is up.
+        self._heard = time.monotonic()
+        self._link_up = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -98,13 +103,15 @@ class ControlChannel:
         self._ready.set()
         try:
             async with asyncio.TaskGroup() as tasks:
-                receiver = tasks.create_task(self._receive_loop(sock))
-                beater = tasks.create_task(self._heartbeat_loop(sock))
-                reporter = tasks.create_task(self._commit_report_loop())
+                loops = [
+                    tasks.create_task(self._receive_loop(sock)),
+                    tasks.create_task(self._heartbeat_loop(sock)),
+                    tasks.create_task(self._commit_report_loop()),
+                    tasks.create_task(watch_connections(sock, self._on_link)),
+                ]
                 await self._stopped.wait()
-                receiver.cancel()
-                beater.cancel()
-                reporter.cancel()
+                for task in loops:
+                    task.cancel()
         finally:
             self._sock = None
             sock.close(linger=1000)
@@ -147,16 +154,53 @@ class ControlChannel:
                 self.flush_committed()
 
     async def _heartbeat_loop(self, sock: zmq.asyncio.Socket) -> None:
+        """Sends a heartbeat every interval, and watches the master's answers: a master
+        silent for heartbeat_timeout over a connection that stayed up means this peer
+        is cut off (the master evicts it within the same bound)."""
         beat = protocol.encode(protocol.make("hb"))
+        ticked = time.monotonic()
         while True:
-            await asyncio.sleep(self._config.heartbeat_interval)
-            if self._session.welcomed() and self._session.evicted() is None:
+            liveness = self._session.liveness()  # the master's pace, once it welcomed us
+            interval = min(self._config.heartbeat_interval, liveness[0]) if liveness else self._config.heartbeat_interval
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            if now - ticked > 2 * interval:
+                # This process did not run meanwhile (stopped, or starved): that silence
+                # is its own, not the master's.
+                self._heard = max(self._heard, now - interval)
+            ticked = now
+            if liveness is not None and self._session.evicted() is None:
                 with contextlib.suppress(zmq.ZMQError):
                     await sock.send(beat, flags=zmq.NOBLOCK)
+                self._check_master(now, liveness[1])
+
+    def _check_master(self, now: float, timeout: float) -> None:
+        silent = now - self._heard
+        if not self._link_up or silent <= timeout:
+            # A connection that is down is a master that stopped or restarted (its
+            # host refused or reset it): peers wait for it to come back (rejoin.py).
+            return
+        reason = (
+            f"nothing heard from the master for {silent:.1f}s (its heartbeat_timeout is {timeout:g}s) "
+            "while the connection to it stayed up: a silent network partition, or a hung master; "
+            "the master evicts a peer it cannot hear"
+        )
+        doomed = self._session.cut_off(reason)
+        log.warning("cut off from the group: %s", reason)
+        for handle in doomed:
+            handle.abort("this peer is cut off from the master")
+        # If the link heals before the master gave up on us, it hears that we left.
+        self._send_now(protocol.encode(protocol.make("leave")))
+
+    def _on_link(self, up: bool) -> None:
+        self._link_up = up
+        if up:
+            self._heard = time.monotonic()  # a new connection: the master's silence starts now
 
     async def _receive_loop(self, sock: zmq.asyncio.Socket) -> None:
         while True:
             data = await sock.recv()
+            self._heard = time.monotonic()
             try:
                 msg = protocol.decode(data, self._config.max_message_bytes)
             except Exception as exc:  # noqa: BLE001 - whatever sits at the master's address, this thread lives on

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from pccl_py.errors import Aborted, CollectiveMismatch, FailureKind, Timeout
+from pccl_py.errors import Aborted, CollectiveMismatch, FailureKind, Partitioned, Timeout
 from pccl_py.wire import protocol
 
 T = TypeVar("T")
@@ -89,6 +89,7 @@ class Session:
         self._consumed: OrderedDict[OpKey, None] = OrderedDict()
         self._pending_answers: dict[int, int] = {}
         self._evicted: str | None = None
+        self._cut_off = False  # evicted by itself: the master went silent (Partitioned)
         self._sync_plan: protocol.Message | None = None
         self._sync_result: protocol.Message | None = None
         self._probe: protocol.Message | None = None  # the latest probe task (optimize_topology)
@@ -140,7 +141,7 @@ class Session:
                 if value is not None:
                     return value
                 if self._evicted is not None:
-                    raise Aborted(f"this peer was evicted by the master: {self._evicted}")
+                    raise self._eviction_error()
                 if self._closed:
                     raise Aborted("the communicator is closed")
                 if mismatches is not None and self._mismatches > mismatches:
@@ -284,6 +285,13 @@ class Session:
         with self._cond:
             return self._welcome is not None
 
+    def liveness(self) -> tuple[float, float] | None:
+        """The master's (heartbeat_interval, heartbeat_timeout), once it welcomed us: a
+        peer beats at its pace and gives up on it after its timeout."""
+        with self._cond:
+            w = self._welcome
+            return None if w is None else (float(w["heartbeat_interval"]), float(w["heartbeat_timeout"]))
+
     def evicted(self) -> str | None:
         with self._cond:
             return self._evicted
@@ -292,6 +300,28 @@ class Session:
         with self._cond:
             self._evicted = reason
             self._cond.notify_all()
+
+    def eviction_error(self) -> Aborted | None:
+        """The error a call of an evicted peer raises (None while it is a member)."""
+        with self._cond:
+            return self._eviction_error() if self._evicted is not None else None
+
+    def _eviction_error(self) -> Aborted:
+        if self._cut_off:
+            return Partitioned(f"this peer is cut off from the group: {self._evicted}")
+        return Aborted(f"this peer was evicted by the master: {self._evicted}")
+
+    def cut_off(self, reason: str) -> list[Any]:
+        """The master went silent while its connection stayed up: this peer leaves the
+        group on its own (the master evicts it within the same bound). Every wait ends
+        with Partitioned; returns the data-plane ops in flight, for the caller to abort."""
+        with self._cond:
+            if self._welcome is None or self._evicted is not None or self._closed:
+                return []
+            self._evicted = reason
+            self._cut_off = True
+            self._cond.notify_all()
+            return self._doom(list(self._inflight))
 
     def round(self) -> int:
         with self._cond:

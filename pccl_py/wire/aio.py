@@ -4,10 +4,20 @@ a peer's control channel): the event loop they run on and the one way they send.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+# Linux >= 6.15: the cap on a socket's retransmission timeout (the stdlib may not name
+# it yet). native/src/transport/tcp.cpp sets the same cap on the data plane's sockets.
+TCP_RTO_MAX_MS = getattr(socket, "TCP_RTO_MAX_MS", 44)
+RTO_MAX_MS = 1000  # the smallest value the kernel accepts
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -40,3 +50,44 @@ def send_nowait(sock: zmq.asyncio.Socket, frames: list[bytes]) -> None:
 def _retrieve(future: Any) -> None:
     if not future.cancelled():
         future.exception()  # retrieved: a failed send is not logged as never retrieved
+
+
+def cap_retransmit_backoff(fd: int) -> bool:
+    """Caps the retransmission timeout of TCP socket `fd` (one ZeroMQ opened) at 1 s.
+    Exponential backoff otherwise leaves the next retransmission seconds away when a
+    silent link heals: a 2.5 s outage would keep heartbeats from arriving for 4-5 s.
+    Returns False where the kernel refuses (older than 6.15) or `fd` is not TCP."""
+    try:
+        dup = socket.socket(fileno=os.dup(fd))  # the same socket: its options are shared
+    except OSError:
+        return False  # closed meanwhile
+    with dup:
+        if dup.family not in (socket.AF_INET, socket.AF_INET6) or dup.type != socket.SOCK_STREAM:
+            return False
+        try:
+            dup.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, RTO_MAX_MS)
+        except OSError:
+            return False
+    return True
+
+
+async def watch_connections(sock: zmq.asyncio.Socket, on_change: Callable[[bool], None] | None = None) -> None:
+    """Runs until cancelled: caps the retransmission backoff of every TCP connection
+    `sock` makes or accepts, and tells `on_change` when a connection comes up (True) or
+    goes down (False). ZeroMQ has no option for the cap; its monitor hands over each
+    new connection's file descriptor."""
+    events = zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+    monitor = sock.get_monitor_socket(events)
+    try:
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED):
+                cap_retransmit_backoff(int(event["value"]))
+                if on_change is not None:
+                    on_change(True)
+            elif on_change is not None:
+                on_change(False)
+    finally:
+        with contextlib.suppress(zmq.ZMQError):
+            sock.disable_monitor()
+        monitor.close(linger=0)

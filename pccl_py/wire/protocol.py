@@ -14,7 +14,7 @@ import msgpack
 
 from pccl_py.errors import FailureKind, ProtocolError
 
-VERSION = 2
+VERSION = 3
 
 Message = dict[str, Any]
 

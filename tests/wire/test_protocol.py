@@ -110,7 +110,7 @@ def pack(obj: Any) -> bytes:
 
 
 def test_every_message_type_has_a_schema_and_a_version() -> None:
-    assert protocol.VERSION == 2  # 2: "vote"/"pending" carry "fresh"; "blocked" and "mismatch"
+    assert protocol.VERSION == 3  # 2: "vote"/"pending" carry "fresh", "blocked", "mismatch"; 3: the master answers "hb"
     assert {"hello", "hb", "vote", "pending", "op", "leave", "status", "blocked"} <= set(TYPES)
     assert {"welcome", "topology", "pending_count", "outcome", "evicted", "error", "status_reply", "mismatch"} <= set(
         TYPES
@@ -274,7 +274,7 @@ def test_decode_rejects_unknown_or_missing_type(msg: dict[Any, Any]) -> None:
     rejects(pack(msg))
 
 
-@pytest.mark.parametrize("version", [0, 1, 3, -1, 2**64 - 1, "2", b"\x02", None, [2]], ids=repr)
+@pytest.mark.parametrize("version", [0, 1, 2, 4, -1, 2**64 - 1, "3", b"\x03", None, [3]], ids=repr)
 @pytest.mark.parametrize("msg_type", ["hb", "hello", "outcome"])
 def test_decode_rejects_wrong_version(msg_type: str, version: Any) -> None:
     msg = sample(msg_type)

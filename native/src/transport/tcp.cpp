@@ -134,9 +134,21 @@ void setNonBlocking(int fd, bool on) {
   ::fcntl(fd, F_SETFL, flags);
 }
 
+// Linux >= 6.15 caps a socket's retransmission timeout (TCP_RTO_MAX_MS; the libc
+// headers here may predate it). Without the cap, a link that was silent for a few
+// seconds stays silent for up to twice as long after it heals: exponential backoff
+// leaves the next retransmission seconds away. An older kernel refuses the option and
+// keeps its own cap (120 s), which only costs time after an outage.
+#ifndef TCP_RTO_MAX_MS
+#define TCP_RTO_MAX_MS 44
+#endif
+constexpr int kRtoMaxMs = 1000;  // the smallest value the kernel accepts
+
 void tuneSocket(int fd, const SocketOptions& options) {
   int one = 1;
   ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  int rtoMax = kRtoMaxMs;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_RTO_MAX_MS, &rtoMax, sizeof(rtoMax));
   if (options.bufferBytes > 0) {
     int size = options.bufferBytes;
     ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
