@@ -66,6 +66,7 @@ def throughput(pairs: int, seconds: float, link: LinkSpec) -> dict[str, Any]:
                     subprocess.Popen(
                         [*net.exec_prefix(2 * k), sys.executable, "-c", _SENDER, net.ips[2 * k + 1],
                          str(ports[k]), str(seconds)],
+                        text=True,
                     )
                 )
             for s in senders:
