@@ -14,6 +14,7 @@
 #include "pccl/engine.hpp"
 #include "pccl/hmac.hpp"
 #include "pccl/prefault.hpp"
+#include "pccl/wan_relay.hpp"
 #ifdef PCCL_WITH_CUDA
 #include "pccl/cuda_quantize.hpp"
 #endif
@@ -522,4 +523,64 @@ PYBIND11_MODULE(_native, m) {
         py::gil_scoped_release release;
         e.close();
       });
+
+  // The WAN emulator's packet relay (pccl_py.tools.wan drives it).
+  py::class_<WanRelay>(m, "WanRelay")
+      .def(py::init([](const std::vector<int>& tunFds, const std::vector<uint32_t>& addresses, uint64_t seed,
+                       size_t maxPendingBytes) {
+             return std::make_unique<WanRelay>(tunFds, addresses, WanLink{}, seed, maxPendingBytes);
+           }),
+           py::arg("tun_fds"), py::arg("addresses"), py::arg("seed") = 0,
+           py::arg("max_pending_bytes") = size_t(512) << 20,
+           "Relay between TUN fds (dup'ed: the caller closes its own); addresses[i] is host i's IPv4\n"
+           "address as an integer. Links start unlimited with no delay; start() runs the thread.")
+      .def("start", &WanRelay::start)
+      .def("close", &WanRelay::stop, py::call_guard<py::gil_scoped_release>(),
+           "Stop the relay thread and drop what is pending (idempotent).")
+      .def_property_readonly("hosts", &WanRelay::hosts)
+      .def(
+          "set_link",
+          [](WanRelay& r, size_t src, size_t dst, double delay, double jitter, uint64_t rateBits, double loss,
+             double queue) { r.setLink(src, dst, WanLink{delay, jitter, rateBits, loss, queue}); },
+          py::arg("src"), py::arg("dst"), py::arg("delay_s"), py::arg("jitter_s") = 0.0, py::arg("rate_bits") = 0,
+          py::arg("loss") = 0.0, py::arg("queue_s") = 0.05,
+          "Set the directed link src->dst (one-way delay; rate 0: unlimited); applies to packets entering it next.")
+      .def(
+          "link",
+          [](const WanRelay& r, size_t src, size_t dst) {
+            WanLink l = r.link(src, dst);
+            return py::make_tuple(l.delaySeconds, l.jitterSeconds, l.rateBits, l.loss, l.queueSeconds);
+          },
+          py::arg("src"), py::arg("dst"), "(delay_s, jitter_s, rate_bits, loss, queue_s) of link src->dst.")
+      .def("set_partitioned", &WanRelay::setPartitioned, py::arg("host"), py::arg("on"),
+           "Cut (or heal) every link to and from `host`: its packets vanish silently.")
+      .def("set_link_partitioned", &WanRelay::setLinkPartitioned, py::arg("src"), py::arg("dst"), py::arg("on"))
+      .def(
+          "stats",
+          [](const WanRelay& r) {
+            WanRelayStats s = r.stats();
+            py::list links;
+            for (size_t i = 0; i < s.links.size(); ++i) {
+              const WanLinkStats& l = s.links[i];
+              py::dict d;
+              d["src"] = i / r.hosts();
+              d["dst"] = i % r.hosts();
+              d["packets"] = l.packets;
+              d["bytes"] = l.bytes;
+              d["dropped_partition"] = l.droppedPartition;
+              d["dropped_loss"] = l.droppedLoss;
+              d["dropped_queue"] = l.droppedQueue;
+              d["dropped_memory"] = l.droppedMemory;
+              d["write_errors"] = l.writeErrors;
+              links.append(d);
+            }
+            py::dict out;
+            out["links"] = links;
+            out["unroutable"] = s.unroutable;
+            out["pending_packets"] = s.pendingPackets;
+            out["pending_bytes"] = s.pendingBytes;
+            out["error"] = s.error;
+            return out;
+          },
+          "Per directed link: packets/bytes forwarded and drops by cause; relay-wide counters.");
 }

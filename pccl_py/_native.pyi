@@ -301,3 +301,30 @@ class Engine:
         next voting ops cast their commit vote without sending it."""
 
     def close(self) -> None: ...
+
+class WanRelay:
+    """The WAN emulator's packet relay between TUN devices (pccl_py.tools.wan drives it)."""
+
+    def __init__(
+        self, tun_fds: Sequence[int], addresses: Sequence[int], seed: int = 0, max_pending_bytes: int = 536870912
+    ) -> None: ...
+    def start(self) -> None: ...
+    def close(self) -> None:
+        """Stop the relay thread and drop what is pending (idempotent)."""
+
+    @property
+    def hosts(self) -> int: ...
+    def set_link(
+        self,
+        src: int,
+        dst: int,
+        delay_s: float,
+        jitter_s: float = 0.0,
+        rate_bits: int = 0,
+        loss: float = 0.0,
+        queue_s: float = 0.05,
+    ) -> None: ...
+    def link(self, src: int, dst: int) -> tuple[float, float, int, float, float]: ...
+    def set_partitioned(self, host: int, on: bool) -> None: ...
+    def set_link_partitioned(self, src: int, dst: int, on: bool) -> None: ...
+    def stats(self) -> dict: ...  # type: ignore[type-arg]

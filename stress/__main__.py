@@ -12,7 +12,15 @@ import argparse
 import json
 import sys
 
+from pccl_py.tools.wan import LinkSpec
 from stress.orchestrator import FAULT_KINDS, Scenario, run_scenario
+
+
+def _wan_spec(text: str) -> LinkSpec:
+    try:
+        return LinkSpec.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,8 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", default=",".join(FAULT_KINDS),
                         help=f"comma-separated fault kinds to inject, of {','.join(FAULT_KINDS)}")
     parser.add_argument("--workdir", help="keep events and logs here (default: a temp dir)")
+    parser.add_argument("--wan", type=_wan_spec, metavar="SPEC",
+                        help="run behind the WAN emulator (root): every peer and the master in emulated hosts, "
+                             "each link modelled by SPEC, e.g. rtt=50ms,rate=1gbit,loss=0.001 (docs/wan.md)")
     parser.add_argument("--bug", help=argparse.SUPPRESS)  # test only: a deliberately broken peer
     args = parser.parse_args(argv)
+    if args.wan is not None:
+        from pccl_py.tools.wan import unavailable
+
+        why = unavailable()
+        if why is not None:
+            parser.error(f"--wan: the WAN emulator {why}")
     defaults = Scenario().weights
     kinds = [k.strip() for k in args.faults.split(",") if k.strip()]
     unknown = set(kinds) - set(FAULT_KINDS)
@@ -38,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = {k: (defaults[k] or 1.0) if k in kinds else 0.0 for k in FAULT_KINDS}
     scenario = Scenario(
         seconds=args.seconds, seed=args.seed, peers=args.peers, max_peers=args.max_peers,
-        fault_every=args.fault_every, window=args.window, weights=weights, bug=args.bug,
+        fault_every=args.fault_every, window=args.window, weights=weights, bug=args.bug, wan=args.wan,
     )
     summary = run_scenario(scenario, args.workdir)
     if args.plot:

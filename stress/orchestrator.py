@@ -6,6 +6,11 @@ and some longer than the heartbeat timeout), leave (SIGTERM: the peer leaves
 gracefully), join (a fresh peer process), restart (SIGKILL, then a fresh process in the
 same slot), master_restart (SIGKILL the master, start it again at the same address).
 Never fewer than `min_alive` peers are left running and unstopped.
+
+With `wan` (a pccl_py.tools.wan.LinkSpec; root only), the run happens behind the WAN
+emulator: max_peers + 1 emulated hosts, peer slot s in host s % max_peers (a restarted
+slot comes back in the same host), the master in the last host, every byte between
+them (control plane included) crossing the modelled links.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pccl_py.tools.wan import LinkSpec, WanNet
 from stress.invariants import Params, check
 
 FAULT_KINDS = ("kill", "stall", "leave", "join", "restart", "master_restart")
@@ -47,6 +53,7 @@ class Scenario:
     window: float = 15.0
     bug: str | None = None  # test only: one peer misbehaves (see stress.peer.BUGS)
     step_pause: float = 0.0
+    wan: LinkSpec | None = None  # run behind the WAN emulator (see the module docstring)
 
 
 @dataclass
@@ -86,10 +93,30 @@ class Orchestrator:
         self.next_slot = 0
         self.bug_given = False
         self.problems: list[dict[str, Any]] = []  # hygiene and harness-level violations
+        self.net: WanNet | None = None  # scenario.wan: the emulated hosts
+
+    @property
+    def master_host(self) -> str:
+        return self.net.ips[-1] if self.net is not None else "127.0.0.1"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.master_host}:{self.port}"
+
+    def _in_host(self, slot: int | None) -> tuple[list[str], str]:
+        """(argv prefix, listen address) of peer `slot`, or of the master (None)."""
+        if self.net is None:
+            return [], "127.0.0.1"
+        host = self.net.hosts - 1 if slot is None else slot % (self.net.hosts - 1)
+        return self.net.exec_prefix(host), self.net.ips[host]
+
+    def _master_listening(self) -> bool:
+        if self.net is None:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+        probe = self.net.call_in(self.net.hosts - 1, socket.socket)
+        with probe:
+            return probe.connect_ex((self.master_host, self.port)) == 0
 
     # ------------------------------------------------------------------ processes
 
@@ -101,8 +128,9 @@ class Orchestrator:
 
     def start_master(self) -> None:
         log = open(self.dir / "master.log", "ab")  # noqa: SIM115 - owned by the child
+        prefix, host = self._in_host(None)
         cmd = [
-            sys.executable, "-m", "pccl_py.cli.main", "master", "--host", "127.0.0.1", "--port", str(self.port),
+            *prefix, sys.executable, "-m", "pccl_py.cli.main", "master", "--host", host, "--port", str(self.port),
             "--heartbeat-interval", str(self.sc.heartbeat_interval),
             "--heartbeat-timeout", str(self.sc.heartbeat_timeout),
             "--event-log", str(self.events_dir / "master.jsonl"),
@@ -113,9 +141,8 @@ class Orchestrator:
         while time.monotonic() < deadline:
             if self.master.poll() is not None:
                 raise RuntimeError(f"the master exited at start (see {self.dir / 'master.log'})")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
+            if self._master_listening():
+                return
             time.sleep(0.05)
         raise RuntimeError("the master did not start listening")
 
@@ -123,8 +150,10 @@ class Orchestrator:
         if slot is None:
             slot = self.next_slot
             self.next_slot += 1
+        prefix, host = self._in_host(slot)
         cmd = [
-            sys.executable, "-m", "stress.peer", "--master", self.address, "--index", str(slot),
+            *prefix, sys.executable, "-m", "stress.peer", "--master", self.address, "--index", str(slot),
+            "--host", host,
             "--events", str(self.events_dir / f"peer-{slot}.jsonl"),
             "--heartbeat-interval", str(self.sc.heartbeat_interval),
             "--heartbeat-timeout", str(self.sc.heartbeat_timeout),
@@ -216,6 +245,20 @@ class Orchestrator:
         self._pending_resumes: list[tuple[float, Proc]] = []
         self._master_due: float | None = None
         t_start = time.time()
+        if self.sc.wan is not None:
+            self.net = WanNet(self.sc.max_peers + 1, self.sc.wan, seed=self.sc.seed)
+            try:
+                self.net.up()
+            except BaseException:
+                self.net.close()
+                raise
+        try:
+            return self._run(t_start)
+        finally:
+            if self.net is not None:
+                self.net.close()
+
+    def _run(self, t_start: float) -> dict[str, Any]:
         self.start_master()
         self.record("master_start", pid=self.master.pid if self.master else -1)
         for _ in range(self.sc.peers):
@@ -349,8 +392,13 @@ class Orchestrator:
                 after = [t for t in oks if t > f["ts"]]
                 if after:
                     recoveries.append(round(after[0] - f["ts"], 3))
+        wan_stats = self.net.stats() if self.net is not None else None
         return {
-            "scenario": {k: v for k, v in vars(self.sc).items()},
+            "scenario": {k: str(v) if k == "wan" and v is not None else v for k, v in vars(self.sc).items()},
+            "wan_drops": None if wan_stats is None else {
+                cause: sum(link[cause] for link in wan_stats["links"])
+                for cause in ("dropped_partition", "dropped_loss", "dropped_queue", "dropped_memory")
+            },
             "master_restart_to_next_allreduce_s": recoveries,
             "seconds": round(time.time() - t_start, 1),
             "faults": faults,

@@ -106,7 +106,8 @@ class Peer:
 
     def join(self) -> Communicator:
         while True:
-            comm = Communicator(self.args.master, config=self.config, name=f"stress-{self.args.index}")
+            comm = Communicator(self.args.master, host=self.args.host, config=self.config,
+                                name=f"stress-{self.args.index}")
             try:
                 comm.connect()
             except PcclError as exc:
@@ -269,6 +270,7 @@ class Peer:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stress.peer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--master", required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="address the peer's data plane listens on")
     parser.add_argument("--events", required=True, help="JSON-lines event file to append to")
     parser.add_argument("--index", type=int, default=0, help="slot number, for the records")
     parser.add_argument("--heartbeat-interval", type=float, default=0.5)

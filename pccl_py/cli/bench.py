@@ -4,6 +4,7 @@ torch, namespaces without root), prints each row as it is measured, writes JSON 
 and prints the table.
 
     pccl bench --peers 2 4 --sizes 1K 1M 16M --compare gloo comm [--json FILE]
+    pccl bench --peers 4 --sizes 1K 16M --compare gloo --wan rtt=100ms,rate=1gbit
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import IO
 
 from rich.console import Console
 
-from pccl_py.tools import netns
+from pccl_py.tools import netns, wan
 from pccl_py.tools.bench.config import (
     DEFAULT_CONNECTIONS,
     DEFAULT_PEERS,
@@ -135,6 +136,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run each worker in its own network namespace, its egress shaped to RATE by htb "
         "(e.g. 1gbit 200mbit; several rates run one after the other); needs root and iproute2",
     )
+    parser.add_argument(
+        "--wan",
+        type=parse_wan,
+        nargs="+",
+        default=[],
+        metavar="SPEC",
+        help="run behind the WAN emulator (pccl_py.tools.wan): each worker in its own emulated host, "
+        "the master (--compare comm) in a host of its own, gloo's and pccl's traffic and the control "
+        "plane all crossing modelled links; SPEC is KEY=VALUE,... of rtt (the round trip; one-way delay "
+        "is rtt/2), rate, loss, jitter, queue, e.g. rtt=100ms,rate=1gbit,loss=0.001 (several SPECs run "
+        "one after the other); needs root and /dev/net/tun; see docs/wan.md",
+    )
     parser.add_argument("--skip-pccl", action="store_true", help="run only the --compare implementations")
     parser.add_argument(
         "--json",
@@ -170,6 +183,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         op_timeout=args.op_timeout,
         quantization=tuple(dict.fromkeys(args.quantization)),
         netns_rates=tuple(dict.fromkeys(args.netns_rate)),
+        wan=tuple(dict.fromkeys(args.wan)),
     )
 
 
@@ -177,6 +191,14 @@ def parse_netns_rate(text: str) -> int:
     """'200mbit' -> 200_000_000 bits/s (argparse type of --netns-rate)."""
     try:
         return netns.parse_rate(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_wan(text: str) -> wan.LinkSpec:
+    """'rtt=100ms,rate=1gbit' -> LinkSpec (argparse type of --wan)."""
+    try:
+        return wan.LinkSpec.parse(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -234,6 +256,11 @@ def main(args: argparse.Namespace) -> int:
         if why_not is not None:
             Console(stderr=True).print(f"[red]error:[/] --netns-rate {why_not}")
             return 2
+    if cfg.wan:
+        why_not = wan.unavailable()
+        if why_not is not None:
+            Console(stderr=True).print(f"[red]error:[/] --wan {why_not}")
+            return 2
     out = Console()
     if not out.is_terminal:
         out = Console(width=160)  # a file or pipe: do not squeeze the table into 80 columns
@@ -241,6 +268,10 @@ def main(args: argparse.Namespace) -> int:
     if cfg.netns_rates:
         rates = ", ".join(format_rate(r) for r in cfg.netns_rates)
         where = f"one network namespace per worker, egress shaped by htb to {rates}"
+    elif cfg.wan:
+        specs = "; ".join(str(s) for s in cfg.wan)
+        hosts = max(cfg.peers) + 1
+        where = f"WAN emulator, {hosts} hosts (one per worker, the last for the master), every link {specs}"
     else:
         where = f"loopback {LOOPBACK}"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -8,6 +8,8 @@ import dataclasses
 import re
 from pathlib import Path
 
+from pccl_py.tools.wan import LinkSpec
+
 LOOPBACK = "127.0.0.1"
 # pccl: the native engine alone; gloo: torch.distributed gloo; comm: pccl_py.Communicator
 # through a real master (control plane and outcome agreement included).
@@ -87,6 +89,7 @@ class BenchConfig:
     start_timeout: float = 120.0
     quantization: tuple[str, ...] = ()  # e.g. ("minmax:uint8",): pccl variants also run quantized
     netns_rates: tuple[int, ...] = ()  # bits/s: each worker in its own namespace, egress shaped
+    wan: tuple[LinkSpec, ...] = ()  # each worker (and the master) in its own emulated WAN host
 
     def validate(self) -> None:
         if not self.peers or any(n < 2 for n in self.peers):
@@ -107,6 +110,8 @@ class BenchConfig:
             raise ValueError("--segment-bytes must be at least 4")
         if any(r <= 0 for r in self.netns_rates):
             raise ValueError("--netns-rate must be positive")
+        if self.netns_rates and self.wan:
+            raise ValueError("--netns-rate and --wan cannot be combined: pick one network")
         if self.skip_pccl and not self.compare:
             raise ValueError("--skip-pccl leaves nothing to run without --compare")
         from pccl_py.types import Quantization

@@ -19,6 +19,14 @@ With --netns-rate RATE (root only), the workers do not share loopback: each runs
 own network namespace on a bridge, its egress shaped to RATE by htb (pccl_py.netns), so
 the wire, not the CPU, is the bottleneck, as between hosts. Several rates are measured
 one after the other in the same invocation; the namespaces are removed at the end.
+
+With --wan SPEC (root only), every worker runs in its own host of an emulated WAN
+(pccl_py.tools.wan: one namespace per host, a TUN device each, a native relay applying
+delay, jitter, loss, rate and queue to every packet between hosts): pccl's ring, gloo's
+pairs and, for impl "comm", the master's control plane all cross it. The master runs in
+a host of its own (the last one, max(--peers) + 1 hosts in all), so even the control
+plane pays the link's RTT. Several specs run one after the other (the link is changed in
+place between them); gloo still meets through its FileStore (a file, not the network).
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from typing import Any
 
-from pccl_py.tools import netns
+from pccl_py.tools import netns, wan
 from pccl_py.tools.bench.config import (
     DEFAULT_CONNECTIONS,
     LOOPBACK,
@@ -50,10 +58,11 @@ from pccl_py.tools.bench.worker import worker_main
 
 class _Group:
     """N worker processes of one implementation, driven over one Pipe each; on loopback, or
-    rank r in namespace r of `net` (the master of impl "comm" then listens on its bridge)."""
+    rank r in namespace r of `net` (the master of impl "comm" then listens on a ShapedNet's
+    bridge, or in a WanNet's last host)."""
 
     def __init__(
-        self, impl: str, world: int, params: PcclParams, op_timeout: float, net: netns.ShapedNet | None = None
+        self, impl: str, world: int, params: PcclParams, op_timeout: float, net: Network | None = None
     ) -> None:
         self.impl = impl
         self.net = net
@@ -101,7 +110,12 @@ class _Group:
         if self.impl == "comm":
             from pccl_py.master.server import Master
 
-            self._master = Master(host=net.hub_ip if net is not None else LOOPBACK).start()
+            if isinstance(net, wan.WanNet):
+                # Started from a thread inside the master's host: its sockets and threads live there.
+                master_ip = net.ips[-1]
+                self._master = net.call_in(net.hosts - 1, lambda: Master(host=master_ip).start())
+            else:
+                self._master = Master(host=net.hub_ip if net is not None else LOOPBACK).start()
             ring = self._master.address
         self._broadcast(("ring", ring))
         self._gather("ready", timeout)
@@ -200,9 +214,12 @@ class _Group:
         return [replies[r] for r in range(self.world)]
 
 
+Network = netns.ShapedNet | wan.WanNet
+
+
 @contextmanager
 def _group(
-    impl: str, world: int, params: PcclParams, cfg: BenchConfig, net: netns.ShapedNet | None = None
+    impl: str, world: int, params: PcclParams, cfg: BenchConfig, net: Network | None = None
 ) -> Iterator[_Group]:
     group = _Group(impl, world, params, cfg.op_timeout, net)
     try:
@@ -229,7 +246,12 @@ class _Variant:
 
 
 def _measure_peer_count(
-    cfg: BenchConfig, variants: Sequence[_Variant], world: int, net: netns.ShapedNet | None, rate: int | None
+    cfg: BenchConfig,
+    variants: Sequence[_Variant],
+    world: int,
+    net: Network | None,
+    rate: int | None,
+    link: wan.LinkSpec | None = None,
 ) -> Iterator[Result]:
     """Every size and variant at one peer count (and link rate); yields each result."""
     with ExitStack() as stack:
@@ -271,6 +293,8 @@ def _measure_peer_count(
                     quantization=v.quantization,
                     netns_rate_bits=rate,
                     load1=os.getloadavg()[0],
+                    wan=str(link) if link is not None else None,
+                    wan_rate_bits=link.rate_bits if link is not None else None,
                 )
                 yield result
 
@@ -293,16 +317,23 @@ def run_benchmark(cfg: BenchConfig, on_result: Callable[[Result], None] | None =
     variants += [_Variant(impl) for impl in cfg.compare]
 
     links: tuple[int | None, ...] = cfg.netns_rates or (None,)
+    wan_links: tuple[wan.LinkSpec | None, ...] = cfg.wan or (None,)
     with ExitStack() as net_stack:
-        net = None
+        net: Network | None = None
         if cfg.netns_rates:
             net = net_stack.enter_context(netns.ShapedNet(max(cfg.peers), cfg.netns_rates[0]))
+        if cfg.wan:
+            # One host per worker rank and one more for the master.
+            net = net_stack.enter_context(wan.WanNet(max(cfg.peers) + 1, cfg.wan[0]))
         for rate in links:
-            if net is not None and rate is not None and rate != net.rate_bits:
+            if isinstance(net, netns.ShapedNet) and rate is not None and rate != net.rate_bits:
                 net.set_rate(rate)
-            for world in cfg.peers:
-                for result in _measure_peer_count(cfg, variants, world, net, rate):
-                    results.append(result)
-                    if on_result is not None:
-                        on_result(result)
+            for link in wan_links:
+                if isinstance(net, wan.WanNet) and link is not None:
+                    net.set_link(link)
+                for world in cfg.peers:
+                    for result in _measure_peer_count(cfg, variants, world, net, rate, link):
+                        results.append(result)
+                        if on_result is not None:
+                            on_result(result)
     return results

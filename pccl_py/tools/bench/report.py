@@ -52,6 +52,19 @@ class Result:
     quantization: str | None = None  # "kind:dtype" (pccl only); algbw is then effective
     netns_rate_bits: int | None = None  # each worker's shaped egress (bits/s); None: loopback
     load1: float | None = None  # the machine's 1-minute load average when the row was measured
+    wan: str | None = None  # the emulated WAN link (pccl_py.tools.wan.LinkSpec), None: none
+    wan_rate_bits: int | None = None  # its rate (bits/s; 0: unlimited)
+
+    @property
+    def link_key(self) -> tuple[int | None, str | None]:
+        """Which network the row was measured on (rows compare only within one)."""
+        return (self.netns_rate_bits, self.wan)
+
+    @property
+    def link_name(self) -> str:
+        if self.wan is not None:
+            return f"wan {self.wan}"
+        return format_rate(self.netns_rate_bits) if self.netns_rate_bits else "loopback"
 
     @property
     def seconds(self) -> float:
@@ -67,15 +80,18 @@ class Result:
 
     @property
     def link_utilization(self) -> float | None:
-        """busbw over the shaped egress rate (what each peer's link carries in a ring, as a
-        fraction of what it can); effective, so above 1 when quantized. None on loopback."""
-        if self.netns_rate_bits is None:
+        """busbw over the shaped egress or WAN link rate (what each peer's link carries in a
+        ring, as a fraction of what it can); effective, so above 1 when quantized. None on
+        loopback and on an unlimited WAN link."""
+        rate = self.netns_rate_bits or self.wan_rate_bits
+        if not rate:
             return None
-        return self.busbw_gbps * 1e9 / (self.netns_rate_bits / 8)
+        return self.busbw_gbps * 1e9 / (rate / 8)
 
     @property
     def label(self) -> str:
         link = f" @{format_rate(self.netns_rate_bits)}" if self.netns_rate_bits else ""
+        link = f" @wan({self.wan})" if self.wan is not None else link
         if self.impl != "pccl":
             return self.impl + link
         q = f" q={self.quantization}" if self.quantization else ""
@@ -99,8 +115,10 @@ class Result:
             "seconds_min": ordered[0],
             "seconds_p90": ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)],
             "seconds_max": ordered[-1],
-            "link": "loopback" if self.netns_rate_bits is None else "netns-htb",
+            "link": "wan" if self.wan is not None else "loopback" if self.netns_rate_bits is None else "netns-htb",
             "netns_rate_bps": self.netns_rate_bits,
+            "wan": self.wan,
+            "wan_rate_bps": self.wan_rate_bits,
             "link_utilization": self.link_utilization,
             "load1": self.load1,
         }
@@ -127,15 +145,15 @@ def json_line(r: Result, started: str) -> str:
 
 
 def results_table(results: Sequence[Result], title: str | None = None) -> Table:
-    baseline = {(r.netns_rate_bits, r.peers, r.nbytes): r for r in results if r.impl == "gloo"}
+    baseline = {(r.link_key, r.peers, r.nbytes): r for r in results if r.impl == "gloo"}
     show_ratio = bool(baseline) and any(r.impl == "pccl" for r in results)
     unquantized = {
-        (r.netns_rate_bits, r.peers, r.nbytes, r.connections, r.segment_bytes): r
+        (r.link_key, r.peers, r.nbytes, r.connections, r.segment_bytes): r
         for r in results
         if r.impl == "pccl" and not r.quantization
     }
     show_quant = any(r.quantization for r in results)
-    show_link = any(r.netns_rate_bits for r in results)
+    show_link = any(r.netns_rate_bits or r.wan is not None for r in results)
     table = Table(title=title)
     if show_link:
         table.add_column("link", justify="right", no_wrap=True)
@@ -152,6 +170,7 @@ def results_table(results: Sequence[Result], title: str | None = None) -> Table:
         results,
         key=lambda r: (
             r.netns_rate_bits or 0,
+            r.wan or "",
             r.peers,
             r.nbytes,
             r.impl != "pccl",
@@ -172,19 +191,19 @@ def results_table(results: Sequence[Result], title: str | None = None) -> Table:
             f"{r.busbw_gbps:.3f}",
         ]
         if show_link:
-            row.insert(0, format_rate(r.netns_rate_bits) if r.netns_rate_bits else "loopback")
+            row.insert(0, r.link_name)
             util = r.link_utilization
             row.append(f"{util:.2f}" if util is not None else "")
         if show_quant:
             row.append(r.quantization or "")
-            plain = unquantized.get((r.netns_rate_bits, r.peers, r.nbytes, r.connections, r.segment_bytes))
+            plain = unquantized.get((r.link_key, r.peers, r.nbytes, r.connections, r.segment_bytes))
             if r.quantization and plain is not None:
                 qratio = r.algbw_gbps / plain.algbw_gbps
                 row.append(f"[{'green' if qratio >= 2.5 else 'red'}]{qratio:.2f}x[/]")
             else:
                 row.append("")
         if show_ratio:
-            base = baseline.get((r.netns_rate_bits, r.peers, r.nbytes))
+            base = baseline.get((r.link_key, r.peers, r.nbytes))
             if r.impl == "pccl" and base is not None:
                 ratio = r.busbw_gbps / base.busbw_gbps
                 row.append(f"[{'green' if ratio >= 1.0 else 'red'}]{ratio:.2f}x[/]")
