@@ -28,7 +28,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
-
 from engine_harness import (
     DT,
     DTYPES,
@@ -44,6 +43,7 @@ from engine_harness import (
     reduce_step,
     reference_allreduce,
 )
+
 from pccl_py import _native as nat
 from pccl_py.errors import Aborted, PcclError, PeerLost, ProtocolError, Timeout
 

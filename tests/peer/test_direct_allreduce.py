@@ -68,7 +68,7 @@ def test_small_ops_go_direct_large_ones_by_the_ring_with_the_same_bytes() -> Non
             try:
                 for count, algo in ((10_001, small_algo), (100_001, "ring"), (0, small_algo)):
                     xs = [np.arange(count, dtype=np.float32) * (i + 1) for i in range(3)]
-                    infos = run_parallel([lambda i=i: comms[i].all_reduce(xs[i], timeout=30) for i in range(3)])
+                    infos = run_parallel([lambda c=comms[i], x=xs[i]: c.all_reduce(x, timeout=30) for i in range(3)])
                     for info in infos:
                         assert isinstance(info, pccl.ReduceInfo), infos
                         assert (info.algorithm, info.world_size) == (algo, 3), (count, infos)
@@ -78,7 +78,12 @@ def test_small_ops_go_direct_large_ones_by_the_ring_with_the_same_bytes() -> Non
                 # Out of place and AVG too.
                 xs = [np.full(777, float(i + 1), np.float64) for i in range(3)]
                 outs = [np.zeros_like(x) for x in xs]
-                run_parallel([lambda i=i: comms[i].all_reduce(xs[i], op=pccl.ReduceOp.AVG, out=outs[i], timeout=30) for i in range(3)])
+                run_parallel(
+                    [
+                        lambda c=comms[i], x=xs[i], o=outs[i]: c.all_reduce(x, op=pccl.ReduceOp.AVG, out=o, timeout=30)
+                        for i in range(3)
+                    ]
+                )
                 for x, out in zip(xs, outs):
                     np.testing.assert_array_equal(out, np.full(777, 2.0))
                 assert [x[0] for x in xs] == [1.0, 2.0, 3.0]
