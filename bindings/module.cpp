@@ -280,6 +280,10 @@ PYBIND11_MODULE(_native, m) {
   m.def("cuda_available", [] { return false; }, "Whether the CUDA kernels can run here (never: built without nvcc).");
 #endif
 
+  py::enum_<AllReduceAlgorithm>(m, "AllReduceAlgorithm")
+      .value("RING", AllReduceAlgorithm::kRing)
+      .value("DIRECT", AllReduceAlgorithm::kDirect);
+
   py::enum_<QuantKind>(m, "QuantKind")
       .value("NONE", QuantKind::kNone)
       .value("MINMAX", QuantKind::kMinMax)
@@ -414,7 +418,8 @@ PYBIND11_MODULE(_native, m) {
           "all_reduce",
           [](const std::shared_ptr<Engine>& e, py::object input, py::object output, DType dtype, ReduceOp op,
              uint64_t tag, uint64_t seq, std::optional<double> timeout, std::optional<double> connectTimeout,
-             size_t segmentBytes, bool deferCommit, QuantKind quantization, DType quantDType, bool vote) {
+             size_t segmentBytes, bool deferCommit, QuantKind quantization, DType quantDType, bool vote,
+             AllReduceAlgorithm algorithm) {
             auto in = std::make_unique<BufferView>(input, /*writable=*/input.is(output));
             std::unique_ptr<BufferView> out;
             void* outPtr = in->data();
@@ -438,6 +443,7 @@ PYBIND11_MODULE(_native, m) {
             o.deferCommit = deferCommit;
             o.vote = vote;
             o.quant = QuantSpec{quantization, quantDType};
+            o.algorithm = algorithm;
             std::shared_ptr<Collective> ring;
             {
               py::gil_scoped_release release;
@@ -449,8 +455,11 @@ PYBIND11_MODULE(_native, m) {
           py::arg("seq") = 0, py::arg("timeout") = py::none(), py::arg("connect_timeout") = py::none(),
           py::arg("segment_bytes") = 0, py::arg("defer_commit") = false, py::arg("quantization") = QuantKind::kNone,
           py::arg("quant_dtype") = DType::kUInt8, py::arg("vote") = false,
+          py::arg("algorithm") = AllReduceAlgorithm::kRing,
           "Start a ring all-reduce of `input` into `output` (the same object: in place). Returns a handle.\n"
           "quantization != NONE: quantized to quant_dtype (UINT8/UINT16), SUM/AVG of floats only.\n"
+          "algorithm (unquantized only; every peer must pass the same): RING, or DIRECT (every peer sends\n"
+          "its input to every other and reduces all N in rank order; the vote goes all-to-all).\n"
           "vote: succeed only once every peer holds the result (commit vote); handle.voted tells whether\n"
           "a failed op had voted (then every peer may hold the result; settle(True) still commits it).\n"
           "A voting op (out of place, or in place with defer_commit) sends large payloads by reference:\n"

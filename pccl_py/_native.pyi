@@ -118,6 +118,25 @@ class ReduceOp:
     @property
     def value(self) -> int: ...
 
+class AllReduceAlgorithm:
+    """How an unquantized all-reduce moves its bytes (part of its shape digest)."""
+
+    RING: ClassVar[AllReduceAlgorithm]
+    DIRECT: ClassVar[AllReduceAlgorithm]
+    __members__: ClassVar[dict[str, AllReduceAlgorithm]]
+    def __init__(self, value: int) -> None: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __ne__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __int__(self) -> int: ...
+    def __index__(self) -> int: ...
+    def __getstate__(self) -> int: ...
+    def __setstate__(self, state: int, /) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
 class QuantKind:
     """Wire quantization of an all-reduce."""
 
@@ -263,10 +282,13 @@ class Engine:
         quantization: QuantKind = QuantKind.NONE,
         quant_dtype: DataType = DataType.UINT8,
         vote: bool = False,
+        algorithm: AllReduceAlgorithm = AllReduceAlgorithm.RING,
     ) -> AllReduceHandle:
         """Start a ring all-reduce of `input` into `output` (the same object: in place).
 
         quantization != NONE: quantized to quant_dtype (UINT8/UINT16), SUM/AVG of floats only.
+        algorithm (unquantized only; every peer must pass the same): RING, or DIRECT (every
+        peer sends its input to every other and reduces all N in rank order; all-to-all vote).
         vote: succeed only once every peer holds the result (handle.voted, settle(True)).
         A voting op (out of place, or in place with defer_commit) sends large payloads by
         reference: leave both buffers alone until it has ended (committed or settled). In

@@ -40,6 +40,12 @@ class Config:
     # bytes (docs/architecture.md, "Prefaulted receives"). False: recv() faults them in.
     prefault: bool = True
     mailbox_limit_bytes: int = 256 << 20
+    # All-reduces whose payload x (world size - 1) is at most this many bytes use the
+    # direct algorithm (every peer sends its input to every other; about one round trip
+    # with the commit vote) instead of the ring (docs/architecture.md, "Choosing the
+    # algorithm"); 0: always the ring. Every peer must use the same value: a peer that
+    # chooses otherwise fails the op on every peer with ProtocolError.
+    direct_allreduce_max_bytes: int = 256 << 10
     # Control plane.
     max_message_bytes: int = 16 << 20  # room for the state description of large models
     max_retries: int = 64
@@ -75,6 +81,8 @@ class Config:
             raise ConfigError("need 0 < heartbeat_interval < heartbeat_timeout")
         if not 1 <= self.connections_per_peer <= 64:
             raise ConfigError("connections_per_peer must be in [1, 64]")
+        if self.direct_allreduce_max_bytes < 0:
+            raise ConfigError("direct_allreduce_max_bytes must be >= 0 (0: always the ring)")
         if self.segment_bytes < 4096:
             raise ConfigError("segment_bytes must be at least 4096")
         if self.blocked_report_after <= 0 or self.mismatch_grace < 0:

@@ -41,6 +41,7 @@ class ReduceInfo:
     epoch: int  # the epoch it succeeded in
     attempts: int  # 1 unless it was retried over the survivors
     contributors: tuple[int, ...] = ()  # peer ids whose input is in the result, ring order
+    algorithm: str = "ring"  # how the bytes moved: "ring", "direct" or "quantized"
 
 
 _QUANT_KINDS = {"minmax": _native.QuantKind.MINMAX, "zeropoint": _native.QuantKind.ZEROPOINT}

@@ -23,6 +23,7 @@ from rich.console import Console
 from pccl_py.tools import netns, wan
 from pccl_py.tools.bench.config import (
     DEFAULT_CONNECTIONS,
+    DEFAULT_DIRECT_MAX_BYTES,
     DEFAULT_PEERS,
     DEFAULT_SEGMENT_BYTES,
     DEFAULT_SIZES,
@@ -30,6 +31,7 @@ from pccl_py.tools.bench.config import (
     LOOPBACK,
     BenchConfig,
     BenchError,
+    format_size,
     parse_size,
 )
 from pccl_py.tools.bench.harness import run_benchmark
@@ -105,6 +107,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="pccl copies every payload into the socket instead of sending large ones by reference "
         "(vmsplice + splice)",
+    )
+    parser.add_argument(
+        "--direct-max-bytes",
+        type=parse_size,
+        default=DEFAULT_DIRECT_MAX_BYTES,
+        metavar="B",
+        help="pccl and comm: an all-reduce whose size x (N-1) is at most B goes direct (every peer to "
+        "every peer, about one round trip) instead of by the ring; 0: always the ring "
+        "(default: Config.direct_allreduce_max_bytes, 256K)",
     )
     parser.add_argument(
         "--out-of-place",
@@ -184,6 +195,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         quantization=tuple(dict.fromkeys(args.quantization)),
         netns_rates=tuple(dict.fromkeys(args.netns_rate)),
         wan=tuple(dict.fromkeys(args.wan)),
+        direct_max_bytes=args.direct_max_bytes,
     )
 
 
@@ -298,5 +310,7 @@ def main(args: argparse.Namespace) -> int:
             json_file.close()
     placement = "in-place" if cfg.in_place else "out-of-place (pccl; gloo in place)"
     sends = "zero-copy sends" if cfg.zero_copy else "copied sends"
-    out.print(results_table(results, title=f"all-reduce float32 SUM, {placement}; pccl: commit vote, {sends}"))
+    direct = f"direct up to {format_size(cfg.direct_max_bytes)} x (N-1)" if cfg.direct_max_bytes else "ring only"
+    title = f"all-reduce float32 SUM, {placement}; pccl: commit vote, {sends}, {direct}"
+    out.print(results_table(results, title=title))
     return 0

@@ -51,6 +51,21 @@ _FLOAT_DTYPES = (
 _RETRYABLE = (FailureKind.PEER_LOST, FailureKind.PEER_LEFT)
 
 
+def choose_algorithm(nbytes: int, world: int, direct_max_bytes: int) -> _native.AllReduceAlgorithm:
+    """The algorithm of an unquantized all-reduce of `nbytes` over `world` peers.
+
+    DIRECT when the bytes each peer sends, nbytes x (world - 1), are at most
+    `direct_max_bytes` (0 disables it): one exchange and an all-to-all vote, about one
+    round trip. RING otherwise: 2(world-1)/world x nbytes per peer, but 3(world-1) hops.
+    Every peer must choose the same (the algorithm is in the op's shape digest), so the
+    inputs are what every peer of an epoch shares: the payload size (peers disagreeing
+    on it fail anyway), the ring's size, and Config.direct_allreduce_max_bytes, which a
+    deployment must set alike everywhere (otherwise: ProtocolError on every peer)."""
+    if world > 1 and direct_max_bytes > 0 and nbytes * (world - 1) <= direct_max_bytes:
+        return _native.AllReduceAlgorithm.DIRECT
+    return _native.AllReduceAlgorithm.RING
+
+
 class AllReduceHandle:
     """An all-reduce in flight. wait() returns its ReduceInfo or raises its error."""
 
@@ -207,6 +222,7 @@ class AllReduceCalls:
         desc = functools.partial(_describe, src, dtype, op, tag, seq, quantization)
         failures_in_epoch: dict[int, int] = {}  # a retry in the same epoch needs a fresh key
         attempts = 0
+        algorithm = _native.AllReduceAlgorithm.RING
         while True:
             epoch = -1
             handle = None
@@ -216,6 +232,10 @@ class AllReduceCalls:
             try:
                 epoch = self._ensure_ring(deadline)
                 key = (epoch, tag, (seq << _ATTEMPT_BITS) | failures_in_epoch.get(epoch, 0))
+                if quantization is None:  # the ring of this attempt's epoch decides (a retry may differ)
+                    algorithm = choose_algorithm(
+                        src.nbytes, len(self._rings.get(epoch, ())), self.config.direct_allreduce_max_bytes
+                    )
                 handle = engine.all_reduce(
                     src,
                     dst,
@@ -229,6 +249,7 @@ class AllReduceCalls:
                     quantization=quantization.native_kind if quantization else _native.QuantKind.NONE,
                     quant_dtype=quantization.native_dtype if quantization else _native.DataType.UINT8,
                     vote=True,
+                    algorithm=algorithm,
                 )
                 self._track(key, handle, retry, desc)
                 if attempt_key is not None:
@@ -283,6 +304,7 @@ class AllReduceCalls:
                     epoch=key[0],
                     attempts=attempts,
                     contributors=self._rings.get(key[0], ()),
+                    algorithm="quantized" if quantization is not None else algorithm.name.lower(),
                 )
             if handle is not None:
                 handle.settle(False)

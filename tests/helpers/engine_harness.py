@@ -390,7 +390,14 @@ def crc(x: Any) -> int:
 
 
 def kill_test_peer(
-    rank: int, peer_id: int, count: int, seed: int, results: Any, control: Any, stop_after_post: float | None = None
+    rank: int,
+    peer_id: int,
+    count: int,
+    seed: int,
+    results: Any,
+    control: Any,
+    stop_after_post: float | None = None,
+    algorithm: str = "RING",
 ) -> None:
     """A peer process of the SIGKILL test (started with the 'spawn' method).
 
@@ -407,7 +414,7 @@ def kill_test_peer(
     With stop_after_post (the victim), the peer lets its op run that many seconds and
     then SIGSTOPs itself in the middle of it (reporting ("too-fast", rank) instead if
     the op had already finished), so the parent can SIGKILL it mid-op without racing
-    the op's completion.
+    the op's completion. `algorithm`: the name of the nat.AllReduceAlgorithm to run.
     """
     import os
     import signal
@@ -427,7 +434,9 @@ def kill_test_peer(
         results.put(("ready", rank))
         if not control.poll(60) or control.recv() != "go":
             return
-        h = engine.all_reduce(x, x, DT.FLOAT32, OP.SUM, tag=0, seq=0, timeout=60.0)
+        h = engine.all_reduce(
+            x, x, DT.FLOAT32, OP.SUM, tag=0, seq=0, timeout=60.0, algorithm=nat.AllReduceAlgorithm.__members__[algorithm]
+        )
         results.put(("posted", rank, time.monotonic()))
         if stop_after_post is not None:
             time.sleep(stop_after_post)

@@ -39,6 +39,11 @@ struct RingPosition {
   uint64_t nextPeer = kNoPeer;
 };
 
+// How an unquantized all-reduce moves its bytes; every peer must pick the same one (it
+// is part of the shape digest). kRing: AllReduceRing, bandwidth-optimal. kDirect:
+// AllReduceDirect, latency-optimal (one exchange and an all-to-all vote).
+enum class AllReduceAlgorithm : uint8_t { kRing = 0, kDirect = 1 };
+
 struct AllReduceOptions {
   const void* input = nullptr;
   void* output = nullptr;  // may equal input (in place)
@@ -58,6 +63,8 @@ struct AllReduceOptions {
   bool vote = false;
   // kind != kNone: a quantized all-reduce (AllReduceQuantized; SUM and AVG of floats).
   QuantSpec quant;
+  // Unquantized only (a quantized one has its own algorithm).
+  AllReduceAlgorithm algorithm = AllReduceAlgorithm::kRing;
 };
 
 class AllReduceRing final : public Collective {

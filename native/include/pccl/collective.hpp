@@ -115,6 +115,13 @@ class Collective : public std::enable_shared_from_this<Collective> {
   // and a peer that never voted proves that nobody committed: an outside arbiter can
   // then settle the peers whose op failed after voting without ever contradicting a
   // peer that committed (docs/protocol.md, "Commit vote").
+  //
+  // All-to-all mode (enableDirectVote, for ops whose data already goes from every peer
+  // to every peer): once its data is complete, a peer sends its vote straight to each
+  // other peer, and commits once it holds the result and votes from all N-1 others.
+  // The same rule with other messengers: a vote still means "I hold the complete
+  // result", a commit still needs every peer's vote, so the guarantees above hold as
+  // they are. It costs one one-way delay instead of N-1 ring hops.
   bool voting() const { return voteSize_ > 1; }
   // Whether this peer cast its vote (it held the complete result). Any thread.
   bool voted() const { return voted_.load(std::memory_order_acquire); }
@@ -123,7 +130,7 @@ class Collective : public std::enable_shared_from_this<Collective> {
   bool readyToCommit(FrameSink& sink);
   // Progress thread: validates a kCommit frame from `peer` (throws ProtocolError).
   void checkVote(uint64_t peer, const FrameHeader& h) const;
-  void onVote(const FrameHeader& h);
+  void onVote(uint64_t peer, const FrameHeader& h);
   // Test-only fault: this op's votes are counted as cast but never sent.
   void withholdVotes() { withholdVotes_ = true; }
 
@@ -134,6 +141,8 @@ class Collective : public std::enable_shared_from_this<Collective> {
 
   // Ops that vote call this from their constructor: N, ring neighbours, shape digest.
   void enableVote(size_t ringSize, uint64_t prevPeer, uint64_t nextPeer, uint32_t digest);
+  // Ops that vote all-to-all call this instead: the op's peers (this one at `rank`).
+  void enableDirectVote(std::vector<uint64_t> peers, size_t rank, uint32_t digest);
 
   uint64_t pendingSends_ = 0;  // progress thread only
   uint64_t txProgress_ = 0;
@@ -148,6 +157,12 @@ class Collective : public std::enable_shared_from_this<Collective> {
   uint32_t voteDigest_ = 0;
   uint64_t voteReceived_ = 0;  // the predecessor's latest count
   uint64_t voteSent_ = 0;
+  // All-to-all mode (votePeers_ not empty): who has voted so far.
+  std::vector<uint64_t> votePeers_;
+  size_t voteRank_ = 0;
+  std::vector<uint8_t> votedFrom_;
+  size_t votesIn_ = 0;
+  size_t voteIndex(uint64_t peer) const;
   bool withholdVotes_ = false;
   std::atomic<bool> voted_{false};
   mutable std::mutex mu_;

@@ -26,6 +26,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "pccl/allreduce_direct.hpp"
 #include "pccl/allreduce_quantized.hpp"
 #include "pccl/allreduce_ring.hpp"
 #include "pccl/prefault.hpp"
@@ -93,7 +94,8 @@ class Engine {
   // Starts an all-reduce over the current ring. Reopens the connection pool to the
   // next neighbour if a failure closed it. The buffers must stay valid until the op
   // finishes (the binding guarantees it). A quantized one (options.quant) connects to
-  // every peer of the ring (AllReduceQuantized).
+  // every peer of the ring (AllReduceQuantized), and so does a direct one
+  // (options.algorithm, AllReduceDirect).
   std::shared_ptr<Collective> allReduce(const AllReduceOptions& options, double connectTimeoutSeconds);
 
   // Ends a deferred-commit op that has finished: with `commit`, if it succeeded or

@@ -67,8 +67,41 @@ void Collective::enableVote(size_t ringSize, uint64_t prevPeer, uint64_t nextPee
   if (ringSize <= 1) voted_.store(true, std::memory_order_release);
 }
 
+void Collective::enableDirectVote(std::vector<uint64_t> peers, size_t rank, uint32_t digest) {
+  PCCL_ENFORCE(rank < peers.size(), "bad vote position");
+  voteSize_ = peers.size();
+  voteRank_ = rank;
+  voteDigest_ = digest;
+  votedFrom_.assign(peers.size(), 0);
+  votePeers_ = std::move(peers);
+  if (voteSize_ <= 1) voted_.store(true, std::memory_order_release);
+}
+
+size_t Collective::voteIndex(uint64_t peer) const {
+  for (size_t k = 0; k < votePeers_.size(); ++k) {
+    if (votePeers_[k] == peer) return k;
+  }
+  return votePeers_.size();
+}
+
 bool Collective::readyToCommit(FrameSink& sink) {
   if (voteSize_ <= 1) return true;
+  if (!votePeers_.empty()) {  // all-to-all: one vote to every other peer, once
+    if (voteSent_ == 0) {
+      voteSent_ = 1;
+      voted_.store(true, std::memory_order_release);
+      if (!withholdVotes_) {
+        for (size_t k = 0; k < votePeers_.size(); ++k) {
+          if (k == voteRank_) continue;
+          ++pendingSends_;  // complete() waits for them: the op outlives its last frame
+          sink.sendFrame(this, votePeers_[k], 0,
+                         makeHeader(FrameType::kCommit, key_, /*length=*/0, voteDigest_, /*offset=*/1), nullptr);
+        }
+        return false;
+      }
+    }
+    return votesIn_ >= voteSize_ - 1;
+  }
   const uint64_t count = std::min<uint64_t>(voteReceived_ + 1, voteSize_ - 1);
   if (count > voteSent_) {
     voteSent_ = count;
@@ -83,12 +116,27 @@ bool Collective::readyToCommit(FrameSink& sink) {
 }
 
 void Collective::checkVote(uint64_t peer, const FrameHeader& h) const {
+  if (!votePeers_.empty()) {
+    const size_t k = voteIndex(peer);
+    if (voteSize_ <= 1 || h.digest != voteDigest_ || k >= voteSize_ || k == voteRank_ || h.offset != 1 ||
+        votedFrom_[k]) {
+      throw ProtocolError("bad commit vote from peer " + std::to_string(peer) + " " + describe(), peer);
+    }
+    return;
+  }
   if (voteSize_ <= 1 || h.digest != voteDigest_ || peer != votePrev_ || h.offset == 0 || h.offset > voteSize_ - 1) {
     throw ProtocolError("bad commit vote from peer " + std::to_string(peer) + " " + describe(), peer);
   }
 }
 
-void Collective::onVote(const FrameHeader& h) { voteReceived_ = std::max<uint64_t>(voteReceived_, h.offset); }
+void Collective::onVote(uint64_t peer, const FrameHeader& h) {
+  if (!votePeers_.empty()) {  // checkVote() made sure it is a first vote of another peer
+    votedFrom_[voteIndex(peer)] = 1;
+    ++votesIn_;
+    return;
+  }
+  voteReceived_ = std::max<uint64_t>(voteReceived_, h.offset);
+}
 
 void Collective::onSent(uint32_t bytes) {
   --pendingSends_;

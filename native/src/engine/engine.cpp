@@ -218,6 +218,9 @@ std::shared_ptr<Collective> Engine::allReduce(const AllReduceOptions& in, double
                             reduceOpName(options.op));
     }
   }
+  const bool direct = options.algorithm == AllReduceAlgorithm::kDirect;
+  if (options.algorithm != AllReduceAlgorithm::kRing && !direct) throw InvalidArgument("unknown all-reduce algorithm");
+  if (quantized && direct) throw InvalidArgument("a quantized all-reduce has its own algorithm: pass kRing");
   if (options.count > (SIZE_MAX / 2) / esize) throw InvalidArgument("element count too large");
   if (options.count > 0 && (options.input == nullptr || options.output == nullptr)) {
     throw InvalidArgument("null buffer");
@@ -231,7 +234,7 @@ std::shared_ptr<Collective> Engine::allReduce(const AllReduceOptions& in, double
     pos = ring_;
     peers = ringPeers_;
   }
-  if (pos.size > 1 && quantized) {
+  if (pos.size > 1 && (quantized || direct)) {
     for (size_t i = 1; i < pos.size; ++i) ensureConnected(peers[(pos.rank + i) % pos.size], pos.epoch, connectTimeoutSeconds);
   } else if (pos.size > 1) {
     ensureConnected(peers[(pos.rank + 1) % pos.size], pos.epoch, connectTimeoutSeconds);
@@ -246,6 +249,12 @@ std::shared_ptr<Collective> Engine::allReduce(const AllReduceOptions& in, double
     for (const auto& p : peers) ids.push_back(p.peerId);
     if (ids.empty()) ids.push_back(options_.peerId);
     op = std::make_shared<AllReduceQuantized>(options, pos, std::move(ids), std::move(scratch));
+  } else if (direct) {
+    const size_t need = AllReduceDirect::scratchBytes(options, pos.size);
+    if (need > 0) scratch = takeScratch(need);
+    std::vector<uint64_t> ids;
+    for (const auto& p : peers) ids.push_back(p.peerId);
+    op = std::make_shared<AllReduceDirect>(options, pos, std::move(ids), std::move(scratch));
   } else {
     if (options.input == options.output && nbytes > 0 && pos.size > 1) scratch = takeScratch(nbytes);
     op = std::make_shared<AllReduceRing>(options, pos, std::move(scratch));

@@ -244,7 +244,7 @@ void Engine::onFrameComplete(Connection* c) {
       try {
         Sink frames(this);
         if (h.type == static_cast<uint8_t>(FrameType::kCommit)) {
-          op->onVote(h);
+          op->onVote(c->peer, h);
         } else {
           op->onReceived(frames, h);
         }
@@ -290,7 +290,7 @@ void Engine::deliverEarly(const std::shared_ptr<Collective>& op, const MailFrame
   try {
     if (frame.header.type == static_cast<uint8_t>(FrameType::kCommit)) {
       op->checkVote(frame.peer, frame.header);
-      op->onVote(frame.header);
+      op->onVote(frame.peer, frame.header);
       return;
     }
     uint8_t* dst = op->receiveTarget(frame.peer, frame.header);

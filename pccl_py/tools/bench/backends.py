@@ -37,6 +37,7 @@ class PcclCollective:
         self._rank = rank
         self._world = world
         self._timeout = op_timeout
+        self._direct_max_bytes = params.direct_max_bytes
         self._seq = 0
         self._in: Any = None
         self._out: Any = None
@@ -64,10 +65,17 @@ class PcclCollective:
             self._out.fill(0.0)
 
     def all_reduce(self, segment_bytes: int, quantization: str | None = None) -> None:
+        from pccl_py.peer.allreduce import choose_algorithm
         from pccl_py.types import Quantization
 
         q = Quantization.parse(quantization) if quantization else None
         self._seq += 1
+        # As the Communicator chooses (quantized ops have their own algorithm).
+        algorithm = (
+            self._nat.AllReduceAlgorithm.RING
+            if q
+            else choose_algorithm(self._in.nbytes, self._world, self._direct_max_bytes)
+        )
         # As the Communicator runs it: with the commit vote, and in place with the
         # input kept until the op is settled (without the master's verdict here).
         handle = self.engine.all_reduce(
@@ -83,6 +91,7 @@ class PcclCollective:
             quantization=q.native_kind if q else self._nat.QuantKind.NONE,
             quant_dtype=q.native_dtype if q else self._nat.DataType.UINT8,
             vote=True,
+            algorithm=algorithm,
         )
         handle.result()
         handle.settle(True)
@@ -116,7 +125,9 @@ class CommCollective:
         from pccl_py.peer.group import join_group
 
         config = pccl_py.Config(
-            connections_per_peer=self._params.connections, socket_buffer_bytes=self._params.socket_buffer_bytes
+            connections_per_peer=self._params.connections,
+            socket_buffer_bytes=self._params.socket_buffer_bytes,
+            direct_allreduce_max_bytes=self._params.direct_max_bytes,
         )
         comm = pccl_py.Communicator(master, host=self._host, config=config)
         self.comm = comm.connect(timeout=self._timeout)

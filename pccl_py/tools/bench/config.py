@@ -8,6 +8,7 @@ import dataclasses
 import re
 from pathlib import Path
 
+from pccl_py.config import Config
 from pccl_py.tools.wan import LinkSpec
 
 LOOPBACK = "127.0.0.1"
@@ -18,6 +19,7 @@ DEFAULT_PEERS = (2, 4)
 DEFAULT_SIZES = ("1K", "1M", "16M", "64M", "256M")
 DEFAULT_CONNECTIONS = 1
 DEFAULT_SEGMENT_BYTES = 512 << 10
+DEFAULT_DIRECT_MAX_BYTES = Config.direct_allreduce_max_bytes
 FLOAT32_BYTES = 4
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -68,6 +70,8 @@ class PcclParams:
     connections: int = DEFAULT_CONNECTIONS
     socket_buffer_bytes: int = 0
     zero_copy: bool = True
+    # pccl and comm: payload x (N-1) up to this goes direct (Config.direct_allreduce_max_bytes).
+    direct_max_bytes: int = DEFAULT_DIRECT_MAX_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +94,7 @@ class BenchConfig:
     quantization: tuple[str, ...] = ()  # e.g. ("minmax:uint8",): pccl variants also run quantized
     netns_rates: tuple[int, ...] = ()  # bits/s: each worker in its own namespace, egress shaped
     wan: tuple[LinkSpec, ...] = ()  # each worker (and the master) in its own emulated WAN host
+    direct_max_bytes: int = DEFAULT_DIRECT_MAX_BYTES  # pccl and comm: see PcclParams
 
     def validate(self) -> None:
         if not self.peers or any(n < 2 for n in self.peers):
@@ -108,6 +113,8 @@ class BenchConfig:
             raise ValueError("--connections must be at least 1")
         if any(b < FLOAT32_BYTES for b in self.segment_bytes):
             raise ValueError("--segment-bytes must be at least 4")
+        if self.direct_max_bytes < 0:
+            raise ValueError("--direct-max-bytes must not be negative")
         if any(r <= 0 for r in self.netns_rates):
             raise ValueError("--netns-rate must be positive")
         if self.netns_rates and self.wan:

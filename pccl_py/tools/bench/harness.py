@@ -263,6 +263,7 @@ def _measure_peer_count(
                     connections=v.connections or DEFAULT_CONNECTIONS,
                     socket_buffer_bytes=cfg.socket_buffer_bytes,
                     zero_copy=cfg.zero_copy,
+                    direct_max_bytes=cfg.direct_max_bytes,
                 )
                 groups[key] = stack.enter_context(_group(v.impl, world, params, cfg, net))
         for nbytes in cfg.sizes:
