@@ -34,7 +34,7 @@ from pccl_py.master.election import EntryMeta, Submission, SyncStrategy
 from pccl_py.master.membership import Effect, Log, Membership, RejoinInfo, RejoinRefused, Send
 from pccl_py.master.metrics import MasterMetrics
 from pccl_py.wire import auth, protocol
-from pccl_py.wire.aio import new_event_loop, send_nowait, watch_connections
+from pccl_py.wire.aio import monitor_connections, new_event_loop, send_nowait, watch_connections
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ class Master:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        monitor = monitor_connections(sock)
         try:
             sock.bind(f"tcp://{self._host}:{self._port or '*'}")
             endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -179,7 +180,7 @@ class Master:
                     tasks.create_task(self._tick_loop()),
                     # Caps each peer connection's retransmission backoff: after a
                     # short outage, answers reach the peer within a second.
-                    tasks.create_task(watch_connections(sock)),
+                    tasks.create_task(watch_connections(sock, monitor)),
                 ]
                 await self._stop.wait()
                 for task in loops:
@@ -189,6 +190,7 @@ class Master:
         finally:
             self._tasks = None
             self._watchers.clear()
+            monitor.close(linger=0)  # its task may never have run: ctx.term() waits for every socket
             sock.close(linger=0)
             ctx.term()
             self._sock = None

@@ -23,7 +23,7 @@ from pccl_py.config import Config
 from pccl_py.errors import Aborted, AuthError, PcclError, Timeout
 from pccl_py.peer.session import OpKey, Session
 from pccl_py.wire import auth, protocol
-from pccl_py.wire.aio import new_event_loop, send_nowait, watch_connections
+from pccl_py.wire.aio import monitor_connections, new_event_loop, send_nowait, watch_connections
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class ControlChannel:
         # An unguessable routing id: the master binds authentication to it, and ids the
         # ROUTER would assign are sequential.
         sock.setsockopt(zmq.ROUTING_ID, b"\x01" + auth.new_nonce())
+        monitor = monitor_connections(sock)  # before connect: the first connection is seen too
         sock.connect(self._endpoint)
         self._sock = sock
         self._ready.set()
@@ -107,13 +108,14 @@ class ControlChannel:
                     tasks.create_task(self._receive_loop(sock)),
                     tasks.create_task(self._heartbeat_loop(sock)),
                     tasks.create_task(self._commit_report_loop()),
-                    tasks.create_task(watch_connections(sock, self._on_link)),
+                    tasks.create_task(watch_connections(sock, monitor, self._on_link)),
                 ]
                 await self._stopped.wait()
                 for task in loops:
                     task.cancel()
         finally:
             self._sock = None
+            monitor.close(linger=0)  # its task may never have run: ctx.term() waits for every socket
             sock.close(linger=1000)
             ctx.term()
 

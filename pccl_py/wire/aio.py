@@ -71,13 +71,20 @@ def cap_retransmit_backoff(fd: int) -> bool:
     return True
 
 
-async def watch_connections(sock: zmq.asyncio.Socket, on_change: Callable[[bool], None] | None = None) -> None:
+def monitor_connections(sock: zmq.asyncio.Socket) -> zmq.asyncio.Socket:
+    """The monitor watch_connections() reads; take it before `sock` connects or binds,
+    or the first connection's events may be gone before anyone listens."""
+    monitor: zmq.asyncio.Socket = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+    return monitor
+
+
+async def watch_connections(
+    sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket, on_change: Callable[[bool], None] | None = None
+) -> None:
     """Runs until cancelled: caps the retransmission backoff of every TCP connection
     `sock` makes or accepts, and tells `on_change` when a connection comes up (True) or
-    goes down (False). ZeroMQ has no option for the cap; its monitor hands over each
-    new connection's file descriptor."""
-    events = zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
-    monitor = sock.get_monitor_socket(events)
+    goes down (False). ZeroMQ has no option for the cap; its monitor (from
+    monitor_connections) hands over each new connection's file descriptor."""
     try:
         while True:
             event = parse_monitor_message(await monitor.recv_multipart())
