@@ -543,7 +543,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
 
     def _check_list(self, tensors: Sequence[torch.Tensor], what: str) -> None:
         if len(tensors) != self._size:
-            raise PcclBackendError(f"{what}: expected {self._size} tensors, got {len(tensors)}")
+            raise PcclBackendError(f"{what}: expected one per rank ({self._size}), got {len(tensors)}")
 
 
 def _shutdown_at_exit(ref: weakref.ref[ProcessGroupPccl]) -> None:

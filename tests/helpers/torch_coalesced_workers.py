@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch.distributed.distributed_c10d import (
     AllgatherOptions,
     AllreduceCoalescedOptions,
@@ -203,6 +204,23 @@ class Cases:
 
         return case
 
+    def functional(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        # torch's functional collectives reach the backend through the C++ dispatcher.
+        specs = [((3,), torch.float32), ((2, 2), torch.float32), ((1,), torch.float32)]
+        mine = [value(self.rank, i, shape, dtype) for i, (shape, dtype) in enumerate(specs)]
+        every = [[value(r, i, shape, dtype) for i, (shape, dtype) in enumerate(specs)] for r in range(self.world)]
+        gathered = funcol.all_gather_into_tensor_coalesced(mine, self.pg)
+        blocks = [torch.cat([value(self.rank, i * 10 + r, shape, dtype) for r in range(self.world)]) for i, (shape, dtype) in enumerate(specs)]
+        scattered = funcol.reduce_scatter_tensor_coalesced(blocks, "sum", [0] * len(specs), self.pg)
+        reduced = funcol.all_reduce_coalesced(mine, "sum", self.pg)
+        results = []
+        for i, (shape, dtype) in enumerate(specs):
+            results.append((f"all_gather_into_tensor[{i}]", gathered[i], torch.cat([every[r][i] for r in range(self.world)])))
+            mine_block = [value(r, i * 10 + self.rank, shape, dtype) for r in range(self.world)]
+            results.append((f"reduce_scatter_tensor[{i}]", scattered[i], reduce(dist.ReduceOp.SUM, mine_block)))
+            results.append((f"all_reduce[{i}]", reduced[i], reduce(dist.ReduceOp.SUM, [every[r][i] for r in range(self.world)])))
+        return results
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -235,6 +253,7 @@ def main() -> None:
     for op in (dist.ReduceOp.SUM, dist.ReduceOp.MIN):
         c.run(f"pg.reduce_scatter_tensor_coalesced shapes {op}", c.reduce_scatter_tensor_coalesced([(s, f32) for s in SHAPES], op))
         c.run(f"pg.reduce_scatter_tensor_coalesced mixed dtypes {op}", c.reduce_scatter_tensor_coalesced(MIXED, op))
+    c.run("functional collectives coalesced", c.functional)
 
     # Still usable after whatever raised above.
     t = torch.ones(2)
