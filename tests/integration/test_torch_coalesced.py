@@ -7,12 +7,16 @@ Every output slot is checked against the value computed locally, and at world si
 takes the call.
 
 Ranks are separate processes started as torchrun would (pccl_py.torch.bench.launch);
-tests/helpers/torch_coalesced_workers.py is what each runs.
+tests/helpers/torch_coalesced_workers.py is what each runs. The last test runs a few of
+PyTorch's own DistributedTest cases for these collectives on pccl.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +69,23 @@ def test_coalesced_collectives_match_gloo(tmp_path: Path) -> None:
                 got = mine[case][label]
                 assert got.dtype == want.dtype and got.shape == want.shape, (rank, case, label)
                 assert torch.equal(_bytes(got), _bytes(want)), f"rank {rank} {case} {label}: {got} != gloo's {want}"
+
+
+SUITE = str(Path(__file__).parents[1] / "helpers" / "torch_dist_suite.py")
+UPSTREAM = [
+    "test_all_gather_coalesced_simple",
+    "test_all_gather_coalesced_with_empty",
+    "test_all_reduce_coalesced_sum",
+    "test_all_reduce_coalesced_max",
+]
+
+
+def test_pytorchs_distributed_test_coalesced_cases_pass() -> None:
+    # A few of PyTorch's own DistributedTest cases (tests/helpers/torch_dist_suite.py runs
+    # any of them): every one must run, none skipped, and pass.
+    env = dict(os.environ, BACKEND="pccl", WORLD_SIZE="2")
+    names = [f"TestDistBackendWithSpawn.{name}" for name in UPSTREAM]
+    proc = subprocess.run([sys.executable, SUITE, "-v", *names], check=False, env=env, capture_output=True, text=True, timeout=240)
+    tail = proc.stderr[-6000:]
+    assert proc.returncode == 0, tail
+    assert f"Ran {len(UPSTREAM)} tests" in proc.stderr and "skipped" not in proc.stderr, tail
