@@ -234,9 +234,10 @@ class ProcessGroupPccl(dist.ProcessGroup):
 
         def run() -> list[torch.Tensor]:
             buf = torch.zeros(block * self._size, dtype=torch.uint8)
-            mine = buf[self._rank * block : (self._rank + 1) * block]
-            if sources:
-                mine.copy_(torch.cat([byte_view(x.host) for x in sources]))
+            offset = self._rank * block
+            for x in sources:
+                buf[offset : offset + x.host.nbytes].copy_(byte_view(x.host))
+                offset += x.host.nbytes
             self._all_reduce(buf, ReduceOp.SUM, timeout)
             flat = [s for outs in slots for s in outs]
             split_into(buf, [byte_view(s.host) for s in flat])
