@@ -195,38 +195,57 @@ class ProcessGroupPccl(dist.ProcessGroup):
         return self._submit(run)
 
     def allgather(self, output_tensors: Any, input_tensors: Any, opts: Any = None) -> dist.Work:
-        """output_tensors: [[t_0, ..., t_{N-1}]] (one list per input), input_tensors: [x]."""
+        """output_tensors[i][r] receives rank r's input_tensors[i] (torch's all_gather,
+        one output list per input): the coalesced all-gather with its lists transposed."""
         if isinstance(input_tensors, torch.Tensor):
             input_tensors, output_tensors = [input_tensors], [output_tensors]
-        timeout = self._op_timeout(opts)
         if len(input_tensors) != len(output_tensors):
             raise PcclBackendError("allgather: one output list per input tensor")
-        plans = []
-        for outs, x in zip(output_tensors, input_tensors, strict=True):
+        for outs in output_tensors:
             self._check_list(outs, "allgather output")
-            if outs[self._rank].nbytes != x.nbytes:
-                raise PcclBackendError("allgather: the input must have the size of this rank's output slot")
-            plans.append(([Staged(o, read=False) for o in outs], Staged(x)))
-
-        def run() -> list[torch.Tensor]:
-            slots = [s for outs, _ in plans for s in outs]
-            buf = torch.zeros(sum(s.host.nbytes for s in slots), dtype=torch.uint8)
-            offset = 0
-            for outs, x in plans:
-                for r, s in enumerate(outs):
-                    if r == self._rank:
-                        buf[offset : offset + s.host.nbytes].copy_(byte_view(x.host))
-                    offset += s.host.nbytes
-            self._all_reduce(buf, ReduceOp.SUM, timeout)
-            split_into(buf, [byte_view(s.host) for s in slots])
-            for s in slots:
-                s.commit()
-            return [t for outs in output_tensors for t in outs]
-
-        return self._submit(run)
+        by_rank = [[outs[r] for outs in output_tensors] for r in range(self._size)]
+        return self._gather(by_rank, list(input_tensors), self._op_timeout(opts), "allgather")
 
     def allgather_coalesced(self, output_lists: Any, input_list: Any, opts: Any = None) -> dist.Work:
-        return self.allgather(output_lists, input_list, opts)
+        """output_lists[r][i] receives rank r's input_list[i] (torch's
+        all_gather_coalesced); the inputs may differ from each other in shape and dtype."""
+        self._check_list(output_lists, "allgather_coalesced output lists")
+        return self._gather(list(output_lists), list(input_list), self._op_timeout(opts), "allgather_coalesced")
+
+    def _gather(
+        self, by_rank: list[list[torch.Tensor]], inputs: list[torch.Tensor], timeout: float, what: str
+    ) -> dist.Work:
+        """by_rank[r][i] receives rank r's inputs[i]. One SUM all-reduce over a uint8
+        buffer of world_size blocks, block r laid out as rank r's inputs back to back:
+        each rank packs its inputs into its own block, zeros elsewhere, and unpacks
+        every block into that rank's outputs."""
+        for r, outs in enumerate(by_rank):
+            if len(outs) != len(inputs):
+                raise PcclBackendError(f"{what}: the outputs for rank {r} hold {len(outs)} tensors for {len(inputs)} inputs")
+            for i, (out, x) in enumerate(zip(outs, inputs, strict=True)):
+                if out.dtype != x.dtype or out.numel() != x.numel():
+                    raise PcclBackendError(
+                        f"{what}: the output for rank {r}, input {i} is {out.dtype} x {out.numel()}; "
+                        f"the input is {x.dtype} x {x.numel()}"
+                    )
+        slots = [[Staged(o, read=False) for o in outs] for outs in by_rank]
+        sources = [Staged(x) for x in inputs]
+        block = sum(x.host.nbytes for x in sources)
+
+        def run() -> list[torch.Tensor]:
+            buf = torch.zeros(block * self._size, dtype=torch.uint8)
+            offset = self._rank * block
+            for x in sources:
+                buf[offset : offset + x.host.nbytes].copy_(byte_view(x.host))
+                offset += x.host.nbytes
+            self._all_reduce(buf, ReduceOp.SUM, timeout)
+            flat = [s for outs in slots for s in outs]
+            split_into(buf, [byte_view(s.host) for s in flat])
+            for s in flat:
+                s.commit()
+            return [t for outs in by_rank for t in outs]
+
+        return self._submit(run)
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> dist.Work:
         return self.all_gather_single_coalesced([output], [input], opts)
@@ -525,7 +544,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
 
     def _check_list(self, tensors: Sequence[torch.Tensor], what: str) -> None:
         if len(tensors) != self._size:
-            raise PcclBackendError(f"{what}: expected {self._size} tensors, got {len(tensors)}")
+            raise PcclBackendError(f"{what}: expected one per rank ({self._size}), got {len(tensors)}")
 
 
 def _shutdown_at_exit(ref: weakref.ref[ProcessGroupPccl]) -> None:
