@@ -10,6 +10,8 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdint>
+#include <cstdio>
 #include <cstring>
 
 #include "pccl/errors.hpp"
@@ -144,6 +146,37 @@ void setNonBlocking(int fd, bool on) {
 #endif
 constexpr int kRtoMaxMs = 1000;  // the smallest value the kernel accepts
 
+namespace {
+
+// The `index`-th number of a /proc/sys file (0 when it cannot be read).
+long readSysctl(const char* path, int index) {
+  FILE* f = std::fopen(path, "r");
+  if (f == nullptr) return 0;
+  long value = 0;
+  for (int i = 0; i <= index; ++i) {
+    if (std::fscanf(f, "%ld", &value) != 1) {
+      value = 0;
+      break;
+    }
+  }
+  std::fclose(f);
+  return value;
+}
+
+// With no size asked for, a buffer is left to autotuning, which grows it up to
+// tcp_wmem/tcp_rmem's maximum (per network namespace; the kernel's default send maximum
+// is 4 MiB: about 330 Mbit/s through one connection at 100 ms). An explicit size may
+// reach twice net.core.wmem_max/rmem_max instead: where that is larger, ask for it.
+void raiseToExplicitCap(int fd, int option, const char* autoMaxPath, const char* explicitMaxPath) {
+  const long autoMax = readSysctl(autoMaxPath, 2);
+  const long explicitMax = readSysctl(explicitMaxPath, 0);
+  if (explicitMax <= 0 || 2 * explicitMax <= autoMax || explicitMax > INT32_MAX) return;
+  int size = static_cast<int>(explicitMax);  // the kernel doubles it (bookkeeping overhead)
+  ::setsockopt(fd, SOL_SOCKET, option, &size, sizeof(size));
+}
+
+}  // namespace
+
 void tuneSocket(int fd, const SocketOptions& options) {
   int one = 1;
   ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -153,6 +186,9 @@ void tuneSocket(int fd, const SocketOptions& options) {
     int size = options.bufferBytes;
     ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
     ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));
+  } else {
+    raiseToExplicitCap(fd, SO_SNDBUF, "/proc/sys/net/ipv4/tcp_wmem", "/proc/sys/net/core/wmem_max");
+    raiseToExplicitCap(fd, SO_RCVBUF, "/proc/sys/net/ipv4/tcp_rmem", "/proc/sys/net/core/rmem_max");
   }
 }
 
