@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import queue
@@ -165,7 +166,7 @@ def _report(args: argparse.Namespace, procs: list[_Proc], t_cut: float, t_heal: 
         ends = [r["t1"] for r in calls]
         # The stall: the longest time between two returns around the cut, less the usual call.
         around = [t for t in ends if t_cut - 10 <= t <= t_cut + 30]
-        gaps = [b - a for a, b in zip(around, around[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(around)]
         if hit is not None and before:
             gaps.append(hit["t1"] - before[-1]["t1"])
         peers.append({
