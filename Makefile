@@ -1,5 +1,5 @@
 # make install: .venv/ with the package (editable) and everything it needs.
-# make test: the test suite. make lint: ruff + mypy. make demo: the main job. make bench / make stress.
+# make test: the test suite. make lint: ruff + mypy. make demo: the main job. make bench / make stress / make stress-wan.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +12,7 @@ NATIVE_SOURCES := $(shell find native bindings -type f \( -name '*.cpp' -o -name
 PY_MODULES := $(shell find pccl_py -name '*.py' | sort | md5sum | cut -c1-12)
 MODULE_STAMP := $(VENV)/.modules-$(PY_MODULES)
 
-.PHONY: install test demo bench stress lint clean
+.PHONY: install test demo bench stress stress-wan lint clean
 STRESS_SECONDS ?= 600
 STRESS_SEED ?= 1
 
@@ -45,6 +45,12 @@ bench: install
 # A long churn run (default 10 min; STRESS_SECONDS=1800 for 30). Exits 1 on any violation.
 stress: install
 	$(PY) -m stress --seconds $(STRESS_SECONDS) --seed $(STRESS_SEED) --summary stress-summary.json --plot stress-timeline.png
+
+# The churn run behind the WAN emulator (root; docs/wan.md): 3 minutes by default.
+STRESS_WAN ?= rtt=100ms,rate=1gbit
+STRESS_WAN_SECONDS ?= 180
+stress-wan: install
+	$(PY) -m stress --wan $(STRESS_WAN) --seconds $(STRESS_WAN_SECONDS) --seed $(STRESS_SEED) --summary stress-wan-summary.json
 
 clean:
 	rm -rf build $(VENV) .pytest_cache

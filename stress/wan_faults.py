@@ -10,6 +10,9 @@ partition: host 0 is cut off mid-op and stays cut off. Printed: for each survivo
 long after the cut its call returned and how (the bar: the same outcome everywhere, a
 successful retry within 3 s), and when and how the cut-off peer's call ended (the bar:
 a typed error within 3 s, never its op timeout).
+join: --peers - 1 peers run the natural loop (docs/api.md) and one more joins; printed:
+how long its connect() took and when its first all-reduce (world --peers) ended, from
+the start of connect() (the bar: within 1.5 s for 16 MiB at RTT 100 ms).
 outage: host 0 is cut off for --outage seconds, then heals. Printed: for every peer the
 longest time between two returns of its calls around the outage, less the usual op
 time (the stall; the bar: outage + 1 s at most, 3.5 s for a 2.5 s outage).
@@ -41,10 +44,12 @@ REPO = Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------------- the peer
 
 
-def worker(master: str, host: str, world: int, elements: int, seconds: float) -> int:
-    """One peer: connect, wait for the group of `world`, then all-reduce back to back
-    for `seconds`, one JSON line per call (wall-clock times: every process of the run
-    shares the machine's clock)."""
+def worker(master: str, host: str, world: int, elements: int, seconds: float, mode: str) -> int:
+    """One peer: connect, wait for the group of `world` (mode "plain" and "natural"; a
+    "joiner" goes straight to its loop), then all-reduce back to back for `seconds`,
+    one JSON line per call (wall-clock times: every process of the run shares the
+    machine's clock). "natural" and "joiner" run the loop of docs/api.md: admit pending
+    peers (`pending_peers()`, `update_topology()`) before each all-reduce."""
     import numpy as np
 
     import pccl_py as pccl
@@ -55,8 +60,11 @@ def worker(master: str, host: str, world: int, elements: int, seconds: float) ->
         print(json.dumps(record), flush=True)
 
     try:
+        t_connect = time.time()
         comm.connect(timeout=60)
-        pccl.join_group(comm, world, timeout=120)
+        say({"event": "connected", "t0": t_connect, "t1": time.time()})
+        if mode != "joiner":
+            pccl.join_group(comm, world, timeout=120)
         say({"event": "ready", "peer": comm.peer_id})
         x = np.empty(elements, np.float32)
         end = time.time() + seconds
@@ -64,6 +72,8 @@ def worker(master: str, host: str, world: int, elements: int, seconds: float) ->
             x.fill(1.0)
             t0 = time.time()
             try:
+                if mode != "plain" and comm.pending_peers() > 0:
+                    comm.update_topology()
                 info = comm.all_reduce(x, retry=True)
             except pccl.PcclError as exc:
                 say({"event": "call", "t0": t0, "t1": time.time(), "ok": False, "error": type(exc).__name__,
@@ -98,9 +108,18 @@ class _Proc:
                 self.records.put(record)
 
     def wait_for(self, event: str, timeout: float) -> dict[str, Any]:
+        """The next record of `event`; raises RuntimeError at the deadline, or at once
+        when the process has exited (its log names why)."""
         deadline = time.monotonic() + timeout
         while True:
-            record = self.records.get(timeout=max(0.01, deadline - time.monotonic()))
+            try:
+                record = self.records.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None and self.records.empty():
+                    raise RuntimeError(f"peer exited ({self.proc.returncode}) before {event!r}: see {self._log.name}") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no {event!r} from the peer within {timeout:g}s: see {self._log.name}") from None
+                continue
             if record.get("event") == event:
                 return record
 
@@ -130,15 +149,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         master = net.call_in(args.peers, lambda: pccl.Master(host=net.ips[args.peers], port=0).start())
         procs: list[_Proc] = []
         try:
-            for i in range(args.peers):
+            members = args.peers - 1 if args.case == "join" else args.peers
+            mode = "natural" if args.case == "join" else "plain"
+
+            def start(i: int, mode: str) -> _Proc:
                 argv = [*net.exec_prefix(i), sys.executable, "-m", "stress.wan_faults", "--worker", master.address,
-                        net.ips[i], str(args.peers), str(elements), str(args.seconds)]
-                procs.append(_Proc(argv, workdir / f"peer{i}.log"))
+                        net.ips[i], str(members), str(elements), str(args.seconds), mode]
+                return _Proc(argv, workdir / f"peer{i}.log")
+
+            for i in range(members):
+                procs.append(start(i, mode))
             for p in procs:
                 p.wait_for("ready", 180)
             for p in procs:  # warm: every peer completed a few calls
                 for _ in range(args.warm):
                     p.wait_for("call", 120)
+            if args.case == "join":
+                procs.append(start(members, "joiner"))
+                joined = procs[-1].wait_for("call", 120)
+                time.sleep(args.after)
+                return _join_report(args, procs[-1], joined)
             # Cut host 0 off a moment after one of its calls began: mid-op.
             last = procs[0].wait_for("call", 120)
             time.sleep(min(0.3, max(0.0, (last["t1"] - last["t0"]) / 3)))
@@ -154,6 +184,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 p.close()
             master.close()
     return _report(args, procs, t_cut, t_heal if args.case == "outage" else None)
+
+
+def _join_report(args: argparse.Namespace, joiner: _Proc, first: dict[str, Any]) -> dict[str, Any]:
+    connected = next(r for r in joiner.all if r.get("event") == "connected")
+    return {
+        "case": "join", "wan": args.wan, "peers": args.peers, "bytes": (args.mib << 20) or (args.kib << 10),
+        "connect_s": round(connected["t1"] - connected["t0"], 3),
+        "first_call_done_s": round(first["t1"] - connected["t0"], 3),
+        "first_call": (f"ok, world {first['world']}, {first['attempts']} attempts, value {first['value']}"
+                       if first["ok"] else f"{first['error']}: {first['msg'][:120]}"),
+    }
 
 
 def _report(args: argparse.Namespace, procs: list[_Proc], t_cut: float, t_heal: float | None) -> dict[str, Any]:
@@ -186,15 +227,15 @@ def _report(args: argparse.Namespace, procs: list[_Proc], t_cut: float, t_heal: 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--worker":
-        master, host, world, elements, seconds = argv[1:6]
-        return worker(master, host, int(world), int(elements), float(seconds))
+        master, host, world, elements, seconds, mode = argv[1:7]
+        return worker(master, host, int(world), int(elements), float(seconds), mode)
     parser = argparse.ArgumentParser(prog="python -m stress.wan_faults", description=__doc__.split("\n\n")[0])
     parser.add_argument("--wan", default="rtt=100ms,rate=1gbit", help="the emulated link (pccl_py.tools.wan.LinkSpec)")
     parser.add_argument("--peers", type=int, default=4)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--mib", type=int, default=0, help="all-reduce size in MiB")
     size.add_argument("--kib", type=int, default=1, help="all-reduce size in KiB (default 1)")
-    parser.add_argument("--case", choices=("partition", "outage"), default="partition")
+    parser.add_argument("--case", choices=("partition", "outage", "join"), default="partition")
     parser.add_argument("--outage", type=float, default=2.5, help="seconds host 0 stays cut off (--case outage)")
     parser.add_argument("--after", type=float, default=8.0, help="seconds measured after the cut (or the heal)")
     parser.add_argument("--warm", type=int, default=2, help="calls every peer completes before the cut")

@@ -168,6 +168,8 @@ class Engine {
   // ---- caller side (engine.cpp)
   void post(std::function<void()> command);
   void ensureConnected(const PeerAddress& peer, uint64_t epoch, double timeoutSeconds);
+  // Opens the missing pools to `targets` all at once.
+  void ensureConnected(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds);
   ScratchBuffer takeScratch(size_t bytes);
   void giveScratch(ScratchBuffer scratch);
 

@@ -118,59 +118,72 @@ void Engine::setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_
 }
 
 void Engine::ensureConnected(const PeerAddress& peer, uint64_t epoch, double timeoutSeconds) {
+  ensureConnected(std::vector<PeerAddress>{peer}, epoch, timeoutSeconds);
+}
+
+void Engine::ensureConnected(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds) {
   std::lock_guard<std::mutex> connectLock(connectMu_);
   const size_t k = static_cast<size_t>(options_.connectionsPerPeer);
+  std::vector<const PeerAddress*> missing;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = liveOutgoing_.find(PoolKey{peer.peerId, epoch});
-    if (it != liveOutgoing_.end() && it->second >= k) return;
-    if (it != liveOutgoing_.end() && it->second > 0) {
-      // A partial pool (some connections broke): rebuild it whole.
-      commands_.push_back([this, id = peer.peerId, epoch] {
-        closePeer(id, epoch, epoch, ErrorKind::kPeerLost, "connection pool to peer " + std::to_string(id) + " is incomplete");
-      });
+    for (const PeerAddress& peer : targets) {
+      auto it = liveOutgoing_.find(PoolKey{peer.peerId, epoch});
+      if (it != liveOutgoing_.end() && it->second >= k) continue;
+      if (it != liveOutgoing_.end() && it->second > 0) {
+        // A partial pool (some connections broke): rebuild it whole.
+        commands_.push_back([this, id = peer.peerId, epoch] {
+          closePeer(id, epoch, epoch, ErrorKind::kPeerLost, "connection pool to peer " + std::to_string(id) + " is incomplete");
+        });
+      }
+      missing.push_back(&peer);
     }
   }
+  if (missing.empty()) return;
   if (timeoutSeconds < 0 || timeoutSeconds > 1e7) timeoutSeconds = 1e7;
   auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeoutSeconds));
-  // The K connections open at once: one after another, each costs its own round trips
-  // (connect, then the handshake), K times over on a long link.
-  std::vector<Fd> opened(k);
-  std::vector<std::exception_ptr> errors(k);
-  auto open = [&](size_t i) {
+  // Every connection of every missing pool opens at once: one after another, each
+  // costs its own round trips (connect, then the handshake), K x peers times over on a
+  // long link.
+  const size_t total = missing.size() * k;
+  std::vector<Fd> opened(total);
+  std::vector<std::exception_ptr> errors(total);
+  auto open = [&](size_t j) {
+    const PeerAddress& peer = *missing[j / k];
+    const size_t i = j % k;
     try {
       Fd fd = connectTcp(peer.host, peer.port, deadline, peer.peerId);
       tuneSocket(fd.get(), options_.socket);
       const Hello hello = makeHello(options_.peerId, epoch, static_cast<uint32_t>(i), static_cast<uint32_t>(k));
       connectHandshake(fd.get(), peer, hello, options_.secret, deadline);
       setNonBlocking(fd.get(), true);
-      opened[i] = std::move(fd);
+      opened[j] = std::move(fd);
     } catch (...) {
-      errors[i] = std::current_exception();
+      errors[j] = std::current_exception();
     }
   };
   {
     std::vector<std::thread> helpers;
-    for (size_t i = 1; i < k; ++i) helpers.emplace_back(open, i);
+    for (size_t j = 1; j < total; ++j) helpers.emplace_back(open, j);
     open(0);
     for (auto& t : helpers) t.join();
   }
   for (auto& error : errors) {
     if (error) std::rethrow_exception(error);  // the opened ones close with `opened`
   }
-  std::vector<int> fds;
-  for (auto& fd : opened) fds.push_back(fd.release());
+  std::vector<std::pair<uint64_t, int>> fds;  // (peer, fd), each pool's in its order
+  for (size_t j = 0; j < total; ++j) fds.emplace_back(missing[j / k]->peerId, opened[j].release());
   // The progress thread owns the pools; wait until it has taken these, so the next
   // check (and the op posted next) sees them.
   auto added = std::make_shared<std::promise<void>>();
   auto ready = added->get_future();
   try {
-    post([this, fds, added, id = peer.peerId, epoch] {
-      for (int fd : fds) addConnection(Fd(fd), id, epoch, /*outgoing=*/true, /*handshaking=*/false);
+    post([this, fds, added, epoch] {
+      for (const auto& [id, fd] : fds) addConnection(Fd(fd), id, epoch, /*outgoing=*/true, /*handshaking=*/false);
       added->set_value();
     });
   } catch (...) {
-    for (int fd : fds) ::close(fd);
+    for (const auto& [id, fd] : fds) ::close(fd);
     throw;
   }
   ready.wait();
@@ -235,7 +248,9 @@ std::shared_ptr<Collective> Engine::allReduce(const AllReduceOptions& in, double
     peers = ringPeers_;
   }
   if (pos.size > 1 && (quantized || direct)) {
-    for (size_t i = 1; i < pos.size; ++i) ensureConnected(peers[(pos.rank + i) % pos.size], pos.epoch, connectTimeoutSeconds);
+    std::vector<PeerAddress> others;
+    for (size_t i = 1; i < pos.size; ++i) others.push_back(peers[(pos.rank + i) % pos.size]);
+    ensureConnected(others, pos.epoch, connectTimeoutSeconds);
   } else if (pos.size > 1) {
     ensureConnected(peers[(pos.rank + 1) % pos.size], pos.epoch, connectTimeoutSeconds);
   }
