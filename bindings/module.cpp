@@ -398,6 +398,8 @@ PYBIND11_MODULE(_native, m) {
            py::arg("socket_buffer_bytes") = 0, py::arg("mailbox_limit_bytes") = size_t(256) << 20,
            py::arg("secret") = py::bytes(), py::arg("zero_copy") = true, py::arg("prefault") = true)
       .def_property_readonly("port", &Engine::port)
+      .def("pool_size", &Engine::poolSize, py::arg("peer"),
+           "Connections per pool to `peer` (with connections_per_peer=0: what its round trip asked for; 0 before any).")
       .def_property_readonly("zero_copy_bytes", &Engine::zeroCopyBytes,
                              "Payload bytes sent by reference (vmsplice + splice) instead of copied.")
       .def_property_readonly("prefaulted_bytes", &Engine::prefaultedBytes,

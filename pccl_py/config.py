@@ -29,7 +29,7 @@ class Config:
     # the reports it has (a poisoned neighbour reports before the peer that failed).
     failure_grace: float = 0.2
     # Data plane.
-    connections_per_peer: int = 1
+    connections_per_peer: int = 0  # 0: sized per neighbour from its round trip (about 1 Gbit/s each); K fixes it
     segment_bytes: int = 512 << 10
     socket_buffer_bytes: int = 0
     # Large all-reduce payloads go to the kernel by reference (vmsplice + splice), not
@@ -79,8 +79,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
             raise ConfigError("need 0 < heartbeat_interval < heartbeat_timeout")
-        if not 1 <= self.connections_per_peer <= 64:
-            raise ConfigError("connections_per_peer must be in [1, 64]")
+        if not 0 <= self.connections_per_peer <= 64:
+            raise ConfigError("connections_per_peer must be in [0, 64] (0: sized from each neighbour's round trip)")
         if self.direct_allreduce_max_bytes < 0:
             raise ConfigError("direct_allreduce_max_bytes must be >= 0 (0: always the ring)")
         if self.segment_bytes < 4096:

@@ -85,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=[DEFAULT_CONNECTIONS],
         metavar="K",
-        help="pccl TCP connections per peer; several values sweep (default: 1)",
+        help="pccl TCP connections per peer, 0 (the default): sized from each neighbour's measured round "
+        "trip, as the Communicator does; several values sweep",
     )
     parser.add_argument(
         "--segment-bytes",

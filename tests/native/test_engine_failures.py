@@ -425,7 +425,9 @@ def test_invalid_arguments_are_rejected():
         with pytest.raises(InvalidArgument):
             e.set_ring(2, other, 5)  # outside the ring
     with pytest.raises(InvalidArgument):
-        nat.Engine(peer_id=1, host=HOST, port=0, connections_per_peer=0)
+        nat.Engine(peer_id=1, host=HOST, port=0, connections_per_peer=-1)  # 0 is "sized from the round trip"
+    with pytest.raises(InvalidArgument):
+        nat.Engine(peer_id=1, host=HOST, port=0, connections_per_peer=65)
 
 
 # ---------------------------------------------------------------- SIGKILL of a peer process

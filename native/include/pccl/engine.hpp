@@ -42,7 +42,7 @@ struct EngineOptions {
   uint64_t peerId = 0;
   std::string listenHost = "127.0.0.1";
   uint16_t listenPort = 0;  // 0 picks a free port
-  int connectionsPerPeer = 1;
+  int connectionsPerPeer = 1;  // 0: sized per peer from the measured round trip (poolSizeFor)
   size_t segmentBytes = 512 << 10;
   SocketOptions socket;
   size_t mailboxLimitBytes = 256u << 20;  // frames that arrive before their op is posted
@@ -73,6 +73,10 @@ struct Event {
   std::string reason;
 };
 
+// connectionsPerPeer == 0 sizes each pool to carry this over the measured round trip.
+constexpr double kAutoTargetBitsPerSecond = 1e9;
+constexpr size_t kAutoMaxConnections = 8;
+
 class Engine {
  public:
   explicit Engine(const EngineOptions& options);
@@ -90,6 +94,9 @@ class Engine {
   // PeerLostError / TimeoutError when the neighbour cannot be reached.
   void setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_t rank, double timeoutSeconds);
   RingPosition ring() const;
+  // Connections per pool to `peer`: connectionsPerPeer, or with 0 what its measured
+  // round trip asked for (0 until a pool to it was opened).
+  size_t poolSize(uint64_t peer) const;
 
   // Starts an all-reduce over the current ring. Reopens the connection pool to the
   // next neighbour if a failure closed it. The buffers must stay valid until the op
@@ -170,6 +177,8 @@ class Engine {
   void ensureConnected(const PeerAddress& peer, uint64_t epoch, double timeoutSeconds);
   // Opens the missing pools to `targets` all at once.
   void ensureConnected(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds);
+  // The connections a pool needs to carry kAutoTargetBitsPerSecond over `fd`'s round trip.
+  size_t poolSizeFor(int fd) const;
   ScratchBuffer takeScratch(size_t bytes);
   void giveScratch(ScratchBuffer scratch);
 
@@ -240,6 +249,7 @@ class Engine {
   RingPosition ring_;
   std::vector<PeerAddress> ringPeers_;
   std::unordered_map<PoolKey, size_t, PoolKeyHash> liveOutgoing_;  // mirror of the progress thread's pools
+  std::unordered_map<uint64_t, size_t> poolSize_;  // connectionsPerPeer == 0: measured per peer (mu_)
   std::vector<ScratchBuffer> scratchPool_;
   std::deque<Event> events_;
   std::condition_variable eventsCv_;

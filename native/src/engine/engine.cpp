@@ -4,11 +4,15 @@
 // (the receive path), state_server.cpp, fault_injection.cpp.
 #include "pccl/engine.hpp"
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/epoll.h>
+#include <sys/socket.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cerrno>
 #include <cstring>
 #include <future>
@@ -28,8 +32,8 @@ constexpr size_t kMaxEvents = 4096;
 // ---------------------------------------------------------------- caller side
 
 Engine::Engine(const EngineOptions& options) : options_(options), prefaulter_(PrefaultOptions{}) {
-  if (options_.connectionsPerPeer < 1 || options_.connectionsPerPeer > 64) {
-    throw InvalidArgument("connectionsPerPeer must be in [1, 64]");
+  if (options_.connectionsPerPeer < 0 || options_.connectionsPerPeer > 64) {
+    throw InvalidArgument("connectionsPerPeer must be in [0, 64] (0: sized from the measured round trip)");
   }
   if (options_.segmentBytes < 64) throw InvalidArgument("segmentBytes must be at least 64");
   listenFd_ = listenTcp(options_.listenHost, options_.listenPort, 256);
@@ -121,58 +125,108 @@ void Engine::ensureConnected(const PeerAddress& peer, uint64_t epoch, double tim
   ensureConnected(std::vector<PeerAddress>{peer}, epoch, timeoutSeconds);
 }
 
+// How many connections a pool to a peer needs when the size is left to the engine
+// (connectionsPerPeer == 0): enough windows to carry kAutoTargetBitsPerSecond over the
+// measured round trip. One connection carries at most about two thirds of its send
+// buffer per round trip (the rest is the kernel's bookkeeping): with this machine's
+// caps (8 MiB explicit) that is about 450 Mbit/s at 100 ms, 1 connection below ~40 ms.
+size_t Engine::poolSizeFor(int fd) const {
+  tcp_info info{};
+  socklen_t len = sizeof(info);
+  int sndbuf = 0;
+  socklen_t blen = sizeof(sndbuf);
+  if (::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0 || info.tcpi_rtt == 0 ||
+      ::getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &blen) != 0 || sndbuf <= 0) {
+    return 1;
+  }
+  const double rttSeconds = info.tcpi_rtt * 1e-6;
+  const double windowBytes = sndbuf * 2.0 / 3.0;
+  const double need = kAutoTargetBitsPerSecond / 8.0 * rttSeconds / windowBytes;
+  return std::clamp<size_t>(static_cast<size_t>(std::ceil(need)), 1, kAutoMaxConnections);
+}
+
 void Engine::ensureConnected(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds) {
   std::lock_guard<std::mutex> connectLock(connectMu_);
-  const size_t k = static_cast<size_t>(options_.connectionsPerPeer);
-  std::vector<const PeerAddress*> missing;
+  const bool autoSize = options_.connectionsPerPeer == 0;
+  struct Pool {
+    const PeerAddress* peer;
+    size_t size;  // 0: not known yet (auto: measured on its first connection)
+    std::vector<Fd> fds;
+  };
+  std::vector<Pool> missing;
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (const PeerAddress& peer : targets) {
+      size_t k = static_cast<size_t>(options_.connectionsPerPeer);
+      if (autoSize) {
+        auto known = poolSize_.find(peer.peerId);
+        k = known == poolSize_.end() ? 0 : known->second;
+      }
       auto it = liveOutgoing_.find(PoolKey{peer.peerId, epoch});
-      if (it != liveOutgoing_.end() && it->second >= k) continue;
+      if (k > 0 && it != liveOutgoing_.end() && it->second >= k) continue;
       if (it != liveOutgoing_.end() && it->second > 0) {
+        if (k == 0) continue;  // a pool whose size is being measured is complete by construction
         // A partial pool (some connections broke): rebuild it whole.
         commands_.push_back([this, id = peer.peerId, epoch] {
           closePeer(id, epoch, epoch, ErrorKind::kPeerLost, "connection pool to peer " + std::to_string(id) + " is incomplete");
         });
       }
-      missing.push_back(&peer);
+      missing.push_back(Pool{&peer, k, {}});
     }
   }
   if (missing.empty()) return;
   if (timeoutSeconds < 0 || timeoutSeconds > 1e7) timeoutSeconds = 1e7;
   auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeoutSeconds));
+  auto openOne = [&](const PeerAddress& peer, size_t index, size_t count) {
+    Fd fd = connectTcp(peer.host, peer.port, deadline, peer.peerId);
+    tuneSocket(fd.get(), options_.socket);
+    const Hello hello = makeHello(options_.peerId, epoch, static_cast<uint32_t>(index), static_cast<uint32_t>(count));
+    connectHandshake(fd.get(), peer, hello, options_.secret, deadline);
+    setNonBlocking(fd.get(), true);
+    return fd;
+  };
   // Every connection of every missing pool opens at once: one after another, each
   // costs its own round trips (connect, then the handshake), K x peers times over on a
-  // long link.
-  const size_t total = missing.size() * k;
-  std::vector<Fd> opened(total);
-  std::vector<std::exception_ptr> errors(total);
-  auto open = [&](size_t j) {
-    const PeerAddress& peer = *missing[j / k];
-    const size_t i = j % k;
-    try {
-      Fd fd = connectTcp(peer.host, peer.port, deadline, peer.peerId);
-      tuneSocket(fd.get(), options_.socket);
-      const Hello hello = makeHello(options_.peerId, epoch, static_cast<uint32_t>(i), static_cast<uint32_t>(k));
-      connectHandshake(fd.get(), peer, hello, options_.secret, deadline);
-      setNonBlocking(fd.get(), true);
-      opened[j] = std::move(fd);
-    } catch (...) {
-      errors[j] = std::current_exception();
+  // long link. A pool of unknown size opens one connection first, whose round trip
+  // sizes the rest (a second wave).
+  auto wave = [&](bool first) {
+    std::vector<std::pair<Pool*, size_t>> jobs;  // (pool, connection index)
+    for (Pool& pool : missing) {
+      const size_t from = pool.fds.size();
+      const size_t to = pool.size == 0 ? 1 : pool.size;
+      pool.fds.resize(std::max(from, to));
+      for (size_t i = from; i < to; ++i) jobs.emplace_back(&pool, i);
+    }
+    std::vector<std::exception_ptr> errors(jobs.size());
+    auto run = [&](size_t j) {
+      try {
+        auto [pool, i] = jobs[j];
+        pool->fds[i] = openOne(*pool->peer, i, std::max<size_t>(pool->size, 1));
+      } catch (...) {
+        errors[j] = std::current_exception();
+      }
+    };
+    std::vector<std::thread> helpers;
+    for (size_t j = 1; j < jobs.size(); ++j) helpers.emplace_back(run, j);
+    if (!jobs.empty()) run(0);
+    for (auto& t : helpers) t.join();
+    for (auto& error : errors) {
+      if (error) std::rethrow_exception(error);  // the opened ones close with `missing`
+    }
+    if (!first) return;
+    for (Pool& pool : missing) {
+      if (pool.size != 0) continue;
+      pool.size = poolSizeFor(pool.fds[0].get());
+      std::lock_guard<std::mutex> lock(mu_);
+      poolSize_[pool.peer->peerId] = pool.size;
     }
   };
-  {
-    std::vector<std::thread> helpers;
-    for (size_t j = 1; j < total; ++j) helpers.emplace_back(open, j);
-    open(0);
-    for (auto& t : helpers) t.join();
-  }
-  for (auto& error : errors) {
-    if (error) std::rethrow_exception(error);  // the opened ones close with `opened`
-  }
+  wave(true);
+  wave(false);
   std::vector<std::pair<uint64_t, int>> fds;  // (peer, fd), each pool's in its order
-  for (size_t j = 0; j < total; ++j) fds.emplace_back(missing[j / k]->peerId, opened[j].release());
+  for (Pool& pool : missing) {
+    for (Fd& fd : pool.fds) fds.emplace_back(pool.peer->peerId, fd.release());
+  }
   // The progress thread owns the pools; wait until it has taken these, so the next
   // check (and the op posted next) sees them.
   auto added = std::make_shared<std::promise<void>>();
@@ -187,6 +241,13 @@ void Engine::ensureConnected(const std::vector<PeerAddress>& targets, uint64_t e
     throw;
   }
   ready.wait();
+}
+
+size_t Engine::poolSize(uint64_t peer) const {
+  if (options_.connectionsPerPeer > 0) return static_cast<size_t>(options_.connectionsPerPeer);
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = poolSize_.find(peer);
+  return it == poolSize_.end() ? 0 : it->second;
 }
 
 ScratchBuffer Engine::takeScratch(size_t bytes) {

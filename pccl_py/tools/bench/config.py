@@ -17,7 +17,7 @@ LOOPBACK = "127.0.0.1"
 IMPLS = ("pccl", "gloo", "comm")
 DEFAULT_PEERS = (2, 4)
 DEFAULT_SIZES = ("1K", "1M", "16M", "64M", "256M")
-DEFAULT_CONNECTIONS = 1
+DEFAULT_CONNECTIONS = 0  # the Communicator's default: sized from each neighbour's round trip
 DEFAULT_SEGMENT_BYTES = 512 << 10
 DEFAULT_DIRECT_MAX_BYTES = Config.direct_allreduce_max_bytes
 FLOAT32_BYTES = 4
@@ -109,8 +109,8 @@ class BenchConfig:
             raise ValueError("--rounds must be at least 1")
         if self.warmup is not None and self.warmup < 0:
             raise ValueError("--warmup must not be negative")
-        if any(k < 1 for k in self.connections):
-            raise ValueError("--connections must be at least 1")
+        if any(not 0 <= k <= 64 for k in self.connections):
+            raise ValueError("--connections must be in [0, 64] (0: sized from the round trip)")
         if any(b < FLOAT32_BYTES for b in self.segment_bytes):
             raise ValueError("--segment-bytes must be at least 4")
         if self.direct_max_bytes < 0:

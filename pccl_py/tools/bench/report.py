@@ -95,7 +95,7 @@ class Result:
         if self.impl != "pccl":
             return self.impl + link
         q = f" q={self.quantization}" if self.quantization else ""
-        return f"pccl K={self.connections} seg={format_size(self.segment_bytes or 0)}{q}{link}"
+        return f"pccl K={self.connections or 'auto'} seg={format_size(self.segment_bytes or 0)}{q}{link}"
 
     def to_json(self) -> dict[str, Any]:
         ordered = sorted(self.per_iter_max)
@@ -181,7 +181,7 @@ def results_table(results: Sequence[Result], title: str | None = None) -> Table:
     ):
         row = [
             r.impl,
-            str(r.connections) if r.connections is not None else "",
+            (str(r.connections) if r.connections else "auto") if r.connections is not None else "",
             format_size(r.segment_bytes) if r.segment_bytes is not None else "",
             str(r.peers),
             format_size(r.nbytes),
