@@ -282,7 +282,8 @@ PYBIND11_MODULE(_native, m) {
 
   py::enum_<AllReduceAlgorithm>(m, "AllReduceAlgorithm")
       .value("RING", AllReduceAlgorithm::kRing)
-      .value("DIRECT", AllReduceAlgorithm::kDirect);
+      .value("DIRECT", AllReduceAlgorithm::kDirect)
+      .value("DIRECT_RSAG", AllReduceAlgorithm::kDirectRsAg);
 
   py::enum_<QuantKind>(m, "QuantKind")
       .value("NONE", QuantKind::kNone)
@@ -461,7 +462,9 @@ PYBIND11_MODULE(_native, m) {
           "Start a ring all-reduce of `input` into `output` (the same object: in place). Returns a handle.\n"
           "quantization != NONE: quantized to quant_dtype (UINT8/UINT16), SUM/AVG of floats only.\n"
           "algorithm (unquantized only; every peer must pass the same): RING, or DIRECT (every peer sends\n"
-          "its input to every other and reduces all N in rank order; the vote goes all-to-all).\n"
+          "its input to every other and reduces all N in rank order; the vote goes all-to-all), or\n"
+          "DIRECT_RSAG (chunk c goes straight to rank c, which reduces the N contributions in rank order\n"
+          "and sends the result to every other peer; all-to-all vote).\n"
           "vote: succeed only once every peer holds the result (commit vote); handle.voted tells whether\n"
           "a failed op had voted (then every peer may hold the result; settle(True) still commits it).\n"
           "A voting op (out of place, or in place with defer_commit) sends large payloads by reference:\n"

@@ -123,6 +123,7 @@ class AllReduceAlgorithm:
 
     RING: ClassVar[AllReduceAlgorithm]
     DIRECT: ClassVar[AllReduceAlgorithm]
+    DIRECT_RSAG: ClassVar[AllReduceAlgorithm]
     __members__: ClassVar[dict[str, AllReduceAlgorithm]]
     def __init__(self, value: int) -> None: ...
     def __eq__(self, other: object, /) -> bool: ...
@@ -289,7 +290,9 @@ class Engine:
 
         quantization != NONE: quantized to quant_dtype (UINT8/UINT16), SUM/AVG of floats only.
         algorithm (unquantized only; every peer must pass the same): RING, or DIRECT (every
-        peer sends its input to every other and reduces all N in rank order; all-to-all vote).
+        peer sends its input to every other and reduces all N in rank order; all-to-all vote),
+        or DIRECT_RSAG (chunk c goes straight to rank c, which reduces the N contributions in
+        rank order and sends the result to every other peer; all-to-all vote).
         vote: succeed only once every peer holds the result (handle.voted, settle(True)).
         A voting op (out of place, or in place with defer_commit) sends large payloads by
         reference: leave both buffers alone until it has ended (committed or settled). In

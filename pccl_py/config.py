@@ -46,6 +46,14 @@ class Config:
     # algorithm"); 0: always the ring. Every peer must use the same value: a peer that
     # chooses otherwise fails the op on every peer with ProtocolError.
     direct_allreduce_max_bytes: int = 256 << 10
+    # All-reduces above the direct limit whose payload is at least this many bytes use
+    # the direct reduce-scatter + all-gather (rank c reduces chunk c and sends it to
+    # everyone: the ring's bytes in two one-way delays plus an all-to-all vote, where the
+    # ring takes 3(N-1)) instead of the ring; 0: off, always the ring. Off by default:
+    # it wins on high-latency (WAN) links, while on a LAN or loopback the ring's
+    # neighbour-only pipeline is as fast or faster (docs/architecture.md, "Choosing the
+    # algorithm"). Must be the same on every peer, as direct_allreduce_max_bytes.
+    rsag_min_bytes: int = 0
     # Control plane.
     max_message_bytes: int = 16 << 20  # room for the state description of large models
     max_retries: int = 64
@@ -83,6 +91,8 @@ class Config:
             raise ConfigError("connections_per_peer must be in [0, 64] (0: sized from each neighbour's round trip)")
         if self.direct_allreduce_max_bytes < 0:
             raise ConfigError("direct_allreduce_max_bytes must be >= 0 (0: always the ring)")
+        if self.rsag_min_bytes < 0:
+            raise ConfigError("rsag_min_bytes must be >= 0 (0: off)")
         if self.segment_bytes < 4096:
             raise ConfigError("segment_bytes must be at least 4096")
         if self.blocked_report_after <= 0 or self.mismatch_grace < 0:

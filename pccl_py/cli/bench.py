@@ -25,6 +25,7 @@ from pccl_py.tools.bench.config import (
     DEFAULT_CONNECTIONS,
     DEFAULT_DIRECT_MAX_BYTES,
     DEFAULT_PEERS,
+    DEFAULT_RSAG_MIN_BYTES,
     DEFAULT_SEGMENT_BYTES,
     DEFAULT_SIZES,
     IMPLS,
@@ -119,6 +120,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: Config.direct_allreduce_max_bytes, 256K)",
     )
     parser.add_argument(
+        "--rsag-min-bytes",
+        type=parse_size,
+        default=DEFAULT_RSAG_MIN_BYTES,
+        metavar="B",
+        help="pccl and comm: an all-reduce above the direct limit whose size is at least B goes by the "
+        "direct reduce-scatter + all-gather (rank c reduces chunk c and sends it to everyone) instead of "
+        "the ring; 0: the ring. --rsag-min-bytes 4 --direct-max-bytes 0 forces it for every size "
+        "(default: Config.rsag_min_bytes, 0)",
+    )
+    parser.add_argument(
         "--out-of-place",
         action="store_true",
         help="pccl writes into a separate output buffer (gloo always runs in place)",
@@ -197,6 +208,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         netns_rates=tuple(dict.fromkeys(args.netns_rate)),
         wan=tuple(dict.fromkeys(args.wan)),
         direct_max_bytes=args.direct_max_bytes,
+        rsag_min_bytes=args.rsag_min_bytes,
     )
 
 
@@ -311,7 +323,8 @@ def main(args: argparse.Namespace) -> int:
             json_file.close()
     placement = "in-place" if cfg.in_place else "out-of-place (pccl; gloo in place)"
     sends = "zero-copy sends" if cfg.zero_copy else "copied sends"
-    direct = f"direct up to {format_size(cfg.direct_max_bytes)} x (N-1)" if cfg.direct_max_bytes else "ring only"
+    direct = f"direct up to {format_size(cfg.direct_max_bytes)} x (N-1)" if cfg.direct_max_bytes else "no direct"
+    direct += f", rsag from {format_size(cfg.rsag_min_bytes)}" if cfg.rsag_min_bytes else ", else ring"
     title = f"all-reduce float32 SUM, {placement}; pccl: commit vote, {sends}, {direct}"
     out.print(results_table(results, title=title))
     return 0

@@ -51,18 +51,25 @@ _FLOAT_DTYPES = (
 _RETRYABLE = (FailureKind.PEER_LOST, FailureKind.PEER_LEFT)
 
 
-def choose_algorithm(nbytes: int, world: int, direct_max_bytes: int) -> _native.AllReduceAlgorithm:
+def choose_algorithm(
+    nbytes: int, world: int, direct_max_bytes: int, rsag_min_bytes: int = 0
+) -> _native.AllReduceAlgorithm:
     """The algorithm of an unquantized all-reduce of `nbytes` over `world` peers.
 
     DIRECT when the bytes each peer sends, nbytes x (world - 1), are at most
     `direct_max_bytes` (0 disables it): one exchange and an all-to-all vote, about one
-    round trip. RING otherwise: 2(world-1)/world x nbytes per peer, but 3(world-1) hops.
-    Every peer must choose the same (the algorithm is in the op's shape digest), so the
-    inputs are what every peer of an epoch shares: the payload size (peers disagreeing
-    on it fail anyway), the ring's size, and Config.direct_allreduce_max_bytes, which a
-    deployment must set alike everywhere (otherwise: ProtocolError on every peer)."""
+    round trip. Otherwise DIRECT_RSAG when `rsag_min_bytes` > 0 and nbytes is at least
+    that: the ring's 2(world-1)/world x nbytes per peer, but two one-way delays and an
+    all-to-all vote. RING otherwise: the same bytes in 3(world-1) hops, to neighbours
+    only. Every peer must choose the same (the algorithm is in the op's shape digest),
+    so the inputs are what every peer of an epoch shares: the payload size (peers
+    disagreeing on it fail anyway), the ring's size, and Config.direct_allreduce_max_bytes
+    and Config.rsag_min_bytes, which a deployment must set alike everywhere (otherwise:
+    ProtocolError on every peer)."""
     if world > 1 and direct_max_bytes > 0 and nbytes * (world - 1) <= direct_max_bytes:
         return _native.AllReduceAlgorithm.DIRECT
+    if world > 1 and rsag_min_bytes > 0 and nbytes >= rsag_min_bytes:
+        return _native.AllReduceAlgorithm.DIRECT_RSAG
     return _native.AllReduceAlgorithm.RING
 
 
@@ -234,7 +241,10 @@ class AllReduceCalls:
                 key = (epoch, tag, (seq << _ATTEMPT_BITS) | failures_in_epoch.get(epoch, 0))
                 if quantization is None:  # the ring of this attempt's epoch decides (a retry may differ)
                     algorithm = choose_algorithm(
-                        src.nbytes, len(self._rings.get(epoch, ())), self.config.direct_allreduce_max_bytes
+                        src.nbytes,
+                        len(self._rings.get(epoch, ())),
+                        self.config.direct_allreduce_max_bytes,
+                        self.config.rsag_min_bytes,
                     )
                 handle = engine.all_reduce(
                     src,

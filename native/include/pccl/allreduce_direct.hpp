@@ -66,7 +66,9 @@ class AllReduceDirect final : public Collective {
 
   // Shape digest carried by every frame: the ring's fields and the algorithm, so peers
   // that disagree on any of them (a ring peer and a direct one included) fail the op.
-  static uint32_t digest(size_t count, DType dtype, ReduceOp op, size_t worldSize);
+  // AllReduceDirectRsAg's too, with its own algorithm.
+  static uint32_t digest(size_t count, DType dtype, ReduceOp op, size_t worldSize,
+                         AllReduceAlgorithm algorithm = AllReduceAlgorithm::kDirect);
 
  private:
   void onSuccess() override;

@@ -41,8 +41,10 @@ struct RingPosition {
 
 // How an unquantized all-reduce moves its bytes; every peer must pick the same one (it
 // is part of the shape digest). kRing: AllReduceRing, bandwidth-optimal. kDirect:
-// AllReduceDirect, latency-optimal (one exchange and an all-to-all vote).
-enum class AllReduceAlgorithm : uint8_t { kRing = 0, kDirect = 1 };
+// AllReduceDirect, latency-optimal (one exchange and an all-to-all vote). kDirectRsAg:
+// AllReduceDirectRsAg, the ring's bytes in two one-way delays (a direct reduce-scatter
+// and all-gather, and an all-to-all vote).
+enum class AllReduceAlgorithm : uint8_t { kRing = 0, kDirect = 1, kDirectRsAg = 2 };
 
 struct AllReduceOptions {
   const void* input = nullptr;

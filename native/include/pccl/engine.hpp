@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "pccl/allreduce_direct.hpp"
+#include "pccl/allreduce_direct_rsag.hpp"
 #include "pccl/allreduce_quantized.hpp"
 #include "pccl/allreduce_ring.hpp"
 #include "pccl/prefault.hpp"
@@ -102,7 +103,7 @@ class Engine {
   // next neighbour if a failure closed it. The buffers must stay valid until the op
   // finishes (the binding guarantees it). A quantized one (options.quant) connects to
   // every peer of the ring (AllReduceQuantized), and so does a direct one
-  // (options.algorithm, AllReduceDirect).
+  // (options.algorithm, AllReduceDirect or AllReduceDirectRsAg).
   std::shared_ptr<Collective> allReduce(const AllReduceOptions& options, double connectTimeoutSeconds);
 
   // Ends a deferred-commit op that has finished: with `commit`, if it succeeded or

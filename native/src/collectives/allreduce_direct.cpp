@@ -17,10 +17,11 @@ size_t segmentBytesFor(const AllReduceOptions& o, size_t elemSize) {
 
 }  // namespace
 
-uint32_t AllReduceDirect::digest(size_t count, DType dtype, ReduceOp op, size_t worldSize) {
+uint32_t AllReduceDirect::digest(size_t count, DType dtype, ReduceOp op, size_t worldSize,
+                                 AllReduceAlgorithm algorithm) {
   // FNV-1a, as the ring's, with the algorithm as a fifth field.
   uint64_t fields[5] = {static_cast<uint64_t>(count), static_cast<uint64_t>(dtype), static_cast<uint64_t>(op),
-                        static_cast<uint64_t>(worldSize), static_cast<uint64_t>(AllReduceAlgorithm::kDirect)};
+                        static_cast<uint64_t>(worldSize), static_cast<uint64_t>(algorithm)};
   uint32_t h = 2166136261u;
   for (uint64_t f : fields) {
     for (int i = 0; i < 8; ++i) {

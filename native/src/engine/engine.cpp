@@ -292,7 +292,8 @@ std::shared_ptr<Collective> Engine::allReduce(const AllReduceOptions& in, double
                             reduceOpName(options.op));
     }
   }
-  const bool direct = options.algorithm == AllReduceAlgorithm::kDirect;
+  const bool rsag = options.algorithm == AllReduceAlgorithm::kDirectRsAg;
+  const bool direct = options.algorithm == AllReduceAlgorithm::kDirect || rsag;  // pools to every peer
   if (options.algorithm != AllReduceAlgorithm::kRing && !direct) throw InvalidArgument("unknown all-reduce algorithm");
   if (quantized && direct) throw InvalidArgument("a quantized all-reduce has its own algorithm: pass kRing");
   if (options.count > (SIZE_MAX / 2) / esize) throw InvalidArgument("element count too large");
@@ -325,6 +326,12 @@ std::shared_ptr<Collective> Engine::allReduce(const AllReduceOptions& in, double
     for (const auto& p : peers) ids.push_back(p.peerId);
     if (ids.empty()) ids.push_back(options_.peerId);
     op = std::make_shared<AllReduceQuantized>(options, pos, std::move(ids), std::move(scratch));
+  } else if (rsag) {
+    const size_t need = AllReduceDirectRsAg::scratchBytes(options, pos.size);
+    if (need > 0) scratch = takeScratch(need);
+    std::vector<uint64_t> ids;
+    for (const auto& p : peers) ids.push_back(p.peerId);
+    op = std::make_shared<AllReduceDirectRsAg>(options, pos, std::move(ids), std::move(scratch));
   } else if (direct) {
     const size_t need = AllReduceDirect::scratchBytes(options, pos.size);
     if (need > 0) scratch = takeScratch(need);

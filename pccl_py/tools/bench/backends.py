@@ -38,6 +38,7 @@ class PcclCollective:
         self._world = world
         self._timeout = op_timeout
         self._direct_max_bytes = params.direct_max_bytes
+        self._rsag_min_bytes = params.rsag_min_bytes
         self._seq = 0
         self._in: Any = None
         self._out: Any = None
@@ -74,7 +75,7 @@ class PcclCollective:
         algorithm = (
             self._nat.AllReduceAlgorithm.RING
             if q
-            else choose_algorithm(self._in.nbytes, self._world, self._direct_max_bytes)
+            else choose_algorithm(self._in.nbytes, self._world, self._direct_max_bytes, self._rsag_min_bytes)
         )
         # As the Communicator runs it: with the commit vote, and in place with the
         # input kept until the op is settled (without the master's verdict here).
@@ -128,6 +129,7 @@ class CommCollective:
             connections_per_peer=self._params.connections,
             socket_buffer_bytes=self._params.socket_buffer_bytes,
             direct_allreduce_max_bytes=self._params.direct_max_bytes,
+            rsag_min_bytes=self._params.rsag_min_bytes,
         )
         comm = pccl_py.Communicator(master, host=self._host, config=config)
         self.comm = comm.connect(timeout=self._timeout)

@@ -20,6 +20,7 @@ DEFAULT_SIZES = ("1K", "1M", "16M", "64M", "256M")
 DEFAULT_CONNECTIONS = 0  # the Communicator's default: sized from each neighbour's round trip
 DEFAULT_SEGMENT_BYTES = 512 << 10
 DEFAULT_DIRECT_MAX_BYTES = Config.direct_allreduce_max_bytes
+DEFAULT_RSAG_MIN_BYTES = Config.rsag_min_bytes
 FLOAT32_BYTES = 4
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -72,6 +73,9 @@ class PcclParams:
     zero_copy: bool = True
     # pccl and comm: payload x (N-1) up to this goes direct (Config.direct_allreduce_max_bytes).
     direct_max_bytes: int = DEFAULT_DIRECT_MAX_BYTES
+    # pccl and comm: above the direct limit, payloads of at least this go by the direct
+    # reduce-scatter + all-gather (Config.rsag_min_bytes; 0: the ring).
+    rsag_min_bytes: int = DEFAULT_RSAG_MIN_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +99,7 @@ class BenchConfig:
     netns_rates: tuple[int, ...] = ()  # bits/s: each worker in its own namespace, egress shaped
     wan: tuple[LinkSpec, ...] = ()  # each worker (and the master) in its own emulated WAN host
     direct_max_bytes: int = DEFAULT_DIRECT_MAX_BYTES  # pccl and comm: see PcclParams
+    rsag_min_bytes: int = DEFAULT_RSAG_MIN_BYTES  # pccl and comm: see PcclParams
 
     def validate(self) -> None:
         if not self.peers or any(n < 2 for n in self.peers):
@@ -115,6 +120,8 @@ class BenchConfig:
             raise ValueError("--segment-bytes must be at least 4")
         if self.direct_max_bytes < 0:
             raise ValueError("--direct-max-bytes must not be negative")
+        if self.rsag_min_bytes < 0:
+            raise ValueError("--rsag-min-bytes must not be negative")
         if any(r <= 0 for r in self.netns_rates):
             raise ValueError("--netns-rate must be positive")
         if self.netns_rates and self.wan:

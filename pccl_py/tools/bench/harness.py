@@ -264,6 +264,7 @@ def _measure_peer_count(
                     socket_buffer_bytes=cfg.socket_buffer_bytes,
                     zero_copy=cfg.zero_copy,
                     direct_max_bytes=cfg.direct_max_bytes,
+                    rsag_min_bytes=cfg.rsag_min_bytes,
                 )
                 groups[key] = stack.enter_context(_group(v.impl, world, params, cfg, net))
         for nbytes in cfg.sizes:
