@@ -284,7 +284,9 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
 
     def _ring_message(self, g: Group, reason: str, vote: bool) -> protocol.Message:
         ring = [[pid, self.peers[pid].host, self.peers[pid].port] for pid in g.ring]
-        return protocol.make("topology", epoch=g.epoch, ring=ring, reason=reason, vote=vote, round=g.round)
+        return protocol.make(
+            "topology", epoch=g.epoch, ring=ring, reason=reason, vote=vote, round=g.round, rsag=not g.ring_only
+        )
 
     def _new_epoch(self, g: Group, ring: list[int], reason: str, vote: bool = False) -> list[Effect]:
         g.epoch += 1

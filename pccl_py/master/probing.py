@@ -74,11 +74,14 @@ class ProbeRules:
         ring = self._solve(g, g.ring)
         g.optimized = True
         g.round += 1  # a collective like a vote: every member restarts its step numbering
-        cost = topology.ring_cost(ring, self._rates(g))
+        rates = self._rates(g)
+        cost = topology.ring_cost(ring, rates)
+        g.ring_only = ring_only(ring, rates, cost.bottleneck)
         effects: list[Effect] = [
             Log(
                 "optimize",
-                {"group": g.id, "ring": ring, "bottleneck": cost.bottleneck, "unknown_hops": cost.unknown},
+                {"group": g.id, "ring": ring, "bottleneck": cost.bottleneck, "unknown_hops": cost.unknown,
+                 "ring_only": g.ring_only},
             )
         ]
         return effects + self._new_epoch(g, ring, "optimized", vote=True)
@@ -100,3 +103,18 @@ class ProbeRules:
             return ring
         # A short budget: this runs on every join and departure (exact up to 10 peers).
         return self._solve(g, ring, initial=ring, budget=min(self.solve_seconds, 0.1))
+
+
+# A pair this much slower than the optimised ring's slowest hop keeps larger
+# all-reduces on the ring (Group.ring_only).
+RING_ONLY_RATIO = 0.5
+
+
+def ring_only(ring: list[int], rates: dict[tuple[int, int], float], bottleneck: float | None) -> bool:
+    """Whether the direct all-to-all algorithms would cross a pair much slower than the
+    ring's slowest hop: the ring the master chose avoids it, they would not."""
+    if bottleneck is None or bottleneck <= 0:
+        return False
+    members = set(ring)
+    slowest = min((r for (a, b), r in rates.items() if a in members and b in members), default=None)
+    return slowest is not None and slowest < RING_ONLY_RATIO * bottleneck

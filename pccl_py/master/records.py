@@ -167,6 +167,11 @@ class Group:
     probing: ProbeRecord | None = None
     probe_seq: int = 0
     optimized: bool = False
+    # Set by optimize_topology() when some pair of members is much slower than the
+    # optimised ring's slowest hop: larger all-reduces then keep to the ring, which
+    # avoids those pairs, instead of the direct reduce-scatter + all-gather, which uses
+    # every pair (the epoch's topology message carries it as `rsag`).
+    ring_only: bool = False
     recovery: Recovery | None = None
     # After a master restart: members whose last synced revision is behind the group's
     # (the old master died while telling them the result of that sync).

@@ -244,7 +244,9 @@ class AllReduceCalls:
                         src.nbytes,
                         len(self._rings.get(epoch, ())),
                         self.config.direct_allreduce_max_bytes,
-                        self.config.rsag_min_bytes,
+                        # The master keeps an epoch to the ring when some pair is much
+                        # slower than the ring it optimised (every peer reads the same).
+                        0 if epoch in self._ring_only else self.config.rsag_min_bytes,
                     )
                 handle = engine.all_reduce(
                     src,

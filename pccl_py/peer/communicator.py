@@ -80,6 +80,7 @@ class Communicator(AllReduceCalls, SyncCalls, OptimizeCalls, RejoinCalls):
         self._ring_lock = threading.Lock()
         self._engine_epoch = -1
         self._rings: dict[int, tuple[int, ...]] = {}  # epoch -> peer ids in ring order
+        self._ring_only: set[int] = set()  # epochs whose larger all-reduces keep to the ring (the master says)
         self._pending_index = 0
         self._seq_lock = threading.Lock()
         self._next_seq: dict[int, int] = {}
@@ -346,8 +347,11 @@ class Communicator(AllReduceCalls, SyncCalls, OptimizeCalls, RejoinCalls):
                 self._engine.set_ring(topo.epoch, list(topo.ring), rank, timeout=timeout)
                 self._engine_epoch = topo.epoch
                 self._rings[topo.epoch] = tuple(p[0] for p in topo.ring)
+                if not topo.rsag:
+                    self._ring_only.add(topo.epoch)
                 for old in [e for e in self._rings if e < topo.epoch - 8]:
                     del self._rings[old]
+                    self._ring_only.discard(old)
             return topo.epoch
 
     @staticmethod

@@ -26,6 +26,7 @@ class PeerCore(Protocol):
     _engine: _native.Engine | None
     _events: EventLog
     _rings: dict[int, tuple[int, ...]]
+    _ring_only: set[int]
     _seq_lock: threading.Lock
     _next_seq: dict[int, int]
     _round: int

@@ -38,6 +38,7 @@ class Topology:
     epoch: int
     ring: tuple[tuple[int, str, int], ...]  # (peer id, host, port) in ring order
     reason: str
+    rsag: bool = True  # larger all-reduces may use the direct reduce-scatter + all-gather
 
     def rank_of(self, peer_id: int) -> int | None:
         for i, (pid, _, _) in enumerate(self.ring):
@@ -218,7 +219,7 @@ class Session:
     def _on_topology(self, msg: protocol.Message, reaction: Reaction) -> None:
         ring = tuple((int(p[0]), str(p[1]), int(p[2])) for p in msg["ring"])
         if self._topology is None or msg["epoch"] >= self._topology.epoch:
-            self._topology = Topology(msg["epoch"], ring, msg["reason"])
+            self._topology = Topology(msg["epoch"], ring, msg["reason"], msg["rsag"])
         if self._recovering:
             # The group re-formed under a restarted master: repeat the request a caller
             # still waits on (the old master took it to its grave).

@@ -82,7 +82,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "master": _INT,  # the master's incarnation: a different one means it restarted
     },
     "unknown": {"master": _INT},  # to a routing id this master has not registered
-    "topology": {"epoch": _INT, "ring": _LIST, "reason": _STR, "vote": _BOOL, "round": _INT},
+    "topology": {"epoch": _INT, "ring": _LIST, "reason": _STR, "vote": _BOOL, "round": _INT, "rsag": _BOOL},
     "pending_count": {"query": _INT, "count": _INT},
     # Every member of the group was blocked in collectives that cannot match: each
     # one's call fails with CollectiveMismatch, and op numbering restarts at `round`.

@@ -456,3 +456,19 @@ def test_optimize_topology_completes_with_the_survivors_when_a_peer_dies(master:
         assert all(r["ok"] and r["world_now"] == 2 for r in records.values()), records
         reduced = c.call({i: {"cmd": "all_reduce", "n": 1000, "coef": 1.0} for i in (0, 1)})
         assert all(r["ok"] and r["world"] == 2 for r in reduced.values()), reduced
+
+
+# ---------------------------------------------------------------------- ring only
+
+
+def test_ring_only_when_a_pair_is_much_slower_than_the_rings_slowest_hop() -> None:
+    from pccl_py.master.probing import ring_only
+
+    fast = {(a, b): 100.0 for a in range(4) for b in range(4) if a != b}
+    ring = [0, 1, 2, 3]
+    assert not ring_only(ring, fast, 100.0)
+    slow = {**fast, (0, 2): 10.0}  # a pair the ring 0-1-2-3 does not use
+    assert ring_only(ring, slow, 100.0)
+    assert not ring_only(ring, {**fast, (0, 2): 60.0}, 100.0)  # not much slower
+    assert not ring_only(ring, slow, 0.0)  # nothing measured on the ring
+    assert not ring_only([1, 3], slow, 100.0)  # the slow pair's peers are not both members

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(180)
 
 DIRECT = _native.AllReduceAlgorithm.DIRECT
 RING = _native.AllReduceAlgorithm.RING
-FAST = pccl.Config(heartbeat_interval=0.1, heartbeat_timeout=1.0)
+FAST = pccl.Config(heartbeat_interval=0.1, heartbeat_timeout=1.0, rsag_min_bytes=0)  # the ring above the direct limit
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(180)
 DIRECT = _native.AllReduceAlgorithm.DIRECT
 RSAG = _native.AllReduceAlgorithm.DIRECT_RSAG
 RING = _native.AllReduceAlgorithm.RING
-FAST = pccl.Config(heartbeat_interval=0.1, heartbeat_timeout=1.0)
+FAST = pccl.Config(heartbeat_interval=0.1, heartbeat_timeout=1.0, rsag_min_bytes=0)  # off unless a test turns it on
 
 
 @pytest.mark.parametrize(

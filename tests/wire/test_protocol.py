@@ -133,7 +133,7 @@ DOCUMENTED = {
     "status": {},
     "welcome": {"peer_id": I, "heartbeat_interval": N, "heartbeat_timeout": N, "admitted": B, "master": I},
     "unknown": {"master": I},
-    "topology": {"epoch": I, "ring": L, "reason": S, "vote": B, "round": I},
+    "topology": {"epoch": I, "ring": L, "reason": S, "vote": B, "round": I, "rsag": B},
     "pending_count": {"query": I, "count": I},
     "mismatch": {"round": I, "msg": S, "ops": L},
     "outcome": {
