@@ -11,7 +11,8 @@ Invariants:
   (epoch, tag, step) ends ok on one peer and, for good, failed on another.
 - correctness: every successful all-reduce equals the exact sum of the contributions
   of the peers it names as contributors (stress.peer.contribution).
-- bit_parity: all peers that completed a sync at revision r report the same hash of
+- bit_parity: all peers that completed a sync at revision r of one group life (a group
+  founded afresh after all its members were gone starts again) report the same hash of
   their whole state.
 - liveness: every collective a process began ends (unless the process was killed),
   within its timeout plus slack plus the time the process was stopped; and while at
@@ -21,6 +22,7 @@ Invariants:
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -114,13 +116,18 @@ def _correctness(records: list[Record], params: Params) -> list[Record]:
 
 
 def _bit_parity(records: list[Record]) -> list[Record]:
-    by_revision: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    # Per group life: when every member is gone (and the master with them), a group
+    # founded afresh starts again at epoch 1 and revision 0 with another state. The
+    # master's "epoch" record of epoch 1 marks where each life begins.
+    lives = sorted(r["ts"] for r in records if r.get("event") == "epoch" and r.get("epoch") == 1 and "ts" in r)
+    by_revision: dict[tuple[int, int], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r.get("event") == "synced":
-            by_revision[r["revision"]][r["hash"]].append(r["pid"])
+            life = bisect.bisect_right(lives, r.get("ts", 0.0))
+            by_revision[(life, r["revision"])][r["hash"]].append(r["pid"])
     return [
-        {"invariant": "bit_parity", "revision": rev, "hashes": dict(hashes)}
-        for rev, hashes in sorted(by_revision.items())
+        {"invariant": "bit_parity", "revision": rev, "group_life": life, "hashes": dict(hashes)}
+        for (life, rev), hashes in sorted(by_revision.items())
         if len(hashes) > 1
     ]
 
