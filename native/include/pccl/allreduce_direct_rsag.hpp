@@ -22,25 +22,21 @@
 // (N-1) x ceil(count/N) elements, about (N-1)/N x the buffer (AllReduceDirect needs
 // (N-1) x the buffer), plus, in place with deferCommit, the result (one buffer).
 //
-// The caller's input is never written during the op, and is sent as it is (by
-// reference when the op votes: see sendsByReference). Out of place, the result is built
-// in the output. In place, it is built aside and copied into the caller's buffer on
-// success, or with deferCommit at Engine::settle(commit) (then in the scratch): a failed
-// op leaves the input as it was, with nothing to restore. Unlike AllReduceDirect, the op
-// also sends from the result (its all-gather), so a deferred in-place op that votes keeps
-// its scratch until settle() whatever happened (defersRestore): bytes sent by reference
-// from it are never reused by another op before the arbiter heard of the outcome.
+// Where the result is built, and what a failed op leaves: AllToAllReduce. Unlike
+// AllReduceDirect, the op also sends from the result (its all-gather), so a deferred
+// in-place op that votes keeps its scratch until settle() whatever happened
+// (defersRestore): bytes sent by reference from it are never reused by another op
+// before the arbiter heard of the outcome.
 #pragma once
 
 #include <cstdint>
-#include <memory>
 #include <vector>
 
-#include "pccl/allreduce_ring.hpp"
+#include "pccl/allreduce_all_to_all.hpp"
 
 namespace pccl {
 
-class AllReduceDirectRsAg final : public Collective {
+class AllReduceDirectRsAg final : public AllToAllReduce {
  public:
   // Scratch bytes the op needs for `options` over `n` peers: N-1 slots of the largest
   // chunk, and in place with deferCommit the result.
@@ -53,25 +49,11 @@ class AllReduceDirectRsAg final : public Collective {
   void start(FrameSink& sink) override;
   uint8_t* receiveTarget(uint64_t peer, const FrameHeader& header) override;
   void onReceived(FrameSink& sink, const FrameHeader& header) override;
-  bool complete() const override;
-  bool involves(uint64_t peer) const override;
-  void forEachPeer(void (*fn)(void*, uint64_t), void* ctx) const override;
-
-  ScratchBuffer releaseScratch() override { return std::move(scratch_); }
-  uint32_t shapeDigest() const override { return digest_; }
-  bool holdsResult() const override { return inPlace_ && options_.deferCommit && nbytes_ > 0 && ring_.size > 1; }
   // Keeps the scratch (where the all-gather is sent from) until settle(); rollback()
   // has nothing to restore.
   bool defersRestore() const override { return holdsResult() && voting(); }
-  // As AllReduceDirect's: the input and the result are only ever sent, and change only
-  // after every peer held the result or after the op failed for every peer.
-  bool sendsByReference() const override { return voting() && (!inPlace_ || options_.deferCommit); }
-  bool awaitsDataFrom(uint64_t peer) const override { return involves(peer) && received_ < expected_; }
-  void commitResult() override;
 
  private:
-  void onSuccess() override;
-  size_t rankOf(uint64_t peer) const;
   size_t chunkBegin(size_t chunk) const;
   size_t chunkBytes(size_t chunk) const { return chunkBegin(chunk + 1) - chunkBegin(chunk); }
   size_t segmentsOf(size_t chunk) const;
@@ -79,25 +61,11 @@ class AllReduceDirectRsAg final : public Collective {
   const uint8_t* contribution(size_t rank, size_t chunkOffset) const;
   void reduceSegment(FrameSink& sink, size_t seg);
 
-  AllReduceOptions options_;
-  RingPosition ring_;
-  std::vector<uint64_t> peers_;
-  ScratchBuffer scratch_;
-  bool inPlace_;
-  size_t elemSize_;
-  size_t nbytes_;
-  size_t segmentBytes_ = 0;
   size_t slotBytes_ = 0;         // the largest chunk
-  uint32_t digest_;
-  const uint8_t* in_;
-  uint8_t* result_ = nullptr;    // the output; in place a scratch area (deferred) or ownResult_
-  std::unique_ptr<uint8_t[]> ownResult_;
   std::vector<uint8_t> rsGot_;   // [rank][segment of our chunk] claimed by a frame
   std::vector<size_t> arrived_;  // contributions received per segment of our chunk
   std::vector<size_t> agBase_;   // first index in agGot_ of each chunk's segments
   std::vector<uint8_t> agGot_;   // [chunk's segment] claimed by an all-gather frame
-  size_t expected_ = 0;          // frames
-  size_t received_ = 0;
 };
 
 }  // namespace pccl

@@ -1,0 +1,94 @@
+// What the direct all-reduces (AllReduceDirect, AllReduceDirectRsAg) share: every peer of
+// the epoch is a peer of the op (a pool to each, an all-to-all commit vote through
+// Collective::enableDirectVote), contributions are reduced in rank order, and the
+// caller's input is only ever sent, never written.
+//
+// Where the result is built: out of place in the output; in place aside, and copied
+// into the caller's buffer on success, or with deferCommit at Engine::settle(commit)
+// (then in the scratch, which the engine keeps for settle()). A failed op leaves the
+// input as it was, with nothing to restore. Without deferCommit the op keeps the result
+// in memory of its own, since the engine hands the scratch back just before the success
+// that copies it out.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pccl/allreduce_ring.hpp"
+#include "pccl/errors.hpp"
+#include "pccl/reduce.hpp"
+
+namespace pccl {
+
+class AllToAllReduce : public Collective {
+ public:
+  bool complete() const override { return received_ == expected_ && pendingSends_ == 0; }
+  bool involves(uint64_t peer) const override;
+  void forEachPeer(void (*fn)(void*, uint64_t), void* ctx) const override;
+
+  ScratchBuffer releaseScratch() override { return std::move(scratch_); }
+  uint32_t shapeDigest() const override { return digest_; }
+  bool holdsResult() const override { return inPlace_ && options_.deferCommit && nbytes_ > 0 && ring_.size > 1; }
+  // As the ring's (AllReduceRing::sendsByReference): what the op sends changes only
+  // after every peer held the result (committed or settled as a success) or after the
+  // op failed for every peer (the arbiter heard first).
+  bool sendsByReference() const override { return voting() && (!inPlace_ || options_.deferCommit); }
+  // Conservative: any peer of the op while frames are missing. Whichever peer's
+  // connection closes fails the op anyway (involves()); this only makes it fail before
+  // reading what that peer may have sent by reference.
+  bool awaitsDataFrom(uint64_t peer) const override { return involves(peer) && received_ < expected_; }
+  void commitResult() override;
+
+  // Shape digest carried by every frame: the ring's fields and the algorithm, so peers
+  // that disagree on any of them (a ring peer and a direct one included) fail the op.
+  static uint32_t digest(size_t count, DType dtype, ReduceOp op, size_t worldSize, AllReduceAlgorithm algorithm);
+
+ protected:
+  // `peers`: the peer ids of the ring, in ring order (the rank order of the reduction).
+  AllToAllReduce(const AllReduceOptions& options, const RingPosition& ring, std::vector<uint64_t> peers,
+                 ScratchBuffer scratch, AllReduceAlgorithm algorithm);
+
+  // Whether there is anything to exchange (N > 1 and a non-empty buffer).
+  bool exchanges() const { return ring_.size > 1 && nbytes_ > 0; }
+  // In place, builds the result aside: at `deferredAt` in the scratch with deferCommit,
+  // else in memory of its own. Out of place it stays the output.
+  void placeResult(size_t deferredAt);
+  // With nothing to exchange the input is the result.
+  void copyInputIfAlone();
+  size_t rankOf(uint64_t peer) const;
+  // Validates the digest of `h` from `peer` and that it is another peer of the op;
+  // returns its rank. `name` says which algorithm this peer runs, for the message.
+  size_t checkFrame(uint64_t peer, const FrameHeader& h, const char* name) const;
+  ProtocolError badFrame(uint64_t peer, const std::string& why) const;
+  // dst = x_0 op x_1 op ... op x_{N-1} over `count` elements, one rounded step at a
+  // time, then / N for AVG: the same steps on the same bytes on every peer.
+  template <class Contribution>
+  void reduceInRankOrder(uint8_t* dst, size_t count, Contribution contribution) const {
+    reduceInto(options_.dtype, options_.op, dst, contribution(0), contribution(1), count);
+    for (size_t k = 2; k < ring_.size; ++k) reduceInto(options_.dtype, options_.op, dst, dst, contribution(k), count);
+    if (options_.op == ReduceOp::kAvg) finalizeAverage(options_.dtype, dst, count, ring_.size);
+  }
+  static size_t segmentBytesFor(const AllReduceOptions& options, size_t elemSize);
+
+  AllReduceOptions options_;
+  RingPosition ring_;
+  std::vector<uint64_t> peers_;
+  ScratchBuffer scratch_;
+  bool inPlace_;
+  size_t elemSize_;
+  size_t nbytes_;
+  size_t segmentBytes_ = 0;  // 0 with nothing to exchange
+  uint32_t digest_;
+  const uint8_t* in_;
+  uint8_t* result_;  // the output; in place a scratch area (deferred) or ownResult_
+  std::unique_ptr<uint8_t[]> ownResult_;
+  size_t expected_ = 0;  // frames
+  size_t received_ = 0;
+
+ private:
+  void onSuccess() override;
+};
+
+}  // namespace pccl

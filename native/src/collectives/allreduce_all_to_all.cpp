@@ -1,0 +1,105 @@
+#include "pccl/allreduce_all_to_all.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+namespace pccl {
+
+uint32_t AllToAllReduce::digest(size_t count, DType dtype, ReduceOp op, size_t worldSize,
+                                AllReduceAlgorithm algorithm) {
+  // FNV-1a, as the ring's, with the algorithm as a fifth field.
+  uint64_t fields[5] = {static_cast<uint64_t>(count), static_cast<uint64_t>(dtype), static_cast<uint64_t>(op),
+                        static_cast<uint64_t>(worldSize), static_cast<uint64_t>(algorithm)};
+  uint32_t h = 2166136261u;
+  for (uint64_t f : fields) {
+    for (int i = 0; i < 8; ++i) {
+      h ^= static_cast<uint8_t>(f >> (8 * i));
+      h *= 16777619u;
+    }
+  }
+  return h;
+}
+
+size_t AllToAllReduce::segmentBytesFor(const AllReduceOptions& o, size_t elemSize) {
+  size_t bytes = std::max(elemSize, o.segmentBytes - o.segmentBytes % elemSize);
+  return std::min<size_t>(bytes, kMaxFramePayload - kMaxFramePayload % elemSize);
+}
+
+AllToAllReduce::AllToAllReduce(const AllReduceOptions& options, const RingPosition& ring,
+                               std::vector<uint64_t> peers, ScratchBuffer scratch, AllReduceAlgorithm algorithm)
+    : Collective(OpKey{ring.epoch, options.tag, options.seq}, options.timeoutSeconds),
+      options_(options),
+      ring_(ring),
+      peers_(std::move(peers)),
+      scratch_(std::move(scratch)),
+      inPlace_(options.input == options.output),
+      elemSize_(elementSize(options.dtype)),
+      nbytes_(options.count * elemSize_),
+      digest_(digest(options.count, options.dtype, options.op, ring.size, algorithm)),
+      in_(static_cast<const uint8_t*>(options.input)),
+      result_(static_cast<uint8_t*>(options.output)) {
+  PCCL_ENFORCE(ring_.size >= 1 && ring_.rank < ring_.size && peers_.size() == ring_.size, "bad ring position");
+  if (options_.vote) enableDirectVote(peers_, ring_.rank, digest_);
+  if (exchanges()) segmentBytes_ = segmentBytesFor(options_, elemSize_);
+}
+
+void AllToAllReduce::placeResult(size_t deferredAt) {
+  if (inPlace_ && options_.deferCommit) {
+    result_ = scratch_.data.get() + deferredAt;
+  } else if (inPlace_) {
+    ownResult_.reset(new uint8_t[nbytes_]);
+    result_ = ownResult_.get();
+  }
+}
+
+void AllToAllReduce::copyInputIfAlone() {
+  if (!inPlace_ && nbytes_ > 0) std::memcpy(result_, in_, nbytes_);
+}
+
+size_t AllToAllReduce::rankOf(uint64_t peer) const {
+  for (size_t k = 0; k < peers_.size(); ++k) {
+    if (peers_[k] == peer) return k;
+  }
+  return peers_.size();
+}
+
+ProtocolError AllToAllReduce::badFrame(uint64_t peer, const std::string& why) const {
+  return ProtocolError("bad frame from peer " + std::to_string(peer) + ": " + why, peer);
+}
+
+size_t AllToAllReduce::checkFrame(uint64_t peer, const FrameHeader& h, const char* name) const {
+  if (h.digest != digest_) {
+    throw ProtocolError("peers disagree on the all-reduce: peer " + std::to_string(peer) +
+                            " sent a different element count, dtype, operator, world size or algorithm (this peer: " +
+                            std::to_string(options_.count) + " x " + dtypeName(options_.dtype) + ", " +
+                            reduceOpName(options_.op) + ", N=" + std::to_string(ring_.size) + ", " + name + ")",
+                        peer);
+  }
+  const size_t k = rankOf(peer);
+  if (k >= ring_.size || k == ring_.rank) throw badFrame(peer, "it is not a peer of this op");
+  return k;
+}
+
+bool AllToAllReduce::involves(uint64_t peer) const {
+  const size_t k = rankOf(peer);
+  return ring_.size > 1 && k < ring_.size && k != ring_.rank;
+}
+
+void AllToAllReduce::forEachPeer(void (*fn)(void*, uint64_t), void* ctx) const {
+  for (size_t k = 0; k < peers_.size(); ++k) {
+    if (k != ring_.rank) fn(ctx, peers_[k]);
+  }
+}
+
+void AllToAllReduce::onSuccess() {
+  if (inPlace_ && exchanges() && !options_.deferCommit) {
+    std::memcpy(static_cast<uint8_t*>(options_.output), result_, nbytes_);
+  }
+}
+
+void AllToAllReduce::commitResult() {
+  PCCL_ENFORCE(state() == OpState::kSucceeded || voted(), "only a successful or voted op can be committed");
+  if (holdsResult() && scratch_.data) std::memcpy(static_cast<uint8_t*>(options_.output), result_, nbytes_);
+}
+
+}  // namespace pccl
