@@ -310,6 +310,18 @@ PYBIND11_MODULE(_native, m) {
       "Fault the buffer's pages in writable without changing a byte, as the engine does ahead of a\n"
       "receive (MADV_POPULATE_WRITE); False when the kernel cannot (for tests).");
   m.def(
+      "prefault",
+      [](py::object buffer) {
+        BufferView view(buffer, /*writable=*/true);
+        py::gil_scoped_release release;
+        return prefaultNow({MemoryRange{static_cast<uint8_t*>(view.data()), view.size()}}, PrefaultOptions{});
+      },
+      py::arg("buffer"),
+      "Make the buffer's pages resident ahead of bytes that will land in it, as the engine does ahead\n"
+      "of a receive (huge-page advice where nothing is mapped, then MADV_POPULATE_WRITE where cheap),\n"
+      "without changing a byte; blocks, without the GIL. Returns the bytes populated (0 where the\n"
+      "kernel cannot, or for buffers under 4 MiB).");
+  m.def(
       "quant_encoded_bytes",
       [](QuantKind kind, DType wire, DType dtype, size_t count) {
         QuantSpec spec{kind, wire};

@@ -178,6 +178,12 @@ def populate(buffer: _Buffer) -> bool:
     """Fault the buffer's pages in writable without changing a byte, as the engine does ahead of a
     receive (MADV_POPULATE_WRITE); False when the kernel cannot (for tests)."""
 
+def prefault(buffer: _Buffer) -> int:
+    """Make the buffer's pages resident ahead of bytes that will land in it, as the engine does ahead
+    of a receive (huge-page advice where nothing is mapped, then MADV_POPULATE_WRITE where cheap),
+    without changing a byte; blocks, without the GIL. Returns the bytes populated (0 where the
+    kernel cannot, or for buffers under 4 MiB)."""
+
 def quant_encoded_bytes(kind: QuantKind, wire: DataType, dtype: DataType, count: int) -> int:
     """Bytes of `count` elements of `dtype` quantized to `wire` (uint8/uint16) by `kind`."""
 

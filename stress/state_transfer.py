@@ -15,7 +15,9 @@
     gives: 4 KiB pages unless advised). The old state is freed just before, so the new
     one reuses its pages; `--fresh-idle S` frees it S (+1) s before instead: on a VM with
     free page reporting the host has taken those pages back by then, and faulting them
-    in again costs its time too.
+    in again costs its time too. SharedState populates its pages from construction on
+    (prefault=True; `--no-state-prefault` turns that off); `--fresh-lead S` builds the
+    state S s before the sync, as a joiner does before it connects and is admitted.
 (b) no-transfer sync: `--peers` peers with identical state call sync_shared_state()
     back to back (`--syncs` times after a warm-up); the time of one sync = the slowest
     peer's call in that round; median reported. Repeated with 1 MiB: the fixed cost.
@@ -116,11 +118,15 @@ def joiner_transfer(
     fresh: str | None = None,
     fresh_idle: float = 0.0,
     prefault: bool = True,
+    fresh_lead: float = 0.0,
+    state_prefault: bool = True,
 ) -> dict[str, Any]:
     """(a), or (a') with `fresh` ("numpy" or "plain", tests/helpers/state_workers.py): the
     joiner's state is newly allocated before each rep; with `fresh_idle`, the old one is
     freed that long before (plus the 1 s the sources get), instead of just before.
-    `prefault`: the joiner's Config.prefault."""
+    `prefault`: the joiner's Config.prefault. `fresh_lead`: the fresh state is built that
+    long before the timed sync (a joiner builds it, then connects and is admitted);
+    `state_prefault`: its SharedState(prefault=...)."""
     total = sum(n * 4 for _, _, n, _ in _spec(mib, entries))
     with Master() as master:
         peers = _Peers(master, world=sources + 1)
@@ -134,7 +140,9 @@ def joiner_transfer(
                 for i in range(sources):
                     peers.conns[i].send({"cmd": "sync", "revision": rep, "timeout": 120})
                 time.sleep(1.0)  # the sources have hashed and submitted: time the joiner alone
-                again: dict[str, Any] = {"fresh": fresh} if fresh else {"zero": True}
+                again: dict[str, Any] = (
+                    {"fresh": fresh, "lead": fresh_lead, "state_prefault": state_prefault} if fresh else {"zero": True}
+                )
                 peers.conns[sources].send(
                     {"cmd": "sync", "revision": 0, "strategy": "RECEIVE_ONLY", "timeout": 120, **again}
                 )
@@ -174,6 +182,8 @@ def joiner_transfer(
         "prefault": prefault,
         "fresh_memory": fresh,
         "fresh_idle_s": fresh_idle if fresh else None,
+        "fresh_lead_s": fresh_lead if fresh else None,
+        "state_prefault": state_prefault if fresh else None,
         "bytes": total,
         "sync_s": sync_s,
         "sync_gbps": total / sync_s / 1e9,
@@ -274,6 +284,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-prefault", action="store_true", help="joiner: Config(prefault=False), receives fault their pages in"
     )
+    parser.add_argument(
+        "--fresh-lead",
+        type=float,
+        default=0.0,
+        help="fresh joiner: build the new state this many seconds before its timed sync, as a joiner builds "
+        "its state, then connects and is admitted (SharedState starts populating its pages at construction)",
+    )
+    parser.add_argument(
+        "--no-state-prefault",
+        action="store_true",
+        help="fresh joiner: SharedState(prefault=False), no population from construction on",
+    )
     parser.add_argument("--json", help="append one JSON line per result to this file")
     args = parser.parse_args(argv)
     results = []
@@ -295,13 +317,17 @@ def main(argv: list[str] | None = None) -> None:
                 fresh=fresh,
                 fresh_idle=args.fresh_idle,
                 prefault=not args.no_prefault,
+                fresh_lead=args.fresh_lead,
+                state_prefault=not args.no_state_prefault,
             )
             results.append(r)
             what = "(a) joiner" + (" (prefault off)" if args.no_prefault else "")
             if fresh:
                 idle = f", freed {args.fresh_idle + 1:.0f} s before" if args.fresh_idle > 0 else ""
                 off = ", prefault off" if args.no_prefault else ""
-                what = f"(a') fresh joiner (untouched {fresh} pages{idle}{off})"
+                off += ", SharedState(prefault=False)" if args.no_state_prefault else ""
+                lead = f", built {args.fresh_lead:g} s before the sync" if args.fresh_lead > 0 else ""
+                what = f"(a') fresh joiner (untouched {fresh} pages{idle}{lead}{off})"
             print(
                 f"{what} receives {args.mib} MiB ({args.entries} entries) from {sources} source(s): "
                 f"sync {r['sync_s'] * 1000:.0f} ms = {r['sync_gbps']:.2f} GB/s; "

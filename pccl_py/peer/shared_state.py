@@ -6,6 +6,9 @@ collective (Communicator.sync_shared_state).
 
 from __future__ import annotations
 
+import atexit
+import itertools
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +23,80 @@ from pccl_py.peer.buffers import is_device_tensor, native_view, pinned_empty
 from pccl_py.types import EntryMeta
 
 CHUNK_BYTES = 8 << 20  # transfer unit; chunks of one entry are spread over the sources
+PREFAULT_SLICE = 16 << 20  # populated per native call: also how long a stop may wait
 ProgressFn = Callable[[int, int], None]
+
+
+class _Prefault:
+    """Makes a new state's pages resident on threads of their own, from its construction on.
+
+    A joiner's state is usually fresh memory (np.zeros, torch.zeros of a new model): the
+    kernel must fault in and zero every page its first sync receives into. The engine
+    populates a receive's pages just ahead of the bytes, but on a loaded host that work
+    competes with the transfer; started here, it runs while the peer connects and is
+    admitted, and the sync finds the pages resident. Nothing changes a byte
+    (_native.prefault), and pages already resident (a trained model) are skipped after a
+    look at the page table. A sync stops the job (`PrefaultJob.stop`) and leaves what is
+    left to the engine, which populates in the order the bytes arrive: two threads
+    populating the same pages only get in each other's way. Threads are daemons;
+    interpreter exit stops them within a slice."""
+
+    def __init__(self) -> None:
+        self._jobs: set[PrefaultJob] = set()
+        self._lock = threading.Lock()
+        self._exiting = False
+        atexit.register(self.stop_all)
+
+    def start(self, buffers: list[np.ndarray]) -> PrefaultJob | None:
+        buffers = [b for b in buffers if b.nbytes > 0]
+        with self._lock:
+            if not buffers or self._exiting:
+                return None
+            job = PrefaultJob(buffers, self._jobs.discard)
+            self._jobs.add(job)
+        job.thread.start()
+        return job
+
+    def stop_all(self) -> None:
+        with self._lock:
+            self._exiting = True
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.stop()
+
+
+class PrefaultJob:
+    """One state's buffers being populated (see _Prefault)."""
+
+    def __init__(self, buffers: list[np.ndarray], done: Callable[[PrefaultJob], None]) -> None:
+        self._buffers = buffers
+        self._done = done
+        self._stop = threading.Event()
+        self.populated = 0
+        self.thread = threading.Thread(target=self._run, name="pccl-prefault", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            for buffer in self._buffers:
+                # Slices of PREFAULT_SLICE, the last one taking the rest (a slice under 4 MiB
+                # would be left to the receive, as the engine leaves small receives).
+                cuts = [*range(0, max(buffer.nbytes - PREFAULT_SLICE, 1), PREFAULT_SLICE), buffer.nbytes]
+                for begin, end in itertools.pairwise(cuts):
+                    if self._stop.is_set():
+                        return
+                    self.populated += _native.prefault(buffer[begin:end])
+        finally:
+            self._buffers = []
+            self._done(self)
+
+    def stop(self) -> None:
+        """Stops after the slice in progress and waits for it."""
+        self._stop.set()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join()
+
+
+_prefault = _Prefault()
 
 
 @dataclass
@@ -34,12 +110,19 @@ class SharedState:
     PCCL's rule: after changing the content, bump `revision` by exactly one before the
     next sync. A peer that receives the state adopts the group's revision. Entries are
     matched by name and order; every peer must hold the same names, dtypes and shapes.
+
+    `prefault` (default True): from construction on, a thread of its own makes the
+    entries' pages resident without changing a byte, so that a first sync receiving
+    into fresh memory (a joiner's np.zeros state) does not pay the kernel's page
+    faults during the transfer. Pages already resident are skipped.
     """
 
     tensors: Mapping[str, Any]
     revision: int = 0
+    prefault: bool = True
     _views: list[tuple[str, np.ndarray, str, tuple[int, ...]]] = field(default_factory=list, init=False, repr=False)
     _device: dict[int, tuple[Any, Any]] = field(default_factory=dict, init=False, repr=False)  # index -> (device, host)
+    _prefaulting: PrefaultJob | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for index, (name, tensor) in enumerate(self.tensors.items()):
@@ -52,6 +135,13 @@ class SharedState:
             view, dtype = native_view(tensor)
             shape = tuple(int(d) for d in tensor.shape)
             self._views.append((name, view.reshape(-1).view(np.uint8), dtype.name.lower(), shape))
+        host = [v for index, (_, v, _, _) in enumerate(self._views) if index not in self._device]  # mirrors: pinned
+        self._prefaulting = _prefault.start(host) if self.prefault else None
+
+    def stop_prefault(self) -> None:
+        """Stops populating the pages from here (the engine populates a receive's own)."""
+        if self._prefaulting is not None:
+            self._prefaulting.stop()
 
     def buffers(self) -> list[np.ndarray]:
         """Byte views of the entries, in order (zero-copy)."""

@@ -10,7 +10,7 @@ lock would silence the others.
 {"event": "ready", "peer": id, "pid": pid}, then executes commands from `conn`:
 
     {"cmd": "sync", "revision": r, "strategy": "ENFORCE_POPULAR", "timeout": s,
-     "inject": k, "repeat": n, "zero": z, "fresh": f}
+     "inject": k, "repeat": n, "zero": z, "fresh": f, "lead": s, "state_prefault": b}
         ->  {"ok", "revision", "rx", "tx", "received", "elapsed": [per call], "fetch_s", "hashes",
              "prefaulted"}
     {"cmd": "hashes"}          ->  {"ok", "hashes"}
@@ -20,6 +20,9 @@ lock would silence the others.
 A joiner again before each sync: "zero" zeroes its state in place (the pages stay
 touched); "fresh" ("numpy" or "plain") frees it and allocates a new one, np.zeros or
 plain_zeros: pages the kernel has yet to fault in, so the receive pays for them.
+With "fresh", the new SharedState gets prefault="state_prefault" (default True) and
+the worker waits "lead" seconds (default 0) before the timed sync, as a joiner builds
+its state, then connects and is admitted before its first sync.
 "prefaulted": the bytes its engine has faulted in ahead of receives so far.
 
 `spec` describes the state: a list of (name, dtype, elements, content) where content
@@ -133,7 +136,12 @@ def state_worker(master: str, index: int, out: Any, *, conn: Any, world: int, sp
                     if cmd.get("fresh"):
                         revision = state.revision
                         state = pccl.SharedState({})  # freed first: the new one may reuse its pages
-                        state = pccl.SharedState(make_state(spec, plain=cmd["fresh"] == "plain"), revision=revision)
+                        state = pccl.SharedState(
+                            make_state(spec, plain=cmd["fresh"] == "plain"),
+                            revision=revision,
+                            prefault=cmd.get("state_prefault", True),
+                        )
+                        time.sleep(float(cmd.get("lead", 0.0)))  # as a joiner connects and is admitted
                     elif cmd.get("zero"):
                         for b in state.buffers():
                             b[:] = 0

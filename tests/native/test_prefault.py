@@ -449,3 +449,60 @@ def test_config_switch() -> None:
     assert Config().prefault is True
     assert Config.from_env({"PCCL_PREFAULT": "0"}).prefault is False
     assert Config.from_env({}, prefault=False).prefault is False
+
+
+# ---- a shared state populated from its construction on ------------------------------------
+
+
+@needs_populate
+def test_prefault_populates_fresh_memory_and_leaves_every_byte() -> None:
+    buf = _fresh_numpy(40 * MIB)
+    buf[5 * MIB : 6 * MIB] = _pattern(MIB, 11)  # some pages written already, with bytes to keep
+    assert not all(_ours(e) for e in _pagemap(buf))
+    assert nat.prefault(buf[77:]) > 0  # an unaligned start, too
+    assert all(_ours(e) for e in _pagemap(buf[4096:]))
+    np.testing.assert_array_equal(buf[5 * MIB : 6 * MIB], _pattern(MIB, 11))
+    assert not buf[: 5 * MIB].any() and not buf[6 * MIB :].any()
+    assert nat.prefault(buf) == 0  # all resident: nothing left to do
+    assert nat.prefault(np.zeros(MIB, np.uint8)) == 0  # small: left to the receive
+
+
+@needs_populate
+@pytest.mark.parametrize("prefault", [True, False])
+def test_shared_state_populates_its_pages_from_construction(prefault: bool) -> None:
+    import pccl_py as pccl
+
+    # Sizes: more than one slice of 16 MiB, a tail under 4 MiB, and one slice of plain memory.
+    a, b, c = _fresh_numpy(36 * MIB), _fresh_numpy(34 * MIB).view(np.float32), plain_zeros(10 * MIB // 2, "float16")
+    state = pccl.SharedState({"a": a, "b": b, "c": c}, prefault=prefault)
+    job = state._prefaulting
+    if not prefault:
+        assert job is None
+        assert not any(_ours(e) for e in _pagemap(a))
+        return
+    assert job is not None
+    job.thread.join(timeout=60)
+    assert not job.thread.is_alive()
+    for x in (a, b, c):
+        assert all(_ours(e) for e in _pagemap(x.view(np.uint8)))
+        assert not x.any()
+    assert job.populated > 64 * MIB  # all but pages numpy or the allocator touched
+    state.stop_prefault()  # after the job ended: a no-op
+
+
+@needs_populate
+def test_a_sync_stops_the_population_and_a_racing_write_keeps_its_bytes() -> None:
+    import pccl_py as pccl
+
+    a = _fresh_numpy(200 * MIB)
+    state = pccl.SharedState({"a": a})
+    job = state._prefaulting
+    assert job is not None
+    a[-MIB:] = _pattern(MIB, 3)  # written while (or before) the thread populates
+    state.stop_prefault()
+    assert not job.thread.is_alive()
+    stopped_at = job.populated
+    time.sleep(0.05)
+    assert job.populated == stopped_at  # nothing populated after the stop
+    np.testing.assert_array_equal(a[-MIB:], _pattern(MIB, 3))
+    assert not a[:-MIB].any()

@@ -55,6 +55,13 @@ struct PrefaultOptions {
   bool hugePages = true;
 };
 
+// Populates `ranges` as a Prefaulter would ahead of a receive (huge-page advice on the
+// blocks with nothing mapped, then only the pages that are cheap to populate), on the
+// calling thread, and returns the bytes populated. For memory whose bytes will arrive
+// later: a shared state's buffers are populated from its construction on, while the
+// peer still connects, so its first sync receives into resident pages.
+uint64_t prefaultNow(const std::vector<MemoryRange>& ranges, const PrefaultOptions& options);
+
 // Populates the ranges of queued jobs on one worker thread (started at the first job,
 // joined by stop()). Jobs take turns a piece at a time, so several ops that fill one
 // buffer between them (state fetches from several sources) are populated in address
@@ -72,6 +79,8 @@ class Prefaulter {
   // Drops what is left of `owner`'s jobs and waits for a piece of them being populated
   // (at most one): once it returns, the Prefaulter never touches that memory again.
   void cancel(const void* owner);
+  // Waits until every job queued so far has been populated (or refused).
+  void drain();
   // Drops every job and joins the worker. Idempotent.
   void stop();
   // Bytes populated so far.
@@ -103,7 +112,7 @@ class Prefaulter {
   PrefaultOptions options_;
   mutable std::mutex mu_;
   std::condition_variable work_;  // a job arrived, or stop
-  std::condition_variable idle_;  // the worker finished a piece
+  std::condition_variable idle_;  // the worker finished a piece (or a job)
   std::deque<Job> jobs_;
   const void* busy_ = nullptr;  // owner of the piece being populated
   bool dropBusy_ = false;       // cancel() came for it: do not queue its job again

@@ -117,6 +117,19 @@ void Prefaulter::stop() {
   if (thread_.joinable()) thread_.join();
 }
 
+void Prefaulter::drain() {
+  std::unique_lock<std::mutex> lock(mu_);
+  idle_.wait(lock, [this] { return stopping_ || (jobs_.empty() && busy_ == nullptr); });
+}
+
+uint64_t prefaultNow(const std::vector<MemoryRange>& ranges, const PrefaultOptions& options) {
+  Prefaulter prefaulter(options);
+  prefaulter.add(&prefaulter, ranges);
+  prefaulter.drain();
+  prefaulter.stop();
+  return prefaulter.populatedBytes();
+}
+
 uint64_t Prefaulter::populatedBytes() const {
   std::lock_guard<std::mutex> lock(mu_);
   return populated_;
