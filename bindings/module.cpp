@@ -517,6 +517,17 @@ PYBIND11_MODULE(_native, m) {
           },
           py::arg("buffers"), "Serve these buffers (entry i = buffers[i]) to fetching peers until close().")
       .def(
+          "connect_state_sources",
+          [](Engine& e, const std::vector<std::tuple<uint64_t, std::string, uint16_t>>& sources,
+             std::optional<double> timeout) {
+            std::vector<PeerAddress> targets;
+            for (const auto& [peer, host, port] : sources) targets.push_back(PeerAddress{peer, host, port});
+            py::gil_scoped_release release;
+            e.connectStateSources(targets, toSeconds(timeout));
+          },
+          py::arg("sources"), py::arg("timeout") = py::none(),
+          "Open the state-transfer connections to every (peer, host, port) at once (before fetch_state).")
+      .def(
           "fetch_state",
           [](const std::shared_ptr<Engine>& e, uint64_t sourceId, const std::string& host, uint16_t port,
              uint64_t exposure, const py::list& dsts,

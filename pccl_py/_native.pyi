@@ -316,6 +316,9 @@ class Engine:
     def expose_state(self, buffers: list[_Buffer]) -> StateExposure:
         """Serve these buffers (entry i = buffers[i]) to fetching peers until close()."""
 
+    def connect_state_sources(self, sources: Sequence[tuple[int, str, int]], timeout: float | None = None) -> None:
+        """Open the state-transfer connections to every (peer, host, port) at once (before fetch_state)."""
+
     def fetch_state(
         self,
         source: int,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 import xxhash
 
 from pccl_py import _native
-from pccl_py.errors import InvalidArgument, PeerLost
+from pccl_py.errors import InvalidArgument, PcclError, PeerLost
 from pccl_py.peer.buffers import is_device_tensor, native_view, pinned_empty
 from pccl_py.peer.state_fetch import Chunk, fetch_round
 from pccl_py.types import EntryMeta
@@ -213,6 +214,14 @@ def fetch_entries(
     corrupt_from: dict[int, set[int]] = {i: set() for i in pending}
     dead: set[int] = set()
     received = 0
+    wanted_from = sorted({p for _, holders in pending.values() for p in holders})
+    try:  # their round trips at once; otherwise each source's first fetch opens its own, in turn
+        engine.connect_state_sources(
+            [(sources[p].peer, sources[p].host, sources[p].port) for p in wanted_from],
+            timeout=max(0.0, deadline - time.monotonic()),
+        )
+    except PcclError:
+        pass  # the fetch from the source that cannot be reached fails, and is handled there
     while pending:
         chunks: list[Chunk] = []
         for index, (_, holders) in sorted(pending.items()):
