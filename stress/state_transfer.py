@@ -134,6 +134,7 @@ def joiner_transfer(
     state_prefault: bool = True,
     wan: WanSpec | None = None,
     connections: int | None = None,
+    sysctls: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """(a), or (a') with `fresh` ("numpy" or "plain", tests/helpers/state_workers.py): the
     joiner's state is newly allocated before each rep; with `fresh_idle`, the old one is
@@ -142,12 +143,13 @@ def joiner_transfer(
     long before the timed sync (a joiner builds it, then connects and is admitted);
     `state_prefault`: its SharedState(prefault=...). `wan`: sources in hosts 0..sources-1
     of a WAN emulator, the joiner in the next, the master in the last. `connections`:
-    every peer's Config.connections_per_peer (None: the default)."""
+    every peer's Config.connections_per_peer (None: the default). `sysctls`: set in every
+    emulated host (WanNet(sysctls=...))."""
     total = sum(n * 4 for _, _, n, _ in _spec(mib, entries))
     with contextlib.ExitStack() as stack:
         net: WanNet | None = None
         if wan is not None:
-            net = stack.enter_context(WanNet(sources + 2, wan.link, host=wan.host))
+            net = stack.enter_context(WanNet(sources + 2, wan.link, host=wan.host, sysctls=sysctls))
             master_ip = net.ips[-1]
             master = net.call_in(sources + 1, lambda: Master(host=master_ip).start())
         else:
@@ -229,6 +231,7 @@ def joiner_transfer(
         "sources": sources,
         "entries": entries,
         "connections_per_peer": connections,
+        "host_sysctls": sysctls or None,
         "sync_s_per_rep": times,
         "transfer_s_per_rep": fetch_times,
         "prefault": prefault,
@@ -292,7 +295,16 @@ class _Arrivals:
             for i in range(window, len(got))
         ) if len(got) > window else 0.0
         peak = f"{best / downlink_bits:.2f} of the downlink" if downlink_bits else f"{best / 1e9:.2f} Gbit/s"
-        return f"bulk from {start * 1e3:.0f} ms, sources done at {[round(e * 1e3) for e in ends]} ms, best 200 ms {peak}"
+        shape = ""
+        if downlink_bits:  # per 100 ms from the sync command: tenths of the downlink
+            step = max(1, round(0.1 / self.every))
+            tenths = [
+                min(9, int(10 * (sum(got[i][1]) - sum(got[i - step][1])) * 8 / (got[i][0] - got[i - step][0]) / downlink_bits))
+                for i in range(step, len(got), step)
+            ]
+            shape = ", per 100 ms in tenths " + "".join(str(t) for t in tenths)
+        ends_ms = [round(e * 1e3) for e in ends]
+        return f"bulk from {start * 1e3:.0f} ms, sources done at {ends_ms} ms, best 200 ms {peak}{shape}"
 
 
 def _downlink_bits(wan: WanSpec) -> int:
@@ -441,6 +453,14 @@ def main(argv: list[str] | None = None) -> None:
         metavar="K",
         help="joiner: every peer's Config.connections_per_peer (default: the Config's, sized from the round trip)",
     )
+    parser.add_argument(
+        "--host-sysctl",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--wan: a net.ipv4 sysctl for every emulated host (repeatable), e.g. "
+        "net.ipv4.tcp_slow_start_after_idle=0; default: the machine's",
+    )
     parser.add_argument("--json", help="append one JSON line per result to this file")
     args = parser.parse_args(argv)
     if args.wan is not None:
@@ -472,6 +492,7 @@ def main(argv: list[str] | None = None) -> None:
                 state_prefault=not args.no_state_prefault,
                 wan=args.wan,
                 connections=args.connections,
+                sysctls=dict(item.split("=", 1) for item in args.host_sysctl),
             )
             results.append(r)
             what = "(a) joiner" + (" (prefault off)" if args.no_prefault else "")

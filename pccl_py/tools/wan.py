@@ -144,7 +144,8 @@ class WanNet:
 
     cc: the TCP congestion control in every host (reno, cubic or bbr; None keeps the
     machine's). tcp_mem: (min, default, max) bytes for both tcp_rmem and tcp_wmem in every
-    host (None keeps the machine's). seed: the loss and jitter RNG. Owns its namespaces,
+    host (None keeps the machine's). sysctls: more net.ipv4 sysctls for every host (each
+    namespace has its own), e.g. {"net.ipv4.tcp_slow_start_after_idle": "0"}. seed: the loss and jitter RNG. Owns its namespaces,
     TUN devices and relay thread; `close()` (or leaving the `with`) releases them all."""
 
     def __init__(
@@ -154,6 +155,7 @@ class WanNet:
         host: HostSpec | None = None,
         cc: str | None = None,
         tcp_mem: tuple[int, int, int] | None = None,
+        sysctls: dict[str, str] | None = None,
         seed: int = 0,
     ) -> None:
         if hosts < 2:
@@ -165,6 +167,10 @@ class WanNet:
         self.host = host or HostSpec()
         self.cc = cc
         self.tcp_mem = _tcp_mem_text(tcp_mem) if tcp_mem is not None else None
+        self.sysctls = dict(sysctls or {})
+        for key in self.sysctls:
+            if not key.startswith("net.ipv4."):
+                raise ValueError(f"only net.ipv4 sysctls (per namespace) can be set in a host, got {key!r}")
         self.seed = seed
         self.prefix = f"wq{os.getpid() % 100000}"
         self.namespaces = [f"{self.prefix}n{i}" for i in range(hosts)]
@@ -215,6 +221,7 @@ class WanNet:
                 sysctls.append(f"net.ipv4.tcp_congestion_control={self.cc}")
             if self.tcp_mem is not None:
                 sysctls += [f"net.ipv4.tcp_rmem={self.tcp_mem}", f"net.ipv4.tcp_wmem={self.tcp_mem}"]
+            sysctls += [f"{key}={value}" for key, value in self.sysctls.items()]
             _run("ip", "netns", "exec", ns, "sysctl", "-q", "-w", *sysctls)
         addresses = [int(ipaddress.IPv4Address(ip)) for ip in self.ips]
         self._relay = _native.WanRelay(self._tun_fds, addresses, seed=self.seed)
