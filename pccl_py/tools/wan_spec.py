@@ -24,7 +24,7 @@ _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s)\s*$", re.IGNORECASE)
 _DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 _DEFAULT_QUEUE_S = 0.05
 _LINK_KEYS = ("rtt", "rate", "loss", "jitter", "queue")
-_HOST_KEYS = ("up", "down", "access", "queue")
+_HOST_KEYS = ("up", "down", "access", "queue", "up_queue", "down_queue")
 _WAN_HOST_KEYS = ("up", "down", "access", "access_queue")
 
 
@@ -162,7 +162,7 @@ class HostSpec:
     @classmethod
     def parse(cls, text: str) -> HostSpec:
         """'up=1gbit,down=100mbit,queue=50ms', 'access=1gbit' (up and down alike); every
-        key optional; queue applies to both directions."""
+        key optional; queue applies to both directions, up_queue and down_queue to one."""
         return cls._from_items(text, _items(text, "host spec", _HOST_KEYS, "up=1gbit,down=1gbit,queue=50ms"))
 
     @classmethod
@@ -180,6 +180,9 @@ class HostSpec:
             for key in ("queue", "access_queue"):
                 if key in given:
                     fields["up_queue_s"] = fields["down_queue_s"] = parse_duration(given[key])
+            for key in ("up_queue", "down_queue"):
+                if key in given:
+                    fields[f"{key}_s"] = parse_duration(given[key])
         except ValueError as e:
             raise ValueError(f"bad host spec {text!r}: {e}") from None
         try:
@@ -198,7 +201,7 @@ class HostSpec:
         if self.up_queue_s == self.down_queue_s:
             if self.up_queue_s != _DEFAULT_QUEUE_S:
                 parts.append(f"{queue_key}={_format_duration(self.up_queue_s)}")
-        else:  # not expressible in one key: shown, though not parseable
+        else:  # HostSpec.parse reads these (WanSpec's one access_queue cannot say it)
             parts.append(f"up_queue={_format_duration(self.up_queue_s)}")
             parts.append(f"down_queue={_format_duration(self.down_queue_s)}")
         return parts

@@ -67,9 +67,10 @@ def test_host_and_wan_spec_parse() -> None:
     up_down = WanSpec.parse("rtt=20ms,rate=2gbit,up=100mbit,down=500mbit")
     assert WanSpec.parse(str(up_down)) == up_down and up_down.rate_bits == 10**8
     assert HostSpec.parse(str(HostSpec(10**8, 10**9, 0.02, 0.02))) == HostSpec(10**8, 10**9, 0.02, 0.02)
+    assert HostSpec.parse(str(HostSpec(10**8, 0, 0.01, 0.2))) == HostSpec(10**8, 0, 0.01, 0.2)
     for parse, bad, why in (
         (HostSpec.parse, "access=1gbit,up=1gbit", "either"),
-        (HostSpec.parse, "rtt=10ms", "up, down, access, queue"),
+        (HostSpec.parse, "rtt=10ms", "up, down, access, queue, up_queue, down_queue"),
         (HostSpec.parse, "up=fast", "bit, kbit, mbit or gbit"),
         (WanSpec.parse, "rtt=10ms,uplink=1gbit", "access_queue"),
         (WanSpec.parse, "access=1gbit,access=2gbit", "given twice"),
