@@ -517,6 +517,17 @@ PYBIND11_MODULE(_native, m) {
           },
           py::arg("buffers"), "Serve these buffers (entry i = buffers[i]) to fetching peers until close().")
       .def(
+          "connect_state_sources",
+          [](Engine& e, const std::vector<std::tuple<uint64_t, std::string, uint16_t>>& sources,
+             std::optional<double> timeout) {
+            std::vector<PeerAddress> targets;
+            for (const auto& [peer, host, port] : sources) targets.push_back(PeerAddress{peer, host, port});
+            py::gil_scoped_release release;
+            e.connectStateSources(targets, toSeconds(timeout));
+          },
+          py::arg("sources"), py::arg("timeout") = py::none(),
+          "Open the state-transfer connections to every (peer, host, port) at once (before fetch_state).")
+      .def(
           "fetch_state",
           [](const std::shared_ptr<Engine>& e, uint64_t sourceId, const std::string& host, uint16_t port,
              uint64_t exposure, const py::list& dsts,
@@ -578,6 +589,22 @@ PYBIND11_MODULE(_native, m) {
             return py::make_tuple(l.delaySeconds, l.jitterSeconds, l.rateBits, l.loss, l.queueSeconds);
           },
           py::arg("src"), py::arg("dst"), "(delay_s, jitter_s, rate_bits, loss, queue_s) of link src->dst.")
+      .def(
+          "set_host",
+          [](WanRelay& r, size_t host, uint64_t upBits, uint64_t downBits, double upQueue, double downQueue) {
+            r.setHost(host, WanHost{upBits, downBits, upQueue, downQueue});
+          },
+          py::arg("host"), py::arg("up_bits") = 0, py::arg("down_bits") = 0, py::arg("up_queue_s") = 0.05,
+          py::arg("down_queue_s") = 0.05,
+          "Set host's access link: its uplink and downlink rates (bits/s, 0: unlimited), shared by all its\n"
+          "pairs, each with a drop-tail queue (seconds at its rate); applies to packets entering them next.")
+      .def(
+          "host",
+          [](const WanRelay& r, size_t host) {
+            WanHost h = r.host(host);
+            return py::make_tuple(h.upBits, h.downBits, h.upQueueSeconds, h.downQueueSeconds);
+          },
+          py::arg("host"), "(up_bits, down_bits, up_queue_s, down_queue_s) of host's access link.")
       .def("set_partitioned", &WanRelay::setPartitioned, py::arg("host"), py::arg("on"),
            "Cut (or heal) every link to and from `host`: its packets vanish silently.")
       .def("set_link_partitioned", &WanRelay::setLinkPartitioned, py::arg("src"), py::arg("dst"), py::arg("on"))
@@ -600,13 +627,23 @@ PYBIND11_MODULE(_native, m) {
               d["write_errors"] = l.writeErrors;
               links.append(d);
             }
+            py::list hosts;
+            for (size_t i = 0; i < s.hosts.size(); ++i) {
+              py::dict d;
+              d["host"] = i;
+              d["dropped_up_queue"] = s.hosts[i].droppedUpQueue;
+              d["dropped_down_queue"] = s.hosts[i].droppedDownQueue;
+              hosts.append(d);
+            }
             py::dict out;
             out["links"] = links;
+            out["hosts"] = hosts;
             out["unroutable"] = s.unroutable;
             out["pending_packets"] = s.pendingPackets;
             out["pending_bytes"] = s.pendingBytes;
             out["error"] = s.error;
             return out;
           },
-          "Per directed link: packets/bytes forwarded and drops by cause; relay-wide counters.");
+          "Per directed link: packets/bytes forwarded and drops by cause; per host: its access link's\n"
+          "queue drops; relay-wide counters.");
 }

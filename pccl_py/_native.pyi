@@ -316,6 +316,9 @@ class Engine:
     def expose_state(self, buffers: list[_Buffer]) -> StateExposure:
         """Serve these buffers (entry i = buffers[i]) to fetching peers until close()."""
 
+    def connect_state_sources(self, sources: Sequence[tuple[int, str, int]], timeout: float | None = None) -> None:
+        """Open the state-transfer connections to every (peer, host, port) at once (before fetch_state)."""
+
     def fetch_state(
         self,
         source: int,
@@ -357,6 +360,15 @@ class WanRelay:
         queue_s: float = 0.05,
     ) -> None: ...
     def link(self, src: int, dst: int) -> tuple[float, float, int, float, float]: ...
+    def set_host(
+        self, host: int, up_bits: int = 0, down_bits: int = 0, up_queue_s: float = 0.05, down_queue_s: float = 0.05
+    ) -> None:
+        """Set host's access link: uplink and downlink rates (bits/s, 0: unlimited), shared by all
+        its pairs, each with a drop-tail queue (seconds at its rate)."""
+
+    def host(self, host: int) -> tuple[int, int, float, float]:
+        """(up_bits, down_bits, up_queue_s, down_queue_s) of host's access link."""
+
     def set_partitioned(self, host: int, on: bool) -> None: ...
     def set_link_partitioned(self, src: int, dst: int, on: bool) -> None: ...
     def stats(self) -> dict: ...  # type: ignore[type-arg]

@@ -12,13 +12,13 @@ import argparse
 import json
 import sys
 
-from pccl_py.tools.wan import LinkSpec
+from pccl_py.tools.wan import WanSpec
 from stress.orchestrator import FAULT_KINDS, Scenario, run_scenario
 
 
-def _wan_spec(text: str) -> LinkSpec:
+def _wan_spec(text: str) -> WanSpec:
     try:
-        return LinkSpec.parse(text)
+        return WanSpec.parse(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="keep events and logs here (default: a temp dir)")
     parser.add_argument("--wan", type=_wan_spec, metavar="SPEC",
                         help="run behind the WAN emulator (root): every peer and the master in emulated hosts, "
-                             "each link modelled by SPEC, e.g. rtt=50ms,rate=1gbit,loss=0.001 (docs/wan.md)")
+                             "SPEC is KEY=VALUE,... of per-pair keys rtt, rate, loss, jitter, queue and per-host "
+                             "access-link keys up, down, access (both), access_queue, e.g. "
+                             "rtt=50ms,rate=1gbit,loss=0.001 or rtt=100ms,access=1gbit (docs/wan.md)")
     parser.add_argument("--bug", help=argparse.SUPPRESS)  # test only: a deliberately broken peer
     args = parser.parse_args(argv)
     if args.wan is not None:

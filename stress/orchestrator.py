@@ -7,7 +7,7 @@ gracefully), join (a fresh peer process), restart (SIGKILL, then a fresh process
 same slot), master_restart (SIGKILL the master, start it again at the same address).
 Never fewer than `min_alive` peers are left running and unstopped.
 
-With `wan` (a pccl_py.tools.wan.LinkSpec; root only), the run happens behind the WAN
+With `wan` (a pccl_py.tools.wan.WanSpec; root only), the run happens behind the WAN
 emulator: max_peers + 1 emulated hosts, peer slot s in host s % max_peers (a restarted
 slot comes back in the same host), the master in the last host, every byte between
 them (control plane included) crossing the modelled links.
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pccl_py.tools.wan import LinkSpec, WanNet
+from pccl_py.tools.wan import WanNet, WanSpec
 from stress.invariants import Params, check
 
 FAULT_KINDS = ("kill", "stall", "leave", "join", "restart", "master_restart")
@@ -53,7 +53,7 @@ class Scenario:
     window: float = 15.0
     bug: str | None = None  # test only: one peer misbehaves (see stress.peer.BUGS)
     step_pause: float = 0.0
-    wan: LinkSpec | None = None  # run behind the WAN emulator (see the module docstring)
+    wan: WanSpec | None = None  # run behind the WAN emulator (see the module docstring)
 
 
 @dataclass
@@ -246,7 +246,7 @@ class Orchestrator:
         self._master_due: float | None = None
         t_start = time.time()
         if self.sc.wan is not None:
-            self.net = WanNet(self.sc.max_peers + 1, self.sc.wan, seed=self.sc.seed)
+            self.net = WanNet(self.sc.max_peers + 1, self.sc.wan.link, host=self.sc.wan.host, seed=self.sc.seed)
             try:
                 self.net.up()
             except BaseException:
@@ -396,8 +396,11 @@ class Orchestrator:
         return {
             "scenario": {k: str(v) if k == "wan" and v is not None else v for k, v in vars(self.sc).items()},
             "wan_drops": None if wan_stats is None else {
-                cause: sum(link[cause] for link in wan_stats["links"])
-                for cause in ("dropped_partition", "dropped_loss", "dropped_queue", "dropped_memory")
+                **{
+                    cause: sum(link[cause] for link in wan_stats["links"])
+                    for cause in ("dropped_partition", "dropped_loss", "dropped_queue", "dropped_memory")
+                },
+                **{cause: sum(h[cause] for h in wan_stats["hosts"]) for cause in ("dropped_up_queue", "dropped_down_queue")},
             },
             "master_restart_to_next_allreduce_s": recoveries,
             "seconds": round(time.time() - t_start, 1),

@@ -18,6 +18,11 @@
     in again costs its time too. SharedState populates its pages from construction on
     (prefault=True; `--no-state-prefault` turns that off); `--fresh-lead S` builds the
     state S s before the sync, as a joiner does before it connects and is admitted.
+(a'') over a WAN (`--wan SPEC`, root): (a) or (a') with every source, the joiner and
+    the master in hosts of the WAN emulator (pccl_py.tools.wan; SPEC as for
+    `pccl bench --wan`, e.g. rtt=100ms,access=1gbit: 100 ms round trips, every host
+    1 Gbit/s up and down). Both times are also reported as a fraction of the joiner's
+    downlink (what its downlink could carry in that time), with the emulator's drops.
 (b) no-transfer sync: `--peers` peers with identical state call sync_shared_state()
     back to back (`--syncs` times after a warm-up); the time of one sync = the slowest
     peer's call in that round; median reported. Repeated with 1 MiB: the fixed cost.
@@ -29,6 +34,7 @@
     python -m stress.state_transfer
     python -m stress.state_transfer --mib 256 --reps 5 --syncs 15 --json results.jsonl
     python -m stress.state_transfer --only joiner fresh --mib 256 --entries 1 --sources 3 --reps 5
+    python -m stress.state_transfer --only joiner --wan rtt=100ms,access=1gbit --sources 3 --entries 1
 
 GB/s is 1e9 bytes per second.
 """
@@ -36,19 +42,22 @@ GB/s is 1e9 bytes per second.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import statistics
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
 from pccl_py import Master
 from pccl_py.peer.shared_state import digest
 from pccl_py.testing import PeerGroup
+from pccl_py.tools.wan import WanNet, WanSpec
 from tests.helpers.state_workers import fill, state_worker
 
 
@@ -58,10 +67,12 @@ def _spec(mib: int, entries: int, zero: bool = False) -> list[tuple[str, str, in
 
 
 class _Peers:
-    """A PeerGroup of state workers, each with its own pipe."""
+    """A PeerGroup of state workers, each with its own pipe; with `net`, peer i runs in
+    the WAN emulator's host i."""
 
-    def __init__(self, master: Master, world: int) -> None:
+    def __init__(self, master: Master, world: int, net: WanNet | None = None) -> None:
         self.group = PeerGroup(master.address, state_worker, dict(world=world))
+        self.net = net
         self.conns: dict[int, Any] = {}
         self._child: list[Any] = []
         self._ctx = mp.get_context("spawn")
@@ -70,7 +81,8 @@ class _Peers:
         parent, child = self._ctx.Pipe()
         self.conns[index] = parent
         self._child.append(child)
-        self.group.start(index, conn=child, spec=spec, config=config)
+        where = {} if self.net is None else {"namespace": self.net.namespaces[index], "host": self.net.ips[index]}
+        self.group.start(index, conn=child, spec=spec, config=config, **where)
 
     def recv(self, index: int, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -120,20 +132,36 @@ def joiner_transfer(
     prefault: bool = True,
     fresh_lead: float = 0.0,
     state_prefault: bool = True,
+    wan: WanSpec | None = None,
+    connections: int | None = None,
+    sysctls: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """(a), or (a') with `fresh` ("numpy" or "plain", tests/helpers/state_workers.py): the
     joiner's state is newly allocated before each rep; with `fresh_idle`, the old one is
     freed that long before (plus the 1 s the sources get), instead of just before.
     `prefault`: the joiner's Config.prefault. `fresh_lead`: the fresh state is built that
     long before the timed sync (a joiner builds it, then connects and is admitted);
-    `state_prefault`: its SharedState(prefault=...)."""
+    `state_prefault`: its SharedState(prefault=...). `wan`: sources in hosts 0..sources-1
+    of a WAN emulator, the joiner in the next, the master in the last. `connections`:
+    every peer's Config.connections_per_peer (None: the default). `sysctls`: set in every
+    emulated host (WanNet(sysctls=...))."""
     total = sum(n * 4 for _, _, n, _ in _spec(mib, entries))
-    with Master() as master:
-        peers = _Peers(master, world=sources + 1)
+    with contextlib.ExitStack() as stack:
+        net: WanNet | None = None
+        if wan is not None:
+            net = stack.enter_context(WanNet(sources + 2, wan.link, host=wan.host, sysctls=sysctls))
+            master_ip = net.ips[-1]
+            master = net.call_in(sources + 1, lambda: Master(host=master_ip).start())
+        else:
+            master = Master().start()
+        stack.callback(master.close)
+        peers = _Peers(master, world=sources + 1, net=net)
         try:
+            common = {} if connections is None else {"connections_per_peer": connections}
             for i in range(sources):
-                peers.start(i, _spec(mib, entries))
-            peers.start(sources, _spec(mib, entries, zero=True), config=None if prefault else {"prefault": False})
+                peers.start(i, _spec(mib, entries), config=common)
+            joiner_config = {**common, **({} if prefault else {"prefault": False})}
+            peers.start(sources, _spec(mib, entries, zero=True), config=joiner_config)
             peers.wait_ready()
             times, fetch_times, reference = [], [], None
             for rep in range(reps):
@@ -143,10 +171,12 @@ def joiner_transfer(
                 again: dict[str, Any] = (
                     {"fresh": fresh, "lead": fresh_lead, "state_prefault": state_prefault} if fresh else {"zero": True}
                 )
-                peers.conns[sources].send(
-                    {"cmd": "sync", "revision": 0, "strategy": "RECEIVE_ONLY", "timeout": 120, **again}
-                )
-                joiner = _check(peers.recv(sources, 180), "joiner sync")
+                watch = _Arrivals(net, sources) if net is not None else contextlib.nullcontext()
+                with watch:
+                    peers.conns[sources].send(
+                        {"cmd": "sync", "revision": 0, "strategy": "RECEIVE_ONLY", "timeout": 120, **again}
+                    )
+                    joiner = _check(peers.recv(sources, 180), "joiner sync")
                 served = [_check(peers.recv(i, 180), "source sync") for i in range(sources)]
                 if joiner["rx"] < total or joiner["received"] != entries:
                     raise RuntimeError(f"joiner received {joiner['rx']} bytes, {joiner['received']} entries")
@@ -165,20 +195,45 @@ def joiner_transfer(
                 times.append(joiner["elapsed"][0])
                 fetch_times.append(joiner["fetch_s"][0])
                 tx = [s["tx"] for s in served]
+                of_downlink = (
+                    f" = {_of_downlink(total, times[-1], wan):.2f} / {_of_downlink(total, fetch_times[-1], wan):.2f} "
+                    "of the joiner's downlink"
+                    if wan is not None
+                    else ""
+                )
+                if isinstance(watch, _Arrivals):
+                    of_downlink += f"; {watch.summary(_downlink_bits(wan) if wan else 0)}"
                 print(
                     f"  {'fresh ' if fresh else ''}joiner from {sources} source(s), rep {rep}: "
                     f"sync {times[-1] * 1000:.0f} ms "
                     f"({total / times[-1] / 1e9:.2f} GB/s), transfer+verify {fetch_times[-1] * 1000:.0f} ms "
-                    f"({total / fetch_times[-1] / 1e9:.2f} GB/s), served per source MiB {[t >> 20 for t in tx]}, "
-                    f"prefaulted so far {joiner['prefaulted'] >> 20} MiB",
+                    f"({total / fetch_times[-1] / 1e9:.2f} GB/s){of_downlink}, served per source MiB "
+                    f"{[t >> 20 for t in tx]}, prefaulted so far {joiner['prefaulted'] >> 20} MiB",
                     flush=True,
                 )
+            drops = _wan_drops(net) if net is not None else None
         finally:
             peers.close()
     sync_s, fetch_s = statistics.median(times), statistics.median(fetch_times)
+    over_wan = (
+        {
+            "wan": str(wan),
+            "downlink_bits": _downlink_bits(wan),
+            "sync_of_downlink": _of_downlink(total, sync_s, wan),
+            "transfer_of_downlink": _of_downlink(total, fetch_s, wan),
+            "wan_drops": drops,
+        }
+        if wan is not None
+        else {}
+    )
     return {
         "test": "joiner_fresh" if fresh else "joiner",
         "sources": sources,
+        "entries": entries,
+        "connections_per_peer": connections,
+        "host_sysctls": sysctls or None,
+        "sync_s_per_rep": times,
+        "transfer_s_per_rep": fetch_times,
         "prefault": prefault,
         "fresh_memory": fresh,
         "fresh_idle_s": fresh_idle if fresh else None,
@@ -190,7 +245,87 @@ def joiner_transfer(
         "transfer_s": fetch_s,
         "transfer_gbps": total / fetch_s / 1e9,
         "reps": reps,
+        **over_wan,
     }
+
+
+class _Arrivals:
+    """While open: the bytes each source (hosts below `joiner`) has delivered into the
+    joiner's host, from the emulator's counters every 20 ms: the ramp-up and the stragglers."""
+
+    def __init__(self, net: WanNet, joiner: int, every: float = 0.02) -> None:
+        self.net, self.joiner, self.every = net, joiner, every
+        self.samples: list[tuple[float, list[int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="arrivals", daemon=True)
+
+    def _read(self) -> list[int]:
+        links = self.net.stats()["links"]
+        into = sorted((e["src"], e["bytes"]) for e in links if e["dst"] == self.joiner and e["src"] < self.joiner)
+        return [nbytes for _, nbytes in into]
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        while not self._stop.wait(self.every):
+            self.samples.append((time.perf_counter() - t0, self._read()))
+
+    def __enter__(self) -> Self:
+        self.base = self._read()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self, downlink_bits: int) -> str:
+        """When the bulk began (the first 1 MiB in) and each source ended (its last
+        sample's growth), ms from the sync command; the best 200 ms window's rate."""
+        if not self.samples:
+            return "no samples"
+        got = [(t, [b - b0 for b, b0 in zip(v, self.base, strict=True)]) for t, v in self.samples]
+        start = next((t for t, v in got if sum(v) >= 1 << 20), got[-1][0])
+        ends = []
+        for k in range(len(self.base)):
+            final = got[-1][1][k]
+            ends.append(next(t for t, v in got if v[k] >= final - (64 << 10)))
+        window = max(1, round(0.2 / self.every))
+        best = max(
+            (sum(got[i][1]) - sum(got[i - window][1])) * 8 / (got[i][0] - got[i - window][0])
+            for i in range(window, len(got))
+        ) if len(got) > window else 0.0
+        peak = f"{best / downlink_bits:.2f} of the downlink" if downlink_bits else f"{best / 1e9:.2f} Gbit/s"
+        shape = ""
+        if downlink_bits:  # per 100 ms from the sync command: tenths of the downlink
+            step = max(1, round(0.1 / self.every))
+            tenths = [
+                min(9, int(10 * (sum(got[i][1]) - sum(got[i - step][1])) * 8 / (got[i][0] - got[i - step][0]) / downlink_bits))
+                for i in range(step, len(got), step)
+            ]
+            shape = ", per 100 ms in tenths " + "".join(str(t) for t in tenths)
+        ends_ms = [round(e * 1e3) for e in ends]
+        return f"bulk from {start * 1e3:.0f} ms, sources done at {ends_ms} ms, best 200 ms {peak}{shape}"
+
+
+def _downlink_bits(wan: WanSpec) -> int:
+    """What the joiner can receive at: its downlink, else the spec's narrowest rate."""
+    return wan.host.down_bits or wan.rate_bits
+
+
+def _of_downlink(nbytes: int, seconds: float, wan: WanSpec | None) -> float:
+    """`nbytes` in `seconds` as a fraction of the joiner's downlink (0 if unlimited)."""
+    bits = _downlink_bits(wan) if wan is not None else 0
+    return nbytes * 8 / seconds / bits if bits else 0.0
+
+
+def _wan_drops(net: WanNet) -> dict[str, int]:
+    """The emulator's drops so far, by cause, over every link and host."""
+    stats = net.stats()
+    causes = ("dropped_partition", "dropped_loss", "dropped_queue", "dropped_memory")
+    out = {cause: sum(link[cause] for link in stats["links"]) for cause in causes}
+    for cause in ("dropped_up_queue", "dropped_down_queue"):
+        out[cause] = sum(h[cause] for h in stats["hosts"])
+    return out
 
 
 def no_transfer_sync(n_peers: int, mib: int, entries: int, syncs: int) -> dict[str, Any]:
@@ -255,6 +390,13 @@ def digest_throughput(mib: int, reps: int = 7) -> dict[str, Any]:
     return {"test": "digest", "bytes": buffer.nbytes, "median_s": t, "gbps": buffer.nbytes / t / 1e9}
 
 
+def _wan_arg(text: str) -> WanSpec:
+    try:
+        return WanSpec.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=256, help="state size (MiB)")
@@ -296,8 +438,37 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="fresh joiner: SharedState(prefault=False), no population from construction on",
     )
+    parser.add_argument(
+        "--wan",
+        type=_wan_arg,
+        metavar="SPEC",
+        help="joiner: sources, joiner and master each in a host of the WAN emulator (root), SPEC as for "
+        "pccl bench --wan: per-pair rtt, rate, loss, jitter, queue; per-host up, down, access (both), "
+        "access_queue; e.g. rtt=100ms,access=1gbit (docs/wan.md)",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=None,
+        metavar="K",
+        help="joiner: every peer's Config.connections_per_peer (default: the Config's, sized from the round trip)",
+    )
+    parser.add_argument(
+        "--host-sysctl",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--wan: a net.ipv4 sysctl for every emulated host (repeatable), e.g. "
+        "net.ipv4.tcp_slow_start_after_idle=0; default: the machine's",
+    )
     parser.add_argument("--json", help="append one JSON line per result to this file")
     args = parser.parse_args(argv)
+    if args.wan is not None:
+        from pccl_py.tools.wan import unavailable
+
+        why = unavailable()
+        if why is not None:
+            parser.error(f"--wan: the WAN emulator {why}")
     results = []
     # The numbers are only as good as the machine is quiet: say how loaded it was.
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start", flush=True)
@@ -319,6 +490,9 @@ def main(argv: list[str] | None = None) -> None:
                 prefault=not args.no_prefault,
                 fresh_lead=args.fresh_lead,
                 state_prefault=not args.no_state_prefault,
+                wan=args.wan,
+                connections=args.connections,
+                sysctls=dict(item.split("=", 1) for item in args.host_sysctl),
             )
             results.append(r)
             what = "(a) joiner" + (" (prefault off)" if args.no_prefault else "")
@@ -328,11 +502,17 @@ def main(argv: list[str] | None = None) -> None:
                 off += ", SharedState(prefault=False)" if args.no_state_prefault else ""
                 lead = f", built {args.fresh_lead:g} s before the sync" if args.fresh_lead > 0 else ""
                 what = f"(a') fresh joiner (untouched {fresh} pages{idle}{lead}{off})"
+            over = ""
+            if args.wan is not None:
+                over = (
+                    f" over {args.wan}: {r['sync_of_downlink']:.2f} / {r['transfer_of_downlink']:.2f} of the "
+                    f"joiner's downlink, drops {r['wan_drops']}"
+                )
             print(
                 f"{what} receives {args.mib} MiB ({args.entries} entries) from {sources} source(s): "
                 f"sync {r['sync_s'] * 1000:.0f} ms = {r['sync_gbps']:.2f} GB/s; "
                 f"transfer+verify {r['transfer_s'] * 1000:.0f} ms = {r['transfer_gbps']:.2f} GB/s "
-                f"(median of {args.reps})",
+                f"(median of {args.reps}){over}",
                 flush=True,
             )
     if "sync" in args.only:

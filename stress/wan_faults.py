@@ -136,7 +136,7 @@ class _Proc:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import pccl_py as pccl
-    from pccl_py.tools.wan import LinkSpec, WanNet, unavailable
+    from pccl_py.tools.wan import WanNet, WanSpec, unavailable
 
     why_not = unavailable()
     if why_not:
@@ -144,8 +144,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     elements = (args.mib << 20) // 4 if args.mib else max(1, (args.kib << 10) // 4)
     workdir = Path(args.workdir or f"/tmp/pccl-wan-faults-{os.getpid()}")
     workdir.mkdir(parents=True, exist_ok=True)
-    link = LinkSpec.parse(args.wan)
-    with WanNet(args.peers + 1, link, cc=args.cc) as net:
+    spec = WanSpec.parse(args.wan)
+    with WanNet(args.peers + 1, spec.link, host=spec.host, cc=args.cc) as net:
         master = net.call_in(args.peers, lambda: pccl.Master(host=net.ips[args.peers], port=0).start())
         procs: list[_Proc] = []
         try:
@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         master, host, world, elements, seconds, mode = argv[1:7]
         return worker(master, host, int(world), int(elements), float(seconds), mode)
     parser = argparse.ArgumentParser(prog="python -m stress.wan_faults", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--wan", default="rtt=100ms,rate=1gbit", help="the emulated link (pccl_py.tools.wan.LinkSpec)")
+    parser.add_argument("--wan", default="rtt=100ms,rate=1gbit",
+                        help="the emulated WAN (pccl_py.tools.wan.WanSpec): per-pair rtt, rate, loss, jitter, "
+                        "queue; per-host up, down, access, access_queue")
     parser.add_argument("--peers", type=int, default=4)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--mib", type=int, default=0, help="all-reduce size in MiB")

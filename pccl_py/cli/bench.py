@@ -167,8 +167,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="run behind the WAN emulator (pccl_py.tools.wan): each worker in its own emulated host, "
         "the master (--compare comm) in a host of its own, gloo's and pccl's traffic and the control "
-        "plane all crossing modelled links; SPEC is KEY=VALUE,... of rtt (the round trip; one-way delay "
-        "is rtt/2), rate, loss, jitter, queue, e.g. rtt=100ms,rate=1gbit,loss=0.001 (several SPECs run "
+        "plane all crossing modelled links; SPEC is KEY=VALUE,... of the per-pair keys rtt (the round "
+        "trip; one-way delay is rtt/2), rate, loss, jitter, queue and the per-host access-link keys up, "
+        "down, access (up and down alike), access_queue, e.g. rtt=100ms,rate=1gbit,loss=0.001 or "
+        "rtt=100ms,access=1gbit (1 Gbit/s up and down per host, shared by its pairs; several SPECs run "
         "one after the other); needs root and /dev/net/tun; see docs/wan.md",
     )
     parser.add_argument("--skip-pccl", action="store_true", help="run only the --compare implementations")
@@ -220,10 +222,10 @@ def parse_netns_rate(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def parse_wan(text: str) -> wan.LinkSpec:
-    """'rtt=100ms,rate=1gbit' -> LinkSpec (argparse type of --wan)."""
+def parse_wan(text: str) -> wan.WanSpec:
+    """'rtt=100ms,rate=1gbit' -> WanSpec (argparse type of --wan)."""
     try:
-        return wan.LinkSpec.parse(text)
+        return wan.WanSpec.parse(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 

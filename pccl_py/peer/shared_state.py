@@ -18,11 +18,12 @@ import numpy as np
 import xxhash
 
 from pccl_py import _native
-from pccl_py.errors import InvalidArgument, PeerLost, Timeout
+from pccl_py.errors import InvalidArgument, PcclError, PeerLost
 from pccl_py.peer.buffers import is_device_tensor, native_view, pinned_empty
+from pccl_py.peer.state_fetch import Chunk, fetch_round
 from pccl_py.types import EntryMeta
 
-CHUNK_BYTES = 8 << 20  # transfer unit; chunks of one entry are spread over the sources
+CHUNK_BYTES = 4 << 20  # transfer unit; chunks of one entry are spread over the sources
 PREFAULT_SLICE = 16 << 20  # populated per native call: also how long a stop may wait
 ProgressFn = Callable[[int, int], None]
 
@@ -202,71 +203,48 @@ def fetch_entries(
     and returns the bytes received. Raises PeerLost when an entry cannot be obtained
     intact from any holder, Timeout at the deadline.
 
-    The first attempt spreads each entry's chunks over all its holders. An entry whose
-    hash does not match on arrival is fetched again whole from one holder at a time, so
-    a holder that serves it corrupt is known and never asked for it again; a holder
-    whose transfer fails is not asked again at all."""
+    The first attempt spreads each entry's chunks over all its holders, handed out as
+    each source keeps up (pccl_py.peer.state_fetch). An entry whose hash does not match
+    on arrival is fetched again whole from one holder at a time, so a holder that serves
+    it corrupt is known and never asked for it again; a holder whose transfer fails is
+    not asked again at all."""
     total = sum(int(buffers[i].nbytes) for i, _, _ in wanted)
     pending = {i: (h, [p for p in holders if p in sources]) for i, h, holders in wanted}
     spread = {i: True for i in pending}
     corrupt_from: dict[int, set[int]] = {i: set() for i in pending}
     dead: set[int] = set()
     received = 0
+    wanted_from = sorted({p for _, holders in pending.values() for p in holders})
+    try:  # their round trips at once; otherwise each source's first fetch opens its own, in turn
+        engine.connect_state_sources(
+            [(sources[p].peer, sources[p].host, sources[p].port) for p in wanted_from],
+            timeout=max(0.0, deadline - time.monotonic()),
+        )
+    except PcclError:
+        pass  # the fetch from the source that cannot be reached fails, and is handled there
     while pending:
-        plan: dict[int, list[tuple[int, int, int, int, int]]] = {}
-        for n, (index, (_, holders)) in enumerate(sorted(pending.items())):
+        chunks: list[Chunk] = []
+        for index, (_, holders) in sorted(pending.items()):
             usable = [p for p in holders if p not in dead and p not in corrupt_from[index]]
             if not usable:
                 raise PeerLost(f"no peer could provide state entry {index} intact (holders: {holders})")
+            allowed = tuple(usable) if spread[index] else (usable[0],)
             size = int(buffers[index].nbytes)
-            for c, offset in enumerate(range(0, size, CHUNK_BYTES)):
-                source = usable[(c + n) % len(usable)] if spread[index] else usable[0]
-                plan.setdefault(source, []).append((index, offset, min(CHUNK_BYTES, size - offset), index, offset))
-        handles = {}
-        for peer, chunks in plan.items():
-            src = sources[peer]
-            try:
-                handles[peer] = engine.fetch_state(
-                    src.peer, src.host, src.port, src.exposure, buffers, chunks,
-                    timeout=max(0.0, deadline - time.monotonic()),
-                )
-            except PeerLost:
-                dead.add(peer)
-        _wait_all(handles, deadline, progress, received, total)
-        if time.monotonic() > deadline:
-            raise Timeout("shared-state transfer did not finish before the deadline")
-        incomplete: set[int] = set()
-        for peer, chunks in plan.items():
-            handle = handles.get(peer)
-            try:
-                if handle is None:
-                    raise PeerLost(f"peer {peer} unreachable")
-                handle.result(timeout=0)
-                received += handle.rx_bytes
-            except Exception:  # noqa: BLE001 - any failure of a source: fetch its chunks elsewhere
-                dead.add(peer)
-                incomplete.update(chunk[0] for chunk in chunks)
-        for index in [i for i in pending if i not in incomplete]:
+            chunks += [
+                Chunk(index, offset, min(CHUNK_BYTES, size - offset), allowed) for offset in range(0, size, CHUNK_BYTES)
+            ]
+        done = fetch_round(engine, buffers, chunks, sources, dead, deadline, progress, received, total)
+        received += done.rx_bytes
+        for index in [i for i in pending if i not in done.incomplete]:
             if digest(buffers[index]) == pending[index][0]:
                 del pending[index]
             elif spread[index]:
                 spread[index] = False  # fetch it whole from one holder: blame becomes exact
             else:
-                corrupt_from[index].update(p for p, chunks in plan.items() if any(ch[0] == index for ch in chunks))
+                corrupt_from[index].update(p for p, asked in done.asked.items() if index in asked)
     if progress is not None:
         progress(total, total)
     return received
-
-
-def _wait_all(handles: dict[int, Any], deadline: float, progress: ProgressFn | None, base: int, total: int) -> None:
-    for handle in handles.values():
-        while not handle.wait(timeout=0.1 if progress else max(0.0, deadline - time.monotonic())):
-            if progress is not None:
-                progress(min(total, base + sum(h.rx_bytes for h in handles.values())), total)
-            if time.monotonic() > deadline:
-                for h in handles.values():
-                    h.abort("shared-state transfer deadline")
-                return
 
 
 def rich_progress() -> tuple[ProgressFn, Callable[[], None]]:

@@ -2,11 +2,13 @@
 with a TUN device as its only interface (eth0), and one native packet relay
 (pccl_py._native.WanRelay) that carries every packet between them through a modelled
 link: silent partitions, random loss, a drop-tail queue, serialization at a rate, and
-one-way delay with jitter that never reorders a link.
+one-way delay with jitter that never reorders a link; and, per host, an access link
+(an uplink and a downlink rate, each with its queue) that all its pairs share.
 
-    with WanNet(hosts=3, link=LinkSpec.parse("rtt=100ms,rate=1gbit")) as net:
+    with WanNet(hosts=3, link=LinkSpec.parse("rtt=100ms"), host=HostSpec.parse("access=1gbit")) as net:
         ...  # host i: namespace net.namespaces[i], address net.ips[i]
         net.set_link(LinkSpec.parse("rtt=20ms,loss=0.01"), src=0, dst=1)
+        net.set_host(2, HostSpec.parse("up=100mbit,down=1gbit"))
         net.partition(2)          # host 2's packets vanish; its processes keep running
         net.partition(2, on=False)
 
@@ -27,11 +29,9 @@ every namespace and device it created, also after a partial setup.
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import ipaddress
 import os
-import re
 import shutil
 import struct
 import subprocess
@@ -41,7 +41,8 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from pccl_py.tools import netns
-from pccl_py.tools.netns import NetnsError, format_rate, parse_rate
+from pccl_py.tools.netns import NetnsError
+from pccl_py.tools.wan_spec import HostSpec, LinkSpec, WanSpec, parse_duration
 
 _TUNSETIFF = 0x400454CA
 _TUNGETIFF = 0x800454D2
@@ -52,99 +53,7 @@ _TXQUEUELEN = 10000  # the TUN's queue towards the relay: deep, so only the mode
 _SUBNET_BASE = "10.215"
 _CMD_TIMEOUT = 30.0
 _CC = ("reno", "cubic", "bbr")
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s)\s*$", re.IGNORECASE)
-_DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 T = TypeVar("T")
-
-
-def parse_duration(text: str) -> float:
-    """'100ms' -> 0.1, '250us', '1.5s' (seconds)."""
-    m = _DURATION_RE.match(text)
-    if m is None:
-        raise ValueError(f"bad duration {text!r}: expected a number with us, ms or s (e.g. 100ms)")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
-
-
-def _format_duration(seconds: float) -> str:
-    if seconds == 0:
-        return "0ms"
-    ms = seconds * 1e3
-    return f"{ms:g}ms" if ms >= 1 else f"{seconds * 1e6:g}us"
-
-
-@dataclasses.dataclass(frozen=True)
-class LinkSpec:
-    """One directed link's model. rtt is the round trip of an idle path (each direction
-    gets rtt/2 of one-way delay); rate_bits 0 is unlimited (no serialization, no queue);
-    loss is a probability per packet; jitter is added to each packet's one-way delay,
-    uniform in [-jitter, +jitter] (never reordering); queue is the drop-tail limit, as the
-    time a packet may wait for the link at its rate."""
-
-    rtt_s: float = 0.0
-    rate_bits: int = 0
-    loss: float = 0.0
-    jitter_s: float = 0.0
-    queue_s: float = 0.05
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.rtt_s <= 60:
-            raise ValueError(f"rtt must be between 0 and 60 s, got {self.rtt_s}")
-        if self.rate_bits < 0:
-            raise ValueError("rate must not be negative")
-        if not 0 <= self.loss <= 1:
-            raise ValueError(f"loss must be a probability between 0 and 1, got {self.loss}")
-        if not 0 <= self.jitter_s <= 60:
-            raise ValueError(f"jitter must be between 0 and 60 s, got {self.jitter_s}")
-        if not 0 <= self.queue_s <= 60:
-            raise ValueError(f"queue must be between 0 and 60 s, got {self.queue_s}")
-
-    @property
-    def delay_s(self) -> float:
-        """One-way delay."""
-        return self.rtt_s / 2
-
-    @classmethod
-    def parse(cls, text: str) -> LinkSpec:
-        """'rtt=100ms,rate=1gbit,loss=0.01,jitter=20ms,queue=50ms'; every key optional
-        (durations in us/ms/s, rates in bit/kbit/mbit/gbit, loss a fraction or 'N%')."""
-        fields: dict[str, Any] = {}
-        names = {"rtt": "rtt_s", "rate": "rate_bits", "loss": "loss", "jitter": "jitter_s", "queue": "queue_s"}
-        for item in (part.strip() for part in text.split(",")):
-            if not item:
-                continue
-            key, sep, value = item.partition("=")
-            key = key.strip().lower()
-            if not sep or key not in names:
-                raise ValueError(
-                    f"bad link spec item {item!r} in {text!r}: expected KEY=VALUE with KEY one of "
-                    "rtt, rate, loss, jitter, queue (e.g. rtt=100ms,rate=1gbit,loss=0.01)"
-                )
-            if names[key] in fields:
-                raise ValueError(f"bad link spec {text!r}: {key} given twice")
-            try:
-                if key == "rate":
-                    fields["rate_bits"] = 0 if value.strip() in ("0", "unlimited") else parse_rate(value)
-                elif key == "loss":
-                    v = value.strip()
-                    fields["loss"] = float(v[:-1]) / 100 if v.endswith("%") else float(v)
-                else:
-                    fields[names[key]] = parse_duration(value)
-            except ValueError as e:
-                raise ValueError(f"bad link spec {text!r}: {key}: {e}") from None
-        try:
-            return cls(**fields)
-        except ValueError as e:
-            raise ValueError(f"bad link spec {text!r}: {e}") from None
-
-    def __str__(self) -> str:
-        parts = [f"rtt={_format_duration(self.rtt_s)}"]
-        parts.append(f"rate={format_rate(self.rate_bits)}" if self.rate_bits else "rate=unlimited")
-        if self.loss:
-            parts.append(f"loss={self.loss:g}")
-        if self.jitter_s:
-            parts.append(f"jitter={_format_duration(self.jitter_s)}")
-        parts.append(f"queue={_format_duration(self.queue_s)}")
-        return ",".join(parts)
 
 
 def unavailable() -> str | None:
@@ -230,19 +139,23 @@ def _tcp_mem_text(mem: tuple[int, int, int]) -> str:
 
 
 class WanNet:
-    """`hosts` namespaces joined by the relay, every directed link modelled by `link`.
+    """`hosts` namespaces joined by the relay, every directed link modelled by `link` and
+    every host's access link by `host` (None: unlimited).
 
     cc: the TCP congestion control in every host (reno, cubic or bbr; None keeps the
     machine's). tcp_mem: (min, default, max) bytes for both tcp_rmem and tcp_wmem in every
-    host (None keeps the machine's). seed: the loss and jitter RNG. Owns its namespaces,
+    host (None keeps the machine's). sysctls: more net.ipv4 sysctls for every host (each
+    namespace has its own), e.g. {"net.ipv4.tcp_slow_start_after_idle": "0"}. seed: the loss and jitter RNG. Owns its namespaces,
     TUN devices and relay thread; `close()` (or leaving the `with`) releases them all."""
 
     def __init__(
         self,
         hosts: int,
         link: LinkSpec,
+        host: HostSpec | None = None,
         cc: str | None = None,
         tcp_mem: tuple[int, int, int] | None = None,
+        sysctls: dict[str, str] | None = None,
         seed: int = 0,
     ) -> None:
         if hosts < 2:
@@ -251,8 +164,13 @@ class WanNet:
             raise ValueError(f"cc must be one of {', '.join(_CC)}, got {cc!r}")
         self.hosts = hosts
         self.link = link
+        self.host = host or HostSpec()
         self.cc = cc
         self.tcp_mem = _tcp_mem_text(tcp_mem) if tcp_mem is not None else None
+        self.sysctls = dict(sysctls or {})
+        for key in self.sysctls:
+            if not key.startswith("net.ipv4."):
+                raise ValueError(f"only net.ipv4 sysctls (per namespace) can be set in a host, got {key!r}")
         self.seed = seed
         self.prefix = f"wq{os.getpid() % 100000}"
         self.namespaces = [f"{self.prefix}n{i}" for i in range(hosts)]
@@ -263,6 +181,7 @@ class WanNet:
         self._relay: Any = None
         self._lock = threading.Lock()
         self._links: dict[tuple[int, int], LinkSpec] = {}
+        self._access: dict[int, HostSpec] = {}
 
     def __enter__(self) -> Self:
         try:
@@ -302,11 +221,13 @@ class WanNet:
                 sysctls.append(f"net.ipv4.tcp_congestion_control={self.cc}")
             if self.tcp_mem is not None:
                 sysctls += [f"net.ipv4.tcp_rmem={self.tcp_mem}", f"net.ipv4.tcp_wmem={self.tcp_mem}"]
+            sysctls += [f"{key}={value}" for key, value in self.sysctls.items()]
             _run("ip", "netns", "exec", ns, "sysctl", "-q", "-w", *sysctls)
         addresses = [int(ipaddress.IPv4Address(ip)) for ip in self.ips]
         self._relay = _native.WanRelay(self._tun_fds, addresses, seed=self.seed)
         self._close_tun_fds()  # the relay holds its own copies
         self.set_link(self.link)
+        self.set_host(None, self.host)
         self._relay.start()
 
     # ------------------------------------------------------------------ control
@@ -328,6 +249,24 @@ class WanNet:
         with self._lock:
             return self._links[(self._host(src), self._host(dst))]
 
+    def set_host(self, host: int | None, spec: HostSpec) -> None:
+        """Models the access link of `host` (None: every host) by `spec` from now on:
+        packets entering its uplink, or reaching its downlink, afterwards."""
+        relay = self._require_relay()
+        with self._lock:
+            for h in range(self.hosts) if host is None else [self._host(host)]:
+                relay.set_host(h, spec.up_bits, spec.down_bits, spec.up_queue_s, spec.down_queue_s)
+                self._access[h] = spec
+
+    def host_of(self, host: int) -> HostSpec:
+        with self._lock:
+            return self._access[self._host(host)]
+
+    def set_wan(self, spec: WanSpec) -> None:
+        """Every pair link to spec.link, every host's access link to spec.host."""
+        self.set_link(spec.link)
+        self.set_host(None, spec.host)
+
     def partition(self, host: int, on: bool = True) -> None:
         """Cuts (on) or heals every link to and from `host`. A cut is silent: packets
         vanish, nothing is reset, the host's processes keep running."""
@@ -339,7 +278,8 @@ class WanNet:
 
     def stats(self) -> dict[str, Any]:
         """The relay's counters: "links" (per directed link: packets, bytes forwarded;
-        dropped_partition/_loss/_queue/_memory, write_errors), "unroutable",
+        dropped_partition/_loss/_queue/_memory, write_errors), "hosts" (per host: its
+        access link's dropped_up_queue, dropped_down_queue), "unroutable",
         "pending_packets", "pending_bytes", "error"."""
         out: dict[str, Any] = self._require_relay().stats()
         out["links"] = [entry for entry in out["links"] if entry["src"] != entry["dst"]]
@@ -402,4 +342,4 @@ class WanNet:
         return host
 
 
-__all__ = ["LinkSpec", "WanNet", "enter", "parse_duration", "unavailable"]
+__all__ = ["HostSpec", "LinkSpec", "WanNet", "WanSpec", "enter", "parse_duration", "unavailable"]

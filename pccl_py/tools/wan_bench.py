@@ -1,11 +1,13 @@
 """What the WAN emulator (pccl_py.tools.wan) costs and how exact it is:
 
   throughput  iperf-like bulk TCP streams between host pairs (0->1, 2->3, ...) through an
-              unlimited, zero-delay relay: the aggregate is what the relay can carry here;
+              unlimited, zero-delay relay: the aggregate is what the relay can carry here
+              (with --host SPEC, every host's access link set to SPEC, e.g. access=20gbit:
+              never the bottleneck, but every packet crosses both access stages);
   delay       UDP ping-pong between two hosts behind a link of a given RTT: the measured
               round trips against the configured one.
 
-    python -m pccl_py.tools.wan_bench [--pairs 2] [--seconds 5] [--rtt 20ms] [--pings 200]
+    python -m pccl_py.tools.wan_bench [--pairs 2] [--seconds 5] [--rtt 20ms] [--pings 200] [--host SPEC]
 
 Needs what a WanNet needs (root, /dev/net/tun, ip). Prints one JSON object.
 """
@@ -21,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-from pccl_py.tools.wan import LinkSpec, WanNet, parse_duration, unavailable
+from pccl_py.tools.wan import HostSpec, LinkSpec, WanNet, parse_duration, unavailable
 
 # Runs in the receiving host: accept one stream, count its bytes until EOF.
 _RECEIVER = """
@@ -46,9 +48,9 @@ c.close()
 """
 
 
-def throughput(pairs: int, seconds: float, link: LinkSpec) -> dict[str, Any]:
+def throughput(pairs: int, seconds: float, link: LinkSpec, host: HostSpec | None = None) -> dict[str, Any]:
     """Aggregate goodput of `pairs` bulk TCP streams through the relay."""
-    with WanNet(2 * pairs, link) as net:
+    with WanNet(2 * pairs, link, host=host) as net:
         receivers: list[subprocess.Popen[str]] = []
         senders: list[subprocess.Popen[str]] = []
         try:
@@ -83,8 +85,10 @@ def throughput(pairs: int, seconds: float, link: LinkSpec) -> dict[str, Any]:
                     p.kill()
                     p.wait()
     drops = sum(v for entry in stats["links"] for key, v in entry.items() if key.startswith("dropped"))
+    drops += sum(v for entry in stats["hosts"] for key, v in entry.items() if key.startswith("dropped"))
     return {
         "link": str(link),
+        "host": str(host or HostSpec()),
         "pairs": pairs,
         "seconds": seconds,
         "aggregate_gbit_s": round(sum(streams), 3),
@@ -134,13 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the throughput run (default 5)")
     parser.add_argument("--rtt", type=parse_duration, default=0.02, help="RTT of the delay run (default 20ms)")
     parser.add_argument("--pings", type=int, default=200, help="round trips of the delay run (default 200)")
+    parser.add_argument(
+        "--host",
+        type=HostSpec.parse,
+        default=None,
+        metavar="SPEC",
+        help="every host's access link in the throughput run (pccl_py.tools.wan.HostSpec: up, down, access, queue; "
+        "e.g. access=20gbit); default: none",
+    )
     args = parser.parse_args(argv)
     why = unavailable()
     if why is not None:
         print(f"error: the WAN emulator {why}", file=sys.stderr)
         return 2
     report = {
-        "throughput": throughput(args.pairs, args.seconds, LinkSpec(queue_s=0.05)),
+        "throughput": throughput(args.pairs, args.seconds, LinkSpec(queue_s=0.05), args.host),
         "delay": delay_accuracy(LinkSpec(rtt_s=args.rtt), args.pings),
     }
     print(json.dumps(report, indent=2))

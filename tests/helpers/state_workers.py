@@ -25,6 +25,9 @@ the worker waits "lead" seconds (default 0) before the timed sync, as a joiner b
 its state, then connects and is admitted before its first sync.
 "prefaulted": the bytes its engine has faulted in ahead of receives so far.
 
+With `namespace` (and `host`, its address), the worker first moves into that network
+namespace (a WAN emulator's host, pccl_py.tools.wan) and its peer listens on `host`.
+
 `spec` describes the state: a list of (name, dtype, elements, content) where content
 is an int seed (deterministic pattern, see `fill`) or None (zeros).
 """
@@ -95,11 +98,26 @@ def _timed_fetch(times: list[float]) -> None:
     sync.fetch_entries = wrapper  # type: ignore[assignment]
 
 
-def state_worker(master: str, index: int, out: Any, *, conn: Any, world: int, spec: Spec, config: dict | None = None) -> None:
+def state_worker(
+    master: str,
+    index: int,
+    out: Any,
+    *,
+    conn: Any,
+    world: int,
+    spec: Spec,
+    config: dict | None = None,
+    namespace: str | None = None,
+    host: str = "127.0.0.1",
+) -> None:
+    if namespace is not None:  # before any socket or thread
+        from pccl_py.tools.wan import enter
+
+        enter(namespace)
     import pccl_py as pccl
     from pccl_py.testing import join_group
 
-    comm = pccl.Communicator(master, config=pccl.Config(**(config or {})), name=f"state-{index}")
+    comm = pccl.Communicator(master, host=host, config=pccl.Config(**(config or {})), name=f"state-{index}")
     try:
         state = pccl.SharedState(make_state(spec), revision=0)
         fetch_times: list[float] = []

@@ -1,6 +1,7 @@
 """The WAN emulator (pccl_py.tools.wan): each knob of the link model measured through
-real sockets in the emulated hosts, run-time changes, silent partitions, cleanup, and a
-master with two pccl peers doing an exact all-reduce behind a 20 ms RTT.
+real sockets in the emulated hosts, the hosts' access links (an uplink and a downlink
+shared by all pairs), run-time changes, silent partitions, cleanup, and a master with
+two pccl peers doing an exact all-reduce behind a 20 ms RTT.
 
 Needs root, /dev/net/tun and iproute2 (skipped otherwise, with the reason). Bounds are
 generous for a loaded 2-core machine but each one fails when its knob does nothing.
@@ -27,7 +28,7 @@ import pytest
 
 from pccl_py.tools import wan
 from pccl_py.tools.netns import NetnsError
-from pccl_py.tools.wan import LinkSpec, WanNet
+from pccl_py.tools.wan import HostSpec, LinkSpec, WanNet, WanSpec
 
 REPO = Path(__file__).resolve().parents[2]
 SO_TIMESTAMPNS = 35  # Linux: receive timestamps (CLOCK_REALTIME) as SCM_TIMESTAMPNS
@@ -50,6 +51,33 @@ def test_link_spec_parse() -> None:
     ):
         with pytest.raises(ValueError, match=why):
             LinkSpec.parse(bad)
+
+
+def test_host_and_wan_spec_parse() -> None:
+    assert HostSpec.parse("up=1gbit,down=100mbit,queue=20ms") == HostSpec(10**9, 10**8, 0.02, 0.02)
+    assert HostSpec.parse("access=1gbit") == HostSpec(10**9, 10**9)
+    assert HostSpec.parse("up=10mbit") == HostSpec(up_bits=10**7)
+    assert HostSpec.parse("") == HostSpec() and not HostSpec().limited
+    # The pair keys keep their meaning; the host keys set every host's access link.
+    assert WanSpec.parse("rtt=100ms,rate=1gbit") == WanSpec(LinkSpec(rtt_s=0.1, rate_bits=10**9), HostSpec())
+    spec = WanSpec.parse("rtt=100ms,access=1gbit,queue=20ms,access_queue=10ms")
+    assert spec == WanSpec(LinkSpec(rtt_s=0.1, queue_s=0.02), HostSpec(10**9, 10**9, 0.01, 0.01))
+    assert WanSpec.parse(str(spec)) == spec
+    assert spec.rate_bits == 10**9
+    up_down = WanSpec.parse("rtt=20ms,rate=2gbit,up=100mbit,down=500mbit")
+    assert WanSpec.parse(str(up_down)) == up_down and up_down.rate_bits == 10**8
+    assert HostSpec.parse(str(HostSpec(10**8, 10**9, 0.02, 0.02))) == HostSpec(10**8, 10**9, 0.02, 0.02)
+    assert HostSpec.parse(str(HostSpec(10**8, 0, 0.01, 0.2))) == HostSpec(10**8, 0, 0.01, 0.2)
+    for parse, bad, why in (
+        (HostSpec.parse, "access=1gbit,up=1gbit", "either"),
+        (HostSpec.parse, "rtt=10ms", "up, down, access, queue, up_queue, down_queue"),
+        (HostSpec.parse, "up=fast", "bit, kbit, mbit or gbit"),
+        (WanSpec.parse, "rtt=10ms,uplink=1gbit", "access_queue"),
+        (WanSpec.parse, "access=1gbit,access=2gbit", "given twice"),
+        (WanSpec.parse, "access_queue=5", "us, ms or s"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            parse(bad)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -314,6 +342,155 @@ def test_close_removes_everything_also_after_a_failed_setup(
     with pytest.raises(NetnsError, match="injected failure"), net:
         pass
     assert _leftovers(prefix) == []
+
+
+# --------------------------------------------------------------------------- access links
+
+
+def _tcp_goodputs(net: WanNet, flows: list[tuple[int, int]], warmup: float, seconds: float) -> list[float]:
+    """Bulk TCP streams src -> dst, all at once; each one's goodput (bits/s) over
+    `seconds` after `warmup` (past slow start), counted by its receiver."""
+    stop = threading.Event()
+    goodputs = [0.0] * len(flows)
+    sockets: list[socket.socket] = []
+
+    def send(sock: socket.socket) -> None:
+        buf = bytes(1 << 16)
+        try:
+            while not stop.is_set():
+                sock.sendall(buf)
+        except OSError:
+            pass
+
+    def receive(k: int, conn: socket.socket, start: float) -> None:
+        buf = bytearray(1 << 20)
+        counted = 0
+        conn.settimeout(5.0)
+        while (now := time.monotonic()) < start + warmup + seconds:
+            n = conn.recv_into(buf)
+            if now >= start + warmup:
+                counted += n
+        goodputs[k] = counted * 8 / seconds
+
+    try:
+        pairs = []
+        for src, dst in flows:
+            listener = net.call_in(dst, socket.socket)
+            sockets.append(listener)
+            listener.bind((net.ips[dst], 0))
+            listener.listen(1)
+            sender = net.call_in(src, socket.socket)
+            sockets.append(sender)
+            sender.connect(listener.getsockname())
+            conn, _ = listener.accept()
+            sockets.append(conn)
+            pairs.append((sender, conn))
+        start = time.monotonic()
+        threads = [threading.Thread(target=send, args=(s,), daemon=True) for s, _ in pairs]
+        threads += [threading.Thread(target=receive, args=(k, c, start), daemon=True) for k, (_, c) in enumerate(pairs)]
+        for t in threads:
+            t.start()
+        for t in threads[len(pairs):]:
+            t.join(warmup + seconds + 10)
+    finally:
+        stop.set()
+        for sock in sockets:
+            sock.close()
+    return goodputs
+
+
+def test_uplink_is_shared_by_every_pair(available: None) -> None:
+    # Pairs of 100 Mbit/s each: alone they would carry 200 Mbit/s out of host 0.
+    rate = 100_000_000
+    with WanNet(3, LinkSpec(rtt_s=0.004, rate_bits=rate), host=HostSpec()) as net:
+        net.set_host(0, HostSpec(up_bits=rate))
+        assert net.host_of(0) == HostSpec(up_bits=rate) and not net.host_of(1).limited
+        goodputs = _tcp_goodputs(net, [(0, 1), (0, 2)], warmup=1.0, seconds=2.0)
+        assert net.stats()["error"] == ""
+    total = sum(goodputs)
+    assert 0.85 * rate <= total <= 1.05 * rate, f"{[g / 1e6 for g in goodputs]} Mbit/s through a 100 Mbit/s uplink"
+    assert min(goodputs) > 0.15 * rate, goodputs  # both streams move
+
+
+def test_downlink_is_shared_by_every_pair(available: None) -> None:
+    rate = 100_000_000
+    spec = WanSpec.parse("rtt=4ms,rate=100mbit,down=100mbit")
+    with WanNet(3, spec.link, host=spec.host) as net:
+        goodputs = _tcp_goodputs(net, [(0, 2), (1, 2)], warmup=1.0, seconds=2.0)
+        assert net.stats()["error"] == ""
+    total = sum(goodputs)
+    assert 0.85 * rate <= total <= 1.05 * rate, f"{[g / 1e6 for g in goodputs]} Mbit/s into a 100 Mbit/s downlink"
+    assert min(goodputs) > 0.15 * rate, goodputs
+
+
+def test_access_queue_drops_are_counted(available: None) -> None:
+    # Bursts far beyond 10 Mbit/s with 5 ms queues: host 0's uplink drops what it cannot
+    # queue; host 2's downlink, fed by two unlimited pairs, drops too.
+    with WanNet(3, LinkSpec(), host=HostSpec(down_bits=10_000_000, down_queue_s=0.005)) as net:
+        net.set_host(0, HostSpec(up_bits=10_000_000, up_queue_s=0.005))
+        net.set_host(1, HostSpec())
+        a, b, c = _udp(net, 0), _udp(net, 1), _udp(net, 2)
+        sent = 300
+        try:
+            for i in range(sent):
+                a.sendto(bytes(1400), c.getsockname())
+                b.sendto(bytes(1400), c.getsockname())
+            time.sleep(0.3)
+        finally:
+            for s in (a, b, c):
+                s.close()
+        stats = net.stats()
+    hosts = {h["host"]: h for h in stats["hosts"]}
+    links = {(e["src"], e["dst"]): e for e in stats["links"]}
+    up0, down2 = hosts[0]["dropped_up_queue"], hosts[2]["dropped_down_queue"]
+    assert up0 > sent // 4, hosts  # ~4 packets fit in 5 ms at 10 Mbit/s
+    assert down2 > sent // 4, hosts
+    assert hosts[1]["dropped_up_queue"] == 0 and hosts[2]["dropped_up_queue"] == 0, hosts
+    # Every packet is accounted for: delivered or dropped at one of the two access links.
+    delivered = links[(0, 2)]["packets"] + links[(1, 2)]["packets"]
+    assert delivered + up0 + down2 == 2 * sent, (delivered, hosts)
+
+
+def test_delay_with_access_links(available: None) -> None:
+    with WanNet(2, LinkSpec(rtt_s=0.02), host=HostSpec.parse("access=1gbit")) as net:
+        _check_rtt(_round_trips(net, 40), 0.020)
+        # A slow uplink adds its serialization once per leg: a 32-byte packet at 100 kbit/s.
+        net.set_host(None, HostSpec(up_bits=100_000))
+        _check_rtt(_round_trips(net, 8), 0.020 + 2 * 32 * 8 / 1e5)
+
+
+def test_downlink_never_reorders_a_pair(available: None) -> None:
+    # Two jittered pairs into one downlink: their packets interleave there, each pair's
+    # must come out in the order it was sent.
+    count = 400
+    with WanNet(3, LinkSpec(rtt_s=0.02, jitter_s=0.005), host=HostSpec.parse("down=100mbit")) as net:
+        senders, r = [_udp(net, 0), _udp(net, 1)], _udp(net, 2)
+        r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        r.settimeout(5.0)
+        got: dict[int, list[int]] = {0: [], 1: []}
+        try:
+
+            def receive() -> None:
+                with contextlib.suppress(TimeoutError):
+                    while len(got[0]) + len(got[1]) < 2 * count:
+                        data = r.recv(2048)
+                        got[data[0]].append(int.from_bytes(data[1:5], "big"))
+
+            receiver = threading.Thread(target=receive, daemon=True)
+            receiver.start()
+            for burst in range(count // 20):  # 2 x 20 x 1028 bytes per 4 ms: ~80 Mbit/s
+                for i in range(burst * 20, burst * 20 + 20):
+                    for k, s in enumerate(senders):
+                        s.sendto(bytes([k]) + i.to_bytes(4, "big") + bytes(995), r.getsockname())
+                time.sleep(0.004)
+            receiver.join(10)
+        finally:
+            for s in (*senders, r):
+                s.close()
+        drops = net.stats()["hosts"][2]["dropped_down_queue"]
+    for k in (0, 1):
+        assert got[k] == sorted(got[k]), f"pair {k}->2 reordered"
+        assert len(got[k]) + drops >= count * 0.9, (len(got[k]), drops)
 
 
 # --------------------------------------------------------------------------- end to end

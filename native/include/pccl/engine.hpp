@@ -126,6 +126,12 @@ class Engine {
   // chunk.dst). One op per source; fails as a whole if the source fails or refuses.
   std::shared_ptr<StateFetch> fetchState(const PeerAddress& source, uint64_t exposure,
                                          std::vector<FetchChunk> chunks, double timeoutSeconds);
+  // Opens the state-transfer connections to every source at once, so that their round
+  // trips overlap; fetchState opens a source's on its first fetch, one source after
+  // another (a few round trips each). Throws if any source cannot be reached.
+  void connectStateSources(const std::vector<PeerAddress>& sources, double timeoutSeconds) {
+    ensureConnected(sources, kStateEpoch, timeoutSeconds);
+  }
   // Test-only fault injection: "corrupt_state" flips one byte in each of the next
   // `count` state chunks this peer serves; "withhold_vote": the next `count` voting ops
   // posted here vote (and may commit) without telling their successor, so the peers

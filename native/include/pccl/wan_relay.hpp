@@ -2,21 +2,33 @@
 // device (IFF_TUN | IFF_NO_PI) whose other end lives in the host's network namespace.
 //
 // The relay reads IPv4 packets from TUN i, finds the host j that owns the destination
-// address, and sends the packet down the directed link i->j, which applies in order:
-//   1. partition: a cut link (or a cut host) drops everything, silently;
-//   2. random loss (a seeded RNG);
-//   3. a drop-tail queue, its limit expressed in time at the link rate;
-//   4. serialization at `rateBits`: departure = max(now, link free) + bytes*8/rate;
-//   5. one-way delay plus jitter (uniform in [-jitter, +jitter]), never reordering a
-//      link: release = max(previous release on the link, departure + delay + sample).
-// Released packets are written to TUN j at their release time, taken from a min-heap
-// and timed by an absolute CLOCK_MONOTONIC timerfd, set ahead of the release by the
-// wakeup latency seen lately (an EWMA, at most 300 us), so that on a loaded machine
-// packets still leave close to their release times rather than consistently late. A link still cut when its packet is due drops the packet as well.
+// address, and carries the packet through three stages:
+//   a. host i's uplink (its access link towards the network), if it has a rate: a
+//      drop-tail queue (its limit in time at the uplink rate), then serialization in
+//      admission order, uplink departure = max(now, uplink free) + bytes*8/up;
+//   b. the directed pair link i->j, from the uplink departure on:
+//      1. partition: a cut link (or a cut host) drops everything, silently;
+//      2. random loss (a seeded RNG);
+//      3. a drop-tail queue, its limit expressed in time at the link rate;
+//      4. serialization at `rateBits`: departure = max(arrival, link free) + bytes*8/rate;
+//      5. one-way delay plus jitter (uniform in [-jitter, +jitter]), never reordering a
+//         link: release = max(previous release on the link, departure + delay + sample);
+//   c. host j's downlink, if it has a rate: packets of every pair into j meet there, so
+//      it is served in the order they arrive (their pair release times), as a second
+//      pass over the heap: when a packet's pair release comes due, its downlink
+//      departure = max(release, downlink free) + bytes*8/down, or a drop if it would wait
+//      longer than the downlink queue; the packet goes back into the heap for that time.
+// A pair's packets arrive at the downlink in order and leave it in arrival order, so a
+// pair never reorders. Released packets are written to TUN j at their release time,
+// taken from a min-heap and timed by an absolute CLOCK_MONOTONIC timerfd, set ahead of
+// the release by the wakeup latency seen lately (an EWMA, at most 300 us), so that on a
+// loaded machine packets still leave close to their release times rather than
+// consistently late. A link still cut when its packet is due drops the packet as well.
 //
 // One thread per relay (epoll over the TUN fds, the timerfd and a stop eventfd). Link
-// parameters and partitions may change at any time from any thread: a change applies
-// to packets that enter the link afterwards (those queued keep their release times).
+// and host parameters and partitions may change at any time from any thread: a change
+// applies to packets that enter the link (or reach the downlink) afterwards; those
+// queued keep their times.
 #pragma once
 
 #include <cstddef>
@@ -39,6 +51,20 @@ struct WanLink {
   double queueSeconds = 0.05;  // drop-tail limit: the wait for the link, at the link rate
 };
 
+// A host's access link: one uplink and one downlink shared by all its pairs, each with
+// a rate (bits/s; 0: unlimited, no queue) and a drop-tail queue limit in time at it.
+struct WanHost {
+  uint64_t upBits = 0;
+  uint64_t downBits = 0;
+  double upQueueSeconds = 0.05;
+  double downQueueSeconds = 0.05;
+};
+
+struct WanHostStats {
+  uint64_t droppedUpQueue = 0;    // the uplink's queue was full
+  uint64_t droppedDownQueue = 0;  // the downlink's queue was full
+};
+
 // Per directed link; packets/bytes are what reached the destination TUN.
 struct WanLinkStats {
   uint64_t packets = 0;
@@ -52,6 +78,7 @@ struct WanLinkStats {
 
 struct WanRelayStats {
   std::vector<WanLinkStats> links;  // hosts x hosts, row = source
+  std::vector<WanHostStats> hosts;  // per host: its access link's drops
   uint64_t unroutable = 0;          // not IPv4, too short, or no host owns the destination
   uint64_t pendingPackets = 0;
   uint64_t pendingBytes = 0;
@@ -74,6 +101,8 @@ class WanRelay {
   size_t hosts() const { return hosts_; }
   void setLink(size_t src, size_t dst, const WanLink& link);
   WanLink link(size_t src, size_t dst) const;
+  void setHost(size_t host, const WanHost& access);  // every host starts unlimited
+  WanHost host(size_t host) const;
   void setPartitioned(size_t host, bool on);  // every link to and from `host`
   void setLinkPartitioned(size_t src, size_t dst, bool on);
   WanRelayStats stats() const;
@@ -89,11 +118,20 @@ class WanRelay {
     int64_t lastReleaseNs = 0;  // release time of its last accepted packet
     WanLinkStats stats;
   };
+  struct HostState {
+    WanHost params;
+    int64_t upQueueNs = 0;
+    int64_t downQueueNs = 0;
+    int64_t upFreeAtNs = 0;    // when the uplink has serialized its last accepted packet
+    int64_t downFreeAtNs = 0;  // the same for the downlink
+    WanHostStats stats;
+  };
   struct Pending {
-    int64_t releaseNs;
-    uint64_t seq;  // ties keep arrival order
+    int64_t releaseNs;  // when it reaches the destination's downlink (atDownlink), else its TUN
+    uint64_t seq;       // ties keep arrival order
     uint32_t src;
     uint32_t dst;
+    bool atDownlink;  // its pair release time: it has still to cross the downlink
     std::vector<uint8_t> data;
   };
   struct Later {
@@ -106,6 +144,7 @@ class WanRelay {
   void readFrom(size_t host);
   void admit(size_t src, const uint8_t* packet, size_t len, int64_t now);
   void releaseDue(int64_t now);
+  bool crossDownlink(Pending& p);
   void armTimer();
   bool cutLocked(size_t src, size_t dst) const;
   LinkState& at(size_t src, size_t dst) { return links_[src * hosts_ + dst]; }
@@ -122,6 +161,7 @@ class WanRelay {
 
   mutable std::mutex mu_;  // everything below
   std::vector<LinkState> links_;
+  std::vector<HostState> hostLinks_;
   std::vector<bool> hostCut_;
   std::priority_queue<Pending, std::vector<Pending>, Later> heap_;
   std::vector<std::vector<uint8_t>> spare_;  // buffers of released packets, reused

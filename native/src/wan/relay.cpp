@@ -46,6 +46,16 @@ void checkLink(const WanLink& l) {
   if (!(l.queueSeconds >= 0 && l.queueSeconds <= 60)) throw InvalidArgument("queue must be in [0, 60] s");
 }
 
+void checkHost(const WanHost& h) {
+  if (!(h.upQueueSeconds >= 0 && h.upQueueSeconds <= 60)) throw InvalidArgument("uplink queue must be in [0, 60] s");
+  if (!(h.downQueueSeconds >= 0 && h.downQueueSeconds <= 60)) {
+    throw InvalidArgument("downlink queue must be in [0, 60] s");
+  }
+}
+
+// Serialization time of `bytes` at `bits` per second (> 0).
+int64_t serializeNs(size_t bytes, uint64_t bits) { return int64_t(double(bytes) * 8e9 / double(bits)); }
+
 }  // namespace
 
 WanRelay::WanRelay(const std::vector<int>& tunFds, const std::vector<uint32_t>& addresses, const WanLink& link,
@@ -57,8 +67,10 @@ WanRelay::WanRelay(const std::vector<int>& tunFds, const std::vector<uint32_t>& 
   addresses_ = addresses;
   links_.resize(hosts_ * hosts_);
   hostCut_.assign(hosts_, false);
+  hostLinks_.resize(hosts_);
   for (size_t s = 0; s < hosts_; ++s) {
     for (size_t d = 0; d < hosts_; ++d) setLink(s, d, link);
+    setHost(s, WanHost{});
   }
   try {
     for (int fd : tunFds) {
@@ -135,6 +147,22 @@ WanLink WanRelay::link(size_t src, size_t dst) const {
   return at(src, dst).params;
 }
 
+void WanRelay::setHost(size_t host, const WanHost& access) {
+  if (host >= hosts_) throw InvalidArgument("no such host");
+  checkHost(access);
+  std::lock_guard<std::mutex> lock(mu_);
+  HostState& h = hostLinks_[host];
+  h.params = access;
+  h.upQueueNs = toNs(access.upQueueSeconds);
+  h.downQueueNs = toNs(access.downQueueSeconds);
+}
+
+WanHost WanRelay::host(size_t host) const {
+  if (host >= hosts_) throw InvalidArgument("no such host");
+  std::lock_guard<std::mutex> lock(mu_);
+  return hostLinks_[host].params;
+}
+
 void WanRelay::setPartitioned(size_t host, bool on) {
   if (host >= hosts_) throw InvalidArgument("no such host");
   std::lock_guard<std::mutex> lock(mu_);
@@ -151,6 +179,7 @@ WanRelayStats WanRelay::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   WanRelayStats out;
   for (const LinkState& l : links_) out.links.push_back(l.stats);
+  for (const HostState& h : hostLinks_) out.hosts.push_back(h.stats);
   out.unroutable = unroutable_;
   out.pendingPackets = heap_.size();
   out.pendingBytes = pendingBytes_;
@@ -230,6 +259,24 @@ void WanRelay::admit(size_t src, const uint8_t* packet, size_t len, int64_t now)
     ++unroutable_;
     return;
   }
+  if (pendingBytes_ + len > maxPendingBytes_) {
+    ++at(src, dst).stats.droppedMemory;
+    return;
+  }
+  // a. The source's uplink, shared by all its pairs: what it accepts leaves it, whatever
+  // the network does to the packet next.
+  HostState& up = hostLinks_[src];
+  int64_t arrival = now;  // when the packet enters the pair link
+  if (up.params.upBits > 0) {
+    int64_t start = std::max(now, up.upFreeAtNs);
+    if (start - now > up.upQueueNs) {
+      ++up.stats.droppedUpQueue;
+      return;
+    }
+    arrival = start + serializeNs(len, up.params.upBits);
+    up.upFreeAtNs = arrival;
+  }
+  // b. The pair link.
   LinkState& l = at(src, dst);
   if (cutLocked(src, dst)) {
     ++l.stats.droppedPartition;
@@ -239,18 +286,14 @@ void WanRelay::admit(size_t src, const uint8_t* packet, size_t len, int64_t now)
     ++l.stats.droppedLoss;
     return;
   }
-  int64_t departure = now;
+  int64_t departure = arrival;
   if (l.params.rateBits > 0) {
-    int64_t start = std::max(now, l.freeAtNs);
-    if (start - now > l.queueNs) {
+    int64_t start = std::max(arrival, l.freeAtNs);
+    if (start - arrival > l.queueNs) {
       ++l.stats.droppedQueue;
       return;
     }
-    departure = start + int64_t(double(len) * 8e9 / double(l.params.rateBits));
-  }
-  if (pendingBytes_ + len > maxPendingBytes_) {
-    ++l.stats.droppedMemory;
-    return;
+    departure = start + serializeNs(len, l.params.rateBits);
   }
   l.freeAtNs = departure;
   int64_t delay = l.delayNs;
@@ -267,35 +310,59 @@ void WanRelay::admit(size_t src, const uint8_t* packet, size_t len, int64_t now)
   }
   data.assign(packet, packet + len);
   pendingBytes_ += len;
-  heap_.push(Pending{release, seq_++, uint32_t(src), uint32_t(dst), std::move(data)});
+  // c. The destination's downlink, if it has a rate, when the packet reaches it.
+  bool atDownlink = hostLinks_[dst].params.downBits > 0;
+  heap_.push(Pending{release, seq_++, uint32_t(src), uint32_t(dst), atDownlink, std::move(data)});
 }
 
 void WanRelay::releaseDue(int64_t now) {
   std::lock_guard<std::mutex> lock(mu_);
   while (!heap_.empty() && heap_.top().releaseNs <= now + kWindowNs) {
-    // top() is const: the buffer is moved out through a const_cast, then popped at once.
-    Pending& p = const_cast<Pending&>(heap_.top());
-    std::vector<uint8_t> data = std::move(p.data);
-    size_t src = p.src, dst = p.dst;
+    // top() is const: the packet is moved out through a const_cast, then popped at once.
+    Pending p = std::move(const_cast<Pending&>(heap_.top()));
     heap_.pop();
-    pendingBytes_ -= data.size();
-    LinkState& l = at(src, dst);
-    if (cutLocked(src, dst)) {
+    if (p.atDownlink) {
+      if (crossDownlink(p)) heap_.push(std::move(p));
+      continue;
+    }
+    pendingBytes_ -= p.data.size();
+    LinkState& l = at(p.src, p.dst);
+    if (cutLocked(p.src, p.dst)) {
       ++l.stats.droppedPartition;
     } else {
       ssize_t w;
       do {
-        w = write(tunFds_[dst], data.data(), data.size());
+        w = write(tunFds_[p.dst], p.data.data(), p.data.size());
       } while (w < 0 && errno == EINTR);
-      if (w == ssize_t(data.size())) {
+      if (w == ssize_t(p.data.size())) {
         ++l.stats.packets;
-        l.stats.bytes += data.size();
+        l.stats.bytes += p.data.size();
       } else {
         ++l.stats.writeErrors;
       }
     }
-    if (spare_.size() < 4096) spare_.push_back(std::move(data));
+    if (spare_.size() < 4096) spare_.push_back(std::move(p.data));
   }
+}
+
+// The packet `p` reaches its destination's downlink at p.releaseNs. Packets reach it in
+// time order (the heap's), so serving them here, in that order, is the downlink's FIFO.
+// Returns true with p.releaseNs set to its downlink departure (deliver it then), false
+// when the downlink queue drops it. mu_ held.
+bool WanRelay::crossDownlink(Pending& p) {
+  HostState& down = hostLinks_[p.dst];
+  p.atDownlink = false;
+  if (down.params.downBits == 0) return true;  // set to unlimited meanwhile
+  int64_t start = std::max(p.releaseNs, down.downFreeAtNs);
+  if (start - p.releaseNs > down.downQueueNs) {
+    ++down.stats.droppedDownQueue;
+    pendingBytes_ -= p.data.size();
+    if (spare_.size() < 4096) spare_.push_back(std::move(p.data));
+    return false;
+  }
+  down.downFreeAtNs = start + serializeNs(p.data.size(), down.params.downBits);
+  p.releaseNs = down.downFreeAtNs;
+  return true;
 }
 
 void WanRelay::armTimer() {

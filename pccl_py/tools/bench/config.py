@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from pccl_py.config import Config
-from pccl_py.tools.wan import LinkSpec
+from pccl_py.tools.wan import WanSpec
 
 LOOPBACK = "127.0.0.1"
 # pccl: the native engine alone; gloo: torch.distributed gloo; comm: pccl_py.Communicator
@@ -97,7 +97,7 @@ class BenchConfig:
     start_timeout: float = 120.0
     quantization: tuple[str, ...] = ()  # e.g. ("minmax:uint8",): pccl variants also run quantized
     netns_rates: tuple[int, ...] = ()  # bits/s: each worker in its own namespace, egress shaped
-    wan: tuple[LinkSpec, ...] = ()  # each worker (and the master) in its own emulated WAN host
+    wan: tuple[WanSpec, ...] = ()  # each worker (and the master) in its own emulated WAN host
     direct_max_bytes: int = DEFAULT_DIRECT_MAX_BYTES  # pccl and comm: see PcclParams
     rsag_min_bytes: int = DEFAULT_RSAG_MIN_BYTES  # pccl and comm: see PcclParams
 

@@ -251,7 +251,7 @@ def _measure_peer_count(
     world: int,
     net: Network | None,
     rate: int | None,
-    link: wan.LinkSpec | None = None,
+    link: wan.WanSpec | None = None,
 ) -> Iterator[Result]:
     """Every size and variant at one peer count (and link rate); yields each result."""
     with ExitStack() as stack:
@@ -319,20 +319,21 @@ def run_benchmark(cfg: BenchConfig, on_result: Callable[[Result], None] | None =
     variants += [_Variant(impl) for impl in cfg.compare]
 
     links: tuple[int | None, ...] = cfg.netns_rates or (None,)
-    wan_links: tuple[wan.LinkSpec | None, ...] = cfg.wan or (None,)
+    wan_links: tuple[wan.WanSpec | None, ...] = cfg.wan or (None,)
     with ExitStack() as net_stack:
         net: Network | None = None
         if cfg.netns_rates:
             net = net_stack.enter_context(netns.ShapedNet(max(cfg.peers), cfg.netns_rates[0]))
         if cfg.wan:
             # One host per worker rank and one more for the master.
-            net = net_stack.enter_context(wan.WanNet(max(cfg.peers) + 1, cfg.wan[0]))
+            first = cfg.wan[0]
+            net = net_stack.enter_context(wan.WanNet(max(cfg.peers) + 1, first.link, host=first.host))
         for rate in links:
             if isinstance(net, netns.ShapedNet) and rate is not None and rate != net.rate_bits:
                 net.set_rate(rate)
             for link in wan_links:
                 if isinstance(net, wan.WanNet) and link is not None:
-                    net.set_link(link)
+                    net.set_wan(link)
                 for world in cfg.peers:
                     for result in _measure_peer_count(cfg, variants, world, net, rate, link):
                         results.append(result)

@@ -52,8 +52,8 @@ class Result:
     quantization: str | None = None  # "kind:dtype" (pccl only); algbw is then effective
     netns_rate_bits: int | None = None  # each worker's shaped egress (bits/s); None: loopback
     load1: float | None = None  # the machine's 1-minute load average when the row was measured
-    wan: str | None = None  # the emulated WAN link (pccl_py.tools.wan.LinkSpec), None: none
-    wan_rate_bits: int | None = None  # its rate (bits/s; 0: unlimited)
+    wan: str | None = None  # the emulated WAN (pccl_py.tools.wan.WanSpec), None: none
+    wan_rate_bits: int | None = None  # its narrowest rate, pair or access (bits/s; 0: unlimited)
 
     @property
     def link_key(self) -> tuple[int | None, str | None]:

@@ -1,0 +1,124 @@
+"""pccl_py.peer.state_fetch: chunks handed out as the sources keep up, against a fake
+engine whose sources serve at different speeds (or fail)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from pccl_py.errors import PeerLost, Timeout
+from pccl_py.peer.state_fetch import Chunk, fetch_round, next_chunk
+
+
+def test_next_chunk_takes_the_first_the_source_may_serve() -> None:
+    queue = [Chunk(0, 0, 4, (1,)), Chunk(0, 4, 4, (1, 2)), Chunk(1, 0, 4, (2,))]
+    assert next_chunk(queue, 1) == 0
+    assert next_chunk(queue, 2) == 1
+    assert next_chunk(queue, 3) is None
+    assert next_chunk([], 1) is None
+
+
+@dataclass
+class _Source:
+    peer: int
+    host: str = "h"
+    port: int = 0
+    exposure: int = 0
+
+
+class _Handle:
+    """Finishes `seconds` after it was made; fails then if `fail`."""
+
+    def __init__(self, seconds: float, nbytes: int, fail: bool) -> None:
+        self._event = threading.Event()
+        self._fail = fail
+        self._nbytes = nbytes
+        self._timer = threading.Timer(max(0.0, seconds), self._event.set)
+        self._timer.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._event.wait(timeout)
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def result(self, timeout: float | None = None) -> None:
+        if self._fail:
+            raise PeerLost("injected")
+
+    @property
+    def rx_bytes(self) -> int:
+        return self._nbytes if self._event.is_set() and not self._fail else 0
+
+    def abort(self, reason: str = "") -> None:
+        self._timer.cancel()
+        self._fail = True
+        self._event.set()
+
+
+class _Engine:
+    """Source p serves its chunks one after another, each in seconds[p]; a source in
+    `failing` fails each one."""
+
+    def __init__(self, seconds: dict[int, float], failing: frozenset[int] = frozenset()) -> None:
+        self.seconds = seconds
+        self.failing = failing
+        self.served: dict[int, int] = {p: 0 for p in seconds}
+        self.most_in_flight: dict[int, int] = {p: 0 for p in seconds}
+        self._handles: dict[int, list[_Handle]] = {p: [] for p in seconds}
+        self._free_at: dict[int, float] = {p: 0.0 for p in seconds}
+
+    def fetch_state(self, peer: int, host: str, port: int, exposure: int, dsts: Any, chunks: Any, timeout: Any) -> Any:
+        assert len(chunks) == 1
+        self.served[peer] += 1
+        live = [h for h in self._handles[peer] if not h.done()]
+        self.most_in_flight[peer] = max(self.most_in_flight[peer], len(live) + 1)
+        now = time.monotonic()
+        self._free_at[peer] = max(now, self._free_at[peer]) + self.seconds[peer]
+        handle = _Handle(self._free_at[peer] - now, chunks[0][2], peer in self.failing)
+        self._handles[peer] = [*live, handle]
+        return handle
+
+
+def _chunks(n: int, holders: tuple[int, ...] = (1, 2, 3)) -> list[Chunk]:
+    return [Chunk(k // 8, (k % 8) * 100, 100, holders) for k in range(n)]
+
+
+def test_faster_sources_take_more_and_all_finish_together() -> None:
+    engine = _Engine({1: 0.005, 2: 0.005, 3: 0.05})  # source 3 is ten times slower
+    t0 = time.monotonic()
+    done = fetch_round(engine, [], _chunks(64), {p: _Source(p) for p in (1, 2, 3)}, set(), time.monotonic() + 10)  # type: ignore[arg-type]
+    elapsed = time.monotonic() - t0
+    assert done.incomplete == set() and done.rx_bytes == 64 * 100
+    assert sum(engine.served.values()) == 64
+    assert engine.served[3] <= 8 < 24 <= min(engine.served[1], engine.served[2]), engine.served
+    assert max(engine.most_in_flight.values()) <= 4
+    # A static split would wait for source 3's 21 chunks, 50 ms each (~1.1 s); ideal ~0.15 s.
+    assert elapsed < 0.5, elapsed
+
+
+def test_a_failing_source_gets_nothing_more_and_its_entries_are_incomplete() -> None:
+    engine = _Engine({1: 0.002, 2: 0.002}, failing=frozenset({2}))
+    dead: set[int] = set()
+    done = fetch_round(engine, [], _chunks(32, (1, 2)), {p: _Source(p) for p in (1, 2)}, dead, time.monotonic() + 10)  # type: ignore[arg-type]
+    assert dead == {2}
+    assert engine.served[2] <= 4  # its first window, nothing after it failed
+    assert done.incomplete and done.incomplete <= {0, 1, 2, 3}
+    assert done.rx_bytes == (32 - engine.served[2]) * 100
+
+
+def test_chunks_without_a_live_holder_are_incomplete() -> None:
+    engine = _Engine({1: 0.001, 2: 0.001})
+    chunks = [*_chunks(8, (1,)), Chunk(5, 0, 100, (2,))]
+    done = fetch_round(engine, [], chunks, {p: _Source(p) for p in (1, 2)}, {2}, time.monotonic() + 10)  # type: ignore[arg-type]
+    assert done.incomplete == {5} and engine.served == {1: 8, 2: 0}
+
+
+def test_deadline_aborts_what_is_in_flight() -> None:
+    engine = _Engine({1: 5.0})
+    with pytest.raises(Timeout):
+        fetch_round(engine, [], _chunks(8, (1,)), {1: _Source(1)}, set(), time.monotonic() + 0.1)  # type: ignore[arg-type]
