@@ -55,25 +55,31 @@ class _Outputs:
 
     def __init__(self, x: Any, out: Any, shape: Callable[[int, int], tuple[int, ...]], what: str) -> None:
         self._x = x
-        self._out = out
         self._shape = shape
         self._what = what
         self._made: dict[tuple[int, ...], Any] = {}
         _, self._dtype = native_view(x)
+        self._out = None  # the caller's `out` in host memory, filled by the engine
+        self._out_size = -1  # the caller's `out`'s elements (-1: none)
         if out is not None:
+            self._out_size = int(out.numel()) if is_torch_tensor(out) else int(np.size(out))
+            if is_device_tensor(out):  # filled from a host result after success (_to_device)
+                if out.dtype != x.dtype:
+                    raise InvalidArgument(f"out must have the dtype of x ({x.dtype})")
+                return
             view, dtype = native_view(out)
             if dtype != self._dtype:
                 raise InvalidArgument(f"out must have the dtype of x ({self._dtype.name.lower()})")
-            self._out_view = view
+            self._out, self._out_view = out, view
 
     def check(self, world: int, rank: int) -> None:
         """Raises InvalidArgument when the caller's `out` cannot hold the result over `world`."""
-        if self._out is None:
+        if self._out_size < 0:
             return
         size = int(np.prod(self._shape(world, rank), dtype=np.int64))
-        if self._out_view.size != size:
+        if self._out_size != size:
             raise InvalidArgument(
-                f"out holds {self._out_view.size} elements where the {self._what} over {world} peers "
+                f"out holds {self._out_size} elements where the {self._what} over {world} peers "
                 f"(rank {rank}) gives {size}"
             )
 
@@ -213,7 +219,7 @@ class GatherCalls:
         assert engine is not None
         x_host, _, copy_back = stage_to_host(x, x if call == "broadcast" else None)
         src, dtype = native_view(x_host)
-        outputs = _Outputs(x_host, None if is_device_tensor(out) else out, shape, call.replace("_", "-"))
+        outputs = _Outputs(x_host, out, shape, call.replace("_", "-"))
         world, rank = self.world_size, self.rank  # the current ring's: usage errors show before any op
         if call == "broadcast" and world > 0 and root >= world:
             raise InvalidArgument(f"root {root} is not a rank of the ring of {world} peers")
