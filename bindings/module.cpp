@@ -285,6 +285,12 @@ PYBIND11_MODULE(_native, m) {
       .value("DIRECT", AllReduceAlgorithm::kDirect)
       .value("DIRECT_RSAG", AllReduceAlgorithm::kDirectRsAg);
 
+  py::enum_<CollectiveKind>(m, "CollectiveKind")
+      .value("ALL_GATHER", CollectiveKind::kAllGather)
+      .value("REDUCE_SCATTER", CollectiveKind::kReduceScatter)
+      .value("BROADCAST", CollectiveKind::kBroadcast)
+      .value("BROADCAST_DIRECT", CollectiveKind::kBroadcastDirect);
+
   py::enum_<QuantKind>(m, "QuantKind")
       .value("NONE", QuantKind::kNone)
       .value("MINMAX", QuantKind::kMinMax)
@@ -482,6 +488,54 @@ PYBIND11_MODULE(_native, m) {
           "A voting op (out of place, or in place with defer_commit) sends large payloads by reference:\n"
           "leave both buffers alone until it has ended (committed or settled). In place with defer_commit,\n"
           "a voting op that fails puts its input back at settle(False) (or when the handle is dropped).")
+      .def(
+          "all_to_all",
+          [](const std::shared_ptr<Engine>& e, CollectiveKind kind, py::object input, py::object output, DType dtype,
+             ReduceOp op, uint64_t tag, uint64_t seq, std::optional<double> timeout,
+             std::optional<double> connectTimeout, size_t segmentBytes, bool vote, size_t root) {
+            const bool same = input.is(output);
+            auto in = std::make_unique<BufferView>(input, /*writable=*/same);
+            std::unique_ptr<BufferView> out;
+            void* outPtr = in->data();
+            size_t outBytes = in->size();
+            if (!same) {
+              out = std::make_unique<BufferView>(output, /*writable=*/true);
+              outPtr = out->data();
+              outBytes = out->size();
+            }
+            const size_t esize = elementSize(dtype);
+            if (in->size() % esize != 0) throw InvalidArgument("buffer size is not a multiple of the element size");
+            AllReduceOptions o;
+            o.input = in->data();
+            o.output = outPtr;
+            o.count = in->size() / esize;
+            o.dtype = dtype;
+            o.op = op;
+            o.tag = tag;
+            o.seq = seq;
+            o.timeoutSeconds = toSeconds(timeout);
+            o.segmentBytes = segmentBytes;
+            o.vote = vote;
+            o.root = root;
+            std::shared_ptr<Collective> started;
+            {
+              py::gil_scoped_release release;
+              started = e->allToAll(kind, o, outBytes, connectTimeout.has_value() ? *connectTimeout : o.timeoutSeconds);
+            }
+            return std::make_unique<AllReduceHandle>(e, std::move(started), std::move(in), std::move(out));
+          },
+          py::arg("kind"), py::arg("input"), py::arg("output"), py::arg("dtype"), py::arg("op") = ReduceOp::kSum,
+          py::arg("tag") = 0, py::arg("seq") = 0, py::arg("timeout") = py::none(),
+          py::arg("connect_timeout") = py::none(), py::arg("segment_bytes") = 0, py::arg("vote") = false,
+          py::arg("root") = 0,
+          "Start an all-gather, reduce-scatter or broadcast (kind) over every peer of the ring. Returns a handle.\n"
+          "ALL_GATHER: output holds N x input, row r from rank r. REDUCE_SCATTER: output holds this rank's\n"
+          "chunk of the input's reduction by `op` (the ring's N chunks, the first count % N one element\n"
+          "larger), reduced in rank order. BROADCAST (root scatters, owners pass on) / BROADCAST_DIRECT (root\n"
+          "sends everything): rank `root`'s input lands in every other rank's output (pass one buffer as both\n"
+          "for in place). Every peer must pass the same kind, count, dtype, op and root (else ProtocolError).\n"
+          "vote: succeed only once every peer holds its result (all-to-all commit vote). A failed op leaves\n"
+          "the input intact and the output undefined.")
       .def(
           "disconnect", [](Engine& e, uint64_t peer, const std::string& reason) { e.disconnect(peer, reason); },
           py::arg("peer"), py::arg("reason") = "disconnected by caller")

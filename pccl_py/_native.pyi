@@ -118,6 +118,27 @@ class ReduceOp:
     @property
     def value(self) -> int: ...
 
+class CollectiveKind:
+    """The all-to-all collectives other than the all-reduce (part of their shape digest)."""
+
+    ALL_GATHER: ClassVar[CollectiveKind]
+    REDUCE_SCATTER: ClassVar[CollectiveKind]
+    BROADCAST: ClassVar[CollectiveKind]
+    BROADCAST_DIRECT: ClassVar[CollectiveKind]
+    __members__: ClassVar[dict[str, CollectiveKind]]
+    def __init__(self, value: int) -> None: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __ne__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __int__(self) -> int: ...
+    def __index__(self) -> int: ...
+    def __getstate__(self) -> int: ...
+    def __setstate__(self, state: int, /) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
 class AllReduceAlgorithm:
     """How an unquantized all-reduce moves its bytes (part of its shape digest)."""
 
@@ -304,6 +325,32 @@ class Engine:
         reference: leave both buffers alone until it has ended (committed or settled). In
         place with defer_commit, a voting op that fails puts its input back at settle(False)
         (or when the handle is dropped), not when it fails.
+        """
+
+    def all_to_all(
+        self,
+        kind: CollectiveKind,
+        input: _Buffer,
+        output: _Buffer,
+        dtype: DataType,
+        op: ReduceOp = ReduceOp.SUM,
+        tag: int = 0,
+        seq: int = 0,
+        timeout: float | None = None,
+        connect_timeout: float | None = None,
+        segment_bytes: int = 0,
+        vote: bool = False,
+        root: int = 0,
+    ) -> AllReduceHandle:
+        """Start an all-gather, reduce-scatter or broadcast (kind) over every peer of the ring.
+
+        ALL_GATHER: output holds N x input, row r from rank r. REDUCE_SCATTER: output holds
+        this rank's chunk of the input's reduction by `op` (the ring's N chunks, the first
+        count % N one element larger), reduced in rank order. BROADCAST (root scatters,
+        owners pass on) / BROADCAST_DIRECT (root sends everything): rank `root`'s input lands
+        in every other rank's output (one buffer as both: in place). Every peer must pass the
+        same kind, count, dtype, op and root (else ProtocolError). vote: succeed only once
+        every peer holds its result. A failed op leaves the input intact, the output undefined.
         """
 
     def disconnect(self, peer: int, reason: str = "disconnected by caller") -> None: ...

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 from pccl_py import _native
 
@@ -42,6 +43,22 @@ class ReduceInfo:
     attempts: int  # 1 unless it was retried over the survivors
     contributors: tuple[int, ...] = ()  # peer ids whose input is in the result, ring order
     algorithm: str = "ring"  # how the bytes moved: "ring", "direct" or "quantized"
+
+
+@dataclass(frozen=True)
+class GatherInfo:
+    """What a successful all_gather, reduce_scatter or broadcast did."""
+
+    world_size: int  # peers that took part
+    tx_bytes: int
+    rx_bytes: int
+    # The result: all_gather (world_size, *x.shape) in rank order; reduce_scatter this
+    # peer's chunk; broadcast x itself. A numpy array, or a tensor when x is one.
+    output: Any
+    epoch: int  # the epoch it succeeded in
+    rank: int  # this peer's rank then (its row of an all-gather, its chunk of a reduce-scatter)
+    attempts: int  # 1 unless it was retried over the survivors
+    contributors: tuple[int, ...] = ()  # peer ids in rank order
 
 
 _QUANT_KINDS = {"minmax": _native.QuantKind.MINMAX, "zeropoint": _native.QuantKind.ZEROPOINT}

@@ -4,6 +4,7 @@ torch, namespaces without root), prints each row as it is measured, writes JSON 
 and prints the table.
 
     pccl bench --peers 2 4 --sizes 1K 1M 16M --compare gloo comm [--json FILE]
+    pccl bench --op all_gather --peers 2 4 --sizes 16M 64M --compare gloo
     pccl bench --peers 4 --sizes 1K 16M --compare gloo --wan rtt=100ms,rate=1gbit
 """
 
@@ -30,6 +31,7 @@ from pccl_py.tools.bench.config import (
     DEFAULT_SIZES,
     IMPLS,
     LOOPBACK,
+    OPS,
     BenchConfig,
     BenchError,
     format_size,
@@ -58,6 +60,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="buffer sizes in bytes of float32 data; suffixes K, M, G are "
         "powers of 1024 (default: 1K 1M 16M 64M 256M)",
+    )
+    parser.add_argument(
+        "--op",
+        choices=OPS,
+        default="all_reduce",
+        help="the collective (default: all_reduce); SIZE is the full buffer as in nccl-tests: the "
+        "all-gather's output, the reduce-scatter's input, the broadcast's buffer (from rank 0); busbw is "
+        "algbw x 2(N-1)/N for the all-reduce, x (N-1)/N for the all-gather and reduce-scatter, x 1 for "
+        "the broadcast",
     )
     parser.add_argument(
         "--compare",
@@ -211,6 +222,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         wan=tuple(dict.fromkeys(args.wan)),
         direct_max_bytes=args.direct_max_bytes,
         rsag_min_bytes=args.rsag_min_bytes,
+        op=args.op,
     )
 
 
@@ -327,6 +339,10 @@ def main(args: argparse.Namespace) -> int:
     sends = "zero-copy sends" if cfg.zero_copy else "copied sends"
     direct = f"direct up to {format_size(cfg.direct_max_bytes)} x (N-1)" if cfg.direct_max_bytes else "no direct"
     direct += f", rsag from {format_size(cfg.rsag_min_bytes)}" if cfg.rsag_min_bytes else ", else ring"
-    title = f"all-reduce float32 SUM, {placement}; pccl: commit vote, {sends}, {direct}"
+    if cfg.op == "all_reduce":
+        title = f"all-reduce float32 SUM, {placement}; pccl: commit vote, {sends}, {direct}"
+    else:
+        what = cfg.op.replace("_", "-") + (" float32 SUM" if cfg.op == "reduce_scatter" else " float32")
+        title = f"{what} (size: the full buffer); pccl: direct exchange, commit vote, {sends}"
     out.print(results_table(results, title=title))
     return 0

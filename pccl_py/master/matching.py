@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pccl_py.master.records import Blocked, Effect, Group, Log, OpKey, Peer, Rules, Send
+from pccl_py.master.records import Blocked, Effect, Group, Log, OpKey, OpRecord, Peer, Rules, Send
 from pccl_py.wire import protocol
 
 
@@ -28,7 +28,11 @@ class MatchingRules:
         """A member has been waiting in `call` for a while (Config.blocked_report_after).
         Mismatches are decided by tick(), once they have lasted `mismatch_grace`."""
         peer, g = self._admitted(peer_id)
-        if call != "all_reduce" and call not in self._requested(g, peer.id) and call not in g.held.get(peer.id, ()):
+        if (
+            call not in protocol.DATA_CALLS
+            and call not in self._requested(g, peer.id)
+            and call not in g.held.get(peer.id, ())
+        ):
             return []  # answered meanwhile: the report crossed the answer
         g.blocked[peer.id] = Blocked(call, op, desc, tuple(inflight))
         return self._resolve_held(g)
@@ -43,7 +47,7 @@ class MatchingRules:
         """The collectives member `pid` is in, as far as this master knows."""
         calls = self._requested(g, pid)
         b = g.blocked.get(pid)
-        if b is not None and (b.call != "all_reduce" or (b.op is not None and self._op_open(g, b.op))):
+        if b is not None and (b.call not in protocol.DATA_CALLS or (b.op is not None and self._op_open(g, b.op))):
             calls.add(b.call)
         return calls
 
@@ -113,7 +117,7 @@ class MatchingRules:
             if b is None:
                 return None
             parts: set[tuple[Any, ...]] = {("op", k, d) for k, d in b.inflight if self._op_open(g, k)}
-            if b.call == "all_reduce":
+            if b.call in protocol.DATA_CALLS:
                 if b.op is None or not self._op_open(g, b.op):
                     return None  # its op is over (or moved to a new epoch): it is not stuck
                 parts.add(("op", b.op, b.desc))
@@ -147,9 +151,9 @@ class MatchingRules:
         for pid, (b, parts) in calls.items():
             name = self.peers[pid].name
             who = f"peer {pid}" + (f" ({name})" if name else "")
-            what = f"all_reduce({b.desc})" if b.call == "all_reduce" else f"{b.call}()"
+            what = f"{b.call}({b.desc})" if b.call in protocol.DATA_CALLS else f"{b.call}()"
             others = len([p for p in parts if p[0] == "op" and p[1] != b.op])
-            described.append(f"{who} in {what}" + (f" with {others} other all-reduce(s) in flight" if others else ""))
+            described.append(f"{who} in {what}" + (f" with {others} other collective(s) in flight" if others else ""))
         text = "the members are blocked in collectives that cannot match: " + "; ".join(described)
         g.blocked.clear()
         g.held.clear()
@@ -159,5 +163,11 @@ class MatchingRules:
         g.optimize_requests.clear()
         effects: list[Effect] = [Log("mismatch", {"group": g.id, "round": g.round, "calls": described})]
         ops = sorted({part[1] for _, parts in calls.values() for part in parts if part[0] == "op"})
+        for key in ops:  # a broken connection of these ops is this mismatch's doing
+            record = g.ops.get(key)
+            if record is None and key[0] in g.rings:
+                record = g.ops[key] = OpRecord(key, frozenset(g.rings[key[0]]))
+            if record is not None:
+                record.mismatch = text
         msg = protocol.make("mismatch", round=g.round, msg=text, ops=[list(k) for k in ops])
         return effects + [Send(pid, msg) for pid in g.ring]

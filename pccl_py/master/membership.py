@@ -433,6 +433,11 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
             if roots:
                 pid, r = min(roots.items())
                 ok, kind, msg, culprit = False, r.kind, f"peer {pid}: {r.msg}", r.culprit if r.culprit >= 0 else pid
+            elif record.mismatch is not None:
+                # Peers in different collectives abort their ops (the mismatch rule),
+                # which breaks the connections of the others' ops: the cause is known.
+                pid = min(failures)
+                ok, kind, msg, culprit = False, FailureKind.COLLECTIVE_MISMATCH, f"peer {pid}: {record.mismatch}", -1
             elif all_reported or grace_over:
                 pid, r = min(failures.items())
                 ok, kind, msg, culprit = False, FailureKind.PEER_LOST, f"peer {pid}: {r.msg}", r.culprit

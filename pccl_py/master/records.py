@@ -66,8 +66,8 @@ class Peer:
 class Blocked:
     """What a member told the master it has been waiting in for a while."""
 
-    call: str  # update_topology, pending_peers, sync_shared_state, optimize_topology, all_reduce
-    op: OpKey | None  # the data-plane op it waits on (all_reduce)
+    call: str  # update_topology, pending_peers, sync_shared_state, optimize_topology, or a DATA_CALL
+    op: OpKey | None  # the data-plane op it waits on (a DATA_CALL)
     desc: str  # that op's shape: "tag 0, step 3, 1024 x float32, SUM"
     inflight: tuple[tuple[OpKey, str], ...]  # its data-plane ops in flight, with their shapes
 
@@ -109,6 +109,9 @@ class OpRecord:
     reports: dict[int, Report] = field(default_factory=dict)
     decided: dict[str, Any] | None = None
     first_failure_at: float | None = None
+    # The mismatch this op was caught in (its text), when a "mismatch" named it: a
+    # broken connection is then that mismatch's consequence, not a lost peer.
+    mismatch: str | None = None
 
 
 @dataclass

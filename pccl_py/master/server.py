@@ -505,7 +505,7 @@ def _op_keys(raw: list[Any]) -> list[tuple[int, int, int]]:
     return keys
 
 
-_BLOCKED_CALLS = ("update_topology", "pending_peers", "sync_shared_state", "optimize_topology", "all_reduce")
+_BLOCKED_CALLS = ("update_topology", "pending_peers", "sync_shared_state", "optimize_topology", *protocol.DATA_CALLS)
 _MAX_INFLIGHT = 1024
 
 
@@ -521,8 +521,8 @@ def _blocked(msg: protocol.Message) -> tuple[tuple[int, int, int] | None, list[t
     if raw and not _is_key(raw):
         raise ProtocolError("blocked: op must be [epoch, tag, seq] of unsigned integers or []")
     op = (raw[0], raw[1], raw[2]) if raw else None
-    if msg["call"] == "all_reduce" and op is None:
-        raise ProtocolError("blocked: an all_reduce names its op")
+    if msg["call"] in protocol.DATA_CALLS and op is None:
+        raise ProtocolError(f"blocked: an {msg['call']} names its op")
     if len(msg["inflight"]) > _MAX_INFLIGHT:
         raise ProtocolError(f"blocked: more than {_MAX_INFLIGHT} ops in flight")
     inflight = []

@@ -1,8 +1,9 @@
 """Communicator: a peer's handle on its group, the public facade. Synchronous API
 (training loops are synchronous) over the peer's Session (what it knows of the master,
 pccl_py.peer.session), its control channel (pccl_py.peer.control) and the native
-data-plane engine (pccl_py._native). The calls live beside it: allreduce, sync,
-optimize and rejoin; membership calls (connect, update_topology, pending_peers,
+data-plane engine (pccl_py._native). The calls live beside it: attempts (the loop every
+data-plane collective runs), allreduce, gather (all-gather, reduce-scatter, broadcast),
+sync, optimize and rejoin; membership calls (connect, update_topology, pending_peers,
 close) and the ring are here.
 """
 
@@ -27,7 +28,9 @@ from pccl_py.errors import (
 )
 from pccl_py.events import EventLog
 from pccl_py.peer.allreduce import AllReduceCalls, AllReduceHandle
+from pccl_py.peer.attempts import AttemptCalls
 from pccl_py.peer.control import ControlChannel
+from pccl_py.peer.gather import GatherCalls
 from pccl_py.peer.optimize import OptimizeCalls
 from pccl_py.peer.rejoin import RejoinCalls
 from pccl_py.peer.session import OpKey, Session, Topology
@@ -39,7 +42,7 @@ log = logging.getLogger(__name__)
 __all__ = ["AllReduceHandle", "Communicator"]
 
 
-class Communicator(AllReduceCalls, SyncCalls, OptimizeCalls, RejoinCalls):
+class Communicator(AttemptCalls, AllReduceCalls, GatherCalls, SyncCalls, OptimizeCalls, RejoinCalls):
     """A peer of a group. Create, connect(), run collectives, close().
 
     `master` is "host:port". `host`/`port` are this peer's data-plane listen address

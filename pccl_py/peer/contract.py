@@ -1,6 +1,6 @@
 """The contract between the Communicator (pccl_py.peer.communicator) and the call
-groups mixed into it (allreduce, sync, optimize, rejoin): what each may use of the
-others. The Communicator implements all of it."""
+groups mixed into it (attempts, allreduce, gather, sync, optimize, rejoin): what each
+may use of the others. The Communicator implements all of it."""
 
 from __future__ import annotations
 
@@ -40,6 +40,12 @@ class PeerCore(Protocol):
 
     @property
     def epoch(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    @property
+    def rank(self) -> int: ...
 
     @staticmethod
     def _deadline(timeout: float | None, default: float) -> float: ...
@@ -85,6 +91,41 @@ class PeerCore(Protocol):
         blocking: bool = False,
         attempt_key: list[OpKey] | None = None,
     ) -> ReduceInfo: ...
+
+    def _number(self, call: str, tag: int | None) -> tuple[int, int, int]: ...
+
+    def _run_attempts(
+        self,
+        call: str,
+        tag: int,
+        engine_tag: int,
+        seq: int,
+        start: Callable[[int, int, float], Any],
+        desc: Callable[[], str],
+        deadline: float,
+        retry: bool,
+        *,
+        blocking: bool = False,
+        attempt_key: list[OpKey] | None = None,
+        precheck: Callable[[int], None] | None = None,
+    ) -> Any: ...
+
+    def _run_gather(
+        self,
+        call: str,
+        x: Any,
+        out: Any,
+        tag: int | None,
+        timeout: float | None,
+        retry: bool,
+        shape: Callable[[int, int], tuple[int, ...]],
+        *,
+        op: ReduceOp = ...,
+        root: int = 0,
+        run_async: bool = False,
+    ) -> Any: ...
+
+    def _rank_in(self, epoch: int) -> int: ...
 
     def _track(self, key: OpKey, handle: Any, retry: bool, desc: Callable[[], str]) -> None: ...
 

@@ -7,16 +7,17 @@ a Work backed by a torch Future, so `async_op=True` and DDP's reducer (which cha
 the pccl op numbering identical on every rank: torch already requires every rank to
 issue a group's collectives in the same order.
 
-The Communicator offers all-reduce only; the other collectives are built on it
-bit-exactly:
+The collectives map onto the Communicator's, each moving the bytes a dedicated
+implementation moves:
 
-- broadcast / all-gather: a SUM all-reduce over a uint8 view of the bytes, where every
-  rank contributes its own bytes at its torch rank's slot and zeros elsewhere (x + 0 is
-  exact, so every byte arrives unchanged). Cost per rank: 2(N-1)/N x the gathered size,
-  about twice what a dedicated ring all-gather moves.
-- reduce-scatter: an all-reduce of the whole input, each rank keeps its slot (again
-  about twice the bytes of a dedicated reduce-scatter).
-- barrier: a one-byte all-reduce.
+- all-reduce: all_reduce, one per dtype over the flattened tensors.
+- broadcast, scatter: broadcast of the root's bytes (scatter: every slot, each rank
+  keeps its own).
+- all-gather (and gather): all_gather of this rank's bytes, rows reordered from the
+  pccl ring's order to the torch ranks' (the ring's order is the ranks' after the usual
+  rendezvous, and then an all_gather_into_tensor lands straight in its output).
+- reduce-scatter: reduce_scatter of the input with its chunks laid out in ring order.
+- reduce: an all-reduce of a copy; barrier: a one-byte all-reduce.
 
 Tensors outside host memory (CUDA) are staged (pccl_py.torch.staging): copied to host
 when the op is issued, reduced there, copied back before the Work completes. Reduce ops
@@ -68,9 +69,11 @@ class ProcessGroupPccl(dist.ProcessGroup):
         size: int,
         timeout: datetime.timedelta,
         master: Master | None = None,
+        peer_ranks: dict[int, int] | None = None,
     ) -> None:
         super().__init__(rank, size)
         self._comm = comm
+        self._peer_ranks = peer_ranks  # peer id -> torch rank (learned at the first gather when None)
         self._rank = rank
         self._size = size
         self._timeout = timeout.total_seconds()
@@ -179,13 +182,11 @@ class ProcessGroupPccl(dist.ProcessGroup):
         def run() -> list[torch.Tensor]:
             if len(staged) == 1:
                 buf = byte_view(staged[0].host)
+            elif self._rank == root:
+                buf = torch.cat([byte_view(s.host) for s in staged])
             else:
-                buf = torch.cat([byte_view(s.host) for s in staged]) if self._rank == root else None
-                if buf is None:
-                    buf = torch.empty(sum(s.host.nbytes for s in staged), dtype=torch.uint8)
-            if self._rank != root:
-                buf.zero_()
-            self._all_reduce(buf, ReduceOp.SUM, timeout)
+                buf = torch.empty(sum(s.host.nbytes for s in staged), dtype=torch.uint8)
+            self._broadcast(buf, root, timeout)
             if len(staged) > 1:
                 split_into(buf, [byte_view(s.host) for s in staged])
             for s in staged:
@@ -215,10 +216,8 @@ class ProcessGroupPccl(dist.ProcessGroup):
     def _gather(
         self, by_rank: list[list[torch.Tensor]], inputs: list[torch.Tensor], timeout: float, what: str
     ) -> dist.Work:
-        """by_rank[r][i] receives rank r's inputs[i]. One SUM all-reduce over a uint8
-        buffer of world_size blocks, block r laid out as rank r's inputs back to back:
-        each rank packs its inputs into its own block, zeros elsewhere, and unpacks
-        every block into that rank's outputs."""
+        """by_rank[r][i] receives rank r's inputs[i]: one all-gather of this rank's
+        inputs packed back to back as bytes, each row unpacked into that rank's outputs."""
         for r, outs in enumerate(by_rank):
             if len(outs) != len(inputs):
                 raise PcclBackendError(f"{what}: the outputs for rank {r} hold {len(outs)} tensors for {len(inputs)} inputs")
@@ -230,19 +229,14 @@ class ProcessGroupPccl(dist.ProcessGroup):
                     )
         slots = [[Staged(o, read=False) for o in outs] for outs in by_rank]
         sources = [Staged(x) for x in inputs]
-        block = sum(x.host.nbytes for x in sources)
 
         def run() -> list[torch.Tensor]:
-            buf = torch.zeros(block * self._size, dtype=torch.uint8)
-            offset = self._rank * block
-            for x in sources:
-                buf[offset : offset + x.host.nbytes].copy_(byte_view(x.host))
-                offset += x.host.nbytes
-            self._all_reduce(buf, ReduceOp.SUM, timeout)
-            flat = [s for outs in slots for s in outs]
-            split_into(buf, [byte_view(s.host) for s in flat])
-            for s in flat:
-                s.commit()
+            mine = torch.cat([byte_view(x.host) for x in sources]) if sources else torch.empty(0, dtype=torch.uint8)
+            rows = self._all_gather(mine, None, timeout)
+            for r, outs in enumerate(slots):
+                split_into(rows[r], [byte_view(s.host) for s in outs])
+                for s in outs:
+                    s.commit()
             return [t for outs in by_rank for t in outs]
 
         return self._submit(run)
@@ -265,22 +259,14 @@ class ProcessGroupPccl(dist.ProcessGroup):
             pairs.append((Staged(out, read=False), Staged(x)))
 
         def run() -> list[torch.Tensor]:
-            if len(pairs) == 1 and pairs[0][0].direct:
-                out, x = pairs[0]
-                buf = byte_view(out.host)
-                self._place_own_slot(buf, byte_view(x.host))
-            else:
-                buf = torch.zeros(sum(o.host.nbytes for o, _ in pairs), dtype=torch.uint8)
-                offset = 0
-                for o, x in pairs:
-                    part = buf[offset : offset + o.host.nbytes]
-                    self._place_own_slot(part, byte_view(x.host))
-                    offset += o.host.nbytes
-            self._all_reduce(buf, ReduceOp.SUM, timeout)
-            if not (len(pairs) == 1 and pairs[0][0].direct):
-                split_into(buf, [byte_view(o.host) for o, _ in pairs])
-            for o, _ in pairs:
-                o.commit()
+            for out, x in pairs:
+                # Straight into the output when it is contiguous host memory (its own
+                # slot may hold the input already: FSDP gathers in place).
+                target = byte_view(out.host) if out.direct else None
+                rows = self._all_gather(byte_view(x.host), target, timeout)
+                if target is None or rows[0].data_ptr() != target.data_ptr():
+                    split_into(torch.cat(rows), [byte_view(out.host)])
+                out.commit()
             return list(outputs)
 
         return self._submit(run)
@@ -296,18 +282,14 @@ class ProcessGroupPccl(dist.ProcessGroup):
         plans = []
         for y, xs in zip(output_tensors, input_lists, strict=True):
             self._check_list(xs, "reduce_scatter input")
-            if any(x.dtype != y.dtype for x in xs) or xs[self._rank].numel() != y.numel():
-                raise PcclBackendError("reduce_scatter: inputs must match the output's dtype and this rank's size")
+            if any(x.dtype != y.dtype or x.numel() != y.numel() for x in xs):
+                raise PcclBackendError("reduce_scatter: every input must match the output's dtype and size")
             reduce_op(red, y.dtype)
             plans.append((Staged(y, read=False), [Staged(x) for x in xs]))
 
         def run() -> list[torch.Tensor]:
             for y, xs in plans:
-                flat = torch.cat([x.host.reshape(-1) for x in xs])
-                self._reduce(flat, None, red, timeout)
-                start = sum(x.host.numel() for x in xs[: self._rank])
-                y.host.reshape(-1).copy_(flat[start : start + y.host.numel()])
-                y.commit()
+                self._reduce_scatter([y], [[x.host for x in xs]], red, timeout)
             return list(output_tensors)
 
         return self._submit(run)
@@ -334,23 +316,8 @@ class ProcessGroupPccl(dist.ProcessGroup):
         def run() -> list[torch.Tensor]:
             for group in by_dtype([x for _, x in pairs]):
                 members = [(y, x) for y, x in pairs if any(x is g for g in group)]
-                if len(members) == 1:
-                    y, x = members[0]
-                    # Out of place: the caller's input is left as it was.
-                    result = torch.empty_like(x.host)
-                    self._reduce(x.host, result, red, timeout)
-                    n = y.host.numel()
-                    y.host.reshape(-1).copy_(result.reshape(-1)[self._rank * n : (self._rank + 1) * n])
-                else:
-                    flat = torch.cat([x.host.reshape(-1) for _, x in members])
-                    self._reduce(flat, None, red, timeout)
-                    offset = 0
-                    for y, x in members:
-                        n = y.host.numel()
-                        y.host.reshape(-1).copy_(flat[offset + self._rank * n : offset + (self._rank + 1) * n])
-                        offset += x.host.numel()
-            for y, _ in pairs:
-                y.commit()
+                chunks = [list(x.host.reshape(-1).chunk(self._size)) for _, x in members]
+                self._reduce_scatter([y for y, _ in members], chunks, red, timeout)
             return list(outputs)
 
         return self._submit(run)
@@ -402,8 +369,8 @@ class ProcessGroupPccl(dist.ProcessGroup):
             if self._rank == root:
                 buf = torch.cat([byte_view(s.host) for s in sources])
             else:
-                buf = torch.zeros(n * self._size, dtype=torch.uint8)
-            self._all_reduce(buf, ReduceOp.SUM, timeout)
+                buf = torch.empty(n * self._size, dtype=torch.uint8)
+            self._broadcast(buf, root, timeout)
             byte_view(target.host).copy_(buf[self._rank * n : (self._rank + 1) * n])
             target.commit()
             return [y]
@@ -522,15 +489,55 @@ class ProcessGroupPccl(dist.ProcessGroup):
                 "the torch.distributed group cannot shrink: use pccl_py.optim.DiLoCo for elastic training"
             )
 
-    def _place_own_slot(self, buf: torch.Tensor, mine: torch.Tensor) -> None:
-        """Zeros `buf` except this rank's slot, which gets `mine` (which may already
-        live there: FSDP gathers in place)."""
-        n = mine.numel()
-        start, end = self._rank * n, (self._rank + 1) * n
-        buf[:start].zero_()
-        buf[end:].zero_()
-        if mine.data_ptr() != buf[start:end].data_ptr():
-            buf[start:end].copy_(mine)
+    def _ring_ranks(self, timeout: float) -> list[int]:
+        """The torch rank at each position of the pccl ring (learned by one all-gather
+        when the rendezvous did not tell)."""
+        if self._peer_ranks is None:
+            info = self._comm.all_gather(torch.tensor([self._rank], dtype=torch.int64), timeout=timeout)
+            self._check_world(info.world_size)
+            self._peer_ranks = dict(zip(info.contributors, info.output.reshape(-1).tolist(), strict=True))
+        ring = self._comm.ring_of(self._comm.epoch) or tuple(self._peer_ranks)
+        try:
+            return [self._peer_ranks[p] for p in ring]
+        except KeyError:
+            raise PcclBackendError("the pccl ring holds a peer outside the torch group") from None
+
+    def _all_gather(self, mine: torch.Tensor, out: torch.Tensor | None, timeout: float) -> list[torch.Tensor]:
+        """All-gathers this rank's bytes; returns every rank's row, by torch rank. Into
+        `out` (size x mine's bytes) when the ring's order is the torch ranks'."""
+        order = self._ring_ranks(timeout)
+        if order != list(range(self._size)):
+            out = None
+        info = self._comm.all_gather(mine, out=out, timeout=timeout)
+        self._check_world(info.world_size)
+        rows = list(info.output.reshape(self._size, mine.numel()).unbind(0))
+        return [rows[order.index(r)] for r in range(self._size)]
+
+    def _broadcast(self, buf: torch.Tensor, root: int, timeout: float) -> None:
+        info = self._comm.broadcast(buf, root=self._ring_ranks(timeout).index(root), timeout=timeout)
+        self._check_world(info.world_size)
+
+    def _reduce_scatter(
+        self, outputs: list[Staged], chunks: list[list[torch.Tensor]], red: Any, timeout: float
+    ) -> None:
+        """outputs[i] gets the reduction of every rank's chunks[i][self rank]: one
+        reduce-scatter of the chunks laid out by ring position, each position's block
+        holding that rank's chunk of every tensor (PREMUL_SUM scales the copy)."""
+        order = self._ring_ranks(timeout)
+        dtype = outputs[0].host.dtype
+        op = reduce_op(red, dtype)
+        flat = torch.cat([c[r].reshape(-1) for r in order for c in chunks])
+        factor = premul_factor(red)
+        if factor is not None:
+            flat.mul_(factor)
+        if dtype == torch.bool:
+            flat = flat.view(torch.uint8)
+        info = self._comm.reduce_scatter(flat, op=op, timeout=timeout)
+        self._check_world(info.world_size)
+        result = info.output.reshape(-1)
+        split_into(result.view(dtype) if dtype == torch.bool else result, [y.host.reshape(-1) for y in outputs])
+        for y in outputs:
+            y.commit()
 
     def _op_timeout(self, opts: Any) -> float:
         custom = getattr(opts, "timeout", None)

@@ -9,9 +9,9 @@ group of exactly world_size peers.
   the other ranks read it there. That rank's process group owns the master.
 
 Then every rank connects, the admitted peers let the others in (update_topology) until
-the group has world_size members, and one all-reduce checks that the torch ranks are
-distinct and complete. A rank's torch rank is its slot in every collective, whatever
-its place in the pccl ring.
+the group has world_size members, and one all-gather checks that the torch ranks are
+distinct and complete and tells every rank which peer holds which torch rank. A rank's
+torch rank is its slot in every collective, whatever its place in the pccl ring.
 """
 
 from __future__ import annotations
@@ -84,26 +84,25 @@ def create_process_group(options: Any, backend_options: Any = None) -> ProcessGr
     try:
         comm.connect(timeout=seconds)
         join_group(comm, size, timeout=seconds)
-        _check_ranks(comm, rank, size, seconds)
+        peer_ranks = _check_ranks(comm, rank, size, seconds)
     except BaseException:
         comm.close()
         if master is not None:
             master.close()
         raise
-    return ProcessGroupPccl(comm, rank, size, timeout, master=master)
+    return ProcessGroupPccl(comm, rank, size, timeout, master=master, peer_ranks=peer_ranks)
 
 
-def _check_ranks(comm: Communicator, rank: int, size: int, timeout: float) -> None:
-    """One all-reduce: every torch rank marks its slot; each slot must be marked once."""
+def _check_ranks(comm: Communicator, rank: int, size: int, timeout: float) -> dict[int, int]:
+    """One all-gather of the torch ranks: each of 0..size-1 must appear once. Returns
+    the torch rank of every peer id (the pccl ring's order need not be the ranks')."""
     if comm.world_size != size:
         raise PcclBackendError(f"the pccl group has {comm.world_size} peers, expected {size}")
-    marks = torch.zeros(size, dtype=torch.int64)
-    marks[rank] = 1
-    info = comm.all_reduce(marks, timeout=timeout)
-    if info.world_size != size or not bool((marks == 1).all()):
-        raise PcclBackendError(
-            f"ranks are not distinct: slot counts {marks.tolist()} (each of 0..{size - 1} must appear once)"
-        )
+    info = comm.all_gather(torch.tensor([rank], dtype=torch.int64), timeout=timeout)
+    ranks = [int(r) for r in info.output.reshape(-1).tolist()]
+    if info.world_size != size or sorted(ranks) != list(range(size)):
+        raise PcclBackendError(f"ranks are not distinct: {ranks} (each of 0..{size - 1} must appear once)")
+    return dict(zip(info.contributors, ranks, strict=True))
 
 
 def _base_store(store: Any) -> Any:

@@ -19,6 +19,9 @@ VERSION = 3
 Message = dict[str, Any]
 
 # type -> {field: accepted python types}. Extra fields are rejected too.
+# The collective calls that wait on a data-plane op (a "blocked" report names it).
+DATA_CALLS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
+
 _INT = (int,)
 _STR = (str,)
 _BOOL = (bool,)
@@ -53,9 +56,9 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "vote": {"epoch": _INT, "fresh": _BOOL},
     "pending": {"epoch": _INT, "query": _INT, "fresh": _BOOL},
     # A collective call that has waited Config.blocked_report_after seconds: the call
-    # ("update_topology", "pending_peers", "sync_shared_state", "optimize_topology",
-    # "all_reduce"), the op it waits on ([epoch, tag, seq] or []), a description of it,
-    # and the data-plane ops this peer has in flight: [[epoch, tag, seq, desc], ...].
+    # ("update_topology", "pending_peers", "sync_shared_state", "optimize_topology", or
+    # one of DATA_CALLS), the op it waits on ([epoch, tag, seq] or []), a description of
+    # it, and the data-plane ops this peer has in flight: [[epoch, tag, seq, desc], ...].
     "blocked": {"call": _STR, "op": _LIST, "desc": _STR, "inflight": _LIST},
     "op": {"epoch": _INT, "tag": _INT, "seq": _INT, "ok": _BOOL, "kind": _STR, "msg": _STR, "peer": _INT},
     # Ops this peer committed through the commit vote, batched: [[epoch, tag, seq], ...].

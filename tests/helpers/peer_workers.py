@@ -211,6 +211,34 @@ def _cmd_sync(comm: pccl.Communicator, cmd: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True, "elapsed": time.monotonic() - t0, "revision": info.revision, "crc": checksum(state.tensors["w"])}
 
 
+def _cmd_gather(comm: pccl.Communicator, cmd: dict[str, Any]) -> dict[str, Any]:
+    """all_gather / reduce_scatter / broadcast (cmd["call"]) of make_input(n, coef);
+    reports the result's checksum and shape, and whether the input was left intact."""
+    x = make_input(cmd["n"], cmd["coef"])
+    before = checksum(x)
+    call = cmd["call"]
+    kwargs: dict[str, Any] = {"tag": cmd.get("tag"), "timeout": cmd.get("timeout", 30.0), "retry": cmd.get("retry", False)}
+    if call == "broadcast":
+        kwargs["root"] = cmd.get("root", 0)
+    t0 = time.monotonic()
+    try:
+        info = getattr(comm, call)(x, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - reported to the test, whatever it is
+        return {"ok": False, "elapsed": time.monotonic() - t0, "intact": checksum(x) == before, **_error_fields(exc)}
+    return {
+        "ok": True,
+        "elapsed": time.monotonic() - t0,
+        "world": info.world_size,
+        "epoch": info.epoch,
+        "attempts": info.attempts,
+        "rank": info.rank,
+        "crc": checksum(info.output),
+        "shape": list(info.output.shape),
+        "tx": info.tx_bytes,
+        "rx": info.rx_bytes,
+    }
+
+
 def _cmd_close(comm: pccl.Communicator, cmd: dict[str, Any]) -> dict[str, Any]:
     comm.close()
     return {"ok": True}
@@ -226,6 +254,7 @@ _COMMANDS = {
     "join": _cmd_join,
     "wait_world": _cmd_wait_world,
     "sync": _cmd_sync,
+    "gather": _cmd_gather,
     "close": _cmd_close,
     "state": lambda comm, cmd: {"ok": True},
 }

@@ -926,3 +926,32 @@ def test_a_sync_with_a_differing_entry_sends_plans_and_waits_for_every_peer(m: M
     assert sends(m.sync_done(B, True, "", "", T0, 1), "sync_result") == []
     results = sends(m.sync_done(C, True, "", "", T0, 1), "sync_result")
     assert {s.to for s in results} == {A, B, C}
+
+
+# ---------------------------------------------------------------------- data-plane calls that cannot match
+
+
+def test_different_data_plane_calls_mismatch_and_a_named_op_that_broke_is_a_mismatch(m: Membership) -> None:
+    """A blocks in an all_gather, B and C in an all_reduce (different ops: each kind runs
+    on engine tags of its own). After mismatch_grace every member gets "mismatch" naming
+    both calls and both ops. B's all-reduce then fails on a broken connection (A aborted
+    its all-gather and closed its connections): PeerLost by itself, but the master knows
+    the cause and decides CollectiveMismatch at once, for everyone."""
+    epoch = form_group(m, [A, B, C])
+    gather_key, reduce_key = (epoch, 1 << 32, 1 << 8), (epoch, 0, 1 << 8)
+    g_desc, r_desc = "tag 0, step 1, 10 x float32", "tag 0, step 1, 10 x float32, SUM"
+    m.report_blocked(A, "all_gather", gather_key, g_desc, [(gather_key, g_desc)], T0)
+    for pid in (B, C):
+        m.report_blocked(pid, "all_reduce", reduce_key, r_desc, [(reduce_key, r_desc)], T0)
+    assert not sends(m.tick(T0 + 0.01), "mismatch")
+    effects = m.tick(T0 + 1.0)
+    (msg,) = msgs_to(effects, A, "mismatch")
+    assert f"all_gather({g_desc})" in msg["msg"] and f"all_reduce({r_desc})" in msg["msg"]
+    assert sorted(tuple(k) for k in msg["ops"]) == sorted([gather_key, reduce_key])
+    assert all(msgs_to(effects, pid, "mismatch") for pid in (B, C))
+    effects = report(m, B, reduce_key, ok=False, kind="PeerLost", msg="peer 901 closed the connection", culprit=A,
+                     now=T0 + 1.01)
+    decided = outcomes(effects)
+    assert set(decided) == {A, B, C}
+    assert all(o["kind"] == "CollectiveMismatch" and not o["ok"] for o in decided.values()), decided
+    assert_valid_messages(effects)

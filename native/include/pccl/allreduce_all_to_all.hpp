@@ -1,7 +1,8 @@
-// What the direct all-reduces (AllReduceDirect, AllReduceDirectRsAg) share: every peer of
-// the epoch is a peer of the op (a pool to each, an all-to-all commit vote through
-// Collective::enableDirectVote), contributions are reduced in rank order, and the
-// caller's input is only ever sent, never written.
+// What the direct all-reduces (AllReduceDirect, AllReduceDirectRsAg) share, and with them
+// the all-to-all all-gather, reduce-scatter and broadcast (all_gather.hpp,
+// reduce_scatter.hpp, broadcast.hpp): every peer of the epoch is a peer of the op (a pool
+// to each, an all-to-all commit vote through Collective::enableDirectVote), contributions
+// are reduced in rank order, and the caller's input is only ever sent, never written.
 //
 // Where the result is built: out of place in the output; in place aside, and copied
 // into the caller's buffer on success, or with deferCommit at Engine::settle(commit)
@@ -22,6 +23,16 @@
 
 namespace pccl {
 
+// The all-to-all collectives that are not all-reduces. Their codes follow
+// AllReduceAlgorithm's in the shape digest, so a peer in one collective and a peer in
+// another (or in an all-reduce) at the same step fail with ProtocolError.
+enum class CollectiveKind : uint8_t {
+  kAllGather = 16,
+  kReduceScatter = 17,
+  kBroadcast = 18,        // root scatters N-1 chunks, their owners pass them on
+  kBroadcastDirect = 19,  // root sends the whole buffer to every peer (small payloads)
+};
+
 class AllToAllReduce : public Collective {
  public:
   bool complete() const override { return received_ == expected_ && pendingSends_ == 0; }
@@ -41,14 +52,17 @@ class AllToAllReduce : public Collective {
   bool awaitsDataFrom(uint64_t peer) const override { return involves(peer) && received_ < expected_; }
   void commitResult() override;
 
-  // Shape digest carried by every frame: the ring's fields and the algorithm, so peers
-  // that disagree on any of them (a ring peer and a direct one included) fail the op.
-  static uint32_t digest(size_t count, DType dtype, ReduceOp op, size_t worldSize, AllReduceAlgorithm algorithm);
+  // Shape digest carried by every frame: the ring's fields and the algorithm (an
+  // AllReduceAlgorithm or a CollectiveKind), and a broadcast's root, so peers that
+  // disagree on any of them (a ring peer and a direct one included) fail the op.
+  static uint32_t digest(size_t count, DType dtype, ReduceOp op, size_t worldSize, uint64_t algorithm,
+                         size_t root = 0);
 
  protected:
   // `peers`: the peer ids of the ring, in ring order (the rank order of the reduction).
+  // `algorithm`: an AllReduceAlgorithm or a CollectiveKind, for the digest.
   AllToAllReduce(const AllReduceOptions& options, const RingPosition& ring, std::vector<uint64_t> peers,
-                 ScratchBuffer scratch, AllReduceAlgorithm algorithm);
+                 ScratchBuffer scratch, uint64_t algorithm);
 
   // Whether there is anything to exchange (N > 1 and a non-empty buffer).
   bool exchanges() const { return ring_.size > 1 && nbytes_ > 0; }
@@ -59,7 +73,8 @@ class AllToAllReduce : public Collective {
   void copyInputIfAlone();
   size_t rankOf(uint64_t peer) const;
   // Validates the digest of `h` from `peer` and that it is another peer of the op;
-  // returns its rank. `name` says which algorithm this peer runs, for the message.
+  // returns its rank. `name` says which collective and algorithm this peer runs, for the
+  // message.
   size_t checkFrame(uint64_t peer, const FrameHeader& h, const char* name) const;
   ProtocolError badFrame(uint64_t peer, const std::string& why) const;
   // dst = x_0 op x_1 op ... op x_{N-1} over `count` elements, one rounded step at a

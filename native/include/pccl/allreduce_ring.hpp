@@ -67,6 +67,8 @@ struct AllReduceOptions {
   QuantSpec quant;
   // Unquantized only (a quantized one has its own algorithm).
   AllReduceAlgorithm algorithm = AllReduceAlgorithm::kRing;
+  // A broadcast's root (Engine::allToAll, CollectiveKind::kBroadcast*): its rank.
+  size_t root = 0;
 };
 
 class AllReduceRing final : public Collective {

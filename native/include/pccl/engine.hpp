@@ -26,11 +26,14 @@
 #include <unordered_map>
 #include <vector>
 
+#include "pccl/all_gather.hpp"
 #include "pccl/allreduce_direct.hpp"
 #include "pccl/allreduce_direct_rsag.hpp"
 #include "pccl/allreduce_quantized.hpp"
 #include "pccl/allreduce_ring.hpp"
+#include "pccl/broadcast.hpp"
 #include "pccl/prefault.hpp"
+#include "pccl/reduce_scatter.hpp"
 #include "pccl/state_fetch.hpp"
 #include "pccl/tcp.hpp"
 
@@ -105,6 +108,16 @@ class Engine {
   // every peer of the ring (AllReduceQuantized), and so does a direct one
   // (options.algorithm, AllReduceDirect or AllReduceDirectRsAg).
   std::shared_ptr<Collective> allReduce(const AllReduceOptions& options, double connectTimeoutSeconds);
+
+  // Starts an all-gather, reduce-scatter or broadcast (`kind`; all_gather.hpp,
+  // reduce_scatter.hpp, broadcast.hpp) over the current ring, connecting to every peer
+  // of it first. options.count is the input's element count; `outputBytes` is checked
+  // against what the op writes over this ring (all-gather: N x the input; reduce-scatter:
+  // this rank's chunk; broadcast: the input). Out of place (a broadcast may pass one
+  // buffer as input and output); options.quant, algorithm and deferCommit are not used.
+  // The buffers must stay valid until the op finishes (the binding guarantees it).
+  std::shared_ptr<Collective> allToAll(CollectiveKind kind, const AllReduceOptions& options, size_t outputBytes,
+                                       double connectTimeoutSeconds);
 
   // Ends a deferred-commit op that has finished: with `commit`, if it succeeded or
   // voted, the result stays in the caller's buffer; otherwise the caller's input is put
@@ -184,6 +197,10 @@ class Engine {
   void ensureConnected(const PeerAddress& peer, uint64_t epoch, double timeoutSeconds);
   // Opens the missing pools to `targets` all at once.
   void ensureConnected(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds);
+  // Opens the missing pools to every other peer of `ring` (ring order from `pos`);
+  // returns the ring's peer ids in ring order.
+  std::vector<uint64_t> connectToAll(const RingPosition& pos, const std::vector<PeerAddress>& ring,
+                                     double timeoutSeconds);
   // The connections a pool needs to carry kAutoTargetBitsPerSecond over `fd`'s round trip.
   size_t poolSizeFor(int fd) const;
   ScratchBuffer takeScratch(size_t bytes);

@@ -5,13 +5,15 @@
 
 namespace pccl {
 
-uint32_t AllToAllReduce::digest(size_t count, DType dtype, ReduceOp op, size_t worldSize,
-                                AllReduceAlgorithm algorithm) {
-  // FNV-1a, as the ring's, with the algorithm as a fifth field.
-  uint64_t fields[5] = {static_cast<uint64_t>(count), static_cast<uint64_t>(dtype), static_cast<uint64_t>(op),
-                        static_cast<uint64_t>(worldSize), static_cast<uint64_t>(algorithm)};
+uint32_t AllToAllReduce::digest(size_t count, DType dtype, ReduceOp op, size_t worldSize, uint64_t algorithm,
+                                size_t root) {
+  // FNV-1a, as the ring's, with the algorithm as a fifth field and a broadcast's root
+  // (when not 0) as a sixth.
+  uint64_t fields[6] = {static_cast<uint64_t>(count), static_cast<uint64_t>(dtype), static_cast<uint64_t>(op),
+                        static_cast<uint64_t>(worldSize), algorithm, static_cast<uint64_t>(root)};
   uint32_t h = 2166136261u;
-  for (uint64_t f : fields) {
+  for (size_t k = 0; k < (root != 0 ? 6u : 5u); ++k) {
+    const uint64_t f = fields[k];
     for (int i = 0; i < 8; ++i) {
       h ^= static_cast<uint8_t>(f >> (8 * i));
       h *= 16777619u;
@@ -26,7 +28,7 @@ size_t AllToAllReduce::segmentBytesFor(const AllReduceOptions& o, size_t elemSiz
 }
 
 AllToAllReduce::AllToAllReduce(const AllReduceOptions& options, const RingPosition& ring,
-                               std::vector<uint64_t> peers, ScratchBuffer scratch, AllReduceAlgorithm algorithm)
+                               std::vector<uint64_t> peers, ScratchBuffer scratch, uint64_t algorithm)
     : Collective(OpKey{ring.epoch, options.tag, options.seq}, options.timeoutSeconds),
       options_(options),
       ring_(ring),
@@ -35,7 +37,7 @@ AllToAllReduce::AllToAllReduce(const AllReduceOptions& options, const RingPositi
       inPlace_(options.input == options.output),
       elemSize_(elementSize(options.dtype)),
       nbytes_(options.count * elemSize_),
-      digest_(digest(options.count, options.dtype, options.op, ring.size, algorithm)),
+      digest_(digest(options.count, options.dtype, options.op, ring.size, algorithm, options.root)),
       in_(static_cast<const uint8_t*>(options.input)),
       result_(static_cast<uint8_t*>(options.output)) {
   PCCL_ENFORCE(ring_.size >= 1 && ring_.rank < ring_.size && peers_.size() == ring_.size, "bad ring position");
@@ -69,8 +71,8 @@ ProtocolError AllToAllReduce::badFrame(uint64_t peer, const std::string& why) co
 
 size_t AllToAllReduce::checkFrame(uint64_t peer, const FrameHeader& h, const char* name) const {
   if (h.digest != digest_) {
-    throw ProtocolError("peers disagree on the all-reduce: peer " + std::to_string(peer) +
-                            " sent a different element count, dtype, operator, world size or algorithm (this peer: " +
+    throw ProtocolError("peers disagree on the collective: peer " + std::to_string(peer) +
+                            " sent a different element count, dtype, operator, world size, root or algorithm (this peer: " +
                             std::to_string(options_.count) + " x " + dtypeName(options_.dtype) + ", " +
                             reduceOpName(options_.op) + ", N=" + std::to_string(ring_.size) + ", " + name + ")",
                         peer);
@@ -92,7 +94,7 @@ void AllToAllReduce::forEachPeer(void (*fn)(void*, uint64_t), void* ctx) const {
 }
 
 void AllToAllReduce::onSuccess() {
-  if (inPlace_ && exchanges() && !options_.deferCommit) {
+  if (ownResult_) {  // in place without deferCommit: built aside (placeResult)
     std::memcpy(static_cast<uint8_t*>(options_.output), result_, nbytes_);
   }
 }

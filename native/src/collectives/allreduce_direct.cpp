@@ -12,7 +12,8 @@ size_t AllReduceDirect::scratchBytes(const AllReduceOptions& options, size_t n) 
 
 AllReduceDirect::AllReduceDirect(const AllReduceOptions& options, const RingPosition& ring,
                                  std::vector<uint64_t> peers, ScratchBuffer scratch)
-    : AllToAllReduce(options, ring, std::move(peers), std::move(scratch), AllReduceAlgorithm::kDirect) {
+    : AllToAllReduce(options, ring, std::move(peers), std::move(scratch),
+                     static_cast<uint64_t>(AllReduceAlgorithm::kDirect)) {
   if (!exchanges()) return;
   const size_t n = ring_.size;
   PCCL_ENFORCE(scratch_.size >= scratchBytes(options_, n), "direct all-reduce needs its scratch");

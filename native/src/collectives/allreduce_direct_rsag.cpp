@@ -19,7 +19,8 @@ size_t AllReduceDirectRsAg::scratchBytes(const AllReduceOptions& options, size_t
 
 AllReduceDirectRsAg::AllReduceDirectRsAg(const AllReduceOptions& options, const RingPosition& ring,
                                          std::vector<uint64_t> peers, ScratchBuffer scratch)
-    : AllToAllReduce(options, ring, std::move(peers), std::move(scratch), AllReduceAlgorithm::kDirectRsAg) {
+    : AllToAllReduce(options, ring, std::move(peers), std::move(scratch),
+                     static_cast<uint64_t>(AllReduceAlgorithm::kDirectRsAg)) {
   if (!exchanges()) return;
   const size_t n = ring_.size;
   PCCL_ENFORCE(scratch_.size >= scratchBytes(options_, n), "direct reduce-scatter all-reduce needs its scratch");

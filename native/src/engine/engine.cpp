@@ -309,10 +309,9 @@ std::shared_ptr<Collective> Engine::allReduce(const AllReduceOptions& in, double
     pos = ring_;
     peers = ringPeers_;
   }
-  if (pos.size > 1 && (quantized || direct)) {
-    std::vector<PeerAddress> others;
-    for (size_t i = 1; i < pos.size; ++i) others.push_back(peers[(pos.rank + i) % pos.size]);
-    ensureConnected(others, pos.epoch, connectTimeoutSeconds);
+  std::vector<uint64_t> ids;
+  if (quantized || direct) {
+    ids = connectToAll(pos, peers, connectTimeoutSeconds);
   } else if (pos.size > 1) {
     ensureConnected(peers[(pos.rank + 1) % pos.size], pos.epoch, connectTimeoutSeconds);
   }
@@ -322,21 +321,15 @@ std::shared_ptr<Collective> Engine::allReduce(const AllReduceOptions& in, double
   if (quantized) {
     const size_t need = AllReduceQuantized::scratchBytes(options, pos.size);
     if (need > 0) scratch = takeScratch(need);
-    std::vector<uint64_t> ids;
-    for (const auto& p : peers) ids.push_back(p.peerId);
     if (ids.empty()) ids.push_back(options_.peerId);
     op = std::make_shared<AllReduceQuantized>(options, pos, std::move(ids), std::move(scratch));
   } else if (rsag) {
     const size_t need = AllReduceDirectRsAg::scratchBytes(options, pos.size);
     if (need > 0) scratch = takeScratch(need);
-    std::vector<uint64_t> ids;
-    for (const auto& p : peers) ids.push_back(p.peerId);
     op = std::make_shared<AllReduceDirectRsAg>(options, pos, std::move(ids), std::move(scratch));
   } else if (direct) {
     const size_t need = AllReduceDirect::scratchBytes(options, pos.size);
     if (need > 0) scratch = takeScratch(need);
-    std::vector<uint64_t> ids;
-    for (const auto& p : peers) ids.push_back(p.peerId);
     op = std::make_shared<AllReduceDirect>(options, pos, std::move(ids), std::move(scratch));
   } else {
     if (options.input == options.output && nbytes > 0 && pos.size > 1) scratch = takeScratch(nbytes);

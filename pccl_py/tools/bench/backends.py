@@ -1,7 +1,8 @@
-"""The all-reduce implementations `pccl bench` measures, one class each, as a worker
-process runs them: the native pccl engine alone (PcclCollective), pccl_py.Communicator
-through a real master (CommCollective), and torch.distributed's gloo (GlooCollective).
-Each allocates its buffers, fills them, all-reduces them (float32 SUM) and checks them."""
+"""The implementations `pccl bench` measures, one class each, as a worker process runs
+them: the native pccl engine alone (PcclCollective), pccl_py.Communicator through a real
+master (CommCollective), and torch.distributed's gloo (GlooCollective). Each allocates
+its buffers for one collective (all-reduce, all-gather, reduce-scatter or broadcast;
+float32, SUM), fills them with rank + 1, runs it and checks the result."""
 
 from __future__ import annotations
 
@@ -13,17 +14,43 @@ from pccl_py.tools.bench.config import DEFAULT_SEGMENT_BYTES, FLOAT32_BYTES, Ben
 
 
 class Collective(Protocol):
-    """What a worker drives: one implementation's buffers and all-reduce."""
+    """What a worker drives: one implementation's buffers and collective. `rank` is the
+    position whose rows and root the collective's results follow (the Communicator's is
+    its place in the pccl ring, not the bench's rank)."""
 
-    def allocate(self, nbytes: int, in_place: bool) -> None: ...
+    @property
+    def rank(self) -> int: ...
+
+    def allocate(self, nbytes: int, in_place: bool, op: str) -> None: ...
 
     def fill(self, value: float) -> None: ...
 
-    def all_reduce(self, segment_bytes: int, quantization: str | None = None) -> None: ...
+    def run(self, segment_bytes: int, quantization: str | None = None) -> None: ...
 
-    def check(self, expected: float) -> bool: ...
+    def check(self) -> bool: ...
 
     def close(self) -> None: ...
+
+
+def buffers(np: Any, nbytes: int, in_place: bool, op: str, world: int) -> tuple[Any, Any]:
+    """(input, output) numpy float32 arrays for `op` over a buffer of `nbytes` (the full
+    buffer: the all-gather's output, the reduce-scatter's input)."""
+    count = nbytes // FLOAT32_BYTES
+    if op == "all_gather":
+        return np.empty(count // world, dtype=np.float32), np.empty(count, dtype=np.float32)
+    if op == "reduce_scatter":
+        return np.empty(count, dtype=np.float32), np.empty(count // world, dtype=np.float32)
+    x = np.empty(count, dtype=np.float32)
+    return x, x if in_place or op == "broadcast" else np.empty_like(x)
+
+
+def result_ok(np: Any, out: Any, op: str, world: int) -> bool:
+    """Whether `out` (numpy) is `op`'s result when rank r contributed r + 1 everywhere."""
+    if op == "all_gather":
+        return bool((out.reshape(world, -1) == np.arange(1, world + 1, dtype=np.float32)[:, None]).all())
+    if op == "broadcast":
+        return bool((out == 1.0).all())  # rank 0's
+    return bool((out == world * (world + 1) / 2.0).all())
 
 
 class PcclCollective:
@@ -40,6 +67,7 @@ class PcclCollective:
         self._direct_max_bytes = params.direct_max_bytes
         self._rsag_min_bytes = params.rsag_min_bytes
         self._seq = 0
+        self._op = "all_reduce"
         self._in: Any = None
         self._out: Any = None
         self.engine = nat.Engine(
@@ -52,20 +80,26 @@ class PcclCollective:
             zero_copy=params.zero_copy,
         )
 
+    @property
+    def rank(self) -> int:
+        return self._rank
+
     def connect(self, ring: list[tuple[int, str, int]]) -> None:
         self.engine.set_ring(1, ring, self._rank, timeout=self._timeout)
 
-    def allocate(self, nbytes: int, in_place: bool) -> None:
+    def allocate(self, nbytes: int, in_place: bool, op: str) -> None:
         self._in = self._out = None
-        self._in = self._np.empty(nbytes // FLOAT32_BYTES, dtype=self._np.float32)
-        self._out = self._in if in_place else self._np.empty_like(self._in)
+        self._op = op
+        self._in, self._out = buffers(self._np, nbytes, in_place, op, self._world)
 
     def fill(self, value: float) -> None:
         self._in.fill(value)
         if self._out is not self._in:
             self._out.fill(0.0)
 
-    def all_reduce(self, segment_bytes: int, quantization: str | None = None) -> None:
+    def run(self, segment_bytes: int, quantization: str | None = None) -> None:
+        if self._op != "all_reduce":
+            return self._run_other(segment_bytes)
         from pccl_py.peer.allreduce import choose_algorithm
         from pccl_py.types import Quantization
 
@@ -97,8 +131,32 @@ class PcclCollective:
         handle.result()
         handle.settle(True)
 
-    def check(self, expected: float) -> bool:
-        return bool((self._out == expected).all())
+    def _run_other(self, segment_bytes: int) -> None:
+        """An all-gather, reduce-scatter or broadcast (from rank 0), as the Communicator
+        runs it: with the commit vote (without the master's verdict here)."""
+        from pccl_py.peer.gather import choose_broadcast
+
+        kinds = self._nat.CollectiveKind
+        if self._op == "broadcast":
+            kind = choose_broadcast(self._in.nbytes, self._world, self._direct_max_bytes)
+        else:
+            kind = kinds.ALL_GATHER if self._op == "all_gather" else kinds.REDUCE_SCATTER
+        self._seq += 1
+        self.engine.all_to_all(
+            kind,
+            self._in,
+            self._out,
+            self._nat.DataType.FLOAT32,
+            self._nat.ReduceOp.SUM,
+            tag=0,
+            seq=self._seq,
+            timeout=self._timeout,
+            segment_bytes=segment_bytes,
+            vote=True,
+        ).result()
+
+    def check(self) -> bool:
+        return result_ok(self._np, self._out, self._op, self._world)
 
     def close(self) -> None:
         self._in = self._out = None
@@ -117,9 +175,14 @@ class CommCollective:
         self._world = world
         self._params = params
         self._timeout = op_timeout
+        self._op = "all_reduce"
         self._in: Any = None
         self._out: Any = None
         self.comm: Any = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.comm.rank)
 
     def connect(self, master: str) -> None:
         import pccl_py
@@ -135,24 +198,29 @@ class CommCollective:
         self.comm = comm.connect(timeout=self._timeout)
         join_group(self.comm, self._world, timeout=self._timeout)
 
-    def allocate(self, nbytes: int, in_place: bool) -> None:
+    def allocate(self, nbytes: int, in_place: bool, op: str) -> None:
         self._in = self._out = None
-        self._in = self._np.empty(nbytes // FLOAT32_BYTES, dtype=self._np.float32)
-        self._out = self._in if in_place else self._np.empty_like(self._in)
+        self._op = op
+        self._in, self._out = buffers(self._np, nbytes, in_place, op, self._world)
 
     def fill(self, value: float) -> None:
         self._in.fill(value)
         if self._out is not self._in:
             self._out.fill(0.0)
 
-    def all_reduce(self, segment_bytes: int, quantization: str | None = None) -> None:
+    def run(self, segment_bytes: int, quantization: str | None = None) -> None:
         if quantization:
             raise BenchError("only the native engine runs quantized here")
         out = None if self._out is self._in else self._out
-        self.comm.all_reduce(self._in, out=out, timeout=self._timeout)
+        if self._op == "all_reduce":
+            self.comm.all_reduce(self._in, out=out, timeout=self._timeout)
+        elif self._op == "broadcast":
+            self.comm.broadcast(self._in, root=0, timeout=self._timeout)
+        else:
+            getattr(self.comm, self._op)(self._in, out=out, timeout=self._timeout)
 
-    def check(self, expected: float) -> bool:
-        return bool((self._out == expected).all())
+    def check(self) -> bool:
+        return result_ok(self._np, self._out, self._op, self._world)
 
     def close(self) -> None:
         self._in = self._out = None
@@ -169,7 +237,11 @@ class GlooCollective:
 
         self._torch = torch
         self._dist = dist
-        self._tensor: Any = None
+        self._rank = rank
+        self._world = world
+        self._op = "all_reduce"
+        self._in: Any = None
+        self._out: Any = None
         store = dist.FileStore(store_path, world)  # type: ignore[attr-defined]
         dist.init_process_group(
             "gloo",
@@ -179,21 +251,42 @@ class GlooCollective:
             timeout=_dt.timedelta(seconds=op_timeout),
         )
 
-    def allocate(self, nbytes: int, in_place: bool) -> None:
-        self._tensor = None
-        self._tensor = self._torch.empty(nbytes // FLOAT32_BYTES, dtype=self._torch.float32)
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    def allocate(self, nbytes: int, in_place: bool, op: str) -> None:
+        import numpy as np
+
+        self._in = self._out = None
+        self._op = op
+        x, out = buffers(np, nbytes, True, op, self._world)  # gloo runs the all-reduce in place
+        self._in = self._torch.from_numpy(x)
+        self._out = self._in if out is x else self._torch.from_numpy(out)
 
     def fill(self, value: float) -> None:
-        self._tensor.fill_(value)
+        self._in.fill_(value)
+        if self._out is not self._in:
+            self._out.fill_(0.0)
 
-    def all_reduce(self, segment_bytes: int, quantization: str | None = None) -> None:
+    def run(self, segment_bytes: int, quantization: str | None = None) -> None:
         if quantization:
             raise BenchError("only the native engine runs quantized here")
-        self._dist.all_reduce(self._tensor, op=self._dist.ReduceOp.SUM)
+        dist = self._dist
+        if self._op == "all_reduce":
+            dist.all_reduce(self._in, op=dist.ReduceOp.SUM)
+        elif self._op == "all_gather":
+            dist.all_gather_into_tensor(self._out, self._in)
+        elif self._op == "reduce_scatter":
+            dist.reduce_scatter_tensor(self._out, self._in, op=dist.ReduceOp.SUM)
+        else:
+            dist.broadcast(self._in, src=0)
 
-    def check(self, expected: float) -> bool:
-        return bool((self._tensor == expected).all().item())
+    def check(self) -> bool:
+        import numpy as np
+
+        return result_ok(np, self._out.numpy(), self._op, self._world)
 
     def close(self) -> None:
-        self._tensor = None
+        self._in = self._out = None
         self._dist.destroy_process_group()

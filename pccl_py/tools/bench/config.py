@@ -15,6 +15,10 @@ LOOPBACK = "127.0.0.1"
 # pccl: the native engine alone; gloo: torch.distributed gloo; comm: pccl_py.Communicator
 # through a real master (control plane and outcome agreement included).
 IMPLS = ("pccl", "gloo", "comm")
+# The collectives it measures. SIZE is the full buffer, as in nccl-tests: an all-gather's
+# output (each rank contributes SIZE/N), a reduce-scatter's input (each rank keeps SIZE/N),
+# a broadcast's buffer (from rank 0).
+OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
 DEFAULT_PEERS = (2, 4)
 DEFAULT_SIZES = ("1K", "1M", "16M", "64M", "256M")
 DEFAULT_CONNECTIONS = 0  # the Communicator's default: sized from each neighbour's round trip
@@ -100,8 +104,17 @@ class BenchConfig:
     wan: tuple[WanSpec, ...] = ()  # each worker (and the master) in its own emulated WAN host
     direct_max_bytes: int = DEFAULT_DIRECT_MAX_BYTES  # pccl and comm: see PcclParams
     rsag_min_bytes: int = DEFAULT_RSAG_MIN_BYTES  # pccl and comm: see PcclParams
+    op: str = "all_reduce"  # one of OPS
 
     def validate(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"--op: unknown collective {self.op!r}; known: {', '.join(OPS)}")
+        if self.op != "all_reduce" and self.quantization:
+            raise ValueError("--quantization applies to the all-reduce only")
+        if self.op in ("all_gather", "reduce_scatter") and any(
+            s % (FLOAT32_BYTES * n) for s in self.sizes for n in self.peers
+        ):
+            raise ValueError(f"--op {self.op}: every size must split into float32 chunks for every peer count")
         if not self.peers or any(n < 2 for n in self.peers):
             raise ValueError("--peers: every peer count must be at least 2")
         if not self.sizes or any(s < FLOAT32_BYTES or s % FLOAT32_BYTES for s in self.sizes):

@@ -128,9 +128,11 @@ class _Group:
         segment_bytes: int,
         in_place: bool,
         quantization: str | None = None,
+        op: str = "all_reduce",
     ) -> list[float]:
-        """Runs one size; returns, per timed iteration, the slowest rank's seconds."""
-        self._broadcast(("run", nbytes, iters, warmup, segment_bytes, in_place, quantization))
+        """Runs one size of collective `op`; returns, per timed iteration, the slowest
+        rank's seconds."""
+        self._broadcast(("run", nbytes, iters, warmup, segment_bytes, in_place, quantization, op))
         self._gather("allocated", self.op_timeout)
         self._broadcast(("go",))
         budget = self.op_timeout * (iters + warmup + 1)
@@ -276,7 +278,7 @@ def _measure_peer_count(
                     in_place = cfg.in_place or v.impl != "pccl"  # gloo always runs in place
                     group = groups[(v.impl, v.connections)]
                     times[v] += group.measure(
-                        nbytes, iters, warmup, v.segment_bytes or 0, in_place, v.quantization
+                        nbytes, iters, warmup, v.segment_bytes or 0, in_place, v.quantization, cfg.op
                     )
             for v in variants:
                 result = Result(
@@ -297,6 +299,7 @@ def _measure_peer_count(
                     load1=os.getloadavg()[0],
                     wan=str(link) if link is not None else None,
                     wan_rate_bits=link.rate_bits if link is not None else None,
+                    op=cfg.op,
                 )
                 yield result
 

@@ -1,8 +1,10 @@
 """What `pccl bench` reports: one Result per measured row, its derived bandwidths, and
 how rows are shown: the rich table, the progress line, one JSON object per row.
 
-algbw = bytes / time; busbw = algbw * 2(N-1)/N (the bytes each rank's link carries in a
-bandwidth-optimal all-reduce, as in nccl-tests). A quantized row's algbw is the
+algbw = bytes / time; busbw = algbw x the bytes each rank's link carries per byte of the
+buffer in a bandwidth-optimal implementation, as in nccl-tests: 2(N-1)/N for the
+all-reduce, (N-1)/N for the all-gather and the reduce-scatter (bytes: the full gathered
+output / the full input), 1 for the broadcast. A quantized row's algbw is the
 *effective* one: the original float32 bytes over the time.
 """
 
@@ -23,7 +25,11 @@ from pccl_py.tools.bench.config import format_size
 from pccl_py.tools.netns import format_rate
 
 
-def bus_factor(peers: int) -> float:
+def bus_factor(peers: int, op: str = "all_reduce") -> float:
+    if op == "broadcast":
+        return 1.0
+    if op in ("all_gather", "reduce_scatter"):
+        return (peers - 1) / peers
     return 2.0 * (peers - 1) / peers
 
 
@@ -54,6 +60,7 @@ class Result:
     load1: float | None = None  # the machine's 1-minute load average when the row was measured
     wan: str | None = None  # the emulated WAN (pccl_py.tools.wan.WanSpec), None: none
     wan_rate_bits: int | None = None  # its narrowest rate, pair or access (bits/s; 0: unlimited)
+    op: str = "all_reduce"  # the collective (pccl_py.tools.bench.config.OPS)
 
     @property
     def link_key(self) -> tuple[int | None, str | None]:
@@ -76,7 +83,7 @@ class Result:
 
     @property
     def busbw_gbps(self) -> float:
-        return self.algbw_gbps * bus_factor(self.peers)
+        return self.algbw_gbps * bus_factor(self.peers, self.op)
 
     @property
     def link_utilization(self) -> float | None:
@@ -107,6 +114,7 @@ class Result:
             "algbw_GBps": self.algbw_gbps,
             "busbw_GBps": self.busbw_gbps,
             "dtype": "float32",
+            "collective": self.op,
             "op": "sum",
             "in_place": self.in_place,
             "iters": self.iters,

@@ -3,7 +3,7 @@ the ring, the master or gloo's store as the parent tells it), then runs each siz
 parent asks for and sends back its per-iteration times.
 
 Parent -> worker:  ("ring", ring | None),
-                   ("run", nbytes, iters, warmup, segment_bytes, in_place, quantization | None),
+                   ("run", nbytes, iters, warmup, segment_bytes, in_place, quantization | None, op),
                    ("go",), ("stop",)
 Worker -> parent:  ("hello", port | None), ("ready",), ("allocated",), ("times", [seconds]),
                    ("error", traceback text)
@@ -25,36 +25,35 @@ from pccl_py.tools.bench.config import LOOPBACK, BenchError, PcclParams
 
 
 def _serve(conn: mpc.Connection, coll: Collective, rank: int, world: int) -> None:
-    expected = world * (world + 1) / 2.0
     while True:
         msg = conn.recv()
         if msg[0] == "stop":
             return
         if msg[0] != "run":
             raise BenchError(f"unexpected command {msg!r}")
-        _, nbytes, iters, warmup, segment_bytes, in_place, quant = msg
+        _, nbytes, iters, warmup, segment_bytes, in_place, quant, op = msg
 
-        def reduce(segment_bytes: int = segment_bytes, quant: str | None = quant) -> None:
+        def run(segment_bytes: int = segment_bytes, quant: str | None = quant) -> None:
             if quant:
-                coll.all_reduce(segment_bytes, quant)
+                coll.run(segment_bytes, quant)
             else:
-                coll.all_reduce(segment_bytes)
+                coll.run(segment_bytes)
 
-        coll.allocate(nbytes, in_place)
-        coll.fill(float(rank + 1))
+        coll.allocate(nbytes, in_place, op)
+        coll.fill(float(coll.rank + 1))
         conn.send(("allocated",))
         if conn.recv()[0] != "go":
             raise BenchError("expected 'go'")
-        reduce()
-        if not coll.check(expected):
-            raise BenchError(f"rank {rank}: wrong all-reduce result for {nbytes} bytes (expected {expected})")
+        run()
+        if not coll.check():
+            raise BenchError(f"rank {rank}: wrong {op} result for {nbytes} bytes (position {coll.rank} of {world})")
         coll.fill(0.0)
         for _ in range(warmup):
-            reduce()
+            run()
         times: list[float] = []
         for _ in range(iters):
             t0 = time.perf_counter()
-            reduce()
+            run()
             times.append(time.perf_counter() - t0)
         conn.send(("times", times))
 
