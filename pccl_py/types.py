@@ -118,7 +118,11 @@ class Compression:
     evenly between the chunk's smallest and largest selected one) or None (float32
     values); transform: None, or "dct" (an orthonormal DCT-II over blocks of
     `dct_block` elements before the selection, DeMo-style); beta: the error-feedback
-    decay, e = beta * e + pseudo_gradient. Every peer must pass the same Compression.
+    decay, e = beta * e + pseudo_gradient; keep_residual: restart each peer's local
+    model from the global parameters minus its own error feedback (its progress not
+    sent yet) instead of from the global parameters (SPARTA-like: what is not averaged
+    stays local; the shared state is unchanged). Every peer must pass the same
+    Compression.
     """
 
     topk: int = 32
@@ -127,6 +131,7 @@ class Compression:
     transform: str | None = None
     beta: float = 0.95
     dct_block: int = 64
+    keep_residual: bool = False
 
     def __post_init__(self) -> None:
         if self.chunk < 2 or self.chunk > 1 << 24:

@@ -587,6 +587,11 @@ def compression(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]
             "peak_bytes_per_exchange": peak,
             "total_bytes": run.tx_bytes(),
             "final_val": val,
+            # the global parameters' loss (the local models differ from them with
+            # keep_residual / streaming's mix; fp32 and uint8: the same)
+            "final_val_global": statistics.fmean(
+                r.get("val_global", r["val"]) for r in run.records if r["event"] == "done"
+            ),
             "wall_s": round(run.wall_s, 1),
             "curve": run.curve(),
             "bytes_curve": _bytes_curve(run),
@@ -606,12 +611,13 @@ def compression(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]
                 f"{run.tx_bytes():,}",
                 val,
                 f"{100 * row.get('val_vs_fp32', 0.0):+.2f}%",
+                row["final_val_global"],
                 f"{run.wall_s:.0f}",
             ]
         )
     _table(
         f"{args.workers} peers, H={cfg['sync_every']}, {cfg['outer_steps']} outer steps: bytes sent per peer",
-        ["method", "B/outer step", "peak B/exchange", "vs fp32", "total B", "final val", "vs fp32", "wall s"],
+        ["method", "B/outer step", "peak B/exchange", "vs fp32", "total B", "final val", "vs fp32", "global val", "wall s"],
         rows,
     )
     plt = _figure()

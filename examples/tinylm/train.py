@@ -69,6 +69,8 @@ def parse_compression(text: str) -> pccl.Compression | None:
             fields[key] = None if value in ("", "none", "None") else (int(value) if key == "bits" else value)
         elif key == "beta":
             fields[key] = float(value)
+        elif key == "keep_residual":
+            fields[key] = value.lower() in ("1", "true", "yes")
         else:
             fields[key] = int(value)
     return pccl.Compression(**fields)
@@ -115,6 +117,20 @@ class Batches:
 def evaluate(model: TinyGPT, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     with torch.no_grad():
         return float(np.mean([model.loss(x, y).item() for x, y in batches]))
+
+
+def evaluate_global(model: TinyGPT, diloco: DiLoCo, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """The validation loss of the global parameters (the local model may differ from
+    them: AsyncDiLoCo's eager term, Compression.keep_residual, StreamingDiLoCo's mix)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, g in zip(params, diloco.global_params, strict=True):
+            p.copy_(g)
+        loss = evaluate(model, batches)
+        for p, s in zip(params, saved, strict=True):
+            p.copy_(s)
+    return loss
 
 
 def train(
@@ -180,7 +196,15 @@ def train(
                 )
         if isinstance(diloco, AsyncDiLoCo):
             diloco.finish()
-        emit({"event": "done", "index": index, "val": evaluate(model, val), "outer": diloco.outer_steps})
+        emit(
+            {
+                "event": "done",
+                "index": index,
+                "val": evaluate(model, val),
+                "val_global": evaluate_global(model, diloco, val),
+                "outer": diloco.outer_steps,
+            }
+        )
     finally:
         comm.close()
 

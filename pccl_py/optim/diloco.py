@@ -125,7 +125,7 @@ class DiLoCo:
         make_outer = outer_optimizer or (
             lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0)
         )
-        self.outer_optimizer = make_outer(self.global_params)
+        self.outer_optimizer = make_outer(self._outer_params())
         materialize_state(self.outer_optimizer)
         self._outer_step = torch.zeros(1, dtype=torch.int64)  # outer updates applied
         self._rounds = torch.zeros(1, dtype=torch.int64)  # outer steps taken (async: one more than applied)
@@ -135,6 +135,11 @@ class DiLoCo:
         self._flat = torch.zeros(self._numel + 1, dtype=torch.float32)
         # Compressed outer step: error feedback (peer-local) + all-gather of payloads.
         self._exchange = CompressedExchange(comm, self._numel, compression, timeout) if compression else None
+        # Where the local model started this round (pseudo-gradient = start - local):
+        # the global parameters, unless the local restart adds peer-local terms.
+        self._round_start: list[torch.Tensor] | None = None
+        if compression is not None and compression.keep_residual:
+            self._round_start = [g.detach().clone() for g in self.global_params]
         self.inner_steps = 0
         self.allreduces = 0
         self.state = SharedState(self._state_tensors(), revision=0)
@@ -156,7 +161,7 @@ class DiLoCo:
 
     def outer_step(self) -> OuterStepInfo:
         start = time.perf_counter()
-        self._pseudo_gradient_into_flat()
+        self._pseudo_gradient_into_flat(self._round_start)
         if self._exchange is not None:
             info = self._exchange.run(self._flat)
         else:
@@ -186,7 +191,7 @@ class DiLoCo:
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = {"outer_step": self._outer_step, "rounds": self._rounds}
-        index = {id(p): i for i, p in enumerate(self.global_params)}
+        index = {id(p): i for i, p in enumerate(self._outer_params())}
         for i, p in enumerate(self.global_params):
             tensors[f"global.{i}"] = p.data
         for p, state in self.outer_optimizer.state.items():
@@ -195,6 +200,11 @@ class DiLoCo:
                 if torch.is_tensor(value):
                     tensors[f"outer.{index[id(p)]}.{key}"] = value
         return tensors
+
+    def _outer_params(self) -> list[torch.Tensor]:
+        """The tensors the outer optimizer steps: the global parameters (StreamingDiLoCo:
+        views of them cut at its fragments' boundaries)."""
+        return self.global_params
 
     def _pseudo_gradient_into_flat(self, reference: list[torch.Tensor] | None = None) -> None:
         """flat = reference - local (reference: where the round started; default the
@@ -224,9 +234,16 @@ class DiLoCo:
         self._reset_local()
 
     def _reset_local(self) -> None:
+        """local = global (keep_residual: minus this peer's unsent error feedback)."""
+        residual = self.error_feedback if self._round_start is not None else None
+        offset = 0
         with torch.no_grad():
-            for p, g in zip(self._params, self.global_params, strict=True):
+            for i, (p, g) in enumerate(zip(self._params, self.global_params, strict=True)):
                 p.copy_(g)
+                if residual is not None and self._round_start is not None:
+                    p.sub_(residual[offset : offset + p.numel()].view_as(p))
+                    self._round_start[i].copy_(p)
+                offset += p.numel()
 
     def _admit_joiners(self) -> SyncInfo | None:
         if self.comm.pending_peers(timeout=self.timeout) == 0:
@@ -311,14 +328,11 @@ class AsyncDiLoCo(DiLoCo):
         """local = G - eager * P (this peer's own round, not yet in G); the round's
         start point is remembered for the next pseudo-gradient."""
         offset = 0
-        with torch.no_grad():
-            for p, g, s in zip(self._params, self.global_params, self._start_point, strict=True):
+        with torch.no_grad():  # the local model was just reset (_reset_local)
+            for p, s in zip(self._params, self._start_point, strict=True):
                 n = p.numel()
                 if self.eager:
-                    step = pseudo_gradient[offset : offset + n].view_as(p)
-                    p.copy_(g - self.eager * step)
-                else:
-                    p.copy_(g)
+                    p.sub_(pseudo_gradient[offset : offset + n].view_as(p), alpha=self.eager)
                 s.copy_(p)
                 offset += n
 

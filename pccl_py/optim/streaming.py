@@ -1,6 +1,7 @@
 """Streaming DiLoCo (Douillard et al. 2025, arXiv 2501.18512) over a pccl_py
-Communicator: the parameters are split into F fragments (consecutive parameter
-tensors of about equal size), and each fragment has its own outer step, once every H
+Communicator: the flattened parameters are split into F equal fragments (a tensor
+that straddles a boundary is cut there: the outer optimizer steps views of the global
+parameters, one per piece), and each fragment has its own outer step, once every H
 inner steps, the fragments' steps spread evenly over the H steps. A fragment's
 exchange starts `delay` (tau) inner steps before it is applied and runs in the
 background meanwhile; when it is applied, the outer optimizer steps that fragment's
@@ -31,21 +32,22 @@ from pccl_py import ReduceOp
 from pccl_py.optim.diloco import DiLoCo, OuterStepInfo
 
 
-def split_fragments(sizes: list[int], fragments: int) -> list[list[int]]:
-    """Consecutive groups of parameter indices, `fragments` of them (fewer if there are
-    fewer tensors), each closing once it holds about 1/fragments of the elements."""
-    fragments = max(1, min(fragments, len(sizes)))
+def split_fragments(sizes: list[int], fragments: int) -> list[list[tuple[int, int, int]]]:
+    """The flattened tensors of `sizes` cut into `fragments` consecutive fragments of
+    equal size (to one element): per fragment, its pieces (tensor index, start, end),
+    start/end within the flattened tensor."""
     total = sum(sizes)
-    groups: list[list[int]] = [[]]
-    done = 0
+    fragments = max(1, min(fragments, total))
+    bounds = [round(f * total / fragments) for f in range(fragments + 1)]
+    out: list[list[tuple[int, int, int]]] = [[] for _ in range(fragments)]
+    offset = 0
     for i, n in enumerate(sizes):
-        remaining_tensors = len(sizes) - i
-        remaining_groups = fragments - len(groups)
-        if groups[-1] and (done >= total * len(groups) / fragments or remaining_tensors <= remaining_groups):
-            groups.append([])
-        groups[-1].append(i)
-        done += n
-    return groups
+        for f in range(fragments):
+            lo, hi = max(bounds[f], offset), min(bounds[f + 1], offset + n)
+            if lo < hi:
+                out[f].append((i, lo - offset, hi - offset))
+        offset += n
+    return out
 
 
 def schedule(sync_every: int, fragments: int, delay: int) -> list[tuple[int, int]]:
@@ -56,7 +58,7 @@ def schedule(sync_every: int, fragments: int, delay: int) -> list[tuple[int, int
     for f in range(fragments):
         apply_at = round((f + 1) * sync_every / fragments)
         start = apply_at - delay
-        if start < prev:
+        if start < max(prev, 1):
             raise ValueError(
                 f"delay {delay} too long for {fragments} fragments in {sync_every} inner steps "
                 f"(at most {sync_every // fragments - 1})"
@@ -75,16 +77,15 @@ class StreamingDiLoCo(DiLoCo):
     ) -> None:
         if kwargs.get("compression") is not None:
             raise ValueError("StreamingDiLoCo does not take compression (yet): use DiLoCo or AsyncDiLoCo")
-        super().__init__(*args, **kwargs)
         if not 0.0 <= mix < 1.0:
             raise ValueError("mix must be in [0, 1)")
+        self._fragment_count = fragments
+        self._pieces: list[torch.Tensor] | None = None
+        super().__init__(*args, **kwargs)
         self.mix = mix
         self.delay = delay
-        self.fragments = split_fragments([p.numel() for p in self._params], fragments)
         self._schedule = schedule(self.sync_every, len(self.fragments), delay)
-        self._buffers = [
-            torch.zeros(sum(self._params[i].numel() for i in frag) + 1, dtype=torch.float32) for frag in self.fragments
-        ]
+        self._buffers = [torch.zeros(sum(c - a for _, a, c in frag) + 1, dtype=torch.float32) for frag in self.fragments]
         self._inflight: dict[int, Any] = {}
         self._cycle_tx = self._cycle_rx = self._peak_tx = 0
         self._cycle_seconds = 0.0  # time spent in this cycle's fragment steps
@@ -107,14 +108,28 @@ class StreamingDiLoCo(DiLoCo):
     def outer_step(self) -> OuterStepInfo:
         raise NotImplementedError("StreamingDiLoCo steps its fragments from step()")
 
+    def _outer_params(self) -> list[torch.Tensor]:
+        if self._pieces is None:
+            self.fragments = split_fragments([p.numel() for p in self._params], self._fragment_count)
+            self._pieces = [self.global_params[i].view(-1)[a:c] for frag in self.fragments for i, a, c in frag]
+            self._piece_of = {}
+            k = 0
+            for f, frag in enumerate(self.fragments):
+                for j in range(len(frag)):
+                    self._piece_of[(f, j)] = self._pieces[k]
+                    k += 1
+        return self._pieces
+
+    def _local(self, i: int, a: int, c: int) -> torch.Tensor:
+        return self._params[i].detach().view(-1)[a:c]
+
     def _start(self, f: int) -> None:
         buf = self._buffers[f]
         offset = 0
         with torch.no_grad():
-            for i in self.fragments[f]:
-                g, p = self.global_params[i], self._params[i]
-                n = p.numel()
-                torch.sub(g.reshape(-1), p.detach().reshape(-1), out=buf[offset : offset + n])
+            for j, (i, a, c) in enumerate(self.fragments[f]):
+                n = c - a
+                torch.sub(self._piece_of[(f, j)], self._local(i, a, c), out=buf[offset : offset + n])
                 offset += n
             buf[offset] = 1.0
         self._inflight[f] = self.comm.all_reduce_async(
@@ -131,16 +146,14 @@ class StreamingDiLoCo(DiLoCo):
         buf = self._buffers[f]
         weight = buf[-1]
         offset = 0
-        for i in self.fragments[f]:
-            g = self.global_params[i]
-            n = g.numel()
-            g.grad = (buf[offset : offset + n] / weight).view_as(g)
-            offset += n
-        self.outer_optimizer.step()  # parameters without a gradient are left alone
+        for j, (_, a, c) in enumerate(self.fragments[f]):
+            self._piece_of[(f, j)].grad = buf[offset : offset + c - a] / weight
+            offset += c - a
+        self.outer_optimizer.step()  # pieces without a gradient (other fragments) are left alone
         self.outer_optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for i in self.fragments[f]:
-                p, g = self._params[i], self.global_params[i]
+            for j, (i, a, c) in enumerate(self.fragments[f]):
+                p, g = self._local(i, a, c), self._piece_of[(f, j)]
                 if self.mix:
                     p.mul_(self.mix).add_(g, alpha=1.0 - self.mix)
                 else:
