@@ -143,7 +143,7 @@ def test_decode_sum_is_the_rank_order_sum() -> None:
 
 
 def test_compression_validates() -> None:
-    for bad in (dict(topk=0), dict(topk=10, chunk=8), dict(bits=3), dict(transform="fft"), dict(beta=1.5)):
+    for bad in ({"topk": 0}, {"topk": 10, "chunk": 8}, {"bits": 3}, {"transform": "fft"}, {"beta": 1.5}):
         with pytest.raises(ValueError):
             pccl.Compression(**bad)  # type: ignore[arg-type]
 
