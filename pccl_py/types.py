@@ -121,7 +121,10 @@ class Compression:
     decay, e = beta * e + pseudo_gradient; keep_residual: restart each peer's local
     model from the global parameters minus its own error feedback (its progress not
     sent yet) instead of from the global parameters (SPARTA-like: what is not averaged
-    stays local; the shared state is unchanged). Every peer must pass the same
+    stays local; the shared state is unchanged); average: "peers" (every entry of the
+    sum divided by the summed weights, SparseLoCo) or "senders" (each entry divided by
+    the number of peers that sent it, so an entry only one peer picked moves the
+    global parameters by that peer's full value). Every peer must pass the same
     Compression.
     """
 
@@ -132,6 +135,7 @@ class Compression:
     beta: float = 0.95
     dct_block: int = 64
     keep_residual: bool = False
+    average: str = "peers"
 
     def __post_init__(self) -> None:
         if self.chunk < 2 or self.chunk > 1 << 24:
@@ -144,5 +148,9 @@ class Compression:
             raise ValueError(f"Compression transform must be None or 'dct', not {self.transform!r}")
         if self.transform == "dct" and (self.dct_block < 2 or self.chunk % self.dct_block):
             raise ValueError(f"Compression dct_block must be >= 2 and divide chunk={self.chunk}")
+        if self.average not in ("peers", "senders"):
+            raise ValueError(f"Compression average must be 'peers' or 'senders', not {self.average!r}")
+        if self.average == "senders" and self.transform is not None:
+            raise ValueError("Compression average='senders' counts entries, so it needs transform=None")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"Compression beta must be in [0, 1], not {self.beta}")

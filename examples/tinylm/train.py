@@ -65,7 +65,9 @@ def parse_compression(text: str) -> pccl.Compression | None:
     for part in text.split(","):
         key, _, value = part.partition("=")
         key = key.strip()
-        if key in ("bits", "transform"):
+        if key == "average":
+            fields[key] = value
+        elif key in ("bits", "transform"):
             fields[key] = None if value in ("", "none", "None") else (int(value) if key == "bits" else value)
         elif key == "beta":
             fields[key] = float(value)

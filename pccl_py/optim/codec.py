@@ -111,9 +111,11 @@ class Codec:
 
     # ------------------------------------------------------------------ decode
 
-    def decode_sum(self, rows: np.ndarray) -> tuple[torch.Tensor, float]:
+    def decode_sum(self, rows: np.ndarray, senders: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """The sum of the payloads in `rows` (shape (world, payload_bytes), rank
-        order), dense, and the sum of their weights. Bit-identical on every peer."""
+        order), dense, and the sum of their weights. Bit-identical on every peer.
+        `senders` (float32, padded size): receives per entry the number of rows with
+        a nonzero weight that sent it (in the transformed domain)."""
         if rows.ndim != 2 or rows.shape[1] != self.payload_bytes:
             raise ValueError(f"expected rows of {self.payload_bytes} bytes, got shape {rows.shape}")
         c = self.compression
@@ -122,7 +124,8 @@ class Codec:
         base = torch.arange(self.chunks, dtype=torch.int64)[:, None] * c.chunk
         o = self._offsets
         for row in rows:
-            weight = np.float32(weight + row[o[0] : o[1]].view(np.float32)[0])
+            row_weight = row[o[0] : o[1]].view(np.float32)[0]
+            weight = np.float32(weight + row_weight)
             idx = torch.from_numpy(unpack_bits(row[o[2] : o[3]], self.count, self.index_bits))
             idx = idx.view(self.chunks, c.topk)
             if c.bits is None:
@@ -137,6 +140,8 @@ class Codec:
                 vals = torch.where((codes >> (c.bits - 1)) > 0, -mag, mag)
             # Indices within a row are distinct: each element gets at most one add.
             total.index_add_(0, (idx + base).reshape(-1), vals.reshape(-1))
+            if senders is not None and row_weight != 0:
+                senders.index_add_(0, (idx + base).reshape(-1), torch.ones(self.count))
         return self._inverse(total)[: self.numel], float(weight)
 
     # ------------------------------------------------------------------ transform

@@ -354,3 +354,68 @@ def test_streaming_identical_state_and_fragment_bytes(make_group: Callable[..., 
         assert [r[1] for r in out["runs"]] == [r[1] for r in res[0]] == [r[1] for r in res[1]]
     finally:
         joiner.close()
+
+
+class _FakeGatherComm:
+    """A Communicator stand-in with a native-style all_gather: rows = the given payloads
+    with this peer's own at `rank` (the dispatch in pccl_py.optim._gather takes it)."""
+
+    def __init__(self, others: list[np.ndarray], rank: int) -> None:
+        self.others, self.rank = others, rank
+
+    def all_gather(self, x: np.ndarray, tag: Any = None, timeout: Any = None, retry: bool = False) -> Any:
+        rows = [*self.others[: self.rank], x, *self.others[self.rank :]]
+
+        class Info:
+            output = np.stack(rows)
+            world_size = len(rows)
+            tx_bytes = x.size * (len(rows) - 1)
+
+        return Info()
+
+
+def test_average_over_senders() -> None:
+    """average="senders": each entry of the sum is divided by the number of peers that
+    sent it (a joiner's weight-0 row counts for nothing), not by the number of peers."""
+    spec = pccl.Compression(topk=4, chunk=64, bits=None, average="senders")
+    codec = Codec(640, spec)
+    other = payload_for(codec, 1, 0)
+    joiner = np.zeros(codec.payload_bytes, np.uint8)
+    exchange = CompressedExchange(_FakeGatherComm([other, joiner], rank=0), 640, spec, None)
+    flat = torch.zeros(641)
+    flat[:640] = torch.randn(640, generator=torch.Generator().manual_seed(3))
+    flat[640] = 1.0
+    mine_x = flat[:640].clone()
+    info = exchange.run(flat)
+    assert info.world_size == 3 and float(flat[640]) == 1.0
+    mine = Codec(640, spec).encode(mine_x)[1]
+    theirs = codec.decode_sum(other[None, :])[0]
+    both = (mine != 0) & (theirs != 0)
+    one = (mine != 0) ^ (theirs != 0)
+    assert torch.equal(flat[:640][both], (mine + theirs)[both] / 2)
+    assert torch.equal(flat[:640][one], (mine + theirs)[one])
+    assert not flat[:640][~(both | one)].any()
+
+
+def test_keep_residual_one_peer_continues_locally(make_group: Callable[..., list[pccl.Communicator]]) -> None:
+    """keep_residual, world of one, outer SGD lr 1, beta 1: the local model restarts
+    from G - e, which is where its inner steps left it (what was sent moved G, the rest
+    is still in e), while G moved by what was sent only. (With beta < 1 the restart
+    drops (1 - beta) of the previous residual.)"""
+    (comm,) = make_group(1)
+    spec = pccl.Compression(topk=4, chunk=256, bits=2, keep_residual=True, beta=1.0)
+    d, model, inner = build(DiLoCo, comm, seed=0, compression=spec, outer_optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0))
+    for r in range(3):
+        train(d, model, inner, steps=3, seed=r)
+        x = torch.randn(16, 6, generator=torch.Generator().manual_seed(40 + r))
+        ((model(x) - torch.sin(x.sum(1, keepdim=True))) ** 2).mean().backward()
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+        local = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        assert d.step() is not None
+        after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        torch.testing.assert_close(after, local, rtol=0, atol=1e-6)
+        g = torch.cat([p.reshape(-1) for p in d.global_params])
+        assert d.error_feedback is not None
+        torch.testing.assert_close(g - d.error_feedback, local, rtol=0, atol=1e-6)
+        assert not torch.equal(g, local)
