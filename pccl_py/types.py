@@ -118,14 +118,14 @@ class Compression:
     evenly between the chunk's smallest and largest selected one) or None (float32
     values); transform: None, or "dct" (an orthonormal DCT-II over blocks of
     `dct_block` elements before the selection, DeMo-style); beta: the error-feedback
-    decay, e = beta * e + pseudo_gradient; keep_residual: restart each peer's local
+    decay, e = beta * e + pseudo_gradient (SparseLoCo: 0.95); keep_residual: restart each peer's local
     model from the global parameters minus its own error feedback (its progress not
     sent yet) instead of from the global parameters (SPARTA-like: what is not averaged
-    stays local; the shared state is unchanged); average: "peers" (every entry of the
-    sum divided by the summed weights, SparseLoCo) or "senders" (each entry divided by
-    the number of peers that sent it, so an entry only one peer picked moves the
-    global parameters by that peer's full value). Every peer must pass the same
-    Compression.
+    stays local; the shared state is unchanged); average: "senders" (each entry of
+    the sum divided by the number of peers that sent it, so an entry only one peer
+    picked moves the global parameters by that peer's full value; the default,
+    measured best on the tiny LM, docs/diloco.md) or "peers" (every entry divided by
+    the summed weights, as SparseLoCo). Every peer must pass the same Compression.
     """
 
     topk: int = 32
@@ -150,7 +150,5 @@ class Compression:
             raise ValueError(f"Compression dct_block must be >= 2 and divide chunk={self.chunk}")
         if self.average not in ("peers", "senders"):
             raise ValueError(f"Compression average must be 'peers' or 'senders', not {self.average!r}")
-        if self.average == "senders" and self.transform is not None:
-            raise ValueError("Compression average='senders' counts entries, so it needs transform=None")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"Compression beta must be in [0, 1], not {self.beta}")

@@ -17,7 +17,8 @@ from typing import Any
 
 from examples.tinylm.experiments import Run, _dump, _figure, _result, _save, _table, run_group
 
-SPARSE_DEFAULT = "topk=32,chunk=4096,bits=2,keep_residual=1"
+SPARSE_DEFAULT = "topk=32,chunk=4096,bits=2,average=senders"
+SPARSE_OUTER_DEFAULT = "1,0"  # SparseLoCo: outer SGD lr 1, no momentum (the error feedback carries it)
 METHODS = ("fp32", "uint8", "sparse", "streaming")
 
 
@@ -30,7 +31,8 @@ def compression(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]
     payload x (N-1) (pccl_py.optim._gather)."""
     cfg = {"sync_every": 50, "outer_steps": 16, **cfg}
     specs = args.compress or [SPARSE_DEFAULT]
-    outers = args.sparse_outer or []  # per sparse row: outer SGD "LR,MOMENTUM"; default DiLoCo's
+    # per sparse row: outer SGD "LR,MOMENTUM" ("-" or missing: DiLoCo's default)
+    outers = args.sparse_outer or ([] if args.compress else [SPARSE_OUTER_DEFAULT])
     outers = [o if o != "-" else "" for o in outers] + [""] * (len(specs) - len(outers))
     methods = []
     for m in (m.strip() for m in (args.methods or ",".join(METHODS)).split(",")):

@@ -111,16 +111,18 @@ class Codec:
 
     # ------------------------------------------------------------------ decode
 
-    def decode_sum(self, rows: np.ndarray, senders: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    def decode_sum(self, rows: np.ndarray, over_senders: bool = False) -> tuple[torch.Tensor, float]:
         """The sum of the payloads in `rows` (shape (world, payload_bytes), rank
         order), dense, and the sum of their weights. Bit-identical on every peer.
-        `senders` (float32, padded size): receives per entry the number of rows with
-        a nonzero weight that sent it (in the transformed domain)."""
+        over_senders: each entry (in the transformed domain) divided by the number of
+        rows with a nonzero weight that sent it, and the weight returned as 1 (0 if
+        every row's weight is 0): Compression.average == "senders"."""
         if rows.ndim != 2 or rows.shape[1] != self.payload_bytes:
             raise ValueError(f"expected rows of {self.payload_bytes} bytes, got shape {rows.shape}")
         c = self.compression
         total = torch.zeros(self.padded, dtype=torch.float32)
         weight = np.float32(0.0)
+        senders = torch.zeros(self.padded, dtype=torch.float32) if over_senders else None
         base = torch.arange(self.chunks, dtype=torch.int64)[:, None] * c.chunk
         o = self._offsets
         for row in rows:
@@ -142,6 +144,9 @@ class Codec:
             total.index_add_(0, (idx + base).reshape(-1), vals.reshape(-1))
             if senders is not None and row_weight != 0:
                 senders.index_add_(0, (idx + base).reshape(-1), torch.ones(self.count))
+        if senders is not None:
+            total = total / torch.clamp(senders, min=1.0)
+            weight = np.float32(1.0 if weight else 0.0)
         return self._inverse(total)[: self.numel], float(weight)
 
     # ------------------------------------------------------------------ transform

@@ -22,6 +22,11 @@ same bytes in every global parameter and in the outer optimizer state.
 Joining: at each outer step the peers let pending joiners in (pending_peers(), then
 update_topology()) and sync the shared state; a joiner constructs its DiLoCo after
 connect(), which syncs at the same point.
+
+compression=pccl_py.Compression(...) replaces the dense all-reduce by SparseLoCo's
+exchange (pccl_py/optim/exchange.py): top-k per chunk of a peer-local error-feedback
+buffer, low-bit values, all-gathered and summed in rank order on every peer; the
+default outer optimizer is then plain SGD with lr 1.
 """
 
 from __future__ import annotations
@@ -89,6 +94,9 @@ class DiLoCo:
     # Default outer optimizer: Nesterov SGD with the paper's settings.
     DEFAULT_OUTER_LR = 0.7
     DEFAULT_OUTER_MOMENTUM = 0.9
+    # With compression: plain SGD, lr 1 (SparseLoCo).
+    COMPRESSED_OUTER_LR = 1.0
+    COMPRESSED_OUTER_MOMENTUM = 0.0
 
     def __init__(
         self,
@@ -122,6 +130,10 @@ class DiLoCo:
         # The outer optimizer steps the global parameters, which only exist from here on:
         # it is given as a factory of them (default: Nesterov SGD, lr 0.7, momentum 0.9).
         lr, momentum = self.DEFAULT_OUTER_LR, self.DEFAULT_OUTER_MOMENTUM
+        if compression is not None:
+            # SparseLoCo's: the error feedback already carries a momentum; Nesterov on
+            # top of it did not train the tiny LM (docs/diloco.md).
+            lr, momentum = self.COMPRESSED_OUTER_LR, self.COMPRESSED_OUTER_MOMENTUM
         make_outer = outer_optimizer or (
             lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0)
         )

@@ -58,15 +58,7 @@ class CompressedExchange:
         gather's info (world_size, tx_bytes: what an all-gather sends)."""
         info = all_gather(self.comm, payload, timeout=self.timeout, retry=True)
         rows = np.asarray(info.output).reshape(info.world_size, -1)
-        if self.compression.average == "senders":
-            senders = torch.zeros(self.codec.padded, dtype=torch.float32)
-            total, weight = self.codec.decode_sum(rows, senders)
-            if self.compression.transform is None:
-                # each entry over the peers that sent it; the caller divides by 1
-                total = total / torch.clamp(senders[: self.numel], min=1.0)
-                weight = 1.0 if weight else 0.0
-        else:
-            total, weight = self.codec.decode_sum(rows)
+        total, weight = self.codec.decode_sum(rows, over_senders=self.compression.average == "senders")
         out[: self.numel] = total
         out[self.numel] = weight
         return info

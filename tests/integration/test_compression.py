@@ -419,3 +419,28 @@ def test_keep_residual_one_peer_continues_locally(make_group: Callable[..., list
         assert d.error_feedback is not None
         torch.testing.assert_close(g - d.error_feedback, local, rtol=0, atol=1e-6)
         assert not torch.equal(g, local)
+
+
+def test_compressed_default_outer_optimizer(make_group: Callable[..., list[pccl.Communicator]]) -> None:
+    """With compression and no outer optimizer given: SGD, lr 1, no momentum (SparseLoCo)."""
+    (comm,) = make_group(1)
+    d, _, _ = build(DiLoCo, comm, seed=0, compression=pccl.Compression(topk=4, chunk=64))
+    group0 = d.outer_optimizer.param_groups[0]
+    assert isinstance(d.outer_optimizer, torch.optim.SGD)
+    assert (group0["lr"], group0["momentum"]) == (DiLoCo.COMPRESSED_OUTER_LR, DiLoCo.COMPRESSED_OUTER_MOMENTUM) == (1.0, 0.0)
+
+
+def test_average_over_senders_with_dct() -> None:
+    """With the DCT the entries counted are coefficients: the division comes before
+    the inverse transform."""
+    spec = pccl.Compression(topk=8, chunk=64, bits=None, transform="dct", dct_block=64, average="senders")
+    codec = Codec(640, spec)
+    rows = np.stack([payload_for(codec, j, 0) for j in range(3)])
+    total, weight = codec.decode_sum(rows, over_senders=True)
+    assert weight == 1.0
+    plain = Codec(640, pccl.Compression(topk=8, chunk=64, bits=None))
+    coeffs = plain.decode_sum(rows)[0]
+    counts = torch.zeros(640)
+    for row in rows:
+        counts += (plain.decode_sum(row[None, :])[0] != 0).float()
+    assert torch.equal(total, codec._inverse(coeffs / torch.clamp(counts, min=1.0)))
