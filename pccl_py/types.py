@@ -135,7 +135,7 @@ class Compression:
     beta: float = 0.95
     dct_block: int = 64
     keep_residual: bool = False
-    average: str = "peers"
+    average: str = "senders"
 
     def __post_init__(self) -> None:
         if self.chunk < 2 or self.chunk > 1 << 24:

@@ -7,10 +7,11 @@ own row. The sum is exact (one nonzero contributor per byte). Each row starts wi
 header (marker 1, the rank and the epoch its writer laid it out for), and the result
 is accepted only when every row carries marker 1, its own rank and the epoch the op ran
 in: the result is the same bytes on every peer, so every peer takes the same decision.
-The all-reduce runs without retry: after a lost peer (PeerLost on every survivor) each
-survivor waits for the next epoch and lays its row out again; when peers laid out
-rows for different epochs (one learned of a loss first), the op fails on all of them
-(their sizes differ) or the headers show it, and it is redone over the current ring.
+With retry the all-reduce is retried over the survivors (the Communicator waits for
+the new ring); rows laid out for the old epoch then show in the headers, and peers
+that laid out rows for different epochs (one learned of a loss first) make the op
+fail on all of them (their sizes differ): either way every peer redoes the
+all-gather over the current ring.
 
 The emulation sends about 2(N-1)/N x N x n bytes per peer; a real all-gather sends
 n x (N-1). GatherInfo.tx_bytes reports the latter (what the native op will send),
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from pccl_py import CollectiveMismatch, PeerLost, ProtocolError, ReduceOp, Timeout
+from pccl_py import CollectiveMismatch, ProtocolError, ReduceOp, Timeout
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +69,7 @@ def _emulated(comm: Any, x: np.ndarray, tag: int | None, timeout: float | None, 
         buf[rank, _HEADER:] = x
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            info = comm.all_reduce(buf.reshape(-1), op=ReduceOp.SUM, tag=tag, timeout=remaining, retry=False)
-        except PeerLost as exc:
-            if not retry:
-                raise
-            failed = exc.epoch if exc.epoch is not None else epoch
-            while comm.epoch <= failed:  # the master re-rings the survivors on its own
-                if deadline is not None and time.monotonic() > deadline:
-                    raise Timeout(f"all-gather: no epoch after {failed} within {timeout}s") from exc
-                time.sleep(0.005)
-            continue
+            info = comm.all_reduce(buf.reshape(-1), op=ReduceOp.SUM, tag=tag, timeout=remaining, retry=retry)
         except (CollectiveMismatch, ProtocolError):
             # Peers read the ring at different epochs and built matrices of different
             # sizes: every peer fails the op; read the ring again.

@@ -250,10 +250,11 @@ def test_compressed_diloco_identical_state(make_group: Callable[..., list[pccl.C
 
 
 def test_compressed_outer_step_applies_the_decoded_average(make_group: Callable[..., list[pccl.Communicator]]) -> None:
-    """Two peers, outer SGD lr 1 without momentum, one outer step from zero error
-    feedback: each peer sent sent_i = pg_i - e_i, and the global parameters move by
-    exactly the average of the two (every peer computes it from the same rows)."""
-    spec = pccl.Compression(topk=16, chunk=64, bits=4, beta=0.5)
+    """Two peers, outer SGD lr 1 without momentum, average="peers", one outer step
+    from zero error feedback: each peer sent sent_i = pg_i - e_i, and the global
+    parameters move by exactly the average of the two (every peer computes it from the
+    same rows)."""
+    spec = pccl.Compression(topk=16, chunk=64, bits=4, beta=0.5, average="peers")
     comms = make_group(2)
     sgd = {"outer_optimizer": lambda ps: torch.optim.SGD(ps, lr=1.0)}
     built = parallel([lambda i=i: build(DiLoCo, comms[i], seed=i, compression=spec, **sgd) for i in range(2)])
