@@ -445,3 +445,44 @@ def test_average_over_senders_with_dct() -> None:
     for row in rows:
         counts += (plain.decode_sum(row[None, :])[0] != 0).float()
     assert torch.equal(total, codec._inverse(coeffs / torch.clamp(counts, min=1.0)))
+
+
+@pytest.mark.parametrize("cls", [DiLoCo, AsyncDiLoCo], ids=["sync", "async"])
+def test_compressed_joiner_stays_identical(
+    make_group: Callable[..., list[pccl.Communicator]], master: pccl.Master, cls: type[DiLoCo]
+) -> None:
+    """A joiner of a compressed group receives the shared state (its error feedback
+    starts at zeros; AsyncDiLoCo: it sends a weight-0 payload in the round in flight)
+    and holds the same bytes as the founders at every later outer step."""
+    spec = pccl.Compression(topk=8, chunk=256, bits=2)
+    comms = make_group(2)
+    built = parallel([lambda i=i: build(cls, comms[i], seed=i, compression=spec) for i in range(2)])
+    parallel([lambda b=b, i=i: train(*b, steps=8, seed=i) for i, b in enumerate(built)])
+    joiner = pccl.Communicator(master.address, name="joiner")
+    out: dict[str, Any] = {}
+    try:
+
+        def founder(b: Any, seed: int) -> list[Any]:
+            deadline = time.monotonic() + 20
+            while b[0].comm.world_size < 3 and time.monotonic() < deadline:
+                train(*b, steps=4, seed=seed)
+            runs = train(*b, steps=8, seed=seed + 1)
+            if cls is AsyncDiLoCo:
+                b[0].finish()
+            return runs
+
+        def join() -> None:
+            joiner.connect(timeout=20)
+            jb = build(cls, joiner, seed=9, compression=spec)
+            assert jb[0].error_feedback is not None and not jb[0].error_feedback.any()
+            out["runs"] = train(*jb, steps=8, seed=50)
+            if cls is AsyncDiLoCo:
+                jb[0].finish()
+            out["final"] = jb[0].state.hashes()
+
+        res = parallel([lambda: founder(built[0], 60), lambda: founder(built[1], 70), join])
+        assert [r[1] for r in out["runs"]] == [r[1] for r in res[0][-2:]] == [r[1] for r in res[1][-2:]]
+        assert out["final"] == built[0][0].state.hashes() == built[1][0].state.hashes()
+        assert [r[0].world_size for r in out["runs"]] == [3, 3]
+    finally:
+        joiner.close()
