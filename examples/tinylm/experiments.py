@@ -588,6 +588,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--fragments", type=int, default=4, help="compression: Streaming DiLoCo's fragments")
     parser.add_argument("--eager", type=float, default=None, help="async: AsyncDiLoCo's eager coefficient")
+    parser.add_argument(
+        "--lookahead", type=int, choices=[0, 1], default=None, help="async: AsyncDiLoCo's lookahead (default 1)"
+    )
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument(
         "--records", default=None, help="write every run's records (JSON lines) into this folder"
@@ -629,13 +632,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--" + name.replace("_", "-"), type=type(defaults[name]), default=None)
     args = parser.parse_args(argv)
     cfg = {
-        k: v for k, v in vars(args).items() if k in defaults and k not in ("comm_delay", "compress", "fragments", "eager") and v is not None
+        k: v for k, v in vars(args).items() if k in defaults and k not in ("comm_delay", "compress", "fragments", "eager", "lookahead") and v is not None
     }
     cfg.update({k: getattr(args, k) for k in ("outer_lr", "outer_momentum") if getattr(args, k) is not None})
     if args.compress and args.experiment != "compression":
         cfg["compress"] = args.compress[0]
     if args.eager is not None:
         cfg["eager"] = args.eager
+    if args.lookahead is not None:
+        cfg["lookahead"] = args.lookahead
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     from examples.tinylm.exp_compression import METHODS, SPARSE_DEFAULT, compression  # noqa: F401
 

@@ -55,6 +55,7 @@ class TrainConfig:
     delay: int = 2
     mix: float = 0.5
     eager: float = -1.0  # async: the eager coefficient (< 0: AsyncDiLoCo's default)
+    lookahead: int = -1  # async: 0 / 1 = AsyncDiLoCo(lookahead=False / True) (< 0: its default)
 
 
 def parse_compression(text: str) -> pccl.Compression | None:
@@ -164,6 +165,8 @@ def train(
             cls = AsyncDiLoCo
             if cfg.eager >= 0:
                 options["eager"] = cfg.eager
+            if cfg.lookahead >= 0:
+                options["lookahead"] = bool(cfg.lookahead)
         elif cfg.mode == "streaming":
             cls = StreamingDiLoCo
             options.update(fragments=cfg.fragments, delay=cfg.delay, mix=cfg.mix)

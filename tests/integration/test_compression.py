@@ -486,3 +486,29 @@ def test_compressed_joiner_stays_identical(
         assert [r[0].world_size for r in out["runs"]] == [3, 3]
     finally:
         joiner.close()
+
+
+def test_async_lookahead_restart(make_group: Callable[..., list[pccl.Communicator]]) -> None:
+    """AsyncDiLoCo's restart with the defaults (eager 1, lookahead, Nesterov lr 0.7 /
+    momentum 0.5): local = G - P - lr * m^2 * buf, with P the round just finished and
+    buf the outer momentum after the update applied at this outer step."""
+    (comm,) = make_group(1)
+    d, model, inner = build(AsyncDiLoCo, comm, seed=0)
+    group0 = d.outer_optimizer.param_groups[0]
+    lr, m = group0["lr"], group0["momentum"]
+    assert d.lookahead and d.eager == 1.0 and group0["nesterov"]
+    for r in range(3):
+        start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        train(d, model, inner, steps=3, seed=r)
+        x = torch.randn(16, 6, generator=torch.Generator().manual_seed(40 + r))
+        ((model(x) - torch.sin(x.sum(1, keepdim=True))) ** 2).mean().backward()
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+        pg = start - torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        assert d.step() is not None
+        g = torch.cat([p.reshape(-1) for p in d.global_params])
+        buf = torch.cat([d.outer_optimizer.state[p]["momentum_buffer"].reshape(-1) for p in d.global_params])
+        local = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        torch.testing.assert_close(local, g - pg - lr * m * m * buf, rtol=0, atol=1e-6)
+        assert (r == 0) == (not buf.any())  # nothing applied yet after the first round
+    d.finish()

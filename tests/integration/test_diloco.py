@@ -193,8 +193,11 @@ def test_two_peers_identical_and_match_averaged_reference(
 def test_async_applies_previous_rounds_average(group: Callable[[int], list[pccl.Communicator]]) -> None:
     rounds = 4
     comms = group(2)
-    # eager=0: the plain one-step-delayed rule (the eager restart: tests/integration/test_compression.py)
-    peers = run_parallel([lambda i=i: Peer(comms[i], seed=i, cls=AsyncDiLoCo, eager=0) for i in range(2)])
+    # eager=0, no lookahead: the plain one-step-delayed rule (the eager restart and the
+    # lookahead: tests/integration/test_compression.py)
+    peers = run_parallel(
+        [lambda i=i: Peer(comms[i], seed=i, cls=AsyncDiLoCo, eager=0, lookahead=False) for i in range(2)]
+    )
     run_parallel([lambda p=p: p.run(rounds=rounds) for p in peers])
     run_parallel([lambda p=p: p.diloco.finish() for p in peers])
     final = [clone(p.diloco.global_params) for p in peers]
@@ -375,5 +378,5 @@ def test_default_outer_optimizers(group: Callable[[int], list[pccl.Communicator]
     group0 = diloco.outer_optimizer.param_groups[0]
     assert isinstance(diloco.outer_optimizer, torch.optim.SGD)
     assert (group0["lr"], group0["momentum"], group0["nesterov"]) == (0.7, 0.5, True)
-    assert diloco.eager == 1.0
+    assert diloco.eager == 1.0 and diloco.lookahead
     diloco.finish()
