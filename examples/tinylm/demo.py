@@ -232,8 +232,8 @@ def summary(demo: Demo, args: argparse.Namespace, console: Console, killed: int 
         ),
         (
             "bytes",
-            (f"{tx / 1e6:.1f} MB sent by all peers in all-reduces, "
-            f"{sync_rx / 1e6:.1f} MB of state to the joiner"),
+            f"{tx / 1e6:.1f} MB sent by all peers in all-reduces, "
+            f"{sync_rx / 1e6:.1f} MB of state to the joiner",
         ),
         ("faults survived", ", ".join(faults) or "none"),
         (
