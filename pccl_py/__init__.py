@@ -23,7 +23,7 @@ from pccl_py.master.server import Master
 from pccl_py.peer.communicator import AllReduceHandle, Communicator
 from pccl_py.peer.group import join_group
 from pccl_py.peer.shared_state import SharedState, SyncInfo
-from pccl_py.types import GatherInfo, Quantization, ReduceInfo, ReduceOp, SyncStrategy
+from pccl_py.types import Compression, GatherInfo, Quantization, ReduceInfo, ReduceOp, SyncStrategy
 
 __version__ = "0.1.0"
 
@@ -33,6 +33,7 @@ __all__ = [
     "AuthError",
     "CollectiveMismatch",
     "Communicator",
+    "Compression",
     "Config",
     "ConfigError",
     "GatherInfo",

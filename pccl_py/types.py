@@ -120,3 +120,52 @@ class EntryMeta:
     shape: tuple[int, ...]
     nbytes: int
     hash: int
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How DiLoCo compresses its outer step (pccl_py.optim, docs/diloco.md): instead of
+    all-reducing the dense pseudo-gradient, each peer sends `topk` entries of every
+    `chunk` consecutive ones (indices and values) of its error-feedback buffer, and the
+    peers all-gather these payloads and add them up in rank order (SparseLoCo).
+
+    topk: entries sent per chunk (the same on every peer, so every payload has the
+    same size); chunk: elements per chunk (the index of an entry takes
+    ceil(log2(chunk)) bits); bits: 2, 4 or 8 (sign and magnitude, the magnitude spread
+    evenly between the chunk's smallest and largest selected one) or None (float32
+    values); transform: None, or "dct" (an orthonormal DCT-II over blocks of
+    `dct_block` elements before the selection, DeMo-style); beta: the error-feedback
+    decay, e = beta * e + pseudo_gradient (SparseLoCo: 0.95); keep_residual: restart each peer's local
+    model from the global parameters minus its own error feedback (its progress not
+    sent yet) instead of from the global parameters (SPARTA-like: what is not averaged
+    stays local; the shared state is unchanged); average: "senders" (each entry of
+    the sum divided by the number of peers that sent it, so an entry only one peer
+    picked moves the global parameters by that peer's full value; the default,
+    measured best on the tiny LM, docs/diloco.md) or "peers" (every entry divided by
+    the summed weights, as SparseLoCo). Every peer must pass the same Compression.
+    """
+
+    topk: int = 32
+    chunk: int = 4096
+    bits: int | None = 2
+    transform: str | None = None
+    beta: float = 0.95
+    dct_block: int = 64
+    keep_residual: bool = False
+    average: str = "senders"
+
+    def __post_init__(self) -> None:
+        if self.chunk < 2 or self.chunk > 1 << 24:
+            raise ValueError(f"Compression chunk must be in [2, 2**24], not {self.chunk}")
+        if not 1 <= self.topk <= self.chunk:
+            raise ValueError(f"Compression topk must be in [1, chunk={self.chunk}], not {self.topk}")
+        if self.bits not in (2, 4, 8, None):
+            raise ValueError(f"Compression bits must be 2, 4, 8 or None, not {self.bits!r}")
+        if self.transform not in (None, "dct"):
+            raise ValueError(f"Compression transform must be None or 'dct', not {self.transform!r}")
+        if self.transform == "dct" and (self.dct_block < 2 or self.chunk % self.dct_block):
+            raise ValueError(f"Compression dct_block must be >= 2 and divide chunk={self.chunk}")
+        if self.average not in ("peers", "senders"):
+            raise ValueError(f"Compression average must be 'peers' or 'senders', not {self.average!r}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"Compression beta must be in [0, 1], not {self.beta}")

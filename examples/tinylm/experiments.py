@@ -3,6 +3,8 @@
     python -m examples.tinylm.experiments quality   # DiLoCo (H=50) vs per-step data-parallel
     python -m examples.tinylm.experiments churn     # a kill and a join vs the same run without
     python -m examples.tinylm.experiments async     # AsyncDiLoCo vs DiLoCo over a slow link
+    python -m examples.tinylm.experiments compression --json out/compression.json
+                                                    # fp32 / uint8 / sparse / streaming outer steps
 
 Every subcommand prints a table and ends with one JSON line (prefix "RESULT ") that
 holds its numbers; `--plot` saves a figure (default docs/diloco_<experiment>.png),
@@ -72,6 +74,7 @@ def tuned_worker(
 
     train_mod.DiLoCo = tuned(train_mod.DiLoCo)  # type: ignore[misc]
     train_mod.AsyncDiLoCo = tuned(train_mod.AsyncDiLoCo)  # type: ignore[misc]
+    train_mod.StreamingDiLoCo = tuned(train_mod.StreamingDiLoCo)  # type: ignore[misc]
     worker(master, index, out, **overrides)
 
 
@@ -165,6 +168,7 @@ def run_group(
     run = Run(label, dict(cfg))
     start = time.monotonic()
     target = tuned_worker if ("outer_lr" in cfg or "outer_momentum" in cfg) else worker
+    cfg = {k: v for k, v in cfg.items() if v is not None}
     with Master() as master, PeerGroup(master.address, target, cfg) as group:
         for i in range(workers):
             group.start(i)
@@ -564,7 +568,29 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("experiment", choices=["quality", "churn", "async"])
+    parser.add_argument("experiment", choices=["quality", "churn", "async", "compression"])
+    parser.add_argument("--json", default=None, help="also write the RESULT object to this file")
+    parser.add_argument(
+        "--compress",
+        action="append",
+        default=None,
+        help="pccl_py.Compression fields of the outer step, e.g. topk=32,chunk=4096,bits=2 (churn, async; "
+        "compression: one sparse row per --compress, default topk=32,chunk=4096,bits=2,average=senders)",
+    )
+    parser.add_argument(
+        "--methods", default=None, help="compression: rows to run (default fp32,uint8,sparse,streaming)"
+    )
+    parser.add_argument(
+        "--sparse-outer",
+        action="append",
+        default=None,
+        help="compression: outer SGD 'LR,MOMENTUM' of the sparse rows, one per --compress ('-': default)",
+    )
+    parser.add_argument("--fragments", type=int, default=4, help="compression: Streaming DiLoCo's fragments")
+    parser.add_argument("--eager", type=float, default=None, help="async: AsyncDiLoCo's eager coefficient")
+    parser.add_argument(
+        "--lookahead", type=int, choices=[0, 1], default=None, help="async: AsyncDiLoCo's lookahead (default 1)"
+    )
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument(
         "--records", default=None, help="write every run's records (JSON lines) into this folder"
@@ -606,11 +632,23 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--" + name.replace("_", "-"), type=type(defaults[name]), default=None)
     args = parser.parse_args(argv)
     cfg = {
-        k: v for k, v in vars(args).items() if k in defaults and k not in ("comm_delay",) and v is not None
+        k: v for k, v in vars(args).items() if k in defaults and k not in ("comm_delay", "compress", "fragments", "eager", "lookahead") and v is not None
     }
     cfg.update({k: getattr(args, k) for k in ("outer_lr", "outer_momentum") if getattr(args, k) is not None})
+    if args.compress and args.experiment != "compression":
+        cfg["compress"] = args.compress[0]
+    if args.eager is not None:
+        cfg["eager"] = args.eager
+    if args.lookahead is not None:
+        cfg["lookahead"] = args.lookahead
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    {"quality": quality, "churn": churn, "async": async_}[args.experiment](args, cfg)
+    from examples.tinylm.exp_compression import METHODS, SPARSE_DEFAULT, compression  # noqa: F401
+
+    experiments = {"quality": quality, "churn": churn, "async": async_, "compression": compression}
+    result = experiments[args.experiment](args, cfg)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

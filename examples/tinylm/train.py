@@ -1,5 +1,7 @@
-"""Train the tiny language model on one peer: DiLoCo, AsyncDiLoCo, or per-step
-data-parallel ("ddp": gradients all-reduced every step, the baseline).
+"""Train the tiny language model on one peer: DiLoCo, AsyncDiLoCo, StreamingDiLoCo, or
+per-step data-parallel ("ddp": gradients all-reduced every step, the baseline).
+--compress "topk=32,chunk=4096,bits=2" (pccl_py.Compression's fields) compresses the
+outer step; --quantize uint8 quantizes its all-reduce.
 
     python -m examples.tinylm.train --master 127.0.0.1:48148 --world 4 --index 0
     pccl run ... -- python -m examples.tinylm.train --world 4      (PCCL_MASTER set by pccl run)
@@ -25,7 +27,7 @@ import torch
 import pccl_py as pccl
 from examples.tinylm.corpus import ALPHABET, generate
 from examples.tinylm.model import TinyGPT
-from pccl_py.optim import AsyncDiLoCo, DiLoCo
+from pccl_py.optim import AsyncDiLoCo, DiLoCo, StreamingDiLoCo
 from pccl_py.peer.group import join_group
 
 STOI = {c: i for i, c in enumerate(ALPHABET)}
@@ -33,7 +35,7 @@ STOI = {c: i for i, c in enumerate(ALPHABET)}
 
 @dataclass
 class TrainConfig:
-    mode: str = "diloco"  # diloco | async | ddp
+    mode: str = "diloco"  # diloco | async | streaming | ddp
     world: int = 4  # peers to wait for at the start (a joiner passes 1)
     sync_every: int = 50
     outer_steps: int = 20  # train until the group reaches this many outer steps (ddp: steps / sync_every)
@@ -47,6 +49,34 @@ class TrainConfig:
     eval_batches: int = 8
     comm_delay: float = 0.0  # extra seconds per all-reduce (to emulate a slow link)
     threads: int = 1
+    compress: str = ""  # pccl_py.Compression fields, "topk=32,chunk=4096,bits=2" ("" = dense)
+    quantize: str = ""  # pccl_py.Quantization of the dense all-reduce, e.g. "uint8"
+    fragments: int = 4  # streaming: fragments, their exchange's overlap (inner steps) and the mix
+    delay: int = 2
+    mix: float = 0.5
+    eager: float = -1.0  # async: the eager coefficient (< 0: AsyncDiLoCo's default)
+    lookahead: int = -1  # async: 0 / 1 = AsyncDiLoCo(lookahead=False / True) (< 0: its default)
+
+
+def parse_compression(text: str) -> pccl.Compression | None:
+    """'topk=32,chunk=4096,bits=2,transform=dct,beta=0.9' -> Compression ('' -> None)."""
+    if not text:
+        return None
+    fields: dict[str, Any] = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        key = key.strip()
+        if key == "average":
+            fields[key] = value
+        elif key in ("bits", "transform"):
+            fields[key] = None if value in ("", "none", "None") else (int(value) if key == "bits" else value)
+        elif key == "beta":
+            fields[key] = float(value)
+        elif key == "keep_residual":
+            fields[key] = value.lower() in ("1", "true", "yes")
+        else:
+            fields[key] = int(value)
+    return pccl.Compression(**fields)
 
 
 class SlowLink:
@@ -92,6 +122,20 @@ def evaluate(model: TinyGPT, batches: list[tuple[torch.Tensor, torch.Tensor]]) -
         return float(np.mean([model.loss(x, y).item() for x, y in batches]))
 
 
+def evaluate_global(model: TinyGPT, diloco: DiLoCo, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """The validation loss of the global parameters (the local model may differ from
+    them: AsyncDiLoCo's eager term, Compression.keep_residual, StreamingDiLoCo's mix)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, g in zip(params, diloco.global_params, strict=True):
+            p.copy_(g)
+        loss = evaluate(model, batches)
+        for p, s in zip(params, saved, strict=True):
+            p.copy_(s)
+    return loss
+
+
 def train(
     master: str, index: int, cfg: TrainConfig, emit: Callable[[dict[str, Any]], None], joining: bool = False
 ) -> None:
@@ -111,9 +155,22 @@ def train(
         if cfg.mode == "ddp":
             _train_ddp(comm, model, inner, data, val, cfg, index, emit)
             return
-        cls = AsyncDiLoCo if cfg.mode == "async" else DiLoCo
         link = SlowLink(comm, cfg.comm_delay) if cfg.comm_delay else comm
-        diloco = cls(link, model, inner, sync_every=cfg.sync_every, timeout=120)
+        options: dict[str, Any] = {
+            "compression": parse_compression(cfg.compress),
+            "quantization": pccl.Quantization.parse(cfg.quantize) if cfg.quantize else None,
+        }
+        cls: type[DiLoCo] = DiLoCo
+        if cfg.mode == "async":
+            cls = AsyncDiLoCo
+            if cfg.eager >= 0:
+                options["eager"] = cfg.eager
+            if cfg.lookahead >= 0:
+                options["lookahead"] = bool(cfg.lookahead)
+        elif cfg.mode == "streaming":
+            cls = StreamingDiLoCo
+            options.update(fragments=cfg.fragments, delay=cfg.delay, mix=cfg.mix)
+        diloco = cls(link, model, inner, sync_every=cfg.sync_every, timeout=120, **options)
         emit({"event": "synced", "index": index, "outer": diloco.outer_steps, "rx": diloco.last_sync.rx_bytes})
         start = time.perf_counter()
         while diloco.outer_steps < cfg.outer_steps:
@@ -137,13 +194,22 @@ def train(
                         "inner_steps": diloco.inner_steps,
                         "allreduces": diloco.allreduces,
                         "tx": info.tx_bytes,
+                        "peak_tx": info.peak_tx_bytes,
                         "rx": info.rx_bytes,
                         "hash": hex(hash(tuple(diloco.state.hashes().values())) & 0xFFFFFFFF),
                     }
                 )
         if isinstance(diloco, AsyncDiLoCo):
             diloco.finish()
-        emit({"event": "done", "index": index, "val": evaluate(model, val), "outer": diloco.outer_steps})
+        emit(
+            {
+                "event": "done",
+                "index": index,
+                "val": evaluate(model, val),
+                "val_global": evaluate_global(model, diloco, val),
+                "outer": diloco.outer_steps,
+            }
+        )
     finally:
         comm.close()
 

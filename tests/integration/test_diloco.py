@@ -48,7 +48,7 @@ class Peer:
     records, per round, the local parameters right before the outer step and the
     global parameters and state hashes right after it."""
 
-    def __init__(self, comm: Any, seed: int, cls: type[DiLoCo] = DiLoCo) -> None:
+    def __init__(self, comm: Any, seed: int, cls: type[DiLoCo] = DiLoCo, **kwargs: Any) -> None:
         torch.set_num_threads(1)
         self.model = make_model(seed)
         self.inner = torch.optim.AdamW(self.model.parameters(), lr=1e-2, weight_decay=0.01)
@@ -60,6 +60,7 @@ class Peer:
             sync_every=H,
             timeout=30,
             outer_optimizer=lambda ps: torch.optim.SGD(ps, lr=LR, momentum=MOMENTUM, nesterov=True),
+            **kwargs,
         )
         self.initial = clone(self.diloco.global_params)
         self.start: list[list[torch.Tensor]] = []  # global params each round started from
@@ -192,7 +193,11 @@ def test_two_peers_identical_and_match_averaged_reference(
 def test_async_applies_previous_rounds_average(group: Callable[[int], list[pccl.Communicator]]) -> None:
     rounds = 4
     comms = group(2)
-    peers = run_parallel([lambda i=i: Peer(comms[i], seed=i, cls=AsyncDiLoCo) for i in range(2)])
+    # eager=0, no lookahead: the plain one-step-delayed rule (the eager restart and the
+    # lookahead: tests/integration/test_compression.py)
+    peers = run_parallel(
+        [lambda i=i: Peer(comms[i], seed=i, cls=AsyncDiLoCo, eager=0, lookahead=False) for i in range(2)]
+    )
     run_parallel([lambda p=p: p.run(rounds=rounds) for p in peers])
     run_parallel([lambda p=p: p.diloco.finish() for p in peers])
     final = [clone(p.diloco.global_params) for p in peers]
@@ -362,14 +367,16 @@ def test_custom_outer_optimizer_moves_the_global_params(
 
 def test_default_outer_optimizers(group: Callable[[int], list[pccl.Communicator]]) -> None:
     """DiLoCo defaults to the paper's Nesterov SGD (lr 0.7, momentum 0.9); the delayed
-    AsyncDiLoCo to a gentler one (lr 0.4, momentum 0.5), which trains where the paper's
-    settings diverged. The instance built here gets exactly the class's default."""
+    AsyncDiLoCo to less momentum (lr 0.7, momentum 0.5) with eager restarts, which
+    trains where the paper's settings diverged (docs/diloco.md). The instance built
+    here gets exactly the class's default."""
     assert (DiLoCo.DEFAULT_OUTER_LR, DiLoCo.DEFAULT_OUTER_MOMENTUM) == (0.7, 0.9)
-    assert (AsyncDiLoCo.DEFAULT_OUTER_LR, AsyncDiLoCo.DEFAULT_OUTER_MOMENTUM) == (0.4, 0.5)
+    assert (AsyncDiLoCo.DEFAULT_OUTER_LR, AsyncDiLoCo.DEFAULT_OUTER_MOMENTUM) == (0.7, 0.5)
     (comm,) = group(1)
     model = make_model(0)
     diloco = AsyncDiLoCo(comm, model, torch.optim.AdamW(model.parameters(), lr=1e-2), sync_every=2)
     group0 = diloco.outer_optimizer.param_groups[0]
     assert isinstance(diloco.outer_optimizer, torch.optim.SGD)
-    assert (group0["lr"], group0["momentum"], group0["nesterov"]) == (0.4, 0.5, True)
+    assert (group0["lr"], group0["momentum"], group0["nesterov"]) == (0.7, 0.5, True)
+    assert diloco.eager == 1.0 and diloco.lookahead
     diloco.finish()
