@@ -27,8 +27,8 @@ def compression(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]
     outer steps): dense fp32 DiLoCo, its all-reduce quantized to uint8, the compressed
     outer step (top-k + error feedback + 2-bit values, all-gathered), Streaming DiLoCo.
     Bytes are what one peer sends per outer step (streaming: also per fragment
-    exchange, the peak); the compressed rows count what an all-gather sends,
-    payload x (N-1) (pccl_py.optim._gather)."""
+    exchange, the peak); the compressed rows count what their all-gather sent,
+    payload x (N-1) (Communicator.all_gather)."""
     cfg = {"sync_every": 50, "outer_steps": 16, **cfg}
     specs = args.compress or [SPARSE_DEFAULT]
     # per sparse row: outer SGD "LR,MOMENTUM" ("-" or missing: DiLoCo's default)

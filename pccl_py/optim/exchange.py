@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from pccl_py import Compression
-from pccl_py.optim._gather import all_gather
 from pccl_py.optim.codec import Codec
 
 
@@ -56,7 +55,7 @@ class CompressedExchange:
         """All-gathers the payloads (retried over the survivors), writes their dense
         sum into out[:numel] and the summed weight into out[numel]; returns the
         gather's info (world_size, tx_bytes: what an all-gather sends)."""
-        info = all_gather(self.comm, payload, timeout=self.timeout, retry=True)
+        info = self.comm.all_gather(payload, timeout=self.timeout, retry=True)
         rows = np.asarray(info.output).reshape(info.world_size, -1)
         total, weight = self.codec.decode_sum(rows, over_senders=self.compression.average == "senders")
         out[: self.numel] = total

@@ -1,5 +1,5 @@
 """Peer processes for tests/integration/test_compression.py: back-to-back all-gathers
-of compressed payloads (pccl_py.optim._gather, pccl_py.optim.codec) and their decoded
+of compressed payloads (Communicator.all_gather, pccl_py.optim.codec) and their decoded
 sum, one record per op through the peer's own pipe, until the group shrinks.
 
 Payloads are deterministic (`payload_for`), so the test recomputes the exact sum of
@@ -17,7 +17,6 @@ import torch
 from peer_workers import checksum
 
 import pccl_py as pccl
-from pccl_py.optim._gather import all_gather
 from pccl_py.optim.codec import Codec
 from pccl_py.testing import join_group
 
@@ -54,7 +53,7 @@ def gather_loop_worker(
         for op in range(max_ops):
             rec: dict[str, Any] = {"index": index, "op": op, "t_start": time.time()}
             try:
-                info = all_gather(comm, payload_for(codec, index, op), timeout=op_timeout, retry=True)
+                info = comm.all_gather(payload_for(codec, index, op), timeout=op_timeout, retry=True)
             except Exception as exc:  # noqa: BLE001 - reported to the test, whatever it is
                 emit({**rec, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
                 break
