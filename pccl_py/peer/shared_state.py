@@ -33,14 +33,15 @@ class _Prefault:
 
     A joiner's state is usually fresh memory (np.zeros, torch.zeros of a new model): the
     kernel must fault in and zero every page its first sync receives into. The engine
-    populates a receive's pages just ahead of the bytes, but on a loaded host that work
-    competes with the transfer; started here, it runs while the peer connects and is
-    admitted, and the sync finds the pages resident. Nothing changes a byte
+    populates a receive's pages just ahead of the bytes, but only from when the receive
+    starts, and on a VM whose host took free memory back faulting it in again costs more
+    than the transfer; started here, it runs while the peer connects and is admitted,
+    and the sync finds the pages resident. Nothing changes a byte
     (_native.prefault), and pages already resident (a trained model) are skipped after a
-    look at the page table. A sync stops the job (`PrefaultJob.stop`) and leaves what is
-    left to the engine, which populates in the order the bytes arrive: two threads
-    populating the same pages only get in each other's way. Threads are daemons;
-    interpreter exit stops them within a slice."""
+    look at the page table. A sync that starts while the thread still runs leaves it
+    running: the engine's own worker populates ahead of each receive, and either skips
+    what the other has done (measured: stopping the thread at the sync was no faster).
+    Threads are daemons; interpreter exit stops them within a slice."""
 
     def __init__(self) -> None:
         self._jobs: set[PrefaultJob] = set()
@@ -138,11 +139,6 @@ class SharedState:
             self._views.append((name, view.reshape(-1).view(np.uint8), dtype.name.lower(), shape))
         host = [v for index, (_, v, _, _) in enumerate(self._views) if index not in self._device]  # mirrors: pinned
         self._prefaulting = _prefault.start(host) if self.prefault else None
-
-    def stop_prefault(self) -> None:
-        """Stops populating the pages from here (the engine populates a receive's own)."""
-        if self._prefaulting is not None:
-            self._prefaulting.stop()
 
     def buffers(self) -> list[np.ndarray]:
         """Byte views of the entries, in order (zero-copy)."""

@@ -50,7 +50,6 @@ class SyncCalls:
         assert self._engine is not None
         deadline = self._deadline(timeout, self.config.op_timeout)
         self._fresh = False
-        state.stop_prefault()  # the engine populates what a receive needs, in the order the bytes come
         entries = state.entries()
         buffers = state.buffers()
         exposure = self._engine.expose_state(buffers)  # ready to serve before anyone is told to fetch

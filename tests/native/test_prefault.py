@@ -488,11 +488,11 @@ def test_shared_state_populates_its_pages_from_construction(prefault: bool) -> N
         assert all(_ours(e) for e in _pagemap(x.view(np.uint8)))
         assert not x.any()
     assert job.populated == 80 * MIB
-    state.stop_prefault()  # after the job ended: a no-op
+    job.stop()  # after the job ended: a no-op
 
 
 @needs_populate
-def test_a_sync_stops_the_population_and_a_racing_write_keeps_its_bytes() -> None:
+def test_a_stopped_population_ends_and_a_racing_write_keeps_its_bytes() -> None:
     import pccl_py as pccl
 
     a = _fresh_numpy(200 * MIB)
@@ -500,7 +500,7 @@ def test_a_sync_stops_the_population_and_a_racing_write_keeps_its_bytes() -> Non
     job = state._prefaulting
     assert job is not None
     a[-MIB:] = _pattern(MIB, 3)  # written while (or before) the thread populates
-    state.stop_prefault()
+    job.stop()  # as interpreter exit does
     assert not job.thread.is_alive()
     stopped_at = job.populated
     time.sleep(0.05)
