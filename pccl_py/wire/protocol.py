@@ -14,7 +14,7 @@ import msgpack
 
 from pccl_py.errors import FailureKind, ProtocolError
 
-VERSION = 3
+VERSION = 4
 
 Message = dict[str, Any]
 
