@@ -77,6 +77,26 @@ class AllToAllReduce : public Collective {
   // message.
   size_t checkFrame(uint64_t peer, const FrameHeader& h, const char* name) const;
   ProtocolError badFrame(uint64_t peer, const std::string& why) const;
+
+  // Bytes into the buffer where part `part` of `parts` begins: count / parts elements
+  // each, the first count % parts one element more. With parts = N, the ring's chunks
+  // (AllReduceRing::chunkBegin): rank c owns chunk c.
+  size_t partBegin(size_t part, size_t parts) const;
+  size_t segmentsIn(size_t bytes) const { return (bytes + segmentBytes_ - 1) / segmentBytes_; }
+  size_t chunkBegin(size_t chunk) const { return partBegin(chunk, ring_.size); }
+  size_t chunkBytes(size_t chunk) const { return chunkBegin(chunk + 1) - chunkBegin(chunk); }
+  size_t segmentsOf(size_t chunk) const { return segmentsIn(chunkBytes(chunk)); }
+
+  // Sends the whole input to every other peer, frames marked `phase`. Segment-major,
+  // destinations staggered by rank: every peer gets its first segments from everyone
+  // early.
+  void sendInputToAll(FrameSink& sink, Phase phase);
+  // Sends chunk k of the input to rank k, for every other rank; the same order.
+  void sendChunksToOwners(FrameSink& sink);
+  // Validates a frame of sendInputToAll (`phase`, a segment of the whole buffer) and
+  // claims it in got[rank][segment]; returns the sender's rank.
+  size_t claimInputSegment(uint64_t peer, const FrameHeader& h, const char* name, Phase phase,
+                           std::vector<uint8_t>& got) const;
   // dst = x_0 op x_1 op ... op x_{N-1} over `count` elements, one rounded step at a
   // time, then / N for AVG: the same steps on the same bytes on every peer.
   template <class Contribution>

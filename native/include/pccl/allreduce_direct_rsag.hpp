@@ -54,9 +54,6 @@ class AllReduceDirectRsAg final : public AllToAllReduce {
   bool defersRestore() const override { return holdsResult() && voting(); }
 
  private:
-  size_t chunkBegin(size_t chunk) const;
-  size_t chunkBytes(size_t chunk) const { return chunkBegin(chunk + 1) - chunkBegin(chunk); }
-  size_t segmentsOf(size_t chunk) const;
   uint8_t* slotOf(size_t rank) const;  // where rank's contribution to our chunk lands (not ours)
   const uint8_t* contribution(size_t rank, size_t chunkOffset) const;
   void reduceSegment(FrameSink& sink, size_t seg);

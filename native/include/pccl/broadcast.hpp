@@ -39,6 +39,7 @@ class Broadcast final : public AllToAllReduce {
 
  private:
   size_t chunks() const { return direct_ ? 1 : ring_.size - 1; }
+  // Its chunks are not the ring's (N-1 of them, or 1): these hide AllToAllReduce's.
   size_t chunkBegin(size_t chunk) const;  // bytes into the buffer
   size_t segmentsOf(size_t chunk) const;
   size_t ownerOf(size_t chunk) const { return chunk < root_ ? chunk : chunk + 1; }  // scatter mode

@@ -104,4 +104,58 @@ void AllToAllReduce::commitResult() {
   if (holdsResult() && scratch_.data) std::memcpy(static_cast<uint8_t*>(options_.output), result_, nbytes_);
 }
 
+size_t AllToAllReduce::partBegin(size_t part, size_t parts) const {
+  return (part * (options_.count / parts) + std::min(part, options_.count % parts)) * elemSize_;
+}
+
+void AllToAllReduce::sendInputToAll(FrameSink& sink, Phase phase) {
+  const size_t n = ring_.size;
+  const size_t segments = segmentsIn(nbytes_);
+  for (size_t seg = 0; seg < segments; ++seg) {
+    const size_t off = seg * segmentBytes_;
+    const size_t len = std::min(segmentBytes_, nbytes_ - off);
+    for (size_t d = 1; d < n; ++d) {
+      ++pendingSends_;
+      sink.sendFrame(this, peers_[(ring_.rank + d) % n], seg,
+                     makeHeader(FrameType::kData, key(), static_cast<uint32_t>(len), digest_, off,
+                                static_cast<uint8_t>(phase)),
+                     in_ + off);
+    }
+  }
+}
+
+void AllToAllReduce::sendChunksToOwners(FrameSink& sink) {
+  const size_t n = ring_.size;
+  size_t most = 0;
+  for (size_t c = 0; c < n; ++c) most = std::max(most, segmentsOf(c));
+  for (size_t seg = 0; seg < most; ++seg) {
+    for (size_t d = 1; d < n; ++d) {
+      const size_t k = (ring_.rank + d) % n;
+      if (seg >= segmentsOf(k)) continue;
+      const size_t off = chunkBegin(k) + seg * segmentBytes_;
+      const size_t len = std::min(segmentBytes_, chunkBegin(k + 1) - off);
+      ++pendingSends_;
+      sink.sendFrame(this, peers_[k], seg,
+                     makeHeader(FrameType::kData, key(), static_cast<uint32_t>(len), digest_, off,
+                                static_cast<uint8_t>(Phase::kReduceScatter)),
+                     in_ + off);
+    }
+  }
+}
+
+size_t AllToAllReduce::claimInputSegment(uint64_t peer, const FrameHeader& h, const char* name, Phase phase,
+                                         std::vector<uint8_t>& got) const {
+  const size_t k = checkFrame(peer, h, name);
+  if (h.phase != static_cast<uint8_t>(phase)) throw badFrame(peer, "unknown phase");
+  if (segmentBytes_ == 0 || h.offset % segmentBytes_ != 0 || h.offset >= nbytes_) {
+    throw badFrame(peer, "segment out of bounds");
+  }
+  const size_t seg = h.offset / segmentBytes_;
+  if (h.length != std::min(segmentBytes_, nbytes_ - h.offset)) throw badFrame(peer, "wrong segment length");
+  uint8_t& claimed = got[k * segmentsIn(nbytes_) + seg];
+  if (claimed) throw badFrame(peer, "duplicate segment");
+  claimed = 1;
+  return k;
+}
+
 }  // namespace pccl

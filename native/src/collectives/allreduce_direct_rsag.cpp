@@ -35,19 +35,6 @@ AllReduceDirectRsAg::AllReduceDirectRsAg(const AllReduceOptions& options, const 
   expected_ = (n - 1) * own + agBase_[n];
 }
 
-size_t AllReduceDirectRsAg::chunkBegin(size_t chunk) const {
-  // The ring's chunking (AllReduceRing::chunkBegin): the first count % N chunks hold one
-  // element more.
-  const size_t n = ring_.size;
-  const size_t base = options_.count / n;
-  const size_t rem = options_.count % n;
-  return (chunk * base + std::min(chunk, rem)) * elemSize_;
-}
-
-size_t AllReduceDirectRsAg::segmentsOf(size_t chunk) const {
-  return (chunkBytes(chunk) + segmentBytes_ - 1) / segmentBytes_;
-}
-
 uint8_t* AllReduceDirectRsAg::slotOf(size_t rank) const {
   // Slots of the other peers in rank order: ours is skipped.
   const size_t index = rank < ring_.rank ? rank : rank - 1;
@@ -60,24 +47,7 @@ const uint8_t* AllReduceDirectRsAg::contribution(size_t rank, size_t chunkOffset
 
 void AllReduceDirectRsAg::start(FrameSink& sink) {
   if (!exchanges()) return copyInputIfAlone();
-  const size_t n = ring_.size;
-  // Segment-major, destinations staggered by rank: every owner gets its first segments
-  // from everyone early, and can start its all-gather early.
-  size_t most = 0;
-  for (size_t c = 0; c < n; ++c) most = std::max(most, segmentsOf(c));
-  for (size_t seg = 0; seg < most; ++seg) {
-    for (size_t d = 1; d < n; ++d) {
-      const size_t k = (ring_.rank + d) % n;
-      if (seg >= segmentsOf(k)) continue;
-      const size_t off = chunkBegin(k) + seg * segmentBytes_;
-      const size_t len = std::min(segmentBytes_, chunkBegin(k + 1) - off);
-      ++pendingSends_;
-      sink.sendFrame(this, peers_[k], seg,
-                     makeHeader(FrameType::kData, key(), static_cast<uint32_t>(len), digest_, off,
-                                static_cast<uint8_t>(Phase::kReduceScatter)),
-                     in_ + off);
-    }
-  }
+  sendChunksToOwners(sink);  // every owner gets its first segments early: its all-gather starts early
 }
 
 uint8_t* AllReduceDirectRsAg::receiveTarget(uint64_t peer, const FrameHeader& h) {

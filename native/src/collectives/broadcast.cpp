@@ -20,14 +20,9 @@ Broadcast::Broadcast(const AllReduceOptions& options, const RingPosition& ring, 
   expected_ = base_.back();
 }
 
-size_t Broadcast::chunkBegin(size_t chunk) const {
-  const size_t m = chunks();
-  return (chunk * (options_.count / m) + std::min(chunk, options_.count % m)) * elemSize_;
-}
+size_t Broadcast::chunkBegin(size_t chunk) const { return partBegin(chunk, chunks()); }
 
-size_t Broadcast::segmentsOf(size_t chunk) const {
-  return (chunkBegin(chunk + 1) - chunkBegin(chunk) + segmentBytes_ - 1) / segmentBytes_;
-}
+size_t Broadcast::segmentsOf(size_t chunk) const { return segmentsIn(chunkBegin(chunk + 1) - chunkBegin(chunk)); }
 
 void Broadcast::send(FrameSink& sink, size_t rank, size_t seg, size_t off, size_t len, Phase phase,
                      const uint8_t* data) {

@@ -28,15 +28,6 @@ ReduceScatter::ReduceScatter(const AllReduceOptions& options, const RingPosition
   expected_ = (n - 1) * own;
 }
 
-size_t ReduceScatter::chunkBegin(size_t chunk) const {
-  const size_t n = ring_.size;
-  return (chunk * (options_.count / n) + std::min(chunk, options_.count % n)) * elemSize_;
-}
-
-size_t ReduceScatter::segmentsOf(size_t chunk) const {
-  return (chunkBytes(chunk) + segmentBytes_ - 1) / segmentBytes_;
-}
-
 uint8_t* ReduceScatter::slotOf(size_t rank) const {
   const size_t index = rank < ring_.rank ? rank : rank - 1;  // ours is skipped
   return scratch_.data.get() + index * slotBytes_;
@@ -48,24 +39,7 @@ const uint8_t* ReduceScatter::contribution(size_t rank, size_t chunkOffset) cons
 
 void ReduceScatter::start(FrameSink& sink) {
   if (!exchanges()) return copyInputIfAlone();  // alone, our chunk is the whole input
-  const size_t n = ring_.size;
-  // Segment-major, destinations staggered by rank: every owner gets its first segments
-  // from everyone early.
-  size_t most = 0;
-  for (size_t c = 0; c < n; ++c) most = std::max(most, segmentsOf(c));
-  for (size_t seg = 0; seg < most; ++seg) {
-    for (size_t d = 1; d < n; ++d) {
-      const size_t k = (ring_.rank + d) % n;
-      if (seg >= segmentsOf(k)) continue;
-      const size_t off = chunkBegin(k) + seg * segmentBytes_;
-      const size_t len = std::min(segmentBytes_, chunkBegin(k + 1) - off);
-      ++pendingSends_;
-      sink.sendFrame(this, peers_[k], seg,
-                     makeHeader(FrameType::kData, key(), static_cast<uint32_t>(len), digest_, off,
-                                static_cast<uint8_t>(Phase::kReduceScatter)),
-                     in_ + off);
-    }
-  }
+  sendChunksToOwners(sink);
 }
 
 uint8_t* ReduceScatter::receiveTarget(uint64_t peer, const FrameHeader& h) {
