@@ -50,6 +50,24 @@ class BufferView {
 
 double toSeconds(std::optional<double> timeout) { return timeout.has_value() ? *timeout : -1.0; }
 
+// The options every collective over a buffer of `dtype` elements shares.
+AllReduceOptions bufferOptions(const BufferView& in, void* outPtr, DType dtype, ReduceOp op, uint64_t tag,
+                               uint64_t seq, std::optional<double> timeout, size_t segmentBytes) {
+  const size_t esize = elementSize(dtype);
+  if (in.size() % esize != 0) throw InvalidArgument("buffer size is not a multiple of the element size");
+  AllReduceOptions o;
+  o.input = in.data();
+  o.output = outPtr;
+  o.count = in.size() / esize;
+  o.dtype = dtype;
+  o.op = op;
+  o.tag = tag;
+  o.seq = seq;
+  o.timeoutSeconds = toSeconds(timeout);
+  o.segmentBytes = segmentBytes;
+  return o;
+}
+
 // What every op handle does: wait (GIL released), raise the op's error, abort.
 class OpHandle {
  public:
@@ -449,18 +467,7 @@ PYBIND11_MODULE(_native, m) {
               if (out->size() != in->size()) throw InvalidArgument("output size differs from input size");
               outPtr = out->data();
             }
-            const size_t esize = elementSize(dtype);
-            if (in->size() % esize != 0) throw InvalidArgument("buffer size is not a multiple of the element size");
-            AllReduceOptions o;
-            o.input = in->data();
-            o.output = outPtr;
-            o.count = in->size() / esize;
-            o.dtype = dtype;
-            o.op = op;
-            o.tag = tag;
-            o.seq = seq;
-            o.timeoutSeconds = toSeconds(timeout);
-            o.segmentBytes = segmentBytes;
+            AllReduceOptions o = bufferOptions(*in, outPtr, dtype, op, tag, seq, timeout, segmentBytes);
             o.deferCommit = deferCommit;
             o.vote = vote;
             o.quant = QuantSpec{quantization, quantDType};
@@ -503,18 +510,7 @@ PYBIND11_MODULE(_native, m) {
               outPtr = out->data();
               outBytes = out->size();
             }
-            const size_t esize = elementSize(dtype);
-            if (in->size() % esize != 0) throw InvalidArgument("buffer size is not a multiple of the element size");
-            AllReduceOptions o;
-            o.input = in->data();
-            o.output = outPtr;
-            o.count = in->size() / esize;
-            o.dtype = dtype;
-            o.op = op;
-            o.tag = tag;
-            o.seq = seq;
-            o.timeoutSeconds = toSeconds(timeout);
-            o.segmentBytes = segmentBytes;
+            AllReduceOptions o = bufferOptions(*in, outPtr, dtype, op, tag, seq, timeout, segmentBytes);
             o.vote = vote;
             o.root = root;
             std::shared_ptr<Collective> started;
