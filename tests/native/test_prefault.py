@@ -90,9 +90,16 @@ def _huge_zero_page(e: int) -> bool:
 
 def _fresh_numpy(nbytes: int) -> np.ndarray:
     """np.zeros in memory nobody touched: above glibc's largest mmap threshold (32 MiB),
-    which below it may hand out (and clear) reused heap memory instead."""
+    which below it may hand out (and clear) reused heap memory instead.
+
+    The view starts at the first 2 MiB boundary past the allocation's start: glibc writes
+    its chunk header in the first page, numpy advises huge pages, and khugepaged may then
+    collapse the huge page holding that header at any moment, making its 511 other pages
+    resident although nobody touched them (seen once in CI)."""
     assert nbytes > 32 * MIB
-    return np.zeros(nbytes, np.uint8)
+    whole = np.zeros(nbytes + 4 * MIB, np.uint8)
+    skip = -(-(whole.ctypes.data + 1) // HUGE) * HUGE - whole.ctypes.data
+    return whole[skip : skip + nbytes]
 
 
 # ---- populate: never a byte changed -------------------------------------------------------
