@@ -1,11 +1,16 @@
 """ProcessGroupPccl: a torch.distributed ProcessGroup whose collectives run on one
 pccl_py Communicator.
 
-Every collective is queued, in call order, on one worker thread per group and returns
-a Work backed by a torch Future, so `async_op=True` and DDP's reducer (which chains on
-`Work.get_future()`) overlap communication with the caller's compute. One queue keeps
-the pccl op numbering identical on every rank: torch already requires every rank to
-issue a group's collectives in the same order.
+Every collective is queued in call order and returns a Work backed by a torch Future,
+so `async_op=True` and DDP's reducer (which chains on `Work.get_future()`) overlap
+communication with the caller's compute. A dispatcher thread starts them in call order,
+up to `max_inflight` (default 4, env PCCL_TORCH_INFLIGHT) at once, each on a pccl tag of
+its own: the i-th collective of the group runs on tag 1 + i % max_inflight and starts
+once the one before it on that tag has ended, so the numbering is identical on every
+rank (torch already requires every rank to issue a group's collectives in the same
+order) and DDP's buckets and FSDP's prefetches overlap each other. A collective whose
+tensors share storage with one still running waits for it (a second all-reduce of the
+same tensor sees the first one's result, as if run one after the other).
 
 The collectives map onto the Communicator's, each moving the bytes a dedicated
 implementation moves:
@@ -31,14 +36,16 @@ ranks: an op that succeeded with fewer contributors than the group's size fails 
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import datetime
 import logging
+import os
 import queue
 import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -70,6 +77,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
         timeout: datetime.timedelta,
         master: Master | None = None,
         peer_ranks: dict[int, int] | None = None,
+        max_inflight: int | None = None,
     ) -> None:
         super().__init__(rank, size)
         self._comm = comm
@@ -81,8 +89,15 @@ class ProcessGroupPccl(dist.ProcessGroup):
         self._group_name = ""
         self._group_desc = ""
         self._failure: BaseException | None = None
-        self._queue: queue.SimpleQueue[tuple[Callable[[], list[torch.Tensor]], Future[Any]] | None] = (
-            queue.SimpleQueue()
+        self._max_inflight = max_inflight if max_inflight is not None else _default_inflight()
+        if self._max_inflight < 1:
+            raise PcclBackendError(f"max_inflight must be at least 1, got {self._max_inflight}")
+        self._queue: queue.SimpleQueue[_Queued | None] = queue.SimpleQueue()
+        self._running: dict[int, frozenset[int] | None] = {}  # tag -> storages touched (None: unknown)
+        self._idle = threading.Condition()
+        self._op_tag = threading.local()  # the tag of the collective a runner thread runs
+        self._runners = concurrent.futures.ThreadPoolExecutor(
+            self._max_inflight, thread_name_prefix="pccl-torch-op"
         )
         self._worker = threading.Thread(target=self._work_loop, name="pccl-torch", daemon=True)
         self._worker.start()
@@ -169,7 +184,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
                 s.commit()
             return list(tensors)
 
-        return self._submit(run)
+        return self._submit(run, tensors)
 
     def broadcast(self, tensors: Any, opts: Any = None) -> dist.Work:
         if isinstance(tensors, torch.Tensor):
@@ -193,7 +208,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
                 s.commit()
             return list(tensors)
 
-        return self._submit(run)
+        return self._submit(run, tensors)
 
     def allgather(self, output_tensors: Any, input_tensors: Any, opts: Any = None) -> dist.Work:
         """output_tensors[i][r] receives rank r's input_tensors[i] (torch's all_gather,
@@ -211,7 +226,9 @@ class ProcessGroupPccl(dist.ProcessGroup):
         """output_lists[r][i] receives rank r's input_list[i] (torch's
         all_gather_coalesced); the inputs may differ from each other in shape and dtype."""
         self._check_list(output_lists, "allgather_coalesced output lists")
-        return self._gather(list(output_lists), list(input_list), self._op_timeout(opts), "allgather_coalesced")
+        return self._gather(
+            list(output_lists), list(input_list), self._op_timeout(opts), "allgather_coalesced"
+        )
 
     def _gather(
         self, by_rank: list[list[torch.Tensor]], inputs: list[torch.Tensor], timeout: float, what: str
@@ -220,7 +237,9 @@ class ProcessGroupPccl(dist.ProcessGroup):
         inputs packed back to back as bytes, each row unpacked into that rank's outputs."""
         for r, outs in enumerate(by_rank):
             if len(outs) != len(inputs):
-                raise PcclBackendError(f"{what}: the outputs for rank {r} hold {len(outs)} tensors for {len(inputs)} inputs")
+                raise PcclBackendError(
+                    f"{what}: the outputs for rank {r} hold {len(outs)} tensors for {len(inputs)} inputs"
+                )
             for i, (out, x) in enumerate(zip(outs, inputs, strict=True)):
                 if out.dtype != x.dtype or out.numel() != x.numel():
                     raise PcclBackendError(
@@ -231,7 +250,11 @@ class ProcessGroupPccl(dist.ProcessGroup):
         sources = [Staged(x) for x in inputs]
 
         def run() -> list[torch.Tensor]:
-            mine = torch.cat([byte_view(x.host) for x in sources]) if sources else torch.empty(0, dtype=torch.uint8)
+            mine = (
+                torch.cat([byte_view(x.host) for x in sources])
+                if sources
+                else torch.empty(0, dtype=torch.uint8)
+            )
             rows = self._all_gather(mine, None, timeout)
             for r, outs in enumerate(slots):
                 split_into(rows[r], [byte_view(s.host) for s in outs])
@@ -239,7 +262,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
                     s.commit()
             return [t for outs in by_rank for t in outs]
 
-        return self._submit(run)
+        return self._submit(run, [by_rank, inputs])
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> dist.Work:
         return self.all_gather_single_coalesced([output], [input], opts)
@@ -269,7 +292,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
                 out.commit()
             return list(outputs)
 
-        return self._submit(run)
+        return self._submit(run, [outputs, inputs])
 
     allgather_into_tensor_coalesced = all_gather_single_coalesced
 
@@ -292,7 +315,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
                 self._reduce_scatter([y], [[x.host for x in xs]], red, timeout)
             return list(output_tensors)
 
-        return self._submit(run)
+        return self._submit(run, [output_tensors, input_lists])
 
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> dist.Work:
         return self.reduce_scatter_single_coalesced([output], [input], opts)
@@ -320,7 +343,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
                 self._reduce_scatter([y for y, _ in members], chunks, red, timeout)
             return list(outputs)
 
-        return self._submit(run)
+        return self._submit(run, [outputs, inputs])
 
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
 
@@ -345,7 +368,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
                     s.commit()
             return list(tensors)
 
-        return self._submit(run)
+        return self._submit(run, tensors)
 
     def gather(self, output_lists: Any, input_tensors: Any, opts: Any = None) -> dist.Work:
         """An all-gather whose result only the root keeps."""
@@ -375,7 +398,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
             target.commit()
             return [y]
 
-        return self._submit(run)
+        return self._submit(run, [y, input_lists])
 
     def barrier(self, opts: Any = None) -> dist.Work:
         timeout = self._op_timeout(opts)
@@ -384,7 +407,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
             self._all_reduce(torch.zeros(1, dtype=torch.uint8), ReduceOp.SUM, timeout)
             return []
 
-        return self._submit(run)
+        return self._submit(run)  # after every collective before it, as gloo's barrier
 
     def _unsupported(self, what: str) -> dist.Work:
         raise PcclBackendError(f"the pccl backend does not implement {what}")
@@ -435,39 +458,84 @@ class ProcessGroupPccl(dist.ProcessGroup):
 
     # ------------------------------------------------------------------ internals
 
-    def _submit(self, run: Callable[[], list[torch.Tensor]]) -> dist.Work:
+    def _submit(
+        self, run: Callable[[], list[torch.Tensor]], tensors: Sequence[Any] | None = None
+    ) -> dist.Work:
+        """Queues `run` (which calls the Communicator through the helpers below, on the
+        tag the dispatcher gives it). `tensors`: every tensor it reads or writes; None
+        makes it wait for every collective before it and hold back the ones after."""
         if self._closed:
             raise PcclBackendError("the pccl process group has been shut down")
         fut: Future[Any] = Future()
-        self._queue.put((run, fut))
+        self._queue.put(_Queued(run, fut, _storages(tensors)))
         return PcclWork(fut)
 
     def _work_loop(self) -> None:
+        """Dispatcher: starts the queued collectives in call order on their tags."""
+        index = 0
         while True:
             item = self._queue.get()
             if item is None:
+                with self._idle:
+                    self._idle.wait_for(lambda: not self._running)
+                self._runners.shutdown(wait=True)
                 return
-            run, fut = item
-            if self._failure is not None:
-                fut.set_exception(
-                    PcclBackendError(f"the pccl process group failed earlier and cannot be used: {self._failure}")
-                )
-                continue
-            try:
-                result = run()
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiter, never lost
-                error = exc if isinstance(exc, PcclBackendError) else PcclBackendError(f"pccl: {exc}")
-                if isinstance(exc, PcclError):  # the group is broken (peer lost, timeout, shrunk)
-                    if error is not exc:
-                        error.__cause__ = exc
+            tag = 1 + index % self._max_inflight
+            index += 1
+            touches = item.touches if self._peer_ranks is not None else None  # learning the ranks: alone
+            with self._idle:
+                while tag in self._running or self._conflicts(touches):
+                    self._idle.wait()
+                if self._failure is not None:
+                    item.future.set_exception(
+                        PcclBackendError(
+                            f"the pccl process group failed earlier and cannot be used: {self._failure}"
+                        )
+                    )
+                    continue
+                self._running[tag] = touches
+            self._runners.submit(self._run_one, item, tag)
+
+    def _conflicts(self, touches: frozenset[int] | None) -> bool:
+        if not self._running:
+            return False
+        if touches is None:
+            return True
+        return any(other is None or other & touches for other in self._running.values())
+
+    def _run_one(self, item: _Queued, tag: int) -> None:
+        self._op_tag.value = tag
+        try:
+            result = item.run()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiter, never lost
+            error = exc if isinstance(exc, PcclBackendError) else PcclBackendError(f"pccl: {exc}")
+            if isinstance(exc, PcclError):  # the group is broken (peer lost, timeout, shrunk)
+                if error is not exc:
+                    error.__cause__ = exc
+                if self._failure is None:
                     self._failure = error
-                    log.error("pccl collective failed on rank %d: %s", self._rank, exc)
-                fut.set_exception(error)
-            else:
-                fut.set_result(result)
+                log.error("pccl collective failed on rank %d: %s", self._rank, exc)
+            outcome: tuple[bool, Any] = (False, error)
+        else:
+            outcome = (True, result)
+        finally:
+            with self._idle:
+                del self._running[tag]
+                self._idle.notify_all()
+        # Completed after the slot is free: a waiter that issues its next collective at
+        # once never finds this one still holding its tag or its tensors.
+        if outcome[0]:
+            item.future.set_result(outcome[1])
+        else:
+            item.future.set_exception(outcome[1])
+
+    @property
+    def _tag(self) -> int:
+        """The pccl tag of the collective this runner thread runs."""
+        return int(getattr(self._op_tag, "value", 0))
 
     def _all_reduce(self, buf: torch.Tensor, op: ReduceOp, timeout: float) -> None:
-        info = self._comm.all_reduce(buf, op=op, timeout=timeout)
+        info = self._comm.all_reduce(buf, op=op, tag=self._tag, timeout=timeout)
         self._check_world(info.world_size)
 
     def _reduce(self, x: torch.Tensor, out: torch.Tensor | None, red: Any, timeout: float) -> None:
@@ -479,7 +547,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
         if x.dtype == torch.bool:
             x = x.view(torch.uint8)
             out = out.view(torch.uint8) if out is not None else None
-        info = self._comm.all_reduce(x, op=op, out=out, timeout=timeout)
+        info = self._comm.all_reduce(x, op=op, out=out, tag=self._tag, timeout=timeout)
         self._check_world(info.world_size)
 
     def _check_world(self, contributors: int) -> None:
@@ -493,7 +561,9 @@ class ProcessGroupPccl(dist.ProcessGroup):
         """The torch rank at each position of the pccl ring (learned by one all-gather
         when the rendezvous did not tell)."""
         if self._peer_ranks is None:
-            info = self._comm.all_gather(torch.tensor([self._rank], dtype=torch.int64), timeout=timeout)
+            info = self._comm.all_gather(
+                torch.tensor([self._rank], dtype=torch.int64), tag=self._tag, timeout=timeout
+            )
             self._check_world(info.world_size)
             self._peer_ranks = dict(zip(info.contributors, info.output.reshape(-1).tolist(), strict=True))
         ring = self._comm.ring_of(self._comm.epoch) or tuple(self._peer_ranks)
@@ -508,13 +578,15 @@ class ProcessGroupPccl(dist.ProcessGroup):
         order = self._ring_ranks(timeout)
         if order != list(range(self._size)):
             out = None
-        info = self._comm.all_gather(mine, out=out, timeout=timeout)
+        info = self._comm.all_gather(mine, out=out, tag=self._tag, timeout=timeout)
         self._check_world(info.world_size)
         rows = list(info.output.reshape(self._size, mine.numel()).unbind(0))
         return [rows[order.index(r)] for r in range(self._size)]
 
     def _broadcast(self, buf: torch.Tensor, root: int, timeout: float) -> None:
-        info = self._comm.broadcast(buf, root=self._ring_ranks(timeout).index(root), timeout=timeout)
+        info = self._comm.broadcast(
+            buf, root=self._ring_ranks(timeout).index(root), tag=self._tag, timeout=timeout
+        )
         self._check_world(info.world_size)
 
     def _reduce_scatter(
@@ -532,10 +604,12 @@ class ProcessGroupPccl(dist.ProcessGroup):
             flat.mul_(factor)
         if dtype == torch.bool:
             flat = flat.view(torch.uint8)
-        info = self._comm.reduce_scatter(flat, op=op, timeout=timeout)
+        info = self._comm.reduce_scatter(flat, op=op, tag=self._tag, timeout=timeout)
         self._check_world(info.world_size)
         result = info.output.reshape(-1)
-        split_into(result.view(dtype) if dtype == torch.bool else result, [y.host.reshape(-1) for y in outputs])
+        split_into(
+            result.view(dtype) if dtype == torch.bool else result, [y.host.reshape(-1) for y in outputs]
+        )
         for y in outputs:
             y.commit()
 
@@ -552,6 +626,38 @@ class ProcessGroupPccl(dist.ProcessGroup):
     def _check_list(self, tensors: Sequence[torch.Tensor], what: str) -> None:
         if len(tensors) != self._size:
             raise PcclBackendError(f"{what}: expected one per rank ({self._size}), got {len(tensors)}")
+
+
+class _Queued(NamedTuple):
+    run: Callable[[], list[torch.Tensor]]
+    future: Future[Any]
+    touches: frozenset[int] | None  # storages of the tensors it reads or writes; None: unknown
+
+
+def _storages(tensors: Sequence[Any] | None) -> frozenset[int] | None:
+    """The storages (by address) of `tensors` and of tensors in nested lists; None if
+    not given."""
+    if tensors is None:
+        return None
+    found: set[int] = set()
+    pending = list(tensors)
+    while pending:
+        t = pending.pop()
+        if isinstance(t, torch.Tensor):
+            if t.layout != torch.strided:
+                return None  # sparse: no single storage to compare
+            found.add(t.untyped_storage().data_ptr())
+        elif isinstance(t, list | tuple):
+            pending.extend(t)
+    return frozenset(found)
+
+
+def _default_inflight() -> int:
+    raw = os.environ.get("PCCL_TORCH_INFLIGHT", "4")
+    try:
+        return int(raw)
+    except ValueError:
+        raise PcclBackendError(f"PCCL_TORCH_INFLIGHT must be an integer, got {raw!r}") from None
 
 
 def _shutdown_at_exit(ref: weakref.ref[ProcessGroupPccl]) -> None:

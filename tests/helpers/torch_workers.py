@@ -182,6 +182,15 @@ def main() -> None:
         c.same("in flight all_gather", gathered, torch.cat([value(r, torch.int32) for r in range(world)]))
         fut = dist.all_reduce(torch.ones(3, device=dev), async_op=True).get_future()
         c.same("future value", fut.wait()[0], torch.full((3,), float(world)))
+        # The same tensor twice in flight: the second waits for the first (world x world),
+        # and a view of it counts as the same tensor.
+        twice = torch.ones(1 << 16, device=dev)
+        first = dist.all_reduce(twice, async_op=True)
+        second = dist.all_reduce(twice[: 1 << 15], async_op=True)
+        first.wait()
+        second.wait()
+        c.same("same tensor twice", twice[: 1 << 15], torch.full((1 << 15,), float(world * world)))
+        c.same("same tensor twice, rest", twice[1 << 15 :], torch.full((1 << 15,), float(world)))
 
     def coalesced() -> None:
         a = value(rank, torch.float32).to(dev)
