@@ -26,8 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
-from pccl_py import PcclError
-from pccl_py.peer.p2p import P2PHandle
+from pccl_py import P2PHandle, PcclError
 from pccl_py.torch.errors import PcclBackendError
 from pccl_py.torch.staging import Staged
 
@@ -156,6 +155,27 @@ class P2PProgress:
                 self._works = [w for w in self._works if w not in finished]
             if not finished:
                 works[0]._handle.join(0.005)
+
+
+def peer_of(ranks: dict[int, int] | None, rank: int, this_rank: int, what: str) -> int:
+    """The pccl peer holding torch `rank` (PcclBackendError when none, or this rank)."""
+    if rank == this_rank:
+        raise PcclBackendError(f"{what}: rank {rank} is this rank")
+    for peer, r in require_ranks(ranks).items():
+        if r == rank:
+            return peer
+    raise PcclBackendError(f"{what}: no pccl peer holds rank {rank}")
+
+
+def require_ranks(ranks: dict[int, int] | None) -> dict[int, int]:
+    if ranks is None:
+        raise PcclBackendError("point-to-point needs the rank table of the rendezvous (peer_ranks)")
+    return ranks
+
+
+def p2p_tag(tag: int) -> int:
+    """torch's tag (a C++ int, may be negative) as pccl's 64-bit one."""
+    return int(tag) % 2**64
 
 
 def _value_of(future: Future[Any]) -> Any:

@@ -49,7 +49,7 @@ from torch.futures import Future
 from pccl_py import Communicator, Master, PcclError, ReduceOp
 from pccl_py.torch.errors import PcclBackendError
 from pccl_py.torch.ops import premul_factor, reduce_op
-from pccl_py.torch.p2p import P2PProgress, P2PWork
+from pccl_py.torch.p2p import P2PProgress, P2PWork, p2p_tag, peer_of, require_ranks
 from pccl_py.torch.staging import Staged, by_dtype, byte_view, split_into
 from pccl_py.torch.work import PcclWork
 
@@ -407,26 +407,26 @@ class ProcessGroupPccl(dist.ProcessGroup):
         """Posted to the engine now, not queued behind collectives (pccl_py.torch.p2p)."""
         (t,) = self._p2p_tensors(tensors, "send")
         self._check_rank(dstRank)
-        peer = self._p2p_peer(dstRank, "send")
-        handle = self._comm.send_async(byte_view(Staged(t).host), peer, tag=_p2p_tag(tag), timeout=self._timeout)
-        return P2PWork(handle, list(tensors), None, self._p2p_ranks(), self._p2p_progress, f"send to rank {dstRank}")
+        peer = peer_of(self._peer_ranks, dstRank, self._rank, "send")
+        handle = self._comm.send_async(byte_view(Staged(t).host), peer, tag=p2p_tag(tag), timeout=self._timeout)
+        return P2PWork(handle, list(tensors), None, require_ranks(self._peer_ranks), self._p2p_progress, f"send to rank {dstRank}")
 
     def recv(self, tensors: Sequence[torch.Tensor], srcRank: int, tag: int = 0) -> dist.Work:
         (t,) = self._p2p_tensors(tensors, "recv")
         self._check_rank(srcRank)
-        return self._recv(t, tensors, self._p2p_peer(srcRank, "recv"), tag, f"recv from rank {srcRank}")
+        return self._recv(t, tensors, peer_of(self._peer_ranks, srcRank, self._rank, "recv"), tag, f"recv from rank {srcRank}")
 
     def recv_anysource(self, tensors: Sequence[torch.Tensor], tag: int = 0) -> dist.Work:
         """The Work's _source_rank() names the sender once it is done."""
         (t,) = self._p2p_tensors(tensors, "recv")
-        self._p2p_ranks()
+        require_ranks(self._peer_ranks)
         return self._recv(t, tensors, None, tag, "recv from any rank")
 
     def _recv(self, t: torch.Tensor, tensors: Sequence[torch.Tensor], peer: int | None, tag: int, what: str) -> dist.Work:
         staged = Staged(t, read=False)
-        handle = self._comm.recv_async(byte_view(staged.host), peer, tag=_p2p_tag(tag), timeout=self._timeout)
+        handle = self._comm.recv_async(byte_view(staged.host), peer, tag=p2p_tag(tag), timeout=self._timeout)
         return P2PWork(
-            handle, list(tensors), None if staged.direct else staged, self._p2p_ranks(), self._p2p_progress, what
+            handle, list(tensors), None if staged.direct else staged, require_ranks(self._peer_ranks), self._p2p_progress, what
         )
 
     def _p2p_tensors(self, tensors: Sequence[torch.Tensor], what: str) -> Sequence[torch.Tensor]:
@@ -437,19 +437,6 @@ class ProcessGroupPccl(dist.ProcessGroup):
         if len(tensors) != 1:
             raise PcclBackendError(f"{what}: expected one tensor, got {len(tensors)}")
         return tensors
-
-    def _p2p_ranks(self) -> dict[int, int]:
-        if self._peer_ranks is None:
-            raise PcclBackendError("point-to-point needs the rank table of the rendezvous (peer_ranks)")
-        return self._peer_ranks
-
-    def _p2p_peer(self, rank: int, what: str) -> int:
-        if rank == self._rank:
-            raise PcclBackendError(f"{what}: rank {rank} is this rank")
-        for peer, r in self._p2p_ranks().items():
-            if r == rank:
-                return peer
-        raise PcclBackendError(f"{what}: no pccl peer holds rank {rank}")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -604,11 +591,6 @@ def _shutdown_at_exit(ref: weakref.ref[ProcessGroupPccl]) -> None:
     pg = ref()
     if pg is not None:
         pg._shutdown_quietly()
-
-
-def _p2p_tag(tag: int) -> int:
-    """torch's tag (a C++ int, may be negative) as pccl's 64-bit one."""
-    return int(tag) % 2**64
 
 
 def wait_until_alone(comm: Communicator, grace: float) -> None:
