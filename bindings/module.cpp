@@ -180,6 +180,31 @@ class FetchHandle : public OpHandle {
   std::vector<std::unique_ptr<BufferView>> views_;
 };
 
+// A point-to-point op (Engine::sendTo / recvFrom): holds its buffer until it ends; a
+// handle dropped while the op runs aborts it first.
+class P2PHandle : public OpHandle {
+ public:
+  P2PHandle(std::shared_ptr<Engine> engine, std::shared_ptr<PointToPoint> op, std::unique_ptr<BufferView> view)
+      : OpHandle(std::move(engine), op), p2p_(std::move(op)), view_(std::move(view)) {}
+  ~P2PHandle() {
+    py::gil_scoped_release release;
+    stopIfRunning();
+  }
+  std::optional<uint64_t> peer() const {
+    const uint64_t p = p2p_->peer();
+    return p == kNoPeer ? std::nullopt : std::optional<uint64_t>(p);
+  }
+  uint64_t nbytes() const { return p2p_->bytes(); }
+  uint64_t tag() const { return p2p_->userTag(); }
+  uint64_t epoch() const { return p2p_->key().epoch; }
+  uint64_t txBytes() const { return op_->txBytes(); }
+  uint64_t rxBytes() const { return op_->done() ? op_->rxBytes() : op_->rxSoFar(); }
+
+ private:
+  std::shared_ptr<PointToPoint> p2p_;
+  std::unique_ptr<BufferView> view_;
+};
+
 void raise(const char* className, const std::string& message, std::optional<uint64_t> peer) {
   py::object errors = py::module_::import("pccl_py.errors");
   py::object cls = errors.attr(className);
@@ -405,6 +430,16 @@ PYBIND11_MODULE(_native, m) {
       .def_property_readonly("voted", &AllReduceHandle::voted,
                              "Whether this peer cast its commit vote (it held the complete result).");
 
+  py::class_<P2PHandle, OpHandle>(m, "P2PHandle")
+      .def_property_readonly("peer", &P2PHandle::peer,
+                             "The other peer: the destination, the source, or (a receive from any peer) the\n"
+                             "sender once matched (None until then).")
+      .def_property_readonly("nbytes", &P2PHandle::nbytes)
+      .def_property_readonly("tag", &P2PHandle::tag)
+      .def_property_readonly("epoch", &P2PHandle::epoch)
+      .def_property_readonly("tx_bytes", &P2PHandle::txBytes)
+      .def_property_readonly("rx_bytes", &P2PHandle::rxBytes);
+
   py::class_<StateExposure>(m, "StateExposure")
       .def_property_readonly("id", &StateExposure::id)
       .def("close", &StateExposure::close, "Stop serving; returns the bytes served.");
@@ -532,6 +567,44 @@ PYBIND11_MODULE(_native, m) {
           "for in place). Every peer must pass the same kind, count, dtype, op and root (else ProtocolError).\n"
           "vote: succeed only once every peer holds its result (all-to-all commit vote). A failed op leaves\n"
           "the input intact and the output undefined.")
+      .def(
+          "send",
+          [](const std::shared_ptr<Engine>& e, py::object buffer, uint64_t peer, uint64_t tag,
+             std::optional<double> timeout, std::optional<double> connectTimeout) {
+            auto view = std::make_unique<BufferView>(buffer, /*writable=*/false);
+            std::shared_ptr<PointToPoint> op;
+            {
+              py::gil_scoped_release release;
+              op = e->sendTo(peer, tag, view->data(), view->size(), toSeconds(timeout),
+                             connectTimeout.has_value() ? *connectTimeout : toSeconds(timeout));
+            }
+            return std::make_unique<P2PHandle>(e, std::move(op), std::move(view));
+          },
+          py::arg("buffer"), py::arg("peer"), py::arg("tag") = 0, py::arg("timeout") = py::none(),
+          py::arg("connect_timeout") = py::none(),
+          "Send the bytes of `buffer` to `peer` (of the current ring) with a 64-bit user tag. Returns a\n"
+          "P2PHandle; the k-th send to a peer with a tag matches its k-th receive from this peer with that\n"
+          "tag. Succeeds once the receiver took the offer and every byte is with the kernel; fails with\n"
+          "PeerLost / Timeout / Aborted, or ProtocolError when the receive's size differs. Leave the\n"
+          "buffer alone until the handle is done.")
+      .def(
+          "recv",
+          [](const std::shared_ptr<Engine>& e, py::object buffer, std::optional<uint64_t> peer, uint64_t tag,
+             std::optional<double> timeout, std::optional<double> connectTimeout) {
+            auto view = std::make_unique<BufferView>(buffer, /*writable=*/true);
+            std::shared_ptr<PointToPoint> op;
+            {
+              py::gil_scoped_release release;
+              op = e->recvFrom(peer.value_or(kNoPeer), tag, view->data(), view->size(), toSeconds(timeout),
+                               connectTimeout.has_value() ? *connectTimeout : toSeconds(timeout));
+            }
+            return std::make_unique<P2PHandle>(e, std::move(op), std::move(view));
+          },
+          py::arg("buffer"), py::arg("peer") = py::none(), py::arg("tag") = 0, py::arg("timeout") = py::none(),
+          py::arg("connect_timeout") = py::none(),
+          "Receive exactly len(buffer) bytes from `peer` (None: from any peer of the ring) with `tag`.\n"
+          "Returns a P2PHandle whose .peer names the sender once matched. Fails with PeerLost / Timeout /\n"
+          "Aborted, or ProtocolError when the matched send's size differs (neither side is poisoned then).")
       .def(
           "disconnect", [](Engine& e, uint64_t peer, const std::string& reason) { e.disconnect(peer, reason); },
           py::arg("peer"), py::arg("reason") = "disconnected by caller")

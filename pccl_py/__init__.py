@@ -20,10 +20,10 @@ from pccl_py.errors import (
     Timeout,
 )
 from pccl_py.master.server import Master
-from pccl_py.peer.communicator import AllReduceHandle, Communicator
+from pccl_py.peer.communicator import AllReduceHandle, Communicator, P2PHandle
 from pccl_py.peer.group import join_group
 from pccl_py.peer.shared_state import SharedState, SyncInfo
-from pccl_py.types import Compression, GatherInfo, Quantization, ReduceInfo, ReduceOp, SyncStrategy
+from pccl_py.types import Compression, GatherInfo, P2PInfo, Quantization, ReduceInfo, ReduceOp, SyncStrategy
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,8 @@ __all__ = [
     "GatherInfo",
     "InvalidArgument",
     "Master",
+    "P2PHandle",
+    "P2PInfo",
     "Partitioned",
     "PcclError",
     "PeerLost",

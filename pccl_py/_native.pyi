@@ -245,6 +245,25 @@ class AllReduceHandle(OpHandle):
     def voted(self) -> bool:
         """Whether this peer cast its commit vote (it held the complete result)."""
 
+class P2PHandle(OpHandle):
+    """Handle of Engine.send / Engine.recv; holds the buffer, dropping it aborts a running op."""
+
+    @property
+    def peer(self) -> int | None:
+        """The other peer: the destination, the source, or (a receive from any peer) the
+        sender once matched (None until then)."""
+
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def tag(self) -> int: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def tx_bytes(self) -> int: ...
+    @property
+    def rx_bytes(self) -> int: ...
+
 class StateExposure:
     """Buffers served to fetching peers until close() (or garbage collection)."""
 
@@ -352,6 +371,28 @@ class Engine:
         same kind, count, dtype, op and root (else ProtocolError). vote: succeed only once
         every peer holds its result. A failed op leaves the input intact, the output undefined.
         """
+
+    def send(
+        self,
+        buffer: _Buffer,
+        peer: int,
+        tag: int = 0,
+        timeout: float | None = None,
+        connect_timeout: float | None = None,
+    ) -> P2PHandle:
+        """Send buffer's bytes to `peer` of the current ring with a 64-bit tag (the k-th
+        send to a peer with a tag matches its k-th receive from this peer with that tag).
+        Raises PeerLost / Timeout / Aborted, or ProtocolError when the sizes differ."""
+
+    def recv(
+        self,
+        buffer: _Buffer,
+        peer: int | None = None,
+        tag: int = 0,
+        timeout: float | None = None,
+        connect_timeout: float | None = None,
+    ) -> P2PHandle:
+        """Receive exactly len(buffer) bytes from `peer` (None: any peer of the ring)."""
 
     def disconnect(self, peer: int, reason: str = "disconnected by caller") -> None: ...
     def next_event(

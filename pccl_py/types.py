@@ -61,6 +61,19 @@ class GatherInfo:
     contributors: tuple[int, ...] = ()  # peer ids in rank order
 
 
+@dataclass(frozen=True)
+class P2PInfo:
+    """What a successful send or receive did."""
+
+    peer: int  # the other peer (a receive from any peer: the sender)
+    rank: int  # its rank in the ring of `epoch`
+    nbytes: int
+    tag: int
+    epoch: int
+    tx_bytes: int
+    rx_bytes: int
+
+
 _QUANT_KINDS = {"minmax": _native.QuantKind.MINMAX, "zeropoint": _native.QuantKind.ZEROPOINT}
 _QUANT_DTYPES = {"uint8": _native.DataType.UINT8, "uint16": _native.DataType.UINT16}
 

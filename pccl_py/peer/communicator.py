@@ -32,6 +32,7 @@ from pccl_py.peer.attempts import AttemptCalls
 from pccl_py.peer.control import ControlChannel
 from pccl_py.peer.gather import GatherCalls
 from pccl_py.peer.optimize import OptimizeCalls
+from pccl_py.peer.p2p import P2PHandle, PointToPointCalls
 from pccl_py.peer.rejoin import RejoinCalls
 from pccl_py.peer.session import OpKey, Session, Topology
 from pccl_py.peer.sync import SyncCalls
@@ -39,10 +40,12 @@ from pccl_py.wire import auth, protocol
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AllReduceHandle", "Communicator"]
+__all__ = ["AllReduceHandle", "Communicator", "P2PHandle"]
 
 
-class Communicator(AttemptCalls, AllReduceCalls, GatherCalls, SyncCalls, OptimizeCalls, RejoinCalls):
+class Communicator(
+    AttemptCalls, AllReduceCalls, GatherCalls, SyncCalls, OptimizeCalls, RejoinCalls, PointToPointCalls
+):
     """A peer of a group. Create, connect(), run collectives, close().
 
     `master` is "host:port". `host`/`port` are this peer's data-plane listen address

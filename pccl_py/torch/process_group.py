@@ -28,7 +28,9 @@ Tensors outside host memory (CUDA) are staged (pccl_py.torch.staging): copied to
 when the op is issued, reduced there, copied back before the Work completes. Reduce ops
 and dtypes map onto pccl's in pccl_py.torch.ops; the Work is pccl_py.torch.work's.
 
-Failure: the first error poisons the group, as in Gloo: that op and every later one
+Point-to-point (send, recv, recv_anysource) bypasses the queue: pccl_py.torch.p2p.
+
+Failure: the first error of a collective poisons the group, as in Gloo: that op and every later one
 fail with the error (a PeerLost names the peer). The group never carries on with fewer
 ranks: an op that succeeded with fewer contributors than the group's size fails too.
 """
@@ -54,6 +56,7 @@ from torch.futures import Future
 from pccl_py import Communicator, Master, PcclError, ReduceOp
 from pccl_py.torch.errors import PcclBackendError
 from pccl_py.torch.ops import premul_factor, reduce_op
+from pccl_py.torch.p2p import P2PProgress, P2PWork, p2p_tag, peer_of, require_ranks
 from pccl_py.torch.staging import Staged, by_dtype, byte_view, split_into
 from pccl_py.torch.work import PcclWork
 
@@ -102,6 +105,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
         self._worker = threading.Thread(target=self._work_loop, name="pccl-torch", daemon=True)
         self._worker.start()
         self._closed = False
+        self._p2p_progress = P2PProgress()  # completes point-to-point futures
         # A script that dies of a collective's error never calls destroy_process_group():
         # stop the worker and the communicator's threads before the interpreter tears
         # torch down under them (which crashed such processes with SIGSEGV at exit).
@@ -420,14 +424,42 @@ class ProcessGroupPccl(dist.ProcessGroup):
 
     alltoall_base = all_to_all_single
 
-    def send(self, *args: Any, **kwargs: Any) -> dist.Work:
-        return self._unsupported("send (point-to-point)")
+    # ------------------------------------------------------------------ point-to-point
 
-    def recv(self, *args: Any, **kwargs: Any) -> dist.Work:
-        return self._unsupported("recv (point-to-point)")
+    def send(self, tensors: Sequence[torch.Tensor], dstRank: int, tag: int = 0) -> dist.Work:
+        """Posted to the engine now, not queued behind collectives (pccl_py.torch.p2p)."""
+        (t,) = self._p2p_tensors(tensors, "send")
+        self._check_rank(dstRank)
+        peer = peer_of(self._peer_ranks, dstRank, self._rank, "send")
+        handle = self._comm.send_async(byte_view(Staged(t).host), peer, tag=p2p_tag(tag), timeout=self._timeout)
+        return P2PWork(handle, list(tensors), None, require_ranks(self._peer_ranks), self._p2p_progress, f"send to rank {dstRank}")
 
-    def recv_anysource(self, *args: Any, **kwargs: Any) -> dist.Work:
-        return self._unsupported("recv (point-to-point)")
+    def recv(self, tensors: Sequence[torch.Tensor], srcRank: int, tag: int = 0) -> dist.Work:
+        (t,) = self._p2p_tensors(tensors, "recv")
+        self._check_rank(srcRank)
+        return self._recv(t, tensors, peer_of(self._peer_ranks, srcRank, self._rank, "recv"), tag, f"recv from rank {srcRank}")
+
+    def recv_anysource(self, tensors: Sequence[torch.Tensor], tag: int = 0) -> dist.Work:
+        """The Work's _source_rank() names the sender once it is done."""
+        (t,) = self._p2p_tensors(tensors, "recv")
+        require_ranks(self._peer_ranks)
+        return self._recv(t, tensors, None, tag, "recv from any rank")
+
+    def _recv(self, t: torch.Tensor, tensors: Sequence[torch.Tensor], peer: int | None, tag: int, what: str) -> dist.Work:
+        staged = Staged(t, read=False)
+        handle = self._comm.recv_async(byte_view(staged.host), peer, tag=p2p_tag(tag), timeout=self._timeout)
+        return P2PWork(
+            handle, list(tensors), None if staged.direct else staged, require_ranks(self._peer_ranks), self._p2p_progress, what
+        )
+
+    def _p2p_tensors(self, tensors: Sequence[torch.Tensor], what: str) -> Sequence[torch.Tensor]:
+        if self._closed:
+            raise PcclBackendError("the pccl process group has been shut down")
+        if self._failure is not None:
+            raise PcclBackendError(f"the pccl process group failed earlier and cannot be used: {self._failure}")
+        if len(tensors) != 1:
+            raise PcclBackendError(f"{what}: expected one tensor, got {len(tensors)}")
+        return tensors
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -445,6 +477,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
             # keep the master up until they have left (or were found dead).
             wait_until_alone(self._comm, grace=min(self._timeout, 30.0))
         self._comm.close()
+        self._p2p_progress.close(self._timeout)
         if master is not None:
             master.close()
 

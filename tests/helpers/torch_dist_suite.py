@@ -17,7 +17,8 @@ nccl, ucc, mpi this module
 - runs the tests named in GLOO_GATED on it too: upstream gates them with
   require_backend_is_available({"gloo"}), although their bodies only call public
   torch.distributed collectives on CPU tensors (all_reduce_coalesced), so any backend
-  that claims the collective should pass them.
+  that claims the collective should pass them; likewise GLOO_GATED_P2P
+  (batch_isend_irecv on CPU tensors, gated by the reason "GLOO Batch Send Recv CPU").
 Nothing else is changed: every other test keeps its upstream skip conditions.
 """
 
@@ -37,6 +38,9 @@ import pccl_py.torch  # noqa: F401  (registers "pccl", here and in every spawned
 BACKEND = os.environ["BACKEND"]
 BUILTIN = {"gloo", "nccl", "ucc", "mpi"}
 GLOO_GATED = ("test_all_reduce_coalesced_",)
+# Gated by name with a reason of their own; their bodies only run batch_isend_irecv over
+# CPU tensors (public point-to-point), which pccl implements.
+GLOO_GATED_P2P = ("test_batch_isend_irecv_gloo",)
 
 if BACKEND not in BUILTIN:
     DistTestCases.backend_feature["plugin"].add(BACKEND)
@@ -51,6 +55,8 @@ if BACKEND not in BUILTIN:
     for _name, _test in vars(DistributedTest._DistTestBase).items():
         reason = getattr(_test, "__unittest_skip_why__", "")
         if _name.startswith(GLOO_GATED) and reason.startswith("Test requires backend") and "{'gloo'}" in reason:
+            _test.__unittest_skip__ = False
+        if _name.startswith(GLOO_GATED_P2P) and reason == "GLOO Batch Send Recv CPU":
             _test.__unittest_skip__ = False
 
 

@@ -32,6 +32,7 @@
 #include "pccl/allreduce_quantized.hpp"
 #include "pccl/allreduce_ring.hpp"
 #include "pccl/broadcast.hpp"
+#include "pccl/p2p.hpp"
 #include "pccl/prefault.hpp"
 #include "pccl/reduce_scatter.hpp"
 #include "pccl/state_fetch.hpp"
@@ -118,6 +119,18 @@ class Engine {
   // The buffers must stay valid until the op finishes (the binding guarantees it).
   std::shared_ptr<Collective> allToAll(CollectiveKind kind, const AllReduceOptions& options, size_t outputBytes,
                                        double connectTimeoutSeconds);
+
+  // Point-to-point (p2p.hpp) with `peer` of the current ring: a send of `bytes` from
+  // `data`, or a receive into it (peer kNoPeer: from any peer). Opens the pools to the
+  // peer (a receive from any peer: to every peer) first, up to connectTimeoutSeconds;
+  // the op then fails with PeerLostError / TimeoutError / AbortedError, or
+  // ProtocolError when the two sides' sizes differ. `data` must stay valid until the op
+  // finishes (the binding guarantees it). A send succeeds once its bytes are with the
+  // kernel; a receive once they are all in `data` (PointToPoint::peer() names the sender).
+  std::shared_ptr<PointToPoint> sendTo(uint64_t peer, uint64_t tag, const void* data, size_t bytes,
+                                       double timeoutSeconds, double connectTimeoutSeconds);
+  std::shared_ptr<PointToPoint> recvFrom(uint64_t peer, uint64_t tag, void* data, size_t bytes,
+                                         double timeoutSeconds, double connectTimeoutSeconds);
 
   // Ends a deferred-commit op that has finished: with `commit`, if it succeeded or
   // voted, the result stays in the caller's buffer; otherwise the caller's input is put
@@ -254,6 +267,22 @@ class Engine {
   void queueControl(Connection* c, const FrameHeader& h, std::string payload);
   void dropExposure(uint64_t exposure);
 
+  // ---- progress thread: point-to-point matching (p2p.cpp)
+  struct P2pOffer {
+    uint64_t peer;
+    uint64_t epoch;
+    uint64_t senderTag;
+    uint64_t bytes;
+  };
+  std::shared_ptr<PointToPoint> postP2p(const P2pOptions& options, double connectTimeoutSeconds);
+  void startP2p(const std::shared_ptr<PointToPoint>& op);
+  void onP2pFrame(Connection* c, const FrameHeader& h);
+  void takeOffer(const std::shared_ptr<PointToPoint>& op, const P2pOffer& offer);
+  // Queues a bare p2p control frame on stripe 0 of (peer, epoch); false: no such pool.
+  bool sendP2pControl(uint64_t peer, uint64_t epoch, const FrameHeader& h);
+  void onP2pFailed(PointToPoint* op, ErrorKind kind);
+  void dropP2pBefore(uint64_t epoch);
+
   // ---- progress thread: test-only faults armed by injectFault() (fault_injection.cpp)
   void maybeWithholdVotes(Collective* op);
   void maybeCorrupt(SendItem& answer);
@@ -305,6 +334,11 @@ class Engine {
   std::atomic<uint64_t> zeroCopyBytes_{0};
   std::atomic<uint64_t> nextFetchTag_{1};
   std::unordered_map<uint64_t, std::deque<MailFrame>> mailbox_;
+  // Point-to-point, by user tag: offers no receive has taken yet (arrival order) and
+  // receives waiting for an offer (post order).
+  std::atomic<uint64_t> nextP2pTag_{1};
+  std::unordered_map<uint64_t, std::deque<P2pOffer>> p2pOffers_;
+  std::unordered_map<uint64_t, std::deque<std::shared_ptr<PointToPoint>>> p2pPosted_;
   size_t mailboxBytes_ = 0;
   std::vector<uint8_t> discard_;
   std::vector<Connection*> dirty_;               // connections with frames queued since the last flush

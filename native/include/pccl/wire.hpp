@@ -104,6 +104,16 @@ enum class FrameType : uint8_t {
   // Commit vote of an all-reduce (no payload; `offset` carries the count, see
   // Collective::readyToCommit).
   kCommit = 7,
+  // Point-to-point (p2p.hpp), no payload, on stripe 0 of the epoch's pool so that a
+  // sender's offers keep their order. kP2pOffer: sender -> receiver, "I have `offset`
+  // bytes for user tag `tag`"; seq names the sender's op. kP2pAccept: receiver ->
+  // sender, tag: the sender's op, seq: the receiver's op (the payload's kData frames
+  // carry it), offset: the bytes the receive holds, phase 0: send them, 1: refused (the
+  // sizes differ). kP2pCancel: sender -> receiver, the offer `seq` (user tag `tag`) is
+  // withdrawn (its op failed before it was accepted; phase: the ErrorKind).
+  kP2pOffer = 8,
+  kP2pAccept = 9,
+  kP2pCancel = 10,
 };
 constexpr uint32_t kMaxAbortReason = 1024;
 constexpr uint64_t kStateEpoch = UINT64_MAX - 1;  // pool used by state transfers (never retired)

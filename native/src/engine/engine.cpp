@@ -472,6 +472,7 @@ void Engine::setRingEpoch(uint64_t epoch) {
   for (auto& [fd, c] : connections_) {
     if (!c->dead && !c->handshaking && c->epoch < currentEpoch_) old.push_back(c.get());
   }
+  dropP2pBefore(currentEpoch_);
   for (Connection* c : old) {
     c->sendGoodbye();
     closeConnection(c, ErrorKind::kAborted, "epoch " + std::to_string(currentEpoch_) + " replaced this connection's epoch",
@@ -598,7 +599,8 @@ void Engine::retire(Collective* op) {
     if (!((op->state() == OpState::kSucceeded || op->voted() || op->defersRestore()) && op->holdsResult())) {
       giveScratch(it->second->releaseScratch());
     }
-    lastDoneByTag_[tag] = Finished{op->key(), it->second->shapeDigest()};
+    // Point-to-point tags are never reused (no late frame can find one: frames.cpp).
+    if (!isP2pTag(tag)) lastDoneByTag_[tag] = Finished{op->key(), it->second->shapeDigest()};
     activeByTag_.erase(it);
   }
 }
@@ -610,6 +612,7 @@ void Engine::failOp(Collective* op, ErrorKind kind, const std::string& message, 
   // on a neighbour still reading frames sent by reference knows they are from a failed
   // op (failReadersByReference), whatever the caller does with its buffers.
   op->fail(kind, message, peer, /*publish=*/false);
+  if (isP2pTag(op->key().tag)) onP2pFailed(static_cast<PointToPoint*>(op), kind);
   struct PublishAtEnd {
     Collective* op;
     ~PublishAtEnd() { op->publish(); }

@@ -30,6 +30,9 @@ bool wellFormed(const FrameHeader& h) {
       return h.length != 0;
     case FrameType::kGoodbye:
     case FrameType::kCommit:
+    case FrameType::kP2pOffer:
+    case FrameType::kP2pAccept:
+    case FrameType::kP2pCancel:
       return h.length == 0;
     case FrameType::kAbort:
       return h.length <= kMaxAbortReason;
@@ -127,6 +130,15 @@ void Engine::dispatchHeader(Connection* c) {
     case FrameType::kAbort:
       readControl(c);
       return;
+    case FrameType::kP2pOffer:
+    case FrameType::kP2pAccept:
+    case FrameType::kP2pCancel: {
+      const FrameHeader frame = h;
+      c->headerGot = 0;
+      onP2pFrame(c, frame);
+      flushDirty();
+      return;
+    }
     case FrameType::kStateRequest:
     case FrameType::kStateRefused:
       if (c->epoch != kStateEpoch || h.length > kMaxAbortReason ||
@@ -207,6 +219,9 @@ bool Engine::routeUnclaimed(Connection* c, const Collective* sameTag) {
     }
     stale = stale || (done != lastDoneByTag_.end() && !stepBefore(done->second.key, key));
   }
+  // A point-to-point receive is running before its sender may send a byte, and its tag
+  // is never reused: a frame for one that is not running is late.
+  if (isP2pTag(h.tag)) stale = true;
   if (stale) {
     c->sink = Connection::Sink::kDiscard;
     return true;
