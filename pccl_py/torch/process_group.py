@@ -3,14 +3,8 @@ pccl_py Communicator.
 
 Every collective is queued in call order and returns a Work backed by a torch Future,
 so `async_op=True` and DDP's reducer (which chains on `Work.get_future()`) overlap
-communication with the caller's compute. A dispatcher thread starts them in call order,
-up to `max_inflight` (default 4, env PCCL_TORCH_INFLIGHT) at once, each on a pccl tag of
-its own: the i-th collective of the group runs on tag 1 + i % max_inflight and starts
-once the one before it on that tag has ended, so the numbering is identical on every
-rank (torch already requires every rank to issue a group's collectives in the same
-order) and DDP's buckets and FSDP's prefetches overlap each other. A collective whose
-tensors share storage with one still running waits for it (a second all-reduce of the
-same tensor sees the first one's result, as if run one after the other).
+communication with the caller's compute; up to 4 run at once, each on a pccl tag of
+its own (pccl_py.torch.dispatch).
 
 The collectives map onto the Communicator's, each moving the bytes a dedicated
 implementation moves:
@@ -30,40 +24,36 @@ and dtypes map onto pccl's in pccl_py.torch.ops; the Work is pccl_py.torch.work'
 
 Point-to-point (send, recv, recv_anysource) bypasses the queue: pccl_py.torch.p2p.
 
-Failure: the first error of a collective poisons the group, as in Gloo: that op and every later one
-fail with the error (a PeerLost names the peer). The group never carries on with fewer
-ranks: an op that succeeded with fewer contributors than the group's size fails too.
+Failure: the first error of a collective poisons the group, as in Gloo (dispatch.py).
+The group never carries on with fewer ranks: an op that succeeded with fewer
+contributors than the group's size fails too.
 """
 
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
 import datetime
 import logging
-import os
-import queue
-import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.futures import Future
 
-from pccl_py import Communicator, Master, PcclError, ReduceOp
+from pccl_py import Communicator, Master, ReduceOp
+from pccl_py.torch.dispatch import Dispatcher
 from pccl_py.torch.errors import PcclBackendError
 from pccl_py.torch.ops import premul_factor, reduce_op
-from pccl_py.torch.p2p import P2PProgress, P2PWork, p2p_tag, peer_of, require_ranks
+from pccl_py.torch.p2p import P2PProgress, PointToPointOps
 from pccl_py.torch.staging import Staged, by_dtype, byte_view, split_into
 from pccl_py.torch.work import PcclWork
 
 log = logging.getLogger(__name__)
 
 
-class ProcessGroupPccl(dist.ProcessGroup):
+class ProcessGroupPccl(PointToPointOps, dist.ProcessGroup):
     """torch.distributed ProcessGroup over a connected pccl_py Communicator.
 
     Owns `comm` (closed by shutdown()) and, when given, the in-process `master` this
@@ -91,19 +81,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
         self._master = master
         self._group_name = ""
         self._group_desc = ""
-        self._failure: BaseException | None = None
-        self._max_inflight = max_inflight if max_inflight is not None else _default_inflight()
-        if self._max_inflight < 1:
-            raise PcclBackendError(f"max_inflight must be at least 1, got {self._max_inflight}")
-        self._queue: queue.SimpleQueue[_Queued | None] = queue.SimpleQueue()
-        self._running: dict[int, frozenset[int] | None] = {}  # tag -> storages touched (None: unknown)
-        self._idle = threading.Condition()
-        self._op_tag = threading.local()  # the tag of the collective a runner thread runs
-        self._runners = concurrent.futures.ThreadPoolExecutor(
-            self._max_inflight, thread_name_prefix="pccl-torch-op"
-        )
-        self._worker = threading.Thread(target=self._work_loop, name="pccl-torch", daemon=True)
-        self._worker.start()
+        self._dispatch = Dispatcher(rank, max_inflight, lambda: self._peer_ranks is None)
         self._closed = False
         self._p2p_progress = P2PProgress()  # completes point-to-point futures
         # A script that dies of a collective's error never calls destroy_process_group():
@@ -424,43 +402,6 @@ class ProcessGroupPccl(dist.ProcessGroup):
 
     alltoall_base = all_to_all_single
 
-    # ------------------------------------------------------------------ point-to-point
-
-    def send(self, tensors: Sequence[torch.Tensor], dstRank: int, tag: int = 0) -> dist.Work:
-        """Posted to the engine now, not queued behind collectives (pccl_py.torch.p2p)."""
-        (t,) = self._p2p_tensors(tensors, "send")
-        self._check_rank(dstRank)
-        peer = peer_of(self._peer_ranks, dstRank, self._rank, "send")
-        handle = self._comm.send_async(byte_view(Staged(t).host), peer, tag=p2p_tag(tag), timeout=self._timeout)
-        return P2PWork(handle, list(tensors), None, require_ranks(self._peer_ranks), self._p2p_progress, f"send to rank {dstRank}")
-
-    def recv(self, tensors: Sequence[torch.Tensor], srcRank: int, tag: int = 0) -> dist.Work:
-        (t,) = self._p2p_tensors(tensors, "recv")
-        self._check_rank(srcRank)
-        return self._recv(t, tensors, peer_of(self._peer_ranks, srcRank, self._rank, "recv"), tag, f"recv from rank {srcRank}")
-
-    def recv_anysource(self, tensors: Sequence[torch.Tensor], tag: int = 0) -> dist.Work:
-        """The Work's _source_rank() names the sender once it is done."""
-        (t,) = self._p2p_tensors(tensors, "recv")
-        require_ranks(self._peer_ranks)
-        return self._recv(t, tensors, None, tag, "recv from any rank")
-
-    def _recv(self, t: torch.Tensor, tensors: Sequence[torch.Tensor], peer: int | None, tag: int, what: str) -> dist.Work:
-        staged = Staged(t, read=False)
-        handle = self._comm.recv_async(byte_view(staged.host), peer, tag=p2p_tag(tag), timeout=self._timeout)
-        return P2PWork(
-            handle, list(tensors), None if staged.direct else staged, require_ranks(self._peer_ranks), self._p2p_progress, what
-        )
-
-    def _p2p_tensors(self, tensors: Sequence[torch.Tensor], what: str) -> Sequence[torch.Tensor]:
-        if self._closed:
-            raise PcclBackendError("the pccl process group has been shut down")
-        if self._failure is not None:
-            raise PcclBackendError(f"the pccl process group failed earlier and cannot be used: {self._failure}")
-        if len(tensors) != 1:
-            raise PcclBackendError(f"{what}: expected one tensor, got {len(tensors)}")
-        return tensors
-
     # ------------------------------------------------------------------ lifecycle
 
     def shutdown(self) -> None:
@@ -469,8 +410,7 @@ class ProcessGroupPccl(dist.ProcessGroup):
         if self._closed:
             return
         self._closed = True
-        self._queue.put(None)
-        self._worker.join(self._timeout)
+        self._dispatch.close(self._timeout)
         master, self._master = self._master, None
         if master is not None:
             # The other ranks may still be waiting for the outcome of the last op:
@@ -499,73 +439,15 @@ class ProcessGroupPccl(dist.ProcessGroup):
         makes it wait for every collective before it and hold back the ones after."""
         if self._closed:
             raise PcclBackendError("the pccl process group has been shut down")
-        fut: Future[Any] = Future()
-        self._queue.put(_Queued(run, fut, _storages(tensors)))
-        return PcclWork(fut)
-
-    def _work_loop(self) -> None:
-        """Dispatcher: starts the queued collectives in call order on their tags."""
-        index = 0
-        while True:
-            item = self._queue.get()
-            if item is None:
-                with self._idle:
-                    self._idle.wait_for(lambda: not self._running)
-                self._runners.shutdown(wait=True)
-                return
-            tag = 1 + index % self._max_inflight
-            index += 1
-            touches = item.touches if self._peer_ranks is not None else None  # learning the ranks: alone
-            with self._idle:
-                while tag in self._running or self._conflicts(touches):
-                    self._idle.wait()
-                if self._failure is not None:
-                    item.future.set_exception(
-                        PcclBackendError(
-                            f"the pccl process group failed earlier and cannot be used: {self._failure}"
-                        )
-                    )
-                    continue
-                self._running[tag] = touches
-            self._runners.submit(self._run_one, item, tag)
-
-    def _conflicts(self, touches: frozenset[int] | None) -> bool:
-        if not self._running:
-            return False
-        if touches is None:
-            return True
-        return any(other is None or other & touches for other in self._running.values())
-
-    def _run_one(self, item: _Queued, tag: int) -> None:
-        self._op_tag.value = tag
-        try:
-            result = item.run()
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiter, never lost
-            error = exc if isinstance(exc, PcclBackendError) else PcclBackendError(f"pccl: {exc}")
-            if isinstance(exc, PcclError):  # the group is broken (peer lost, timeout, shrunk)
-                if error is not exc:
-                    error.__cause__ = exc
-                if self._failure is None:
-                    self._failure = error
-                log.error("pccl collective failed on rank %d: %s", self._rank, exc)
-            outcome: tuple[bool, Any] = (False, error)
-        else:
-            outcome = (True, result)
-        finally:
-            with self._idle:
-                del self._running[tag]
-                self._idle.notify_all()
-        # Completed after the slot is free: a waiter that issues its next collective at
-        # once never finds this one still holding its tag or its tensors.
-        if outcome[0]:
-            item.future.set_result(outcome[1])
-        else:
-            item.future.set_exception(outcome[1])
+        return PcclWork(self._dispatch.submit(run, tensors))
 
     @property
     def _tag(self) -> int:
-        """The pccl tag of the collective this runner thread runs."""
-        return int(getattr(self._op_tag, "value", 0))
+        return self._dispatch.tag
+
+    @property
+    def _failure(self) -> BaseException | None:
+        return self._dispatch.failure
 
     def _all_reduce(self, buf: torch.Tensor, op: ReduceOp, timeout: float) -> None:
         info = self._comm.all_reduce(buf, op=op, tag=self._tag, timeout=timeout)
@@ -659,38 +541,6 @@ class ProcessGroupPccl(dist.ProcessGroup):
     def _check_list(self, tensors: Sequence[torch.Tensor], what: str) -> None:
         if len(tensors) != self._size:
             raise PcclBackendError(f"{what}: expected one per rank ({self._size}), got {len(tensors)}")
-
-
-class _Queued(NamedTuple):
-    run: Callable[[], list[torch.Tensor]]
-    future: Future[Any]
-    touches: frozenset[int] | None  # storages of the tensors it reads or writes; None: unknown
-
-
-def _storages(tensors: Sequence[Any] | None) -> frozenset[int] | None:
-    """The storages (by address) of `tensors` and of tensors in nested lists; None if
-    not given."""
-    if tensors is None:
-        return None
-    found: set[int] = set()
-    pending = list(tensors)
-    while pending:
-        t = pending.pop()
-        if isinstance(t, torch.Tensor):
-            if t.layout != torch.strided:
-                return None  # sparse: no single storage to compare
-            found.add(t.untyped_storage().data_ptr())
-        elif isinstance(t, list | tuple):
-            pending.extend(t)
-    return frozenset(found)
-
-
-def _default_inflight() -> int:
-    raw = os.environ.get("PCCL_TORCH_INFLIGHT", "4")
-    try:
-        return int(raw)
-    except ValueError:
-        raise PcclBackendError(f"PCCL_TORCH_INFLIGHT must be an integer, got {raw!r}") from None
 
 
 def _shutdown_at_exit(ref: weakref.ref[ProcessGroupPccl]) -> None:

@@ -6,7 +6,7 @@ backend, and checks every output slot against the value computed locally.
 
     python tests/helpers/torch_coalesced_workers.py --backend pccl|gloo --save PREFIX
 
-Started once per rank with torchrun's environment (pccl_py.torch.bench.start). Saves
+Started once per rank with torchrun's environment (pccl_py.tools.torch_bench.start). Saves
 every case's outputs to PREFIX.rank<R>.pt (so a test can compare two backends bit for
 bit) and prints one JSON line: {"rank", "checks", "failures": [...], "failed": [case, ...],
 "raised": {case: error}}. A case that raises is recorded, not fatal; exits 0 so the test sees it all.

@@ -3,7 +3,7 @@
 
     python tests/helpers/torch_p2p_workers.py [--backend pccl|gloo] [--big-mib 64]
 
-Started once per rank with torchrun's environment (pccl_py.torch.bench.start). Prints
+Started once per rank with torchrun's environment (pccl_py.tools.torch_bench.start). Prints
 one JSON line: {"rank", "checks", "failures": [...]}; exits 0 even when checks fail so
 the test can show every failure at once.
 """

@@ -4,7 +4,7 @@ with async_op=True, and checks each result against the value computed locally.
 
     python tests/torch_workers.py [--init pccl://host:port] [--device cpu|cuda] [--quick]
 
-Started once per rank with torchrun's environment (pccl_py.torch.bench.start). Prints
+Started once per rank with torchrun's environment (pccl_py.tools.torch_bench.start). Prints
 one JSON line: {"rank", "checks", "failures": [...]}; exits 0 even when checks fail so
 the test can show every failure at once.
 """

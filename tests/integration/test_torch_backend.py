@@ -3,7 +3,7 @@ run checks them all), DDP and FSDP2 parity with gloo on the same unmodified scri
 the pccl:// rendezvous with an external master, and failure behaviour (SIGKILL of a
 rank mid-training raises on every other rank, never hangs).
 
-Ranks are separate processes started as torchrun would (pccl_py.torch.bench.start);
+Ranks are separate processes started as torchrun would (pccl_py.tools.torch_bench.start);
 every process is killed and reaped before a test returns.
 """
 
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import pccl_py as pccl
-from pccl_py.torch.bench import EXAMPLE, finish, launch, start
+from pccl_py.tools.torch_bench import EXAMPLE, finish, launch, start
 
 WORKER = str(Path(__file__).parents[1] / "helpers" / "torch_workers.py")
 

@@ -6,7 +6,7 @@ Every output slot is checked against the value computed locally, and at world si
 (where a sum has one order) pccl's outputs must equal gloo's bit for bit wherever gloo
 takes the call.
 
-Ranks are separate processes started as torchrun would (pccl_py.torch.bench.launch);
+Ranks are separate processes started as torchrun would (pccl_py.tools.torch_bench.launch);
 tests/helpers/torch_coalesced_workers.py is what each runs. The last test runs a few of
 PyTorch's own DistributedTest cases for these collectives on pccl.
 """
@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 
-from pccl_py.torch.bench import launch
+from pccl_py.tools.torch_bench import launch
 
 WORKER = str(Path(__file__).parents[1] / "helpers" / "torch_coalesced_workers.py")
 

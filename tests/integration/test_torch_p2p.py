@@ -3,7 +3,7 @@ isend/irecv of 64 MiB both ways at once, any-source receives naming the sender,
 batch_isend_irecv ring exchange, sends around collectives, strided tensors, and a size
 mismatch raising a typed error (tests/helpers/torch_p2p_workers.py checks each).
 
-Ranks are separate processes started as torchrun would (pccl_py.torch.bench.start);
+Ranks are separate processes started as torchrun would (pccl_py.tools.torch_bench.start);
 every process is killed and reaped before a test returns.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pccl_py.torch.bench import launch
+from pccl_py.tools.torch_bench import launch
 
 WORKER = str(Path(__file__).parents[1] / "helpers" / "torch_p2p_workers.py")
 

@@ -2,8 +2,8 @@
 unmodified script (examples/ddp_mlp.py), launched as torchrun would (one process per
 rank, env://).
 
-    python -m pccl_py.torch.bench --procs 2 4 --steps 300
-    python -m pccl_py.torch.bench --procs 2 4 --steps 60 --warmup 10 --wan rtt=50ms,rate=1gbit
+    python -m pccl_py.tools.torch_bench --procs 2 4 --steps 300
+    python -m pccl_py.tools.torch_bench --procs 2 4 --steps 60 --warmup 10 --wan rtt=50ms,rate=1gbit
 
 --wan puts every rank in an emulated host of its own behind the WAN emulator
 (pccl_py.tools.wan; root and /dev/net/tun; docs/wan.md): MASTER_ADDR is rank 0's host,
@@ -22,10 +22,10 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from pccl_py.tools.wan import WanNet
+from pccl_py.tools import wan
+from pccl_py.tools.wan import WanNet
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ddp_mlp.py"
 
@@ -133,8 +133,6 @@ def main() -> None:
     with ExitStack() as stack:
         net = None
         if args.wan is not None:
-            from pccl_py.tools import wan
-
             why_not = wan.unavailable()
             if why_not is not None:
                 parser.error(f"--wan {why_not}")
