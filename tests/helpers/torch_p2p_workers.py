@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+
+import torch_workers  # the same directory (run as a script)
 
 import pccl_py.torch  # noqa: F401  (registers "pccl")
 from pccl_py.torch.errors import PcclBackendError
@@ -26,23 +27,11 @@ def payload(src: int, dst: int, n: int, salt: int = 0) -> torch.Tensor:
     return (torch.arange(n, dtype=torch.int64) * 31 + src * 1000 + dst * 7 + salt).to(torch.float32)
 
 
-class Checker:
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
-        self.checks = 0
-        self.failures: list[str] = []
-
+class Checker(torch_workers.Checker):
     def check(self, what: str, ok: bool, detail: str = "") -> None:
         self.checks += 1
         if not ok:
             self.failures.append(f"rank {self.rank} {what}: {detail}")
-
-    def run(self, what: str, fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except Exception as exc:  # recorded, the other checks go on
-            self.checks += 1
-            self.failures.append(f"rank {self.rank} {what}: raised {type(exc).__name__}: {exc}")
 
 
 def main() -> None:
