@@ -5,6 +5,7 @@ keep running), for good or for a while.
 
     python -m stress.wan_faults --wan rtt=100ms,rate=1gbit --peers 4 --mib 64 --case partition
     python -m stress.wan_faults --wan rtt=100ms,rate=1gbit --peers 4 --kib 1 --case outage --outage 2.5
+    python -m stress.wan_faults --wan rtt=300ms,jitter=20ms,rate=1gbit --peers 4 --case steady --seconds 600
 
 partition: host 0 is cut off mid-op and stays cut off. Printed: for each survivor, how
 long after the cut its call returned and how (the bar: the same outcome everywhere, a
@@ -164,6 +165,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for p in procs:  # warm: every peer completed a few calls
                 for _ in range(args.warm):
                     p.wait_for("call", 120)
+            if args.case == "steady":
+                return _steady_report(args, procs)
             if args.case == "join":
                 procs.append(start(members, "joiner"))
                 joined = procs[-1].wait_for("call", 120)
@@ -184,6 +187,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 p.close()
             master.close()
     return _report(args, procs, t_cut, t_heal if args.case == "outage" else None)
+
+
+def _steady_report(args: argparse.Namespace, procs: list[_Proc]) -> dict[str, Any]:
+    """No fault: the loop runs for --seconds; a healthy WAN (jitter included) must
+    never cost a call, a member (a false eviction), or a stall."""
+    t_start = time.time()
+    deadline = t_start + args.seconds
+    while time.time() < deadline and all(p.proc.poll() is None for p in procs):
+        time.sleep(1.0)
+    hosts = []
+    for i, p in enumerate(procs):
+        calls = [r for r in p.all if r.get("event") == "call" and r["t0"] >= t_start]
+        times = [r["t1"] - r["t0"] for r in calls]
+        hosts.append({
+            "host": i,
+            "calls": len(calls),
+            "failed": [f"{r['error']}: {r['msg'][:120]}" for r in calls if not r["ok"]][:5],
+            "smaller_world": sum(1 for r in calls if r["ok"] and r["world"] < args.peers),
+            "retried": sum(1 for r in calls if r["ok"] and r["attempts"] > 1),
+            "median_call_s": round(statistics.median(times), 3) if times else None,
+            "max_call_s": round(max(times), 3) if times else None,
+            "exited": p.proc.poll(),
+        })
+    return {"case": "steady", "wan": args.wan, "peers": args.peers, "bytes": (args.mib << 20) or (args.kib << 10),
+            "seconds": round(time.time() - t_start, 1), "hosts": hosts}
 
 
 def _join_report(args: argparse.Namespace, joiner: _Proc, first: dict[str, Any]) -> dict[str, Any]:
@@ -237,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--mib", type=int, default=0, help="all-reduce size in MiB")
     size.add_argument("--kib", type=int, default=1, help="all-reduce size in KiB (default 1)")
-    parser.add_argument("--case", choices=("partition", "outage", "join"), default="partition")
+    parser.add_argument("--case", choices=("partition", "outage", "join", "steady"), default="partition",
+                        help="steady: no fault for --seconds (false evictions, failed or retried calls)")
     parser.add_argument("--outage", type=float, default=2.5, help="seconds host 0 stays cut off (--case outage)")
     parser.add_argument("--after", type=float, default=8.0, help="seconds measured after the cut (or the heal)")
     parser.add_argument("--warm", type=int, default=2, help="calls every peer completes before the cut")
