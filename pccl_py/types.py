@@ -158,7 +158,7 @@ class Compression:
     the summed weights, as SparseLoCo). Every peer must pass the same Compression.
     """
 
-    topk: int = 32
+    topk: int = 40
     chunk: int = 4096
     bits: int | None = 2
     transform: str | None = None

@@ -17,7 +17,7 @@ from typing import Any
 
 from examples.tinylm.experiments import Run, _dump, _figure, _result, _save, _table, run_group
 
-SPARSE_DEFAULT = "topk=32,chunk=4096,bits=2,average=senders"
+SPARSE_DEFAULT = "topk=40,chunk=4096,bits=2,average=senders"
 SPARSE_OUTER_DEFAULT = "1,0"  # SparseLoCo: outer SGD lr 1, no momentum (the error feedback carries it)
 METHODS = ("fp32", "uint8", "sparse", "streaming")
 

@@ -575,7 +575,7 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         default=None,
         help="pccl_py.Compression fields of the outer step, e.g. topk=32,chunk=4096,bits=2 (churn, async; "
-        "compression: one sparse row per --compress, default topk=32,chunk=4096,bits=2,average=senders)",
+        "compression: one sparse row per --compress, default topk=40,chunk=4096,bits=2,average=senders)",
     )
     parser.add_argument(
         "--methods", default=None, help="compression: rows to run (default fp32,uint8,sparse,streaming)"
