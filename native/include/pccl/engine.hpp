@@ -94,10 +94,13 @@ class Engine {
   const EngineOptions& options() const { return options_; }
 
   // Makes `ring` (in ring order; this peer at `rank`) the ring of `epoch` and opens
-  // the connection pool to the next neighbour unless it is already open. Frames of
-  // older epochs are dropped from then on. Blocks up to `timeoutSeconds`; throws
-  // PeerLostError / TimeoutError when the neighbour cannot be reached.
-  void setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_t rank, double timeoutSeconds);
+  // the connection pool to the next neighbour unless it is already open; with
+  // `connectAll`, the pools to every peer of the ring, all at once (what the direct and
+  // quantized all-reduces need: opening them here saves the first op a second wave of
+  // round trips). Frames of older epochs are dropped from then on. Blocks up to
+  // `timeoutSeconds`; throws PeerLostError / TimeoutError when a peer cannot be reached.
+  void setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_t rank, double timeoutSeconds,
+               bool connectAll = false);
   RingPosition ring() const;
   // Connections per pool to `peer`: connectionsPerPeer, or with 0 what its measured
   // round trip asked for (0 until a pool to it was opened).
@@ -176,6 +179,11 @@ class Engine {
 
   // Open outgoing connections to `peer` in the pool of `epoch`.
   size_t liveConnections(uint64_t peer, uint64_t epoch) const;
+
+  // Outgoing connections this engine has opened so far, and the wall seconds callers
+  // spent waiting for pools to open (connect + handshake): what a re-ring costs.
+  uint64_t connectionsOpened() const { return connectionsOpened_.load(std::memory_order_relaxed); }
+  double connectSeconds() const { return connectNanos_.load(std::memory_order_relaxed) * 1e-9; }
 
   // Payload bytes sent by reference (zero-copy) so far.
   uint64_t zeroCopyBytes() const { return zeroCopyBytes_.load(std::memory_order_relaxed); }
@@ -332,6 +340,8 @@ class Engine {
   int withholdVoteOps_ = 0;
   std::atomic<uint64_t> nextExposure_{1};
   std::atomic<uint64_t> zeroCopyBytes_{0};
+  std::atomic<uint64_t> connectionsOpened_{0};
+  std::atomic<uint64_t> connectNanos_{0};
   std::atomic<uint64_t> nextFetchTag_{1};
   std::unordered_map<uint64_t, std::deque<MailFrame>> mailbox_;
   // Point-to-point, by user tag: offers no receive has taken yet (arrival order) and

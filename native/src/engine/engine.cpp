@@ -94,7 +94,8 @@ size_t Engine::liveConnections(uint64_t peer, uint64_t epoch) const {
   return it == liveOutgoing_.end() ? 0 : it->second;
 }
 
-void Engine::setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_t rank, double timeoutSeconds) {
+void Engine::setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_t rank, double timeoutSeconds,
+                     bool connectAll) {
   if (ring.empty() || rank >= ring.size()) throw InvalidArgument("rank outside the ring");
   if (ring[rank].peerId != options_.peerId) {
     throw InvalidArgument("ring position " + std::to_string(rank) + " holds peer " +
@@ -118,7 +119,12 @@ void Engine::setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_
     ringPeers_ = ring;
   }
   post([this, epoch] { setRingEpoch(epoch); });
-  if (ring.size() > 1) ensureConnected(ring[(rank + 1) % ring.size()], epoch, timeoutSeconds);
+  if (ring.size() < 2) return;
+  if (connectAll) {
+    connectToAll(pos, ring, timeoutSeconds);
+  } else {
+    ensureConnected(ring[(rank + 1) % ring.size()], epoch, timeoutSeconds);
+  }
 }
 
 void Engine::ensureConnected(const PeerAddress& peer, uint64_t epoch, double timeoutSeconds) {
@@ -175,33 +181,57 @@ void Engine::ensureConnected(const std::vector<PeerAddress>& targets, uint64_t e
     }
   }
   if (missing.empty()) return;
+  const auto started = Clock::now();
+  struct CountTime {
+    std::atomic<uint64_t>& nanos;
+    Clock::time_point started;
+    ~CountTime() {
+      nanos += static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - started).count());
+    }
+  } countTime{connectNanos_, started};
   if (timeoutSeconds < 0 || timeoutSeconds > 1e7) timeoutSeconds = 1e7;
   auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeoutSeconds));
-  auto openOne = [&](const PeerAddress& peer, size_t index, size_t count) {
+  auto connectOne = [&](const PeerAddress& peer) {
     Fd fd = connectTcp(peer.host, peer.port, deadline, peer.peerId);
     tuneSocket(fd.get(), options_.socket);
+    return fd;
+  };
+  // `fd`: a connection connectOne() made already (a sizing probe), else a new one.
+  auto openOne = [&](const PeerAddress& peer, size_t index, size_t count, Fd fd) {
+    if (!fd.valid()) fd = connectOne(peer);
     const Hello hello = makeHello(options_.peerId, epoch, static_cast<uint32_t>(index), static_cast<uint32_t>(count));
     connectHandshake(fd.get(), peer, hello, options_.secret, deadline);
     setNonBlocking(fd.get(), true);
+    connectionsOpened_.fetch_add(1, std::memory_order_relaxed);
     return fd;
   };
   // Every connection of every missing pool opens at once: one after another, each
   // costs its own round trips (connect, then the handshake), K x peers times over on a
-  // long link. A pool of unknown size opens one connection first, whose round trip
-  // sizes the rest (a second wave).
+  // long link. A pool of unknown size first makes one TCP connection, whose round trip
+  // (the kernel's, from the SYN) sizes the pool; then that connection's handshake and
+  // the rest's connects and handshakes go together: 3 round trips in all, not 2 x 2.
   auto wave = [&](bool first) {
     std::vector<std::pair<Pool*, size_t>> jobs;  // (pool, connection index)
     for (Pool& pool : missing) {
-      const size_t from = pool.fds.size();
-      const size_t to = pool.size == 0 ? 1 : pool.size;
-      pool.fds.resize(std::max(from, to));
-      for (size_t i = from; i < to; ++i) jobs.emplace_back(&pool, i);
+      if (first) {
+        if (pool.size == 0) {
+          pool.fds.resize(1);
+          jobs.emplace_back(&pool, 0);
+        }
+        continue;
+      }
+      pool.fds.resize(std::max(pool.fds.size(), pool.size));  // fds[0] may hold the probe
+      for (size_t i = 0; i < pool.size; ++i) jobs.emplace_back(&pool, i);
     }
     std::vector<std::exception_ptr> errors(jobs.size());
     auto run = [&](size_t j) {
       try {
         auto [pool, i] = jobs[j];
-        pool->fds[i] = openOne(*pool->peer, i, std::max<size_t>(pool->size, 1));
+        if (first) {
+          pool->fds[i] = connectOne(*pool->peer);
+        } else {
+          pool->fds[i] = openOne(*pool->peer, i, pool->size, std::move(pool->fds[i]));
+        }
       } catch (...) {
         errors[j] = std::current_exception();
       }
