@@ -476,6 +476,8 @@ PYBIND11_MODULE(_native, m) {
                              "Payload bytes sent by reference (vmsplice + splice) instead of copied.")
       .def_property_readonly("connections_opened", &Engine::connectionsOpened,
                              "Outgoing data-plane connections opened so far (every pool, every epoch).")
+      .def_property_readonly("connections_kept", &Engine::connectionsKept,
+                             "Outgoing connections kept across a re-ring for the new epoch (confirmed by the peer).")
       .def_property_readonly("connect_seconds", &Engine::connectSeconds,
                              "Wall seconds callers waited for connection pools to open (connect + handshake).")
       .def_property_readonly("prefaulted_bytes", &Engine::prefaultedBytes,

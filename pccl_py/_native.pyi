@@ -309,6 +309,9 @@ class Engine:
     def connections_opened(self) -> int:
         """Outgoing data-plane connections opened so far (every pool, every epoch)."""
     @property
+    def connections_kept(self) -> int:
+        """Outgoing connections kept across a re-ring for the new epoch (confirmed by the peer)."""
+    @property
     def connect_seconds(self) -> float:
         """Wall seconds callers waited for connection pools to open (connect + handshake)."""
     @property

@@ -78,6 +78,7 @@ void Engine::close() {
   uint64_t one = 1;
   ssize_t n = ::write(wakeFd_.get(), &one, sizeof(one));
   (void)n;
+  rebindCv_.notify_all();  // a caller waiting for kept pools gives up
   if (thread_.joinable()) thread_.join();
   prefaulter_.stop();
   eventsCv_.notify_all();
@@ -118,7 +119,17 @@ void Engine::setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_
     ring_ = pos;
     ringPeers_ = ring;
   }
-  post([this, epoch] { setRingEpoch(epoch); });
+  // Wait until the progress thread has moved on: the pools it keeps for `epoch` are
+  // then known (rebinding_), and ensureConnected waits for them instead of opening more.
+  std::vector<uint64_t> ids;
+  for (const PeerAddress& p : ring) ids.push_back(p.peerId);
+  auto moved = std::make_shared<std::promise<void>>();
+  auto done = moved->get_future();
+  post([this, epoch, ids = std::move(ids), moved] {
+    setRingEpoch(epoch, ids);
+    moved->set_value();
+  });
+  done.wait();
   if (ring.size() < 2) return;
   if (connectAll) {
     connectToAll(pos, ring, timeoutSeconds);
@@ -153,6 +164,46 @@ size_t Engine::poolSizeFor(int fd) const {
 
 void Engine::ensureConnected(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds) {
   std::lock_guard<std::mutex> connectLock(connectMu_);
+  // Pools kept from an older epoch (rebindPools) join this one when the peer's kRebound
+  // arrives, about one round trip: the other pools open meanwhile. One that does not
+  // come in time (the peer is stuck behind an op it has not posted, say) is given up
+  // and opened afresh.
+  std::vector<PeerAddress> kept, fresh;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const PeerAddress& peer : targets) (rebinding_.count(PoolKey{peer.peerId, epoch}) ? kept : fresh).push_back(peer);
+  }
+  const auto since = Clock::now();
+  openMissing(fresh, epoch, timeoutSeconds);
+  if (kept.empty()) return;
+  {
+    const double waitSeconds = std::clamp(timeoutSeconds, 0.0, kRebindWaitSeconds);
+    const auto until = since + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(waitSeconds));
+    std::unique_lock<std::mutex> lock(mu_);
+    auto settled = [&] {
+      if (closed_) return true;
+      for (const PeerAddress& peer : kept) {
+        if (rebinding_.count(PoolKey{peer.peerId, epoch})) return false;
+      }
+      return true;
+    };
+    if (!rebindCv_.wait_until(lock, until, settled)) {
+      for (const PeerAddress& peer : kept) {
+        if (!rebinding_.count(PoolKey{peer.peerId, epoch})) continue;
+        commands_.push_back([this, id = peer.peerId, epoch] { dropRebinding(id, epoch); });
+      }
+      lock.unlock();
+      uint64_t one = 1;
+      ssize_t n = ::write(wakeFd_.get(), &one, sizeof(one));
+      (void)n;
+      lock.lock();
+      rebindCv_.wait(lock, settled);  // dropRebinding settles them at once
+    }
+  }
+  openMissing(kept, epoch, timeoutSeconds);  // given up, or broken since: opened afresh
+}
+
+void Engine::openMissing(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds) {
   const bool autoSize = options_.connectionsPerPeer == 0;
   struct Pool {
     const PeerAddress* peer;
@@ -495,19 +546,21 @@ void Engine::drainCommands() {
   }
 }
 
-void Engine::setRingEpoch(uint64_t epoch) {
+void Engine::setRingEpoch(uint64_t epoch, const std::vector<uint64_t>& ring) {
   currentEpoch_ = std::max(currentEpoch_, epoch);
-  // Pools of older epochs will never carry another frame.
-  std::vector<Connection*> old;
-  for (auto& [fd, c] : connections_) {
-    if (!c->dead && !c->handshaking && c->epoch < currentEpoch_) old.push_back(c.get());
-  }
   dropP2pBefore(currentEpoch_);
-  for (Connection* c : old) {
-    c->sendGoodbye();
-    closeConnection(c, ErrorKind::kAborted, "epoch " + std::to_string(currentEpoch_) + " replaced this connection's epoch",
-                    /*quiet=*/true);
+  // Ops of older epochs still running are over: they fail as closing their pools made
+  // them fail (a connection kept for the new epoch must not keep them waiting).
+  std::vector<std::shared_ptr<Collective>> stale;
+  for (auto& [tag, op] : activeByTag_) {
+    if (op->key().epoch < currentEpoch_ && !isP2pTag(tag)) stale.push_back(op);
   }
+  for (auto& op : stale) {
+    failOp(op.get(), ErrorKind::kAborted, "epoch " + std::to_string(currentEpoch_) + " replaced this op's epoch",
+           kNoPeer);
+  }
+  // Pools of older epochs never carry another frame of theirs: kept for this one, or closed.
+  rebindPools(currentEpoch_, ring);
   for (auto it = mailbox_.begin(); it != mailbox_.end();) {
     auto& box = it->second;
     for (auto f = box.begin(); f != box.end();) {
