@@ -24,7 +24,9 @@ only then), when its first all-reduce over the whole group ended (the bar of iss
 - op: the rest of the first all-reduce (the members' own pool opening included: the
   op cannot end before theirs);
 and, for the members, the call that admitted the joiner: its update_topology() and
-all-reduce times and the seconds their engines spent opening pools for the new ring.
+all-reduce times, the seconds their engines spent opening pools for the new ring, and
+the connections they opened and kept (pools to the other members kept across the
+re-ring: only the pool to the joiner is new).
 
 The master runs in a host of its own. Needs root (see `pccl_py.tools.wan.unavailable()`).
 Nothing is left behind: every process is stopped and the hosts removed on every exit.
@@ -73,7 +75,7 @@ def member(master: str, host: str, world: int, elements: int) -> int:
         while True:
             x.fill(1.0)
             t0 = time.time()
-            pools0, opened0 = engine.connect_seconds, engine.connections_opened
+            pools0, opened0, kept0 = engine.connect_seconds, engine.connections_opened, engine.connections_kept
             try:
                 comm.update_topology(timeout=60)
                 t_voted = time.time()
@@ -88,7 +90,7 @@ def member(master: str, host: str, world: int, elements: int) -> int:
             _say({"event": "call", "t0": t0, "t_voted": t_voted, "t1": time.time(), "ok": True,
                   "world": info.world_size, "attempts": info.attempts, "epoch": info.epoch,
                   "pools_vote_s": round(pools_vote, 4), "pools_s": round(engine.connect_seconds - pools0, 4),
-                  "opened": engine.connections_opened - opened0})
+                  "opened": engine.connections_opened - opened0, "kept": engine.connections_kept - kept0})
     finally:
         comm.close()
 
@@ -258,7 +260,7 @@ def _rep_report(rep: int, joined: list[dict[str, Any]], events: Path, members: l
         if call is not None:
             admitting.append({"vote_s": round(call["t_voted"] - call["t0"], 3),
                               "op_s": round(call["t1"] - call["t_voted"], 3),
-                              "pools_s": call["pools_s"], "opened": call["opened"]})
+                              "pools_s": call["pools_s"], "opened": call["opened"], "kept": call["kept"]})
     out["members_admitting_call"] = admitting
     return out
 
@@ -272,7 +274,10 @@ def _summary(args: argparse.Namespace, reps: list[dict[str, Any]]) -> dict[str, 
             "op_pools_s", "op_s")
     return {"wan": args.wan, "peers": args.peers, "mib": args.mib, "reps": len(reps),
             "median": {k: med(k) for k in keys},
-            "first_op_done_s": [r["first_op_done_s"] for r in reps]}
+            "first_op_done_s": [r["first_op_done_s"] for r in reps],
+            "details": reps,
+            # issue 18's bar: 16 MiB at RTT 100 ms, first op within 1.5 s of connect()
+            "within_1_5_s": f"{sum(1 for r in reps if r['first_op_done_s'] <= 1.5)}/{len(reps)}"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.peers < 2:
         parser.error("--peers must be at least 2 (a member and the joiner)")
     result = run(args)
-    print(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "details"}, indent=1))  # reps: printed above
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(result) + "\n")

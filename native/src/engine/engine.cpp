@@ -211,8 +211,13 @@ void Engine::openMissing(const std::vector<PeerAddress>& targets, uint64_t epoch
     std::vector<Fd> fds;
   };
   std::vector<Pool> missing;
+  // TCP connects a pool of unknown size starts with: the largest measured so far, or
+  // the most a pool may have when nothing was measured yet (a joiner's first pools).
+  size_t guess = 1;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [id, k] : poolSize_) guess = std::max(guess, k);
+    if (poolSize_.empty()) guess = kAutoMaxConnections;
     for (const PeerAddress& peer : targets) {
       size_t k = static_cast<size_t>(options_.connectionsPerPeer);
       if (autoSize) {
@@ -258,20 +263,23 @@ void Engine::openMissing(const std::vector<PeerAddress>& targets, uint64_t epoch
   };
   // Every connection of every missing pool opens at once: one after another, each
   // costs its own round trips (connect, then the handshake), K x peers times over on a
-  // long link. A pool of unknown size first makes one TCP connection, whose round trip
-  // (the kernel's, from the SYN) sizes the pool; then that connection's handshake and
-  // the rest's connects and handshakes go together: 3 round trips in all, not 2 x 2.
+  // long link. A pool of unknown size first makes TCP connections (as many as the
+  // largest pool measured so far, or kAutoMaxConnections), the first of which sizes
+  // the pool by its round trip
+  // (the kernel's, from the SYN); then their handshakes, and the connects and
+  // handshakes of any more it needs, go together: 2 round trips when the guess was
+  // enough (the extra connections close before their handshake), else 3; not 2 x 2.
   auto wave = [&](bool first) {
     std::vector<std::pair<Pool*, size_t>> jobs;  // (pool, connection index)
     for (Pool& pool : missing) {
       if (first) {
         if (pool.size == 0) {
-          pool.fds.resize(1);
-          jobs.emplace_back(&pool, 0);
+          pool.fds.resize(guess);
+          for (size_t i = 0; i < guess; ++i) jobs.emplace_back(&pool, i);
         }
         continue;
       }
-      pool.fds.resize(std::max(pool.fds.size(), pool.size));  // fds[0] may hold the probe
+      pool.fds.resize(pool.size);  // connected ones beyond the size close here, before any handshake
       for (size_t i = 0; i < pool.size; ++i) jobs.emplace_back(&pool, i);
     }
     std::vector<std::exception_ptr> errors(jobs.size());
