@@ -68,7 +68,7 @@ def member(master: str, host: str, world: int, elements: int) -> int:
     try:
         comm.connect(timeout=120)
         pccl.join_group(comm, world, timeout=180)
-        engine = comm._engine  # noqa: SLF001 - the tool reads the engine's connection counters
+        engine = comm._engine  # the tool reads the engine's connection counters
         assert engine is not None
         _say({"event": "ready", "peer": comm.peer_id})
         x = np.empty(elements, np.float32)
@@ -107,7 +107,7 @@ def joiner(master: str, host: str, elements: int, calls: int, events: str) -> in
         t0 = time.time()
         comm.connect(timeout=60)
         t_connected = time.time()
-        engine = comm._engine  # noqa: SLF001 - the tool reads the engine's connection counters
+        engine = comm._engine  # the tool reads the engine's connection counters
         assert engine is not None
         _say({"event": "connected", "t0": t0, "t1": t_connected, "world": comm.world_size,
               "opened": engine.connections_opened})

@@ -285,6 +285,7 @@ void Engine::dropRebinding(uint64_t peer, uint64_t epoch) {
     if (c->peer == peer && c->rebinding && c->rebindEpoch == epoch && !c->dead) doomed.push_back(c.get());
   }
   for (Connection* c : doomed) {
+    c->sendGoodbye();  // an orderly close: the peer reports no lost peer for it
     closeConnection(c, ErrorKind::kTimeout, "peer " + std::to_string(peer) + " did not confirm a kept connection",
                     /*quiet=*/true);
   }

@@ -265,10 +265,10 @@ void Engine::openMissing(const std::vector<PeerAddress>& targets, uint64_t epoch
   // costs its own round trips (connect, then the handshake), K x peers times over on a
   // long link. A pool of unknown size first makes TCP connections (as many as the
   // largest pool measured so far, or kAutoMaxConnections), the first of which sizes
-  // the pool by its round trip
-  // (the kernel's, from the SYN); then their handshakes, and the connects and
-  // handshakes of any more it needs, go together: 2 round trips when the guess was
-  // enough (the extra connections close before their handshake), else 3; not 2 x 2.
+  // the pool by its round trip (the kernel's, from the SYN); then their handshakes,
+  // and the connects and handshakes of any more it needs, go together: 2 round trips
+  // when the guess was enough (the extra connections close before their handshake),
+  // else 3; not 2 x 2.
   auto wave = [&](bool first) {
     std::vector<std::pair<Pool*, size_t>> jobs;  // (pool, connection index)
     for (Pool& pool : missing) {
