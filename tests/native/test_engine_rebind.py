@@ -120,3 +120,23 @@ def test_an_op_still_running_at_a_re_ring_fails_with_its_input_intact_and_its_po
         assert ring.engines[0].connections_kept == 0
         assert ring.engines[0].live_connections(ring.peer_id(1), 2) == k
         _reduce(ring, [0, 1], data, 2)
+
+
+def test_auto_sized_pools_with_a_secret_handshake_only_what_they_need_and_are_kept() -> None:
+    """connections_per_peer=0: a first pool starts with kAutoMaxConnections TCP connects
+    and keeps what its round trip asks for (1 on loopback); the extra ones close before
+    their (authenticated) handshake and never join a pool."""
+    n = 3
+    with EngineRing(n, connections_per_peer=0, secret=b"rebind-secret") as ring:
+        data = _data(n)
+        _reduce(ring, list(range(n)), data, 1)
+        for r, e in enumerate(ring.engines):
+            sizes = [e.pool_size(ring.peer_id(o)) for o in range(n) if o != r]
+            assert sizes == [1] * (n - 1)
+            assert e.connections_opened == n - 1
+        for r, e in enumerate(ring.engines):
+            e.set_ring(2, ring.addresses, r, timeout=10.0, connect_all=True)
+        for e in ring.engines:
+            assert e.connections_opened == n - 1
+            assert e.connections_kept == n - 1
+        _reduce(ring, list(range(n)), data, 2)
