@@ -474,20 +474,28 @@ PYBIND11_MODULE(_native, m) {
            "Connections per pool to `peer` (with connections_per_peer=0: what its round trip asked for; 0 before any).")
       .def_property_readonly("zero_copy_bytes", &Engine::zeroCopyBytes,
                              "Payload bytes sent by reference (vmsplice + splice) instead of copied.")
+      .def_property_readonly("connections_opened", &Engine::connectionsOpened,
+                             "Outgoing data-plane connections opened so far (every pool, every epoch).")
+      .def_property_readonly("connections_kept", &Engine::connectionsKept,
+                             "Outgoing connections kept across a re-ring for the new epoch (confirmed by the peer).")
+      .def_property_readonly("connect_seconds", &Engine::connectSeconds,
+                             "Wall seconds callers waited for connection pools to open (connect + handshake).")
       .def_property_readonly("prefaulted_bytes", &Engine::prefaultedBytes,
                              "Bytes of receive destinations faulted in ahead of their payloads (prefault=True).")
       .def_property_readonly("peer_id", &Engine::peerId)
       .def(
           "set_ring",
           [](Engine& e, uint64_t epoch, const std::vector<std::tuple<uint64_t, std::string, uint16_t>>& ring,
-             size_t rank, std::optional<double> timeout) {
+             size_t rank, std::optional<double> timeout, bool connectAll) {
             std::vector<PeerAddress> peers;
             for (const auto& [id, host, port] : ring) peers.push_back(PeerAddress{id, host, port});
             py::gil_scoped_release release;
-            e.setRing(epoch, peers, rank, toSeconds(timeout));
+            e.setRing(epoch, peers, rank, toSeconds(timeout), connectAll);
           },
           py::arg("epoch"), py::arg("ring"), py::arg("rank"), py::arg("timeout") = py::none(),
-          "Install the ring of `epoch` ((peer_id, host, port) in ring order) and connect to the next peer.")
+          py::arg("connect_all") = false,
+          "Install the ring of `epoch` ((peer_id, host, port) in ring order) and connect to the next peer "
+          "(connect_all: to every peer of the ring, all at once).")
       .def(
           "all_reduce",
           [](const std::shared_ptr<Engine>& e, py::object input, py::object output, DType dtype, ReduceOp op,

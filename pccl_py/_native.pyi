@@ -306,14 +306,29 @@ class Engine:
     def zero_copy_bytes(self) -> int:
         """Payload bytes sent by reference (vmsplice + splice) instead of copied."""
     @property
+    def connections_opened(self) -> int:
+        """Outgoing data-plane connections opened so far (every pool, every epoch)."""
+    @property
+    def connections_kept(self) -> int:
+        """Outgoing connections kept across a re-ring for the new epoch (confirmed by the peer)."""
+    @property
+    def connect_seconds(self) -> float:
+        """Wall seconds callers waited for connection pools to open (connect + handshake)."""
+    @property
     def prefaulted_bytes(self) -> int:
         """Bytes of receive destinations faulted in ahead of their payloads (prefault=True)."""
     @property
     def peer_id(self) -> int: ...
     def set_ring(
-        self, epoch: int, ring: Sequence[tuple[int, str, int]], rank: int, timeout: float | None = None
+        self,
+        epoch: int,
+        ring: Sequence[tuple[int, str, int]],
+        rank: int,
+        timeout: float | None = None,
+        connect_all: bool = False,
     ) -> None:
-        """Install the ring of `epoch` ((peer_id, host, port) in ring order) and connect to the next peer."""
+        """Install the ring of `epoch` ((peer_id, host, port) in ring order) and connect to the next peer
+        (connect_all: to every peer of the ring, all at once)."""
 
     def all_reduce(
         self,

@@ -117,6 +117,8 @@ class AttemptCalls:
                         # Tell the master what this caller waits on, and again every
                         # heartbeat interval (a restarted master must hear it too).
                         wait = self.config.blocked_report_after
+                        if self._joiners_wait:  # just admitted peers wait for it (Communicator)
+                            self._joiners_wait, wait = False, 0.0
                         while not handle.wait(wait):
                             self._report_blocked(call, key)
                             wait = self.config.heartbeat_interval

@@ -95,6 +95,11 @@ class Communicator(
         # No collective call since admission but pending_peers(): the master lets a
         # joiner's first update_topology() be the vote that admitted it.
         self._fresh = False
+        # This peer's last vote admitted peers: their first update_topology() waits
+        # until the master sees what the members do next (protocol.md, "Joining"), so
+        # the next blocking data-plane call tells it at once, not after
+        # blocked_report_after.
+        self._joiners_wait = False
         self._mismatches_seen = 0  # "mismatch" verdicts this peer's numbering has caught up with
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
@@ -105,6 +110,7 @@ class Communicator(
         connected to its ring. Raises Timeout, and AuthError when the master and this
         peer do not share the same secret (or only one of them has one)."""
         deadline = self._deadline(timeout, self.config.connect_timeout)
+        t_start = time.monotonic()
         cfg = self.config
         self._engine = _native.Engine(
             peer_id=self.peer_id,
@@ -139,6 +145,7 @@ class Communicator(
             )
         )
         session = self._session
+        t_hello = time.monotonic()
 
         def admitted() -> Topology | None:
             refusal = session.last_error()
@@ -148,10 +155,21 @@ class Communicator(
             return session.admitted_topology()
 
         session.wait(admitted, deadline, "admission by the master")
+        t_admitted = time.monotonic()
         self._start_round()
         self._ensure_ring(deadline)
         self._fresh = True
-        self._events.emit("connected", peer=self.peer_id, group=self._group, epoch=self.epoch)
+        # Where connect() spent its time: reaching the master (and authenticating),
+        # waiting to be admitted, opening the data-plane pools of the first ring.
+        self._events.emit(
+            "connected",
+            peer=self.peer_id,
+            group=self._group,
+            epoch=self.epoch,
+            control_s=round(t_hello - t_start, 4),
+            admission_s=round(t_admitted - t_hello, 4),
+            ring_s=round(time.monotonic() - t_admitted, 4),
+        )
         return self
 
     def close(self) -> None:
@@ -217,6 +235,7 @@ class Communicator(
         deadline = self._deadline(timeout, self.config.connect_timeout)
         fresh, self._fresh = self._fresh, False
         rounds = session.vote_rounds()
+        before = self._topology()
         self._ask(
             protocol.make("vote", epoch=self.epoch, fresh=fresh),
             lambda: True if session.vote_rounds() > rounds else None,
@@ -227,6 +246,9 @@ class Communicator(
         )
         self._start_round()
         self._ensure_ring(deadline)
+        after = self._topology()
+        if before is not None and after is not None:
+            self._joiners_wait = bool({p[0] for p in after.ring} - {p[0] for p in before.ring})
 
     def _start_round(self) -> None:
         """Every member restarts its per-tag step numbering at the same point (admission
@@ -349,8 +371,12 @@ class Communicator(
                 reason = self._session.evicted()
                 raise Aborted(f"this peer is not in the ring of epoch {topo.epoch}" + (f": {reason}" if reason else ""))
             if topo.epoch != self._engine_epoch:
+                cfg = self.config
                 timeout = min(self.config.connect_timeout, max(0.0, deadline - time.monotonic()))
-                self._engine.set_ring(topo.epoch, list(topo.ring), rank, timeout=timeout)
+                # With the direct algorithms every all-reduce of the epoch needs a pool
+                # to every peer: open them all now, at once, not at the first op.
+                direct = cfg.direct_allreduce_max_bytes > 0 or (topo.rsag and cfg.rsag_min_bytes > 0)
+                self._engine.set_ring(topo.epoch, list(topo.ring), rank, timeout=timeout, connect_all=direct)
                 self._engine_epoch = topo.epoch
                 self._rings[topo.epoch] = tuple(p[0] for p in topo.ring)
                 if not topo.rsag:

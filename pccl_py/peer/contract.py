@@ -31,6 +31,7 @@ class PeerCore(Protocol):
     _next_seq: dict[int, int]
     _round: int
     _fresh: bool
+    _joiners_wait: bool
     _executor: concurrent.futures.ThreadPoolExecutor | None
     _closed: bool
     _secret: bytes | None

@@ -8,11 +8,17 @@
 // neighbours see EOF and fail their own op at once, so a failure spreads around the
 // ring in a few hops instead of waiting for timeouts. The next op reconnects.
 //
-// Connection pools belong to an epoch: setRing(E) opens fresh connections for E, ops
-// of epoch E use only those, a broken connection fails only ops of its epoch, and
-// poisoning after a failure in epoch E closes only pools of epochs <= E. So a late
-// failure of an old op can never break the connections a retry in a newer epoch has
-// just opened. Pools of older epochs are closed when a newer ring is installed.
+// Connection pools belong to an epoch: setRing(E) gives E its pools, ops of epoch E use
+// only those, a broken connection fails only ops of its epoch, and poisoning after a
+// failure in epoch E closes only pools of epochs <= E. So a late failure of an old op
+// can never break the connections a retry in a newer epoch uses. When a newer ring is
+// installed, ops of older epochs still running fail (as before: their epoch is over),
+// and a pool of an older epoch to a peer that is in the new ring is kept for the new
+// epoch when it is whole and idle (rebindPools): the connecting side sends kRebind and
+// uses the pool for E only once the peer's kRebound came back (one round trip, no
+// connect, no handshake, and the connections stay warm: no slow start). The rest of the
+// older pools are closed; the accepting side keeps older incoming connections from
+// peers of the new ring open for their owner to rebind or close.
 #pragma once
 
 #include <atomic>
@@ -81,6 +87,9 @@ struct Event {
 // connectionsPerPeer == 0 sizes each pool to carry this over the measured round trip.
 constexpr double kAutoTargetBitsPerSecond = 1e9;
 constexpr size_t kAutoMaxConnections = 8;
+// How long a pool kept across a re-ring may wait for the peer's kRebound before it is
+// given up and opened afresh.
+constexpr double kRebindWaitSeconds = 1.0;
 
 class Engine {
  public:
@@ -94,10 +103,13 @@ class Engine {
   const EngineOptions& options() const { return options_; }
 
   // Makes `ring` (in ring order; this peer at `rank`) the ring of `epoch` and opens
-  // the connection pool to the next neighbour unless it is already open. Frames of
-  // older epochs are dropped from then on. Blocks up to `timeoutSeconds`; throws
-  // PeerLostError / TimeoutError when the neighbour cannot be reached.
-  void setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_t rank, double timeoutSeconds);
+  // the connection pool to the next neighbour unless it is already open; with
+  // `connectAll`, the pools to every peer of the ring, all at once (what the direct and
+  // quantized all-reduces need: opening them here saves the first op a second wave of
+  // round trips). Frames of older epochs are dropped from then on. Blocks up to
+  // `timeoutSeconds`; throws PeerLostError / TimeoutError when a peer cannot be reached.
+  void setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_t rank, double timeoutSeconds,
+               bool connectAll = false);
   RingPosition ring() const;
   // Connections per pool to `peer`: connectionsPerPeer, or with 0 what its measured
   // round trip asked for (0 until a pool to it was opened).
@@ -177,6 +189,13 @@ class Engine {
   // Open outgoing connections to `peer` in the pool of `epoch`.
   size_t liveConnections(uint64_t peer, uint64_t epoch) const;
 
+  // Outgoing connections this engine has opened so far, and the wall seconds callers
+  // spent waiting for pools to open (connect + handshake): what a re-ring costs.
+  uint64_t connectionsOpened() const { return connectionsOpened_.load(std::memory_order_relaxed); }
+  double connectSeconds() const { return connectNanos_.load(std::memory_order_relaxed) * 1e-9; }
+  // Connections kept across a re-ring (rebindPools) and confirmed by the peer so far.
+  uint64_t connectionsKept() const { return connectionsKept_.load(std::memory_order_relaxed); }
+
   // Payload bytes sent by reference (zero-copy) so far.
   uint64_t zeroCopyBytes() const { return zeroCopyBytes_.load(std::memory_order_relaxed); }
   // Bytes of receive destinations faulted in ahead of their payloads so far.
@@ -208,8 +227,11 @@ class Engine {
   // ---- caller side (engine.cpp)
   void post(std::function<void()> command);
   void ensureConnected(const PeerAddress& peer, uint64_t epoch, double timeoutSeconds);
-  // Opens the missing pools to `targets` all at once.
+  // Opens the missing pools to `targets` all at once (and waits for those kept from an
+  // older epoch to be confirmed).
   void ensureConnected(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds);
+  // The opening itself, under connectMu_.
+  void openMissing(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds);
   // Opens the missing pools to every other peer of `ring` (ring order from `pos`);
   // returns the ring's peer ids in ring order.
   std::vector<uint64_t> connectToAll(const RingPosition& pos, const std::vector<PeerAddress>& ring,
@@ -230,7 +252,7 @@ class Engine {
   void retire(Collective* op);
   void checkDeadlines();
   void pushEvent(Event event);
-  void setRingEpoch(uint64_t epoch);
+  void setRingEpoch(uint64_t epoch, const std::vector<uint64_t>& ring);
 
   // ---- progress thread: connections and their pools (connections.cpp)
   void acceptAll();
@@ -246,6 +268,13 @@ class Engine {
   void closePeer(uint64_t peer, uint64_t minEpoch, uint64_t maxEpoch, ErrorKind kind, const std::string& reason);
   void failReadersByReference(Connection* c);
   void resumePaused();
+  // Keeps whole, idle pools of older epochs to peers of `ring` for `epoch` (kRebind);
+  // closes the other older connections (see the comment at the top).
+  void rebindPools(uint64_t epoch, const std::vector<uint64_t>& ring);
+  void onRebind(Connection* c, const FrameHeader& h);
+  void onRebound(Connection* c, const FrameHeader& h);
+  // Gives up on kept connections to `peer` for `epoch` whose kRebound did not come.
+  void dropRebinding(uint64_t peer, uint64_t epoch);
 
   // ---- progress thread: the receive path, bytes to frames to ops (frames.cpp)
   void onReadable(Connection* c);
@@ -303,6 +332,8 @@ class Engine {
   std::vector<PeerAddress> ringPeers_;
   std::unordered_map<PoolKey, size_t, PoolKeyHash> liveOutgoing_;  // mirror of the progress thread's pools
   std::unordered_map<uint64_t, size_t> poolSize_;  // connectionsPerPeer == 0: measured per peer (mu_)
+  std::unordered_map<PoolKey, size_t, PoolKeyHash> rebinding_;  // kept connections awaiting kRebound (mu_)
+  std::condition_variable rebindCv_;  // rebinding_ changed
   std::vector<ScratchBuffer> scratchPool_;
   std::deque<Event> events_;
   std::condition_variable eventsCv_;
@@ -332,6 +363,9 @@ class Engine {
   int withholdVoteOps_ = 0;
   std::atomic<uint64_t> nextExposure_{1};
   std::atomic<uint64_t> zeroCopyBytes_{0};
+  std::atomic<uint64_t> connectionsOpened_{0};
+  std::atomic<uint64_t> connectNanos_{0};
+  std::atomic<uint64_t> connectionsKept_{0};
   std::atomic<uint64_t> nextFetchTag_{1};
   std::unordered_map<uint64_t, std::deque<MailFrame>> mailbox_;
   // Point-to-point, by user tag: offers no receive has taken yet (arrival order) and

@@ -114,6 +114,14 @@ enum class FrameType : uint8_t {
   kP2pOffer = 8,
   kP2pAccept = 9,
   kP2pCancel = 10,
+  // Keeping a pool across a re-ring (Engine::rebindPools), no payload. kRebind: the
+  // connecting side -> the accepting side, "from this frame on, this connection belongs
+  // to the pool of `epoch`" (sent only when no frame of an older op is queued or half
+  // written). kRebound: the answer; the connecting side sends frames of `epoch` on the
+  // connection only after it, so a late failure of an older op on the accepting side
+  // (which closes that peer's connections of older epochs) can never break it.
+  kRebind = 11,
+  kRebound = 12,
 };
 constexpr uint32_t kMaxAbortReason = 1024;
 constexpr uint64_t kStateEpoch = UINT64_MAX - 1;  // pool used by state transfers (never retired)

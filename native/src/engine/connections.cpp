@@ -118,7 +118,13 @@ void Engine::closeConnection(Connection* c, ErrorKind kind, const std::string& r
   if (c->sink == Connection::Sink::kMailbox) mailboxBytes_ -= c->mail.size();
   c->sendq.clear();
   c->rxOp.reset();
-  if (c->outgoing) {
+  if (c->rebinding) {
+    c->rebinding = false;
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = rebinding_.find(PoolKey{peer, c->rebindEpoch});
+    if (it != rebinding_.end() && --it->second == 0) rebinding_.erase(it);
+    rebindCv_.notify_all();
+  } else if (c->outgoing) {
     const PoolKey key{peer, c->epoch};
     auto& pool = outgoing_[key];
     pool.erase(std::remove(pool.begin(), pool.end(), c), pool.end());
@@ -178,6 +184,111 @@ void Engine::closePeer(uint64_t peer, uint64_t minEpoch, uint64_t maxEpoch, Erro
     if (c->peer == peer && !c->dead && c->epoch >= minEpoch && c->epoch <= maxEpoch) doomed.push_back(c.get());
   }
   for (Connection* c : doomed) closeConnection(c, kind, reason, /*quiet=*/true);
+}
+
+void Engine::rebindPools(uint64_t epoch, const std::vector<uint64_t>& ring) {
+  auto inRing = [&](uint64_t peer) {
+    return peer != options_.peerId && std::find(ring.begin(), ring.end(), peer) != ring.end();
+  };
+  // The newest older pool to each peer of the ring, if it is whole and idle: nothing
+  // queued or half read, no op left that involves the peer (setRingEpoch failed them).
+  std::unordered_map<uint64_t, PoolKey> keep;
+  for (auto& [key, pool] : outgoing_) {
+    if (key.second >= epoch || key.second == kStateEpoch || !inRing(key.first)) continue;
+    auto it = keep.find(key.first);
+    if (it == keep.end() || it->second.second < key.second) keep[key.first] = key;
+  }
+  for (auto it = keep.begin(); it != keep.end();) {
+    const auto& pool = outgoing_[it->second];
+    size_t want = static_cast<size_t>(options_.connectionsPerPeer);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (want == 0) {
+        auto size = poolSize_.find(it->first);
+        want = size == poolSize_.end() ? 0 : size->second;
+      }
+      if (rebinding_.count(PoolKey{it->first, epoch})) want = 0;  // (one pool per epoch)
+    }
+    bool idle = want != 0 && pool.size() == want && !outgoing_.count(PoolKey{it->first, epoch});
+    for (Connection* c : pool) {
+      idle = idle && !c->dead && !c->paused && c->sendq.empty() && c->headSent == 0 && c->pipeBytes == 0 &&
+             c->headerGot == 0 && c->sink == Connection::Sink::kNone;
+    }
+    it = idle ? std::next(it) : keep.erase(it);
+  }
+  std::vector<Connection*> old;
+  for (auto& [fd, c] : connections_) {
+    if (c->dead || c->handshaking || c->epoch >= epoch) continue;
+    auto k = keep.find(c->peer);
+    if (c->outgoing && k != keep.end() && k->second.second == c->epoch) continue;  // kept
+    if (!c->outgoing && inRing(c->peer)) continue;  // its owner keeps it or closes it
+    old.push_back(c.get());
+  }
+  for (Connection* c : old) {
+    c->sendGoodbye();
+    closeConnection(c, ErrorKind::kAborted, "epoch " + std::to_string(epoch) + " replaced this connection's epoch",
+                    /*quiet=*/true);
+  }
+  OpKey key;
+  key.epoch = epoch;
+  const FrameHeader rebind = makeHeader(FrameType::kRebind, key);
+  for (const auto& [peer, oldKey] : keep) {
+    std::vector<Connection*> pool = std::move(outgoing_[oldKey]);
+    outgoing_.erase(oldKey);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      liveOutgoing_.erase(oldKey);
+      rebinding_[PoolKey{peer, epoch}] += pool.size();
+    }
+    for (Connection* c : pool) {
+      c->rebinding = true;
+      c->rebindEpoch = epoch;
+      queueItem(c, SendItem{rebind, nullptr, nullptr});
+    }
+  }
+}
+
+void Engine::onRebind(Connection* c, const FrameHeader& h) {
+  if (c->outgoing || h.epoch <= c->epoch || h.epoch >= kStateEpoch) {
+    closeConnection(c, ErrorKind::kProtocol,
+                    "peer " + std::to_string(c->peer) + " sent an unexpected rebind to epoch " + std::to_string(h.epoch),
+                    false);
+    return;
+  }
+  c->epoch = h.epoch;
+  queueItem(c, SendItem{makeHeader(FrameType::kRebound, keyOf(h)), nullptr, nullptr});
+}
+
+void Engine::onRebound(Connection* c, const FrameHeader& h) {
+  if (!c->outgoing || !c->rebinding || h.epoch != c->rebindEpoch) {
+    closeConnection(c, ErrorKind::kProtocol,
+                    "peer " + std::to_string(c->peer) + " confirmed a rebind to epoch " + std::to_string(h.epoch) +
+                        " that was not asked for",
+                    false);
+    return;
+  }
+  c->rebinding = false;
+  c->epoch = h.epoch;
+  const PoolKey key{c->peer, c->epoch};
+  outgoing_[key].push_back(c);
+  connectionsKept_.fetch_add(1, std::memory_order_relaxed);
+  std::lock_guard<std::mutex> lock(mu_);
+  ++liveOutgoing_[key];
+  auto it = rebinding_.find(key);
+  if (it != rebinding_.end() && --it->second == 0) rebinding_.erase(it);
+  rebindCv_.notify_all();
+}
+
+void Engine::dropRebinding(uint64_t peer, uint64_t epoch) {
+  std::vector<Connection*> doomed;
+  for (auto& [fd, c] : connections_) {
+    if (c->peer == peer && c->rebinding && c->rebindEpoch == epoch && !c->dead) doomed.push_back(c.get());
+  }
+  for (Connection* c : doomed) {
+    c->sendGoodbye();  // an orderly close: the peer reports no lost peer for it
+    closeConnection(c, ErrorKind::kTimeout, "peer " + std::to_string(peer) + " did not confirm a kept connection",
+                    /*quiet=*/true);
+  }
 }
 
 void Engine::resumePaused() {

@@ -78,6 +78,7 @@ void Engine::close() {
   uint64_t one = 1;
   ssize_t n = ::write(wakeFd_.get(), &one, sizeof(one));
   (void)n;
+  rebindCv_.notify_all();  // a caller waiting for kept pools gives up
   if (thread_.joinable()) thread_.join();
   prefaulter_.stop();
   eventsCv_.notify_all();
@@ -94,7 +95,8 @@ size_t Engine::liveConnections(uint64_t peer, uint64_t epoch) const {
   return it == liveOutgoing_.end() ? 0 : it->second;
 }
 
-void Engine::setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_t rank, double timeoutSeconds) {
+void Engine::setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_t rank, double timeoutSeconds,
+                     bool connectAll) {
   if (ring.empty() || rank >= ring.size()) throw InvalidArgument("rank outside the ring");
   if (ring[rank].peerId != options_.peerId) {
     throw InvalidArgument("ring position " + std::to_string(rank) + " holds peer " +
@@ -117,8 +119,23 @@ void Engine::setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_
     ring_ = pos;
     ringPeers_ = ring;
   }
-  post([this, epoch] { setRingEpoch(epoch); });
-  if (ring.size() > 1) ensureConnected(ring[(rank + 1) % ring.size()], epoch, timeoutSeconds);
+  // Wait until the progress thread has moved on: the pools it keeps for `epoch` are
+  // then known (rebinding_), and ensureConnected waits for them instead of opening more.
+  std::vector<uint64_t> ids;
+  for (const PeerAddress& p : ring) ids.push_back(p.peerId);
+  auto moved = std::make_shared<std::promise<void>>();
+  auto done = moved->get_future();
+  post([this, epoch, ids = std::move(ids), moved] {
+    setRingEpoch(epoch, ids);
+    moved->set_value();
+  });
+  done.wait();
+  if (ring.size() < 2) return;
+  if (connectAll) {
+    connectToAll(pos, ring, timeoutSeconds);
+  } else {
+    ensureConnected(ring[(rank + 1) % ring.size()], epoch, timeoutSeconds);
+  }
 }
 
 void Engine::ensureConnected(const PeerAddress& peer, uint64_t epoch, double timeoutSeconds) {
@@ -147,6 +164,46 @@ size_t Engine::poolSizeFor(int fd) const {
 
 void Engine::ensureConnected(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds) {
   std::lock_guard<std::mutex> connectLock(connectMu_);
+  // Pools kept from an older epoch (rebindPools) join this one when the peer's kRebound
+  // arrives, about one round trip: the other pools open meanwhile. One that does not
+  // come in time (the peer is stuck behind an op it has not posted, say) is given up
+  // and opened afresh.
+  std::vector<PeerAddress> kept, fresh;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const PeerAddress& peer : targets) (rebinding_.count(PoolKey{peer.peerId, epoch}) ? kept : fresh).push_back(peer);
+  }
+  const auto since = Clock::now();
+  openMissing(fresh, epoch, timeoutSeconds);
+  if (kept.empty()) return;
+  {
+    const double waitSeconds = std::clamp(timeoutSeconds, 0.0, kRebindWaitSeconds);
+    const auto until = since + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(waitSeconds));
+    std::unique_lock<std::mutex> lock(mu_);
+    auto settled = [&] {
+      if (closed_) return true;
+      for (const PeerAddress& peer : kept) {
+        if (rebinding_.count(PoolKey{peer.peerId, epoch})) return false;
+      }
+      return true;
+    };
+    if (!rebindCv_.wait_until(lock, until, settled)) {
+      for (const PeerAddress& peer : kept) {
+        if (!rebinding_.count(PoolKey{peer.peerId, epoch})) continue;
+        commands_.push_back([this, id = peer.peerId, epoch] { dropRebinding(id, epoch); });
+      }
+      lock.unlock();
+      uint64_t one = 1;
+      ssize_t n = ::write(wakeFd_.get(), &one, sizeof(one));
+      (void)n;
+      lock.lock();
+      rebindCv_.wait(lock, settled);  // dropRebinding settles them at once
+    }
+  }
+  openMissing(kept, epoch, timeoutSeconds);  // given up, or broken since: opened afresh
+}
+
+void Engine::openMissing(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds) {
   const bool autoSize = options_.connectionsPerPeer == 0;
   struct Pool {
     const PeerAddress* peer;
@@ -154,8 +211,13 @@ void Engine::ensureConnected(const std::vector<PeerAddress>& targets, uint64_t e
     std::vector<Fd> fds;
   };
   std::vector<Pool> missing;
+  // TCP connects a pool of unknown size starts with: the largest measured so far, or
+  // the most a pool may have when nothing was measured yet (a joiner's first pools).
+  size_t guess = 1;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [id, k] : poolSize_) guess = std::max(guess, k);
+    if (poolSize_.empty()) guess = kAutoMaxConnections;
     for (const PeerAddress& peer : targets) {
       size_t k = static_cast<size_t>(options_.connectionsPerPeer);
       if (autoSize) {
@@ -175,33 +237,60 @@ void Engine::ensureConnected(const std::vector<PeerAddress>& targets, uint64_t e
     }
   }
   if (missing.empty()) return;
+  const auto started = Clock::now();
+  struct CountTime {
+    std::atomic<uint64_t>& nanos;
+    Clock::time_point started;
+    ~CountTime() {
+      nanos += static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - started).count());
+    }
+  } countTime{connectNanos_, started};
   if (timeoutSeconds < 0 || timeoutSeconds > 1e7) timeoutSeconds = 1e7;
   auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeoutSeconds));
-  auto openOne = [&](const PeerAddress& peer, size_t index, size_t count) {
+  auto connectOne = [&](const PeerAddress& peer) {
     Fd fd = connectTcp(peer.host, peer.port, deadline, peer.peerId);
     tuneSocket(fd.get(), options_.socket);
+    return fd;
+  };
+  // `fd`: a connection connectOne() made already (a sizing probe), else a new one.
+  auto openOne = [&](const PeerAddress& peer, size_t index, size_t count, Fd fd) {
+    if (!fd.valid()) fd = connectOne(peer);
     const Hello hello = makeHello(options_.peerId, epoch, static_cast<uint32_t>(index), static_cast<uint32_t>(count));
     connectHandshake(fd.get(), peer, hello, options_.secret, deadline);
     setNonBlocking(fd.get(), true);
+    connectionsOpened_.fetch_add(1, std::memory_order_relaxed);
     return fd;
   };
   // Every connection of every missing pool opens at once: one after another, each
   // costs its own round trips (connect, then the handshake), K x peers times over on a
-  // long link. A pool of unknown size opens one connection first, whose round trip
-  // sizes the rest (a second wave).
+  // long link. A pool of unknown size first makes TCP connections (as many as the
+  // largest pool measured so far, or kAutoMaxConnections), the first of which sizes
+  // the pool by its round trip (the kernel's, from the SYN); then their handshakes,
+  // and the connects and handshakes of any more it needs, go together: 2 round trips
+  // when the guess was enough (the extra connections close before their handshake),
+  // else 3; not 2 x 2.
   auto wave = [&](bool first) {
     std::vector<std::pair<Pool*, size_t>> jobs;  // (pool, connection index)
     for (Pool& pool : missing) {
-      const size_t from = pool.fds.size();
-      const size_t to = pool.size == 0 ? 1 : pool.size;
-      pool.fds.resize(std::max(from, to));
-      for (size_t i = from; i < to; ++i) jobs.emplace_back(&pool, i);
+      if (first) {
+        if (pool.size == 0) {
+          pool.fds.resize(guess);
+          for (size_t i = 0; i < guess; ++i) jobs.emplace_back(&pool, i);
+        }
+        continue;
+      }
+      pool.fds.resize(pool.size);  // connected ones beyond the size close here, before any handshake
+      for (size_t i = 0; i < pool.size; ++i) jobs.emplace_back(&pool, i);
     }
     std::vector<std::exception_ptr> errors(jobs.size());
     auto run = [&](size_t j) {
       try {
         auto [pool, i] = jobs[j];
-        pool->fds[i] = openOne(*pool->peer, i, std::max<size_t>(pool->size, 1));
+        if (first) {
+          pool->fds[i] = connectOne(*pool->peer);
+        } else {
+          pool->fds[i] = openOne(*pool->peer, i, pool->size, std::move(pool->fds[i]));
+        }
       } catch (...) {
         errors[j] = std::current_exception();
       }
@@ -465,19 +554,21 @@ void Engine::drainCommands() {
   }
 }
 
-void Engine::setRingEpoch(uint64_t epoch) {
+void Engine::setRingEpoch(uint64_t epoch, const std::vector<uint64_t>& ring) {
   currentEpoch_ = std::max(currentEpoch_, epoch);
-  // Pools of older epochs will never carry another frame.
-  std::vector<Connection*> old;
-  for (auto& [fd, c] : connections_) {
-    if (!c->dead && !c->handshaking && c->epoch < currentEpoch_) old.push_back(c.get());
-  }
   dropP2pBefore(currentEpoch_);
-  for (Connection* c : old) {
-    c->sendGoodbye();
-    closeConnection(c, ErrorKind::kAborted, "epoch " + std::to_string(currentEpoch_) + " replaced this connection's epoch",
-                    /*quiet=*/true);
+  // Ops of older epochs still running are over: they fail as closing their pools made
+  // them fail (a connection kept for the new epoch must not keep them waiting).
+  std::vector<std::shared_ptr<Collective>> stale;
+  for (auto& [tag, op] : activeByTag_) {
+    if (op->key().epoch < currentEpoch_ && !isP2pTag(tag)) stale.push_back(op);
   }
+  for (auto& op : stale) {
+    failOp(op.get(), ErrorKind::kAborted, "epoch " + std::to_string(currentEpoch_) + " replaced this op's epoch",
+           kNoPeer);
+  }
+  // Pools of older epochs never carry another frame of theirs: kept for this one, or closed.
+  rebindPools(currentEpoch_, ring);
   for (auto it = mailbox_.begin(); it != mailbox_.end();) {
     auto& box = it->second;
     for (auto f = box.begin(); f != box.end();) {

@@ -33,6 +33,8 @@ bool wellFormed(const FrameHeader& h) {
     case FrameType::kP2pOffer:
     case FrameType::kP2pAccept:
     case FrameType::kP2pCancel:
+    case FrameType::kRebind:
+    case FrameType::kRebound:
       return h.length == 0;
     case FrameType::kAbort:
       return h.length <= kMaxAbortReason;
@@ -130,6 +132,18 @@ void Engine::dispatchHeader(Connection* c) {
     case FrameType::kAbort:
       readControl(c);
       return;
+    case FrameType::kRebind:
+    case FrameType::kRebound: {
+      const FrameHeader frame = h;
+      c->headerGot = 0;
+      if (is(frame, FrameType::kRebind)) {
+        onRebind(c, frame);
+      } else {
+        onRebound(c, frame);
+      }
+      flushDirty();
+      return;
+    }
     case FrameType::kP2pOffer:
     case FrameType::kP2pAccept:
     case FrameType::kP2pCancel: {

@@ -46,6 +46,10 @@ struct Connection {
   bool dead = false;
   bool goodbye = false;  // the peer announced an orderly close
   bool paused = false;   // a header waits for room in the mailbox
+  // An outgoing connection kept for the pool of `rebindEpoch` (kRebind sent), not in
+  // any pool until the peer's kRebound arrives.
+  bool rebinding = false;
+  uint64_t rebindEpoch = 0;
   Clock::time_point handshakeDeadline;
   uint32_t interest = 0;
   HandshakeAcceptor handshake;  // incoming connections, until established
