@@ -12,12 +12,16 @@ module, so the backend is registered and the suite patched the same way in each.
 
 The suite decides by backend name which tests apply. For a backend other than gloo,
 nccl, ucc, mpi this module
-- adds it to DistTestCases.backend_feature["plugin"] (a registered third-party backend)
-  and ["subgroup"] (pccl runs dist.new_group), which is what pccl supports;
-- runs the tests named in GLOO_GATED on it too: upstream gates them with
-  require_backend_is_available({"gloo"}), although their bodies only call public
-  torch.distributed collectives on CPU tensors (all_reduce_coalesced), so any backend
-  that claims the collective should pass them.
+- adds it to DistTestCases.backend_feature["plugin"] (a registered third-party backend),
+  ["subgroup"] (pccl runs dist.new_group), ["ddp"] (DDP runs on it unchanged) and
+  ["gpu"] / ["cuda"] (it takes CUDA tensors, staged through host memory), which is what
+  pccl supports: the tests gated on these features run as they do for gloo (those that
+  need GPUs still skip where there are none);
+- runs the tests named in GLOO_GATED on it too: upstream gates them on gloo by name
+  (require_backend_is_available({"gloo"}), or "Only gloo backend supports timeouts"),
+  although their bodies only call public torch.distributed collectives on CPU tensors
+  (all_reduce_coalesced, barrier with a timeout) or the group's own monitored_barrier,
+  so any backend that claims the call should pass them.
 Nothing else is changed: every other test keeps its upstream skip conditions.
 """
 
@@ -36,11 +40,21 @@ import pccl_py.torch  # noqa: F401  (registers "pccl", here and in every spawned
 
 BACKEND = os.environ["BACKEND"]
 BUILTIN = {"gloo", "nccl", "ucc", "mpi"}
-GLOO_GATED = ("test_all_reduce_coalesced_",)
+GLOO_GATED = (
+    "test_all_reduce_coalesced_",
+    # barrier(timeout): "Only gloo backend supports timeouts"
+    "test_barrier_timeout_global",
+    "test_barrier_timeout_group",
+    "test_barrier_timeout_full_group",
+    # calls process_group.monitored_barrier() itself (dist.monitored_barrier() refuses
+    # every backend but gloo by name, in torch, before it reaches the backend)
+    "test_monitored_barrier_gloo_rank_0_timeout",
+)
+FEATURES = ("plugin", "subgroup", "ddp", "gpu", "cuda")
 
 if BACKEND not in BUILTIN:
-    DistTestCases.backend_feature["plugin"].add(BACKEND)
-    DistTestCases.backend_feature["subgroup"].add(BACKEND)
+    for _feature in FEATURES:
+        DistTestCases.backend_feature[_feature].add(BACKEND)
 
 from torch.testing._internal.distributed.distributed_test import (
     DistributedTest,
@@ -50,7 +64,10 @@ from torch.testing._internal.distributed.distributed_test import (
 if BACKEND not in BUILTIN:
     for _name, _test in vars(DistributedTest._DistTestBase).items():
         reason = getattr(_test, "__unittest_skip_why__", "")
-        if _name.startswith(GLOO_GATED) and reason.startswith("Test requires backend") and "{'gloo'}" in reason:
+        gated = (reason.startswith("Test requires backend") and "{'gloo'}" in reason) or reason == (
+            "Only gloo backend supports timeouts"
+        )
+        if _name.startswith(GLOO_GATED) and gated:
             _test.__unittest_skip__ = False
 
 
