@@ -20,7 +20,9 @@ implementation moves:
 - reduce: an all-reduce of a copy; barrier: a one-byte all-reduce.
 - all-to-all: all_to_all of the blocks laid out by ring position, padded to the largest
   (pccl_py.torch.exchange); monitored_barrier: a flag all-gather (pccl_py.torch.monitored).
-- BAND/BOR/BXOR all-reduce on integers: an all-gather, reduced here in rank order.
+- BAND/BOR/BXOR all-reduce on integers: an all-gather, reduced here in rank order;
+  SUM of a sparse COO tensor: an all-gather of every rank's indices and values, summed
+  here (coalesce), as gloo's sparse all-reduce.
 
 Tensors outside host memory (CUDA) are staged (pccl_py.torch.staging): copied to host
 when the op is issued, reduced there, copied back before the Work completes. Reduce ops
@@ -148,6 +150,8 @@ class ProcessGroupPccl(dist.ProcessGroup):
     def allreduce_coalesced(self, tensors: Sequence[torch.Tensor], opts: Any = None) -> dist.Work:
         red = opts.reduceOp if opts is not None else dist.ReduceOp(dist.ReduceOp.SUM)
         timeout = self._op_timeout(opts)
+        if any(t.is_sparse for t in tensors):
+            return self._sparse_all_reduce(list(tensors), red, timeout)
         staged = [Staged(t) for t in tensors]
         bitwise = bitwise_op(red, [s.host.dtype for s in staged])
         if bitwise is not None:
@@ -205,6 +209,40 @@ class ProcessGroupPccl(dist.ProcessGroup):
                 s.commit()
                 offset += n
             return tensors
+
+        return self._submit(run)
+
+    def _sparse_all_reduce(self, tensors: list[torch.Tensor], red: Any, timeout: float) -> dist.Work:
+        """SUM of one sparse COO CPU tensor (what gloo's sparse all-reduce takes): every
+        rank's nonzero count, then one all-gather of its indices and values padded to the
+        largest count, then the sum of all N here (concatenated in rank order and
+        coalesced: the same steps on the same bytes on every rank), copied into the
+        tensor, which may change its number of nonzeros."""
+        if (red.op if hasattr(red, "op") else red) != dist.ReduceOp.SUM:
+            raise PcclBackendError(f"sparse all_reduce supports SUM only (as gloo), got {red}")
+        if len(tensors) != 1 or not tensors[0].is_sparse or tensors[0].device.type != "cpu":
+            raise PcclBackendError("sparse all_reduce takes one sparse COO CPU tensor")
+        target = tensors[0]
+
+        def run() -> list[torch.Tensor]:
+            mine = target.coalesce()
+            indices, values = mine.indices(), mine.values().contiguous()
+            counts = [int(row[0]) for row in self._all_gather(torch.tensor([mine._nnz()]), None, timeout)]
+            most = max(counts)
+            padded_indices = torch.zeros((indices.shape[0], most), dtype=torch.int64)
+            padded_indices[:, : indices.shape[1]] = indices
+            padded_values = torch.zeros((most, *values.shape[1:]), dtype=values.dtype)
+            padded_values[: values.shape[0]] = values
+            index_bytes = padded_indices.nbytes
+            rows = self._all_gather(torch.cat([byte_view(padded_indices), byte_view(padded_values)]), None, timeout)
+            all_indices, all_values = [], []
+            for count, row in zip(counts, rows, strict=True):
+                all_indices.append(row[:index_bytes].view(torch.int64).reshape(padded_indices.shape)[:, :count])
+                all_values.append(row[index_bytes:].view(values.dtype).reshape(padded_values.shape)[:count])
+            total = torch.sparse_coo_tensor(torch.cat(all_indices, 1), torch.cat(all_values), mine.shape).coalesce()
+            with torch.no_grad():
+                target.copy_(total)
+            return [target]
 
         return self._submit(run)
 

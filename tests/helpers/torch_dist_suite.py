@@ -8,7 +8,10 @@ store (TestDistBackend's init method).
     BACKEND=gloo WORLD_SIZE=2 python tests/helpers/torch_dist_suite.py -k coalesced
 
 Arguments go to unittest (-k PATTERN, -v, a test name). The spawned ranks re-import this
-module, so the backend is registered and the suite patched the same way in each.
+module, so the backend is registered and the suite patched the same way in each. With
+PCCL_SUITE_REPORT=FILE it also writes each test's outcome there as JSON
+({"test_x": ["ok" | "skipped" | "failed" | "error", detail]}), which
+tests/integration/test_torch_dist_suite.py reads.
 
 The suite decides by backend name which tests apply. For a backend other than gloo,
 nccl, ucc, mpi this module
@@ -17,19 +20,22 @@ nccl, ucc, mpi this module
   ["gpu"] / ["cuda"] (it takes CUDA tensors, staged through host memory), which is what
   pccl supports: the tests gated on these features run as they do for gloo (those that
   need GPUs still skip where there are none);
-- runs the tests named in GLOO_GATED on it too: upstream gates them on gloo by name
-  (require_backend_is_available({"gloo"}), or "Only gloo backend supports timeouts"),
-  although their bodies only call public torch.distributed collectives on CPU tensors
-  (all_reduce_coalesced, barrier with a timeout) or the group's own monitored_barrier,
-  so any backend that claims the call should pass them.
+- runs the tests named in GLOO_GATED on it too: upstream gates them on gloo (or MPI) by
+  name (require_backend_is_available({"gloo"}), "Only gloo backend supports timeouts",
+  "Only MPI supports all_to_all", ...), although their bodies only call public
+  torch.distributed collectives on CPU tensors (all_reduce_coalesced, barrier with a
+  timeout, all_to_all(_single), sparse all_reduce) or the group's own
+  monitored_barrier, so any backend that claims the call should pass them.
 Nothing else is changed: every other test keeps its upstream skip conditions.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import unittest
+from typing import Any
 
 os.environ.setdefault("BACKEND", "pccl")
 os.environ.setdefault("WORLD_SIZE", "2")
@@ -49,6 +55,17 @@ GLOO_GATED = (
     # calls process_group.monitored_barrier() itself (dist.monitored_barrier() refuses
     # every backend but gloo by name, in torch, before it reaches the backend)
     "test_monitored_barrier_gloo_rank_0_timeout",
+    # "Only MPI supports (CPU) all_to_all(_single)": gloo skips them too
+    "test_all_to_all",
+    # "Only Gloo backend supports sparse all reduce"
+    "test_sparse_all_reduce_sum",
+)
+# The upstream skip reasons GLOO_GATED lifts (any other skip of those tests stays).
+BY_NAME = (
+    "Only gloo backend supports timeouts",
+    "Only MPI supports CPU all_to_all_single",
+    "Only MPI supports all_to_all",
+    "Only Gloo backend supports sparse all reduce",
 )
 FEATURES = ("plugin", "subgroup", "ddp", "gpu", "cuda")
 
@@ -64,9 +81,7 @@ from torch.testing._internal.distributed.distributed_test import (
 if BACKEND not in BUILTIN:
     for _name, _test in vars(DistributedTest._DistTestBase).items():
         reason = getattr(_test, "__unittest_skip_why__", "")
-        gated = (reason.startswith("Test requires backend") and "{'gloo'}" in reason) or reason == (
-            "Only gloo backend supports timeouts"
-        )
+        gated = (reason.startswith("Test requires backend") and "{'gloo'}" in reason) or reason in BY_NAME
         if _name.startswith(GLOO_GATED) and gated:
             _test.__unittest_skip__ = False
 
@@ -77,5 +92,49 @@ class TestDistBackendWithSpawn(TestDistBackend, DistributedTest._DistTestBase):
         self._spawn_processes()
 
 
+class _RecordingResult(unittest.TextTestResult):
+    """A TextTestResult that also keeps every test's outcome by method name."""
+
+    outcomes: dict[str, list[str]]
+
+    def _put(self, test: Any, outcome: str, detail: str = "") -> None:
+        self.outcomes[test.id().rsplit(".", 1)[-1]] = [outcome, detail[-4000:]]
+
+    def addSuccess(self, test: Any) -> None:
+        super().addSuccess(test)
+        self._put(test, "ok")
+
+    def addSkip(self, test: Any, reason: str) -> None:
+        super().addSkip(test, reason)
+        self._put(test, "skipped", reason)
+
+    def addFailure(self, test: Any, err: Any) -> None:
+        super().addFailure(test, err)
+        self._put(test, "failed", self.failures[-1][1])
+
+    def addError(self, test: Any, err: Any) -> None:
+        super().addError(test, err)
+        self._put(test, "error", self.errors[-1][1])
+
+
+def main() -> None:
+    report = os.environ.get("PCCL_SUITE_REPORT")
+    if not report:
+        unittest.main(argv=[sys.argv[0], *sys.argv[1:]])
+        return
+    outcomes: dict[str, list[str]] = {}
+
+    class Result(_RecordingResult):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.outcomes = outcomes
+
+    try:
+        unittest.main(argv=[sys.argv[0], *sys.argv[1:]], exit=False, testRunner=unittest.TextTestRunner(resultclass=Result))
+    finally:
+        with open(report, "w") as f:
+            json.dump(outcomes, f)
+
+
 if __name__ == "__main__":
-    unittest.main(argv=[sys.argv[0], *sys.argv[1:]])
+    main()
