@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import atexit
 import datetime
-import itertools
 import logging
 import queue
 import threading
@@ -52,17 +51,18 @@ from torch.futures import Future
 
 from pccl_py import Communicator, Master, PcclError, ReduceOp
 from pccl_py.errors import Timeout
-from pccl_py.torch import monitored
 from pccl_py.torch.errors import PcclBackendError
-from pccl_py.torch.exchange import pack_blocks, split_bytes, unpack_blocks
-from pccl_py.torch.ops import bit_pattern_dtype, bitwise_op, premul_factor, reduce_op
+from pccl_py.torch.exchange import AllToAllCalls
+from pccl_py.torch.gathered import GatheredReductions
+from pccl_py.torch.monitored import MonitoredBarrierCalls
+from pccl_py.torch.ops import bitwise_op, premul_factor, reduce_op
 from pccl_py.torch.staging import Staged, by_dtype, byte_view, split_into
 from pccl_py.torch.work import PcclWork
 
 log = logging.getLogger(__name__)
 
 
-class ProcessGroupPccl(dist.ProcessGroup):
+class ProcessGroupPccl(AllToAllCalls, MonitoredBarrierCalls, GatheredReductions, dist.ProcessGroup):
     """torch.distributed ProcessGroup over a connected pccl_py Communicator.
 
     Owns `comm` (closed by shutdown()) and, when given, the in-process `master` this
@@ -182,67 +182,6 @@ class ProcessGroupPccl(dist.ProcessGroup):
             for s in staged:
                 s.commit()
             return list(tensors)
-
-        return self._submit(run)
-
-    def _bitwise_all_reduce(
-        self, tensors: list[torch.Tensor], staged: list[Staged], fn: Callable[..., torch.Tensor], timeout: float
-    ) -> dist.Work:
-        """BAND/BOR/BXOR on integer tensors: the engine's kernels do not have them, so one
-        all-gather of this rank's tensors (as bytes), each reduced here in rank order.
-        Exact, so every rank ends with the same bytes; it moves (N-1) x the bytes where
-        an all-reduce moves 2(N-1)/N x, which is fine for the masks and flags these ops
-        carry."""
-
-        def run() -> list[torch.Tensor]:
-            mine = torch.cat([byte_view(s.host) for s in staged])
-            rows = self._all_gather(mine, None, timeout)
-            offset = 0
-            for s in staged:
-                n = s.host.nbytes
-                dtype = bit_pattern_dtype(s.host.dtype)
-                parts = [row[offset : offset + n].view(dtype) for row in rows]
-                acc = parts[0].clone()
-                for part in parts[1:]:
-                    fn(acc, part, out=acc)
-                byte_view(s.host).copy_(acc.view(torch.uint8))
-                s.commit()
-                offset += n
-            return tensors
-
-        return self._submit(run)
-
-    def _sparse_all_reduce(self, tensors: list[torch.Tensor], red: Any, timeout: float) -> dist.Work:
-        """SUM of one sparse COO CPU tensor (what gloo's sparse all-reduce takes): every
-        rank's nonzero count, then one all-gather of its indices and values padded to the
-        largest count, then the sum of all N here (concatenated in rank order and
-        coalesced: the same steps on the same bytes on every rank), copied into the
-        tensor, which may change its number of nonzeros."""
-        if (red.op if hasattr(red, "op") else red) != dist.ReduceOp.SUM:
-            raise PcclBackendError(f"sparse all_reduce supports SUM only (as gloo), got {red}")
-        if len(tensors) != 1 or not tensors[0].is_sparse or tensors[0].device.type != "cpu":
-            raise PcclBackendError("sparse all_reduce takes one sparse COO CPU tensor")
-        target = tensors[0]
-
-        def run() -> list[torch.Tensor]:
-            mine = target.coalesce()
-            indices, values = mine.indices(), mine.values().contiguous()
-            counts = [int(row[0]) for row in self._all_gather(torch.tensor([mine._nnz()]), None, timeout)]
-            most = max(counts)
-            padded_indices = torch.zeros((indices.shape[0], most), dtype=torch.int64)
-            padded_indices[:, : indices.shape[1]] = indices
-            padded_values = torch.zeros((most, *values.shape[1:]), dtype=values.dtype)
-            padded_values[: values.shape[0]] = values
-            index_bytes = padded_indices.nbytes
-            rows = self._all_gather(torch.cat([byte_view(padded_indices), byte_view(padded_values)]), None, timeout)
-            all_indices, all_values = [], []
-            for count, row in zip(counts, rows, strict=True):
-                all_indices.append(row[:index_bytes].view(torch.int64).reshape(padded_indices.shape)[:, :count])
-                all_values.append(row[index_bytes:].view(values.dtype).reshape(padded_values.shape)[:count])
-            total = torch.sparse_coo_tensor(torch.cat(all_indices, 1), torch.cat(all_values), mine.shape).coalesce()
-            with torch.no_grad():
-                target.copy_(total)
-            return [target]
 
         return self._submit(run)
 
@@ -469,88 +408,6 @@ class ProcessGroupPccl(dist.ProcessGroup):
 
         return self._submit(run)
 
-    def monitored_barrier(self, timeout: Any = None, wait_all_ranks: bool = False) -> None:
-        """A barrier that names the ranks that failed to reach it within `timeout` (a
-        timedelta, seconds, or options carrying one; default: the group's), as gloo's
-        does: rank 0 raises "Rank r failed to pass monitoredBarrier in T ms" for the
-        first missing rank, or "Ranks a, b failed ..." for every one with
-        `wait_all_ranks`; another rank that got there raises that it did but rank 0's
-        side failed. One all-gather of arrival flags (pccl_py.torch.monitored); a failure
-        poisons the group, as any failed collective does. Blocks until it ends."""
-        if isinstance(timeout, datetime.timedelta):
-            seconds = timeout.total_seconds()
-        elif isinstance(timeout, (int, float)):
-            seconds = float(timeout)
-        else:
-            custom = getattr(timeout, "timeout", None)
-            seconds = custom.total_seconds() if isinstance(custom, datetime.timedelta) else self._timeout
-        timeout_ms = round(seconds * 1000)
-
-        def run() -> list[torch.Tensor]:
-            if seconds <= 0:
-                raise PcclBackendError(monitored.failure_message(self._rank, [], wait_all_ranks, 0))
-            order = self._ring_ranks(seconds)
-            rows = torch.zeros(self._size, dtype=torch.uint8)
-            rows[order.index(self._rank)] = 1
-            try:
-                info = self._comm.all_gather(rows[order.index(self._rank)].reshape(1).clone(), out=rows, timeout=seconds)
-            except PcclError as exc:
-                arrived = [bool(rows[order.index(r)]) for r in range(self._size)]
-                raise PcclBackendError(
-                    monitored.failure_message(self._rank, arrived, wait_all_ranks, timeout_ms) + f" ({exc})"
-                ) from exc
-            self._check_world(info.world_size)
-            return []
-
-        self._submit(run).wait()
-
-    def alltoall(self, output_tensors: Any, input_tensors: Any, opts: Any = None) -> dist.Work:
-        """output_tensors[s] receives rank s's input_tensors[self rank] (torch's
-        all_to_all): sizes may differ per pair, each must match its peer's."""
-        self._check_list(output_tensors, "all_to_all output")
-        self._check_list(input_tensors, "all_to_all input")
-        sends = [Staged(t) for t in input_tensors]
-        recvs = [Staged(t, read=False) for t in output_tensors]
-        timeout = self._op_timeout(opts)
-
-        def run() -> list[torch.Tensor]:
-            self._all_to_all([byte_view(s.host) for s in sends], [byte_view(r.host) for r in recvs], None, timeout)
-            for r in recvs:
-                r.commit()
-            return list(output_tensors)
-
-        return self._submit(run)
-
-    def alltoall_base(
-        self,
-        output: torch.Tensor,
-        input: torch.Tensor,
-        output_split_sizes: Sequence[int],
-        input_split_sizes: Sequence[int],
-        opts: Any = None,
-    ) -> dist.Work:
-        """torch's all_to_all_single: `input`'s dim 0 split by input_split_sizes (equal
-        parts when empty), part d to rank d; `output`'s by output_split_sizes, part s from
-        rank s. Even splits on both sides go straight from `input` into `output` when the
-        ring's order is the ranks' (as after the usual rendezvous)."""
-        if input.dtype != output.dtype:
-            raise PcclBackendError("all_to_all_single: the input and the output must have one dtype")
-        src, dst = Staged(input), Staged(output, read=False)
-        send = split_bytes(src.host, list(input_split_sizes), self._size, "input")
-        recv = split_bytes(dst.host, list(output_split_sizes), self._size, "output")
-        even = not input_split_sizes and not output_split_sizes
-        timeout = self._op_timeout(opts)
-
-        def run() -> list[torch.Tensor]:
-            block = send[0].numel() if even else None  # the same on every rank: no size round
-            self._all_to_all(send, recv, block, timeout)
-            dst.commit()
-            return [output]
-
-        return self._submit(run)
-
-    all_to_all_single = alltoall_base
-
     def send(self, *args: Any, **kwargs: Any) -> dist.Work:
         return self._unsupported("send (point-to-point)")
 
@@ -667,31 +524,6 @@ class ProcessGroupPccl(dist.ProcessGroup):
         rows = list(info.output.reshape(self._size, mine.numel()).unbind(0))
         return [rows[order.index(r)] for r in range(self._size)]
 
-    def _all_to_all(
-        self, sends: list[torch.Tensor], recvs: list[torch.Tensor], block: int | None, timeout: float
-    ) -> None:
-        """sends[d] (bytes) to torch rank d, recvs[s] from torch rank s: one pccl
-        all-to-all of blocks of `block` bytes (None: the largest of any pair, agreed by a
-        MAX all-reduce first) laid out by ring position (pccl_py.torch.exchange)."""
-        if block is None:
-            largest = torch.tensor([max(t.numel() for t in [*sends, *recvs])], dtype=torch.int64)
-            self._all_reduce(largest, ReduceOp.MAX, timeout)
-            block = int(largest.item())
-        if block == 0:
-            return  # every rank knows: nothing to move
-        order = self._ring_ranks(timeout)
-        whole = [t.numel() == block for t in [*sends, *recvs]]
-        if all(whole) and order == list(range(self._size)) and _consecutive(sends) and _consecutive(recvs):
-            src = sends[0].as_strided((self._size * block,), (1,))
-            dst = recvs[0].as_strided((self._size * block,), (1,))
-            info = self._comm.all_to_all(src, out=dst, timeout=timeout)
-            self._check_world(info.world_size)
-            return
-        out = torch.empty(self._size * block, dtype=torch.uint8)
-        info = self._comm.all_to_all(pack_blocks(sends, order, block), out=out, timeout=timeout)
-        self._check_world(info.world_size)
-        unpack_blocks(out, order, block, recvs)
-
     def _broadcast(self, buf: torch.Tensor, root: int, timeout: float) -> None:
         info = self._comm.broadcast(buf, root=self._ring_ranks(timeout).index(root), timeout=timeout)
         self._check_world(info.world_size)
@@ -731,14 +563,6 @@ class ProcessGroupPccl(dist.ProcessGroup):
     def _check_list(self, tensors: Sequence[torch.Tensor], what: str) -> None:
         if len(tensors) != self._size:
             raise PcclBackendError(f"{what}: expected one per rank ({self._size}), got {len(tensors)}")
-
-
-def _consecutive(parts: Sequence[torch.Tensor]) -> bool:
-    """Whether `parts` (flat uint8 tensors) lie back to back in one piece of memory."""
-    return all(
-        b.data_ptr() == a.data_ptr() + a.numel() and b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
-        for a, b in itertools.pairwise(parts)
-    )
 
 
 def _shutdown_at_exit(ref: weakref.ref[ProcessGroupPccl]) -> None:
