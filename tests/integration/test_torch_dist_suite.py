@@ -71,10 +71,16 @@ EXCLUDED: dict[str, str] = {
     "test_isend_autograd_profiler": _P2P,
     "test_isend_torch_profiler": _P2P,
     "test_irecv": _P2P,
-    "test_batch_isend_irecv_op_err": _P2P,
-    "test_batch_isend_irecv_op_list_err": _P2P,
-    "test_batch_isend_irecv_mixed_backend_err": _P2P,
 }
+# Also not passed on pccl, but skipped by the suite's own gates for it, so not excluded
+# here (gloo passes them at 2 ranks):
+# - test_batch_isend_irecv_gloo, test_batch_isend_irecv_gloo_tags: point-to-point, as above;
+# - test_monitored_barrier_gloo, _gloo_subgroup, _failure_order, _wait_all_ranks: they call
+#   dist.monitored_barrier(), which torch refuses for every backend but gloo by name
+#   (distributed_c10d.py) before the backend is asked; the group's own monitored_barrier
+#   passes test_monitored_barrier_gloo_rank_0_timeout;
+# - test_accumulate_gradients_no_sync*: the body builds its DDP model only for mpi, gloo and
+#   nccl, by name (DDP's no_sync passes test_grads_same_across_ranks_with_no_sync).
 
 
 def _suite_tests() -> list[str]:
