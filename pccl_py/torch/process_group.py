@@ -408,6 +408,9 @@ class ProcessGroupPccl(AllToAllCalls, MonitoredBarrierCalls, GatheredReductions,
 
         return self._submit(run)
 
+    def _unsupported(self, what: str) -> dist.Work:
+        raise PcclBackendError(f"the pccl backend does not implement {what}")
+
     def send(self, *args: Any, **kwargs: Any) -> dist.Work:
         return self._unsupported("send (point-to-point)")
 
