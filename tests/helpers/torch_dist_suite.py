@@ -102,12 +102,16 @@ class TestDistBackendWithSpawn(TestDistBackend, DistributedTest._DistTestBase):
 
 
 class _RecordingResult(unittest.TextTestResult):
-    """A TextTestResult that also keeps every test's outcome by method name."""
+    """A TextTestResult that also keeps every test's outcome by method name, rewriting
+    the report after each test (so a run cut short still tells what it ran)."""
 
     outcomes: dict[str, list[str]]
+    report: str
 
     def _put(self, test: Any, outcome: str, detail: str = "") -> None:
         self.outcomes[test.id().rsplit(".", 1)[-1]] = [outcome, detail[-4000:]]
+        with open(self.report, "w") as f:
+            json.dump(self.outcomes, f)
 
     def addSuccess(self, test: Any) -> None:
         super().addSuccess(test)
@@ -137,12 +141,13 @@ def main() -> None:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.outcomes = outcomes
+            self.report = report
 
-    try:
-        unittest.main(argv=[sys.argv[0], *sys.argv[1:]], exit=False, testRunner=unittest.TextTestRunner(resultclass=Result))
-    finally:
-        with open(report, "w") as f:
-            json.dump(outcomes, f)
+    with open(report, "w") as f:
+        json.dump(outcomes, f)
+    verbosity = 2 if "-v" in sys.argv else 1
+    runner = unittest.TextTestRunner(resultclass=Result, verbosity=verbosity)
+    unittest.main(argv=[sys.argv[0], *sys.argv[1:]], exit=False, testRunner=runner)
 
 
 if __name__ == "__main__":
