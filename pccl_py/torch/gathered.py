@@ -37,7 +37,7 @@ class GatheredReductions:
             for s in staged:
                 n = s.host.nbytes
                 dtype = bit_pattern_dtype(s.host.dtype)
-                parts = [row[offset : offset + n].view(dtype) for row in rows]
+                parts = [_typed(row[offset : offset + n], dtype) for row in rows]
                 acc = parts[0].clone()
                 for part in parts[1:]:
                     fn(acc, part, out=acc)
@@ -73,11 +73,22 @@ class GatheredReductions:
             rows = self._all_gather(torch.cat([byte_view(padded_indices), byte_view(padded_values)]), None, timeout)
             all_indices, all_values = [], []
             for count, row in zip(counts, rows, strict=True):
-                all_indices.append(row[:index_bytes].view(torch.int64).reshape(padded_indices.shape)[:, :count])
-                all_values.append(row[index_bytes:].view(values.dtype).reshape(padded_values.shape)[:count])
+                all_indices.append(_typed(row[:index_bytes], torch.int64).reshape(padded_indices.shape)[:, :count])
+                all_values.append(_typed(row[index_bytes:], values.dtype).reshape(padded_values.shape)[:count])
             total = torch.sparse_coo_tensor(torch.cat(all_indices, 1), torch.cat(all_values), mine.shape).coalesce()
             with torch.no_grad():
                 target.copy_(total)
             return [target]
 
         return self._submit(run)
+
+
+def _typed(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`raw` (bytes, a slice of a gathered row) as `dtype`: viewed in place when its
+    offset suits the dtype's alignment, else copied first (a row starts wherever the
+    previous rows' bytes end)."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    if raw.storage_offset() % size:
+        raw = raw.clone()
+    return raw.view(dtype)
+

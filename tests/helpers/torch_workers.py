@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import AllreduceCoalescedOptions
 
 import pccl_py.torch  # noqa: F401  (registers "pccl")
 from pccl_py.torch import REDUCE_DTYPES
@@ -276,6 +277,30 @@ def main() -> None:
         dist.all_gather_object(objs, {"rank": rank})
         c.same("all_gather_object", torch.tensor([o["rank"] for o in objs]), torch.arange(world))  # type: ignore[index]
 
+    def gathered_reductions() -> None:
+        # Sparse SUM (CPU, as gloo): rank r holds rows 0..r of a (world + 1) x 3 tensor,
+        # so the ranks' nonzero counts differ and overlap.
+        def sparse(r: int) -> torch.Tensor:
+            return torch.sparse_coo_tensor(torch.arange(r + 1).reshape(1, -1), torch.full((r + 1, 3), r + 1.0), (world + 1, 3))
+
+        t = sparse(rank)
+        dist.all_reduce(t)
+        c.same("sparse all_reduce", t.to_dense(), sum(sparse(r).to_dense() for r in range(world)))
+        # Mixed integer dtypes in one bitwise op (on the group: dist.* refuses mixed dtypes):
+        # int8 then int64, so a rank's int64 bytes start at an unaligned offset of the row.
+        a = torch.tensor([rank + 1], dtype=torch.int8, device=dev)
+        b = torch.tensor([1 << rank, 7], dtype=torch.int64, device=dev)
+        opts = AllreduceCoalescedOptions()
+        opts.reduceOp = dist.ReduceOp.BOR
+        group = dist.group.WORLD
+        assert group is not None
+        group.allreduce_coalesced([a, b], opts).wait()
+        want_a = 0
+        for r in range(world):
+            want_a |= r + 1
+        c.same("BOR int8 (coalesced)", a, torch.tensor([want_a]))
+        c.same("BOR int64 (coalesced)", b, torch.tensor([(1 << world) - 1, 7]))
+
     def unsupported() -> None:
         c.checks += 1
         try:
@@ -306,6 +331,7 @@ def main() -> None:
     c.run("subgroup", subgroup)
     c.run("coalesced", coalesced)
     c.run("premul/reduce/gather/scatter", premul_and_rooted)
+    c.run("sparse and mixed bitwise all-reduces", gathered_reductions)
     c.run("unsupported op", unsupported)
     dist.destroy_process_group()
     print(json.dumps({"rank": rank, "checks": c.checks, "failures": c.failures}), flush=True)
