@@ -1,5 +1,6 @@
 # make install: .venv/ with the package (editable) and everything it needs.
 # make test: the test suite. make lint: ruff + mypy. make demo: the main job. make bench / make stress / make stress-wan.
+# make torch-suite: PyTorch's whole DistributedTest suite on the pccl backend (hours).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +13,7 @@ NATIVE_SOURCES := $(shell find native bindings -type f \( -name '*.cpp' -o -name
 PY_MODULES := $(shell find pccl_py -name '*.py' | sort | md5sum | cut -c1-12)
 MODULE_STAMP := $(VENV)/.modules-$(PY_MODULES)
 
-.PHONY: install test demo bench stress stress-wan lint clean
+.PHONY: install test demo bench stress stress-wan lint clean torch-suite
 STRESS_SECONDS ?= 600
 STRESS_SEED ?= 1
 
@@ -38,6 +39,13 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check pccl_py
 	$(VENV)/bin/mypy pccl_py
+
+# PyTorch's own DistributedTest suite on pccl, every test at 2 and 3 ranks but those the
+# module excludes (tests/integration/test_torch_dist_suite.py names each, with why): each
+# passes or is skipped by the suite's own conditions. About two hours on 2 cores; make
+# test runs a chosen few.
+torch-suite: install
+	PCCL_TORCH_SUITE=full $(PY) -m pytest -q -s tests/integration/test_torch_dist_suite.py -k whole_suite
 
 bench: install
 	$(VENV)/bin/pccl bench --peers 2 4 --sizes 1K 1M 16M 64M 256M --compare gloo

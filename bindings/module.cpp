@@ -332,7 +332,8 @@ PYBIND11_MODULE(_native, m) {
       .value("ALL_GATHER", CollectiveKind::kAllGather)
       .value("REDUCE_SCATTER", CollectiveKind::kReduceScatter)
       .value("BROADCAST", CollectiveKind::kBroadcast)
-      .value("BROADCAST_DIRECT", CollectiveKind::kBroadcastDirect);
+      .value("BROADCAST_DIRECT", CollectiveKind::kBroadcastDirect)
+      .value("ALL_TO_ALL", CollectiveKind::kAllToAll);
 
   py::enum_<QuantKind>(m, "QuantKind")
       .value("NONE", QuantKind::kNone)
@@ -567,12 +568,15 @@ PYBIND11_MODULE(_native, m) {
           py::arg("tag") = 0, py::arg("seq") = 0, py::arg("timeout") = py::none(),
           py::arg("connect_timeout") = py::none(), py::arg("segment_bytes") = 0, py::arg("vote") = false,
           py::arg("root") = 0,
-          "Start an all-gather, reduce-scatter or broadcast (kind) over every peer of the ring. Returns a handle.\n"
+          "Start an all-gather, reduce-scatter, broadcast or all-to-all (kind) over every peer of the ring.\n"
+          "Returns a handle.\n"
           "ALL_GATHER: output holds N x input, row r from rank r. REDUCE_SCATTER: output holds this rank's\n"
           "chunk of the input's reduction by `op` (the ring's N chunks, the first count % N one element\n"
           "larger), reduced in rank order. BROADCAST (root scatters, owners pass on) / BROADCAST_DIRECT (root\n"
           "sends everything): rank `root`'s input lands in every other rank's output (pass one buffer as both\n"
-          "for in place). Every peer must pass the same kind, count, dtype, op and root (else ProtocolError).\n"
+          "for in place). ALL_TO_ALL: the input holds N equal blocks (count a multiple of N), block d goes to\n"
+          "rank d; row s of the output (as large as the input; one buffer as both for in place) is rank s's\n"
+          "block r. Every peer must pass the same kind, count, dtype, op and root (else ProtocolError).\n"
           "vote: succeed only once every peer holds its result (all-to-all commit vote). A failed op leaves\n"
           "the input intact and the output undefined.")
       .def(

@@ -125,6 +125,7 @@ class CollectiveKind:
     REDUCE_SCATTER: ClassVar[CollectiveKind]
     BROADCAST: ClassVar[CollectiveKind]
     BROADCAST_DIRECT: ClassVar[CollectiveKind]
+    ALL_TO_ALL: ClassVar[CollectiveKind]
     __members__: ClassVar[dict[str, CollectiveKind]]
     def __init__(self, value: int) -> None: ...
     def __eq__(self, other: object, /) -> bool: ...
@@ -376,14 +377,16 @@ class Engine:
         vote: bool = False,
         root: int = 0,
     ) -> AllReduceHandle:
-        """Start an all-gather, reduce-scatter or broadcast (kind) over every peer of the ring.
+        """Start an all-gather, reduce-scatter, broadcast or all-to-all (kind) over every peer of the ring.
 
         ALL_GATHER: output holds N x input, row r from rank r. REDUCE_SCATTER: output holds
         this rank's chunk of the input's reduction by `op` (the ring's N chunks, the first
         count % N one element larger), reduced in rank order. BROADCAST (root scatters,
         owners pass on) / BROADCAST_DIRECT (root sends everything): rank `root`'s input lands
-        in every other rank's output (one buffer as both: in place). Every peer must pass the
-        same kind, count, dtype, op and root (else ProtocolError). vote: succeed only once
+        in every other rank's output (one buffer as both: in place). ALL_TO_ALL: the input holds
+        N equal blocks (count a multiple of N), block d goes to rank d; row s of the output (as
+        large as the input; one buffer as both: in place) is rank s's block r. Every peer must
+        pass the same kind, count, dtype, op and root (else ProtocolError). vote: succeed only once
         every peer holds its result. A failed op leaves the input intact, the output undefined.
         """
 

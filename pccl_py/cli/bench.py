@@ -66,9 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=OPS,
         default="all_reduce",
         help="the collective (default: all_reduce); SIZE is the full buffer as in nccl-tests: the "
-        "all-gather's output, the reduce-scatter's input, the broadcast's buffer (from rank 0); busbw is "
-        "algbw x 2(N-1)/N for the all-reduce, x (N-1)/N for the all-gather and reduce-scatter, x 1 for "
-        "the broadcast",
+        "all-gather's output, the reduce-scatter's and the all-to-all's input, the broadcast's buffer (from "
+        "rank 0); busbw is algbw x 2(N-1)/N for the all-reduce, x (N-1)/N for the all-gather, "
+        "reduce-scatter and all-to-all, x 1 for the broadcast",
     )
     parser.add_argument(
         "--compare",

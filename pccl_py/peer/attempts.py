@@ -36,10 +36,10 @@ STEP_BITS = 32
 _RETRYABLE = (FailureKind.PEER_LOST, FailureKind.PEER_LEFT)
 # The data-plane calls, and the bits of the engine tag that keep their steps apart.
 KIND_SHIFT = 32
-CALL_KINDS = {"all_reduce": 0, "all_gather": 1, "reduce_scatter": 2, "broadcast": 3}
+CALL_KINDS = {"all_reduce": 0, "all_gather": 1, "reduce_scatter": 2, "broadcast": 3, "all_to_all": 4}
 # How a call names itself in errors.
 _CALL_TEXT = {"all_reduce": "all-reduce", "all_gather": "all-gather", "reduce_scatter": "reduce-scatter",
-              "broadcast": "broadcast"}
+              "broadcast": "broadcast", "all_to_all": "all-to-all"}
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""The all-gather, reduce-scatter and broadcast calls of the Communicator (mixed into
-it): argument checks, the output of each attempt, one attempt on the engine
+"""The all-gather, reduce-scatter, broadcast and all-to-all calls of the Communicator
+(mixed into it): argument checks, the output of each attempt, one attempt on the engine
 (Engine.all_to_all; the attempt loop is AttemptCalls'), and the shape a blocked caller
 reports.
 
@@ -8,7 +8,8 @@ directly between every pair of peers, and ends with the all-to-all commit vote, 
 failure contract is the all-reduce's: every survivor gets the same outcome, the input
 is intact after a failure, and retry=True re-runs the op over the survivors. A retry
 over fewer peers changes the result's shape, so each call returns it in a GatherInfo
-with the world size it was computed over."""
+with the world size it was computed over. An all-to-all has no retry: its input is laid
+out for the world it was called over (block d for rank d), which a retry would change."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from pccl_py.types import GatherInfo, ReduceOp
 _KINDS = {
     "all_gather": _native.CollectiveKind.ALL_GATHER,
     "reduce_scatter": _native.CollectiveKind.REDUCE_SCATTER,
+    "all_to_all": _native.CollectiveKind.ALL_TO_ALL,
 }
 
 
@@ -197,6 +199,29 @@ class GatherCalls:
         if not isinstance(root, int) or root < 0:
             raise InvalidArgument(f"root must be a rank (an int >= 0), got {root!r}")
         return self._run_gather("broadcast", x, None, tag, timeout, retry, lambda world, rank: tuple(x.shape), root=root)
+
+    def all_to_all(
+        self: PeerCore,
+        x: Any,
+        out: Any = None,
+        tag: int | None = None,
+        timeout: float | None = None,
+    ) -> GatherInfo:
+        """Exchanges blocks between every pair of members: `x` (the same shape and dtype on
+        every member), flattened, holds world_size equal blocks, block d for the peer of
+        rank d (ring order); info.output has x's shape, its block s being peer s's block
+        info.rank. The bytes are moved, never computed on, so the result is exact. `out`:
+        optional, room for as many elements as x; it may be x itself (in place: x is
+        overwritten only on success). Raises InvalidArgument when x's elements do not
+        split into world_size blocks. On a peer failure raises PeerLost on every survivor
+        and leaves x intact; there is no retry, since x is laid out for the world it was
+        called over. Each peer sends and receives (N-1)/N x the input."""
+        shape = tuple(x.shape)
+        count = int(np.prod(shape, dtype=np.int64))
+        world = self.world_size
+        if world > 0 and count % world != 0:
+            raise InvalidArgument(f"all-to-all: {count} elements do not split into {world} equal blocks, one per peer")
+        return self._run_gather("all_to_all", x, out, tag, timeout, False, lambda world, rank: shape)
 
     def _run_gather(
         self: PeerCore,

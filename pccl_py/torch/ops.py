@@ -1,9 +1,11 @@
 """How torch's reduce ops and dtypes map onto pccl's: which dtypes the engine reduces,
 which ReduceOp a torch op becomes (bool tensors reduce their 0/1 bytes with MIN/MAX), and
-PREMUL_SUM's factor. Everything unsupported is refused with a PcclBackendError."""
+PREMUL_SUM's factor, and the bitwise ops the backend runs on integers itself. Everything
+unsupported is refused with a PcclBackendError."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +47,37 @@ REDUCE_DTYPES = (
     torch.uint32,
     torch.uint64,
 )
+
+
+# Bitwise ops on integer tensors: the engine's kernels lack them, so the backend gathers
+# the tensors and applies these in rank order (ProcessGroupPccl._bitwise_all_reduce).
+_BITWISE: dict[Any, Callable[..., torch.Tensor]] = {
+    _RedOp.BAND: torch.bitwise_and,
+    _RedOp.BOR: torch.bitwise_or,
+    _RedOp.BXOR: torch.bitwise_xor,
+}
+_INTEGER_DTYPES = tuple(d for d in REDUCE_DTYPES if not d.is_floating_point)
+
+
+def bitwise_op(red: Any, dtypes: Sequence[torch.dtype]) -> Callable[..., torch.Tensor] | None:
+    """torch's function for `red` when it is BAND/BOR/BXOR over integer tensors (every
+    one of `dtypes`); None for any other op, and for bool tensors, which reduce_op maps
+    onto MIN/MAX. PcclBackendError for a bitwise op on floating-point tensors."""
+    kind = red.op if hasattr(red, "op") else red
+    if kind not in _BITWISE or all(d == torch.bool for d in dtypes):
+        return None
+    if any(d not in _INTEGER_DTYPES for d in dtypes):
+        raise PcclBackendError(f"{kind} needs integer tensors, got {sorted({str(d) for d in dtypes})}")
+    return _BITWISE[kind]
+
+
+_SIGNED_TWIN = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+
+
+def bit_pattern_dtype(dtype: torch.dtype) -> torch.dtype:
+    """A dtype of the same width whose bitwise kernels torch has (it lacks them for
+    uint16..uint64): bitwise ops act on bit patterns, so a view of it gives the same bits."""
+    return _SIGNED_TWIN.get(dtype, dtype)
 
 
 def reduce_op(red: Any, dtype: torch.dtype) -> ReduceOp:

@@ -17,6 +17,11 @@ implementation moves:
   rendezvous, and then an all_gather_into_tensor lands straight in its output).
 - reduce-scatter: reduce_scatter of the input with its chunks laid out in ring order.
 - reduce: an all-reduce of a copy; barrier: a one-byte all-reduce.
+- all-to-all: all_to_all of the blocks laid out by ring position, padded to the largest
+  (pccl_py.torch.exchange); monitored_barrier: a flag all-gather (pccl_py.torch.monitored).
+- BAND/BOR/BXOR all-reduce on integers: an all-gather, reduced here in rank order;
+  SUM of a sparse COO tensor: an all-gather of every rank's indices and values, summed
+  here (coalesce), as gloo's sparse all-reduce.
 
 Tensors outside host memory (CUDA) are staged (pccl_py.torch.staging): copied to host
 when the op is issued, reduced there, copied back before the Work completes. Reduce ops
@@ -43,9 +48,13 @@ import torch
 import torch.distributed as dist
 
 from pccl_py import Communicator, Master, ReduceOp
+from pccl_py.errors import Timeout
 from pccl_py.torch.dispatch import Dispatcher
 from pccl_py.torch.errors import PcclBackendError
-from pccl_py.torch.ops import premul_factor, reduce_op
+from pccl_py.torch.exchange import AllToAllCalls
+from pccl_py.torch.gathered import GatheredReductions
+from pccl_py.torch.monitored import MonitoredBarrierCalls
+from pccl_py.torch.ops import bitwise_op, premul_factor, reduce_op
 from pccl_py.torch.p2p import P2PProgress, PointToPointOps
 from pccl_py.torch.staging import Staged, by_dtype, byte_view, split_into
 from pccl_py.torch.work import PcclWork
@@ -53,7 +62,9 @@ from pccl_py.torch.work import PcclWork
 log = logging.getLogger(__name__)
 
 
-class ProcessGroupPccl(PointToPointOps, dist.ProcessGroup):
+class ProcessGroupPccl(
+    AllToAllCalls, MonitoredBarrierCalls, GatheredReductions, PointToPointOps, dist.ProcessGroup
+):
     """torch.distributed ProcessGroup over a connected pccl_py Communicator.
 
     Owns `comm` (closed by shutdown()) and, when given, the in-process `master` this
@@ -138,7 +149,12 @@ class ProcessGroupPccl(PointToPointOps, dist.ProcessGroup):
     def allreduce_coalesced(self, tensors: Sequence[torch.Tensor], opts: Any = None) -> dist.Work:
         red = opts.reduceOp if opts is not None else dist.ReduceOp(dist.ReduceOp.SUM)
         timeout = self._op_timeout(opts)
+        if any(t.is_sparse for t in tensors):
+            return self._sparse_all_reduce(list(tensors), red, timeout)
         staged = [Staged(t) for t in tensors]
+        bitwise = bitwise_op(red, [s.host.dtype for s in staged])
+        if bitwise is not None:
+            return self._bitwise_all_reduce(list(tensors), staged, bitwise, timeout)
         for s in staged:
             reduce_op(red, s.host.dtype)  # reject unsupported ops before queueing
 
@@ -383,10 +399,18 @@ class ProcessGroupPccl(PointToPointOps, dist.ProcessGroup):
         return self._submit(run, [y, input_lists])
 
     def barrier(self, opts: Any = None) -> dist.Work:
+        """A one-byte all-reduce. When it times out the error says so in gloo's words
+        ("Timed out waiting N ms"), which torch's barrier tests match."""
         timeout = self._op_timeout(opts)
 
         def run() -> list[torch.Tensor]:
-            self._all_reduce(torch.zeros(1, dtype=torch.uint8), ReduceOp.SUM, timeout)
+            try:
+                self._all_reduce(torch.zeros(1, dtype=torch.uint8), ReduceOp.SUM, timeout)
+            except Timeout as exc:
+                raise PcclBackendError(
+                    f"pccl barrier on rank {self._rank}: Timed out waiting {round(timeout * 1000)}ms for every rank "
+                    f"to reach the barrier: {exc}"
+                ) from exc
             return []
 
         return self._submit(run)  # after every collective before it, as gloo's barrier
@@ -394,13 +418,6 @@ class ProcessGroupPccl(PointToPointOps, dist.ProcessGroup):
     def _unsupported(self, what: str) -> dist.Work:
         raise PcclBackendError(f"the pccl backend does not implement {what}")
 
-    def alltoall(self, *args: Any, **kwargs: Any) -> dist.Work:
-        return self._unsupported("all_to_all")
-
-    def all_to_all_single(self, *args: Any, **kwargs: Any) -> dist.Work:
-        return self._unsupported("all_to_all_single")
-
-    alltoall_base = all_to_all_single
 
     # ------------------------------------------------------------------ lifecycle
 

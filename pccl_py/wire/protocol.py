@@ -14,13 +14,13 @@ import msgpack
 
 from pccl_py.errors import FailureKind, ProtocolError
 
-VERSION = 4
+VERSION = 5
 
 Message = dict[str, Any]
 
 # type -> {field: accepted python types}. Extra fields are rejected too.
 # The collective calls that wait on a data-plane op (a "blocked" report names it).
-DATA_CALLS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
+DATA_CALLS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
 
 _INT = (int,)
 _STR = (str,)

@@ -212,12 +212,17 @@ def _cmd_sync(comm: pccl.Communicator, cmd: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cmd_gather(comm: pccl.Communicator, cmd: dict[str, Any]) -> dict[str, Any]:
-    """all_gather / reduce_scatter / broadcast (cmd["call"]) of make_input(n, coef);
-    reports the result's checksum and shape, and whether the input was left intact."""
+    """all_gather / reduce_scatter / broadcast / all_to_all (cmd["call"]) of
+    make_input(n, coef); reports the result's checksum and shape, and whether the input
+    was left intact. An all-to-all runs in place with cmd["in_place"] (and never retries)."""
     x = make_input(cmd["n"], cmd["coef"])
     before = checksum(x)
     call = cmd["call"]
     kwargs: dict[str, Any] = {"tag": cmd.get("tag"), "timeout": cmd.get("timeout", 30.0), "retry": cmd.get("retry", False)}
+    if call == "all_to_all":
+        del kwargs["retry"]
+        if cmd.get("in_place"):
+            kwargs["out"] = x
     if call == "broadcast":
         kwargs["root"] = cmd.get("root", 0)
     t0 = time.monotonic()

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import AllreduceCoalescedOptions
 
 import pccl_py.torch  # noqa: F401  (registers "pccl")
 from pccl_py.torch import REDUCE_DTYPES
@@ -64,7 +65,20 @@ class Checker:
             self.failures.append(f"rank {self.rank} {what}: raised {type(exc).__name__}: {exc}")
 
 
+BITWISE = {dist.ReduceOp.BAND: torch.bitwise_and, dist.ReduceOp.BOR: torch.bitwise_or, dist.ReduceOp.BXOR: torch.bitwise_xor}
+
+
+def bits_value(rank: int, salt: int = 0) -> torch.Tensor:
+    """value() + 1 as int64 (small and positive: every integer dtype holds its bits)."""
+    return value(rank, torch.int64, salt=salt) + 1
+
+
 def reduce_expected(op: dist.ReduceOp.RedOpType, dtype: torch.dtype, world: int, salt: int = 0) -> torch.Tensor:
+    if op in BITWISE:
+        acc = bits_value(0, salt)
+        for r in range(1, world):
+            acc = BITWISE[op](acc, bits_value(r, salt))
+        return as_f64(acc)
     values = [as_f64(value(r, dtype, salt=salt)) for r in range(world)]
     stacked = torch.stack(values)
     if dtype == torch.bool:
@@ -86,6 +100,8 @@ def reduce_ops(dtype: torch.dtype) -> list[dist.ReduceOp.RedOpType]:
     ops = [dist.ReduceOp.SUM, dist.ReduceOp.PRODUCT, dist.ReduceOp.MIN, dist.ReduceOp.MAX]
     if dtype in FLOATS:
         ops.append(dist.ReduceOp.AVG)
+    else:
+        ops += list(BITWISE)
     return ops
 
 
@@ -115,7 +131,7 @@ def main() -> None:
             for op in reduce_ops(dtype) if dtype != torch.bool else [dist.ReduceOp.SUM, dist.ReduceOp.MIN]:
 
                 def all_reduce(dtype: torch.dtype = dtype, op: dist.ReduceOp.RedOpType = op) -> None:
-                    t = value(rank, dtype).to(dev)
+                    t = (bits_value(rank).to(dtype) if op in BITWISE else value(rank, dtype)).to(dev)
                     finish(dist.all_reduce(t, op=op, async_op=async_op))
                     tol = 1e-2 if op == dist.ReduceOp.AVG and dtype in (torch.float16, torch.bfloat16) else 1e-6
                     c.same(f"{mode} all_reduce {dtype} {op}", t, reduce_expected(op, dtype, world), tol)
@@ -159,8 +175,30 @@ def main() -> None:
                 finish(dist.all_gather_into_tensor(out, out[rank * N : (rank + 1) * N], async_op=async_op))
                 c.same(f"{mode} all_gather_into_tensor in place {dtype}", out, torch.cat([value(r, dtype) for r in range(world)]))
 
+            def all_to_all(dtype: torch.dtype = dtype) -> None:
+                # Lists of different sizes per pair: rank s sends s + d + 1 elements to rank d.
+                sends = [value(rank, dtype, n=rank + d + 1, salt=d).to(dev) for d in range(world)]
+                outs = [torch.empty(s + rank + 1, dtype=dtype, device=dev) for s in range(world)]
+                finish(dist.all_to_all(outs, sends, async_op=async_op))
+                for s in range(world):
+                    c.same(f"{mode} all_to_all {dtype} from {s}", outs[s], value(s, dtype, n=s + rank + 1, salt=rank))
+                # Single tensors, even: block d (N rows of 2) to rank d.
+                x = torch.stack([value(rank, dtype, n=2 * N, salt=d).reshape(N, 2) for d in range(world)]).to(dev)
+                y = torch.empty_like(x)
+                finish(dist.all_to_all_single(y, x.reshape(world * N, 2), async_op=async_op))
+                for s in range(world):
+                    c.same(f"{mode} all_to_all_single {dtype} from {s}", y[s], value(s, dtype, n=2 * N, salt=rank).reshape(N, 2))
+                # Single tensors with split sizes: s + d + 1 rows from rank s to rank d.
+                x = torch.cat([value(rank, dtype, n=rank + d + 1, salt=d) for d in range(world)]).to(dev)
+                y = torch.empty(sum(s + rank + 1 for s in range(world)), dtype=dtype, device=dev)
+                finish(dist.all_to_all_single(y, x, [s + rank + 1 for s in range(world)], [rank + d + 1 for d in range(world)],
+                                              async_op=async_op))
+                want = torch.cat([value(s, dtype, n=s + rank + 1, salt=rank) for s in range(world)])
+                c.same(f"{mode} all_to_all_single {dtype} with splits", y, want)
+
             c.run(f"{mode} broadcast {dtype}", broadcast)
             c.run(f"{mode} all_gather {dtype}", all_gather)
+            c.run(f"{mode} all_to_all {dtype}", all_to_all)
 
         def barrier() -> None:
             finish(dist.barrier(async_op=async_op))
@@ -248,10 +286,34 @@ def main() -> None:
         dist.all_gather_object(objs, {"rank": rank})
         c.same("all_gather_object", torch.tensor([o["rank"] for o in objs]), torch.arange(world))  # type: ignore[index]
 
+    def gathered_reductions() -> None:
+        # Sparse SUM (CPU, as gloo): rank r holds rows 0..r of a (world + 1) x 3 tensor,
+        # so the ranks' nonzero counts differ and overlap.
+        def sparse(r: int) -> torch.Tensor:
+            return torch.sparse_coo_tensor(torch.arange(r + 1).reshape(1, -1), torch.full((r + 1, 3), r + 1.0), (world + 1, 3))
+
+        t = sparse(rank)
+        dist.all_reduce(t)
+        c.same("sparse all_reduce", t.to_dense(), sum(sparse(r).to_dense() for r in range(world)))
+        # Mixed integer dtypes in one bitwise op (on the group: dist.* refuses mixed dtypes):
+        # int8 then int64, so a rank's int64 bytes start at an unaligned offset of the row.
+        a = torch.tensor([rank + 1], dtype=torch.int8, device=dev)
+        b = torch.tensor([1 << rank, 7], dtype=torch.int64, device=dev)
+        opts = AllreduceCoalescedOptions()
+        opts.reduceOp = dist.ReduceOp.BOR
+        group = dist.group.WORLD
+        assert group is not None
+        group.allreduce_coalesced([a, b], opts).wait()
+        want_a = 0
+        for r in range(world):
+            want_a |= r + 1
+        c.same("BOR int8 (coalesced)", a, torch.tensor([want_a]))
+        c.same("BOR int64 (coalesced)", b, torch.tensor([(1 << world) - 1, 7]))
+
     def unsupported() -> None:
         c.checks += 1
         try:
-            dist.all_reduce(torch.ones(2, dtype=torch.int32, device=dev), op=dist.ReduceOp.BXOR)
+            dist.all_reduce(torch.ones(2, dtype=torch.float32, device=dev), op=dist.ReduceOp.BXOR)
         except Exception as exc:
             if "BXOR" not in str(exc):
                 c.failures.append(f"BXOR error does not name the op: {exc}")
@@ -278,6 +340,7 @@ def main() -> None:
     c.run("subgroup", subgroup)
     c.run("coalesced", coalesced)
     c.run("premul/reduce/gather/scatter", premul_and_rooted)
+    c.run("sparse and mixed bitwise all-reduces", gathered_reductions)
     c.run("unsupported op", unsupported)
     dist.destroy_process_group()
     print(json.dumps({"rank": rank, "checks": c.checks, "failures": c.failures}), flush=True)

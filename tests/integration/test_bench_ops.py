@@ -1,4 +1,4 @@
-"""`pccl bench --op`: the all-gather, reduce-scatter and broadcast on loopback next to
+"""`pccl bench --op`: the all-gather, reduce-scatter, broadcast and all-to-all on loopback next to
 gloo and the Communicator (each worker checks its result before timing), the busbw
 convention of nccl-tests, and the arguments refused."""
 
@@ -14,16 +14,17 @@ pytestmark = pytest.mark.timeout(240)
 
 def test_bus_factors_follow_nccl_tests() -> None:
     assert bus_factor(4) == bus_factor(4, "all_reduce") == 1.5
-    assert bus_factor(4, "all_gather") == bus_factor(4, "reduce_scatter") == 0.75
+    assert bus_factor(4, "all_gather") == bus_factor(4, "reduce_scatter") == bus_factor(4, "all_to_all") == 0.75
     assert bus_factor(4, "broadcast") == 1.0
 
 
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"op": "all_to_all"}, "unknown collective"),
+        ({"op": "scatter"}, "unknown collective"),
         ({"op": "all_gather", "quantization": ("minmax:uint8",)}, "all-reduce only"),
         ({"op": "reduce_scatter", "peers": (3,), "sizes": (1024,)}, "split"),
+        ({"op": "all_to_all", "peers": (3,), "sizes": (1024,)}, "split"),
     ],
 )
 def test_bad_arguments_are_refused(changes: dict, match: str) -> None:
@@ -34,7 +35,8 @@ def test_bad_arguments_are_refused(changes: dict, match: str) -> None:
 
 @pytest.mark.parametrize(
     ("op", "compare"),
-    [("all_gather", ("gloo", "comm")), ("reduce_scatter", ("gloo",)), ("broadcast", ("comm",))],
+    [("all_gather", ("gloo", "comm")), ("reduce_scatter", ("gloo",)), ("broadcast", ("comm",)),
+     ("all_to_all", ("gloo", "comm"))],
 )
 def test_each_op_runs_checked_next_to_the_others(op: str, compare: tuple[str, ...]) -> None:
     cfg = bench.BenchConfig(

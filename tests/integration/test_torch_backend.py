@@ -24,6 +24,7 @@ import pccl_py as pccl
 from pccl_py.tools.torch_bench import EXAMPLE, finish, launch, start
 
 WORKER = str(Path(__file__).parents[1] / "helpers" / "torch_workers.py")
+MONITORED_WORKER = str(Path(__file__).parents[1] / "helpers" / "torch_monitored_workers.py")
 
 
 def _checks(results: list[tuple[int, str, str]]) -> list[dict[str, object]]:
@@ -41,6 +42,16 @@ def test_every_collective_and_dtype_sync_and_async() -> None:
     for report in reports:
         assert report["failures"] == [], "\n".join(report["failures"])  # type: ignore[arg-type]
         assert int(report["checks"]) > 400  # type: ignore[call-overload]
+
+
+def test_monitored_barrier_names_the_ranks_that_failed_to_reach_it() -> None:
+    """3 ranks (tests/helpers/torch_monitored_workers.py): it passes when all reach it;
+    rank 0 names every absent rank with wait_all_ranks, the first one without, and the
+    other ranks that got there say so (gloo's messages)."""
+    reports = _checks(launch(3, [MONITORED_WORKER], timeout=180))
+    for report in reports:
+        assert report["failures"] == [], "\n".join(report["failures"])  # type: ignore[arg-type]
+    assert [r["checks"] for r in reports] == [4, 2, 3]
 
 
 def test_pccl_url_uses_an_external_master() -> None:

@@ -1,11 +1,12 @@
-"""Communicator.all_gather, reduce_scatter and broadcast (pccl_py/peer/gather.py):
-results in rank order, bit-identical on every peer, numpy and torch, preallocated
-outputs, the async all-gather; peers in different collectives (all_gather vs
+"""Communicator.all_gather, reduce_scatter, broadcast and all_to_all
+(pccl_py/peer/gather.py): results in rank order, bit-identical on every peer, numpy and
+torch, preallocated outputs (the all-to-all's in place too), the async all-gather; peers in different collectives (all_gather vs
 all_reduce, and vs each other) get CollectiveMismatch within a second on every peer
 and the next matched call succeeds; a peer SIGKILLed while the others wait in an
 all-gather fails it on every survivor with inputs intact, retry=True re-runs it over
-the survivors (a smaller world_size), and a broadcast whose root is killed raises
-PeerLost on every survivor even with retry=True."""
+the survivors (a smaller world_size), a broadcast whose root is killed raises
+PeerLost on every survivor even with retry=True, and so does an all-to-all (which has no
+retry), with inputs intact also in place."""
 
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ N = 3
 
 @pytest.fixture(scope="module")
 def comms() -> Iterator[list[pccl.Communicator]]:
+    # torch's first import holds the GIL for seconds, which starves the heartbeats of a
+    # loaded machine past FAST's timeout: pay it before the peers connect.
+    import torch  # noqa: F401
+
     with pccl.Master(config=FAST) as master:
         group = [pccl.Communicator(master.address, config=FAST, name=f"peer-{i}") for i in range(N)]
         try:
@@ -136,6 +141,38 @@ def test_reduce_scatter_with_a_leading_world_dimension_and_torch(comms: list[pcc
         np.testing.assert_array_equal(outs[r], xs[0][r].numpy().reshape(-1))
 
 
+@pytest.mark.parametrize("count", [0, 3, 300_000])
+def test_all_to_all_gives_rank_r_block_r_of_every_peer(comms: list[pccl.Communicator], count: int) -> None:
+    """x flattened holds N blocks, block d for rank d: rank r's output block s is rank
+    s's block r, exactly; out of place, in place (x overwritten) and on torch tensors."""
+    xs = [make_input(count, r + 1.0) for r in range(N)]
+    blocks = [[b.copy() for b in np.split(x, N)] for x in xs]  # xs are overwritten in place below
+    infos = each(comms, lambda r, c: c.all_to_all(xs[r], timeout=30))
+    for r, info in enumerate(infos):
+        assert (info.world_size, info.rank) == (N, r)
+        assert info.output.shape == (count,)
+        np.testing.assert_array_equal(info.output, np.concatenate([blocks[s][r] for s in range(N)]))
+        assert info.tx_bytes == info.rx_bytes == (N - 1) * xs[r].nbytes // N
+    each(comms, lambda r, c: c.all_to_all(xs[r], out=xs[r], timeout=30))
+    for r in range(N):
+        np.testing.assert_array_equal(xs[r], np.concatenate([blocks[s][r] for s in range(N)]))
+
+    import torch
+
+    ts = [torch.arange(N * 6, dtype=torch.int16).reshape(N, 2, 3) + 100 * r for r in range(N)]
+    infos = each(comms, lambda r, c: c.all_to_all(ts[r], timeout=30))
+    for r, info in enumerate(infos):
+        assert isinstance(info.output, torch.Tensor) and info.output.shape == (N, 2, 3)
+        assert torch.equal(info.output, torch.stack([ts[s][r] for s in range(N)]))
+
+
+def test_all_to_all_refuses_what_does_not_split_into_blocks(comms: list[pccl.Communicator]) -> None:
+    with pytest.raises(InvalidArgument, match="equal blocks"):
+        comms[0].all_to_all(np.zeros(N + 1, np.float32))
+    with pytest.raises(InvalidArgument, match="out holds"):
+        comms[0].all_to_all(np.zeros(N, np.float32), out=np.zeros(2 * N, np.float32))
+
+
 @pytest.mark.parametrize("count", [0, 17, 100_003])  # direct below the limit, scatter above
 def test_broadcast_from_every_root(comms: list[pccl.Communicator], count: int) -> None:
     for root in range(N):
@@ -157,8 +194,12 @@ def test_all_gather_vs_all_reduce_is_a_collective_mismatch_within_a_second(comms
     """Peer 1 all-reduces while 0 and 2 all-gather: CollectiveMismatch naming both
     calls on every peer within ~1 s; then the same for all_gather vs broadcast vs
     reduce_scatter; then a matched all_gather is exact."""
-    for calls in (("all_gather", "all_reduce", "all_gather"), ("all_gather", "broadcast", "reduce_scatter")):
-        xs = [np.full(1000, r + 1.0, np.float32) for r in range(N)]
+    for calls in (
+        ("all_gather", "all_reduce", "all_gather"),
+        ("all_gather", "broadcast", "reduce_scatter"),
+        ("all_to_all", "all_gather", "all_to_all"),
+    ):
+        xs = [np.full(999, r + 1.0, np.float32) for r in range(N)]
 
         def fn(r: int, c: pccl.Communicator, calls: tuple[str, ...] = calls) -> tuple[BaseException | None, float]:
             t0 = time.monotonic()
@@ -224,3 +265,21 @@ def test_sigkill_while_the_others_gather_agreed_failure_retry_and_lost_root() ->
         recs = cluster.results(cid, others, 60)
         for rec in recs.values():
             assert not rec["ok"] and rec["error"] == "PeerLost" and "root" in rec["message"], recs
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["out_of_place", "in_place"])
+def test_sigkill_during_an_all_to_all_fails_it_on_every_survivor_with_inputs_intact(in_place: bool) -> None:
+    """Four peer processes; 0..2 run an all-to-all while 3 idles; 3 is killed: every
+    survivor raises PeerLost within seconds (there is no retry: the blocks were laid out
+    for four), its input intact, in place too."""
+    n = 20_004
+    config = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.0}
+    with pccl.Master(config=FAST) as master, Cluster(master.address) as cluster:
+        cluster.form(range(4), config=config)
+        cid = cluster.send({i: gather("all_to_all", n, i + 1.0, in_place=in_place) for i in range(3)})
+        time.sleep(0.5)
+        cluster.kill(3)
+        recs = cluster.results(cid, range(3), 60)
+        for rec in recs.values():
+            assert not rec["ok"] and rec["error"] == "PeerLost" and rec["intact"], recs
+            assert rec["elapsed"] < 5.0, recs

@@ -1,6 +1,6 @@
 // What the direct all-reduces (AllReduceDirect, AllReduceDirectRsAg) share, and with them
-// the all-to-all all-gather, reduce-scatter and broadcast (all_gather.hpp,
-// reduce_scatter.hpp, broadcast.hpp): every peer of the epoch is a peer of the op (a pool
+// the all-to-all all-gather, reduce-scatter, broadcast and all-to-all exchange
+// (all_gather.hpp, reduce_scatter.hpp, broadcast.hpp, all_to_all_direct.hpp): every peer of the epoch is a peer of the op (a pool
 // to each, an all-to-all commit vote through Collective::enableDirectVote), contributions
 // are reduced in rank order, and the caller's input is only ever sent, never written.
 //
@@ -31,6 +31,7 @@ enum class CollectiveKind : uint8_t {
   kReduceScatter = 17,
   kBroadcast = 18,        // root scatters N-1 chunks, their owners pass them on
   kBroadcastDirect = 19,  // root sends the whole buffer to every peer (small payloads)
+  kAllToAll = 20,         // block d of every input to rank d (all_to_all_direct.hpp)
 };
 
 class AllToAllReduce : public Collective {

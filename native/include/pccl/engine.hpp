@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "pccl/all_gather.hpp"
+#include "pccl/all_to_all_direct.hpp"
 #include "pccl/allreduce_direct.hpp"
 #include "pccl/allreduce_direct_rsag.hpp"
 #include "pccl/allreduce_quantized.hpp"
@@ -122,12 +123,13 @@ class Engine {
   // (options.algorithm, AllReduceDirect or AllReduceDirectRsAg).
   std::shared_ptr<Collective> allReduce(const AllReduceOptions& options, double connectTimeoutSeconds);
 
-  // Starts an all-gather, reduce-scatter or broadcast (`kind`; all_gather.hpp,
-  // reduce_scatter.hpp, broadcast.hpp) over the current ring, connecting to every peer
-  // of it first. options.count is the input's element count; `outputBytes` is checked
-  // against what the op writes over this ring (all-gather: N x the input; reduce-scatter:
-  // this rank's chunk; broadcast: the input). Out of place (a broadcast may pass one
-  // buffer as input and output); options.quant, algorithm and deferCommit are not used.
+  // Starts an all-gather, reduce-scatter, broadcast or all-to-all (`kind`; all_gather.hpp,
+  // reduce_scatter.hpp, broadcast.hpp, all_to_all_direct.hpp) over the current ring,
+  // connecting to every peer of it first. options.count is the input's element count (an
+  // all-to-all's a multiple of N); `outputBytes` is checked against what the op writes
+  // over this ring (all-gather: N x the input; reduce-scatter: this rank's chunk;
+  // broadcast, all-to-all: the input). Out of place (a broadcast or an all-to-all may pass
+  // one buffer as input and output); options.quant, algorithm and deferCommit are not used.
   // The buffers must stay valid until the op finishes (the binding guarantees it).
   std::shared_ptr<Collective> allToAll(CollectiveKind kind, const AllReduceOptions& options, size_t outputBytes,
                                        double connectTimeoutSeconds);

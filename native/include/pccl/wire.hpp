@@ -21,7 +21,7 @@ namespace pccl {
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the wire format is little-endian");
 
-constexpr uint32_t kProtocolVersion = 2;
+constexpr uint32_t kProtocolVersion = 3;  // 3: point-to-point and rebind frames, the all-to-all kind
 constexpr uint32_t kHelloMagic = 0x53484350;  // "PCHS"
 constexpr uint32_t kFrameMagic = 0x46444350;  // "PCDF"
 constexpr uint32_t kMaxFramePayload = 64u << 20;

@@ -1,5 +1,5 @@
 // The engine's caller entry for the all-to-all collectives that are not all-reduces
-// (all-gather, reduce-scatter, broadcast), and the connecting every one of them needs.
+// (all-gather, reduce-scatter, broadcast, all-to-all), and the connecting every one of them needs.
 #include <limits>
 
 #include "pccl/engine.hpp"
@@ -23,7 +23,8 @@ std::shared_ptr<Collective> Engine::allToAll(CollectiveKind kind, const AllReduc
   AllReduceOptions options = in;
   const size_t esize = elementSize(options.dtype);
   const bool broadcast = kind == CollectiveKind::kBroadcast || kind == CollectiveKind::kBroadcastDirect;
-  if (kind != CollectiveKind::kAllGather && kind != CollectiveKind::kReduceScatter && !broadcast) {
+  const bool exchange = kind == CollectiveKind::kAllToAll;
+  if (kind != CollectiveKind::kAllGather && kind != CollectiveKind::kReduceScatter && !broadcast && !exchange) {
     throw InvalidArgument("unknown collective kind");
   }
   if (kind == CollectiveKind::kReduceScatter) {
@@ -49,6 +50,10 @@ std::shared_ptr<Collective> Engine::allToAll(CollectiveKind kind, const AllReduc
     throw InvalidArgument("element count too large");
   }
   const size_t nbytes = options.count * esize;
+  if (exchange && options.count % n != 0) {
+    throw InvalidArgument("all-to-all: " + std::to_string(options.count) + " elements do not split into " +
+                          std::to_string(n) + " equal blocks, one per peer");
+  }
   size_t expect = nbytes;
   if (kind == CollectiveKind::kAllGather) expect = n * nbytes;
   if (kind == CollectiveKind::kReduceScatter) expect = ReduceScatter::chunkElements(options.count, n, pos.rank) * esize;
@@ -67,7 +72,8 @@ std::shared_ptr<Collective> Engine::allToAll(CollectiveKind kind, const AllReduc
     const auto* inBegin = static_cast<const uint8_t*>(options.input);
     const auto* outBegin = static_cast<const uint8_t*>(options.output);
     const bool ownRow = kind == CollectiveKind::kAllGather && inBegin == outBegin + pos.rank * nbytes;
-    if (!ownRow && inBegin < outBegin + expect && outBegin < inBegin + nbytes) {
+    const bool inPlace = exchange && inBegin == outBegin;  // rows built aside (AllToAll)
+    if (!ownRow && !inPlace && inBegin < outBegin + expect && outBegin < inBegin + nbytes) {
       throw InvalidArgument("the input overlaps the output: this collective runs out of place");
     }
   }
@@ -80,6 +86,8 @@ std::shared_ptr<Collective> Engine::allToAll(CollectiveKind kind, const AllReduc
     const size_t need = ReduceScatter::scratchBytes(options, n, pos.rank);
     if (need > 0) scratch = takeScratch(need);
     op = std::make_shared<ReduceScatter>(options, pos, std::move(ids), std::move(scratch));
+  } else if (exchange) {
+    op = std::make_shared<AllToAll>(options, pos, std::move(ids));
   } else {
     op = std::make_shared<Broadcast>(options, pos, std::move(ids), kind == CollectiveKind::kBroadcastDirect);
   }

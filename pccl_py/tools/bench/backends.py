@@ -34,7 +34,7 @@ class Collective(Protocol):
 
 def buffers(np: Any, nbytes: int, in_place: bool, op: str, world: int) -> tuple[Any, Any]:
     """(input, output) numpy float32 arrays for `op` over a buffer of `nbytes` (the full
-    buffer: the all-gather's output, the reduce-scatter's input)."""
+    buffer: the all-gather's output, the reduce-scatter's and the all-to-all's input)."""
     count = nbytes // FLOAT32_BYTES
     if op == "all_gather":
         return np.empty(count // world, dtype=np.float32), np.empty(count, dtype=np.float32)
@@ -46,7 +46,7 @@ def buffers(np: Any, nbytes: int, in_place: bool, op: str, world: int) -> tuple[
 
 def result_ok(np: Any, out: Any, op: str, world: int) -> bool:
     """Whether `out` (numpy) is `op`'s result when rank r contributed r + 1 everywhere."""
-    if op == "all_gather":
+    if op in ("all_gather", "all_to_all"):  # all-to-all: row s is rank s's block for this rank
         return bool((out.reshape(world, -1) == np.arange(1, world + 1, dtype=np.float32)[:, None]).all())
     if op == "broadcast":
         return bool((out == 1.0).all())  # rank 0's
@@ -132,15 +132,16 @@ class PcclCollective:
         handle.settle(True)
 
     def _run_other(self, segment_bytes: int) -> None:
-        """An all-gather, reduce-scatter or broadcast (from rank 0), as the Communicator
-        runs it: with the commit vote (without the master's verdict here)."""
+        """An all-gather, reduce-scatter, all-to-all or broadcast (from rank 0), as the
+        Communicator runs it: with the commit vote (without the master's verdict here)."""
         from pccl_py.peer.gather import choose_broadcast
 
         kinds = self._nat.CollectiveKind
         if self._op == "broadcast":
             kind = choose_broadcast(self._in.nbytes, self._world, self._direct_max_bytes)
         else:
-            kind = kinds.ALL_GATHER if self._op == "all_gather" else kinds.REDUCE_SCATTER
+            kind = {"all_gather": kinds.ALL_GATHER, "reduce_scatter": kinds.REDUCE_SCATTER,
+                    "all_to_all": kinds.ALL_TO_ALL}[self._op]
         self._seq += 1
         self.engine.all_to_all(
             kind,
@@ -216,6 +217,8 @@ class CommCollective:
             self.comm.all_reduce(self._in, out=out, timeout=self._timeout)
         elif self._op == "broadcast":
             self.comm.broadcast(self._in, root=0, timeout=self._timeout)
+        elif self._op == "all_to_all":  # in place is out=x (out=None would allocate)
+            self.comm.all_to_all(self._in, out=self._out, timeout=self._timeout)
         else:
             getattr(self.comm, self._op)(self._in, out=out, timeout=self._timeout)
 
@@ -260,7 +263,8 @@ class GlooCollective:
 
         self._in = self._out = None
         self._op = op
-        x, out = buffers(np, nbytes, True, op, self._world)  # gloo runs the all-reduce in place
+        # gloo runs the all-reduce in place, the all-to-all out of place (its input must not alias).
+        x, out = buffers(np, nbytes, op != "all_to_all", op, self._world)
         self._in = self._torch.from_numpy(x)
         self._out = self._in if out is x else self._torch.from_numpy(out)
 
@@ -279,6 +283,8 @@ class GlooCollective:
             dist.all_gather_into_tensor(self._out, self._in)
         elif self._op == "reduce_scatter":
             dist.reduce_scatter_tensor(self._out, self._in, op=dist.ReduceOp.SUM)
+        elif self._op == "all_to_all":
+            dist.all_to_all_single(self._out, self._in)
         else:
             dist.broadcast(self._in, src=0)
 

@@ -18,7 +18,7 @@ IMPLS = ("pccl", "gloo", "comm")
 # The collectives it measures. SIZE is the full buffer, as in nccl-tests: an all-gather's
 # output (each rank contributes SIZE/N), a reduce-scatter's input (each rank keeps SIZE/N),
 # a broadcast's buffer (from rank 0).
-OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
+OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
 DEFAULT_PEERS = (2, 4)
 DEFAULT_SIZES = ("1K", "1M", "16M", "64M", "256M")
 DEFAULT_CONNECTIONS = 0  # the Communicator's default: sized from each neighbour's round trip
@@ -111,7 +111,7 @@ class BenchConfig:
             raise ValueError(f"--op: unknown collective {self.op!r}; known: {', '.join(OPS)}")
         if self.op != "all_reduce" and self.quantization:
             raise ValueError("--quantization applies to the all-reduce only")
-        if self.op in ("all_gather", "reduce_scatter") and any(
+        if self.op in ("all_gather", "reduce_scatter", "all_to_all") and any(
             s % (FLOAT32_BYTES * n) for s in self.sizes for n in self.peers
         ):
             raise ValueError(f"--op {self.op}: every size must split into float32 chunks for every peer count")

@@ -28,7 +28,7 @@ from pccl_py.tools.netns import format_rate
 def bus_factor(peers: int, op: str = "all_reduce") -> float:
     if op == "broadcast":
         return 1.0
-    if op in ("all_gather", "reduce_scatter"):
+    if op in ("all_gather", "reduce_scatter", "all_to_all"):
         return (peers - 1) / peers
     return 2.0 * (peers - 1) / peers
 

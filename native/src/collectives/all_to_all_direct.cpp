@@ -1,0 +1,53 @@
+#include "pccl/all_to_all_direct.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+namespace pccl {
+
+AllToAll::AllToAll(const AllReduceOptions& options, const RingPosition& ring, std::vector<uint64_t> peers)
+    : AllToAllReduce(options, ring, std::move(peers), ScratchBuffer{},
+                     static_cast<uint64_t>(CollectiveKind::kAllToAll)) {
+  PCCL_ENFORCE(options_.count % ring_.size == 0, "all-to-all needs a count divisible by the world size");
+  blockBytes_ = nbytes_ / ring_.size;
+  if (!exchanges()) return;
+  placeResult(0);  // in place: rows built aside, copied over the input on success
+  const size_t segments = segmentsOf(ring_.rank);
+  got_.assign(ring_.size * segments, 0);
+  expected_ = (ring_.size - 1) * segments;
+}
+
+void AllToAll::start(FrameSink& sink) {
+  if (!exchanges()) return copyInputIfAlone();  // alone: the one block stays where it is
+  std::memcpy(result_ + ring_.rank * blockBytes_, in_ + chunkBegin(ring_.rank), blockBytes_);
+  sendChunksToOwners(sink);  // chunk d of the ring's split is block d
+}
+
+uint8_t* AllToAll::receiveTarget(uint64_t peer, const FrameHeader& h) {
+  const size_t k = checkFrame(peer, h, "all-to-all");
+  if (h.phase != static_cast<uint8_t>(Phase::kReduceScatter)) throw badFrame(peer, "unknown phase");
+  const size_t begin = chunkBegin(ring_.rank);
+  const size_t end = chunkBegin(ring_.rank + 1);
+  if (segmentBytes_ == 0 || h.offset < begin || h.offset >= end || (h.offset - begin) % segmentBytes_ != 0) {
+    throw badFrame(peer, "segment out of bounds");
+  }
+  const size_t seg = (h.offset - begin) / segmentBytes_;
+  if (h.length != std::min(segmentBytes_, end - h.offset)) throw badFrame(peer, "wrong segment length");
+  uint8_t& claimed = got_[k * segmentsOf(ring_.rank) + seg];
+  if (claimed) throw badFrame(peer, "duplicate segment");
+  claimed = 1;
+  return result_ + k * blockBytes_ + (h.offset - begin);
+}
+
+void AllToAll::onReceived(FrameSink& sink, const FrameHeader& h) {
+  (void)sink;
+  rxProgress_ += h.length;
+  ++received_;
+}
+
+std::vector<MemoryRange> AllToAll::landingRanges() const {
+  if (!exchanges()) return {};
+  return {MemoryRange{result_, nbytes_}};
+}
+
+}  // namespace pccl
