@@ -4,8 +4,8 @@ the "pccl" backend, through tests/helpers/torch_dist_suite.py, at 2 and 3 ranks.
 By default a chosen set (QUICK) that covers what the pccl backend adds beyond
 test_torch_backend.py, within about four minutes on a 2-core machine: all_to_all and
 all_to_all_single (even and uneven splits, complex, the full group), barrier timeouts,
-monitored_barrier, sparse all-reduce, object collectives, Work.get_future and DDP's
-no_sync. Every chosen test must pass: a skip counts as a failure, since it would hide
+monitored_barrier, sparse all-reduce, object collectives, Work.get_future, DDP's
+no_sync, and point-to-point (any-source, tags, batch_isend_irecv). Every chosen test must pass: a skip counts as a failure, since it would hide
 what is not run. All the tests of one world size run in one subprocess (each spawns its
 own ranks), so a hang costs one timeout, and every process it started is gone when it
 returns.
@@ -22,8 +22,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -43,6 +43,8 @@ QUICK: dict[int, tuple[str, ...]] = {
         "test_get_future",
         "test_grads_same_across_ranks_with_no_sync",
         "test_scatter_object_list",
+        "test_send_recv_any_source",
+        "test_batch_isend_irecv_gloo_tags",
     ),
     3: (
         # (the suite's *_group tests need 8 ranks: these run the full group at 3)
@@ -51,30 +53,15 @@ QUICK: dict[int, tuple[str, ...]] = {
         "test_sparse_all_reduce_sum",  # rows at unaligned offsets show from 3 ranks on
         "test_barrier_timeout_full_group",
         "test_all_gather_object_subgroup",
+        "test_send_recv_with_tag",
     ),
 }
 
 # Tests of the suite the pccl backend does not pass, and why. (Tests the suite itself
 # skips for pccl, e.g. for want of GPUs, are not listed: the full run reports them.)
-_P2P = "open work: point-to-point send/recv, which the pccl backend does not have yet (being added natively in /work/wt-p2p)"
-EXCLUDED: dict[str, str] = {
-    "test_send_recv": _P2P,
-    "test_send_recv_autograd_profiler": _P2P,
-    "test_send_recv_torch_profiler": _P2P,
-    "test_send_recv_any_source": _P2P,
-    "test_send_recv_any_source_autograd_profiler": _P2P,
-    "test_send_recv_any_source_torch_profiler": _P2P,
-    "test_send_recv_with_tag": _P2P,
-    "test_send_recv_with_tag_autograd_profiler": _P2P,
-    "test_send_recv_with_tag_torch_profiler": _P2P,
-    "test_isend": _P2P,
-    "test_isend_autograd_profiler": _P2P,
-    "test_isend_torch_profiler": _P2P,
-    "test_irecv": _P2P,
-}
+EXCLUDED: dict[str, str] = {}  # none: every test pccl does not pass is skipped by the suite's own gates (below)
 # Also not passed on pccl, but skipped by the suite's own gates for it, so not excluded
 # here (gloo passes them at 2 ranks):
-# - test_batch_isend_irecv_gloo, test_batch_isend_irecv_gloo_tags: point-to-point, as above;
 # - test_monitored_barrier_gloo, _gloo_subgroup, _failure_order, _wait_all_ranks: they call
 #   dist.monitored_barrier(), which torch refuses for every backend but gloo by name
 #   (distributed_c10d.py) before the backend is asked; the group's own monitored_barrier
