@@ -92,12 +92,15 @@ def worker(master: str, host: str, world: int, elements: int, seconds: float, mo
 # ---------------------------------------------------------------------- the run
 
 
-class _Proc:
+class PeerProc:
+    """A peer process whose stdout JSON lines are collected (also used by stress.wan_join)."""
+
     def __init__(self, argv: list[str], log: Path) -> None:
         self._log = log.open("w")
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=REPO)
         self.records: queue.Queue[dict[str, Any]] = queue.Queue()
         self.all: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -105,8 +108,13 @@ class _Proc:
         for line in self.proc.stdout:
             with contextlib.suppress(ValueError):
                 record = json.loads(line)
-                self.all.append(record)
+                with self._lock:
+                    self.all.append(record)
                 self.records.put(record)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.all)
 
     def wait_for(self, event: str, timeout: float) -> dict[str, Any]:
         """The next record of `event`; raises RuntimeError at the deadline, or at once
@@ -148,15 +156,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = WanSpec.parse(args.wan)
     with WanNet(args.peers + 1, spec.link, host=spec.host, cc=args.cc) as net:
         master = net.call_in(args.peers, lambda: pccl.Master(host=net.ips[args.peers], port=0).start())
-        procs: list[_Proc] = []
+        procs: list[PeerProc] = []
         try:
             members = args.peers - 1 if args.case == "join" else args.peers
             mode = "natural" if args.case == "join" else "plain"
 
-            def start(i: int, mode: str) -> _Proc:
+            def start(i: int, mode: str) -> PeerProc:
                 argv = [*net.exec_prefix(i), sys.executable, "-m", "stress.wan_faults", "--worker", master.address,
                         net.ips[i], str(members), str(elements), str(args.seconds), mode]
-                return _Proc(argv, workdir / f"peer{i}.log")
+                return PeerProc(argv, workdir / f"peer{i}.log")
 
             for i in range(members):
                 procs.append(start(i, mode))
@@ -189,7 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return _report(args, procs, t_cut, t_heal if args.case == "outage" else None)
 
 
-def _steady_report(args: argparse.Namespace, procs: list[_Proc]) -> dict[str, Any]:
+def _steady_report(args: argparse.Namespace, procs: list[PeerProc]) -> dict[str, Any]:
     """No fault: the loop runs for --seconds; a healthy WAN (jitter included) must
     never cost a call, a member (a false eviction), or a stall."""
     t_start = time.time()
@@ -214,7 +222,7 @@ def _steady_report(args: argparse.Namespace, procs: list[_Proc]) -> dict[str, An
             "seconds": round(time.time() - t_start, 1), "hosts": hosts}
 
 
-def _join_report(args: argparse.Namespace, joiner: _Proc, first: dict[str, Any]) -> dict[str, Any]:
+def _join_report(args: argparse.Namespace, joiner: PeerProc, first: dict[str, Any]) -> dict[str, Any]:
     connected = next(r for r in joiner.all if r.get("event") == "connected")
     return {
         "case": "join", "wan": args.wan, "peers": args.peers, "bytes": (args.mib << 20) or (args.kib << 10),
@@ -225,7 +233,7 @@ def _join_report(args: argparse.Namespace, joiner: _Proc, first: dict[str, Any])
     }
 
 
-def _report(args: argparse.Namespace, procs: list[_Proc], t_cut: float, t_heal: float | None) -> dict[str, Any]:
+def _report(args: argparse.Namespace, procs: list[PeerProc], t_cut: float, t_heal: float | None) -> dict[str, Any]:
     peers = []
     for i, p in enumerate(procs):
         calls = [r for r in p.all if r.get("event") == "call"]

@@ -35,19 +35,16 @@ Nothing is left behind: every process is stopped and the hosts removed on every 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import queue
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from stress.wan_faults import PeerProc as _Proc
+
 
 
 # ---------------------------------------------------------------------- the peers
@@ -130,57 +127,6 @@ def joiner(master: str, host: str, elements: int, calls: int, events: str) -> in
 
 
 # ---------------------------------------------------------------------- the run
-
-
-class _Proc:
-    """A peer process whose stdout JSON lines are collected (its stderr goes to `log`)."""
-
-    def __init__(self, argv: list[str], log: Path) -> None:
-        self._log = log.open("w")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=REPO)
-        self.records: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.all: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                with self._lock:
-                    self.all.append(record)
-                self.records.put(record)
-
-    def snapshot(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(self.all)
-
-    def wait_for(self, event: str, timeout: float) -> dict[str, Any]:
-        """The next record of `event`; raises RuntimeError at the deadline, or at once
-        when the process has exited (its log names why)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                record = self.records.get(timeout=0.2)
-            except queue.Empty:
-                if self.proc.poll() is not None and self.records.empty():
-                    raise RuntimeError(f"peer exited ({self.proc.returncode}) before {event!r}: see {self._log.name}") from None
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"no {event!r} from the peer within {timeout:g}s: see {self._log.name}") from None
-                continue
-            if record.get("event") == event:
-                return record
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
