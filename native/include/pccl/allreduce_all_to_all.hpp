@@ -98,6 +98,12 @@ class AllToAllReduce : public Collective {
   // claims it in got[rank][segment]; returns the sender's rank.
   size_t claimInputSegment(uint64_t peer, const FrameHeader& h, const char* name, Phase phase,
                            std::vector<uint8_t>& got) const;
+  // Validates that `h` carries a whole segment of the ring's chunk `chunk`; returns its
+  // index within the chunk.
+  size_t segmentOfChunk(uint64_t peer, const FrameHeader& h, size_t chunk) const;
+  // Validates a frame of sendChunksToOwners (kReduceScatter, a segment of this rank's
+  // chunk) and claims it in got[rank][segment]; returns the sender's rank.
+  size_t claimOwnChunkSegment(uint64_t peer, const FrameHeader& h, const char* name, std::vector<uint8_t>& got) const;
   // dst = x_0 op x_1 op ... op x_{N-1} over `count` elements, one rounded step at a
   // time, then / N for AVG: the same steps on the same bytes on every peer.
   template <class Contribution>

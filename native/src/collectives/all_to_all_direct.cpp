@@ -24,19 +24,8 @@ void AllToAll::start(FrameSink& sink) {
 }
 
 uint8_t* AllToAll::receiveTarget(uint64_t peer, const FrameHeader& h) {
-  const size_t k = checkFrame(peer, h, "all-to-all");
-  if (h.phase != static_cast<uint8_t>(Phase::kReduceScatter)) throw badFrame(peer, "unknown phase");
-  const size_t begin = chunkBegin(ring_.rank);
-  const size_t end = chunkBegin(ring_.rank + 1);
-  if (segmentBytes_ == 0 || h.offset < begin || h.offset >= end || (h.offset - begin) % segmentBytes_ != 0) {
-    throw badFrame(peer, "segment out of bounds");
-  }
-  const size_t seg = (h.offset - begin) / segmentBytes_;
-  if (h.length != std::min(segmentBytes_, end - h.offset)) throw badFrame(peer, "wrong segment length");
-  uint8_t& claimed = got_[k * segmentsOf(ring_.rank) + seg];
-  if (claimed) throw badFrame(peer, "duplicate segment");
-  claimed = 1;
-  return result_ + k * blockBytes_ + (h.offset - begin);
+  const size_t k = claimOwnChunkSegment(peer, h, "all-to-all", got_);
+  return result_ + k * blockBytes_ + (h.offset - chunkBegin(ring_.rank));
 }
 
 void AllToAll::onReceived(FrameSink& sink, const FrameHeader& h) {

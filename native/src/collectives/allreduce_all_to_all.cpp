@@ -158,4 +158,24 @@ size_t AllToAllReduce::claimInputSegment(uint64_t peer, const FrameHeader& h, co
   return k;
 }
 
+size_t AllToAllReduce::segmentOfChunk(uint64_t peer, const FrameHeader& h, size_t chunk) const {
+  const size_t begin = chunkBegin(chunk);
+  const size_t end = chunkBegin(chunk + 1);
+  if (segmentBytes_ == 0 || h.offset < begin || h.offset >= end || (h.offset - begin) % segmentBytes_ != 0) {
+    throw badFrame(peer, "segment out of bounds");
+  }
+  if (h.length != std::min(segmentBytes_, end - h.offset)) throw badFrame(peer, "wrong segment length");
+  return (h.offset - begin) / segmentBytes_;
+}
+
+size_t AllToAllReduce::claimOwnChunkSegment(uint64_t peer, const FrameHeader& h, const char* name,
+                                            std::vector<uint8_t>& got) const {
+  const size_t k = checkFrame(peer, h, name);
+  if (h.phase != static_cast<uint8_t>(Phase::kReduceScatter)) throw badFrame(peer, "unknown phase");
+  uint8_t& claimed = got[k * segmentsOf(ring_.rank) + segmentOfChunk(peer, h, ring_.rank)];
+  if (claimed) throw badFrame(peer, "duplicate segment");
+  claimed = 1;
+  return k;
+}
+
 }  // namespace pccl

@@ -52,7 +52,6 @@ void AllReduceDirectRsAg::start(FrameSink& sink) {
 
 uint8_t* AllReduceDirectRsAg::receiveTarget(uint64_t peer, const FrameHeader& h) {
   const size_t k = checkFrame(peer, h, "rsag");
-  if (segmentBytes_ == 0) throw badFrame(peer, "segment out of bounds");
   // Reduce-scatter frames carry a segment of our chunk; all-gather ones a segment of the
   // sender's chunk, reduced.
   size_t chunk;
@@ -63,17 +62,11 @@ uint8_t* AllReduceDirectRsAg::receiveTarget(uint64_t peer, const FrameHeader& h)
   } else {
     throw badFrame(peer, "unknown phase");
   }
-  const size_t begin = chunkBegin(chunk);
-  const size_t end = chunkBegin(chunk + 1);
-  if (h.offset < begin || h.offset >= end || (h.offset - begin) % segmentBytes_ != 0) {
-    throw badFrame(peer, "segment out of bounds");
-  }
-  const size_t seg = (h.offset - begin) / segmentBytes_;
-  if (h.length != std::min(segmentBytes_, end - h.offset)) throw badFrame(peer, "wrong segment length");
+  const size_t seg = segmentOfChunk(peer, h, chunk);
   uint8_t& got = chunk == ring_.rank ? rsGot_[k * arrived_.size() + seg] : agGot_[agBase_[chunk] + seg];
   if (got) throw badFrame(peer, "duplicate segment");
   got = 1;
-  return chunk == ring_.rank ? slotOf(k) + (h.offset - begin) : result_ + h.offset;
+  return chunk == ring_.rank ? slotOf(k) + (h.offset - chunkBegin(chunk)) : result_ + h.offset;
 }
 
 void AllReduceDirectRsAg::onReceived(FrameSink& sink, const FrameHeader& h) {

@@ -43,19 +43,8 @@ void ReduceScatter::start(FrameSink& sink) {
 }
 
 uint8_t* ReduceScatter::receiveTarget(uint64_t peer, const FrameHeader& h) {
-  const size_t k = checkFrame(peer, h, "reduce-scatter");
-  if (h.phase != static_cast<uint8_t>(Phase::kReduceScatter)) throw badFrame(peer, "unknown phase");
-  const size_t begin = chunkBegin(ring_.rank);
-  const size_t end = chunkBegin(ring_.rank + 1);
-  if (segmentBytes_ == 0 || h.offset < begin || h.offset >= end || (h.offset - begin) % segmentBytes_ != 0) {
-    throw badFrame(peer, "segment out of bounds");
-  }
-  const size_t seg = (h.offset - begin) / segmentBytes_;
-  if (h.length != std::min(segmentBytes_, end - h.offset)) throw badFrame(peer, "wrong segment length");
-  uint8_t& got = got_[k * arrived_.size() + seg];
-  if (got) throw badFrame(peer, "duplicate segment");
-  got = 1;
-  return slotOf(k) + (h.offset - begin);
+  const size_t k = claimOwnChunkSegment(peer, h, "reduce-scatter", got_);
+  return slotOf(k) + (h.offset - chunkBegin(ring_.rank));
 }
 
 void ReduceScatter::onReceived(FrameSink& sink, const FrameHeader& h) {
