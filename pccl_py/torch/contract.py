@@ -1,5 +1,5 @@
 """The contract between ProcessGroupPccl (pccl_py.torch.process_group) and the call
-groups mixed into it (pccl_py.torch.exchange, .gathered, .monitored): what each may use
+groups mixed into it (pccl_py.torch.exchange, .gathered, .monitored, .p2p): what each may use
 of the group. ProcessGroupPccl implements all of it."""
 
 from __future__ import annotations
@@ -18,6 +18,13 @@ class GroupCore(Protocol):
     _rank: int
     _size: int
     _timeout: float
+    _closed: bool
+    _peer_ranks: dict[int, int] | None  # pccl peer id -> torch rank
+
+    @property
+    def _failure(self) -> BaseException | None: ...
+
+    def _check_rank(self, root: int) -> None: ...
 
     def _submit(self, run: Callable[[], list[torch.Tensor]], tensors: Sequence[Any] | None = None) -> dist.Work: ...
 

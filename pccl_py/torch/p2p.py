@@ -21,13 +21,14 @@ from __future__ import annotations
 import datetime
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch.futures import Future
 
-from pccl_py import Communicator, P2PHandle, PcclError
+from pccl_py import P2PHandle, PcclError
+from pccl_py.torch.contract import GroupCore
 from pccl_py.torch.errors import PcclBackendError
 from pccl_py.torch.staging import Staged, byte_view
 
@@ -183,78 +184,50 @@ def _value_of(future: Future[Any]) -> Any:
     return future.value()
 
 
-class PointToPointOps:
-    """send, recv and recv_anysource of ProcessGroupPccl (which supplies the state
-    below): each posted to the engine at once, on the caller's thread."""
-
-    _comm: Communicator
-    _peer_ranks: dict[int, int] | None
-    _rank: int
-    _timeout: float
-    _closed: bool
+class P2PGroup(GroupCore, Protocol):
     _p2p_progress: P2PProgress
 
-    @property
-    def _failure(self) -> BaseException | None: ...
 
-    def _check_rank(self, root: int) -> None: ...
+class PointToPointOps:
+    """send, recv and recv_anysource of ProcessGroupPccl (the group's state: P2PGroup):
+    each posted to the engine at once, on the caller's thread."""
 
-    def send(self, tensors: Sequence[torch.Tensor], dstRank: int, tag: int = 0) -> dist.Work:
+    def send(self: P2PGroup, tensors: Sequence[torch.Tensor], dstRank: int, tag: int = 0) -> dist.Work:
         """Posted to the engine now, not queued behind collectives (pccl_py.torch.p2p)."""
-        (t,) = self._p2p_tensors(tensors, "send")
+        (t,) = _one_tensor(self, tensors, "send")
         self._check_rank(dstRank)
         peer = peer_of(self._peer_ranks, dstRank, self._rank, "send")
-        handle = self._comm.send_async(
-            byte_view(Staged(t).host), peer, tag=p2p_tag(tag), timeout=self._timeout
-        )
-        return P2PWork(
-            handle,
-            list(tensors),
-            None,
-            require_ranks(self._peer_ranks),
-            self._p2p_progress,
-            f"send to rank {dstRank}",
-        )
+        handle = self._comm.send_async(byte_view(Staged(t).host), peer, tag=p2p_tag(tag), timeout=self._timeout)
+        ranks = require_ranks(self._peer_ranks)
+        return P2PWork(handle, list(tensors), None, ranks, self._p2p_progress, f"send to rank {dstRank}")
 
-    def recv(self, tensors: Sequence[torch.Tensor], srcRank: int, tag: int = 0) -> dist.Work:
-        (t,) = self._p2p_tensors(tensors, "recv")
+    def recv(self: P2PGroup, tensors: Sequence[torch.Tensor], srcRank: int, tag: int = 0) -> dist.Work:
+        (t,) = _one_tensor(self, tensors, "recv")
         self._check_rank(srcRank)
-        return self._recv(
-            t,
-            tensors,
-            peer_of(self._peer_ranks, srcRank, self._rank, "recv"),
-            tag,
-            f"recv from rank {srcRank}",
-        )
+        peer = peer_of(self._peer_ranks, srcRank, self._rank, "recv")
+        return _recv(self, t, tensors, peer, tag, f"recv from rank {srcRank}")
 
-    def recv_anysource(self, tensors: Sequence[torch.Tensor], tag: int = 0) -> dist.Work:
+    def recv_anysource(self: P2PGroup, tensors: Sequence[torch.Tensor], tag: int = 0) -> dist.Work:
         """The Work's _source_rank() names the sender once it is done."""
-        (t,) = self._p2p_tensors(tensors, "recv")
+        (t,) = _one_tensor(self, tensors, "recv")
         require_ranks(self._peer_ranks)
-        return self._recv(t, tensors, None, tag, "recv from any rank")
+        return _recv(self, t, tensors, None, tag, "recv from any rank")
 
-    def _recv(
-        self, t: torch.Tensor, tensors: Sequence[torch.Tensor], peer: int | None, tag: int, what: str
-    ) -> dist.Work:
-        staged = Staged(t, read=False)
-        handle = self._comm.recv_async(byte_view(staged.host), peer, tag=p2p_tag(tag), timeout=self._timeout)
-        return P2PWork(
-            handle,
-            list(tensors),
-            None if staged.direct else staged,
-            require_ranks(self._peer_ranks),
-            self._p2p_progress,
-            what,
-        )
 
-    def _p2p_tensors(self, tensors: Sequence[torch.Tensor], what: str) -> Sequence[torch.Tensor]:
-        if self._closed:
-            raise PcclBackendError("the pccl process group has been shut down")
-        if self._failure is not None:
-            raise PcclBackendError(
-                f"the pccl process group failed earlier and cannot be used: {self._failure}"
-            )
-        if len(tensors) != 1:
-            raise PcclBackendError(f"{what}: expected one tensor, got {len(tensors)}")
-        return tensors
+def _recv(
+    group: P2PGroup, t: torch.Tensor, tensors: Sequence[torch.Tensor], peer: int | None, tag: int, what: str
+) -> dist.Work:
+    staged = Staged(t, read=False)
+    handle = group._comm.recv_async(byte_view(staged.host), peer, tag=p2p_tag(tag), timeout=group._timeout)
+    ranks = require_ranks(group._peer_ranks)
+    return P2PWork(handle, list(tensors), None if staged.direct else staged, ranks, group._p2p_progress, what)
 
+
+def _one_tensor(group: P2PGroup, tensors: Sequence[torch.Tensor], what: str) -> Sequence[torch.Tensor]:
+    if group._closed:
+        raise PcclBackendError("the pccl process group has been shut down")
+    if group._failure is not None:
+        raise PcclBackendError(f"the pccl process group failed earlier and cannot be used: {group._failure}")
+    if len(tensors) != 1:
+        raise PcclBackendError(f"{what}: expected one tensor, got {len(tensors)}")
+    return tensors
