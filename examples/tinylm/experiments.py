@@ -438,8 +438,10 @@ def async_(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = {"sync_every": 25, "outer_steps": 10, **cfg}
     delay = 0.0 if args.loss_only else args.comm_delay
     n = cfg["outer_steps"]
-    # --loss-only: the delay changes no number the peers compute, so the loss cost of
-    # AsyncDiLoCo's one-round lag can be measured without it (and without the no-delay run).
+    # --loss-only: no delay and no no-delay run, only the loss cost of AsyncDiLoCo's lag.
+    # Without apply_on_arrival the delay changes no number the peers compute; with it
+    # (the default) the delay decides at which inner step the average lands, which the
+    # records keep ("arrived_at"), so the loss cost grows with the delay: measure both.
     base = None if args.loss_only else run_group("compute", args.workers, mode="diloco", **cfg)
     sync = run_group("sync", args.workers, mode="diloco", comm_delay=delay, **cfg)
     # AsyncDiLoCo applies each update one round late: with outer_steps=n-1 it runs n
@@ -499,9 +501,14 @@ def async_(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
         ],
     )
     loss_cost = (asy.final_val() - sync.final_val()) / sync.final_val()
+    # When each round's average reached AsyncDiLoCo's peers (inner steps into the next
+    # round; H: at its end), over peers and rounds 2..
+    arrivals = [r["arrived_at"] for r in asy.outer() if r.get("arrived_at") is not None and r["outer"] > 0]
+    arrived = statistics.median(arrivals) if arrivals else None
     print(
         f"loss cost of the one-round delay: async {asy.final_val():.4f} vs sync {sync.final_val():.4f} "
-        f"({100 * loss_cost:+.2f}%)"
+        f"({100 * loss_cost:+.2f}%); averages applied after a median of {arrived} of {cfg['sync_every']} "
+        "inner steps"
     )
     plt = _figure()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
@@ -537,6 +544,7 @@ def async_(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
         "async_final_val": asy.final_val(),
         "no_delay_final_val": base.final_val() if base else None,
         "async_loss_cost": loss_cost,
+        "async_arrived_at_median": arrived,
         "inner_steps": {"sync": sync.inner_steps(), "async": asy.inner_steps()},
         "wall_s": {k: round(r.wall_s, 1) for k, r in runs.items()},
     }
@@ -591,6 +599,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--lookahead", type=int, choices=[0, 1], default=None, help="async: AsyncDiLoCo's lookahead (default 1)"
     )
+    parser.add_argument(
+        "--apply-on-arrival",
+        type=int,
+        choices=[0, 1],
+        default=None,
+        help="async: AsyncDiLoCo's apply_on_arrival (default 1; 0: the average waits for the round's end)",
+    )
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument(
         "--records", default=None, help="write every run's records (JSON lines) into this folder"
@@ -632,7 +647,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--" + name.replace("_", "-"), type=type(defaults[name]), default=None)
     args = parser.parse_args(argv)
     cfg = {
-        k: v for k, v in vars(args).items() if k in defaults and k not in ("comm_delay", "compress", "fragments", "eager", "lookahead") and v is not None
+        k: v for k, v in vars(args).items() if k in defaults and k not in ("comm_delay", "compress", "fragments", "eager", "lookahead", "apply_on_arrival") and v is not None
     }
     cfg.update({k: getattr(args, k) for k in ("outer_lr", "outer_momentum") if getattr(args, k) is not None})
     if args.compress and args.experiment != "compression":
@@ -641,6 +656,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg["eager"] = args.eager
     if args.lookahead is not None:
         cfg["lookahead"] = args.lookahead
+    if args.apply_on_arrival is not None:
+        cfg["apply_on_arrival"] = args.apply_on_arrival
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     from examples.tinylm.exp_compression import METHODS, SPARSE_DEFAULT, compression  # noqa: F401
 

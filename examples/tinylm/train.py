@@ -56,6 +56,7 @@ class TrainConfig:
     mix: float = 0.5
     eager: float = -1.0  # async: the eager coefficient (< 0: AsyncDiLoCo's default)
     lookahead: int = -1  # async: 0 / 1 = AsyncDiLoCo(lookahead=False / True) (< 0: its default)
+    apply_on_arrival: int = -1  # async: 0 / 1 = AsyncDiLoCo(apply_on_arrival=False / True) (< 0: its default)
 
 
 def parse_compression(text: str) -> pccl.Compression | None:
@@ -167,6 +168,8 @@ def train(
                 options["eager"] = cfg.eager
             if cfg.lookahead >= 0:
                 options["lookahead"] = bool(cfg.lookahead)
+            if cfg.apply_on_arrival >= 0:
+                options["apply_on_arrival"] = bool(cfg.apply_on_arrival)
         elif cfg.mode == "streaming":
             cls = StreamingDiLoCo
             options.update(fragments=cfg.fragments, delay=cfg.delay, mix=cfg.mix)
@@ -195,6 +198,7 @@ def train(
                         "allreduces": diloco.allreduces,
                         "tx": info.tx_bytes,
                         "peak_tx": info.peak_tx_bytes,
+                        "arrived_at": getattr(diloco, "arrived_at", None),
                         "rx": info.rx_bytes,
                         "hash": hex(hash(tuple(diloco.state.hashes().values())) & 0xFFFFFFFF),
                     }

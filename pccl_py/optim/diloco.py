@@ -231,7 +231,14 @@ class DiLoCo:
 
     def _apply_outer(self, summed: torch.Tensor) -> None:
         """Applies the outer step with summed pseudo-gradients (last element: the number
-        of contributors). Identical inputs on every peer give identical bytes out."""
+        of contributors), counts it and restarts the local model from the result."""
+        self._update_global(summed)
+        self._outer_step += 1
+        self._reset_local()
+
+    def _update_global(self, summed: torch.Tensor) -> None:
+        """The outer optimizer's step on the global parameters with the average of the
+        summed pseudo-gradients. Identical inputs on every peer give identical bytes out."""
         weight = summed[self._numel]
         if float(weight) == 0.0:  # nobody had a pseudo-gradient (every contributor a joiner)
             weight = torch.ones_like(weight)
@@ -242,8 +249,6 @@ class DiLoCo:
             offset += n
         self.outer_optimizer.step()
         self.outer_optimizer.zero_grad(set_to_none=True)
-        self._outer_step += 1
-        self._reset_local()
 
     def _reset_local(self) -> None:
         """local = global (keep_residual: minus this peer's unsent error feedback)."""
@@ -274,47 +279,66 @@ class DiLoCo:
 
 
 class AsyncDiLoCo(DiLoCo):
-    """One-step-delayed DiLoCo with eager local updates: the exchange of round t runs in
-    the background during the inner steps of round t+1 and is applied to the global
-    parameters one round late, so communication is hidden when it is shorter than
-    compute.
+    """One-step-delayed DiLoCo with eager local updates, corrected when the average
+    arrives: the exchange of round t runs in the background during the inner steps of
+    round t+1, so communication is hidden when it is shorter than compute.
 
-    At the end of round t: P_t = (where round t started) - local; wait for round t-1's
-    exchange and apply its average with the outer optimizer to the global parameters
-    G (the shared state: the same bytes on every peer); restart the local model *eagerly*
-    from G - eager * P_t, i.e. with this peer's own fresh progress, which G will only
-    hold (averaged) one round later; let joiners in; start round t's exchange of P_t.
-    lookahead (default on) also takes the part of G's next update that the outer
-    momentum already fixes (Nesterov SGD: lr * momentum^2 * buffer), so the local model
-    starts about where synchronous DiLoCo's would.
-    eager=0 is the plain one-step-delayed DiLoCo (PCCL's), which restarts from G and
-    so loses one round of progress: it trails synchronous DiLoCo by 13.8% after 20
-    rounds of the tiny LM at its best outer settings, and diverges with lr 0.7 /
-    momentum 0.9 (docs/diloco.md). The local start point and the eager term are
-    peer-local; the model equals G only after finish().
+    At the end of round t: P_t = (where round t started) - local; if round t-1's
+    exchange has not arrived yet, wait for it and apply its average with the outer
+    optimizer to the global parameters G (the shared state: the same bytes on every
+    peer); restart the local model *eagerly* from G - eager * P_t, i.e. with this peer's
+    own fresh progress, which G does not hold yet; let joiners in; start round t's
+    exchange of P_t. lookahead (default on) also takes the part of G's next update that
+    the outer momentum already fixes (Nesterov SGD: lr * m^2 * buf).
+
+    apply_on_arrival (default on): step() checks after every inner step whether the
+    exchange in flight has ended; once it has, the average is applied to G at once and
+    the local model is moved by (new G - where the round started), keeping the inner
+    steps it took from the eager guess, so the rest of the round runs from where
+    synchronous DiLoCo would have started it. G gets the same updates in the same
+    order either way (only when a peer applies them differs), so the shared state is
+    bit-identical at every outer step. When the exchange takes as long as the inner
+    steps, the average lands at the round's end and this is the plain eager rule.
+
+    eager=0, lookahead=False, apply_on_arrival=False is the plain one-step-delayed
+    DiLoCo (PCCL's), which restarts from G and so loses one round of progress: it
+    trails synchronous DiLoCo by 13.8% after 20 rounds of the tiny LM at its best outer
+    settings, and diverges with lr 0.7 / momentum 0.9 (docs/diloco.md). The local start
+    point and the eager term are peer-local; the model equals G only after finish().
 
     A joiner catches up with the sync at its admission (the old peers SEND_ONLY, the
     joiner RECEIVE_ONLY or popular) and takes part in the round then in flight with
     contribution weight 0, so it applies the same update as everyone and stays
     bit-identical without a second sync.
 
-    Defaults, measured on the tiny LM (docs/diloco.md): eager 1.0 and lookahead with
-    outer Nesterov SGD lr 0.7, momentum 0.5 (a scalar model of the delayed recursion
-    with eager 1 is stable with these for every per-round progress, and with momentum
-    0.9 is not)."""
+    Defaults, measured on the tiny LM (docs/diloco.md): eager 1.0, lookahead and
+    apply_on_arrival with outer Nesterov SGD lr 0.7, momentum 0.5 (a scalar model of
+    the delayed recursion with eager 1 is stable with these for every per-round
+    progress, and with momentum 0.9 is not; the delayed recursion is what remains when
+    the link is as slow as the inner steps)."""
 
     DEFAULT_OUTER_LR = 0.7
     DEFAULT_OUTER_MOMENTUM = 0.5
     DEFAULT_EAGER = 1.0
     DEFAULT_LOOKAHEAD = True
+    DEFAULT_APPLY_ON_ARRIVAL = True
 
     def __init__(
-        self, *args: Any, eager: float | None = None, lookahead: bool | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        eager: float | None = None,
+        lookahead: bool | None = None,
+        apply_on_arrival: bool | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.eager = self.DEFAULT_EAGER if eager is None else float(eager)
         self.lookahead = self.DEFAULT_LOOKAHEAD if lookahead is None else bool(lookahead)
+        self.apply_on_arrival = self.DEFAULT_APPLY_ON_ARRIVAL if apply_on_arrival is None else bool(apply_on_arrival)
         self._inflight: Any = None
+        self._arrived: Any = None  # the info of an exchange applied before its round ended
+        self.arrived_at: int | None = None  # inner steps of its round counted when the last update was applied
+        self._round_began = 0  # inner_steps when the round in progress began
         self._inflight_buffer = torch.zeros_like(self._flat)
         self._start_point = [g.detach().clone() for g in self.global_params]  # where this round started
         if int(self._rounds.item()) > 0:
@@ -322,18 +346,55 @@ class AsyncDiLoCo(DiLoCo):
             # after this sync; join it with nothing to contribute.
             self._start_round()
 
+    def step(self) -> OuterStepInfo | None:
+        self.inner_steps += 1
+        if self.apply_on_arrival:
+            self.poll()
+        if self.inner_steps % self.sync_every:
+            return None
+        return self.outer_step()
+
+    def poll(self) -> bool:
+        """Applies the exchange in flight if it has ended (step() calls this after every
+        inner step); True if it applied one now."""
+        if self._inflight is None or not self._inflight.done():
+            return False
+        self._arrived = self._take_inflight()
+        self.arrived_at = self.inner_steps - self._round_began
+        with torch.no_grad():  # keep the inner steps taken since the round started
+            for p, g, s in zip(self._params, self.global_params, self._start_point, strict=True):
+                p.add_(g - s)
+                s.copy_(g)
+        return True
+
+    def _take_inflight(self) -> Any:
+        """Waits for the exchange in flight and steps G with its average (not counted:
+        the outer step counter moves at the round's end, on every peer alike)."""
+        info = self._inflight.wait(timeout=self.timeout)
+        self._inflight = None
+        self._update_global(self._inflight_buffer)
+        return info
+
+    @property
+    def pending_update(self) -> bool:
+        """True while an exchange is in flight and its average is not in G yet."""
+        return self._inflight is not None
+
     def outer_step(self) -> OuterStepInfo:
         start = time.perf_counter()
         world = self.comm.world_size
         tx = rx = 0
         self._pseudo_gradient_into_flat(self._start_point)
+        info = self._arrived
         if self._inflight is not None:
-            info = self._inflight.wait(timeout=self.timeout)
+            info = self._take_inflight()
+            self.arrived_at = self.inner_steps - self._round_began
+        self._arrived = None
+        self._round_began = self.inner_steps
+        if info is not None:
             world, tx, rx = info.world_size, info.tx_bytes, info.rx_bytes
-            self._inflight = None
-            self._apply_outer(self._inflight_buffer)  # also restarts the local model from G
-        else:
-            self._reset_local()
+            self._outer_step += 1
+        self._reset_local()
         self._rounds += 1
         self._inflight_buffer, self._flat = self._flat, self._inflight_buffer
         synced = None
@@ -383,8 +444,10 @@ class AsyncDiLoCo(DiLoCo):
         """Waits for the last in-flight exchange and applies it; the model then holds
         the global parameters."""
         if self._inflight is not None:
-            self._inflight.wait(timeout=self.timeout)
-            self._inflight = None
-            self._apply_outer(self._inflight_buffer)
+            self._arrived = self._take_inflight()
+        if self._arrived is not None:
+            self._arrived = None
+            self._outer_step += 1
+        self._reset_local()
         if self._exchange is not None:
             self._exchange.close()

@@ -85,3 +85,6 @@ class ExchangeHandle:
 
     def wait(self, timeout: float | None = None) -> Any:
         return self._future.result(timeout)
+
+    def done(self) -> bool:
+        return self._future.done()

@@ -19,12 +19,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from engine_harness import EngineRing
 from gather_workers import gather_loop_worker, payload_for
 from peer_workers import Cluster, checksum
 from threads import run_parallel as run_threads
 from torch import nn
 
 import pccl_py as pccl
+from pccl_py import _native as nat
+from pccl_py.errors import Aborted, PeerLost
 from pccl_py.optim import AsyncDiLoCo, DiLoCo, StreamingDiLoCo
 from pccl_py.optim.codec import Codec, dct_basis, pack_bits, unpack_bits
 from pccl_py.optim.exchange import CompressedExchange
@@ -187,6 +190,77 @@ def test_decoded_sum_bit_identical_and_retried_over_survivors() -> None:
         rows = np.stack([payload_for(codec, j, op) for j in rec["owners"]])
         assert checksum(codec.decode_sum(rows)[0]) == rec["crc"]
     assert ops[last][0]["world"] == world - 1
+
+
+@pytest.mark.parametrize("victim_sends", [False, True], ids=["victim_silent", "victim_sending"])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_sparse_all_gather_with_a_peer_lost_mid_op_is_bit_identical_on_every_survivor(
+    n: int, victim_sends: bool
+) -> None:
+    """N engines all-gather compressed payloads (278 KiB each, in 4 KiB segments); the
+    last rank's engine closes while the others run (N >= 2): either 2 ms after it
+    posted too (its rows partly sent: racy on purpose), or 50 ms into the op without
+    having posted (the others have exchanged their own rows by then: nobody can
+    commit). The survivors agree on the outcome: all of them committed the op (then
+    with every owner's row, byte for byte) or none did. Retried over the survivors on a
+    new ring, every survivor holds the same rows, in rank order, and decodes them to the
+    same bytes, equal to the rank-order decode of the survivors' own payloads."""
+    numel = 1 << 19
+    codec = Codec(numel, pccl.Compression(topk=32, chunk=128, bits=8))
+    payloads = [payload_for(codec, r, n) for r in range(n)]
+    size = codec.payload_bytes
+    victim = n - 1 if n > 1 else None
+    with EngineRing(n) as ring:
+        outs = [np.zeros(n * size, np.uint8) for _ in range(n)]
+        handles = {
+            r: ring.engines[r].all_to_all(nat.CollectiveKind.ALL_GATHER, payloads[r], outs[r], nat.DataType.UINT8,
+                                          tag=0, seq=1, timeout=30, segment_bytes=4 << 10, vote=True)
+            for r in range(n)
+            if r != victim or victim_sends
+        }
+        if victim is not None:
+            time.sleep(0.002 if victim_sends else 0.05)
+            ring.engines[victim].close()
+        survivors = [r for r in range(n) if r != victim]
+        committed = []
+        for r in survivors:
+            assert handles[r].wait(20), f"rank {r} still running"
+            try:
+                handles[r].result()
+                committed.append(r)
+            except (PeerLost, Aborted):
+                pass
+        assert committed in ([], survivors), f"survivors disagree: committed {committed} of {survivors}"
+        if victim is not None and not victim_sends:
+            assert committed == [], "committed without the victim's row"
+        for r in committed:
+            assert np.array_equal(outs[r].reshape(n, size), np.stack(payloads)), f"rank {r}: rows"
+        if victim is None:
+            assert committed == [0]
+            assert torch.equal(codec.decode_sum(outs[0].reshape(1, size))[0], codec.decode_sum(payloads[0][None])[0])
+            return
+        ring_addrs = [ring.addresses[r] for r in survivors]
+        m = len(survivors)
+        retry_outs = [np.zeros(m * size, np.uint8) for _ in survivors]
+
+        def gather(i: int) -> None:
+            r = survivors[i]
+            ring.engines[r].set_ring(2, ring_addrs, i, timeout=10.0)
+            h = ring.engines[r].all_to_all(nat.CollectiveKind.ALL_GATHER, payloads[r], retry_outs[i],
+                                           nat.DataType.UINT8, tag=0, seq=2, timeout=30, segment_bytes=4 << 10,
+                                           vote=True)
+            h.result()
+
+        outcomes = ring.run(lambda r, e: gather(survivors.index(r)), ranks=survivors, timeout=60)
+        assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    want_rows = np.stack([payloads[r] for r in survivors])
+    want, weight = codec.decode_sum(want_rows)
+    assert weight == float(m)
+    for i, r in enumerate(survivors):
+        assert np.array_equal(retry_outs[i].reshape(m, size), want_rows), f"rank {r}: retried rows"
+    for i in sorted({0, m - 1}):  # the same rows decode to the same bytes (decoding is costly at this size)
+        got, _ = codec.decode_sum(retry_outs[i].reshape(m, size))
+        assert got.numpy().tobytes() == want.numpy().tobytes(), f"rank {survivors[i]}: decoded sum"
 
 
 # ---------------------------------------------------------------------- optimisers
@@ -493,7 +567,7 @@ def test_async_lookahead_restart(make_group: Callable[..., list[pccl.Communicato
     momentum 0.5): local = G - P - lr * m^2 * buf, with P the round just finished and
     buf the outer momentum after the update applied at this outer step."""
     (comm,) = make_group(1)
-    d, model, inner = build(AsyncDiLoCo, comm, seed=0)
+    d, model, inner = build(AsyncDiLoCo, comm, seed=0, apply_on_arrival=False)
     group0 = d.outer_optimizer.param_groups[0]
     lr, m = group0["lr"], group0["momentum"]
     assert d.lookahead and d.eager == 1.0 and group0["nesterov"]
@@ -512,3 +586,66 @@ def test_async_lookahead_restart(make_group: Callable[..., list[pccl.Communicato
         torch.testing.assert_close(local, g - pg - lr * m * m * buf, rtol=0, atol=1e-6)
         assert (r == 0) == (not buf.any())  # nothing applied yet after the first round
     d.finish()
+
+
+def test_async_applies_the_average_when_it_arrives(make_group: Callable[..., list[pccl.Communicator]]) -> None:
+    """apply_on_arrival (the default): once the exchange in flight has ended, poll()
+    (which step() calls after every inner step) steps G with its average at once and
+    moves the local model by (new G - where the round started), keeping the inner steps
+    taken since; the round's pseudo-gradient is then measured from the new G. The outer
+    step count moves only at the round's end. World of one, outer SGD lr 0.5 (no
+    momentum, so no lookahead), eager 1."""
+    (comm,) = make_group(1)
+    d, model, inner = build(AsyncDiLoCo, comm, seed=0, outer_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5))
+    assert d.apply_on_arrival
+
+    def flat(ts: Any) -> torch.Tensor:
+        return torch.cat([t.detach().reshape(-1) for t in ts])
+
+    def inner_step(seed: int) -> None:
+        x = torch.randn(16, 6, generator=torch.Generator().manual_seed(seed))
+        ((model(x) - torch.sin(x.sum(1, keepdim=True))) ** 2).mean().backward()
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+
+    def poll_until_applied() -> None:
+        deadline = time.monotonic() + 10
+        while not d.poll():
+            assert time.monotonic() < deadline, "the exchange never ended"
+            time.sleep(0.005)
+
+    g0 = flat(d.global_params)
+    for k in range(3):
+        inner_step(k)
+        assert d.step() is None
+    inner_step(3)
+    end1 = flat(model.parameters())
+    assert d.step() is not None  # round 1 ends; its exchange starts
+    assert d.pending_update and d.outer_steps == 0
+    start = flat(model.parameters())  # the eager guess: G0 - P1 = end1
+    torch.testing.assert_close(start, end1, rtol=0, atol=1e-6)
+
+    inner_step(10)  # an inner step of round 2 taken from the eager guess
+    before = flat(model.parameters())
+    poll_until_applied()
+    g1 = flat(d.global_params)
+    torch.testing.assert_close(g1, g0 - 0.5 * (g0 - end1), rtol=0, atol=1e-6)  # round 1's average, lr 0.5
+    torch.testing.assert_close(flat(model.parameters()), before + (g1 - start), rtol=0, atol=1e-6)
+    assert not d.pending_update and d.outer_steps == 0 and d.arrived_at == 0
+    assert not d.poll()  # nothing in flight any more
+
+    assert d.step() is None  # counts inner step 1 of round 2
+    for k in range(11, 13):
+        inner_step(k)
+        assert d.step() is None
+    inner_step(13)
+    end2 = flat(model.parameters())
+    assert d.step() is not None  # round 2 ends: the update applied mid-round is counted now
+    assert d.outer_steps == 1
+    torch.testing.assert_close(flat(d.global_params), g1, rtol=0, atol=0)  # nothing new applied yet
+    poll_until_applied()
+    # Round 2's pseudo-gradient was measured from G1, where the round was moved to.
+    torch.testing.assert_close(flat(d.global_params), g1 - 0.5 * (g1 - end2), rtol=0, atol=1e-6)
+    d.finish()
+    assert d.outer_steps == 2
+    torch.testing.assert_close(flat(model.parameters()), flat(d.global_params), rtol=0, atol=0)

@@ -196,7 +196,7 @@ def test_async_applies_previous_rounds_average(group: Callable[[int], list[pccl.
     # eager=0, no lookahead: the plain one-step-delayed rule (the eager restart and the
     # lookahead: tests/integration/test_compression.py)
     peers = run_parallel(
-        [lambda i=i: Peer(comms[i], seed=i, cls=AsyncDiLoCo, eager=0, lookahead=False) for i in range(2)]
+        [lambda i=i: Peer(comms[i], seed=i, cls=AsyncDiLoCo, eager=0, lookahead=False, apply_on_arrival=False) for i in range(2)]
     )
     run_parallel([lambda p=p: p.run(rounds=rounds) for p in peers])
     run_parallel([lambda p=p: p.diloco.finish() for p in peers])
