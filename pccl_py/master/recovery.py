@@ -60,8 +60,21 @@ class RecoveryRules:
 
     def _try_reform(self: Rules, g: Group, now: float, force: bool) -> list[Effect]:
         recovery = g.recovery
-        if recovery is None or not recovery.infos:
+        if recovery is None:
             return []
+        if not recovery.infos:
+            if not force:
+                return []
+            # Every member that rejoined is gone again (crashed or left before the group
+            # re-formed): there is nothing to take over. Without this the recovery would
+            # never end, and newcomers would wait for admission forever.
+            g.recovery = None
+            g.ring = []
+            g.epoch += 1
+            effects: list[Effect] = [Log("reform", {"group": g.id, "epoch": g.epoch, "members": [], "missing": "all"})]
+            if g.pending and now >= self.hold_until:
+                effects += self._admit_pending(g, "first peers of the group")
+            return effects
         newest = max(recovery.infos.values(), key=lambda i: i.epoch)
         if not force and not set(newest.ring) <= set(recovery.infos):
             return []  # members of the newest ring are still missing: wait for them
@@ -70,7 +83,7 @@ class RecoveryRules:
         # A member of the newest ring that missed its topology message still belongs.
         members = [pid for pid in ring if pid in recovery.infos]
         stale = [pid for pid in recovery.infos if pid not in members]
-        effects: list[Effect] = []
+        effects = []
         for pid in stale:  # from an older epoch: not a member any more; it re-registers
             effects.append(Send(pid, protocol.make("evicted", reason="the group re-formed after a master restart without this peer")))
             del self.peers[pid]

@@ -153,6 +153,25 @@ def test_newcomer_during_recovery_waits_for_the_members() -> None:
     assert m.groups[0].ring == [A, B] and m.groups[0].pending == [C]
 
 
+def test_newcomers_are_admitted_when_every_rejoined_member_is_gone_again() -> None:
+    """A restarted master took one member back, which then crashed before the group
+    re-formed: once recovery_wait is over the group starts afresh from the newcomers
+    (found by the WAN stress run: they waited for admission until the next master
+    restart, 96 s)."""
+    m = fresh_master()
+    rejoin(m, A, info(ring=(A, B)))
+    m.register(C, 0, "127.0.0.1", 5000, "new", T0 + 0.5)
+    m.register(D, 0, "127.0.0.1", 5001, "new2", T0 + 0.6)
+    m.evict(A, "crashed", "its connection closed", T0 + 1.0)
+    assert msgs(m.tick(T0 + 2.0), "topology") == {}  # within recovery_wait: B may still come back
+    topo = msgs(m.tick(T0 + 3.5), "topology")
+    assert set(topo) == {C, D}
+    g = m.groups[0]
+    assert g.recovery is None and set(g.ring) == {C, D} and g.pending == []
+    with pytest.raises(RejoinRefused):  # a member of the old group comes back as a new peer
+        m.rejoin(B, 0, "127.0.0.1", 1, "late", info(ring=(A, B)), T0 + 4)
+
+
 # ---------------------------------------------------------------------- end to end
 
 
