@@ -171,7 +171,16 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         waits on these, so they are never answered; an op not known yet is decided at
         once (a commit proves that every participant holds the result)."""
         effects: list[Effect] = []
+        peer = self.peers.get(peer_id)
+        settled = self.groups[peer.group].ops if peer is not None and peer.phase is Phase.ADMITTED else {}
         for key in keys:
+            # The other participants' commits of an op already settled a success: nothing
+            # to do (what report_op would conclude, without its work: one per op and peer).
+            record = settled.get(key)
+            if record is not None and record.decided is not None and record.decided["ok"] and peer_id in record.participants:
+                assert peer is not None
+                peer.replay = None
+                continue
             effects += self.report_op(peer_id, key, True, "", "", -1, now, committed=True)
         return effects
 
@@ -396,18 +405,21 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         self, g: Group, key: OpKey, ok: bool, kind: str, msg: str, culprit: int, world: int
     ) -> protocol.Message:
         epoch, tag, seq = key
-        return protocol.make(
-            "outcome",
-            epoch=epoch,
-            tag=tag,
-            seq=seq,
-            ok=ok,
-            kind=kind,
-            msg=msg,
-            peer=culprit,
-            next_epoch=g.epoch,
-            world=world,
-        )
+        # Built as protocol.make would, without its schema check: one per collective on
+        # the master's loop, every field typed here (tests/wire checks it validates).
+        return {
+            "t": "outcome",
+            "v": protocol.VERSION,
+            "epoch": epoch,
+            "tag": tag,
+            "seq": seq,
+            "ok": ok,
+            "kind": str(kind),
+            "msg": msg,
+            "peer": culprit,
+            "next_epoch": g.epoch,
+            "world": world,
+        }
 
     def _decide(self, g: Group, record: OpRecord, now: float, grace_over: bool = False) -> list[Effect]:
         if record.decided is not None:
@@ -418,10 +430,13 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         # committed, and when every live participant holds the result the op succeeds
         # whoever else is gone. Peers that are gone without a word do not decide it.
         alive = {pid for pid in record.participants if pid in self.peers}
-        gone_unreported = [pid for pid in sorted(record.participants - alive) if pid not in record.reports or not record.reports[pid].ok]
+        committed = any(r.committed for r in record.reports.values())
+        gone_unreported = [] if committed else [
+            pid for pid in sorted(record.participants - alive) if pid not in record.reports or not record.reports[pid].ok
+        ]
         failures = {pid: r for pid, r in record.reports.items() if not r.ok}
         all_reported = alive <= set(record.reports)
-        if any(r.committed for r in record.reports.values()):
+        if committed:
             ok, kind, msg, culprit = True, "", "", -1
         elif failures and gone_unreported:
             culprit = gone_unreported[0]
