@@ -55,6 +55,12 @@ class Config:
     # it is as fast as the ring (docs/architecture.md, "Choosing the algorithm"). Must
     # be the same on every peer, as direct_allreduce_max_bytes.
     rsag_min_bytes: int = 1
+    # Master: an epoch's all-reduces above the direct limit use rsag only when the
+    # longest round trip the master measures to a member is at least this (seconds),
+    # the ring otherwise; 0: rsag at any round trip. Decided once per epoch and sent to
+    # every peer with the epoch's ring (pccl_py.master.algorithm; docs/architecture.md,
+    # "Choosing the algorithm"): loopback and LAN groups get the ring, WAN groups rsag.
+    rsag_min_rtt: float = 0.002
     # Control plane.
     max_message_bytes: int = 16 << 20  # room for the state description of large models
     max_retries: int = 64
@@ -94,6 +100,8 @@ class Config:
             raise ConfigError("direct_allreduce_max_bytes must be >= 0 (0: always the ring)")
         if self.rsag_min_bytes < 0:
             raise ConfigError("rsag_min_bytes must be >= 0 (0: off)")
+        if not 0 <= self.rsag_min_rtt <= 60:
+            raise ConfigError("rsag_min_rtt must be in [0, 60] seconds (0: rsag at any round trip)")
         if self.segment_bytes < 4096:
             raise ConfigError("segment_bytes must be at least 4096")
         if self.blocked_report_after <= 0 or self.mismatch_grace < 0:
