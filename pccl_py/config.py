@@ -51,9 +51,10 @@ class Config:
     # everyone: the ring's bytes in two one-way delays plus an all-to-all vote, where the
     # ring takes 3(N-1)) instead of the ring; 0: off, always the ring. On by default for
     # every size above the direct limit: behind a 100 ms, 1 Gbit/s link at N=4 it took
-    # 16 MiB from 0.36 to 0.76 of the link and 64 MiB from 0.55 to 0.74, and on loopback
-    # it is as fast as the ring (docs/architecture.md, "Choosing the algorithm"). Must
-    # be the same on every peer, as direct_allreduce_max_bytes.
+    # 16 MiB from 0.36 to 0.76 of the link and 64 MiB from 0.55 to 0.74; on loopback and
+    # LANs the ring is faster, so the master keeps such epochs on it (rsag_min_rtt below;
+    # docs/architecture.md, "Choosing the algorithm"). Must be the same on every peer,
+    # as direct_allreduce_max_bytes.
     rsag_min_bytes: int = 1
     # Master: an epoch's all-reduces above the direct limit use rsag only when the
     # longest round trip the master measures to a member is at least this (seconds),
