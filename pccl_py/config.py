@@ -51,10 +51,17 @@ class Config:
     # everyone: the ring's bytes in two one-way delays plus an all-to-all vote, where the
     # ring takes 3(N-1)) instead of the ring; 0: off, always the ring. On by default for
     # every size above the direct limit: behind a 100 ms, 1 Gbit/s link at N=4 it took
-    # 16 MiB from 0.36 to 0.76 of the link and 64 MiB from 0.55 to 0.74, and on loopback
-    # it is as fast as the ring (docs/architecture.md, "Choosing the algorithm"). Must
-    # be the same on every peer, as direct_allreduce_max_bytes.
+    # 16 MiB from 0.36 to 0.76 of the link and 64 MiB from 0.55 to 0.74; on loopback and
+    # LANs the ring is faster, so the master keeps such epochs on it (rsag_min_rtt below;
+    # docs/architecture.md, "Choosing the algorithm"). Must be the same on every peer,
+    # as direct_allreduce_max_bytes.
     rsag_min_bytes: int = 1
+    # Master: an epoch's all-reduces above the direct limit use rsag only when the
+    # longest round trip the master measures to a member is at least this (seconds),
+    # the ring otherwise; 0: rsag at any round trip. Decided once per epoch and sent to
+    # every peer with the epoch's ring (pccl_py.master.algorithm; docs/architecture.md,
+    # "Choosing the algorithm"): loopback and LAN groups get the ring, WAN groups rsag.
+    rsag_min_rtt: float = 0.002
     # Control plane.
     max_message_bytes: int = 16 << 20  # room for the state description of large models
     max_retries: int = 64
@@ -94,6 +101,8 @@ class Config:
             raise ConfigError("direct_allreduce_max_bytes must be >= 0 (0: always the ring)")
         if self.rsag_min_bytes < 0:
             raise ConfigError("rsag_min_bytes must be >= 0 (0: off)")
+        if not 0 <= self.rsag_min_rtt <= 60:
+            raise ConfigError("rsag_min_rtt must be in [0, 60] seconds (0: rsag at any round trip)")
         if self.segment_bytes < 4096:
             raise ConfigError("segment_bytes must be at least 4096")
         if self.blocked_report_after <= 0 or self.mismatch_grace < 0:

@@ -43,6 +43,7 @@ from __future__ import annotations
 from typing import Any
 
 from pccl_py.errors import FailureKind
+from pccl_py.master.algorithm import choose_rsag
 from pccl_py.master.matching import MatchingRules
 from pccl_py.master.probing import ProbeRules
 from pccl_py.master.records import (
@@ -86,6 +87,7 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         recovery_wait: float | None = None,
         hold_first_admission_until: float = 0.0,
         mismatch_grace: float = 0.25,
+        rsag_min_rtt: float = 0.0,
     ) -> None:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
@@ -100,6 +102,11 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         self.hold_until = hold_first_admission_until
         # How long every member must wait in calls that cannot match before they fail.
         self.mismatch_grace = mismatch_grace
+        # rsag for an epoch's larger all-reduces only from this round trip on (0: always).
+        self.rsag_min_rtt = rsag_min_rtt
+        # A vote that admits peers waits this long at most for their round trips (they
+        # decide the new epoch's algorithm); 0 when the choice needs none.
+        self.rtt_wait = heartbeat_interval if rsag_min_rtt > 0 else 0.0
         self.peers: dict[int, Peer] = {}
         self.groups: dict[int, Group] = {}
         self._departed: dict[int, str] = {}  # peer -> cause ("left", "crashed", "hung"), recent only
@@ -110,7 +117,9 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         if peer_id in self.peers or not 0 <= peer_id < 2**63:
             raise ValueError(f"peer id {peer_id} is taken or out of range")
         g = self.groups.setdefault(group, Group(group))
-        self.peers[peer_id] = Peer(peer_id, group, host, port, name, Phase.PENDING, now)
+        self.peers[peer_id] = Peer(
+            peer_id, group, host, port, name, Phase.PENDING, now, measuring=self.rtt_wait > 0, registered=now
+        )
         g.pending.append(peer_id)
         effects: list[Effect] = [Log("join", {"peer": peer_id, "group": group, "name": name, "host": host, "port": port})]
         admit_now = not g.ring
@@ -171,7 +180,16 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         waits on these, so they are never answered; an op not known yet is decided at
         once (a commit proves that every participant holds the result)."""
         effects: list[Effect] = []
+        peer = self.peers.get(peer_id)
+        settled = self.groups[peer.group].ops if peer is not None and peer.phase is Phase.ADMITTED else {}
         for key in keys:
+            # The other participants' commits of an op already settled a success: nothing
+            # to do (what report_op would conclude, without its work: one per op and peer).
+            record = settled.get(key)
+            if record is not None and record.decided is not None and record.decided["ok"] and peer_id in record.participants:
+                assert peer is not None
+                peer.replay = None
+                continue
             effects += self.report_op(peer_id, key, True, "", "", -1, now, committed=True)
         return effects
 
@@ -222,6 +240,29 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
             record.first_failure_at = now
         return self._decide(g, record, now)
 
+    def note_rtt(self, peer_id: int, seconds: float | None) -> list[Effect]:
+        """The master measured its round trip to `peer_id` (None: it cannot): the
+        algorithm choice of the epochs formed from now on reads it
+        (pccl_py.master.algorithm), and a vote waiting for it completes."""
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            return []
+        if seconds is not None and seconds >= 0:
+            peer.rtt = seconds
+        return self._measured(peer)
+
+    def _measured(self, peer: Peer) -> list[Effect]:
+        if not peer.measuring:
+            return []
+        peer.measuring = False
+        g = self.groups.get(peer.group)
+        return self._complete_votes(g) + self._resolve_held(g) if g is not None else []
+
+    def _measuring(self, g: Group) -> bool:
+        """Whether a vote of `g` that admits peers waits for round trips still being
+        measured (its members' or the joiners'), which decide the epoch's algorithm."""
+        return any(self.peers[pid].measuring for pid in (*g.ring, *g.pending) if pid in self.peers)
+
     def leave(self, peer_id: int, now: float) -> list[Effect]:
         return self._remove(peer_id, "left", "left the group", now)
 
@@ -231,6 +272,8 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
 
     def tick(self, now: float) -> list[Effect]:
         effects: list[Effect] = []
+        for peer in [p for p in self.peers.values() if p.measuring and now - p.registered >= self.rtt_wait]:
+            effects += self._measured(peer)  # not measured in time: the choice treats it as far
         for peer in list(self.peers.values()):
             if now - peer.last_seen > self.heartbeat_timeout:
                 effects += self.evict(
@@ -285,7 +328,7 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
     def _ring_message(self, g: Group, reason: str, vote: bool) -> protocol.Message:
         ring = [[pid, self.peers[pid].host, self.peers[pid].port] for pid in g.ring]
         return protocol.make(
-            "topology", epoch=g.epoch, ring=ring, reason=reason, vote=vote, round=g.round, rsag=not g.ring_only
+            "topology", epoch=g.epoch, ring=ring, reason=reason, vote=vote, round=g.round, rsag=g.rsag
         )
 
     def _new_epoch(self, g: Group, ring: list[int], reason: str, vote: bool = False) -> list[Effect]:
@@ -294,8 +337,16 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         g.rings[g.epoch] = tuple(ring)
         for old in [e for e in g.rings if e <= g.epoch - KEEP_EPOCHS]:
             del g.rings[old]
+        choice = choose_rsag(ring, {pid: self.peers[pid].rtt for pid in ring}, g.ring_only, self.rsag_min_rtt)
+        g.rsag = choice.rsag
         msg = self._ring_message(g, reason, vote)
-        effects: list[Effect] = [Log("epoch", {"group": g.id, "epoch": g.epoch, "ring": list(ring), "reason": reason})]
+        effects: list[Effect] = [
+            Log(
+                "epoch",
+                {"group": g.id, "epoch": g.epoch, "ring": list(ring), "reason": reason, "rsag": g.rsag,
+                 "algorithm": choice.reason},
+            )
+        ]
         effects += [Send(pid, msg) for pid in ring]
         return effects
 
@@ -319,6 +370,8 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
     def _complete_votes(self, g: Group) -> list[Effect]:
         if not g.ring or not set(g.ring) <= g.votes:
             return []
+        if g.pending and self._measuring(g):
+            return []  # completed by note_rtt(), or by tick() once rtt_wait is over
         g.votes.clear()
         self._unblock(g, "update_topology")
         g.round += 1
@@ -396,18 +449,21 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         self, g: Group, key: OpKey, ok: bool, kind: str, msg: str, culprit: int, world: int
     ) -> protocol.Message:
         epoch, tag, seq = key
-        return protocol.make(
-            "outcome",
-            epoch=epoch,
-            tag=tag,
-            seq=seq,
-            ok=ok,
-            kind=kind,
-            msg=msg,
-            peer=culprit,
-            next_epoch=g.epoch,
-            world=world,
-        )
+        # Built as protocol.make would, without its schema check: one per collective on
+        # the master's loop, every field typed here (tests/wire checks it validates).
+        return {
+            "t": "outcome",
+            "v": protocol.VERSION,
+            "epoch": epoch,
+            "tag": tag,
+            "seq": seq,
+            "ok": ok,
+            "kind": str(kind),
+            "msg": msg,
+            "peer": culprit,
+            "next_epoch": g.epoch,
+            "world": world,
+        }
 
     def _decide(self, g: Group, record: OpRecord, now: float, grace_over: bool = False) -> list[Effect]:
         if record.decided is not None:
@@ -418,10 +474,13 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         # committed, and when every live participant holds the result the op succeeds
         # whoever else is gone. Peers that are gone without a word do not decide it.
         alive = {pid for pid in record.participants if pid in self.peers}
-        gone_unreported = [pid for pid in sorted(record.participants - alive) if pid not in record.reports or not record.reports[pid].ok]
+        committed = any(r.committed for r in record.reports.values())
+        gone_unreported = [] if committed else [
+            pid for pid in sorted(record.participants - alive) if pid not in record.reports or not record.reports[pid].ok
+        ]
         failures = {pid: r for pid, r in record.reports.items() if not r.ok}
         all_reported = alive <= set(record.reports)
-        if any(r.committed for r in record.reports.values()):
+        if committed:
             ok, kind, msg, culprit = True, "", "", -1
         elif failures and gone_unreported:
             culprit = gone_unreported[0]

@@ -41,6 +41,7 @@ class MasterMetrics:
             "pccl_auth_failures", "Control-plane requests refused for failed authentication", registry=r
         )
         self._peer_series: set[tuple[str, str]] = set()
+        self._outcome_series: dict[tuple[bool, str], Any] = {}
         self._recovering: set[Any] = set()  # groups with an eviction not yet followed by a ring
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -66,7 +67,13 @@ class MasterMetrics:
                 self.recoveries.inc()
         elif kind == "outcome":
             ok = bool(fields.get("ok"))
-            self.collectives.labels(result="ok" if ok else "failed", error=str(fields.get("kind", ""))).inc()
+            error = str(fields.get("kind", ""))
+            series = self._outcome_series.get((ok, error))  # one per collective: skip the label lookup
+            if series is None:
+                series = self._outcome_series[(ok, error)] = self.collectives.labels(
+                    result="ok" if ok else "failed", error=error
+                )
+            series.inc()
         elif kind == "sync":
             self.syncs.labels(result="ok" if fields.get("ok") else "failed").inc()
 

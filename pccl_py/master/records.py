@@ -60,6 +60,13 @@ class Peer:
     replay: str | None = None
     replay_count: int = 0
     joined_round: int = -1
+    # The master's measured round trip to it (seconds; None until measured): which
+    # algorithm its epochs' larger all-reduces use (pccl_py.master.algorithm).
+    rtt: float | None = None
+    # Still being measured (the vote that would admit it into an epoch waits, at most
+    # Membership.rtt_wait after it registered).
+    measuring: bool = False
+    registered: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,9 @@ class Group:
     # avoids those pairs, instead of the direct reduce-scatter + all-gather, which uses
     # every pair (the epoch's topology message carries it as `rsag`).
     ring_only: bool = False
+    # The current epoch's choice (pccl_py.master.algorithm), decided when the epoch
+    # began and sent with every topology message of it.
+    rsag: bool = True
     recovery: Recovery | None = None
     # After a master restart: members whose last synced revision is behind the group's
     # (the old master died while telling them the result of that sync).

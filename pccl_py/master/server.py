@@ -34,7 +34,13 @@ from pccl_py.master.election import EntryMeta, Submission, SyncStrategy
 from pccl_py.master.membership import Effect, Log, Membership, RejoinInfo, RejoinRefused, Send
 from pccl_py.master.metrics import MasterMetrics
 from pccl_py.wire import auth, protocol
-from pccl_py.wire.aio import monitor_connections, new_event_loop, send_nowait, watch_connections
+from pccl_py.wire.aio import (
+    monitor_connections,
+    new_event_loop,
+    send_nowait,
+    tcp_round_trip,
+    watch_connections,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +89,7 @@ class Master:
             incarnation=secrets.randbits(63),
             hold_first_admission_until=time.monotonic() + self.config.startup_grace,
             mismatch_grace=self.config.mismatch_grace,
+            rsag_min_rtt=self.config.rsag_min_rtt,
         )
         self._events = EventLog(self.config.event_log, "master")
         self._routes: dict[int, bytes] = {}  # peer id -> ZeroMQ routing id
@@ -409,6 +416,9 @@ class Master:
         try:
             reader, opened = await asyncio.wait_for(asyncio.open_connection(host, port), self.config.connect_timeout)
             writer = opened
+            # The connection's handshake gave the kernel a round-trip sample: which
+            # algorithm this peer's epochs use (pccl_py.master.algorithm).
+            await self._apply(self._membership.note_rtt(peer_id, tcp_round_trip(opened.get_extra_info("socket"))))
             try:
                 # epoch 2**64-1: a connection tied to no epoch, never retired by a new ring.
                 await asyncio.wait_for(
@@ -427,6 +437,7 @@ class Master:
         except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
             if writer is None:
                 log.warning("cannot reach peer %d's data port %s:%d (%s); relying on heartbeats", peer_id, host, port, exc)
+                await self._apply(self._membership.note_rtt(peer_id, None))
                 return
             if not graceful and peer_id in self._membership.peers:
                 self._watchers.pop(peer_id, None)

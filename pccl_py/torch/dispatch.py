@@ -15,10 +15,10 @@ started after it fail at once with it; those already running end on their own.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import os
-import queue
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -42,7 +42,11 @@ class _Queued(NamedTuple):
 
 class Dispatcher:
     """Runs queued collectives (see the module's docstring). `exclusive()`: when true, a
-    collective runs alone (the group is still learning its rank table)."""
+    collective runs alone (the group is still learning its rank table).
+
+    No thread of its own: submit() starts a collective on a runner thread at once when
+    its tag and tensors are free, and the runner that frees them starts the ones
+    waiting behind it, so a collective costs one thread hand-off, not two."""
 
     def __init__(self, rank: int, max_inflight: int | None, exclusive: Callable[[], bool]) -> None:
         self.max_inflight = max_inflight if max_inflight is not None else _default_inflight()
@@ -51,56 +55,75 @@ class Dispatcher:
         self.failure: BaseException | None = None
         self._rank = rank
         self._exclusive = exclusive
-        self._queue: queue.SimpleQueue[_Queued | None] = queue.SimpleQueue()
+        self._state = threading.Condition()  # guards the fields below
+        self._waiting: collections.deque[_Queued] = collections.deque()  # not started yet, in call order
+        self._index = 0  # collectives taken off the queue: the next one runs on tag 1 + index % max_inflight
         self._running: dict[int, frozenset[int] | None] = {}  # tag -> storages touched
-        self._idle = threading.Condition()
+        self._closing = False
         self._op_tag = threading.local()  # the tag of the collective a runner thread runs
         self._runners = concurrent.futures.ThreadPoolExecutor(
             self.max_inflight, thread_name_prefix="pccl-torch-op"
         )
-        self._thread = threading.Thread(target=self._loop, name="pccl-torch", daemon=True)
-        self._thread.start()
 
     @property
     def tag(self) -> int:
         """The pccl tag of the collective the calling runner thread runs."""
         return int(getattr(self._op_tag, "value", 0))
 
-    def submit(self, run: Run, tensors: Sequence[Any] | None) -> Future[Any]:
-        """Queues `run`; `tensors`: every tensor it reads or writes (None: unknown)."""
-        future: Future[Any] = Future()
-        self._queue.put(_Queued(run, future, _storages(tensors)))
-        return future
+    def submit(self, run: Run, tensors: Sequence[Any] | None, future: Future[Any]) -> None:
+        """Queues `run`, whose result or error completes `future`; `tensors`: every
+        tensor it reads or writes (None: unknown)."""
+        item = _Queued(run, future, _storages(tensors))
+        with self._state:
+            if self._closing:
+                raise PcclBackendError("the pccl process group has been shut down")
+            self._waiting.append(item)
+            ready = self._take_ready()
+        self._launch(ready)
 
     def close(self, timeout: float) -> None:
         """Lets the queued collectives end, then stops (waits up to `timeout`)."""
-        self._queue.put(None)
-        self._thread.join(timeout)
+        with self._state:
+            self._closing = True
+            idle = self._state.wait_for(lambda: not self._waiting and not self._running, timeout)
+        self._runners.shutdown(wait=idle)
 
-    def _loop(self) -> None:
-        index = 0
-        while True:
-            item = self._queue.get()
-            if item is None:
-                with self._idle:
-                    self._idle.wait_for(lambda: not self._running)
-                self._runners.shutdown(wait=True)
-                return
-            tag = 1 + index % self.max_inflight
-            index += 1
+    def _take_ready(self) -> list[tuple[_Queued, int | None]]:
+        """Takes the collectives at the head of the queue that may start now, in call
+        order: (item, its tag), or (item, None) for one to fail at once (the group
+        failed before it started). Call with the lock held."""
+        ready: list[tuple[_Queued, int | None]] = []
+        while self._waiting:
+            item = self._waiting[0]
+            tag = 1 + self._index % self.max_inflight
             touches = None if self._exclusive() else item.touches
-            with self._idle:
-                while tag in self._running or self._conflicts(touches):
-                    self._idle.wait()
-                if self.failure is not None:
-                    item.future.set_exception(
-                        PcclBackendError(
-                            f"the pccl process group failed earlier and cannot be used: {self.failure}"
-                        )
-                    )
-                    continue
-                self._running[tag] = touches
-            self._runners.submit(self._run_one, item, tag)
+            if tag in self._running or self._conflicts(touches):
+                break  # and every collective after it waits too: they start in call order
+            self._waiting.popleft()
+            self._index += 1
+            if self.failure is not None:
+                ready.append((item, None))
+                continue
+            self._running[tag] = touches
+            ready.append((item, tag))
+        return ready
+
+    def _launch(self, ready: list[tuple[_Queued, int | None]]) -> None:
+        """Starts (or fails) what _take_ready() took, outside the lock: completing a
+        future runs its callbacks."""
+        for item, tag in ready:
+            if tag is None:
+                item.future.set_exception(
+                    PcclBackendError(f"the pccl process group failed earlier and cannot be used: {self.failure}")
+                )
+                continue
+            try:
+                self._runners.submit(self._run_one, item, tag)
+            except RuntimeError as exc:  # shut down (close() gave up waiting)
+                with self._state:
+                    del self._running[tag]
+                    self._state.notify_all()
+                item.future.set_exception(PcclBackendError(f"the pccl process group has been shut down: {exc}"))
 
     def _conflicts(self, touches: frozenset[int] | None) -> bool:
         if not self._running:
@@ -125,11 +148,14 @@ class Dispatcher:
         else:
             outcome = (True, result)
         finally:
-            with self._idle:
+            with self._state:
                 del self._running[tag]
-                self._idle.notify_all()
-        # Completed after the slot is free: a waiter that issues its next collective at
-        # once never finds this one still holding its tag or its tensors.
+                ready = self._take_ready()
+                self._state.notify_all()
+        # The collectives this one held back start first; then this one completes,
+        # after its slot is free: a waiter that issues its next collective at once
+        # never finds this one still holding its tag or its tensors.
+        self._launch(ready)
         if outcome[0]:
             item.future.set_result(outcome[1])
         else:

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.futures import Future
 
 from pccl_py import Communicator, Master, ReduceOp
 from pccl_py.errors import Timeout
@@ -456,7 +457,12 @@ class ProcessGroupPccl(
         makes it wait for every collective before it and hold back the ones after."""
         if self._closed:
             raise PcclBackendError("the pccl process group has been shut down")
-        return PcclWork(self._dispatch.submit(run, tensors))
+        # The Work (and the future DDP chains on) exist before the collective can start:
+        # built after, they would contend for the GIL with the runner thread running it.
+        future: Future[Any] = Future()
+        work = PcclWork(future)
+        self._dispatch.submit(run, tensors, future)
+        return work
 
     @property
     def _tag(self) -> int:

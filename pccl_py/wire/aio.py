@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -98,3 +99,25 @@ async def watch_connections(
         with contextlib.suppress(zmq.ZMQError):
             sock.disable_monitor()
         monitor.close(linger=0)
+
+
+# struct tcp_info (linux/tcp.h): eight one-byte fields, then u32s, tcpi_rtt (the
+# smoothed round trip, microseconds) the 16th of them.
+_TCPI_RTT_OFFSET = 8 + 15 * 4
+
+
+def tcp_round_trip(sock: Any) -> float | None:
+    """The kernel's smoothed round-trip estimate of a connected TCP socket (seconds), or
+    None where the platform does not say (not Linux) or has no sample yet."""
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if tcp_info is None or sock is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 104)
+    except OSError:
+        return None
+    if len(raw) < _TCPI_RTT_OFFSET + 4:
+        return None
+    micros = int.from_bytes(raw[_TCPI_RTT_OFFSET : _TCPI_RTT_OFFSET + 4], "little" if sys.byteorder == "little" else "big")
+    return micros * 1e-6 if micros > 0 else None
+

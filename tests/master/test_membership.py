@@ -484,6 +484,27 @@ def test_one_committed_report_decides_success_and_answers_only_the_waiting(m: Me
     assert m.report_committed(C, [key], T0) == []  # a committed report is never answered
 
 
+def test_commits_of_a_settled_op_change_nothing_and_its_outcome_is_a_valid_message(m: Membership) -> None:
+    # The master's fast path for "done" batches: the first commit settles the op, the
+    # others' commits of it are dropped (never answered, never recorded), and a later
+    # non-committed report still gets the (schema-valid) success.
+    epoch = form_group(m, [A, B, C])
+    key = (epoch, 3, 5 << 8)
+    m.report_committed(B, [key], T0)
+    record = m.groups[0].ops[key]
+    assert record.decided is not None and record.decided["ok"] is True
+    protocol.validate(record.decided)
+    assert m.report_committed(C, [key, key], T0) == []
+    assert set(record.reports) == {B}  # C's commit of a settled op is not even recorded
+    effects = report(m, A, key)
+    assert outcomes(effects) == {A: record.decided}
+    assert_valid_messages(effects)
+    # A batch that mixes settled and new ops still settles the new ones.
+    other = (epoch, 3, 6 << 8)
+    m.report_committed(A, [key, other], T0)
+    assert m.groups[0].ops[other].decided is not None
+
+
 def test_committed_reports_of_unknown_epochs_are_dropped_silently(m: Membership) -> None:
     epoch = form_group(m, [A, B])
     assert m.report_committed(A, [(epoch + 5, 0, 0), (epoch + 9, 1, 2)], T0) == []

@@ -24,6 +24,8 @@ DIRECT = _native.AllReduceAlgorithm.DIRECT
 RSAG = _native.AllReduceAlgorithm.DIRECT_RSAG
 RING = _native.AllReduceAlgorithm.RING
 FAST = pccl.Config(heartbeat_interval=0.1, heartbeat_timeout=1.0, rsag_min_bytes=0)  # off unless a test turns it on
+# A master that allows rsag at any round trip (on loopback it would keep to the ring).
+ANY_RTT = FAST.replace(rsag_min_rtt=0.0)
 
 
 @pytest.mark.parametrize(
@@ -60,7 +62,7 @@ def test_large_ops_go_rsag_small_ones_direct_with_exact_results() -> None:
     """Three peers with rsag from 256 KiB: 10001 float32 go direct, 100001 (400 KB) and
     an odd 65537 float64 rsag, in place and out of place; exact everywhere."""
     config = FAST.replace(rsag_min_bytes=256 << 10)
-    with pccl.Master(config=FAST) as master:
+    with pccl.Master(config=ANY_RTT) as master:
         comms = _group(master, [config] * 3)
         try:
             for count, algo in ((10_001, "direct"), (100_001, "direct_rsag")):
@@ -92,7 +94,7 @@ def test_peers_configured_differently_fail_with_protocol_error_and_intact_inputs
     """One peer leaves rsag off (the ring) where the others run rsag: every peer raises
     ProtocolError, fast, inputs intact; ops both choose alike still work."""
     config = FAST.replace(rsag_min_bytes=256 << 10)
-    with pccl.Master(config=FAST) as master:
+    with pccl.Master(config=ANY_RTT) as master:
         comms = _group(master, [config, config, FAST])
         try:
             xs = [np.full(200_001, float(i + 1), np.float32) for i in range(3)]
@@ -111,3 +113,24 @@ def test_peers_configured_differently_fail_with_protocol_error_and_intact_inputs
         finally:
             for c in comms:
                 c.close()
+
+
+@pytest.mark.parametrize(("master_min_rtt", "want"), [(None, "ring"), (0.0, "direct_rsag")])
+def test_the_master_keeps_loopback_groups_on_the_ring(master_min_rtt: float | None, want: str) -> None:
+    """Peers that would run rsag above the direct limit (Config's default) run the ring
+    when the master measured loopback round trips (Config.rsag_min_rtt, 2 ms by default)
+    and rsag when the master allows it at any round trip; every peer alike, exact."""
+    peer_config = pccl.Config(heartbeat_interval=0.1, heartbeat_timeout=1.0)  # rsag_min_bytes: the default
+    master_config = peer_config if master_min_rtt is None else peer_config.replace(rsag_min_rtt=master_min_rtt)
+    with pccl.Master(config=master_config) as master:
+        comms = _group(master, [peer_config] * 3)
+        try:
+            xs = [np.full(300_001, float(i + 1), np.float32) for i in range(3)]  # 1.2 MB: above the direct limit
+            infos = run_parallel([lambda i=i: comms[i].all_reduce(xs[i], timeout=30) for i in range(3)])
+            assert [getattr(r, "algorithm", r) for r in infos] == [want] * 3, infos
+            for x in xs:
+                np.testing.assert_array_equal(x, np.full(300_001, 6.0, np.float32))
+        finally:
+            for c in comms:
+                c.close()
+
