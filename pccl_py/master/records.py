@@ -41,6 +41,7 @@ class RejoinInfo:
     decided: tuple[tuple[OpKey, bool, str, str, int], ...]  # verdicts it got: (key, ok, kind, msg, world)
     waiting: tuple[Any, ...] = ()  # ("pending", round, index, query) or ("vote", round): waits in it
     answered: tuple[int, ...] = ()  # (round, index, count): its last pending_peers() answer
+    rsag: bool = True  # its epoch's algorithm choice (the topology message's `rsag`)
 
 
 

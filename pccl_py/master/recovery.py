@@ -103,6 +103,9 @@ class RecoveryRules:
         g.epoch = epoch
         g.ring = ring
         g.rings = {epoch: tuple(ring)}
+        # The epoch keeps the algorithm its members run (a member that missed the epoch's
+        # topology message learns it from the re-form's); a new epoch chooses afresh.
+        g.rsag = newest.rsag
         g.round = max(i.round for i in infos)
         revisions = [i.revision for i in infos if i.revision is not None]
         g.state_revision = max(revisions) if revisions else None

@@ -377,6 +377,7 @@ class Master:
                 ),
                 waiting=_waiting(msg["waiting"]),
                 answered=tuple(int(x) for x in msg["answered"]) if len(msg["answered"]) == 3 else (),
+                rsag=bool(msg["rsag"]),
             )
         except (ValueError, TypeError) as exc:
             await self._send_raw(rid, protocol.make("error", code="bad_hello", msg=f"malformed rejoin: {exc}"))

@@ -54,6 +54,7 @@ class RejoinCalls:
                 decided=state.decided,
                 waiting=state.waiting,
                 answered=state.answered,
+                rsag=topo.rsag,
             )
             control.send(rejoin)
             self._events.emit("rejoin", peer=self.peer_id, epoch=topo.epoch, pending=len(state.pending))

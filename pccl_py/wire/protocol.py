@@ -14,7 +14,7 @@ import msgpack
 
 from pccl_py.errors import FailureKind, ProtocolError
 
-VERSION = 5
+VERSION = 6
 
 Message = dict[str, Any]
 
@@ -49,6 +49,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "decided": _LIST,
         "waiting": _LIST,  # the collective it waits in: ["pending", round, index, query], ["vote", round], []
         "answered": _LIST,  # its last pending_peers() answer: [round, index, count] or []
+        "rsag": _BOOL,  # its epoch's algorithm choice (the topology's `rsag`): kept if the group re-forms in place
     },
     "hb": {},
     # fresh: the caller made no other collective call since it was admitted (a joiner's

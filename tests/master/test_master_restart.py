@@ -25,9 +25,9 @@ def fresh_master(hold_until: float = 0.0) -> Membership:
 
 def info(epoch: int = 7, ring: tuple[int, ...] = RING, pending: tuple[Any, ...] = (), decided: tuple[Any, ...] = (),
          revision: int | None = 12, round_: int = 3, waiting: tuple[Any, ...] = (),
-         answered: tuple[int, ...] = ()) -> RejoinInfo:
+         answered: tuple[int, ...] = (), rsag: bool = True) -> RejoinInfo:
     return RejoinInfo(epoch=epoch, ring=ring, round=round_, revision=revision, pending=pending, decided=decided,
-                      waiting=waiting, answered=answered)
+                      waiting=waiting, answered=answered, rsag=rsag)
 
 
 def rejoin(m: Membership, pid: int, i: RejoinInfo, now: float = T0) -> list[Any]:
@@ -62,6 +62,19 @@ def test_group_reforms_in_place_when_every_member_is_back() -> None:
     g = m.groups[0]
     assert g.state_revision == 12 and g.last_synced == {A, B, C}
     assert all(m.peers[p].phase is Phase.ADMITTED for p in RING)
+
+
+@pytest.mark.parametrize("rsag", [False, True])
+def test_an_epoch_taken_over_keeps_its_algorithm_choice(rsag: bool) -> None:
+    """The members ran epoch 7 with rsag (or on the ring, as loopback and LAN groups
+    do): the re-form's topology says the same, so a member that missed epoch 7's
+    topology message runs what the others run. A new epoch chooses afresh."""
+    m = fresh_master()
+    rejoin(m, A, info(rsag=rsag))
+    rejoin(m, B, info(ring=(A, B), epoch=6))  # missed epoch 7's topology
+    topo = msgs(rejoin(m, C, info(rsag=rsag)), "topology")
+    assert {msg["rsag"] for msgs_ in topo.values() for msg in msgs_} == {rsag}
+    assert m.groups[0].epoch == 7
 
 
 def test_a_verdict_one_member_received_is_given_to_all() -> None:
