@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+from types import FrameType
 
 from pccl_py.tools.wan import WanSpec
 from stress.orchestrator import FAULT_KINDS, Scenario, run_scenario
@@ -23,7 +25,15 @@ def _wan_spec(text: str) -> WanSpec:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM unwinds like Ctrl-C: the run's finally blocks stop the peers and the
+    # master and delete the emulated hosts (--wan) instead of leaving them behind.
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(prog="python -m stress", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=600.0, help="length of the run (default 600)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fault schedule")
