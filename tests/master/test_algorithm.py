@@ -105,21 +105,23 @@ def test_the_vote_that_admits_peers_waits_for_their_round_trips() -> None:
     assert _rsag_sent(m.note_rtt(B, LOOPBACK)) == {A: False, B: False}
 
 
-def test_a_member_not_measured_in_time_counts_as_far() -> None:
+def _vote_admitting_an_unmeasured_joiner() -> Membership:
+    """A (measured, on loopback) votes to admit B, whose round trip is not in yet."""
     m = Membership(1.0, 5.0, 0.2, rsag_min_rtt=MIN)
     _register(m, A)
     m.note_rtt(A, LOOPBACK)
     _register(m, B)
     m.vote_topology(A, T0)
+    return m
+
+
+def test_a_member_not_measured_in_time_counts_as_far() -> None:
+    m = _vote_admitting_an_unmeasured_joiner()
     assert _rsag_sent(m.tick(T0 + m.rtt_wait)) == {A: True, B: True}  # rsag: safe on a WAN
 
 
 def test_a_member_that_cannot_be_measured_does_not_hold_the_vote() -> None:
-    m = Membership(1.0, 5.0, 0.2, rsag_min_rtt=MIN)
-    _register(m, A)
-    m.note_rtt(A, LOOPBACK)
-    _register(m, B)
-    m.vote_topology(A, T0)
+    m = _vote_admitting_an_unmeasured_joiner()
     assert _rsag_sent(m.note_rtt(B, None)) == {A: True, B: True}
 
 
