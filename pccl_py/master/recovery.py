@@ -60,30 +60,23 @@ class RecoveryRules:
 
     def _try_reform(self: Rules, g: Group, now: float, force: bool) -> list[Effect]:
         recovery = g.recovery
-        if recovery is None:
+        if recovery is None or not (recovery.infos or force):
             return []
-        if not recovery.infos:
-            if not force:
-                return []
-            # Every member that rejoined is gone again (crashed or left before the group
-            # re-formed): there is nothing to take over. Without this the recovery would
-            # never end, and newcomers would wait for admission forever.
-            g.recovery = None
-            g.ring = []
-            g.epoch += 1
-            effects: list[Effect] = [Log("reform", {"group": g.id, "epoch": g.epoch, "members": [], "missing": "all"})]
-            if g.pending and now >= self.hold_until:
-                effects += self._admit_pending(g, "first peers of the group")
-            return effects
-        newest = max(recovery.infos.values(), key=lambda i: i.epoch)
-        if not force and not set(newest.ring) <= set(recovery.infos):
-            return []  # members of the newest ring are still missing: wait for them
+        if recovery.infos:
+            newest = max(recovery.infos.values(), key=lambda i: i.epoch)
+            if not force and not set(newest.ring) <= set(recovery.infos):
+                return []  # members of the newest ring are still missing: wait for them
+            epoch, ring = newest.epoch, list(newest.ring)
+        else:
+            # Every peer that rejoined is gone again (crashed or left before the group
+            # re-formed): nothing to take over, and the recovery must still end, or
+            # newcomers would wait for admission forever.
+            epoch, ring = g.epoch, []
         g.recovery = None
-        epoch, ring = newest.epoch, list(newest.ring)
         # A member of the newest ring that missed its topology message still belongs.
         members = [pid for pid in ring if pid in recovery.infos]
         stale = [pid for pid in recovery.infos if pid not in members]
-        effects = []
+        effects: list[Effect] = []
         for pid in stale:  # from an older epoch: not a member any more; it re-registers
             effects.append(Send(pid, protocol.make("evicted", reason="the group re-formed after a master restart without this peer")))
             del self.peers[pid]
@@ -105,7 +98,7 @@ class RecoveryRules:
         g.rings = {epoch: tuple(ring)}
         # The epoch keeps the algorithm its members run (a member that missed the epoch's
         # topology message learns it from the re-form's); a new epoch chooses afresh.
-        g.rsag = newest.rsag
+        g.rsag = max(infos, key=lambda i: i.epoch).rsag
         g.round = max(i.round for i in infos)
         revisions = [i.revision for i in infos if i.revision is not None]
         g.state_revision = max(revisions) if revisions else None
