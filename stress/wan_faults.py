@@ -260,15 +260,34 @@ def _report(args: argparse.Namespace, procs: list[PeerProc], t_cut: float, t_hea
     return out
 
 
+def add_wan_argument(parser: argparse.ArgumentParser) -> None:
+    """--wan, as the WAN measurements here (this module and stress.wan_join) take it."""
+    parser.add_argument("--wan", default="rtt=100ms,rate=1gbit",
+                        help="the emulated WAN (pccl_py.tools.wan.WanSpec): per-pair rtt, rate, loss, jitter, "
+                        "queue; per-host up, down, access, access_queue")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """--cc, --workdir and --json, as the WAN measurements here take them."""
+    parser.add_argument("--cc", default=None, help="congestion control in every host (bbr, cubic, reno)")
+    parser.add_argument("--workdir", help="peer logs go here (default: a temp dir)")
+    parser.add_argument("--json", help="append the result as one JSON line to this file")
+
+
+def append_json(path: str | None, result: dict[str, Any]) -> None:
+    """--json: the result as one more JSON line of `path` (None: nothing)."""
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--worker":
         master, host, world, elements, seconds, mode = argv[1:7]
         return worker(master, host, int(world), int(elements), float(seconds), mode)
     parser = argparse.ArgumentParser(prog="python -m stress.wan_faults", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--wan", default="rtt=100ms,rate=1gbit",
-                        help="the emulated WAN (pccl_py.tools.wan.WanSpec): per-pair rtt, rate, loss, jitter, "
-                        "queue; per-host up, down, access, access_queue")
+    add_wan_argument(parser)
     parser.add_argument("--peers", type=int, default=4)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--mib", type=int, default=0, help="all-reduce size in MiB")
@@ -279,15 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--after", type=float, default=8.0, help="seconds measured after the cut (or the heal)")
     parser.add_argument("--warm", type=int, default=2, help="calls every peer completes before the cut")
     parser.add_argument("--seconds", type=float, default=600.0, help="the peers' loop length (they are stopped sooner)")
-    parser.add_argument("--cc", default=None, help="congestion control in every host (bbr, cubic, reno)")
-    parser.add_argument("--workdir", help="peer logs go here (default: a temp dir)")
-    parser.add_argument("--json", help="append the result as one JSON line to this file")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     result = run(args)
     print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(result) + "\n")
+    append_json(args.json, result)
     return 0
 
 

@@ -44,8 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from stress.wan_faults import PeerProc as _Proc
-
-
+from stress.wan_faults import add_output_arguments, add_wan_argument, append_json
 
 # ---------------------------------------------------------------------- the peers
 
@@ -235,25 +234,19 @@ def main(argv: list[str] | None = None) -> int:
         master, host, elements, calls, events = argv[1:6]
         return joiner(master, host, int(elements), int(calls), events)
     parser = argparse.ArgumentParser(prog="python -m stress.wan_join", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--wan", default="rtt=100ms,rate=1gbit",
-                        help="the emulated WAN (pccl_py.tools.wan.WanSpec): per-pair rtt, rate, loss, jitter, "
-                        "queue; per-host up, down, access, access_queue")
+    add_wan_argument(parser)
     parser.add_argument("--peers", type=int, default=4, help="the group's size with the joiner")
     parser.add_argument("--mib", type=int, default=16, help="all-reduce size in MiB (default 16)")
     parser.add_argument("--reps", type=int, default=3, help="joiners, one after another")
     parser.add_argument("--calls", type=int, default=3, help="calls each joiner makes before it leaves")
     parser.add_argument("--warm", type=int, default=3, help="calls every member completes before each join")
-    parser.add_argument("--cc", default=None, help="congestion control in every host (bbr, cubic, reno)")
-    parser.add_argument("--workdir", help="logs go here (default: a temp dir)")
-    parser.add_argument("--json", help="append the result as one JSON line to this file")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.peers < 2:
         parser.error("--peers must be at least 2 (a member and the joiner)")
     result = run(args)
     print(json.dumps({k: v for k, v in result.items() if k != "details"}, indent=1))  # reps: printed above
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(result) + "\n")
+    append_json(args.json, result)
     return 0
 
 
