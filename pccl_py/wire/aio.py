@@ -118,6 +118,6 @@ def tcp_round_trip(sock: Any) -> float | None:
         return None
     if len(raw) < _TCPI_RTT_OFFSET + 4:
         return None
-    micros = int.from_bytes(raw[_TCPI_RTT_OFFSET : _TCPI_RTT_OFFSET + 4], "little" if sys.byteorder == "little" else "big")
+    micros = int.from_bytes(raw[_TCPI_RTT_OFFSET : _TCPI_RTT_OFFSET + 4], sys.byteorder)  # host order
     return micros * 1e-6 if micros > 0 else None
 
