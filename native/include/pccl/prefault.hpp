@@ -95,6 +95,11 @@ class Prefaulter {
     bool advised = false;
   };
   void run();
+  // Whether any page of `ranges` (page-aligned) is worth populating, read from the
+  // pagemap on the caller's thread: a buffer received into before (every page present
+  // and ours) queues no job, which would wake the worker, advise and re-read it for
+  // nothing while the receive runs. True when the pagemap cannot tell.
+  bool worthPopulating(const std::vector<MemoryRange>& ranges) const;
   // Worker thread, all on page-aligned ranges of at most pieceBytes:
   // Reads the pagemap entries of `pages` into entries_ (from mincore() without pagemap:
   // only the present bit). False when neither can tell (memory not mapped).
@@ -105,7 +110,7 @@ class Prefaulter {
   // populated, or -1 when the kernel refused (the job ends).
   int64_t populatePiece(const MemoryRange& piece);
 
-  int pagemap_ = -1;                   // worker thread: /proc/self/pagemap, or -1
+  int pagemap_ = -1;                   // /proc/self/pagemap (pread only), or -1
   std::vector<uint64_t> entries_;      // worker thread: pagemap entries (readPages)
   std::vector<unsigned char> mapped_;  // worker thread: mincore() fallback
 

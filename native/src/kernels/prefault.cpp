@@ -70,9 +70,33 @@ bool populateWritable(void* data, size_t bytes) {
 
 Prefaulter::Prefaulter(const PrefaultOptions& options) : options_(options) {
   options_.pieceBytes = std::max<size_t>(options_.pieceBytes, pageBytes());
+  pagemap_ = ::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 }
 
-Prefaulter::~Prefaulter() { stop(); }
+Prefaulter::~Prefaulter() {
+  stop();
+  if (pagemap_ >= 0) ::close(pagemap_);
+}
+
+bool Prefaulter::worthPopulating(const std::vector<MemoryRange>& ranges) const {
+  if (pagemap_ < 0) return true;
+  const size_t page = pageBytes();
+  constexpr size_t kBatch = 512;  // entries per read: one 2 MiB block
+  uint64_t entries[kBatch];
+  for (const MemoryRange& r : ranges) {
+    const uintptr_t first = reinterpret_cast<uintptr_t>(r.data) / page;
+    const size_t pages = r.bytes / page;
+    for (size_t i = 0; i < pages; i += kBatch) {
+      const size_t n = std::min(kBatch, pages - i);
+      const off_t at = static_cast<off_t>((first + i) * sizeof(uint64_t));
+      if (::pread(pagemap_, entries, n * sizeof(uint64_t), at) != static_cast<ssize_t>(n * sizeof(uint64_t))) {
+        return true;
+      }
+      if (std::any_of(entries, entries + n, cheapToPopulate)) return true;
+    }
+  }
+  return false;
+}
 
 void Prefaulter::add(const void* owner, const std::vector<MemoryRange>& ranges) {
   Job job;
@@ -84,6 +108,7 @@ void Prefaulter::add(const void* owner, const std::vector<MemoryRange>& ranges) 
     total += r.bytes;
   }
   if (job.ranges.empty() || total < options_.minBytes || !kernelPopulates()) return;
+  if (!worthPopulating(job.ranges)) return;
   std::lock_guard<std::mutex> lock(mu_);
   if (stopping_) return;
   if (!thread_.joinable()) {
@@ -187,14 +212,6 @@ int64_t Prefaulter::populatePiece(const MemoryRange& piece) {
 }
 
 void Prefaulter::run() {
-  pagemap_ = ::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-  struct ClosePagemap {
-    int& fd;
-    ~ClosePagemap() {
-      if (fd >= 0) ::close(fd);
-      fd = -1;
-    }
-  } closePagemap{pagemap_};
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
     work_.wait(lock, [this] { return stopping_ || !jobs_.empty(); });
