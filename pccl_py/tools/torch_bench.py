@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -104,11 +105,18 @@ def run_once(
     results = launch(
         world, [str(EXAMPLE), "--backend", backend, "--steps", str(steps), "--bench", *extra], timeout, net
     )
-    for code, _, err in results:
-        if code != 0:
-            raise RuntimeError(f"{backend} x{world} failed (exit {code}):\n{err[-3000:]}")
-    line = [ln for ln in results[0][1].splitlines() if ln.startswith("{")][-1]
-    return dict(json.loads(line))
+    lines = [ln for ln in results[0][1].splitlines() if ln.startswith("{")]
+    codes = [code for code, _, _ in results]
+    # Rank 0 prints its result after the last step, which needs every rank's gradients:
+    # a rank's abort after that, at exit, is reported with the row, not fatal
+    # (gloo sometimes dies in its destructor: "terminate called without an active exception").
+    if not lines or any(code not in (0, -signal.SIGABRT) for code in codes):
+        code, _, err = next((r for r in results if r[0] != 0), results[0])
+        raise RuntimeError(f"{backend} x{world} failed (exit {code}):\n{err[-3000:]}")
+    row = dict(json.loads(lines[-1]))
+    if any(codes):
+        row["exit_codes"] = codes
+    return row
 
 
 def main() -> None:
@@ -145,10 +153,9 @@ def main() -> None:
                     row.update(fsdp=args.fsdp, wan=args.wan)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
-    if args.json:
-        with open(args.json, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+                    if args.json:
+                        with open(args.json, "a") as f:
+                            f.write(json.dumps(row) + "\n")
     print(f"\n{'ranks':>5} {'gloo ms/step':>13} {'pccl ms/step':>13} {'pccl/gloo':>10}")
     for world in args.procs:
         gloo = sorted(r["step_ms_median"] for r in rows if r["world"] == world and r["backend"] == "gloo")

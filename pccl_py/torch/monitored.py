@@ -7,15 +7,23 @@ rank that arrives sends its flag straight to every other at once, so when the op
 out the rows that hold a flag are the ranks that did arrive, and the others are the
 ones to report. The messages are gloo's (ProcessGroupGloo::monitoredBarrier), which
 torch's tests and users' log scrapers match on. MonitoredBarrierCalls holds
-ProcessGroupPccl's monitored_barrier (mixed into it)."""
+ProcessGroupPccl's monitored_barrier (mixed into it).
+
+torch's `dist.monitored_barrier()` refuses every backend but gloo by name before it asks
+the group. `route_dist_monitored_barrier()` (called when the backend registers) wraps it:
+a call on a pccl group goes to the group's own method, every other call to torch's
+function unchanged."""
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 from pccl_py import PcclError
 from pccl_py.torch.contract import GroupCore
@@ -66,6 +74,8 @@ class MonitoredBarrierCalls:
         else:
             custom = getattr(timeout, "timeout", None)
             seconds = custom.total_seconds() if isinstance(custom, datetime.timedelta) else self._timeout
+            if seconds < 0:  # torch's "unset" timeout (a call without one)
+                seconds = self._timeout
         timeout_ms = round(seconds * 1000)
 
         def run() -> list[torch.Tensor]:
@@ -87,3 +97,28 @@ class MonitoredBarrierCalls:
             return []
 
         self._submit(run).wait()
+
+
+def route_dist_monitored_barrier(backend: str) -> None:
+    """Makes `torch.distributed.monitored_barrier(group, timeout, wait_all_ranks)` work on
+    groups of `backend`: torch's function raises ValueError for any backend but gloo, by
+    name, before the group is asked. The wrapper sends a call on such a group (the
+    default one when `group` is None) to the group's `monitored_barrier`, and every
+    other call (another backend, a rank outside the group) to torch's function.
+    A timeout given in seconds is taken as such. Idempotent."""
+    original: Callable[..., Any] = distributed_c10d.monitored_barrier
+    if getattr(original, "__pccl_backend__", None) == backend:
+        return
+
+    @functools.wraps(original)
+    def monitored_barrier(group: Any = None, timeout: Any = None, wait_all_ranks: bool = False) -> Any:
+        if distributed_c10d._rank_not_in_group(group) or dist.get_backend(group) != backend:
+            return original(group, timeout, wait_all_ranks)
+        if isinstance(timeout, (int, float)):
+            timeout = datetime.timedelta(seconds=timeout)
+        target: Any = group if group is not None else distributed_c10d._get_default_group()
+        return target.monitored_barrier(timeout, wait_all_ranks=wait_all_ranks)
+
+    monitored_barrier.__pccl_backend__ = backend  # type: ignore[attr-defined]
+    distributed_c10d.monitored_barrier = monitored_barrier
+    dist.monitored_barrier = monitored_barrier

@@ -24,13 +24,16 @@ nccl, ucc, mpi this module
   name (require_backend_is_available({"gloo"}), "Only gloo backend supports timeouts",
   "Only MPI supports all_to_all", ...), although their bodies only call public
   torch.distributed collectives on CPU tensors (all_reduce_coalesced, barrier with a
-  timeout, all_to_all(_single), sparse all_reduce, batch_isend_irecv) or the group's own
-  monitored_barrier, so any backend that claims the call should pass them.
+  timeout, all_to_all(_single), sparse all_reduce, batch_isend_irecv,
+  monitored_barrier, DDP with no_sync and comm hooks), so any backend that claims the
+  call should pass them. Those of them whose body builds its model only for the names
+  mpi, gloo and nccl (AS_GLOO_CPU) run with the suite reading "gloo" during the body.
 Nothing else is changed: every other test keeps its upstream skip conditions.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -53,9 +56,12 @@ GLOO_GATED = (
     # the test's skip attribute, would lift that too.)
     "test_barrier_timeout_group",
     "test_barrier_timeout_full_group",
-    # calls process_group.monitored_barrier() itself (dist.monitored_barrier() refuses
-    # every backend but gloo by name, in torch, before it reaches the backend)
-    "test_monitored_barrier_gloo_rank_0_timeout",
+    # require_backend_is_available({"gloo"}): dist.monitored_barrier() (which torch
+    # refuses for every backend but gloo by name; pccl_py.torch routes a pccl group's
+    # call to the group's own method) or the group's method itself
+    "test_monitored_barrier_gloo",
+    "test_monitored_barrier_failure_order",
+    "test_monitored_barrier_wait_all_ranks",
     # "Only MPI supports (CPU) all_to_all(_single)": gloo skips them too
     "test_all_to_all",
     # "Only Gloo backend supports sparse all reduce"
@@ -63,10 +69,10 @@ GLOO_GATED = (
     # require_backend_is_available({"gloo"}): DDP's no_sync, scatter_object_list
     "test_grads_same_across_ranks_with_no_sync",
     "test_scatter_object_list",
-    # "get_future is only supported on mpi, nccl and gloo": Work.get_future(). (Not the
-    # test_accumulate_gradients_no_sync* ones under the same gate: their body builds its
-    # model only for mpi, gloo and nccl, by name, and has no path for another backend.)
+    # "get_future is only supported on mpi, nccl and gloo": Work.get_future(), DDP's
+    # no_sync with and without comm hooks (AS_GLOO_CPU below)
     "test_get_future",
+    "test_accumulate_gradients_no_sync",
     # "GLOO Batch Send Recv CPU": batch_isend_irecv over CPU tensors (public point-to-point)
     "test_batch_isend_irecv_gloo",
 )
@@ -80,22 +86,46 @@ BY_NAME = (
     "GLOO Batch Send Recv CPU",
 )
 FEATURES = ("plugin", "subgroup", "ddp", "gpu", "cuda")
+# Lifted tests whose body picks its setup by backend name (`if BACKEND == "mpi" or
+# BACKEND == "gloo": <a CPU model>` and nothing for any other name): they run with the
+# suite's BACKEND reading "gloo" for the length of the body, which takes that CPU branch;
+# the process group they use is still pccl's (initialized before the body).
+AS_GLOO_CPU = ("test_accumulate_gradients_no_sync",)
 
 if BACKEND not in BUILTIN:
     for _feature in FEATURES:
         DistTestCases.backend_feature[_feature].add(BACKEND)
 
+import torch.testing._internal.distributed.distributed_test as _suite
 from torch.testing._internal.distributed.distributed_test import (
     DistributedTest,
     TestDistBackend,
 )
 
+
+def _as_gloo_cpu(test: Any) -> Any:
+    """`test` with the suite module's BACKEND set to "gloo" while its body runs."""
+
+    @functools.wraps(test)
+    def run(self: Any) -> Any:
+        saved, _suite.BACKEND = _suite.BACKEND, "gloo"
+        try:
+            return test(self)
+        finally:
+            _suite.BACKEND = saved
+
+    run.__unittest_skip__ = False  # type: ignore[attr-defined]
+    return run
+
+
 if BACKEND not in BUILTIN:
-    for _name, _test in vars(DistributedTest._DistTestBase).items():
+    for _name, _test in list(vars(DistributedTest._DistTestBase).items()):
         reason = getattr(_test, "__unittest_skip_why__", "")
         gated = (reason.startswith("Test requires backend") and "{'gloo'}" in reason) or reason in BY_NAME
         if _name.startswith(GLOO_GATED) and gated:
             _test.__unittest_skip__ = False
+            if _name.startswith(AS_GLOO_CPU):
+                setattr(DistributedTest._DistTestBase, _name, _as_gloo_cpu(_test))
 
 
 class TestDistBackendWithSpawn(TestDistBackend, DistributedTest._DistTestBase):

@@ -4,11 +4,13 @@ the "pccl" backend, through tests/helpers/torch_dist_suite.py, at 2 and 3 ranks.
 By default a chosen set (QUICK) that covers what the pccl backend adds beyond
 test_torch_backend.py, within about four minutes on a 2-core machine: all_to_all and
 all_to_all_single (even and uneven splits, complex, the full group), barrier timeouts,
-monitored_barrier, sparse all-reduce, object collectives, Work.get_future, DDP's
+monitored_barrier (the group's and dist.monitored_barrier), sparse all-reduce, object
+collectives, Work.get_future, DDP's
 no_sync, and point-to-point (any-source, tags, batch_isend_irecv). Every chosen test must pass: a skip counts as a failure, since it would hide
 what is not run. All the tests of one world size run in one subprocess (each spawns its
 own ranks), so a hang costs one timeout, and every process it started is gone when it
-returns.
+returns. Tests upstream gates on backend names although pccl has what they use run too
+(GLOO_GATED in the helper).
 
 PCCL_TORCH_SUITE=full (`make torch-suite`) runs every test of the suite instead, but
 those in EXCLUDED, at both world sizes: a test passes or is skipped by the suite's own
@@ -39,6 +41,8 @@ QUICK: dict[int, tuple[str, ...]] = {
         "test_all_to_all_single_unequal_split",
         "test_barrier_timeout_full_group",
         "test_monitored_barrier_gloo_rank_0_timeout",
+        "test_monitored_barrier_gloo",  # dist.monitored_barrier() routed to the group
+        "test_accumulate_gradients_no_sync_allreduce_hook",
         "test_sparse_all_reduce_sum",
         "test_get_future",
         "test_grads_same_across_ranks_with_no_sync",
@@ -54,20 +58,13 @@ QUICK: dict[int, tuple[str, ...]] = {
         "test_barrier_timeout_full_group",
         "test_all_gather_object_subgroup",
         "test_send_recv_with_tag",
+        "test_monitored_barrier_wait_all_ranks",
     ),
 }
 
 # Tests of the suite the pccl backend does not pass, and why. (Tests the suite itself
 # skips for pccl, e.g. for want of GPUs, are not listed: the full run reports them.)
-EXCLUDED: dict[str, str] = {}  # none: every test pccl does not pass is skipped by the suite's own gates (below)
-# Also not passed on pccl, but skipped by the suite's own gates for it, so not excluded
-# here (gloo passes them at 2 ranks):
-# - test_monitored_barrier_gloo, _gloo_subgroup, _failure_order, _wait_all_ranks: they call
-#   dist.monitored_barrier(), which torch refuses for every backend but gloo by name
-#   (distributed_c10d.py) before the backend is asked; the group's own monitored_barrier
-#   passes test_monitored_barrier_gloo_rank_0_timeout;
-# - test_accumulate_gradients_no_sync*: the body builds its DDP model only for mpi, gloo and
-#   nccl, by name (DDP's no_sync passes test_grads_same_across_ranks_with_no_sync).
+EXCLUDED: dict[str, str] = {}  # none
 
 
 def _suite_tests() -> list[str]:
@@ -78,7 +75,9 @@ def _suite_tests() -> list[str]:
         "from torch.testing._internal.distributed.distributed_test import DistributedTest as D;"
         "print('\\n'.join(n for n in vars(D._DistTestBase) if n.startswith('test_')))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     return out.stdout.split()
 
 
@@ -96,8 +95,14 @@ def _run(world: int, tests: list[str], tmp: Path) -> dict[str, list[str]]:
     env.pop("TEMP_DIR", None)  # each test makes its own (TestDistBackend.setUp)
     names = [f"TestDistBackendWithSpawn.{t}" for t in tests]
     budget = 60 + 40 * len(tests)
-    proc = subprocess.Popen([sys.executable, str(SUITE), *names], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(SUITE), *names],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=budget)
     except subprocess.TimeoutExpired:
@@ -135,7 +140,9 @@ if FULL:
 
     @pytest.mark.timeout(6 * 3600)
     @pytest.mark.parametrize("world", [2, 3])
-    def test_the_whole_suite_passes_or_skips(outcomes: Callable[[int], dict[str, list[str]]], world: int) -> None:
+    def test_the_whole_suite_passes_or_skips(
+        outcomes: Callable[[int], dict[str, list[str]]], world: int
+    ) -> None:
         got = outcomes(world)
         bad = {t: o for t, o in got.items() if o[0] not in ("ok", "skipped")}
         missing = sorted(set(_selected(world)) - set(got))
@@ -149,7 +156,9 @@ else:
 
     @pytest.mark.timeout(600)
     @pytest.mark.parametrize(("world", "test"), _cases())
-    def test_chosen_suite_test_passes(outcomes: Callable[[int], dict[str, list[str]]], world: int, test: str) -> None:
+    def test_chosen_suite_test_passes(
+        outcomes: Callable[[int], dict[str, list[str]]], world: int, test: str
+    ) -> None:
         outcome, detail = outcomes(world).get(test, ["not run", ""])
         assert outcome == "ok", f"{test} at {world} ranks: {outcome}\n{detail}"
 
