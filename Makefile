@@ -1,6 +1,6 @@
 # make install: .venv/ with the package (editable) and everything it needs.
 # make test: the test suite. make lint: ruff + mypy. make demo: the main job. make bench / make stress / make stress-wan.
-# make torch-suite: PyTorch's whole DistributedTest suite on the pccl backend (hours).
+# make torch-suite: PyTorch's whole DistributedTest suite on gloo and on pccl (hours).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv

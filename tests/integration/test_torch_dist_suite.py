@@ -13,9 +13,10 @@ returns. Tests upstream gates on backend names although pccl has what they use r
 (GLOO_GATED in the helper).
 
 PCCL_TORCH_SUITE=full (`make torch-suite`) runs every test of the suite instead, but
-those in EXCLUDED, at both world sizes: a test passes or is skipped by the suite's own
-conditions (GPUs, world size), never fails. EXCLUDED names each test the pccl backend
-does not pass, and why.
+those in EXCLUDED, at both world sizes, on gloo and then on pccl: every test gloo passes
+must pass on pccl, and no test may fail on pccl (a skip by the suite's own conditions,
+GPUs or world size, is fine). EXCLUDED names each test the pccl backend does not pass,
+and why.
 """
 
 from __future__ import annotations
@@ -87,11 +88,11 @@ def _selected(world: int) -> list[str]:
     return [t for t in _suite_tests() if t not in EXCLUDED]
 
 
-def _run(world: int, tests: list[str], tmp: Path) -> dict[str, list[str]]:
-    """Runs `tests` on pccl at `world` ranks in one subprocess; returns each test's
+def _run(world: int, tests: list[str], tmp: Path, backend: str = "pccl") -> dict[str, list[str]]:
+    """Runs `tests` on `backend` at `world` ranks in one subprocess; returns each test's
     [outcome, detail]. The subprocess's process group is killed on the way out."""
-    report = tmp / f"report-{world}.json"
-    env = {**os.environ, "BACKEND": "pccl", "WORLD_SIZE": str(world), "PCCL_SUITE_REPORT": str(report)}
+    report = tmp / f"report-{backend}-{world}.json"
+    env = {**os.environ, "BACKEND": backend, "WORLD_SIZE": str(world), "PCCL_SUITE_REPORT": str(report)}
     env.pop("TEMP_DIR", None)  # each test makes its own (TestDistBackend.setUp)
     names = [f"TestDistBackendWithSpawn.{t}" for t in tests]
     budget = 60 + 40 * len(tests)
@@ -108,7 +109,7 @@ def _run(world: int, tests: list[str], tmp: Path) -> dict[str, list[str]]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         out, _ = proc.communicate()
-        pytest.fail(f"the suite at {world} ranks ran past {budget} s:\n{out[-6000:]}")
+        pytest.fail(f"the suite on {backend} at {world} ranks ran past {budget} s:\n{out[-6000:]}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
@@ -141,16 +142,24 @@ if FULL:
     @pytest.mark.timeout(6 * 3600)
     @pytest.mark.parametrize("world", [2, 3])
     def test_the_whole_suite_passes_or_skips(
-        outcomes: Callable[[int], dict[str, list[str]]], world: int
+        outcomes: Callable[[int], dict[str, list[str]]], tmp_path: Path, world: int
     ) -> None:
+        gloo = _run(world, _selected(world), tmp_path, backend="gloo")
         got = outcomes(world)
         bad = {t: o for t, o in got.items() if o[0] not in ("ok", "skipped")}
         missing = sorted(set(_selected(world)) - set(got))
-        ran = sum(1 for o in got.values() if o[0] == "ok")
-        print(f"{world} ranks: {ran} passed, {len(got) - ran - len(bad)} skipped, {len(bad)} failed")
-        assert not bad and not missing, "\n\n".join(
-            [f"{t}: {o[0]}\n{o[1]}" for t, o in sorted(bad.items())] + [f"not run: {missing}"]
+        behind = sorted(t for t, o in gloo.items() if o[0] == "ok" and got.get(t, ["not run"])[0] != "ok")
+        for name, report in (("gloo", gloo), ("pccl", got)):
+            passed = sum(o[0] == "ok" for o in report.values())
+            skipped = sum(o[0] == "skipped" for o in report.values())
+            print(
+                f"{world} ranks, {name}: {passed} passed, {skipped} skipped, {len(report) - passed - skipped} failed"
+            )
+        assert not bad and not missing and not behind, "\n\n".join(
+            [f"{t}: {o[0]}\n{o[1]}" for t, o in sorted(bad.items())]
+            + [f"not run: {missing}", f"passed on gloo, not on pccl: {behind}"]
         )
+
 
 else:
 
