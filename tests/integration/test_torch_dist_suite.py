@@ -59,7 +59,7 @@ QUICK: dict[int, tuple[str, ...]] = {
         "test_barrier_timeout_full_group",
         "test_all_gather_object_subgroup",
         "test_send_recv_with_tag",
-        "test_monitored_barrier_wait_all_ranks",
+        "test_monitored_barrier_gloo",
     ),
 }
 
