@@ -392,16 +392,9 @@ class Orchestrator:
                 after = [t for t in oks if t > f["ts"]]
                 if after:
                     recoveries.append(round(after[0] - f["ts"], 3))
-        wan_stats = self.net.stats() if self.net is not None else None
         return {
             "scenario": {k: str(v) if k == "wan" and v is not None else v for k, v in vars(self.sc).items()},
-            "wan_drops": None if wan_stats is None else {
-                **{
-                    cause: sum(link[cause] for link in wan_stats["links"])
-                    for cause in ("dropped_partition", "dropped_loss", "dropped_queue", "dropped_memory")
-                },
-                **{cause: sum(h[cause] for h in wan_stats["hosts"]) for cause in ("dropped_up_queue", "dropped_down_queue")},
-            },
+            "wan_drops": self.net.drops() if self.net is not None else None,
             "master_restart_to_next_allreduce_s": recoveries,
             "seconds": round(time.time() - t_start, 1),
             "faults": faults,

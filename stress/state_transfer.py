@@ -211,7 +211,7 @@ def joiner_transfer(
                     f"{[t >> 20 for t in tx]}, prefaulted so far {joiner['prefaulted'] >> 20} MiB",
                     flush=True,
                 )
-            drops = _wan_drops(net) if net is not None else None
+            drops = net.drops() if net is not None else None
         finally:
             peers.close()
     sync_s, fetch_s = statistics.median(times), statistics.median(fetch_times)
@@ -316,16 +316,6 @@ def _of_downlink(nbytes: int, seconds: float, wan: WanSpec | None) -> float:
     """`nbytes` in `seconds` as a fraction of the joiner's downlink (0 if unlimited)."""
     bits = _downlink_bits(wan) if wan is not None else 0
     return nbytes * 8 / seconds / bits if bits else 0.0
-
-
-def _wan_drops(net: WanNet) -> dict[str, int]:
-    """The emulator's drops so far, by cause, over every link and host."""
-    stats = net.stats()
-    causes = ("dropped_partition", "dropped_loss", "dropped_queue", "dropped_memory")
-    out = {cause: sum(link[cause] for link in stats["links"]) for cause in causes}
-    for cause in ("dropped_up_queue", "dropped_down_queue"):
-        out[cause] = sum(h[cause] for h in stats["hosts"])
-    return out
 
 
 def no_transfer_sync(n_peers: int, mib: int, entries: int, syncs: int) -> dict[str, Any]:

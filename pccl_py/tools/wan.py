@@ -285,6 +285,16 @@ class WanNet:
         out["links"] = [entry for entry in out["links"] if entry["src"] != entry["dst"]]
         return out
 
+    def drops(self) -> dict[str, int]:
+        """The relay's drops so far by cause, summed over every link (dropped_partition,
+        _loss, _queue, _memory) and every host (dropped_up_queue, dropped_down_queue)."""
+        stats = self.stats()
+        causes = ("dropped_partition", "dropped_loss", "dropped_queue", "dropped_memory")
+        out = {cause: sum(link[cause] for link in stats["links"]) for cause in causes}
+        for cause in ("dropped_up_queue", "dropped_down_queue"):
+            out[cause] = sum(h[cause] for h in stats["hosts"])
+        return out
+
     def exec_prefix(self, host: int) -> list[str]:
         """The argv prefix that runs a command inside `host` (ip netns exec NAME)."""
         return ["ip", "netns", "exec", self.namespaces[self._host(host)]]

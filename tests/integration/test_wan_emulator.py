@@ -310,6 +310,8 @@ def test_partition_is_silent_and_heals(available: None) -> None:
             assert proc.poll() is None, "the sender must stay alive through a partition"
             dropped = sum(entry["dropped_partition"] for entry in net.stats()["links"])
             assert dropped > 0
+            drops = net.drops()  # the same counters, summed by cause
+            assert drops["dropped_partition"] >= dropped and drops["dropped_loss"] == 0
             net.partition(0, on=False)
             conn.settimeout(15.0)  # TCP retransmits on its backed-off timer
             assert conn.recv(4096)

@@ -38,6 +38,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from typing import Any
@@ -273,13 +274,18 @@ def _measure_peer_count(
             iters = cfg.iters if cfg.iters is not None else default_iters(nbytes)
             warmup = cfg.warmup if cfg.warmup is not None else default_warmup(iters)
             times: dict[_Variant, list[float]] = {v: [] for v in variants}
+            emulated = net if isinstance(net, wan.WanNet) else None
+            drops: dict[_Variant, Counter[str]] = {v: Counter() for v in variants}
             for _ in range(cfg.rounds):
                 for v in variants:
                     in_place = cfg.in_place or v.impl != "pccl"  # gloo always runs in place
                     group = groups[(v.impl, v.connections)]
+                    before = emulated.drops() if emulated is not None else {}
                     times[v] += group.measure(
                         nbytes, iters, warmup, v.segment_bytes or 0, in_place, v.quantization, cfg.op
                     )
+                    if emulated is not None:
+                        drops[v].update({k: n - before[k] for k, n in emulated.drops().items()})
             for v in variants:
                 result = Result(
                     impl=v.impl,
@@ -300,6 +306,7 @@ def _measure_peer_count(
                     wan=str(link) if link is not None else None,
                     wan_rate_bits=link.rate_bits if link is not None else None,
                     op=cfg.op,
+                    wan_drops=dict(drops[v]) if emulated is not None else None,
                 )
                 yield result
 

@@ -61,6 +61,7 @@ class Result:
     wan: str | None = None  # the emulated WAN (pccl_py.tools.wan.WanSpec), None: none
     wan_rate_bits: int | None = None  # its narrowest rate, pair or access (bits/s; 0: unlimited)
     op: str = "all_reduce"  # the collective (pccl_py.tools.bench.config.OPS)
+    wan_drops: dict[str, int] | None = None  # the emulator's drops by cause in this row's runs (warm-ups too)
 
     @property
     def link_key(self) -> tuple[int | None, str | None]:
@@ -130,6 +131,8 @@ class Result:
             "link_utilization": self.link_utilization,
             "load1": self.load1,
         }
+        if self.wan_drops is not None:
+            out["wan_drops"] = self.wan_drops
         if self.impl == "pccl":
             out["connections"] = self.connections
             out["segment_bytes"] = self.segment_bytes
@@ -144,6 +147,7 @@ def progress_line(r: Result) -> str:
     return (
         f"  {r.label:<24} N={r.peers} {format_size(r.nbytes):>5}  {format_seconds(r.seconds):>10}  "
         f"busbw {r.busbw_gbps:7.3f} GB/s  ({r.iters} iters)"
+        + (f"  drops {sum(r.wan_drops.values())}" if r.wan_drops else "")
     )
 
 
