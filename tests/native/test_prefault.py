@@ -95,11 +95,21 @@ def _fresh_numpy(nbytes: int) -> np.ndarray:
     The view starts at the first 2 MiB boundary past the allocation's start: glibc writes
     its chunk header in the first page, numpy advises huge pages, and khugepaged may then
     collapse the huge page holding that header at any moment, making its 511 other pages
-    resident although nobody touched them (seen once in CI)."""
+    resident although nobody touched them (seen once in CI).
+
+    The machine may also make untouched memory resident behind our back (khugepaged, or
+    a DAMON scheme: kdamond runs on this VM; a whole fresh 40 MiB buffer was once found
+    resident in CI),
+    so up to five buffers are tried for one with no page resident; the caller's own
+    check of that still fails if none was."""
     assert nbytes > 32 * MIB
-    whole = np.zeros(nbytes + 4 * MIB, np.uint8)
-    skip = -(-(whole.ctypes.data + 1) // HUGE) * HUGE - whole.ctypes.data
-    return whole[skip : skip + nbytes]
+    for _ in range(5):
+        whole = np.zeros(nbytes + 4 * MIB, np.uint8)
+        skip = -(-(whole.ctypes.data + 1) // HUGE) * HUGE - whole.ctypes.data
+        view = whole[skip : skip + nbytes]
+        if not any(_present(e) for e in _pagemap(view)):
+            break
+    return view
 
 
 # ---- populate: never a byte changed -------------------------------------------------------
