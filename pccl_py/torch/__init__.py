@@ -16,9 +16,7 @@ from __future__ import annotations
 try:
     import torch  # noqa: F401
 except ImportError as exc:  # the core runs without torch; this part does not
-    raise ImportError(
-        "pccl_py.torch (the torch.distributed backend) needs torch: pip install 'pccl_py[torch]' (pin a CPU or CUDA build first)"
-    ) from exc
+    raise ImportError("pccl_py.torch (the torch.distributed backend) needs torch: pip install 'pccl_py[torch]' (pin a CPU or CUDA build first)") from exc
 
 import torch.distributed as dist
 from torch.distributed.rendezvous import _rendezvous_handlers, register_rendezvous_handler
@@ -37,9 +35,7 @@ def register() -> None:
     `dist.monitored_barrier()` reach pccl groups (torch lets only gloo's through).
     Idempotent (called on import)."""
     if BACKEND.upper() not in dist.Backend._plugins:
-        dist.Backend.register_backend(
-            BACKEND, create_process_group, extended_api=True, devices=["cpu", "cuda"]
-        )
+        dist.Backend.register_backend(BACKEND, create_process_group, extended_api=True, devices=["cpu", "cuda"])
     if "pccl" not in _rendezvous_handlers:
         register_rendezvous_handler("pccl", pccl_rendezvous_handler)
     route_dist_monitored_barrier(BACKEND)

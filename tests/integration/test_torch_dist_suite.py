@@ -5,8 +5,7 @@ By default a chosen set (QUICK) that covers what the pccl backend adds beyond
 test_torch_backend.py, within about four minutes on a 2-core machine: all_to_all and
 all_to_all_single (even and uneven splits, complex, the full group), barrier timeouts,
 monitored_barrier (the group's and dist.monitored_barrier), sparse all-reduce, object
-collectives, Work.get_future, DDP's
-no_sync, and point-to-point (any-source, tags, batch_isend_irecv). Every chosen test must pass: a skip counts as a failure, since it would hide
+collectives, Work.get_future, DDP's no_sync, and point-to-point (any-source, tags, batch_isend_irecv). Every chosen test must pass: a skip counts as a failure, since it would hide
 what is not run. All the tests of one world size run in one subprocess (each spawns its
 own ranks), so a hang costs one timeout, and every process it started is gone when it
 returns. Tests upstream gates on backend names although pccl has what they use run too
@@ -76,9 +75,7 @@ def _suite_tests() -> list[str]:
         "from torch.testing._internal.distributed.distributed_test import DistributedTest as D;"
         "print('\\n'.join(n for n in vars(D._DistTestBase) if n.startswith('test_')))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     return out.stdout.split()
 
 
@@ -96,14 +93,8 @@ def _run(world: int, tests: list[str], tmp: Path, backend: str = "pccl") -> dict
     env.pop("TEMP_DIR", None)  # each test makes its own (TestDistBackend.setUp)
     names = [f"TestDistBackendWithSpawn.{t}" for t in tests]
     budget = 60 + 40 * len(tests)
-    proc = subprocess.Popen(
-        [sys.executable, str(SUITE), *names],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = subprocess.Popen([sys.executable, str(SUITE), *names], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=budget)
     except subprocess.TimeoutExpired:
@@ -141,9 +132,7 @@ if FULL:
 
     @pytest.mark.timeout(6 * 3600)
     @pytest.mark.parametrize("world", [2, 3])
-    def test_the_whole_suite_passes_or_skips(
-        outcomes: Callable[[int], dict[str, list[str]]], tmp_path: Path, world: int
-    ) -> None:
+    def test_the_whole_suite_passes_or_skips(outcomes: Callable[[int], dict[str, list[str]]], tmp_path: Path, world: int) -> None:
         gloo = _run(world, _selected(world), tmp_path, backend="gloo")
         got = outcomes(world)
         bad = {t: o for t, o in got.items() if o[0] not in ("ok", "skipped")}
@@ -152,22 +141,17 @@ if FULL:
         for name, report in (("gloo", gloo), ("pccl", got)):
             passed = sum(o[0] == "ok" for o in report.values())
             skipped = sum(o[0] == "skipped" for o in report.values())
-            print(
-                f"{world} ranks, {name}: {passed} passed, {skipped} skipped, {len(report) - passed - skipped} failed"
-            )
+            print(f"{world} ranks, {name}: {passed} passed, {skipped} skipped, {len(report) - passed - skipped} failed")
         assert not bad and not missing and not behind, "\n\n".join(
             [f"{t}: {o[0]}\n{o[1]}" for t, o in sorted(bad.items())]
             + [f"not run: {missing}", f"passed on gloo, not on pccl: {behind}"]
         )
 
-
 else:
 
     @pytest.mark.timeout(600)
     @pytest.mark.parametrize(("world", "test"), _cases())
-    def test_chosen_suite_test_passes(
-        outcomes: Callable[[int], dict[str, list[str]]], world: int, test: str
-    ) -> None:
+    def test_chosen_suite_test_passes(outcomes: Callable[[int], dict[str, list[str]]], world: int, test: str) -> None:
         outcome, detail = outcomes(world).get(test, ["not run", ""])
         assert outcome == "ok", f"{test} at {world} ranks: {outcome}\n{detail}"
 

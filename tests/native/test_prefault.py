@@ -19,6 +19,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -88,6 +89,18 @@ def _huge_zero_page(e: int) -> bool:
     return _present(e) and bool(e >> 61 & 1) and not e >> 56 & 1
 
 
+def _untouched(make: Callable[[], np.ndarray]) -> np.ndarray:
+    """make() until it returns a buffer with no page resident, at most five times (the
+    last one either way): the machine may make untouched memory resident behind our back
+    (khugepaged; a DAMON scheme, as kdamond runs on this VM: a whole fresh 40 MiB buffer
+    was once found resident in CI). Callers still assert that none is."""
+    for _ in range(5):
+        buf = make()
+        if not any(_present(e) for e in _pagemap(buf)):
+            break
+    return buf
+
+
 def _fresh_numpy(nbytes: int) -> np.ndarray:
     """np.zeros in memory nobody touched: above glibc's largest mmap threshold (32 MiB),
     which below it may hand out (and clear) reused heap memory instead.
@@ -95,21 +108,15 @@ def _fresh_numpy(nbytes: int) -> np.ndarray:
     The view starts at the first 2 MiB boundary past the allocation's start: glibc writes
     its chunk header in the first page, numpy advises huge pages, and khugepaged may then
     collapse the huge page holding that header at any moment, making its 511 other pages
-    resident although nobody touched them (seen once in CI).
-
-    The machine may also make untouched memory resident behind our back (khugepaged, or
-    a DAMON scheme: kdamond runs on this VM; a whole fresh 40 MiB buffer was once found
-    resident in CI),
-    so up to five buffers are tried for one with no page resident; the caller's own
-    check of that still fails if none was."""
+    resident although nobody touched them (seen once in CI)."""
     assert nbytes > 32 * MIB
-    for _ in range(5):
+
+    def make() -> np.ndarray:
         whole = np.zeros(nbytes + 4 * MIB, np.uint8)
         skip = -(-(whole.ctypes.data + 1) // HUGE) * HUGE - whole.ctypes.data
-        view = whole[skip : skip + nbytes]
-        if not any(_present(e) for e in _pagemap(view)):
-            break
-    return view
+        return whole[skip : skip + nbytes]
+
+    return _untouched(make)
 
 
 # ---- populate: never a byte changed -------------------------------------------------------
@@ -265,15 +272,10 @@ def test_fresh_destination_is_faulted_in_before_the_bytes_arrive(kind: str) -> N
     data = _pattern(size, 3)
     engine = nat.Engine(peer_id=1)
     try:
-        # A fresh buffer has no page resident. The machine may still make some resident
-        # behind our back (khugepaged collapsing, DAMON schemes): take another buffer then.
-        for _ in range(5):
-            if kind == "numpy":
-                dst = _fresh_numpy(size)
-            else:
-                dst = plain_zeros(size + 2 * PAGE, "uint8")[PAGE + 40 : PAGE + 40 + size]  # off page boundaries
-            if not any(_present(e) for e in _pagemap(dst)):
-                break
+        if kind == "numpy":
+            dst = _fresh_numpy(size)
+        else:  # off page boundaries
+            dst = _untouched(lambda: plain_zeros(size + 2 * PAGE, "uint8")[PAGE + 40 : PAGE + 40 + size])
         assert not any(_present(e) for e in _pagemap(dst))
 
         def check() -> None:

@@ -257,6 +257,7 @@ def _measure_peer_count(
     link: wan.WanSpec | None = None,
 ) -> Iterator[Result]:
     """Every size and variant at one peer count (and link rate); yields each result."""
+    emulated = net if isinstance(net, wan.WanNet) else None  # drops are counted per row
     with ExitStack() as stack:
         groups: dict[tuple[str, int | None], _Group] = {}
         for v in variants:
@@ -274,7 +275,6 @@ def _measure_peer_count(
             iters = cfg.iters if cfg.iters is not None else default_iters(nbytes)
             warmup = cfg.warmup if cfg.warmup is not None else default_warmup(iters)
             times: dict[_Variant, list[float]] = {v: [] for v in variants}
-            emulated = net if isinstance(net, wan.WanNet) else None
             drops: dict[_Variant, Counter[str]] = {v: Counter() for v in variants}
             for _ in range(cfg.rounds):
                 for v in variants:
