@@ -452,7 +452,8 @@ PYBIND11_MODULE(_native, m) {
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
       .def(py::init([](uint64_t peerId, const std::string& host, uint16_t port, int connectionsPerPeer,
                        size_t segmentBytes, int socketBufferBytes, size_t mailboxLimitBytes,
-                       const py::bytes& secret, bool zeroCopy, bool prefault) {
+                       const py::bytes& secret, bool zeroCopy, bool prefault, bool sharedMemory,
+                       size_t ringBytes) {
              EngineOptions o;
              o.peerId = peerId;
              o.listenHost = host;
@@ -464,17 +465,22 @@ PYBIND11_MODULE(_native, m) {
              o.secret = secret;
              o.zeroCopySend = zeroCopy;
              o.prefault = prefault;
+             o.sharedMemory = sharedMemory;
+             o.ringBytes = ringBytes;
              return std::make_shared<Engine>(o);
            }),
            py::arg("peer_id"), py::arg("host") = "127.0.0.1", py::arg("port") = 0,
            py::arg("connections_per_peer") = 1, py::arg("segment_bytes") = 512 << 10,
            py::arg("socket_buffer_bytes") = 0, py::arg("mailbox_limit_bytes") = size_t(256) << 20,
-           py::arg("secret") = py::bytes(), py::arg("zero_copy") = true, py::arg("prefault") = true)
+           py::arg("secret") = py::bytes(), py::arg("zero_copy") = true, py::arg("prefault") = true,
+           py::arg("shared_memory") = true, py::arg("ring_bytes") = size_t(8) << 20)
       .def_property_readonly("port", &Engine::port)
       .def("pool_size", &Engine::poolSize, py::arg("peer"),
            "Connections per pool to `peer` (with connections_per_peer=0: what its round trip asked for; 0 before any).")
       .def_property_readonly("zero_copy_bytes", &Engine::zeroCopyBytes,
                              "Payload bytes sent by reference (vmsplice + splice) instead of copied.")
+      .def_property_readonly("shared_memory_bytes", &Engine::sharedMemoryBytes,
+                             "Payload bytes sent through shared-memory rings to peers on this host instead of TCP.")
       .def_property_readonly("connections_opened", &Engine::connectionsOpened,
                              "Outgoing data-plane connections opened so far (every pool, every epoch).")
       .def_property_readonly("connections_kept", &Engine::connectionsKept,

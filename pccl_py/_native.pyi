@@ -299,6 +299,8 @@ class Engine:
         secret: bytes = b"",
         zero_copy: bool = True,
         prefault: bool = True,
+        shared_memory: bool = True,
+        ring_bytes: int = 8388608,
     ) -> None: ...
     @property
     def port(self) -> int: ...
@@ -306,6 +308,9 @@ class Engine:
     @property
     def zero_copy_bytes(self) -> int:
         """Payload bytes sent by reference (vmsplice + splice) instead of copied."""
+    @property
+    def shared_memory_bytes(self) -> int:
+        """Payload bytes sent through shared-memory rings to peers on this host instead of TCP."""
     @property
     def connections_opened(self) -> int:
         """Outgoing data-plane connections opened so far (every pool, every epoch)."""

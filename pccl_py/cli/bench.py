@@ -122,6 +122,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(vmsplice + splice)",
     )
     parser.add_argument(
+        "--no-shared-memory",
+        action="store_true",
+        help="pccl sends payloads to peers on this host over loopback TCP instead of shared-memory rings",
+    )
+    parser.add_argument(
         "--direct-max-bytes",
         type=parse_size,
         default=DEFAULT_DIRECT_MAX_BYTES,
@@ -212,6 +217,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         segment_bytes=tuple(dict.fromkeys(args.segment_bytes)),
         socket_buffer_bytes=args.socket_buffer_bytes,
         zero_copy=not args.no_zero_copy,
+        shared_memory=not args.no_shared_memory,
         in_place=not args.out_of_place,
         rounds=args.rounds,
         skip_pccl=args.skip_pccl,
@@ -337,6 +343,8 @@ def main(args: argparse.Namespace) -> int:
             json_file.close()
     placement = "in-place" if cfg.in_place else "out-of-place (pccl; gloo in place)"
     sends = "zero-copy sends" if cfg.zero_copy else "copied sends"
+    if cfg.shared_memory and not cfg.netns_rates and not cfg.wan:
+        sends += ", same-host rings"
     direct = f"direct up to {format_size(cfg.direct_max_bytes)} x (N-1)" if cfg.direct_max_bytes else "no direct"
     direct += f", rsag from {format_size(cfg.rsag_min_bytes)}" if cfg.rsag_min_bytes else ", else ring"
     if cfg.op == "all_reduce":

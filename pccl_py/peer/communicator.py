@@ -123,6 +123,7 @@ class Communicator(
             secret=self._secret or b"",
             zero_copy=cfg.zero_copy,
             prefault=cfg.prefault,
+            shared_memory=cfg.shared_memory,
         )
         self._control = ControlChannel(
             self._master, cfg, self._session, self._rejoin_restarted_master, on_topology=self._on_topology

@@ -3,7 +3,8 @@ reference (vmsplice + splice), so the kernel reads the caller's pages when the
 receiver reads, not when the frame is queued. These tests check which ops take that
 path, that results stay exact for any buffer alignment, and the safety argument: a
 buffer changed right after an op ended (committed or settled) never reaches a peer
-that still needed the old bytes."""
+that still needed the old bytes. Engines here are on one host, so they switch the
+shared-memory ring off (it would carry these payloads instead: test_shared_ring.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def test_voting_ops_send_every_large_payload_by_reference(in_place: bool) -> Non
     xs = _inputs(n, BIG)
     expected = np.sum(np.stack(xs), axis=0, dtype=np.float32)
     outs = [x if in_place else np.zeros_like(x) for x in xs]
-    with EngineRing(n) as ring:
+    with EngineRing(n, shared_memory=False) as ring:
 
         def run(r: int, e) -> tuple[int, int]:
             h = e.all_reduce(xs[r], outs[r], DT.FLOAT32, OP.SUM, tag=0, seq=1, timeout=30, defer_commit=in_place, vote=True)
@@ -58,7 +59,7 @@ def test_other_ops_copy_their_payloads(vote: bool, defer: bool, zero_copy: bool)
     n = 2
     xs = _inputs(n, BIG)
     expected = np.sum(np.stack(xs), axis=0, dtype=np.float32)
-    with EngineRing(n, zero_copy=zero_copy) as ring:
+    with EngineRing(n, zero_copy=zero_copy, shared_memory=False) as ring:
 
         def run(r: int, e) -> int:
             h = e.all_reduce(xs[r], xs[r], DT.FLOAT32, OP.SUM, tag=0, seq=1, timeout=30, defer_commit=defer, vote=vote)
@@ -81,7 +82,7 @@ def test_unaligned_buffers_and_two_connections_give_exact_results(offset_elems: 
     for x in xs:
         x[:] = rng.integers(-1000, 1000, count).astype(np.float32)
     expected = np.sum(np.stack([x.copy() for x in xs]), axis=0, dtype=np.float32)
-    with EngineRing(n, connections_per_peer=2) as ring:
+    with EngineRing(n, connections_per_peer=2, shared_memory=False) as ring:
 
         def run(r: int, e) -> int:
             h = e.all_reduce(xs[r], xs[r], DT.FLOAT32, OP.SUM, tag=0, seq=1, timeout=30, defer_commit=True, vote=True)
@@ -102,7 +103,7 @@ def test_a_buffer_overwritten_as_soon_as_the_op_ends_never_leaks_into_a_peer(in_
     does. A peer that committed knows every peer held the result (had read all it
     needed from it), so the next step's bytes can never reach a peer of this op."""
     n, steps, count = 3, 12, (1 << 18) + 11
-    with EngineRing(n) as ring:
+    with EngineRing(n, shared_memory=False) as ring:
 
         def run(r: int, e) -> list[float]:
             x = np.empty(count, np.float32)
@@ -131,7 +132,7 @@ def test_a_failed_voting_op_puts_its_input_back_at_settle_or_when_dropped() -> N
     n = 3
     xs = _inputs(n, BIG)
     originals = [x.copy() for x in xs]
-    with EngineRing(n) as ring:
+    with EngineRing(n, shared_memory=False) as ring:
         handles = [
             ring.engines[r].all_reduce(xs[r], xs[r], DT.FLOAT32, OP.SUM, tag=0, seq=1, timeout=20, defer_commit=True, vote=True)
             for r in range(2)
@@ -158,7 +159,7 @@ def test_a_predecessor_closing_mid_op_fails_a_voting_op_before_it_reads_on(vote:
     rank 0 may rewrite now that it failed); a copying op reads on until the EOF."""
     n = 3
     xs = _inputs(n, BIG)
-    with EngineRing(n) as ring:
+    with EngineRing(n, shared_memory=False) as ring:
         kwargs = dict(tag=0, seq=1, timeout=20, defer_commit=True, vote=vote)
         h0 = ring.engines[0].all_reduce(xs[0], xs[0], DT.FLOAT32, OP.SUM, **kwargs)
         h1 = ring.engines[1].all_reduce(xs[1], xs[1], DT.FLOAT32, OP.SUM, **kwargs)

@@ -69,6 +69,11 @@ struct EngineOptions {
   // output) have their pages faulted in by a worker thread ahead of the bytes, instead
   // of one by one inside recv(): see prefault.hpp. false: recv() faults them in.
   bool prefault = true;
+  // Payloads to peers on this host go through a shared-memory ring per connection
+  // instead of loopback TCP (transport/shared_ring.hpp), when the peer can map it.
+  // false: TCP only (and offers from peers are refused).
+  bool sharedMemory = true;
+  size_t ringBytes = 8u << 20;  // each ring's payload capacity
 };
 
 // One exposed shared-state entry: read-only memory other peers may fetch from.
@@ -200,6 +205,8 @@ class Engine {
 
   // Payload bytes sent by reference (zero-copy) so far.
   uint64_t zeroCopyBytes() const { return zeroCopyBytes_.load(std::memory_order_relaxed); }
+  // Payload bytes sent through shared rings to peers on this host.
+  uint64_t sharedMemoryBytes() const { return ringBytes_.load(std::memory_order_relaxed); }
   // Bytes of receive destinations faulted in ahead of their payloads so far.
   uint64_t prefaultedBytes() const { return prefaulter_.populatedBytes(); }
 
@@ -261,6 +268,10 @@ class Engine {
   void addConnection(Fd fd, uint64_t peer, uint64_t epoch, bool outgoing, bool handshaking);
   void queueFrame(Collective* op, uint64_t peer, size_t stripe, const FrameHeader& header, const uint8_t* data);
   void queueItem(Connection* c, SendItem item);
+  void offerRing(Connection* c);
+  void onRingOffer(Connection* c, const std::vector<uint8_t>& payload);
+  void onRingAnswer(Connection* c, const FrameHeader& h);
+  void takeFromRing(Connection* c);
   bool zeroCopy(Connection* c, const Collective& op, const FrameHeader& h);
   void flush(Connection* c);
   void flushDirty();
@@ -365,6 +376,7 @@ class Engine {
   int withholdVoteOps_ = 0;
   std::atomic<uint64_t> nextExposure_{1};
   std::atomic<uint64_t> zeroCopyBytes_{0};
+  std::atomic<uint64_t> ringBytes_{0};
   std::atomic<uint64_t> connectionsOpened_{0};
   std::atomic<uint64_t> connectNanos_{0};
   std::atomic<uint64_t> connectionsKept_{0};

@@ -21,7 +21,7 @@ namespace pccl {
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the wire format is little-endian");
 
-constexpr uint32_t kProtocolVersion = 3;  // 3: point-to-point and rebind frames, the all-to-all kind
+constexpr uint32_t kProtocolVersion = 4;  // 3: point-to-point and rebind frames, the all-to-all kind; 4: shared rings
 constexpr uint32_t kHelloMagic = 0x53484350;  // "PCHS"
 constexpr uint32_t kFrameMagic = 0x46444350;  // "PCDF"
 constexpr uint32_t kMaxFramePayload = 64u << 20;
@@ -122,7 +122,15 @@ enum class FrameType : uint8_t {
   // (which closes that peer's connections of older epochs) can never break it.
   kRebind = 11,
   kRebound = 12,
+  // Same-host payloads through shared memory (transport/shared_ring.hpp). kRingOffer:
+  // the sending side of a connection offers its ring (payload: RingOffer); kRingAnswer
+  // (no payload; phase 0: mapped, 1: refused) comes back on the same connection. Data
+  // frames flagged kFrameInRing after the answer have their payload in the ring.
+  kRingOffer = 13,
+  kRingAnswer = 14,
 };
+// FrameHeader.flags: the payload is in the sender's shared ring, not on the stream.
+constexpr uint16_t kFrameInRing = 1;
 constexpr uint32_t kMaxAbortReason = 1024;
 constexpr uint64_t kStateEpoch = UINT64_MAX - 1;  // pool used by state transfers (never retired)
 constexpr uint64_t kNoEpoch = UINT64_MAX;         // a connection tied to no pool (the master's)
@@ -140,7 +148,7 @@ struct FrameHeader {
   uint32_t magic;
   uint8_t type;      // FrameType
   uint8_t phase;     // Phase (kData); ErrorKind (kAbort)
-  uint16_t reserved;
+  uint16_t flags;    // kFrameInRing
   uint32_t length;   // payload bytes
   uint32_t digest;   // digest of the op's shape: peers that disagree fail loudly
   uint64_t epoch;
@@ -164,7 +172,7 @@ inline bool stepBefore(const OpKey& a, const OpKey& b) {
 }
 inline bool sameStep(const OpKey& a, const OpKey& b) { return a.epoch == b.epoch && a.seq == b.seq; }
 
-// Every frame header is built here: magic set, reserved zero, the op's key. What the
+// Every frame header is built here: magic set, flags zero, the op's key. What the
 // other fields mean depends on the type (see FrameType).
 inline FrameHeader makeHeader(FrameType type, const OpKey& key, uint32_t length = 0, uint32_t digest = 0,
                               uint64_t offset = 0, uint8_t phase = 0) {
@@ -250,7 +258,7 @@ PCCL_SIZE_IS(kHandshakeTranscriptFormat, 7, HandshakeTranscript);
 PCCL_FIELD_AT(kFrameHeaderFormat, 0, FrameHeader, magic);
 PCCL_FIELD_AT(kFrameHeaderFormat, 1, FrameHeader, type);
 PCCL_FIELD_AT(kFrameHeaderFormat, 2, FrameHeader, phase);
-PCCL_FIELD_AT(kFrameHeaderFormat, 3, FrameHeader, reserved);
+PCCL_FIELD_AT(kFrameHeaderFormat, 3, FrameHeader, flags);
 PCCL_FIELD_AT(kFrameHeaderFormat, 4, FrameHeader, length);
 PCCL_FIELD_AT(kFrameHeaderFormat, 5, FrameHeader, digest);
 PCCL_FIELD_AT(kFrameHeaderFormat, 6, FrameHeader, epoch);

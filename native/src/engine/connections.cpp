@@ -59,11 +59,67 @@ void Engine::queueFrame(Collective* op, uint64_t peer, size_t stripe, const Fram
 }
 
 void Engine::queueItem(Connection* c, SendItem item) {
+  const bool data = item.header.type == static_cast<uint8_t>(FrameType::kData) ||
+                    item.header.type == static_cast<uint8_t>(FrameType::kStateData);
+  if (data && item.header.length >= kRingMinPayload && !c->ringOffered) offerRing(c);
   c->sendq.push_back(std::move(item));
   if (!c->dirty) {
     c->dirty = true;
     dirty_.push_back(c);
   }
+}
+
+// The first large payload on a connection to a peer on this host offers the peer a
+// shared ring (transport/shared_ring.hpp); payloads use it once the peer answers that it
+// mapped it, and the stream until then or when it refuses.
+void Engine::offerRing(Connection* c) {
+  c->ringOffered = true;
+  if (!options_.sharedMemory || c->handshaking || !c->peerIsLocal()) return;
+  auto ring = SharedRing::create(options_.ringBytes);
+  if (!ring) return;
+  const RingOffer offer = ring->offer();
+  c->txRing = std::move(ring);
+  queueControl(c, makeHeader(FrameType::kRingOffer, OpKey{}),
+               std::string(reinterpret_cast<const char*>(&offer), sizeof(offer)));
+}
+
+void Engine::onRingOffer(Connection* c, const std::vector<uint8_t>& payload) {
+  RingOffer offer{};
+  std::memcpy(&offer, payload.data(), sizeof(offer));
+  // Refused: shared memory is off here, a ring is already mapped, the peer is on
+  // another host, or its ring cannot be mapped from here (SharedRing::attach).
+  std::string why;
+  bool mapped = false;
+  if (options_.sharedMemory && !c->rxRing && c->peerIsLocal()) {
+    c->rxRing = SharedRing::attach(offer, &why);
+    mapped = c->rxRing != nullptr;
+  }
+  const uint8_t refused = mapped ? 0 : 1;
+  queueItem(c, SendItem{makeHeader(FrameType::kRingAnswer, OpKey{}, 0, 0, 0, refused), nullptr, nullptr});
+}
+
+void Engine::onRingAnswer(Connection* c, const FrameHeader& h) {
+  if (!c->txRing || c->txRing->ready()) {
+    closeConnection(c, ErrorKind::kProtocol, "peer " + std::to_string(c->peer) + " answered a ring never offered",
+                    false);
+    return;
+  }
+  if (h.phase == 0) {
+    c->txRing->accepted();
+  } else {
+    c->txRing.reset();  // refused: payloads stay on the stream
+  }
+}
+
+// A data frame whose payload is in the peer's ring (kFrameInRing), its sink decided:
+// copied out (or skipped), then complete.
+void Engine::takeFromRing(Connection* c) {
+  uint8_t* dst = nullptr;
+  if (c->sink == Connection::Sink::kOp) dst = c->dst;
+  if (c->sink == Connection::Sink::kMailbox) dst = c->mail.data();
+  c->rxRing->take(dst, c->header.length);
+  c->payloadGot = c->header.length;
+  onFrameComplete(c);
 }
 
 // Large payloads of ops that allow it go by reference (Connection::preparePipe).
@@ -85,7 +141,7 @@ void Engine::flushDirty() {
 
 void Engine::flush(Connection* c) {
   std::vector<std::shared_ptr<Collective>> sent;
-  if (const int err = c->write(sent, zeroCopyBytes_)) {
+  if (const int err = c->write(sent, zeroCopyBytes_, ringBytes_)) {
     // The peer may have said why it reset the stream (an abort frame): read that first.
     onReadable(c);
     if (!c->dead) {

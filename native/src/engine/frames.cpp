@@ -23,11 +23,15 @@ bool is(const FrameHeader& h, FrameType type) { return h.type == static_cast<uin
 // Whether a header is well formed: the magic, a known type, and a payload size that
 // type allows.
 bool wellFormed(const FrameHeader& h) {
-  if (h.magic != kFrameMagic || h.length > kMaxFramePayload) return false;
+  if (h.magic != kFrameMagic || h.length > kMaxFramePayload || (h.flags & ~kFrameInRing) != 0) return false;
+  if ((h.flags & kFrameInRing) && !is(h, FrameType::kData) && !is(h, FrameType::kStateData)) return false;
   switch (static_cast<FrameType>(h.type)) {
     case FrameType::kData:
     case FrameType::kStateData:
       return h.length != 0;
+    case FrameType::kRingOffer:
+      return h.length == sizeof(RingOffer);
+    case FrameType::kRingAnswer:
     case FrameType::kGoodbye:
     case FrameType::kCommit:
     case FrameType::kP2pOffer:
@@ -123,6 +127,11 @@ void Engine::dispatchHeader(Connection* c) {
     closeConnection(c, ErrorKind::kProtocol, "malformed frame from peer " + std::to_string(c->peer), false);
     return;
   }
+  if ((h.flags & kFrameInRing) && (!c->rxRing || h.length > c->rxRing->capacity())) {
+    closeConnection(c, ErrorKind::kProtocol,
+                    "peer " + std::to_string(c->peer) + " sent a payload through a ring this peer has not mapped", false);
+    return;
+  }
   c->payloadGot = 0;
   switch (static_cast<FrameType>(h.type)) {
     case FrameType::kGoodbye:
@@ -130,8 +139,15 @@ void Engine::dispatchHeader(Connection* c) {
       c->headerGot = 0;
       return;
     case FrameType::kAbort:
+    case FrameType::kRingOffer:
       readControl(c);
       return;
+    case FrameType::kRingAnswer: {
+      const FrameHeader frame = h;
+      c->headerGot = 0;
+      onRingAnswer(c, frame);
+      return;
+    }
     case FrameType::kRebind:
     case FrameType::kRebound: {
       const FrameHeader frame = h;
@@ -208,7 +224,11 @@ void Engine::dispatchOpFrame(Connection* c) {
   } else if (!routeUnclaimed(c, sameTag)) {
     return;
   }
-  if (h.length == 0) onFrameComplete(c);
+  if (h.flags & kFrameInRing) {
+    takeFromRing(c);
+  } else if (h.length == 0) {
+    onFrameComplete(c);
+  }
 }
 
 // A frame no running op takes (`sameTag`: the op running on its tag, if any). Its op is
@@ -290,6 +310,8 @@ void Engine::onFrameComplete(Connection* c) {
       onAbortFrame(c, h, text);
     } else if (h.type == static_cast<uint8_t>(FrameType::kStateRequest)) {
       onStateRequest(c, h, payload);
+    } else if (h.type == static_cast<uint8_t>(FrameType::kRingOffer)) {
+      onRingOffer(c, payload);
     } else {  // kStateRefused
       auto it = activeByTag_.find(h.tag);
       if (it != activeByTag_.end() && it->second->key().epoch == kStateEpoch) {

@@ -43,7 +43,7 @@ void Engine::dropExposure(uint64_t exposure) {
   for (auto& [fd, c] : connections_) {
     auto& q = c->sendq;
     for (size_t i = 0; i < q.size();) {
-      if (q[i].exposure != exposure) {
+      if (q[i].exposure != exposure || q[i].inRing) {  // (a payload in the ring is a copy: it may go)
         ++i;
       } else if (i == 0 && c->headSent > 0) {
         broken.push_back(c.get());  // half on the wire: the stream cannot be resumed

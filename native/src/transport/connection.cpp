@@ -1,7 +1,9 @@
 #include "transport/connection.hpp"
 
-#include <linux/sockios.h>
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <linux/sockios.h>
+#include <netinet/in.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -9,6 +11,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstring>
 
 namespace pccl {
 namespace {
@@ -18,8 +21,23 @@ constexpr size_t kPipeMaxBytes = 1u << 20;  // the default fs.pipe-max-size
 
 }  // namespace
 
-int Connection::write(std::vector<std::shared_ptr<Collective>>& sent, std::atomic<uint64_t>& zeroCopyBytes) {
+int Connection::write(std::vector<std::shared_ptr<Collective>>& sent, std::atomic<uint64_t>& zeroCopyBytes,
+                      std::atomic<uint64_t>& ringBytes) {
   const size_t hdr = sizeof(FrameHeader);
+  // A frame about to start: its payload goes into the shared ring if the ring is up and
+  // has room. Decided once per frame, in queue order, so the ring holds payloads in the
+  // order their headers go out (the receiver finds them by that order alone).
+  auto intoRing = [&](SendItem& item) {
+    if (item.ringDecided) return;
+    item.ringDecided = true;
+    const bool data = item.header.type == static_cast<uint8_t>(FrameType::kData) ||
+                      item.header.type == static_cast<uint8_t>(FrameType::kStateData);
+    if (!data || !txRing || item.header.length < kRingMinPayload) return;
+    if (!txRing->put(item.data, item.header.length)) return;
+    item.inRing = true;
+    item.header.flags |= kFrameInRing;
+    ringBytes.fetch_add(item.header.length, std::memory_order_relaxed);
+  };
   // Completes the head item once all of it is in the socket (its spliced payload too).
   auto completeHead = [&] {
     SendItem& head = sendq.front();
@@ -44,10 +62,10 @@ int Connection::write(std::vector<std::shared_ptr<Collective>>& sent, std::atomi
         return errno;
       }
       pipeBytes -= static_cast<size_t>(n);
-      if (pipeBytes == 0 && headSent == hdr + front.header.length) completeHead();
+      if (pipeBytes == 0 && headSent == hdr + front.wireLength()) completeHead();
       continue;
     }
-    if (front.splice && headSent >= hdr) {
+    if (front.byReference() && headSent >= hdr) {
       const size_t off = headSent - hdr;
       iovec v{const_cast<uint8_t*>(front.data) + off, front.header.length - off};
       ssize_t n = ::vmsplice(pipeWrite.get(), &v, 1, SPLICE_F_NONBLOCK);
@@ -66,17 +84,18 @@ int Connection::write(std::vector<std::shared_ptr<Collective>>& sent, std::atomi
     bool more = false;
     for (auto it = sendq.begin(); it != sendq.end() && iovCount + 2 <= kMaxIov; ++it) {
       if (skip < hdr) {
+        if (skip == 0) intoRing(*it);
         iov[iovCount++] = iovec{reinterpret_cast<uint8_t*>(&it->header) + skip, hdr - skip};
         skip = 0;
       } else {
         skip -= hdr;
       }
-      if (it->splice) {  // its payload goes by reference, after this write
+      if (it->byReference()) {  // its payload goes by reference, after this write
         more = true;
         break;
       }
-      if (it->header.length > skip) {
-        iov[iovCount++] = iovec{const_cast<uint8_t*>(it->data) + skip, it->header.length - skip};
+      if (it->wireLength() > skip) {
+        iov[iovCount++] = iovec{const_cast<uint8_t*>(it->data) + skip, it->wireLength() - skip};
       }
       skip = 0;
     }
@@ -91,8 +110,8 @@ int Connection::write(std::vector<std::shared_ptr<Collective>>& sent, std::atomi
     size_t written = static_cast<size_t>(n);
     while (written > 0 && !sendq.empty()) {
       SendItem& head = sendq.front();
-      const size_t total = hdr + head.header.length;
-      const size_t limit = head.splice ? hdr : total;
+      const size_t total = hdr + head.wireLength();
+      const size_t limit = head.byReference() ? hdr : total;
       const size_t take = std::min(written, limit - headSent);
       headSent += take;
       written -= take;
@@ -124,6 +143,31 @@ bool Connection::preparePipe(uint32_t length) {
     pipeCapacity = got > 0 ? static_cast<size_t>(got) : want;  // refused: don't ask again per frame
   }
   return true;
+}
+
+bool Connection::peerIsLocal() {
+  if (local == 0) {
+    sockaddr_storage self{};
+    sockaddr_storage peer{};
+    socklen_t selfLen = sizeof(self);
+    socklen_t peerLen = sizeof(peer);
+    bool yes = false;
+    if (::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&self), &selfLen) == 0 &&
+        ::getpeername(fd.get(), reinterpret_cast<sockaddr*>(&peer), &peerLen) == 0 && self.ss_family == peer.ss_family) {
+      if (peer.ss_family == AF_INET) {
+        const in_addr a = reinterpret_cast<const sockaddr_in*>(&peer)->sin_addr;
+        const in_addr b = reinterpret_cast<const sockaddr_in*>(&self)->sin_addr;
+        yes = (ntohl(a.s_addr) >> 24) == 127 || a.s_addr == b.s_addr;
+      } else if (peer.ss_family == AF_INET6) {
+        const in6_addr& a = reinterpret_cast<const sockaddr_in6*>(&peer)->sin6_addr;
+        const in6_addr& b = reinterpret_cast<const sockaddr_in6*>(&self)->sin6_addr;
+        yes = IN6_IS_ADDR_LOOPBACK(&a) || std::memcmp(&a, &b, sizeof(a)) == 0 ||
+              (IN6_IS_ADDR_V4MAPPED(&a) && a.s6_addr[12] == 127);
+      }
+    }
+    local = yes ? 1 : 2;
+  }
+  return local == 1;
 }
 
 void Connection::sendGoodbye() {

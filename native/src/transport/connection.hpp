@@ -18,6 +18,7 @@
 #include "pccl/tcp.hpp"
 #include "pccl/wire.hpp"
 #include "transport/handshake.hpp"
+#include "transport/shared_ring.hpp"
 
 namespace pccl {
 
@@ -32,6 +33,12 @@ struct SendItem {
   uint64_t exposure = 0;           // state answers: the exposure `data` points into
   std::shared_ptr<std::string> hold = nullptr;  // owns `data` when the engine made it
   bool splice = false;  // payload sent by reference (vmsplice + splice), not copied
+  bool ringDecided = false;  // whether the shared ring was asked to take the payload
+  bool inRing = false;       // it took it: only the header goes on the stream
+
+  // Payload bytes that follow the header on the stream.
+  uint32_t wireLength() const { return inRing ? 0 : header.length; }
+  bool byReference() const { return splice && !inRing; }
 };
 
 struct Connection {
@@ -71,10 +78,22 @@ struct Connection {
   size_t pipeCapacity = 0;  // what F_SETPIPE_SZ was last asked for (or gave)
   bool dirty = false;       // in the engine's list of connections to flush
 
+  // Same-host shortcut (transport/shared_ring.hpp). txRing: the ring this side sends
+  // payloads through (offered; used once the peer's answer says it mapped it); rxRing:
+  // the peer's ring this side reads. local: 0 unknown, 1 the peer is on this host, 2 not.
+  std::unique_ptr<SharedRing> txRing;
+  bool ringOffered = false;
+  std::unique_ptr<SharedRing> rxRing;
+  uint8_t local = 0;
+
   // Writes queued frames until the socket is full or the queue is empty. The ops of
   // frames now wholly in the socket are appended to `sent`; bytes sent by reference are
-  // added to `zeroCopyBytes`. Returns 0, or the errno that broke the stream.
-  int write(std::vector<std::shared_ptr<Collective>>& sent, std::atomic<uint64_t>& zeroCopyBytes);
+  // added to `zeroCopyBytes`, bytes through the shared ring to `ringBytes`. Returns 0,
+  // or the errno that broke the stream.
+  int write(std::vector<std::shared_ptr<Collective>>& sent, std::atomic<uint64_t>& zeroCopyBytes,
+            std::atomic<uint64_t>& ringBytes);
+  // Whether the peer's address is one of this host's (loopback, or this socket's own).
+  bool peerIsLocal();
   // Readies the pipe for a payload of `length` bytes sent by reference; false: the
   // kernel gave no pipe, copy it instead.
   bool preparePipe(uint32_t length);

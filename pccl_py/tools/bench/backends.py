@@ -78,6 +78,7 @@ class PcclCollective:
             segment_bytes=DEFAULT_SEGMENT_BYTES,
             socket_buffer_bytes=params.socket_buffer_bytes,
             zero_copy=params.zero_copy,
+            shared_memory=params.shared_memory,
         )
 
     @property
@@ -194,6 +195,7 @@ class CommCollective:
             socket_buffer_bytes=self._params.socket_buffer_bytes,
             direct_allreduce_max_bytes=self._params.direct_max_bytes,
             rsag_min_bytes=self._params.rsag_min_bytes,
+            shared_memory=self._params.shared_memory,
         )
         comm = pccl_py.Communicator(master, host=self._host, config=config)
         self.comm = comm.connect(timeout=self._timeout)

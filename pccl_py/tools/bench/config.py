@@ -75,6 +75,7 @@ class PcclParams:
     connections: int = DEFAULT_CONNECTIONS
     socket_buffer_bytes: int = 0
     zero_copy: bool = True
+    shared_memory: bool = True  # pccl and comm: same-host payloads through shared rings
     # pccl and comm: payload x (N-1) up to this goes direct (Config.direct_allreduce_max_bytes).
     direct_max_bytes: int = DEFAULT_DIRECT_MAX_BYTES
     # pccl and comm: above the direct limit, payloads of at least this go by the direct
@@ -93,6 +94,7 @@ class BenchConfig:
     segment_bytes: tuple[int, ...] = (DEFAULT_SEGMENT_BYTES,)
     socket_buffer_bytes: int = 0
     zero_copy: bool = True  # pccl: voting ops send large payloads by reference
+    shared_memory: bool = True  # pccl: same-host payloads through shared rings, not TCP
     in_place: bool = True
     rounds: int = 1
     skip_pccl: bool = False

@@ -267,6 +267,7 @@ def _measure_peer_count(
                     connections=v.connections or DEFAULT_CONNECTIONS,
                     socket_buffer_bytes=cfg.socket_buffer_bytes,
                     zero_copy=cfg.zero_copy,
+                    shared_memory=cfg.shared_memory,
                     direct_max_bytes=cfg.direct_max_bytes,
                     rsag_min_bytes=cfg.rsag_min_bytes,
                 )
@@ -300,6 +301,7 @@ def _measure_peer_count(
                     segment_bytes=v.segment_bytes,
                     socket_buffer_bytes=cfg.socket_buffer_bytes if v.impl == "pccl" else None,
                     zero_copy=cfg.zero_copy if v.impl == "pccl" else None,
+                    shared_memory=cfg.shared_memory if v.impl == "pccl" else None,
                     quantization=v.quantization,
                     netns_rate_bits=rate,
                     load1=os.getloadavg()[0],

@@ -55,6 +55,7 @@ class Result:
     segment_bytes: int | None = None
     socket_buffer_bytes: int | None = None
     zero_copy: bool | None = None  # pccl only
+    shared_memory: bool | None = None  # pccl only
     quantization: str | None = None  # "kind:dtype" (pccl only); algbw is then effective
     netns_rate_bits: int | None = None  # each worker's shaped egress (bits/s); None: loopback
     load1: float | None = None  # the machine's 1-minute load average when the row was measured
@@ -138,6 +139,7 @@ class Result:
             out["segment_bytes"] = self.segment_bytes
             out["socket_buffer_bytes"] = self.socket_buffer_bytes
             out["zero_copy"] = self.zero_copy
+            out["shared_memory"] = self.shared_memory
             out["quantization"] = self.quantization
         return out
 
