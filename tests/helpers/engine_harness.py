@@ -15,6 +15,7 @@ importable module for multiprocessing's 'spawn' start method).
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import traceback
@@ -33,6 +34,17 @@ OP = nat.ReduceOp
 # Peer ids deliberately differ from ring positions, so rank/peer-id mix-ups show.
 PEER_ID_BASE = 1000
 PEER_ID_STRIDE = 7
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    """Exactly `n` bytes from a fake peer's socket; EOFError when the engine closes it."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise EOFError("peer closed")
+        buf += chunk
+    return bytes(buf)
 
 
 class HarnessTimeout(AssertionError):

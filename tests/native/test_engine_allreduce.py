@@ -37,6 +37,7 @@ from engine_harness import (
     make_data,
     mismatch_report,
     reduce_step,
+    recv_exact,
     reference_allreduce,
     run_ring,
 )
@@ -362,15 +363,6 @@ def _frame(phase: int, length: int, digest: int, offset: int, *, epoch=1, tag=0,
     return _HEADER.pack(_FRAME_MAGIC, 1, phase, 0, length, digest, epoch, tag, seq, offset)
 
 
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise EOFError("peer closed")
-        buf += chunk
-    return buf
-
 
 @pytest.mark.parametrize("split", [False, True], ids=["whole-frame", "split-frame"])
 def test_frame_arriving_across_op_post_is_delivered(split):
@@ -394,7 +386,7 @@ def test_frame_arriving_across_op_post_is_delivered(split):
         def accept_and_drain():
             c, _ = lst.accept()
             c.settimeout(10)
-            _recv_exact(c, _HELLO.size)
+            recv_exact(c, _HELLO.size)
             c.sendall(_HELLO_ACK.pack(_HELLO_MAGIC, 0, 2000, 0, 0, bytes(16)))  # status ok, peer 2000, no auth
             try:
                 while True:
@@ -412,7 +404,7 @@ def test_frame_arriving_across_op_post_is_delivered(split):
         engine.set_ring(1, [(1000, HOST, engine.port), (2000, HOST, fake_port)], 0, timeout=5.0)
         peer_sock = socket.create_connection((HOST, engine.port), timeout=10)
         peer_sock.sendall(_HELLO.pack(_HELLO_MAGIC, nat.PROTOCOL_VERSION, 2000, 1, 0, 1))
-        _recv_exact(peer_sock, _HELLO_ACK.size)
+        recv_exact(peer_sock, _HELLO_ACK.size)
         dig = _digest(count, int(DT.FLOAT32), int(OP.SUM), 2)
         x = np.arange(count, dtype=np.float32)
         out = np.zeros_like(x)

@@ -27,7 +27,7 @@ import xxhash
 
 from pccl_py import Config
 from pccl_py import _native as nat
-from engine_harness import DT, OP, EngineRing
+from engine_harness import DT, OP, EngineRing, recv_exact
 from state_workers import fill, plain_zeros
 
 HOST = "127.0.0.1"
@@ -182,15 +182,6 @@ _HELLO, _HELLO_ACK, _HEADER = (
 _STATE_REQUEST, _STATE_DATA = 4, 5
 
 
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise EOFError("peer closed")
-        buf += chunk
-    return bytes(buf)
-
 
 class _HeldSource:
     """A serving peer on a raw socket: it takes the fetcher's connection and its `chunks`
@@ -220,12 +211,12 @@ class _HeldSource:
             self._conn = conn
             with conn:
                 conn.settimeout(30)
-                _recv_exact(conn, _HELLO.size)
+                recv_exact(conn, _HELLO.size)
                 conn.sendall(_HELLO_ACK.pack(nat.HELLO_MAGIC, 0, self.PEER, 0, 0, bytes(16)))
                 asked = []
                 while len(asked) < self.chunks:
-                    header = _HEADER.unpack(_recv_exact(conn, _HEADER.size))
-                    _, length = struct.unpack("<QQ", _recv_exact(conn, header[4]))
+                    header = _HEADER.unpack(recv_exact(conn, _HEADER.size))
+                    _, length = struct.unpack("<QQ", recv_exact(conn, header[4]))
                     assert header[1] == _STATE_REQUEST
                     asked.append((header, length))
                     self.requests += 1

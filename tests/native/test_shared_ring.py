@@ -11,17 +11,18 @@ ops run over rings since they became the default."""
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import socket
 import struct
-import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from engine_harness import DT, HOST, OP, EngineRing, chunk_bounds
+from engine_harness import DT, HOST, OP, EngineRing, chunk_bounds, recv_exact
 
 from pccl_py import _native as nat
 
@@ -94,13 +95,15 @@ def test_every_collective_sends_its_payloads_through_the_ring_once_it_is_up(n: i
     assert sum(tx for _, tx, _ in second) > 0
 
 
-def test_a_peer_with_shared_memory_off_keeps_every_connection_on_tcp() -> None:
+def _pair_all_gathers(hosts: list[str], shared_memory: list[bool]) -> list[int]:
+    """Two engines (on `hosts`), two all-gathers of 4 MB each with exact results: the
+    bytes each engine sent through rings."""
     xs = _inputs(2, COUNT, seed=7)
-    engines = [nat.Engine(peer_id=1 + r, host=HOST, shared_memory=(r == 0)) for r in range(2)]
+    engines = [nat.Engine(peer_id=1 + r, host=hosts[r], shared_memory=shared_memory[r]) for r in range(2)]
     try:
-        ring = [(e.peer_id, HOST, e.port) for e in engines]
+        ring = [(e.peer_id, hosts[r], e.port) for r, e in enumerate(engines)]
         for r, e in enumerate(engines):
-            e.set_ring(1, ring, r, timeout=10.0)
+            e.set_ring(1, ring, r, timeout=10.0)  # each connects to its successor, whose thread answers
         for seq in (1, 2):
             outs = [np.zeros(2 * COUNT, np.float32) for _ in range(2)]
             handles = [
@@ -111,12 +114,22 @@ def test_a_peer_with_shared_memory_off_keeps_every_connection_on_tcp() -> None:
                 h.result()
             for out in outs:
                 np.testing.assert_array_equal(out, np.concatenate(xs))
-            time.sleep(0.1)
-        # Rank 0 offered and was refused; rank 1 never offered.
-        assert [e.shared_memory_bytes for e in engines] == [0, 0]
+            time.sleep(0.1)  # the offers' answers are in before the second op
+        return [e.shared_memory_bytes for e in engines]
     finally:
         for e in engines:
             e.close()
+
+
+def test_a_peer_with_shared_memory_off_keeps_every_connection_on_tcp() -> None:
+    # Rank 0 offers and is refused; rank 1 never offers.
+    assert _pair_all_gathers([HOST, HOST], [True, False]) == [0, 0]
+
+
+def test_engines_on_two_loopback_addresses_use_the_ring() -> None:
+    """Two engines on different loopback addresses are still on one host: the ring is
+    used (what "local" means: loopback, or the socket's own address)."""
+    assert all(sent > 0 for sent in _pair_all_gathers(["127.0.0.1", "127.0.0.2"], [True, True]))
 
 
 @pytest.mark.parametrize("segment_bytes", [40_000, 100_000])
@@ -153,7 +166,7 @@ def test_payloads_that_arrive_before_their_op_wait_in_the_ring() -> None:
         for seq, delay in ((1, 0.0), (2, 0.5), (3, 0.5)):
             bufs = [x.copy() for x in xs]
 
-            def fn(r: int, e: nat.Engine, seq: int = seq, delay: float = delay) -> int:
+            def fn(r: int, e: nat.Engine, seq: int = seq, delay: float = delay, bufs: list = bufs) -> int:
                 if r == 1:
                     time.sleep(delay)
                 before = e.shared_memory_bytes
@@ -179,15 +192,6 @@ _IN_RING = 1
 _PAGE = 4096
 
 
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise EOFError("engine closed the connection")
-        buf += chunk
-    return buf
-
 
 class _FakePeer:
     """Connects to an engine's data port as peer 2000 and speaks frames to it."""
@@ -195,14 +199,14 @@ class _FakePeer:
     def __init__(self, engine: nat.Engine) -> None:
         self.sock = socket.create_connection((HOST, engine.port), timeout=10)
         self.sock.sendall(_HELLO.pack(nat.HELLO_MAGIC, nat.PROTOCOL_VERSION, 2000, 1, 0, 1))
-        _recv_exact(self.sock, _HELLO_ACK.size)
+        recv_exact(self.sock, _HELLO_ACK.size)
 
     def frame(self, type_: int, payload: bytes = b"", *, flags: int = 0, length: int | None = None) -> None:
         size = len(payload) if length is None else length
         self.sock.sendall(_HEADER.pack(nat.FRAME_MAGIC, type_, 0, flags, size, 0, 1, 0, 1, 0) + payload)
 
     def answer(self) -> int:
-        header = _HEADER.unpack(_recv_exact(self.sock, _HEADER.size))
+        header = _HEADER.unpack(recv_exact(self.sock, _HEADER.size))
         assert header[1] == _RING_ANSWER and header[4] == 0, header
         return int(header[2])  # phase: 0 mapped, 1 refused
 
@@ -210,100 +214,64 @@ class _FakePeer:
         self.sock.close()
 
 
-def _memfd_ring(capacity: int, token: bytes) -> tuple[int, mmap.mmap]:
+TOKEN = b"T" * 16
+
+
+@contextlib.contextmanager
+def _fake_peer(shared_memory: bool = True) -> Iterator[tuple[_FakePeer, Callable[..., bytes]]]:
+    """An engine, a fake peer connected to it, and offer(fd=, token=): a RingOffer for a
+    64 KiB memfd ring of this process that holds TOKEN."""
+    capacity = 64 << 10
+    engine = nat.Engine(peer_id=1000, host=HOST, shared_memory=shared_memory)
     fd = os.memfd_create("test-ring")
     os.ftruncate(fd, _PAGE + capacity)
     m = mmap.mmap(fd, _PAGE + capacity)
-    m[:24] = struct.pack("<II16s", _RING_MAGIC, 0, token)
-    return fd, m
+    m[:24] = struct.pack("<II16s", _RING_MAGIC, 0, TOKEN)
+    peer = None
+
+    def offer(*, ring_fd: int = fd, token: bytes = TOKEN) -> bytes:
+        return _OFFER.pack(_RING_MAGIC, os.getpid(), ring_fd, 0, capacity, token)
+
+    try:
+        peer = _FakePeer(engine)
+        yield peer, offer
+    finally:
+        if peer is not None:
+            peer.close()
+        engine.close()
+        m.close()
+        os.close(fd)
 
 
 def test_the_engine_maps_only_a_ring_whose_token_matches() -> None:
-    engine = nat.Engine(peer_id=1000, host=HOST)
-    peer = None
-    fd, m = _memfd_ring(64 << 10, b"T" * 16)
-    try:
-        peer = _FakePeer(engine)
-        peer.frame(_RING_OFFER, _OFFER.pack(_RING_MAGIC, os.getpid(), fd, 0, 64 << 10, b"X" * 16))
+    with _fake_peer() as (peer, offer):
+        peer.frame(_RING_OFFER, offer(token=b"X" * 16))
         assert peer.answer() == 1, "a ring whose token differs was mapped"
-        peer.frame(_RING_OFFER, _OFFER.pack(_RING_MAGIC, os.getpid(), 987654, 0, 64 << 10, b"T" * 16))
+        peer.frame(_RING_OFFER, offer(ring_fd=987654))
         assert peer.answer() == 1, "a file that does not exist was mapped"
-        peer.frame(_RING_OFFER, _OFFER.pack(_RING_MAGIC, os.getpid(), fd, 0, 64 << 10, b"T" * 16))
+        peer.frame(_RING_OFFER, offer())
         assert peer.answer() == 0, "the ring offered was refused"
-        peer.frame(_RING_OFFER, _OFFER.pack(_RING_MAGIC, os.getpid(), fd, 0, 64 << 10, b"T" * 16))
+        peer.frame(_RING_OFFER, offer())
         assert peer.answer() == 1, "a second ring on one connection was mapped"
-    finally:
-        if peer is not None:
-            peer.close()
-        engine.close()
-        m.close()
-        os.close(fd)
 
 
 def test_an_engine_with_shared_memory_off_refuses_every_offer() -> None:
-    engine = nat.Engine(peer_id=1000, host=HOST, shared_memory=False)
-    peer = None
-    fd, m = _memfd_ring(64 << 10, b"T" * 16)
-    try:
-        peer = _FakePeer(engine)
-        peer.frame(_RING_OFFER, _OFFER.pack(_RING_MAGIC, os.getpid(), fd, 0, 64 << 10, b"T" * 16))
+    with _fake_peer(shared_memory=False) as (peer, offer):
+        peer.frame(_RING_OFFER, offer())
         assert peer.answer() == 1
-    finally:
-        if peer is not None:
-            peer.close()
-        engine.close()
-        m.close()
-        os.close(fd)
 
 
 @pytest.mark.parametrize("case", ["no_ring", "bigger_than_ring", "flag_on_control_frame"])
 def test_a_ring_payload_the_engine_cannot_take_closes_the_connection(case: str) -> None:
-    engine = nat.Engine(peer_id=1000, host=HOST)
-    peer = None
-    fd, m = _memfd_ring(64 << 10, b"T" * 16)
-    try:
-        peer = _FakePeer(engine)
+    with _fake_peer() as (peer, offer):
         if case == "no_ring":
             peer.frame(_DATA, flags=_IN_RING, length=8192)
         elif case == "bigger_than_ring":
-            peer.frame(_RING_OFFER, _OFFER.pack(_RING_MAGIC, os.getpid(), fd, 0, 64 << 10, b"T" * 16))
+            peer.frame(_RING_OFFER, offer())
             assert peer.answer() == 0
             peer.frame(_DATA, flags=_IN_RING, length=(64 << 10) + 4096)
         else:
             peer.frame(_RING_ANSWER, flags=_IN_RING)
         peer.sock.settimeout(10)
         with pytest.raises((EOFError, ConnectionResetError)):
-            _recv_exact(peer.sock, 1)
-    finally:
-        if peer is not None:
-            peer.close()
-        engine.close()
-        m.close()
-        os.close(fd)
-
-
-def test_engines_on_two_loopback_addresses_use_the_ring() -> None:
-    """Two engines on different loopback addresses are still on one host: the ring is
-    used (what "local" means: loopback, or the socket's own address)."""
-    xs = _inputs(2, COUNT, seed=3)
-    engines = [nat.Engine(peer_id=1 + r, host=f"127.0.0.{1 + r}") for r in range(2)]
-    try:
-        ring = [(e.peer_id, f"127.0.0.{1 + r}", e.port) for r, e in enumerate(engines)]
-        threads = [threading.Thread(target=e.set_ring, args=(1, ring, r, 10.0)) for r, e in enumerate(engines)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for seq in (1, 2):
-            outs = [np.zeros(2 * COUNT, np.float32) for _ in range(2)]
-            handles = [
-                e.all_to_all(AG, xs[r], outs[r], DT.FLOAT32, OP.SUM, tag=0, seq=seq, timeout=TIMEOUT, vote=True)
-                for r, e in enumerate(engines)
-            ]
-            for h in handles:
-                h.result()
-            time.sleep(0.1)
-        assert all(e.shared_memory_bytes > 0 for e in engines)
-    finally:
-        for e in engines:
-            e.close()
+            recv_exact(peer.sock, 1)
