@@ -449,6 +449,10 @@ PYBIND11_MODULE(_native, m) {
       .def_property_readonly("rx_bytes", &FetchHandle::rxBytes)
       .def_property_readonly("source", &FetchHandle::source);
 
+  m.def("auto_pool_size", &autoPoolSize, py::arg("rtt_seconds"), py::arg("send_buffer_bytes"), py::arg("sharers"),
+        "Connections per pool that connections_per_peer=0 gives a peer at this round trip, with this send\n"
+        "buffer (SO_SNDBUF as the kernel reports it), when `sharers` pools open together for one epoch.");
+
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
       .def(py::init([](uint64_t peerId, const std::string& host, uint16_t port, int connectionsPerPeer,
                        size_t segmentBytes, int socketBufferBytes, size_t mailboxLimitBytes,

@@ -180,6 +180,10 @@ class QuantKind:
     @property
     def value(self) -> int: ...
 
+def auto_pool_size(rtt_seconds: float, send_buffer_bytes: int, sharers: int) -> int:
+    """Connections per pool that connections_per_peer=0 gives a peer at this round trip, with this send
+    buffer (SO_SNDBUF as the kernel reports it), when `sharers` pools open together for one epoch."""
+
 def cuda_available() -> bool:
     """Whether the CUDA kernels can run here (always False when CUDA_BUILT is False)."""
 

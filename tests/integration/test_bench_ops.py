@@ -47,3 +47,5 @@ def test_each_op_runs_checked_next_to_the_others(op: str, compare: tuple[str, ..
     for r in results:
         assert r.op == op and r.to_json()["collective"] == op
         assert r.busbw_gbps == pytest.approx(r.algbw_gbps * bus_factor(3, op))
+        if r.impl == "pccl":  # auto K on loopback: one connection per pool, reported as chosen
+            assert r.pool_sizes == (1,) and r.label.startswith("pccl K=auto(1) ")

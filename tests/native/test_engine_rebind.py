@@ -140,3 +140,19 @@ def test_auto_sized_pools_with_a_secret_handshake_only_what_they_need_and_are_ke
             assert e.connections_opened == n - 1
             assert e.connections_kept == n - 1
         _reduce(ring, list(range(n)), data, 2)
+
+
+@pytest.mark.parametrize(
+    "rtt,sndbuf,sharers,want",
+    [
+        (0.0002, 4 << 20, 1, 1),  # loopback
+        (0.05, 4 << 20, 1, 3),  # one pool (the ring): the whole 1 Gbit/s through it
+        (0.05, 4 << 20, 3, 1),  # N=4, direct algorithms: three pools share the link
+        (0.1, 4 << 20, 3, 2),
+        (0.1, 4 << 20, 1, 5),
+        (0.3, 1 << 20, 1, 8),  # capped at kAutoMaxConnections
+        (0.0, 4 << 20, 1, 1),  # no round trip measured
+    ],
+)
+def test_auto_pool_size_carries_each_pools_share_of_the_link(rtt: float, sndbuf: int, sharers: int, want: int) -> None:
+    assert nat.auto_pool_size(rtt, sndbuf, sharers) == want

@@ -93,6 +93,10 @@ struct Event {
 // connectionsPerPeer == 0 sizes each pool to carry this over the measured round trip.
 constexpr double kAutoTargetBitsPerSecond = 1e9;
 constexpr size_t kAutoMaxConnections = 8;
+// The pool size connectionsPerPeer == 0 gives a peer at `rttSeconds` with a send buffer
+// of `sendBufferBytes` (SO_SNDBUF as the kernel reports it), when `sharers` pools are
+// opened together for one epoch (they share this host's link): Engine::poolSizeFor.
+size_t autoPoolSize(double rttSeconds, size_t sendBufferBytes, size_t sharers);
 // How long a pool kept across a re-ring may wait for the peer's kRebound before it is
 // given up and opened afresh.
 constexpr double kRebindWaitSeconds = 1.0;
@@ -240,13 +244,13 @@ class Engine {
   // older epoch to be confirmed).
   void ensureConnected(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds);
   // The opening itself, under connectMu_.
-  void openMissing(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds);
+  void openMissing(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds, size_t sharers);
   // Opens the missing pools to every other peer of `ring` (ring order from `pos`);
   // returns the ring's peer ids in ring order.
   std::vector<uint64_t> connectToAll(const RingPosition& pos, const std::vector<PeerAddress>& ring,
                                      double timeoutSeconds);
   // The connections a pool needs to carry kAutoTargetBitsPerSecond over `fd`'s round trip.
-  size_t poolSizeFor(int fd) const;
+  size_t poolSizeFor(int fd, size_t sharers) const;
   ScratchBuffer takeScratch(size_t bytes);
   void giveScratch(ScratchBuffer scratch);
 

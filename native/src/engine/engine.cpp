@@ -143,23 +143,33 @@ void Engine::ensureConnected(const PeerAddress& peer, uint64_t epoch, double tim
 }
 
 // How many connections a pool to a peer needs when the size is left to the engine
-// (connectionsPerPeer == 0): enough windows to carry kAutoTargetBitsPerSecond over the
-// measured round trip. One connection carries at most about two thirds of its send
-// buffer per round trip (the rest is the kernel's bookkeeping): with this machine's
-// caps (8 MiB explicit) that is about 450 Mbit/s at 100 ms, 1 connection below ~40 ms.
-size_t Engine::poolSizeFor(int fd) const {
+// (connectionsPerPeer == 0): enough windows to carry this peer's share of
+// kAutoTargetBitsPerSecond over the measured round trip. One connection carries at most
+// about two thirds of its send buffer per round trip (the rest is the kernel's
+// bookkeeping): with this machine's caps (8 MiB explicit) that is about 450 Mbit/s at
+// 100 ms, 1 connection below ~40 ms. `sharers`: the pools opened together, which the
+// epoch's ops use at once (the direct algorithms send to every peer of the ring); they
+// share this host's link, so each needs only its part. At N=4, RTT 50 ms, the default
+// 4 MiB buffers, that is 1 connection per peer instead of 3, which measured up to 1.5x
+// slower for the same 64 MiB all-reduce (docs/benchmarks.md, "Connections per peer").
+size_t autoPoolSize(double rttSeconds, size_t sendBufferBytes, size_t sharers) {
+  if (rttSeconds <= 0 || sendBufferBytes == 0) return 1;
+  const double windowBytes = static_cast<double>(sendBufferBytes) * 2.0 / 3.0;
+  const double share = kAutoTargetBitsPerSecond / static_cast<double>(std::max<size_t>(sharers, 1));
+  const double need = share / 8.0 * rttSeconds / windowBytes;
+  return std::clamp<size_t>(static_cast<size_t>(std::ceil(need)), 1, kAutoMaxConnections);
+}
+
+size_t Engine::poolSizeFor(int fd, size_t sharers) const {
   tcp_info info{};
   socklen_t len = sizeof(info);
   int sndbuf = 0;
   socklen_t blen = sizeof(sndbuf);
-  if (::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0 || info.tcpi_rtt == 0 ||
+  if (::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0 ||
       ::getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &blen) != 0 || sndbuf <= 0) {
     return 1;
   }
-  const double rttSeconds = info.tcpi_rtt * 1e-6;
-  const double windowBytes = sndbuf * 2.0 / 3.0;
-  const double need = kAutoTargetBitsPerSecond / 8.0 * rttSeconds / windowBytes;
-  return std::clamp<size_t>(static_cast<size_t>(std::ceil(need)), 1, kAutoMaxConnections);
+  return autoPoolSize(info.tcpi_rtt * 1e-6, static_cast<size_t>(sndbuf), sharers);
 }
 
 void Engine::ensureConnected(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds) {
@@ -174,7 +184,7 @@ void Engine::ensureConnected(const std::vector<PeerAddress>& targets, uint64_t e
     for (const PeerAddress& peer : targets) (rebinding_.count(PoolKey{peer.peerId, epoch}) ? kept : fresh).push_back(peer);
   }
   const auto since = Clock::now();
-  openMissing(fresh, epoch, timeoutSeconds);
+  openMissing(fresh, epoch, timeoutSeconds, targets.size());
   if (kept.empty()) return;
   {
     const double waitSeconds = std::clamp(timeoutSeconds, 0.0, kRebindWaitSeconds);
@@ -200,10 +210,11 @@ void Engine::ensureConnected(const std::vector<PeerAddress>& targets, uint64_t e
       rebindCv_.wait(lock, settled);  // dropRebinding settles them at once
     }
   }
-  openMissing(kept, epoch, timeoutSeconds);  // given up, or broken since: opened afresh
+  openMissing(kept, epoch, timeoutSeconds, targets.size());  // given up, or broken since: opened afresh
 }
 
-void Engine::openMissing(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds) {
+void Engine::openMissing(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds,
+                         size_t sharers) {
   const bool autoSize = options_.connectionsPerPeer == 0;
   struct Pool {
     const PeerAddress* peer;
@@ -305,7 +316,7 @@ void Engine::openMissing(const std::vector<PeerAddress>& targets, uint64_t epoch
     if (!first) return;
     for (Pool& pool : missing) {
       if (pool.size != 0) continue;
-      pool.size = poolSizeFor(pool.fds[0].get());
+      pool.size = poolSizeFor(pool.fds[0].get(), sharers);
       std::lock_guard<std::mutex> lock(mu_);
       poolSize_[pool.peer->peerId] = pool.size;
     }

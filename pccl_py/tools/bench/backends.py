@@ -67,6 +67,7 @@ class PcclCollective:
         self._direct_max_bytes = params.direct_max_bytes
         self._rsag_min_bytes = params.rsag_min_bytes
         self._seq = 0
+        self._peers: list[int] = []
         self._op = "all_reduce"
         self._in: Any = None
         self._out: Any = None
@@ -86,7 +87,13 @@ class PcclCollective:
         return self._rank
 
     def connect(self, ring: list[tuple[int, str, int]]) -> None:
+        self._peers = [peer for peer, _, _ in ring if peer != self._rank]
         self.engine.set_ring(1, ring, self._rank, timeout=self._timeout)
+
+    def pool_sizes(self) -> list[int]:
+        """The connections per pool to each peer this engine has a pool to (auto K: what
+        the round trip asked for)."""
+        return sorted({self.engine.pool_size(p) for p in self._peers} - {0})
 
     def allocate(self, nbytes: int, in_place: bool, op: str) -> None:
         self._in = self._out = None

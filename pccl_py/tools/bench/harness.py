@@ -75,6 +75,7 @@ class _Group:
         self._conns: list[mpc.Connection] = []
         self._tmpdir: str | None = None
         self._master: Any = None  # impl "comm": the in-process master
+        self.pool_sizes: tuple[int, ...] = ()  # pccl: connections per pool after the last measure()
 
     def start(self, timeout: float) -> None:
         self._tmpdir = tempfile.mkdtemp(prefix="pccl-bench-")
@@ -138,6 +139,7 @@ class _Group:
         self._broadcast(("go",))
         budget = self.op_timeout * (iters + warmup + 1)
         replies = self._gather("times", budget)
+        self.pool_sizes = tuple(sorted({k for r in replies for k in r[2]}))
         per_rank: list[list[float]] = [list(r[1]) for r in replies]
         return [max(ts) for ts in zip(*per_rank, strict=True)]
 
@@ -301,6 +303,7 @@ def _measure_peer_count(
                     segment_bytes=v.segment_bytes,
                     socket_buffer_bytes=cfg.socket_buffer_bytes if v.impl == "pccl" else None,
                     zero_copy=cfg.zero_copy if v.impl == "pccl" else None,
+                    pool_sizes=groups[(v.impl, v.connections)].pool_sizes if v.impl == "pccl" else None,
                     shared_memory=cfg.shared_memory if v.impl == "pccl" else None,
                     quantization=v.quantization,
                     netns_rate_bits=rate,

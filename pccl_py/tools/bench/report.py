@@ -56,6 +56,7 @@ class Result:
     socket_buffer_bytes: int | None = None
     zero_copy: bool | None = None  # pccl only
     shared_memory: bool | None = None  # pccl only
+    pool_sizes: tuple[int, ...] | None = None  # pccl: connections per pool after the runs (auto K: as chosen)
     quantization: str | None = None  # "kind:dtype" (pccl only); algbw is then effective
     netns_rate_bits: int | None = None  # each worker's shaped egress (bits/s); None: loopback
     load1: float | None = None  # the machine's 1-minute load average when the row was measured
@@ -104,7 +105,8 @@ class Result:
         if self.impl != "pccl":
             return self.impl + link
         q = f" q={self.quantization}" if self.quantization else ""
-        return f"pccl K={self.connections or 'auto'} seg={format_size(self.segment_bytes or 0)}{q}{link}"
+        chosen = "auto" if not self.pool_sizes else "auto(" + ",".join(map(str, self.pool_sizes)) + ")"
+        return f"pccl K={self.connections or chosen} seg={format_size(self.segment_bytes or 0)}{q}{link}"
 
     def to_json(self) -> dict[str, Any]:
         ordered = sorted(self.per_iter_max)
@@ -140,6 +142,7 @@ class Result:
             out["socket_buffer_bytes"] = self.socket_buffer_bytes
             out["zero_copy"] = self.zero_copy
             out["shared_memory"] = self.shared_memory
+            out["pool_sizes"] = list(self.pool_sizes) if self.pool_sizes is not None else None
             out["quantization"] = self.quantization
         return out
 

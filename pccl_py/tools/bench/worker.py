@@ -5,7 +5,8 @@ parent asks for and sends back its per-iteration times.
 Parent -> worker:  ("ring", ring | None),
                    ("run", nbytes, iters, warmup, segment_bytes, in_place, quantization | None, op),
                    ("go",), ("stop",)
-Worker -> parent:  ("hello", port | None), ("ready",), ("allocated",), ("times", [seconds]),
+Worker -> parent:  ("hello", port | None), ("ready",), ("allocated",),
+                   ("times", [seconds], [connections per pool, pccl only]),
                    ("error", traceback text)
 """
 
@@ -55,7 +56,8 @@ def _serve(conn: mpc.Connection, coll: Collective, rank: int, world: int) -> Non
             t0 = time.perf_counter()
             run()
             times.append(time.perf_counter() - t0)
-        conn.send(("times", times))
+        pools = coll.pool_sizes() if isinstance(coll, PcclCollective) else []
+        conn.send(("times", times, pools))
 
 
 def worker_main(
