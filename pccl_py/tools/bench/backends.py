@@ -88,7 +88,10 @@ class PcclCollective:
 
     def connect(self, ring: list[tuple[int, str, int]]) -> None:
         self._peers = [peer for peer, _, _ in ring if peer != self._rank]
-        self.engine.set_ring(1, ring, self._rank, timeout=self._timeout)
+        # As the Communicator does: with the direct algorithms on, pools to every peer,
+        # opened together (and, with auto K, sized together).
+        direct = self._direct_max_bytes > 0 or self._rsag_min_bytes > 0
+        self.engine.set_ring(1, ring, self._rank, timeout=self._timeout, connect_all=direct)
 
     def pool_sizes(self) -> list[int]:
         """The connections per pool to each peer this engine has a pool to (auto K: what
