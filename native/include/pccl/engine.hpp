@@ -250,7 +250,7 @@ class Engine {
   std::vector<uint64_t> connectToAll(const RingPosition& pos, const std::vector<PeerAddress>& ring,
                                      double timeoutSeconds);
   // The connections a pool needs to carry kAutoTargetBitsPerSecond over `fd`'s round trip.
-  size_t poolSizeFor(int fd, size_t sharers) const;
+  size_t poolSizeFor(const std::vector<Fd>& fds, size_t sharers) const;
   ScratchBuffer takeScratch(size_t bytes);
   void giveScratch(ScratchBuffer scratch);
 

@@ -160,16 +160,26 @@ size_t autoPoolSize(double rttSeconds, size_t sendBufferBytes, size_t sharers) {
   return std::clamp<size_t>(static_cast<size_t>(std::ceil(need)), 1, kAutoMaxConnections);
 }
 
-size_t Engine::poolSizeFor(int fd, size_t sharers) const {
-  tcp_info info{};
-  socklen_t len = sizeof(info);
+// The round trip is the smallest SYN round trip of the pool's first connections: a
+// lost SYN-ACK makes one sample a second or more (the retransmission timer), which
+// would size the pool for a link ten times longer than it is.
+size_t Engine::poolSizeFor(const std::vector<Fd>& fds, size_t sharers) const {
+  double rttSeconds = 0;
   int sndbuf = 0;
-  socklen_t blen = sizeof(sndbuf);
-  if (::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0 ||
-      ::getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &blen) != 0 || sndbuf <= 0) {
-    return 1;
+  for (const Fd& fd : fds) {
+    tcp_info info{};
+    socklen_t len = sizeof(info);
+    int buf = 0;
+    socklen_t blen = sizeof(buf);
+    if (!fd.valid() || ::getsockopt(fd.get(), IPPROTO_TCP, TCP_INFO, &info, &len) != 0 || info.tcpi_rtt == 0 ||
+        ::getsockopt(fd.get(), SOL_SOCKET, SO_SNDBUF, &buf, &blen) != 0 || buf <= 0) {
+      continue;
+    }
+    const double rtt = info.tcpi_rtt * 1e-6;
+    if (rttSeconds == 0 || rtt < rttSeconds) rttSeconds = rtt;
+    sndbuf = buf;
   }
-  return autoPoolSize(info.tcpi_rtt * 1e-6, static_cast<size_t>(sndbuf), sharers);
+  return autoPoolSize(rttSeconds, static_cast<size_t>(sndbuf), sharers);
 }
 
 void Engine::ensureConnected(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds) {
@@ -275,7 +285,7 @@ void Engine::openMissing(const std::vector<PeerAddress>& targets, uint64_t epoch
   // Every connection of every missing pool opens at once: one after another, each
   // costs its own round trips (connect, then the handshake), K x peers times over on a
   // long link. A pool of unknown size first makes TCP connections (as many as the
-  // largest pool measured so far, or kAutoMaxConnections), the first of which sizes
+  // largest pool measured so far, or kAutoMaxConnections), the quickest of which sizes
   // the pool by its round trip (the kernel's, from the SYN); then their handshakes,
   // and the connects and handshakes of any more it needs, go together: 2 round trips
   // when the guess was enough (the extra connections close before their handshake),
@@ -316,7 +326,7 @@ void Engine::openMissing(const std::vector<PeerAddress>& targets, uint64_t epoch
     if (!first) return;
     for (Pool& pool : missing) {
       if (pool.size != 0) continue;
-      pool.size = poolSizeFor(pool.fds[0].get(), sharers);
+      pool.size = poolSizeFor(pool.fds, sharers);
       std::lock_guard<std::mutex> lock(mu_);
       poolSize_[pool.peer->peerId] = pool.size;
     }
