@@ -151,7 +151,7 @@ void Engine::ensureConnected(const PeerAddress& peer, uint64_t epoch, double tim
 // epoch's ops use at once (the direct algorithms send to every peer of the ring); they
 // share this host's link, so each needs only its part. At N=4, RTT 50 ms, the default
 // 4 MiB buffers, that is 1 connection per peer instead of 3, which measured up to 1.5x
-// slower for the same 64 MiB all-reduce (docs/benchmarks.md, "Connections per peer").
+// slower for the same 64 MiB all-reduce (docs/benchmarks.md, "Auto K by the link's share").
 size_t autoPoolSize(double rttSeconds, size_t sendBufferBytes, size_t sharers) {
   if (rttSeconds <= 0 || sendBufferBytes == 0) return 1;
   const double windowBytes = static_cast<double>(sendBufferBytes) * 2.0 / 3.0;
