@@ -234,7 +234,9 @@ void Engine::openMissing(const std::vector<PeerAddress>& targets, uint64_t epoch
   std::vector<Pool> missing;
   // TCP connects a pool of unknown size starts with: the largest measured so far, or
   // the most a pool may have when nothing was measured yet (a joiner's first pools).
-  size_t guess = 1;
+  // At least two: the pool is sized by the quicker SYN, so one lost SYN-ACK (a sample
+  // of a second or more) does not size it for a link ten times longer.
+  size_t guess = 2;
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (const auto& [id, k] : poolSize_) guess = std::max(guess, k);
