@@ -363,7 +363,6 @@ def _frame(phase: int, length: int, digest: int, offset: int, *, epoch=1, tag=0,
     return _HEADER.pack(_FRAME_MAGIC, 1, phase, 0, length, digest, epoch, tag, seq, offset)
 
 
-
 @pytest.mark.parametrize("split", [False, True], ids=["whole-frame", "split-frame"])
 def test_frame_arriving_across_op_post_is_delivered(split):
     """N=2 with a fake peer on a raw socket. The predecessor's reduce-scatter frame

@@ -249,7 +249,8 @@ class Engine {
   // returns the ring's peer ids in ring order.
   std::vector<uint64_t> connectToAll(const RingPosition& pos, const std::vector<PeerAddress>& ring,
                                      double timeoutSeconds);
-  // The connections a pool needs to carry kAutoTargetBitsPerSecond over `fd`'s round trip.
+  // The connections a pool needs to carry its share of kAutoTargetBitsPerSecond (one of
+  // `sharers` pools) over the quickest round trip of its first connections `fds`.
   size_t poolSizeFor(const std::vector<Fd>& fds, size_t sharers) const;
   ScratchBuffer takeScratch(size_t bytes);
   void giveScratch(ScratchBuffer scratch);

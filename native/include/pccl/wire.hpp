@@ -166,6 +166,10 @@ struct OpKey {
 };
 
 inline OpKey keyOf(const FrameHeader& h) { return OpKey{h.epoch, h.tag, h.seq}; }
+// The frames whose payload may travel in a shared ring (flagged kFrameInRing).
+inline bool mayUseRing(const FrameHeader& h) {
+  return h.type == static_cast<uint8_t>(FrameType::kData) || h.type == static_cast<uint8_t>(FrameType::kStateData);
+}
 // Ops of one tag run in order of (epoch, seq).
 inline bool stepBefore(const OpKey& a, const OpKey& b) {
   return a.epoch < b.epoch || (a.epoch == b.epoch && a.seq < b.seq);

@@ -59,9 +59,7 @@ void Engine::queueFrame(Collective* op, uint64_t peer, size_t stripe, const Fram
 }
 
 void Engine::queueItem(Connection* c, SendItem item) {
-  const bool data = item.header.type == static_cast<uint8_t>(FrameType::kData) ||
-                    item.header.type == static_cast<uint8_t>(FrameType::kStateData);
-  if (data && item.header.length >= kRingMinPayload && !c->ringOffered) offerRing(c);
+  if (!c->ringOffered && item.ringCandidate()) offerRing(c);
   c->sendq.push_back(std::move(item));
   if (!c->dirty) {
     c->dirty = true;
@@ -88,10 +86,9 @@ void Engine::onRingOffer(Connection* c, const std::vector<uint8_t>& payload) {
   std::memcpy(&offer, payload.data(), sizeof(offer));
   // Refused: shared memory is off here, a ring is already mapped, the peer is on
   // another host, or its ring cannot be mapped from here (SharedRing::attach).
-  std::string why;
   bool mapped = false;
   if (options_.sharedMemory && !c->rxRing && c->peerIsLocal()) {
-    c->rxRing = SharedRing::attach(offer, &why);
+    c->rxRing = SharedRing::attach(offer);
     mapped = c->rxRing != nullptr;
   }
   const uint8_t refused = mapped ? 0 : 1;

@@ -24,7 +24,7 @@ bool is(const FrameHeader& h, FrameType type) { return h.type == static_cast<uin
 // type allows.
 bool wellFormed(const FrameHeader& h) {
   if (h.magic != kFrameMagic || h.length > kMaxFramePayload || (h.flags & ~kFrameInRing) != 0) return false;
-  if ((h.flags & kFrameInRing) && !is(h, FrameType::kData) && !is(h, FrameType::kStateData)) return false;
+  if ((h.flags & kFrameInRing) && !mayUseRing(h)) return false;
   switch (static_cast<FrameType>(h.type)) {
     case FrameType::kData:
     case FrameType::kStateData:

@@ -30,9 +30,7 @@ int Connection::write(std::vector<std::shared_ptr<Collective>>& sent, std::atomi
   auto intoRing = [&](SendItem& item) {
     if (item.ringDecided) return;
     item.ringDecided = true;
-    const bool data = item.header.type == static_cast<uint8_t>(FrameType::kData) ||
-                      item.header.type == static_cast<uint8_t>(FrameType::kStateData);
-    if (!data || !txRing || item.header.length < kRingMinPayload) return;
+    if (!txRing || !item.ringCandidate()) return;
     if (!txRing->put(item.data, item.header.length)) return;
     item.inRing = true;
     item.header.flags |= kFrameInRing;

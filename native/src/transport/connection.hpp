@@ -36,6 +36,8 @@ struct SendItem {
   bool ringDecided = false;  // whether the shared ring was asked to take the payload
   bool inRing = false;       // it took it: only the header goes on the stream
 
+  // A payload the shared ring may carry (kFrameInRing is valid on its types only).
+  bool ringCandidate() const { return mayUseRing(header) && header.length >= kRingMinPayload; }
   // Payload bytes that follow the header on the stream.
   uint32_t wireLength() const { return inRing ? 0 : header.length; }
   bool byReference() const { return splice && !inRing; }

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <string>
 
 #include "pccl/errors.hpp"
 #include "pccl/hmac.hpp"
@@ -65,36 +66,27 @@ std::unique_ptr<SharedRing> SharedRing::create(size_t bytes) {
   return std::unique_ptr<SharedRing>(new SharedRing(fd, static_cast<uint8_t*>(map), mapBytes, capacity));
 }
 
-std::unique_ptr<SharedRing> SharedRing::attach(const RingOffer& offer, std::string* why) {
+std::unique_ptr<SharedRing> SharedRing::attach(const RingOffer& offer) {
   if (offer.magic != kRingOfferMagic || offer.ringBytes < kMinRingBytes || offer.ringBytes > kMaxRingBytes ||
       offer.ringBytes % kPage != 0 || offer.fd < 0) {
-    *why = "malformed ring offer";
-    return nullptr;
+    return nullptr;  // malformed
   }
   const std::string path = "/proc/" + std::to_string(offer.pid) + "/fd/" + std::to_string(offer.fd);
   const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
-  if (fd < 0) {
-    *why = "cannot open " + path + ": " + std::strerror(errno);
-    return nullptr;
-  }
+  if (fd < 0) return nullptr;  // another host, pid namespace or user
   const size_t mapBytes = kPage + offer.ringBytes;
   struct stat st{};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || static_cast<size_t>(st.st_size) != mapBytes) {
     ::close(fd);
-    *why = path + " is not a ring of the offered size";
-    return nullptr;
+    return nullptr;  // not a ring of the offered size
   }
   void* map = ::mmap(nullptr, mapBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   ::close(fd);  // the mapping keeps the memory
-  if (map == MAP_FAILED) {
-    *why = "cannot map " + path + ": " + std::strerror(errno);
-    return nullptr;
-  }
+  if (map == MAP_FAILED) return nullptr;
   const RingHeader* header = headerOf(static_cast<uint8_t*>(map));
   if (header->magic != kRingOfferMagic || std::memcmp(header->token, offer.token, kRingTokenBytes) != 0) {
     ::munmap(map, mapBytes);
-    *why = path + " is not the ring offered (the token differs: another host or pid namespace?)";
-    return nullptr;
+    return nullptr;  // not the ring offered (the token differs)
   }
   auto ring = std::unique_ptr<SharedRing>(new SharedRing(-1, static_cast<uint8_t*>(map), mapBytes, offer.ringBytes));
   ring->ready_ = true;

@@ -20,7 +20,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
-#include <string>
 
 namespace pccl {
 
@@ -48,10 +47,10 @@ class SharedRing {
   // The sending side: a fresh ring of `bytes` (rounded to pages). Null when the
   // kernel gives none (no memfd, no memory): the connection then stays on TCP.
   static std::unique_ptr<SharedRing> create(size_t bytes);
-  // The receiving side: maps the ring `offer` names. Null, with `why` set, when it is
+  // The receiving side: maps the ring `offer` names. Null when it is
   // not reachable from here (another host or pid namespace, another user) or is not
   // the ring offered (the token differs).
-  static std::unique_ptr<SharedRing> attach(const RingOffer& offer, std::string* why);
+  static std::unique_ptr<SharedRing> attach(const RingOffer& offer);
   ~SharedRing();
   SharedRing(const SharedRing&) = delete;
   SharedRing& operator=(const SharedRing&) = delete;
