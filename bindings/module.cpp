@@ -457,7 +457,7 @@ PYBIND11_MODULE(_native, m) {
       .def(py::init([](uint64_t peerId, const std::string& host, uint16_t port, int connectionsPerPeer,
                        size_t segmentBytes, int socketBufferBytes, size_t mailboxLimitBytes,
                        const py::bytes& secret, bool zeroCopy, bool prefault, bool sharedMemory,
-                       size_t ringBytes) {
+                       size_t ringBytes, const std::string& congestionControl) {
              EngineOptions o;
              o.peerId = peerId;
              o.listenHost = host;
@@ -465,6 +465,7 @@ PYBIND11_MODULE(_native, m) {
              o.connectionsPerPeer = connectionsPerPeer;
              o.segmentBytes = segmentBytes;
              o.socket.bufferBytes = socketBufferBytes;
+             o.socket.congestionControl = congestionControl;
              o.mailboxLimitBytes = mailboxLimitBytes;
              o.secret = secret;
              o.zeroCopySend = zeroCopy;
@@ -477,7 +478,8 @@ PYBIND11_MODULE(_native, m) {
            py::arg("connections_per_peer") = 1, py::arg("segment_bytes") = 512 << 10,
            py::arg("socket_buffer_bytes") = 0, py::arg("mailbox_limit_bytes") = size_t(256) << 20,
            py::arg("secret") = py::bytes(), py::arg("zero_copy") = true, py::arg("prefault") = true,
-           py::arg("shared_memory") = true, py::arg("ring_bytes") = size_t(8) << 20)
+           py::arg("shared_memory") = true, py::arg("ring_bytes") = size_t(8) << 20,
+           py::arg("congestion_control") = "bbr")
       .def_property_readonly("port", &Engine::port)
       .def("pool_size", &Engine::poolSize, py::arg("peer"),
            "Connections per pool to `peer` (with connections_per_peer=0: what its round trip asked for; 0 before any).")
@@ -485,6 +487,18 @@ PYBIND11_MODULE(_native, m) {
                              "Payload bytes sent by reference (vmsplice + splice) instead of copied.")
       .def_property_readonly("shared_memory_bytes", &Engine::sharedMemoryBytes,
                              "Payload bytes sent through shared-memory rings to peers on this host instead of TCP.")
+      .def_property_readonly(
+          "congestion_control", [](const Engine& e) { return e.transport().congestionControl; },
+          "The TCP congestion control of this engine's data connections (the one asked for, or the host's default).")
+      .def_property_readonly(
+          "congestion_control_note", [](const Engine& e) { return e.transport().congestionNote; },
+          "Why the congestion control asked for is not in use; empty when it is (or none was asked for).")
+      .def_property_readonly(
+          "send_buffer_max", [](const Engine& e) { return e.transport().sendBufferMax; },
+          "The largest send buffer a data connection can have, in the kernel's bytes (about 2/3 carry payload).")
+      .def_property_readonly(
+          "recv_buffer_max", [](const Engine& e) { return e.transport().recvBufferMax; },
+          "The largest receive buffer a data connection can have, in the kernel's bytes.")
       .def_property_readonly("connections_opened", &Engine::connectionsOpened,
                              "Outgoing data-plane connections opened so far (every pool, every epoch).")
       .def_property_readonly("connections_kept", &Engine::connectionsKept,

@@ -305,6 +305,7 @@ class Engine:
         prefault: bool = True,
         shared_memory: bool = True,
         ring_bytes: int = 8388608,
+        congestion_control: str = "bbr",
     ) -> None: ...
     @property
     def port(self) -> int: ...
@@ -315,6 +316,18 @@ class Engine:
     @property
     def shared_memory_bytes(self) -> int:
         """Payload bytes sent through shared-memory rings to peers on this host instead of TCP."""
+    @property
+    def congestion_control(self) -> str:
+        """The TCP congestion control of this engine's data connections (the one asked for, or the host's default)."""
+    @property
+    def congestion_control_note(self) -> str:
+        """Why the congestion control asked for is not in use; empty when it is (or none was asked for)."""
+    @property
+    def send_buffer_max(self) -> int:
+        """The largest send buffer a data connection can have, in the kernel's bytes (about 2/3 carry payload)."""
+    @property
+    def recv_buffer_max(self) -> int:
+        """The largest receive buffer a data connection can have, in the kernel's bytes."""
     @property
     def connections_opened(self) -> int:
         """Outgoing data-plane connections opened so far (every pool, every epoch)."""

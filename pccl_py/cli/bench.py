@@ -189,6 +189,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "rtt=100ms,access=1gbit (1 Gbit/s up and down per host, shared by its pairs; several SPECs run "
         "one after the other); needs root and /dev/net/tun; see docs/wan.md",
     )
+    parser.add_argument(
+        "--wan-cc",
+        choices=wan.CONGESTION_CONTROLS,
+        default=None,
+        help="with --wan: the default TCP congestion control of every emulated host (what gloo's "
+        "connections get; pccl's ask for --congestion-control); default: the machine's",
+    )
+    parser.add_argument(
+        "--congestion-control",
+        default="bbr",
+        metavar="CC",
+        help="pccl and comm: the TCP congestion control of the data connections "
+        "(Config.congestion_control; 'system': the host's default; default: bbr)",
+    )
     parser.add_argument("--skip-pccl", action="store_true", help="run only the --compare implementations")
     parser.add_argument(
         "--json",
@@ -229,6 +243,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         direct_max_bytes=args.direct_max_bytes,
         rsag_min_bytes=args.rsag_min_bytes,
         op=args.op,
+        congestion_control=args.congestion_control,
+        wan_cc=args.wan_cc,
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import zmq
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from pccl_py.config import Config
@@ -86,6 +87,17 @@ class StatusClient:
         return state
 
 
+def transport_text(tcp: dict[str, Any]) -> str:
+    """'bbr, 8/32 MiB' for a peer's "transport" report ('-' before it arrives), '!'
+    after the name where it is not the congestion control the peer asked for."""
+    if not tcp:
+        return "-"
+    mib = 1 << 20
+    cc = tcp.get("cc") or "?"
+    flag = " !" if tcp.get("cc_note") else ""
+    return f"{cc}{flag}, {tcp.get('send_buffer', 0) / mib:.0f}/{tcp.get('recv_buffer', 0) / mib:.0f} MiB"
+
+
 def render(state: dict[str, Any]) -> Group:
     """Rich tables of a status answer (Membership.status() plus the master's address)."""
     peers: dict[str, dict[str, Any]] = state.get("peers", {})
@@ -105,11 +117,18 @@ def render(state: dict[str, Any]) -> Group:
                    "-" if g.get("state_revision") is None else str(g["state_revision"]),
                    " -> ".join(label(p) for p in ring))
     pt = Table(title=f"peers ({len(peers)})", title_justify="left")
-    for col in ("peer", "name", "group", "phase", "data address"):
+    for col in ("peer", "name", "group", "phase", "data address", "tcp (cc, buffers send/recv)"):
         pt.add_column(col, overflow="fold")
+    notes: list[str] = []
     for pid, p in sorted(peers.items(), key=lambda kv: (kv[1].get("group", 0), kv[0])):
-        pt.add_row(pid, p.get("name", ""), str(p.get("group")), str(p.get("phase")), str(p.get("address")))
+        tcp = p.get("transport") or {}
+        pt.add_row(pid, p.get("name", ""), str(p.get("group")), str(p.get("phase")), str(p.get("address")),
+                   transport_text(tcp))
+        if tcp.get("cc_note"):
+            notes.append(f"{label(pid)}: {tcp['cc_note']}; its connections use {tcp.get('cc', '?')}")
     parts: list[Any] = [gt, pt]
+    if notes:
+        parts.append("[yellow]" + "\n".join(escape(n) for n in notes) + "[/]")
     for gid, g in sorted(groups.items(), key=lambda kv: int(kv[0])):
         bandwidth = g.get("bandwidth") or []
         bt = Table(title=f"group {gid}: bandwidth (MB/s, sender -> receiver)", title_justify="left")

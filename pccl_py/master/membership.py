@@ -153,6 +153,13 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         peer.last_seen = now
         return True
 
+    def set_transport(self, peer_id: int, transport: dict[str, Any]) -> None:
+        """What a peer's data connections get from its host (its "transport" message),
+        kept for status()."""
+        peer = self.peers.get(peer_id)
+        if peer is not None:
+            peer.transport = dict(transport)
+
     def vote_topology(self, peer_id: int, now: float, fresh: bool = False) -> list[Effect]:
         """A member called update_topology(). `fresh`: the peer made no other collective
         call since its admission (only pending_peers())."""
@@ -299,6 +306,7 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
                     "address": f"{p.host}:{p.port}",
                     "name": p.name,
                     "phase": p.phase.value,
+                    "transport": dict(p.transport),
                 }
                 for p in self.peers.values()
             },

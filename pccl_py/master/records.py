@@ -68,6 +68,9 @@ class Peer:
     # Membership.rtt_wait after it registered).
     measuring: bool = False
     registered: float = 0.0
+    # What its data connections get from its host (the "transport" message), for
+    # `pccl status`: {"cc", "cc_note", "send_buffer", "recv_buffer"}; empty until told.
+    transport: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -279,6 +279,8 @@ class Master:
                 keys = _op_keys(msg["ops"])
                 self._membership.heartbeat(peer_id, now)
                 await self._apply(self._membership.report_committed(peer_id, keys, now))
+            elif kind == "transport":
+                self._membership.set_transport(peer_id, {k: v for k, v in msg.items() if k not in ("t", "v")})
             elif kind == "leave":
                 await self._apply(self._membership.leave(peer_id, now))
             elif kind == "sync":

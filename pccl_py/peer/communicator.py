@@ -27,6 +27,7 @@ from pccl_py.errors import (
     PcclError,
 )
 from pccl_py.events import EventLog
+from pccl_py.peer import transport
 from pccl_py.peer.allreduce import AllReduceCalls, AllReduceHandle
 from pccl_py.peer.attempts import AttemptCalls
 from pccl_py.peer.control import ControlChannel
@@ -124,7 +125,9 @@ class Communicator(
             zero_copy=cfg.zero_copy,
             prefault=cfg.prefault,
             shared_memory=cfg.shared_memory,
+            congestion_control=transport.engine_congestion_control(cfg.congestion_control),
         )
+        transport.log_facts(self._engine)
         self._control = ControlChannel(
             self._master, cfg, self._session, self._rejoin_restarted_master, on_topology=self._on_topology
         )
@@ -145,6 +148,7 @@ class Communicator(
                 name=self._name,
             )
         )
+        self._control.send(transport.report(self._engine))
         session = self._session
         t_hello = time.monotonic()
 

@@ -10,6 +10,7 @@ import time
 from pccl_py.errors import (
     PcclError,
 )
+from pccl_py.peer import transport
 from pccl_py.peer.contract import PeerCore
 from pccl_py.wire import protocol
 
@@ -38,6 +39,7 @@ class RejoinCalls:
                 )
                 self._session.stop_recovering()
                 control.send(hello)
+                control.send(transport.report(engine))
                 return
             rejoin = protocol.make(
                 "rejoin",
@@ -57,6 +59,7 @@ class RejoinCalls:
                 rsag=topo.rsag,
             )
             control.send(rejoin)
+            control.send(transport.report(engine))
             self._events.emit("rejoin", peer=self.peer_id, epoch=topo.epoch, pending=len(state.pending))
         except PcclError as exc:
             log.error("cannot rejoin the restarted master: %s", exc)

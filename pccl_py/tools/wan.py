@@ -52,7 +52,7 @@ _MTU = 9000
 _TXQUEUELEN = 10000  # the TUN's queue towards the relay: deep, so only the model drops
 _SUBNET_BASE = "10.215"
 _CMD_TIMEOUT = 30.0
-_CC = ("reno", "cubic", "bbr")
+CONGESTION_CONTROLS = ("reno", "cubic", "bbr")  # what WanNet(cc=...) may set in every host
 T = TypeVar("T")
 
 
@@ -138,12 +138,24 @@ def _tcp_mem_text(mem: tuple[int, int, int]) -> str:
     return " ".join(str(v) for v in mem)
 
 
+def _allowed_everywhere(cc: str) -> bool:
+    """Whether a namespace other than the first may default to `cc`: only algorithms the
+    machine allows to everyone (net.ipv4.tcp_allowed_congestion_control, a global
+    setting this module does not change) qualify."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_allowed_congestion_control") as f:
+            return cc in f.read().split()
+    except OSError:
+        return True
+
+
 class WanNet:
     """`hosts` namespaces joined by the relay, every directed link modelled by `link` and
     every host's access link by `host` (None: unlimited).
 
     cc: the TCP congestion control in every host (reno, cubic or bbr; None keeps the
-    machine's). tcp_mem: (min, default, max) bytes for both tcp_rmem and tcp_wmem in every
+    machine's): of every connection between hosts that does not ask for another one
+    itself (TCP_CONGESTION), through the route's congctl. tcp_mem: (min, default, max) bytes for both tcp_rmem and tcp_wmem in every
     host (None keeps the machine's). sysctls: more net.ipv4 sysctls for every host (each
     namespace has its own), e.g. {"net.ipv4.tcp_slow_start_after_idle": "0"}. seed: the loss and jitter RNG. Owns its namespaces,
     TUN devices and relay thread; `close()` (or leaving the `with`) releases them all."""
@@ -160,8 +172,8 @@ class WanNet:
     ) -> None:
         if hosts < 2:
             raise ValueError("a WanNet needs at least 2 hosts")
-        if cc is not None and cc not in _CC:
-            raise ValueError(f"cc must be one of {', '.join(_CC)}, got {cc!r}")
+        if cc is not None and cc not in CONGESTION_CONTROLS:
+            raise ValueError(f"cc must be one of {', '.join(CONGESTION_CONTROLS)}, got {cc!r}")
         self.hosts = hosts
         self.link = link
         self.host = host or HostSpec()
@@ -218,6 +230,12 @@ class WanNet:
             _run("ip", "-n", ns, "link", "set", "lo", "up")
             sysctls = ["net.ipv6.conf.all.disable_ipv6=1"]  # no IPv6 chatter through the relay
             if self.cc is not None:
+                # The route to the other hosts carries it (congctl): it holds for every
+                # connection between hosts that does not ask for another per socket, even
+                # where the namespace may not default to it. The default too, where it may.
+                _run("ip", "-n", ns, "route", "replace", f"{self.subnet}.0/24", "dev", "eth0", "proto", "kernel",
+                     "scope", "link", "src", self.ips[i], "congctl", self.cc)
+            if self.cc is not None and _allowed_everywhere(self.cc):
                 sysctls.append(f"net.ipv4.tcp_congestion_control={self.cc}")
             if self.tcp_mem is not None:
                 sysctls += [f"net.ipv4.tcp_rmem={self.tcp_mem}", f"net.ipv4.tcp_wmem={self.tcp_mem}"]

@@ -14,7 +14,7 @@ import msgpack
 
 from pccl_py.errors import FailureKind, ProtocolError
 
-VERSION = 6
+VERSION = 7
 
 Message = dict[str, Any]
 
@@ -51,6 +51,11 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "answered": _LIST,  # its last pending_peers() answer: [round, index, count] or []
         "rsag": _BOOL,  # its epoch's algorithm choice (the topology's `rsag`): kept if the group re-forms in place
     },
+    # Right after "hello" or "rejoin": what this peer's data connections get from its
+    # host (shown by `pccl status`): the TCP congestion control in use, why it is not
+    # the one asked for ("" when it is), and the largest send and receive buffers a
+    # connection can have (bytes, the kernel's figures).
+    "transport": {"cc": _STR, "cc_note": _STR, "send_buffer": _INT, "recv_buffer": _INT},
     "hb": {},
     # fresh: the caller made no other collective call since it was admitted (a joiner's
     # first update_topology() is the vote that admitted it: docs/protocol.md).

@@ -25,6 +25,7 @@ def test_bus_factors_follow_nccl_tests() -> None:
         ({"op": "all_gather", "quantization": ("minmax:uint8",)}, "all-reduce only"),
         ({"op": "reduce_scatter", "peers": (3,), "sizes": (1024,)}, "split"),
         ({"op": "all_to_all", "peers": (3,), "sizes": (1024,)}, "split"),
+        ({"wan_cc": "cubic"}, "needs --wan"),
     ],
 )
 def test_bad_arguments_are_refused(changes: dict, match: str) -> None:
@@ -39,13 +40,16 @@ def test_bad_arguments_are_refused(changes: dict, match: str) -> None:
      ("all_to_all", ("gloo", "comm"))],
 )
 def test_each_op_runs_checked_next_to_the_others(op: str, compare: tuple[str, ...]) -> None:
+    cc = "reno" if op == "broadcast" else "bbr"  # what pccl's and comm's data connections ask for
     cfg = bench.BenchConfig(
-        peers=(3,), sizes=(3 << 16,), compare=compare, iters=2, warmup=1, op=op, op_timeout=30.0, start_timeout=90.0
+        peers=(3,), sizes=(3 << 16,), compare=compare, iters=2, warmup=1, op=op, op_timeout=30.0, start_timeout=90.0,
+        congestion_control=cc,
     )
     results = bench.run_benchmark(cfg)
     assert sorted(r.impl for r in results) == sorted(("pccl", *compare))
     for r in results:
         assert r.op == op and r.to_json()["collective"] == op
         assert r.busbw_gbps == pytest.approx(r.algbw_gbps * bus_factor(3, op))
+        assert r.to_json().get("congestion_control") == (cc if r.impl in ("pccl", "comm") else None)
         if r.impl == "pccl":  # auto K on loopback: one connection per pool, reported as chosen
             assert r.pool_sizes == (1,) and r.label.startswith("pccl K=auto(1) ")

@@ -538,6 +538,44 @@ class _Peer:
         self._log.close()
 
 
+def _cc_of_connection(net: WanNet, ask: str | None) -> tuple[str, str]:
+    """A TCP connection from host 0 to host 1 (the client asking for `ask` per socket once
+    connected, as the engine does; None: not asking): the congestion control of its
+    client and server ends, as the kernel reports it (TCP_CONGESTION). A route's congctl
+    is applied at connect(), over what a socket asked for before."""
+    server = net.call_in(1, lambda: socket.create_server((net.ips[1], 0)))
+    try:
+        client = net.call_in(0, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        with client:
+            client.settimeout(5)
+            client.connect(server.getsockname())
+            if ask is not None:
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, ask.encode())
+            conn, _ = server.accept()
+            with conn:
+                def name(s: socket.socket) -> str:
+                    return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
+
+                return name(client), name(conn)
+    finally:
+        server.close()
+
+
+def test_hosts_congestion_control(available: None) -> None:
+    """cc= makes it every connection's between hosts, also one the machine does not let
+    a namespace default to (net.ipv4.tcp_allowed_congestion_control, global, untouched):
+    the route carries it. A socket that asks for another one gets that one."""
+    offered = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+    default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    for cc in (c for c in ("reno", "cubic") if c in offered and c != default):
+        with WanNet(2, LinkSpec(rtt_s=0.002), cc=cc) as net:
+            assert _cc_of_connection(net, None) == (cc, cc)
+            other = default if default != cc else "reno"
+            assert _cc_of_connection(net, other)[0] == other
+    with WanNet(2, LinkSpec(rtt_s=0.002)) as net:  # no cc: the machine's default
+        assert _cc_of_connection(net, None) == (default, default)
+
+
 def test_master_and_two_peers_all_reduce_behind_20ms(available: None, tmp_path: Path) -> None:
     import pccl_py as pccl
 

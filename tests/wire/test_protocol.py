@@ -110,9 +110,9 @@ def pack(obj: Any) -> bytes:
 
 
 def test_every_message_type_has_a_schema_and_a_version() -> None:
-    assert protocol.VERSION == 6  # 2: "vote"/"pending" carry "fresh", "blocked", "mismatch"; 3: the master answers "hb";
+    assert protocol.VERSION == 7  # 2: "vote"/"pending" carry "fresh", "blocked", "mismatch"; 3: the master answers "hb";
     # 4: "blocked" may name all_gather, reduce_scatter and broadcast; 5: and all_to_all;
-    # 6: "rejoin" carries the epoch's algorithm choice ("rsag")
+    # 6: "rejoin" carries the epoch's algorithm choice ("rsag"); 7: "transport" 
     assert {"hello", "hb", "vote", "pending", "op", "leave", "status", "blocked"} <= set(TYPES)
     assert {"welcome", "topology", "pending_count", "outcome", "evicted", "error", "status_reply", "mismatch"} <= set(
         TYPES
@@ -126,6 +126,7 @@ DOCUMENTED = {
     "hello": {"peer_id": I, "group": I, "host": S, "port": I, "name": S},
     "rejoin": {"peer_id": I, "group": I, "host": S, "port": I, "name": S, "epoch": I, "ring": L, "round": I,
                "revision": I, "pending": L, "decided": L, "waiting": L, "answered": L, "rsag": B},
+    "transport": {"cc": S, "cc_note": S, "send_buffer": I, "recv_buffer": I},
     "hb": {},
     "vote": {"epoch": I, "fresh": B},
     "pending": {"epoch": I, "query": I, "fresh": B},
@@ -276,7 +277,7 @@ def test_decode_rejects_unknown_or_missing_type(msg: dict[Any, Any]) -> None:
     rejects(pack(msg))
 
 
-@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 5, 7, -1, 2**64 - 1, "6", b"\x06", None, [6]], ids=repr)
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 5, 6, 8, -1, 2**64 - 1, "7", b"\x07", None, [7]], ids=repr)
 @pytest.mark.parametrize("msg_type", ["hb", "hello", "outcome"])
 def test_decode_rejects_wrong_version(msg_type: str, version: Any) -> None:
     msg = sample(msg_type)

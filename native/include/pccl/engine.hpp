@@ -213,6 +213,8 @@ class Engine {
   uint64_t sharedMemoryBytes() const { return ringBytes_.load(std::memory_order_relaxed); }
   // Bytes of receive destinations faulted in ahead of their payloads so far.
   uint64_t prefaultedBytes() const { return prefaulter_.populatedBytes(); }
+  // The congestion control and socket buffers this engine's connections get.
+  const TransportFacts& transport() const { return transport_; }
 
  private:
   struct MailFrame {
@@ -384,6 +386,7 @@ class Engine {
   std::atomic<uint64_t> ringBytes_{0};
   std::atomic<uint64_t> connectionsOpened_{0};
   std::atomic<uint64_t> connectNanos_{0};
+  TransportFacts transport_;
   std::atomic<uint64_t> connectionsKept_{0};
   std::atomic<uint64_t> nextFetchTag_{1};
   std::unordered_map<uint64_t, std::deque<MailFrame>> mailbox_;

@@ -19,7 +19,23 @@ struct PeerAddress {
 
 struct SocketOptions {
   int bufferBytes = 0;  // SO_SNDBUF/SO_RCVBUF; 0 keeps the kernel's autotuning
+  // TCP_CONGESTION of every data connection ("bbr"); empty keeps the host's default.
+  // A host that does not offer it (no module, or not allowed to this process) keeps
+  // its default: see TransportFacts.
+  std::string congestionControl;
 };
+
+// What the data connections get from this host: the congestion control in use, why
+// it is not the one asked for (empty when it is), and the largest send and receive
+// buffers a connection can have (the kernel's figures, which count its bookkeeping:
+// about two thirds carry payload).
+struct TransportFacts {
+  std::string congestionControl;
+  std::string congestionNote;
+  size_t sendBufferMax = 0;
+  size_t recvBufferMax = 0;
+};
+TransportFacts probeTransport(const SocketOptions& options);
 
 // Owns a file descriptor; closes it on destruction.
 class Fd {

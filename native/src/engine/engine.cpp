@@ -36,6 +36,7 @@ Engine::Engine(const EngineOptions& options) : options_(options), prefaulter_(Pr
     throw InvalidArgument("connectionsPerPeer must be in [0, 64] (0: sized from the measured round trip)");
   }
   if (options_.segmentBytes < 64) throw InvalidArgument("segmentBytes must be at least 64");
+  transport_ = probeTransport(options_.socket);
   listenFd_ = listenTcp(options_.listenHost, options_.listenPort, 256);
   port_ = localPort(listenFd_.get());
   epollFd_.reset(::epoll_create1(EPOLL_CLOEXEC));

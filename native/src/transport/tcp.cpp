@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -167,29 +168,89 @@ long readSysctl(const char* path, int index) {
 // tcp_wmem/tcp_rmem's maximum (per network namespace; the kernel's default send maximum
 // is 4 MiB: about 330 Mbit/s through one connection at 100 ms). An explicit size may
 // reach twice net.core.wmem_max/rmem_max instead: where that is larger, ask for it.
-void raiseToExplicitCap(int fd, int option, const char* autoMaxPath, const char* explicitMaxPath) {
+// Returns the largest buffer the socket can have (the kernel's figure).
+size_t raiseToExplicitCap(int fd, int option, const char* autoMaxPath, const char* explicitMaxPath) {
   const long autoMax = readSysctl(autoMaxPath, 2);
   const long explicitMax = readSysctl(explicitMaxPath, 0);
-  if (explicitMax <= 0 || 2 * explicitMax <= autoMax || explicitMax > INT32_MAX) return;
+  if (explicitMax <= 0 || 2 * explicitMax <= autoMax || explicitMax > INT32_MAX) {
+    return static_cast<size_t>(std::max<long>(autoMax, 0));
+  }
   int size = static_cast<int>(explicitMax);  // the kernel doubles it (bookkeeping overhead)
   ::setsockopt(fd, SOL_SOCKET, option, &size, sizeof(size));
+  return static_cast<size_t>(2 * explicitMax);
+}
+
+struct BufferCaps {
+  size_t send = 0;
+  size_t recv = 0;
+};
+
+BufferCaps tuneBuffers(int fd, const SocketOptions& options) {
+  if (options.bufferBytes > 0) {
+    int size = options.bufferBytes;
+    ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));
+    BufferCaps caps;
+    int got = 0;
+    socklen_t len = sizeof(got);
+    if (::getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &got, &len) == 0 && got > 0) caps.send = static_cast<size_t>(got);
+    len = sizeof(got);
+    if (::getsockopt(fd, SOL_SOCKET, SO_RCVBUF, &got, &len) == 0 && got > 0) caps.recv = static_cast<size_t>(got);
+    return caps;
+  }
+  return BufferCaps{
+      raiseToExplicitCap(fd, SO_SNDBUF, "/proc/sys/net/ipv4/tcp_wmem", "/proc/sys/net/core/wmem_max"),
+      raiseToExplicitCap(fd, SO_RCVBUF, "/proc/sys/net/ipv4/tcp_rmem", "/proc/sys/net/core/rmem_max")};
+}
+
+// Asks for the congestion control; returns 0 or the errno of the refusal.
+int setCongestionControl(int fd, const std::string& name) {
+  if (name.empty()) return 0;
+  if (::setsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, name.data(), static_cast<socklen_t>(name.size())) == 0) {
+    return 0;
+  }
+  return errno;
+}
+
+std::string congestionControlOf(int fd) {
+  char name[32] = {};
+  socklen_t len = sizeof(name) - 1;
+  if (::getsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, name, &len) != 0) return "";
+  return std::string(name, ::strnlen(name, len));
 }
 
 }  // namespace
 
+// Called once a connection is established (connected or accepted): a route's congctl
+// is applied at connect() over a congestion control asked for before it.
 void tuneSocket(int fd, const SocketOptions& options) {
   int one = 1;
   ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
   int rtoMax = kRtoMaxMs;
   ::setsockopt(fd, IPPROTO_TCP, TCP_RTO_MAX_MS, &rtoMax, sizeof(rtoMax));
-  if (options.bufferBytes > 0) {
-    int size = options.bufferBytes;
-    ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
-    ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));
-  } else {
-    raiseToExplicitCap(fd, SO_SNDBUF, "/proc/sys/net/ipv4/tcp_wmem", "/proc/sys/net/core/wmem_max");
-    raiseToExplicitCap(fd, SO_RCVBUF, "/proc/sys/net/ipv4/tcp_rmem", "/proc/sys/net/core/rmem_max");
+  setCongestionControl(fd, options.congestionControl);
+  tuneBuffers(fd, options);
+}
+
+TransportFacts probeTransport(const SocketOptions& options) {
+  TransportFacts facts;
+  Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) throw Error("socket(): " + errnoText(errno));
+  const int refused = setCongestionControl(fd.get(), options.congestionControl);
+  facts.congestionControl = congestionControlOf(fd.get());
+  if (refused == EPERM) {
+    facts.congestionNote = options.congestionControl + " is not allowed to this process (add it to "
+                           "net.ipv4.tcp_allowed_congestion_control, or run with CAP_NET_ADMIN)";
+  } else if (refused == ENOENT) {
+    facts.congestionNote = options.congestionControl + " is not available on this host (modprobe tcp_" +
+                           options.congestionControl + ")";
+  } else if (refused != 0) {
+    facts.congestionNote = options.congestionControl + " was refused: " + errnoText(refused);
   }
+  const BufferCaps caps = tuneBuffers(fd.get(), options);
+  facts.sendBufferMax = caps.send;
+  facts.recvBufferMax = caps.recv;
+  return facts;
 }
 
 void sendExact(int fd, const void* data, size_t len, Clock::time_point deadline, uint64_t peer) {

@@ -80,6 +80,7 @@ class PcclCollective:
             socket_buffer_bytes=params.socket_buffer_bytes,
             zero_copy=params.zero_copy,
             shared_memory=params.shared_memory,
+            congestion_control="" if params.congestion_control == "system" else params.congestion_control,
         )
 
     @property
@@ -206,6 +207,7 @@ class CommCollective:
             direct_allreduce_max_bytes=self._params.direct_max_bytes,
             rsag_min_bytes=self._params.rsag_min_bytes,
             shared_memory=self._params.shared_memory,
+            congestion_control=self._params.congestion_control,
         )
         comm = pccl_py.Communicator(master, host=self._host, config=config)
         self.comm = comm.connect(timeout=self._timeout)

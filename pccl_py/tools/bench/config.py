@@ -81,6 +81,9 @@ class PcclParams:
     # pccl and comm: above the direct limit, payloads of at least this go by the direct
     # reduce-scatter + all-gather (Config.rsag_min_bytes; 0: the ring).
     rsag_min_bytes: int = DEFAULT_RSAG_MIN_BYTES
+    # pccl and comm: TCP_CONGESTION of the data connections (Config.congestion_control;
+    # "system": the host's).
+    congestion_control: str = "bbr"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +110,8 @@ class BenchConfig:
     direct_max_bytes: int = DEFAULT_DIRECT_MAX_BYTES  # pccl and comm: see PcclParams
     rsag_min_bytes: int = DEFAULT_RSAG_MIN_BYTES  # pccl and comm: see PcclParams
     op: str = "all_reduce"  # one of OPS
+    congestion_control: str = "bbr"  # pccl and comm: see PcclParams
+    wan_cc: str | None = None  # --wan: every emulated host's default congestion control (None: the machine's)
 
     def validate(self) -> None:
         if self.op not in OPS:
@@ -139,6 +144,8 @@ class BenchConfig:
             raise ValueError("--rsag-min-bytes must not be negative")
         if any(r <= 0 for r in self.netns_rates):
             raise ValueError("--netns-rate must be positive")
+        if self.wan_cc is not None and not self.wan:
+            raise ValueError("--wan-cc sets the emulated hosts' congestion control: it needs --wan")
         if self.netns_rates and self.wan:
             raise ValueError("--netns-rate and --wan cannot be combined: pick one network")
         if self.skip_pccl and not self.compare:

@@ -272,6 +272,7 @@ def _measure_peer_count(
                     shared_memory=cfg.shared_memory,
                     direct_max_bytes=cfg.direct_max_bytes,
                     rsag_min_bytes=cfg.rsag_min_bytes,
+                    congestion_control=cfg.congestion_control,
                 )
                 groups[key] = stack.enter_context(_group(v.impl, world, params, cfg, net))
         for nbytes in cfg.sizes:
@@ -312,6 +313,8 @@ def _measure_peer_count(
                     wan_rate_bits=link.rate_bits if link is not None else None,
                     op=cfg.op,
                     wan_drops=dict(drops[v]) if emulated is not None else None,
+                    congestion_control=cfg.congestion_control if v.impl in ("pccl", "comm") else None,
+                    wan_cc=cfg.wan_cc if link is not None else None,
                 )
                 yield result
 
@@ -342,7 +345,7 @@ def run_benchmark(cfg: BenchConfig, on_result: Callable[[Result], None] | None =
         if cfg.wan:
             # One host per worker rank and one more for the master.
             first = cfg.wan[0]
-            net = net_stack.enter_context(wan.WanNet(max(cfg.peers) + 1, first.link, host=first.host))
+            net = net_stack.enter_context(wan.WanNet(max(cfg.peers) + 1, first.link, host=first.host, cc=cfg.wan_cc))
         for rate in links:
             if isinstance(net, netns.ShapedNet) and rate is not None and rate != net.rate_bits:
                 net.set_rate(rate)

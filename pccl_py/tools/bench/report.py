@@ -64,6 +64,8 @@ class Result:
     wan_rate_bits: int | None = None  # its narrowest rate, pair or access (bits/s; 0: unlimited)
     op: str = "all_reduce"  # the collective (pccl_py.tools.bench.config.OPS)
     wan_drops: dict[str, int] | None = None  # the emulator's drops by cause in this row's runs (warm-ups too)
+    congestion_control: str | None = None  # pccl and comm: what their data connections asked for
+    wan_cc: str | None = None  # --wan: the emulated hosts' default congestion control (None: the machine's)
 
     @property
     def link_key(self) -> tuple[int | None, str | None]:
@@ -136,6 +138,10 @@ class Result:
         }
         if self.wan_drops is not None:
             out["wan_drops"] = self.wan_drops
+        if self.wan is not None:
+            out["wan_cc"] = self.wan_cc
+        if self.congestion_control is not None:
+            out["congestion_control"] = self.congestion_control
         if self.impl == "pccl":
             out["connections"] = self.connections
             out["segment_bytes"] = self.segment_bytes
