@@ -453,6 +453,10 @@ PYBIND11_MODULE(_native, m) {
         "Connections per pool that connections_per_peer=0 gives a peer at this round trip, with this send\n"
         "buffer (SO_SNDBUF as the kernel reports it), when `sharers` pools open together for one epoch.");
 
+  m.def("auto_pacing_rate", &autoPacingRate, py::arg("sharers"), py::arg("pool_size"),
+        "The pacing cap (bytes/s, SO_MAX_PACING_RATE) of each connection of an auto-sized pool of\n"
+        "`pool_size` opened with `sharers` pools; 0: not paced (a pool of one).");
+
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
       .def(py::init([](uint64_t peerId, const std::string& host, uint16_t port, int connectionsPerPeer,
                        size_t segmentBytes, int socketBufferBytes, size_t mailboxLimitBytes,

@@ -184,6 +184,10 @@ def auto_pool_size(rtt_seconds: float, send_buffer_bytes: int, sharers: int) -> 
     """Connections per pool that connections_per_peer=0 gives a peer at this round trip, with this send
     buffer (SO_SNDBUF as the kernel reports it), when `sharers` pools open together for one epoch."""
 
+def auto_pacing_rate(sharers: int, pool_size: int) -> int:
+    """The pacing cap (bytes/s, SO_MAX_PACING_RATE) of each connection of an auto-sized pool of
+    `pool_size` opened with `sharers` pools; 0: not paced (a pool of one)."""
+
 def cuda_available() -> bool:
     """Whether the CUDA kernels can run here (always False when CUDA_BUILT is False)."""
 

@@ -576,6 +576,53 @@ def test_hosts_congestion_control(available: None) -> None:
         assert _cc_of_connection(net, None) == (default, default)
 
 
+def _max_pacing_bits(ss_info: str) -> float | None:
+    """The pacing cap in an `ss -ti` info line ("pacing_rate 1.2Gbps/366.7Mbps"), bits/s."""
+    for word in ss_info.split():
+        if word.startswith("pacing_rate"):
+            continue
+        if "/" in word and word.endswith("bps") and word[0].isdigit():
+            cap = word.split("/")[1][: -len("bps")]
+            scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(cap[-1], 1.0)
+            return float(cap.rstrip("KMG")) * scale
+    return None
+
+
+def test_an_auto_sized_pool_is_paced_at_its_share(available: None) -> None:
+    """Behind 100 ms, the default buffers size a pool at several connections; each is
+    capped (SO_MAX_PACING_RATE) at its part of the share, as the kernel reports it."""
+    import pccl_py._native as nat
+
+    with WanNet(2, LinkSpec(rtt_s=0.1, rate_bits=1_000_000_000)) as net:
+        engines = [net.call_in(i, lambda i=i: nat.Engine(peer_id=i + 1, host=net.ips[i], connections_per_peer=0))
+                   for i in range(2)]
+        try:
+            ring = [(e.peer_id, net.ips[i], e.port) for i, e in enumerate(engines)]
+            threads = [threading.Thread(target=lambda r=r: net.call_in(r, lambda: engines[r].set_ring(1, ring, r,
+                                                                                                       timeout=20)))
+                       for r in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            size = engines[0].pool_size(engines[1].peer_id)
+            want = nat.auto_pacing_rate(1, size) * 8
+            out = subprocess.run(net.exec_prefix(0) + ["ss", "-Htin", "state", "established",
+                                                       f"( dport = :{engines[1].port} )"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout
+            infos = [line for line in out.splitlines() if line.startswith((" ", "\t"))]
+            assert len(infos) == size, out
+            caps = [_max_pacing_bits(info) for info in infos]
+            if want == 0:
+                assert caps == [None] * size, out
+            else:
+                assert size >= 2
+                assert all(c is not None and abs(c - want) < 0.01 * want for c in caps), (want, out)
+        finally:
+            for e in engines:
+                e.close()
+
+
 def test_master_and_two_peers_all_reduce_behind_20ms(available: None, tmp_path: Path) -> None:
     import pccl_py as pccl
 

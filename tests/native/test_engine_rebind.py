@@ -156,3 +156,16 @@ def test_auto_sized_pools_with_a_secret_handshake_only_what_they_need_and_are_ke
 )
 def test_auto_pool_size_carries_each_pools_share_of_the_link(rtt: float, sndbuf: int, sharers: int, want: int) -> None:
     assert nat.auto_pool_size(rtt, sndbuf, sharers) == want
+
+
+@pytest.mark.parametrize(
+    ("sharers", "pool_size", "want"),
+    [
+        (1, 3, 1e9 / 8 * 1.1 / 3),  # N=2 at 100 ms: the whole link over 3 connections
+        (2, 2, 0.5e9 / 8 * 1.1 / 2),  # N=3: half the link each pool
+        (3, 1, 0),  # one connection: its window limits it, not paced
+        (1, 1, 0),
+    ],
+)
+def test_auto_pacing_rate_is_each_connections_part_of_the_share(sharers: int, pool_size: int, want: float) -> None:
+    assert nat.auto_pacing_rate(sharers, pool_size) == pytest.approx(want, abs=1)

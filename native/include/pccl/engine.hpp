@@ -97,6 +97,10 @@ constexpr size_t kAutoMaxConnections = 8;
 // of `sendBufferBytes` (SO_SNDBUF as the kernel reports it), when `sharers` pools are
 // opened together for one epoch (they share this host's link): Engine::poolSizeFor.
 size_t autoPoolSize(double rttSeconds, size_t sendBufferBytes, size_t sharers);
+// The most each connection of an auto-sized pool of `poolSize` sends (SO_MAX_PACING_RATE,
+// bytes/s): its part of the share, with kAutoPacingHeadroom; 0 (not paced) for one.
+constexpr double kAutoPacingHeadroom = 1.1;
+uint64_t autoPacingRate(size_t sharers, size_t poolSize);
 // How long a pool kept across a re-ring may wait for the peer's kRebound before it is
 // given up and opened afresh.
 constexpr double kRebindWaitSeconds = 1.0;

@@ -161,6 +161,20 @@ size_t autoPoolSize(double rttSeconds, size_t sendBufferBytes, size_t sharers) {
   return std::clamp<size_t>(static_cast<size_t>(std::ceil(need)), 1, kAutoMaxConnections);
 }
 
+// A pool of several connections has more window than the path's bandwidth-delay
+// product (each connection's is sized for its part of the share, and rounding up adds
+// more), and BBR lets each connection fill up to twice its estimate of that product:
+// together they overflow a shallow queue at the bottleneck. At N=2 behind a 100 ms,
+// 1 Gbit/s link with a 50 ms queue, 3 connections lost ~1,800 packets per 64 MiB
+// all-reduce and took 0.86 s; each paced at a third of the share (x1.1), none were lost
+// and it took 0.66 s (docs/benchmarks.md, "Pacing a pool at its share"). One connection
+// is limited by its window (or is the whole pool): it is not paced.
+uint64_t autoPacingRate(size_t sharers, size_t poolSize) {
+  if (poolSize < 2) return 0;
+  const double share = kAutoTargetBitsPerSecond / static_cast<double>(std::max<size_t>(sharers, 1));
+  return static_cast<uint64_t>(share / 8.0 * kAutoPacingHeadroom / static_cast<double>(poolSize));
+}
+
 // The round trip is the smallest SYN round trip of the pool's first connections: a
 // lost SYN-ACK makes one sample a second or more (the retransmission timer), which
 // would size the pool for a link ten times longer than it is.
@@ -336,6 +350,12 @@ void Engine::openMissing(const std::vector<PeerAddress>& targets, uint64_t epoch
   };
   wave(true);
   wave(false);
+  for (Pool& pool : missing) {
+    if (options_.connectionsPerPeer != 0) break;
+    const uint64_t rate = autoPacingRate(sharers, pool.size);
+    if (rate == 0) continue;
+    for (Fd& fd : pool.fds) ::setsockopt(fd.get(), SOL_SOCKET, SO_MAX_PACING_RATE, &rate, sizeof(rate));
+  }
   std::vector<std::pair<uint64_t, int>> fds;  // (peer, fd), each pool's in its order
   for (Pool& pool : missing) {
     for (Fd& fd : pool.fds) fds.emplace_back(pool.peer->peerId, fd.release());
