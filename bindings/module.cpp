@@ -90,7 +90,9 @@ class OpHandle {
   }
 
   bool done() const { return op_->done(); }
-  void abort(const std::string& reason) { engine_->abort(op_, reason); }
+  void abort(const std::string& reason, const std::vector<uint64_t>& keepIdleTo) {
+    engine_->abort(op_, reason, keepIdleTo);
+  }
 
  protected:
   // The engine may still write into the caller's buffers: stop it before they go.
@@ -419,7 +421,10 @@ PYBIND11_MODULE(_native, m) {
       .def("result", &OpHandle::result, py::arg("timeout") = py::none(),
            "Wait, then raise the op's error if it failed.")
       .def("done", &OpHandle::done)
-      .def("abort", &OpHandle::abort, py::arg("reason") = "aborted by caller");
+      .def("abort", &OpHandle::abort, py::arg("reason") = "aborted by caller",
+           py::arg("keep_idle_to") = std::vector<uint64_t>{},
+           "Fails the op with Aborted (no-op once it ended). keep_idle_to: the peers of the epoch that\n"
+           "replaces the op's; connections to them that hold nothing of the op stay open for it.");
 
   py::class_<AllReduceHandle, OpHandle>(m, "AllReduceHandle")
       .def("settle", &AllReduceHandle::settle, py::arg("commit"),

@@ -233,7 +233,9 @@ class OpHandle:
         """Wait, then raise the op's error if it failed."""
 
     def done(self) -> bool: ...
-    def abort(self, reason: str = "aborted by caller") -> None: ...
+    def abort(self, reason: str = "aborted by caller", keep_idle_to: Sequence[int] = []) -> None:
+        """Fails the op with Aborted (no-op once it ended). keep_idle_to: the peers of the epoch that
+        replaces the op's; connections to them that hold nothing of the op stay open for it."""
 
 class AllReduceHandle(OpHandle):
     """Handle of Engine.all_reduce; dropping it aborts a running op."""

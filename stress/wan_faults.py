@@ -67,6 +67,8 @@ def worker(master: str, host: str, world: int, elements: int, seconds: float, mo
         if mode != "joiner":
             pccl.join_group(comm, world, timeout=120)
         say({"event": "ready", "peer": comm.peer_id})
+        engine = comm._engine  # the tool reads the engine's connection counters
+        assert engine is not None
         x = np.empty(elements, np.float32)
         end = time.time() + seconds
         while time.time() < end:
@@ -83,7 +85,8 @@ def worker(master: str, host: str, world: int, elements: int, seconds: float, mo
                     return 0  # out of the group (a loop would rejoin here)
                 continue
             say({"event": "call", "t0": t0, "t1": time.time(), "ok": True, "world": info.world_size,
-                 "attempts": info.attempts, "value": float(x[0]), "epoch": info.epoch})
+                 "attempts": info.attempts, "value": float(x[0]), "epoch": info.epoch,
+                 "opened": engine.connections_opened, "kept": engine.connections_kept})
         return 0
     finally:
         comm.close()
@@ -254,6 +257,10 @@ def _report(args: argparse.Namespace, procs: list[PeerProc], t_cut: float, t_hea
                         if hit and hit["ok"] else (f"{hit['error']}: {hit['msg'][:120]}" if hit else "no call returned")),
             "stall_s": round(max(gaps) - usual, 3) if gaps else None,
             "calls_ok_after": sum(1 for r in calls if r["t1"] > t_cut and r["ok"]),
+            # Connections the call that returned first after the cut opened, and kept
+            # from the older epoch (a re-ring keeps idle pools warm), since the call before.
+            **({"opened_by_retry": hit["opened"] - before[-1]["opened"], "kept_by_retry": hit["kept"] - before[-1]["kept"]}
+               if hit and hit["ok"] and before and "opened" in hit and "opened" in before[-1] else {}),
         })
     out = {"case": args.case, "wan": args.wan, "peers": args.peers, "bytes": (args.mib << 20) or (args.kib << 10),
            "outage_s": args.outage if t_heal else None, "hosts": peers}

@@ -220,7 +220,7 @@ class ControlChannel:
         if reaction.resend is not None:
             self._send_now(protocol.encode(reaction.resend))
         for handle in reaction.abort:
-            handle.abort(f"superseded by the master ({msg['t']})")
+            handle.abort(f"superseded by the master ({msg['t']})", keep_idle_to=reaction.keep_idle_to)
         if reaction.rejoin:
             log.warning("the master restarted (incarnation %d); rejoining it", msg["master"])
             previous = self._rejoin_thread

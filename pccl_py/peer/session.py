@@ -54,6 +54,9 @@ class Reaction:
     master incarnation."""
 
     abort: list[Any] = field(default_factory=list)
+    # The ring of the epoch that superseded the aborted ops (a "topology"): connections
+    # to its peers that hold nothing of them stay open, warm, for it (Engine::failOp).
+    keep_idle_to: list[int] = field(default_factory=list)
     resend: protocol.Message | None = None
     rejoin: bool = False
 
@@ -233,6 +236,7 @@ class Session:
         for key in [k for k in self._outcomes if k[0] < msg["epoch"] - 4]:
             del self._outcomes[key]
         reaction.abort = self._doom([k for k in self._inflight if k[0] < msg["epoch"]])
+        reaction.keep_idle_to = [int(p[0]) for p in msg["ring"]]
 
     def _on_outcome(self, msg: protocol.Message, reaction: Reaction) -> None:
         key = (msg["epoch"], msg["tag"], msg["seq"])

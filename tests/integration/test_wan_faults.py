@@ -32,6 +32,9 @@ def test_a_partitioned_peer_raises_and_the_survivors_retry(tmp_path: Path) -> No
         assert h["outcome"].startswith("ok, world 2"), h
         assert h["returned_after_cut_s"] < 6.0, h
         assert h["calls_ok_after"] >= 2, h
+        # Its pool to the other survivor held nothing of the op cut short: kept, warm,
+        # for the retry's epoch instead of opened afresh.
+        assert h["kept_by_retry"] >= 1 and h["opened_by_retry"] == 0, h
 
 
 def test_a_short_outage_evicts_nobody(tmp_path: Path) -> None:

@@ -1,11 +1,14 @@
 """Pools kept across a re-ring (Engine::rebindPools, the kRebind / kRebound frames): a
 new epoch whose ring keeps a peer reuses the whole, idle pool to it instead of opening a
 new one (no connect, no handshake, no slow start); pools to peers that left are closed;
-an op of the older epoch still running when the ring changes fails (as closing its
-pools made it fail) and its pools are opened afresh, so the new epoch's ops never share
-a stream with it. Counted, not timed: Engine.connections_opened / connections_kept."""
+an op of the older epoch still running when the ring changes fails; its pools are kept
+when they hold nothing of it (the peer drops the older epoch's frames that still
+arrive), and opened afresh otherwise, so the new epoch's ops never share a stream with
+half a frame of it. Counted, not timed: Engine.connections_opened / connections_kept."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
@@ -103,7 +106,10 @@ def test_a_re_ring_that_adds_a_peer_opens_only_the_pools_to_it() -> None:
             joiner.close()
 
 
-def test_an_op_still_running_at_a_re_ring_fails_with_its_input_intact_and_its_pool_is_not_kept() -> None:
+def test_an_op_still_running_at_a_re_ring_fails_with_its_input_intact_and_its_idle_pool_is_kept() -> None:
+    """Everything of the op was sent (the peer holds it in its mailbox): its connections
+    hold nothing of it, so they stay warm for the new epoch; the peer drops the frames
+    of the old epoch."""
     k = 2
     with EngineRing(2, connections_per_peer=k) as ring:
         data = _data(2)
@@ -111,12 +117,39 @@ def test_an_op_still_running_at_a_re_ring_fails_with_its_input_intact_and_its_po
         # Rank 0 posts an op of epoch 1 that rank 1 never posts: still running at the re-ring.
         x = data[0].copy()
         h = ring.engines[0].all_reduce(x, x, DT.FLOAT32, OP.SUM, tag=5, seq=0, timeout=30.0, algorithm=RSAG)
+        time.sleep(0.3)  # its frames reach rank 1, which waits for the op to be posted
+        # Both move to the new epoch at once, as a master's topology makes them: rank 1
+        # drops the frames of the old epoch, reads the kRebind behind them and confirms.
+        started = time.monotonic()
+        outcomes = ring.run(lambda r, e: e.set_ring(2, ring.addresses, r, timeout=10.0, connect_all=True),
+                            timeout=20.0)
+        assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+        assert time.monotonic() - started < 0.9  # confirmed, not given up after the rebind wait
+        with pytest.raises(PcclError, match="replaced this op's epoch"):
+            h.result(timeout=5.0)
+        np.testing.assert_array_equal(x, data[0])  # the input is intact
+        assert [e.connections_kept for e in ring.engines] == [k, k]
+        assert [e.connections_opened for e in ring.engines] == [k, k]
+        _reduce(ring, [0, 1], data, 2)
+
+
+def test_an_op_still_sending_at_a_re_ring_fails_with_its_input_intact_and_its_pool_is_not_kept() -> None:
+    """Rank 1's mailbox has no room for the op's frames, so rank 0 still has some to send
+    at the re-ring: that pool is closed (a stream that may hold half a frame of the op
+    never carries the new epoch's), the next epoch opens its own, and it is exact."""
+    k = 2
+    with EngineRing(2, connections_per_peer=k, mailbox_limit_bytes=64 << 10, shared_memory=False) as ring:
+        data = _data(2)
+        _reduce(ring, [0, 1], data, 1)
+        big = np.full(4 << 20, 1.0, np.float32)  # 16 MiB: more than the mailbox and the sockets hold
+        x = big.copy()
+        h = ring.engines[0].all_reduce(x, x, DT.FLOAT32, OP.SUM, tag=5, seq=0, timeout=30.0, algorithm=RSAG)
+        time.sleep(0.3)
         for r, e in enumerate(ring.engines):
             e.set_ring(2, ring.addresses, r, timeout=10.0, connect_all=True)
         with pytest.raises(PcclError):
             h.result(timeout=5.0)
-        np.testing.assert_array_equal(x, data[0])  # the input is intact
-        # Its pool to rank 1 was poisoned, not kept: epoch 2 has a pool of its own.
+        np.testing.assert_array_equal(x, big)  # the input is intact
         assert ring.engines[0].connections_kept == 0
         assert ring.engines[0].live_connections(ring.peer_id(1), 2) == k
         _reduce(ring, [0, 1], data, 2)

@@ -167,7 +167,11 @@ class Engine {
 
   // Fails `op` with AbortedError (no-op if it already finished). Returns at once;
   // waiters wake within one loop turn.
-  void abort(const std::shared_ptr<Collective>& op, const std::string& reason);
+  // Fails `op` with AbortedError. `keepIdleTo`: peers of the epoch that replaces the
+  // op's (a re-ring): their connections stay open where they hold nothing of the op, to
+  // be kept for that epoch (see failOp); empty: the op's peers' connections close.
+  void abort(const std::shared_ptr<Collective>& op, const std::string& reason,
+             const std::vector<uint64_t>& keepIdleTo = {});
 
   // Serves `regions` (entry i = regions[i]) to fetching peers until unexposeState();
   // the memory must stay valid and unchanged until then. Returns the exposure id.
@@ -268,7 +272,10 @@ class Engine {
   void finishIfComplete(Collective* op);
   // Stops faulting in `op`'s destinations; afterwards they are the caller's again.
   void endPrefault(Collective* op);
-  void failOp(Collective* op, ErrorKind kind, const std::string& message, uint64_t peer);
+  // `keepIdleTo`: peers whose connections stay open when none of them holds anything of
+  // the op (a re-ring that keeps them: setRingEpoch); null: close every op peer's.
+  void failOp(Collective* op, ErrorKind kind, const std::string& message, uint64_t peer,
+              const std::vector<uint64_t>* keepIdleTo = nullptr);
   void retire(Collective* op);
   void checkDeadlines();
   void pushEvent(Event event);
@@ -290,6 +297,9 @@ class Engine {
   void closeConnection(Connection* c, ErrorKind kind, const std::string& reason, bool quiet);
   // Closes the connections to `peer` of epochs in [minEpoch, maxEpoch].
   void closePeer(uint64_t peer, uint64_t minEpoch, uint64_t maxEpoch, ErrorKind kind, const std::string& reason);
+  // Whether every connection to `peer` of epochs in [minEpoch, maxEpoch] is idle: nothing
+  // queued, half written or half read (the test rebindPools keeps a pool by).
+  bool idleTo(uint64_t peer, uint64_t minEpoch, uint64_t maxEpoch) const;
   void failReadersByReference(Connection* c);
   void resumePaused();
   // Keeps whole, idle pools of older epochs to peers of `ring` for `epoch` (kRebind);

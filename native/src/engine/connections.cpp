@@ -239,6 +239,22 @@ void Engine::closePeer(uint64_t peer, uint64_t minEpoch, uint64_t maxEpoch, Erro
   for (Connection* c : doomed) closeConnection(c, kind, reason, /*quiet=*/true);
 }
 
+namespace {
+
+bool idle(const Connection& c) {
+  return !c.dead && !c.paused && c.sendq.empty() && c.headSent == 0 && c.pipeBytes == 0 && c.headerGot == 0 &&
+         c.sink == Connection::Sink::kNone;
+}
+
+}  // namespace
+
+bool Engine::idleTo(uint64_t peer, uint64_t minEpoch, uint64_t maxEpoch) const {
+  for (const auto& [fd, c] : connections_) {
+    if (c->peer == peer && !c->dead && c->epoch >= minEpoch && c->epoch <= maxEpoch && !idle(*c)) return false;
+  }
+  return true;
+}
+
 void Engine::rebindPools(uint64_t epoch, const std::vector<uint64_t>& ring) {
   auto inRing = [&](uint64_t peer) {
     return peer != options_.peerId && std::find(ring.begin(), ring.end(), peer) != ring.end();
@@ -262,12 +278,9 @@ void Engine::rebindPools(uint64_t epoch, const std::vector<uint64_t>& ring) {
       }
       if (rebinding_.count(PoolKey{it->first, epoch})) want = 0;  // (one pool per epoch)
     }
-    bool idle = want != 0 && pool.size() == want && !outgoing_.count(PoolKey{it->first, epoch});
-    for (Connection* c : pool) {
-      idle = idle && !c->dead && !c->paused && c->sendq.empty() && c->headSent == 0 && c->pipeBytes == 0 &&
-             c->headerGot == 0 && c->sink == Connection::Sink::kNone;
-    }
-    it = idle ? std::next(it) : keep.erase(it);
+    bool whole = want != 0 && pool.size() == want && !outgoing_.count(PoolKey{it->first, epoch});
+    for (Connection* c : pool) whole = whole && idle(*c);
+    it = whole ? std::next(it) : keep.erase(it);
   }
   std::vector<Connection*> old;
   for (auto& [fd, c] : connections_) {

@@ -496,9 +496,12 @@ void Engine::settle(const std::shared_ptr<Collective>& op, bool commit) {
   giveScratch(op->releaseScratch());
 }
 
-void Engine::abort(const std::shared_ptr<Collective>& op, const std::string& reason) {
+void Engine::abort(const std::shared_ptr<Collective>& op, const std::string& reason,
+                   const std::vector<uint64_t>& keepIdleTo) {
   try {
-    post([this, op, reason] { failOp(op.get(), ErrorKind::kAborted, "aborted: " + reason, kNoPeer); });
+    post([this, op, reason, keepIdleTo] {
+      failOp(op.get(), ErrorKind::kAborted, "aborted: " + reason, kNoPeer, keepIdleTo.empty() ? nullptr : &keepIdleTo);
+    });
   } catch (const AbortedError&) {
     // Engine closed: every op has already been failed.
   }
@@ -609,7 +612,7 @@ void Engine::setRingEpoch(uint64_t epoch, const std::vector<uint64_t>& ring) {
   }
   for (auto& op : stale) {
     failOp(op.get(), ErrorKind::kAborted, "epoch " + std::to_string(currentEpoch_) + " replaced this op's epoch",
-           kNoPeer);
+           kNoPeer, &ring);
   }
   // Pools of older epochs never carry another frame of theirs: kept for this one, or closed.
   rebindPools(currentEpoch_, ring);
@@ -625,6 +628,9 @@ void Engine::setRingEpoch(uint64_t epoch, const std::vector<uint64_t>& ring) {
     }
     it = box.empty() ? mailbox_.erase(it) : std::next(it);
   }
+  // A connection paused on an early frame of an older epoch's op reads on: the frame
+  // is stale now (discarded), and what follows it (a peer's kRebind) is wanted.
+  resumePaused();
 }
 
 void Engine::pushEvent(Event event) {
@@ -740,7 +746,8 @@ void Engine::retire(Collective* op) {
   }
 }
 
-void Engine::failOp(Collective* op, ErrorKind kind, const std::string& message, uint64_t peer) {
+void Engine::failOp(Collective* op, ErrorKind kind, const std::string& message, uint64_t peer,
+                    const std::vector<uint64_t>* keepIdleTo) {
   if (op->state() != OpState::kRunning) return;
   auto keep = op->shared_from_this();
   // The caller sees the failure only once the connections are closed (below): from then
@@ -754,15 +761,23 @@ void Engine::failOp(Collective* op, ErrorKind kind, const std::string& message, 
   } publishAtEnd{op};
   retire(op);
   // Poison: the neighbours' streams may hold frames of this op mid-flight.
+  // A re-ring's peers whose connections hold nothing of the op keep them, warm, for the
+  // new epoch (rebindPools): every frame of the op that still arrives is of an older
+  // epoch than the engine's, so it is discarded, and nothing of it is left to send.
   struct Ctx {
     Engine* self;
     Collective* op;
     ErrorKind kind;
     std::string message;
-  } ctx{this, op, kind, message};
+    const std::vector<uint64_t>* keepIdleTo;
+  } ctx{this, op, kind, message, keepIdleTo};
   op->forEachPeer(
       [](void* p, uint64_t id) {
         auto* x = static_cast<Ctx*>(p);
+        if (x->keepIdleTo != nullptr && std::find(x->keepIdleTo->begin(), x->keepIdleTo->end(), id) != x->keepIdleTo->end() &&
+            x->self->idleTo(id, x->op->poisonFloor(), x->op->key().epoch)) {
+          return;
+        }
         // Tell the neighbour which op failed and why (where the stream allows it), then
         // close: a neighbour that posts the op later fails at once with the reason.
         for (auto& [fd, c] : x->self->connections_) {
