@@ -18,12 +18,10 @@ class Config:
     # it; the master evicts a peer it has not heard from for `heartbeat_timeout` seconds
     # (a hung or partitioned peer), and a peer that has not heard the master for as long
     # over a live connection knows it is cut off (Partitioned). The master's values win.
-    # 0.5 / 1.6 s: a 300 ms round trip with jitter, or a heartbeat retransmitted once,
-    # never comes near it (no eviction in 10 minutes at 300 ms with 20 ms jitter), and a
-    # peer partitioned mid-op is evicted within 1.6 s, so the survivors' retry of a
-    # 64 MiB all-reduce at 100 ms ends within 3 s of the cut (docs/wan.md).
+    # 0.5 / 2 s: a 300 ms round trip with jitter never comes near it, and a partition
+    # is detected in 2 s.
     heartbeat_interval: float = 0.5
-    heartbeat_timeout: float = 1.6
+    heartbeat_timeout: float = 2.0
     # Per-op default timeout (seconds) for collectives, and for connect/admission.
     op_timeout: float = 120.0
     connect_timeout: float = 30.0
