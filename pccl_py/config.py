@@ -34,8 +34,9 @@ class Config:
     socket_buffer_bytes: int = 0
     # TCP congestion control of every data connection (TCP_CONGESTION). BBR keeps a long
     # link full under random loss and across the collectives' stop-and-go, where a
-    # loss-based one (cubic, reno: most hosts' default) backs off: with cubic hosts,
-    # 64 MiB at N=4 behind a 100 ms link went from 0.40 of the link to 1.1 with it. Where
+    # loss-based one (cubic, reno: most hosts' default) backs off: on cubic hosts, 64 MiB
+    # at N=4 behind a 100 ms link runs at 0.96 of the link with it, and 0.51-0.57 with
+    # 1% loss, where cubic connections got 0.02 (docs/benchmarks.md). Where
     # the host does not offer it to this process, the host's default is kept and a
     # warning says how to allow it. "system" (or ""): always the host's default.
     congestion_control: str = "bbr"

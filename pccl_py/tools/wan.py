@@ -155,8 +155,8 @@ class WanNet:
 
     cc: the TCP congestion control in every host (reno, cubic or bbr; None keeps the
     machine's): of every connection between hosts that does not ask for another one
-    itself (TCP_CONGESTION), through the route's congctl. tcp_mem: (min, default, max) bytes for both tcp_rmem and tcp_wmem in every
-    host (None keeps the machine's). sysctls: more net.ipv4 sysctls for every host (each
+    itself (TCP_CONGESTION), through the route's congctl. tcp_mem: (min, default, max)
+    bytes for both tcp_rmem and tcp_wmem in every host (None keeps the machine's). sysctls: more net.ipv4 sysctls for every host (each
     namespace has its own), e.g. {"net.ipv4.tcp_slow_start_after_idle": "0"}. seed: the loss and jitter RNG. Owns its namespaces,
     TUN devices and relay thread; `close()` (or leaving the `with`) releases them all."""
 

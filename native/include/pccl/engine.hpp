@@ -166,10 +166,9 @@ class Engine {
   void settle(const std::shared_ptr<Collective>& op, bool commit);
 
   // Fails `op` with AbortedError (no-op if it already finished). Returns at once;
-  // waiters wake within one loop turn.
-  // Fails `op` with AbortedError. `keepIdleTo`: peers of the epoch that replaces the
-  // op's (a re-ring): their connections stay open where they hold nothing of the op, to
-  // be kept for that epoch (see failOp); empty: the op's peers' connections close.
+  // waiters wake within one loop turn. `keepIdleTo`: peers of the epoch that replaces
+  // the op's (a re-ring): their connections stay open where they hold nothing of the op,
+  // to be kept for that epoch (see failOp); empty: the op's peers' connections close.
   void abort(const std::shared_ptr<Collective>& op, const std::string& reason,
              const std::vector<uint64_t>& keepIdleTo = {});
 

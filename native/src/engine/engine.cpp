@@ -37,6 +37,8 @@ Engine::Engine(const EngineOptions& options) : options_(options), prefaulter_(Pr
   }
   if (options_.segmentBytes < 64) throw InvalidArgument("segmentBytes must be at least 64");
   transport_ = probeTransport(options_.socket);
+  // A congestion control the host refused is not asked for again on every connection.
+  if (!transport_.congestionNote.empty()) options_.socket.congestionControl.clear();
   listenFd_ = listenTcp(options_.listenHost, options_.listenPort, 256);
   port_ = localPort(listenFd_.get());
   epollFd_.reset(::epoll_create1(EPOLL_CLOEXEC));
@@ -774,10 +776,9 @@ void Engine::failOp(Collective* op, ErrorKind kind, const std::string& message, 
   op->forEachPeer(
       [](void* p, uint64_t id) {
         auto* x = static_cast<Ctx*>(p);
-        if (x->keepIdleTo != nullptr && std::find(x->keepIdleTo->begin(), x->keepIdleTo->end(), id) != x->keepIdleTo->end() &&
-            x->self->idleTo(id, x->op->poisonFloor(), x->op->key().epoch)) {
-          return;
-        }
+        const auto* keep = x->keepIdleTo;
+        const bool stays = keep != nullptr && std::find(keep->begin(), keep->end(), id) != keep->end();
+        if (stays && x->self->idleTo(id, x->op->poisonFloor(), x->op->key().epoch)) return;
         // Tell the neighbour which op failed and why (where the stream allows it), then
         // close: a neighbour that posts the op later fails at once with the reason.
         for (auto& [fd, c] : x->self->connections_) {

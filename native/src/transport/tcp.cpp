@@ -185,18 +185,14 @@ struct BufferCaps {
   size_t recv = 0;
 };
 
+// Sets the buffers; returns the largest each can grow to where the kernel's limits say
+// (autotuning or the explicit cap), zero where an explicit size was set (read it back).
 BufferCaps tuneBuffers(int fd, const SocketOptions& options) {
   if (options.bufferBytes > 0) {
     int size = options.bufferBytes;
     ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
     ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));
-    BufferCaps caps;
-    int got = 0;
-    socklen_t len = sizeof(got);
-    if (::getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &got, &len) == 0 && got > 0) caps.send = static_cast<size_t>(got);
-    len = sizeof(got);
-    if (::getsockopt(fd, SOL_SOCKET, SO_RCVBUF, &got, &len) == 0 && got > 0) caps.recv = static_cast<size_t>(got);
-    return caps;
+    return BufferCaps{};
   }
   return BufferCaps{
       raiseToExplicitCap(fd, SO_SNDBUF, "/proc/sys/net/ipv4/tcp_wmem", "/proc/sys/net/core/wmem_max"),
@@ -250,6 +246,13 @@ TransportFacts probeTransport(const SocketOptions& options) {
   const BufferCaps caps = tuneBuffers(fd.get(), options);
   facts.sendBufferMax = caps.send;
   facts.recvBufferMax = caps.recv;
+  if (options.bufferBytes > 0) {  // the kernel's figure for the size asked (doubled, capped)
+    int got = 0;
+    socklen_t len = sizeof(got);
+    if (::getsockopt(fd.get(), SOL_SOCKET, SO_SNDBUF, &got, &len) == 0 && got > 0) facts.sendBufferMax = got;
+    len = sizeof(got);
+    if (::getsockopt(fd.get(), SOL_SOCKET, SO_RCVBUF, &got, &len) == 0 && got > 0) facts.recvBufferMax = got;
+  }
   return facts;
 }
 

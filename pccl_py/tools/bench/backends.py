@@ -10,6 +10,7 @@ import datetime as _dt
 import os
 from typing import Any, Protocol
 
+from pccl_py.peer.transport import engine_congestion_control
 from pccl_py.tools.bench.config import DEFAULT_SEGMENT_BYTES, FLOAT32_BYTES, BenchError, PcclParams
 
 
@@ -80,7 +81,7 @@ class PcclCollective:
             socket_buffer_bytes=params.socket_buffer_bytes,
             zero_copy=params.zero_copy,
             shared_memory=params.shared_memory,
-            congestion_control="" if params.congestion_control == "system" else params.congestion_control,
+            congestion_control=engine_congestion_control(params.congestion_control),
         )
 
     @property
