@@ -116,6 +116,9 @@ def main() -> None:
             ),
             flush=True,
         )
+    # Every rank reaches the end before any tears its connections down: a rank whose
+    # peers have already closed theirs can abort inside gloo's teardown.
+    dist.barrier()
     dist.destroy_process_group()
     if rank == 0 and not args.bench:
         print(f"done: {args.steps} steps on {world} ranks with {args.backend}; loss {loss.item():.4f}", flush=True)

@@ -63,8 +63,17 @@ def test_pccl_url_uses_an_external_master() -> None:
 def _train(tmp_path: Path, backend: str, world: int, steps: int, *extra: str) -> list[dict[str, torch.Tensor]]:
     prefix = tmp_path / f"{backend}-{world}"
     argv = [str(EXAMPLE), "--backend", backend, "--steps", str(steps), "--save", str(prefix), *extra]
-    results = launch(world, argv, timeout=240)
-    failed = [f"{backend} rank {rank} exited with {code}:\n{err[-3000:]}" for rank, (code, _, err) in enumerate(results) if code != 0]
+
+    def run() -> list[str]:
+        results = launch(world, argv, timeout=240)
+        return [f"{backend} rank {rank} exited with {code}:\n{err[-3000:]}" for rank, (code, _, err) in enumerate(results) if code != 0]
+
+    failed = run()
+    if failed and backend == "gloo":
+        # gloo is the yardstick here, not the code under test: a rare abort in its own
+        # teardown ("terminate called without an active exception", seen once in CI) gets
+        # one rerun. A pccl run is never rerun.
+        failed = run()
     assert not failed, "\n\n".join(failed)  # every rank's tail: the first to fail is often not rank 0
     return [torch.load(f"{prefix}.rank{r}.pt") for r in range(world)]
 
