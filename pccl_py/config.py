@@ -18,10 +18,15 @@ class Config:
     # it; the master evicts a peer it has not heard from for `heartbeat_timeout` seconds
     # (a hung or partitioned peer), and a peer that has not heard the master for as long
     # over a live connection knows it is cut off (Partitioned). The master's values win.
-    # 0.5 / 2 s: a 300 ms round trip with jitter never comes near it, and a partition
-    # is detected in 2 s.
-    heartbeat_interval: float = 0.5
-    heartbeat_timeout: float = 2.0
+    # Each heartbeat goes twice: over the control connection and as a UDP datagram
+    # (pccl_py.wire.beats), which no retransmission delays after an outage, so an
+    # outage shorter than the timeout evicts nobody. 0.25 / 1.5 s: a partition is
+    # detected in 1.5 s, and a 300 ms round trip with jitter never comes near it. A
+    # peer whose datagrams do not get through (UDP filtered, or
+    # `heartbeat_datagrams=False`) is judged by its TCP heartbeats with 1 s more.
+    heartbeat_interval: float = 0.25
+    heartbeat_timeout: float = 1.5
+    heartbeat_datagrams: bool = True
     # Per-op default timeout (seconds) for collectives, and for connect/admission.
     op_timeout: float = 120.0
     connect_timeout: float = 30.0
@@ -98,7 +103,7 @@ class Config:
     topology_solve_seconds: float = 0.5
     # Master restart: a (re)started master holds the first admission of a group this
     # long, so members of a run it must take over can rejoin before a newcomer founds
-    # the group afresh. `pccl master` sets it to two heartbeat intervals by default.
+    # the group afresh. `pccl master` sets it to four heartbeat intervals (1 s) by default.
     startup_grace: float = 0.0
     # Structured JSON-lines event log (membership changes, op outcomes); None: off.
     event_log: str | None = None

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--startup-grace",
         type=float,
         help="seconds a (re)started master waits for the members of a running group to rejoin before "
-        "it founds the group afresh from new peers (default: two heartbeat intervals)",
+        "it founds the group afresh from new peers (default: four heartbeat intervals, 1 s)",
     )
     parser.add_argument("--secret-file", help="file holding the shared secret (default: $PCCL_SECRET)")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free port)")
@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
         heartbeat_timeout=args.heartbeat_timeout,
         event_log=args.event_log,
     )
-    grace = args.startup_grace if args.startup_grace is not None else 2 * config.heartbeat_interval
+    grace = args.startup_grace if args.startup_grace is not None else 4 * config.heartbeat_interval
     config = config.replace(startup_grace=grace)
     try:
         secret = auth.read_secret_file(args.secret_file) if args.secret_file else auth.normalize_secret(config.secret)

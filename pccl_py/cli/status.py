@@ -117,13 +117,13 @@ def render(state: dict[str, Any]) -> Group:
                    "-" if g.get("state_revision") is None else str(g["state_revision"]),
                    " -> ".join(label(p) for p in ring))
     pt = Table(title=f"peers ({len(peers)})", title_justify="left")
-    for col in ("peer", "name", "group", "phase", "data address", "tcp (cc, buffers send/recv)"):
+    for col in ("peer", "name", "group", "phase", "data address", "tcp (cc, buffers send/recv)", "heartbeats"):
         pt.add_column(col, overflow="fold")
     notes: list[str] = []
     for pid, p in sorted(peers.items(), key=lambda kv: (kv[1].get("group", 0), kv[0])):
         tcp = p.get("transport") or {}
         pt.add_row(pid, p.get("name", ""), str(p.get("group")), str(p.get("phase")), str(p.get("address")),
-                   transport_text(tcp))
+                   transport_text(tcp), "udp + tcp" if p.get("datagrams") else "tcp only (+1 s)")
         if tcp.get("cc_note"):
             notes.append(f"{label(pid)}: {tcp['cc_note']}; its connections use {tcp.get('cc', '?')}")
     parts: list[Any] = [gt, pt]

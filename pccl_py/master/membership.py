@@ -66,7 +66,7 @@ from pccl_py.master.records import (
 )
 from pccl_py.master.recovery import RecoveryRules
 from pccl_py.master.syncing import SyncRules
-from pccl_py.wire import protocol
+from pccl_py.wire import beats, protocol
 
 __all__ = [
     "Blocked", "Effect", "Group", "Log", "Membership", "OpKey", "OpRecord", "Peer", "Phase", "Recovery",
@@ -96,7 +96,8 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         self.solve_seconds = solve_seconds  # time budget of the ring heuristic (N > 10)
         self.incarnation = incarnation  # this master's random id: peers tell a restart by it
         # How long a re-forming group waits for missing members after the first rejoin.
-        self.recovery_wait = heartbeat_timeout if recovery_wait is None else recovery_wait
+        # Rejoins travel over TCP: the heartbeat timeout plus a retransmission's wait.
+        self.recovery_wait = heartbeat_timeout + beats.STREAM_ALLOWANCE if recovery_wait is None else recovery_wait
         # A restarted master gives the members of its groups this long to rejoin before it
         # forms a group afresh from new peers (monotonic time; 0: admit at once).
         self.hold_until = hold_first_admission_until
@@ -106,7 +107,10 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         self.rsag_min_rtt = rsag_min_rtt
         # A vote that admits peers waits this long at most for their round trips (they
         # decide the new epoch's algorithm); 0 when the choice needs none.
-        self.rtt_wait = heartbeat_interval if rsag_min_rtt > 0 else 0.0
+        self.rtt_wait = 2 * heartbeat_interval if rsag_min_rtt > 0 else 0.0
+        # The master's UDP port for heartbeat datagrams (the server sets it once bound;
+        # 0: none), named in every welcome.
+        self.beat_port = 0
         self.peers: dict[int, Peer] = {}
         self.groups: dict[int, Group] = {}
         self._departed: dict[int, str] = {}  # peer -> cause ("left", "crashed", "hung"), recent only
@@ -125,19 +129,7 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         admit_now = not g.ring
         if g.recovery is not None or now < self.hold_until:
             admit_now = False  # its members may be coming back: the newcomer waits
-        effects.append(
-            Send(
-                peer_id,
-                protocol.make(
-                    "welcome",
-                    peer_id=peer_id,
-                    heartbeat_interval=self.heartbeat_interval,
-                    heartbeat_timeout=self.heartbeat_timeout,
-                    admitted=admit_now,
-                    master=self.incarnation,
-                ),
-            )
-        )
+        effects.append(Send(peer_id, self.welcome(peer_id, admit_now)))
         if admit_now:
             effects += self._admit_pending(g, "first peers of the group")
         else:
@@ -146,12 +138,39 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
             pass
         return effects
 
+    def welcome(self, peer_id: int, admitted: bool) -> protocol.Message:
+        return protocol.make(
+            "welcome",
+            peer_id=peer_id,
+            heartbeat_interval=self.heartbeat_interval,
+            heartbeat_timeout=self.heartbeat_timeout,
+            admitted=admitted,
+            master=self.incarnation,
+            beat_port=self.beat_port,
+            beat_token=self.peers[peer_id].beat_token,
+        )
+
     def heartbeat(self, peer_id: int, now: float) -> bool:
         peer = self.peers.get(peer_id)
         if peer is None:
             return False
         peer.last_seen = now
         return True
+
+    def beat_datagram(self, peer_id: int, token: bytes, now: float) -> bool:
+        """A heartbeat datagram claiming to be from `peer_id` (pccl_py.wire.beats):
+        counted, and to be answered, only with that peer's token."""
+        peer = self.peers.get(peer_id)
+        if peer is None or not beats.same_token(token, peer.beat_token):
+            return False
+        peer.last_seen = max(peer.last_seen, now)
+        peer.datagrams = True
+        return True
+
+    def heartbeat_deadline(self, peer: Peer) -> float:
+        """How long `peer` may stay silent: the timeout, plus a retransmission's wait
+        while its heartbeats arrive only over TCP."""
+        return self.heartbeat_timeout + (0.0 if peer.datagrams else beats.STREAM_ALLOWANCE)
 
     def set_transport(self, peer_id: int, transport: dict[str, Any]) -> None:
         """What a peer's data connections get from its host (its "transport" message),
@@ -282,7 +301,7 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         for peer in [p for p in self.peers.values() if p.measuring and now - p.registered >= self.rtt_wait]:
             effects += self._measured(peer)  # not measured in time: the choice treats it as far
         for peer in list(self.peers.values()):
-            if now - peer.last_seen > self.heartbeat_timeout:
+            if now - peer.last_seen > self.heartbeat_deadline(peer):
                 effects += self.evict(
                     peer.id, "hung", f"no heartbeat for {now - peer.last_seen:.1f}s", now
                 )
@@ -307,6 +326,8 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
                     "name": p.name,
                     "phase": p.phase.value,
                     "transport": dict(p.transport),
+                    # its heartbeat datagrams arrive (else only its TCP heartbeats count)
+                    "datagrams": p.datagrams,
                 }
                 for p in self.peers.values()
             },

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from pccl_py.errors import FailureKind
 from pccl_py.master.election import Election, Submission
-from pccl_py.wire import protocol
+from pccl_py.wire import beats, protocol
 
 OpKey = tuple[int, int, int]  # (epoch, tag, seq)
 
@@ -71,6 +71,11 @@ class Peer:
     # What its data connections get from its host (the "transport" message), for
     # `pccl status`: {"cc", "cc_note", "send_buffer", "recv_buffer"}; empty until told.
     transport: dict[str, Any] = field(default_factory=dict)
+    # Heartbeat datagrams (pccl_py.wire.beats): the token its welcome gave it, and
+    # whether one of its datagrams has arrived (until then its TCP heartbeats are
+    # judged with beats.STREAM_ALLOWANCE added).
+    beat_token: bytes = field(default_factory=beats.new_token)
+    datagrams: bool = False
 
 
 @dataclass(frozen=True)
@@ -222,6 +227,8 @@ class Rules(Protocol):
     peers: dict[int, Peer]
     groups: dict[int, Group]
     _departed: dict[int, str]
+
+    def welcome(self, peer_id: int, admitted: bool) -> protocol.Message: ...
 
     def _admit_pending(self, g: Group, reason: str, vote: bool = False) -> list[Effect]: ...
 

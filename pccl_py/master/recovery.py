@@ -44,14 +44,7 @@ class RecoveryRules:
             g.recovery = Recovery(now)
         self.peers[peer_id] = Peer(peer_id, group, host, port, name, Phase.RECOVERING, now)
         g.recovery.infos[peer_id] = info
-        welcome = protocol.make(
-            "welcome",
-            peer_id=peer_id,
-            heartbeat_interval=self.heartbeat_interval,
-            heartbeat_timeout=self.heartbeat_timeout,
-            admitted=True,
-            master=self.incarnation,
-        )
+        welcome = self.welcome(peer_id, admitted=True)
         effects: list[Effect] = [
             Log("rejoin", {"peer": peer_id, "group": group, "epoch": info.epoch, "host": host, "port": port}),
             Send(peer_id, welcome),

@@ -22,7 +22,7 @@ import zmq.asyncio
 from pccl_py.config import Config
 from pccl_py.errors import Aborted, AuthError, PcclError, Timeout
 from pccl_py.peer.session import OpKey, Session
-from pccl_py.wire import auth, protocol
+from pccl_py.wire import auth, beats, protocol
 from pccl_py.wire.aio import monitor_connections, new_event_loop, send_nowait, watch_connections
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,14 @@ class ControlChannel:
         # every heartbeat), and whether the TCP connection to it is up.
         self._heard = time.monotonic()
         self._link_up = False
+        # Heartbeat datagrams (pccl_py.wire.beats): the endpoint, where it sends to
+        # ((port, peer id, token) of the welcome), and whether one of the master's answers arrived.
+        self._master_host = host.strip("[]")
+        self._beats: asyncio.DatagramTransport | None = None
+        self._beat_target: tuple[int, int, bytes] | None = None
+        self._beats_answered = False
+        self._beats_since = 0.0
+        self._beats_warned = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -115,6 +123,9 @@ class ControlChannel:
                     task.cancel()
         finally:
             self._sock = None
+            if self._beats is not None:
+                self._beats.close()
+                self._beats = None
             monitor.close(linger=0)  # its task may never have run: ctx.term() waits for every socket
             sock.close(linger=1000)
             ctx.term()
@@ -156,9 +167,10 @@ class ControlChannel:
                 self.flush_committed()
 
     async def _heartbeat_loop(self, sock: zmq.asyncio.Socket) -> None:
-        """Sends a heartbeat every interval, and watches the master's answers: a master
-        silent for heartbeat_timeout over a connection that stayed up means this peer
-        is cut off (the master evicts it within the same bound)."""
+        """Sends a heartbeat every interval, over the control connection and as a
+        datagram, and watches the master's answers: a master silent for its timeout
+        over a connection that stayed up means this peer is cut off (the master evicts
+        it within the same bound)."""
         beat = protocol.encode(protocol.make("hb"))
         ticked = time.monotonic()
         while True:
@@ -174,16 +186,55 @@ class ControlChannel:
             if liveness is not None and self._session.evicted() is None:
                 with contextlib.suppress(zmq.ZMQError):
                     await sock.send(beat, flags=zmq.NOBLOCK)
+                await self._send_beat(now, liveness[1])
                 self._check_master(now, liveness[1])
+
+    async def _send_beat(self, now: float, timeout: float) -> None:
+        """One heartbeat datagram to the master (pccl_py.wire.beats), opening the
+        endpoint on the first, and again when a new welcome names another target."""
+        target = self._session.beat_target() if self._config.heartbeat_datagrams else None
+        if target != self._beat_target:
+            if self._beats is not None:
+                self._beats.close()
+                self._beats = None
+            self._beat_target, self._beats_answered, self._beats_since = target, False, now
+            if target is not None:
+                try:
+                    self._beats, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+                        lambda: _BeatAnswers(self), remote_addr=(self._master_host, target[0])
+                    )
+                except OSError as exc:
+                    log.warning("heartbeat datagrams to %s:%d: %s; TCP heartbeats only", self._master_host, target[0], exc)
+        if self._beats is None or self._beat_target is None:
+            return
+        _, peer_id, token = self._beat_target
+        self._beats.sendto(beats.encode(beats.BEAT, peer_id, token))
+        if not self._beats_answered and not self._beats_warned and now - self._beats_since > timeout:
+            self._beats_warned = True
+            log.warning(
+                "the master answers none of this peer's heartbeat datagrams (UDP port %d of %s): is UDP "
+                "filtered on the way? Partitions are then detected over TCP, %gs later",
+                self._beat_target[0], self._master_host, beats.STREAM_ALLOWANCE,
+            )
+
+    def _beat_answered(self, data: bytes) -> None:
+        answer = beats.decode(data, beats.ANSWER)
+        target = self._beat_target
+        if answer is None or target is None or answer[0] != target[1] or not beats.same_token(answer[1], target[2]):
+            return
+        self._heard = time.monotonic()
+        self._beats_answered = True
 
     def _check_master(self, now: float, timeout: float) -> None:
         silent = now - self._heard
+        if not self._beats_answered:
+            timeout += beats.STREAM_ALLOWANCE  # the master's answers come over TCP only
         if not self._link_up or silent <= timeout:
             # A connection that is down is a master that stopped or restarted (its
             # host refused or reset it): peers wait for it to come back (rejoin.py).
             return
         reason = (
-            f"nothing heard from the master for {silent:.1f}s (its heartbeat_timeout is {timeout:g}s) "
+            f"nothing heard from the master for {silent:.1f}s (the limit is {timeout:g}s) "
             "while the connection to it stayed up: a silent network partition, or a hung master; "
             "the master evicts a peer it cannot hear"
         )
@@ -265,3 +316,16 @@ class ControlChannel:
             return session.auth_ok()
 
         session.wait(accepted, deadline, "the master's authentication verdict")
+
+
+class _BeatAnswers(asyncio.DatagramProtocol):
+    """The peer's heartbeat-datagram endpoint: hands the master's answers to the channel."""
+
+    def __init__(self, channel: ControlChannel) -> None:
+        self._channel = channel
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        self._channel._beat_answered(data)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # e.g. ICMP port unreachable while the master restarts: the next beat tries again

@@ -297,6 +297,15 @@ class Session:
             w = self._welcome
             return None if w is None else (float(w["heartbeat_interval"]), float(w["heartbeat_timeout"]))
 
+    def beat_target(self) -> tuple[int, int, bytes] | None:
+        """(the master's heartbeat-datagram port, this peer's id, its token) from the
+        welcome (pccl_py.wire.beats); None before it or where the master has no port."""
+        with self._cond:
+            w = self._welcome
+            if w is None or not w["beat_port"]:
+                return None
+            return int(w["beat_port"]), int(w["peer_id"]), bytes(w["beat_token"])
+
     def evicted(self) -> str | None:
         with self._cond:
             return self._evicted

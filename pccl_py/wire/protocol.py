@@ -14,7 +14,7 @@ import msgpack
 
 from pccl_py.errors import FailureKind, ProtocolError
 
-VERSION = 7
+VERSION = 8
 
 Message = dict[str, Any]
 
@@ -89,6 +89,10 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "heartbeat_timeout": _FLOAT,
         "admitted": _BOOL,
         "master": _INT,  # the master's incarnation: a different one means it restarted
+        # Heartbeat datagrams (pccl_py.wire.beats): the master's UDP port for them (0:
+        # none) and the token this peer's datagrams carry.
+        "beat_port": _INT,
+        "beat_token": _BYTES,
     },
     "unknown": {"master": _INT},  # to a routing id this master has not registered
     "topology": {"epoch": _INT, "ring": _LIST, "reason": _STR, "vote": _BOOL, "round": _INT, "rsag": _BOOL},

@@ -26,11 +26,11 @@ def test_a_partitioned_peer_raises_and_the_survivors_retry(tmp_path: Path) -> No
     hosts = scenario(tmp_path, "partition")["hosts"]
     cut, survivors = hosts[0], hosts[1:]
     assert cut["outcome"].startswith("Partitioned"), cut
-    # The default heartbeat timeout is 2 s; generous slack for a loaded machine.
-    assert cut["returned_after_cut_s"] < 3.5, cut
+    # The default heartbeat timeout is 1.5 s; generous slack for a loaded machine.
+    assert cut["returned_after_cut_s"] < 3.0, cut
     for h in survivors:
         assert h["outcome"].startswith("ok, world 2"), h
-        assert h["returned_after_cut_s"] < 6.0, h
+        assert h["returned_after_cut_s"] < 5.5, h
         assert h["calls_ok_after"] >= 2, h
         # Its pool to the other survivor held nothing of the op cut short: kept, warm,
         # for the retry's epoch instead of opened afresh.
@@ -38,6 +38,9 @@ def test_a_partitioned_peer_raises_and_the_survivors_retry(tmp_path: Path) -> No
 
 
 def test_a_short_outage_evicts_nobody(tmp_path: Path) -> None:
+    """0.8 s of silence against a 1.5 s timeout: over TCP alone the heartbeats could
+    wait up to 1 s more for a retransmission (silent 1.8 s: evicted); the datagrams
+    arrive within an interval of the heal."""
     hosts = scenario(tmp_path, "outage", outage=0.8)["hosts"]
     for h in hosts:
         assert h["outcome"].startswith("ok, world 3"), h

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pccl_py.wire import protocol
+from pccl_py.wire import beats, protocol
 from pccl_py.master.membership import Log, Membership, Send
 
 HB_INTERVAL = 1.0
@@ -653,8 +653,13 @@ def test_leaving_twice_is_a_no_op(m: Membership) -> None:
 # ---------------------------------------------------------------------- heartbeats
 
 
+def _datagram(m: Membership, peer: int, now: float) -> bool:
+    return m.beat_datagram(peer, m.peers[peer].beat_token, now)
+
+
 def test_heartbeat_timeout_evicts_the_silent_peer_as_hung(m: Membership) -> None:
     epoch = form_group(m, [A, B], now=T0)
+    assert _datagram(m, B, T0)  # B's heartbeat datagrams arrive: the timeout as configured
     assert m.heartbeat(A, T0 + HB_TIMEOUT - 1)
     effects = m.tick(T0 + HB_TIMEOUT + 0.5)
     [evict] = logs(effects, "evict")
@@ -683,9 +688,37 @@ def test_heartbeats_keep_a_peer_alive(m: Membership) -> None:
     assert ring_of(m) == [A, B]
 
 
+def test_a_peer_heard_over_tcp_only_gets_a_retransmission_more() -> None:
+    """Without its datagrams a peer's heartbeats may wait behind a retransmission after
+    an outage (beats.STREAM_ALLOWANCE): evicted that much later, and its welcome named
+    the master's datagram port and its own token."""
+    m = Membership(HB_INTERVAL, HB_TIMEOUT, GRACE)
+    m.beat_port = 4242
+    [welcome] = msgs_to(register(m, A, now=T0), A, "welcome")
+    assert welcome["beat_port"] == 4242 and welcome["beat_token"] == m.peers[A].beat_token
+    register(m, B, now=T0)
+    m.vote_topology(A, T0)
+    assert ring_of(m) == [A, B]
+    assert m.status()["peers"][str(A)]["datagrams"] is False
+    assert logs(m.tick(T0 + HB_TIMEOUT + 0.5), "evict") == []
+    effects = m.tick(T0 + HB_TIMEOUT + beats.STREAM_ALLOWANCE + 0.01)
+    assert sorted(e.fields["peer"] for e in logs(effects, "evict")) == sorted([A, B])
+
+
+def test_a_heartbeat_datagram_counts_only_with_the_peers_token(m: Membership) -> None:
+    form_group(m, [A, B], now=T0)
+    other = bytes(16) if m.peers[A].beat_token != bytes(16) else b"\x01" * 16
+    assert m.beat_datagram(A, other, T0 + 1) is False
+    assert m.beat_datagram(A, m.peers[B].beat_token, T0 + 1) is False  # B's token is not A's
+    assert m.beat_datagram(C, m.peers[A].beat_token, T0 + 1) is False  # not registered
+    assert m.peers[A].datagrams is False and m.peers[A].last_seen == T0
+    assert _datagram(m, A, T0 + 1) and m.peers[A].datagrams and m.peers[A].last_seen == T0 + 1
+
+
 def test_heartbeat_timeout_also_evicts_pending_peers(m: Membership) -> None:
     form_group(m, [A], now=T0)
     register(m, B, now=T0)
+    assert _datagram(m, B, T0)
     m.heartbeat(A, T0 + HB_TIMEOUT)
     effects = m.tick(T0 + HB_TIMEOUT + 0.5)
     assert [e.fields["peer"] for e in logs(effects, "evict")] == [B]
@@ -701,6 +734,7 @@ def test_hung_participant_eviction_fails_its_op(m: Membership) -> None:
     epoch = form_group(m, [A, B], now=T0)
     # A's op never completed: the master's new ring aborts it (reported as PeerLost).
     report(m, A, (epoch, 0, 0), ok=False, kind="PeerLost", msg="superseded", now=T0)
+    assert _datagram(m, B, T0)
     m.heartbeat(A, T0 + HB_TIMEOUT)
     decided = outcomes(m.tick(T0 + HB_TIMEOUT + 0.5))
     assert set(decided) == {A}

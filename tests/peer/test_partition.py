@@ -1,7 +1,7 @@
 """Liveness both ways: the master answers heartbeats, and a peer that hears nothing from
 it over a connection that stayed up knows it is cut off. Its calls end with Partitioned
 within the master's heartbeat timeout, never by their own timeout. (A silent network
-partition needs the WAN emulator: tests/integration/test_wan_partition.py; here the
+partition needs the WAN emulator: tests/integration/test_wan_faults.py; here the
 master's loop hangs, which a peer cannot tell from one.)"""
 
 from __future__ import annotations
