@@ -21,7 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Self, cast
+from typing import Any, Self
 
 import zmq
 import zmq.asyncio
@@ -30,10 +30,11 @@ from pccl_py import _native
 from pccl_py.config import Config
 from pccl_py.errors import PcclError, ProtocolError, Timeout
 from pccl_py.events import EventLog
+from pccl_py.master.beats import open_beats
 from pccl_py.master.election import EntryMeta, Submission, SyncStrategy
 from pccl_py.master.membership import Effect, Log, Membership, RejoinInfo, RejoinRefused, Send
 from pccl_py.master.metrics import MasterMetrics
-from pccl_py.wire import auth, beats, protocol
+from pccl_py.wire import auth, protocol
 from pccl_py.wire.aio import (
     monitor_connections,
     new_event_loop,
@@ -51,29 +52,6 @@ _TICK_SECONDS = 0.05
 # a flood of unauthenticated clients cannot grow the master's memory.
 _MAX_AUTH_ENTRIES = 4096
 _HEARTBEAT = protocol.make("hb")
-
-
-class _BeatEndpoint(asyncio.DatagramProtocol):
-    """The master's side of the heartbeat datagrams (pccl_py.wire.beats): a datagram
-    with a registered peer's token counts as its heartbeat and is answered."""
-
-    def __init__(self, membership: Membership) -> None:
-        self._membership = membership
-        self._transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.DatagramTransport, transport)  # uvloop's does not subclass it
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        beat = beats.decode(data, beats.BEAT)
-        if beat is None or self._transport is None:
-            return
-        peer_id, token = beat
-        if self._membership.beat_datagram(peer_id, token, time.monotonic()):
-            self._transport.sendto(beats.encode(beats.ANSWER, peer_id, token), addr)
-
-    def error_received(self, exc: Exception) -> None:
-        pass  # an ICMP error for an answer (the peer went away): its heartbeats stop too
 
 
 class Master:
@@ -190,7 +168,7 @@ class Master:
             endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             self._bound_port = int(endpoint.rsplit(":", 1)[1])
             self._sock = sock
-            beat_transport = await self._open_beats()
+            beat_transport = await open_beats(self._membership, self._host, self._bound_port)
             if self._metrics_port is not None:
                 bound = self.metrics.serve(self._metrics_host, self._metrics_port)
                 self.metrics_address = f"{self._metrics_host}:{bound}"
@@ -229,24 +207,6 @@ class Master:
             ctx.term()
             self._sock = None
             self.metrics.close()
-
-    async def _open_beats(self) -> asyncio.DatagramTransport | None:
-        """Binds the UDP port for heartbeat datagrams: the control port's number where it
-        is free, else any; None (peers then beat over TCP only) where neither binds."""
-        assert self._loop is not None and self._bound_port is not None
-        host = "0.0.0.0" if self._host in ("*", "") else self._host.strip("[]")
-        for port in (self._bound_port, 0):
-            try:
-                transport, _ = await self._loop.create_datagram_endpoint(
-                    lambda: _BeatEndpoint(self._membership), local_addr=(host, port)
-                )
-            except OSError as exc:
-                log.debug("heartbeat datagrams: cannot bind %s:%d (%s)", host, port, exc)
-                continue
-            self._membership.beat_port = int(transport.get_extra_info("sockname")[1])
-            return transport
-        log.warning("no UDP port for heartbeat datagrams: peers are judged by TCP heartbeats (+%gs)", beats.STREAM_ALLOWANCE)
-        return None
 
     # ------------------------------------------------------------------ inputs
 
