@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -61,6 +63,7 @@ class ControlChannel:
         self._master_host = host.strip("[]")
         self._beats: asyncio.DatagramTransport | None = None
         self._beat_target: tuple[int, int, bytes] | None = None
+        self._beat_address: Any = None  # the master's beat port, resolved
         self._beats_answered = False
         self._beats_since = 0.0
         self._beats_warned = False
@@ -199,16 +202,20 @@ class ControlChannel:
                 self._beats = None
             self._beat_target, self._beats_answered, self._beats_since = target, False, now
             if target is not None:
+                # Not connected: a master on a host with several addresses may answer
+                # from another one than we sent to (the token, not the address, tells).
+                loop = asyncio.get_running_loop()
                 try:
-                    self._beats, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-                        lambda: _BeatAnswers(self), remote_addr=(self._master_host, target[0])
-                    )
+                    family, _, _, _, self._beat_address = (
+                        await loop.getaddrinfo(self._master_host, target[0], type=socket.SOCK_DGRAM)
+                    )[0]
+                    self._beats, _ = await loop.create_datagram_endpoint(lambda: _BeatAnswers(self), family=family)
                 except OSError as exc:
                     log.warning("heartbeat datagrams to %s:%d: %s; TCP heartbeats only", self._master_host, target[0], exc)
         if self._beats is None or self._beat_target is None:
             return
         _, peer_id, token = self._beat_target
-        self._beats.sendto(beats.encode(beats.BEAT, peer_id, token))
+        self._beats.sendto(beats.encode(beats.BEAT, peer_id, token), self._beat_address)
         if not self._beats_answered and not self._beats_warned and now - self._beats_since > timeout:
             self._beats_warned = True
             log.warning(
