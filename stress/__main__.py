@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=15.0, help="liveness window W in seconds")
     parser.add_argument("--faults", default=",".join(FAULT_KINDS),
                         help=f"comma-separated fault kinds to inject, of {','.join(FAULT_KINDS)}")
+    parser.add_argument("--heartbeat-interval", type=float, default=Scenario.heartbeat_interval,
+                        help=f"the master's heartbeat interval (default {Scenario.heartbeat_interval} s)")
+    parser.add_argument("--heartbeat-timeout", type=float, default=Scenario.heartbeat_timeout,
+                        help=f"the master's heartbeat timeout (default {Scenario.heartbeat_timeout} s; "
+                        "pccl's own defaults are 0.25 s / 1.5 s)")
     parser.add_argument("--workdir", help="keep events and logs here (default: a temp dir)")
     parser.add_argument("--wan", type=_wan_spec, metavar="SPEC",
                         help="run behind the WAN emulator (root): every peer and the master in emulated hosts, "
@@ -68,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     scenario = Scenario(
         seconds=args.seconds, seed=args.seed, peers=args.peers, max_peers=args.max_peers,
         fault_every=args.fault_every, window=args.window, weights=weights, bug=args.bug, wan=args.wan,
+        heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
     )
     summary = run_scenario(scenario, args.workdir)
     if args.plot:
