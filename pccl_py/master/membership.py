@@ -154,7 +154,8 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         peer = self.peers.get(peer_id)
         if peer is None:
             return False
-        peer.last_seen = now
+        peer.last_seen = max(peer.last_seen, now)
+        peer.last_stream = max(peer.last_stream, now)
         return True
 
     def beat_datagram(self, peer_id: int, token: bytes, now: float) -> bool:
@@ -167,10 +168,18 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         peer.datagrams = True
         return True
 
-    def heartbeat_deadline(self, peer: Peer) -> float:
-        """How long `peer` may stay silent: the timeout, plus a retransmission's wait
-        while its heartbeats arrive only over TCP."""
-        return self.heartbeat_timeout + (0.0 if peer.datagrams else beats.STREAM_ALLOWANCE)
+    def silent(self, peer: Peer, now: float) -> str | None:
+        """Why `peer` counts as gone at `now`, or None. Heard neither way for the
+        timeout, once its datagrams arrive; over TCP for the timeout plus a
+        retransmission's wait (beats.STREAM_ALLOWANCE), which is all there is for a
+        peer whose datagrams do not, and catches a path where only TCP is lost. Both
+        tolerate an outage up to the timeout less an interval."""
+        stream = now - peer.last_stream
+        if stream > self.heartbeat_timeout + beats.STREAM_ALLOWANCE:
+            return f"no heartbeat over TCP for {stream:.1f}s"
+        if peer.datagrams and now - peer.last_seen > self.heartbeat_timeout:
+            return f"no heartbeat for {now - peer.last_seen:.1f}s"
+        return None
 
     def set_transport(self, peer_id: int, transport: dict[str, Any]) -> None:
         """What a peer's data connections get from its host (its "transport" message),
@@ -301,10 +310,9 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         for peer in [p for p in self.peers.values() if p.measuring and now - p.registered >= self.rtt_wait]:
             effects += self._measured(peer)  # not measured in time: the choice treats it as far
         for peer in list(self.peers.values()):
-            if now - peer.last_seen > self.heartbeat_deadline(peer):
-                effects += self.evict(
-                    peer.id, "hung", f"no heartbeat for {now - peer.last_seen:.1f}s", now
-                )
+            why = self.silent(peer, now)
+            if why is not None:
+                effects += self.evict(peer.id, "hung", why, now)
         for g in list(self.groups.values()):
             if g.recovery is not None and now - g.recovery.started >= self.recovery_wait:
                 effects += self._try_reform(g, now, force=True)

@@ -55,8 +55,10 @@ class ControlChannel:
         self._ready = threading.Event()
         self._closed = False
         # The loop thread's view of the master: when it last said anything (it answers
-        # every heartbeat), and whether the TCP connection to it is up.
+        # every heartbeat), either way or over TCP, and whether the TCP connection to it
+        # is up.
         self._heard = time.monotonic()
+        self._heard_stream = self._heard
         self._link_up = False
         # Heartbeat datagrams (pccl_py.wire.beats): the endpoint, where it sends to
         # ((port, peer id, token) of the welcome), and whether one of the master's answers arrived.
@@ -185,6 +187,7 @@ class ControlChannel:
                 # This process did not run meanwhile (stopped, or starved): that silence
                 # is its own, not the master's.
                 self._heard = max(self._heard, now - interval)
+                self._heard_stream = max(self._heard_stream, now - interval)
             ticked = now
             if liveness is not None and self._session.evicted() is None:
                 with contextlib.suppress(zmq.ZMQError):
@@ -233,15 +236,22 @@ class ControlChannel:
         self._beats_answered = True
 
     def _check_master(self, now: float, timeout: float) -> None:
-        silent = now - self._heard
-        if not self._beats_answered:
-            timeout += beats.STREAM_ALLOWANCE  # the master's answers come over TCP only
-        if not self._link_up or silent <= timeout:
+        """The master's own rule (Membership.silent), from this side: nothing heard
+        either way for the timeout, once its datagram answers arrive; nothing over TCP
+        for the timeout plus a retransmission's wait."""
+        if not self._link_up:
             # A connection that is down is a master that stopped or restarted (its
             # host refused or reset it): peers wait for it to come back (rejoin.py).
             return
+        stream_limit = timeout + beats.STREAM_ALLOWANCE
+        if now - self._heard_stream > stream_limit:
+            silent, limit, how = now - self._heard_stream, stream_limit, "over TCP "
+        elif self._beats_answered and now - self._heard > timeout:
+            silent, limit, how = now - self._heard, timeout, ""
+        else:
+            return
         reason = (
-            f"nothing heard from the master for {silent:.1f}s (the limit is {timeout:g}s) "
+            f"nothing heard from the master {how}for {silent:.1f}s (the limit is {limit:g}s) "
             "while the connection to it stayed up: a silent network partition, or a hung master; "
             "the master evicts a peer it cannot hear"
         )
@@ -255,12 +265,12 @@ class ControlChannel:
     def _on_link(self, up: bool) -> None:
         self._link_up = up
         if up:
-            self._heard = time.monotonic()  # a new connection: the master's silence starts now
+            self._heard = self._heard_stream = time.monotonic()  # a new connection: the master's silence starts now
 
     async def _receive_loop(self, sock: zmq.asyncio.Socket) -> None:
         while True:
             data = await sock.recv()
-            self._heard = time.monotonic()
+            self._heard = self._heard_stream = time.monotonic()
             try:
                 msg = protocol.decode(data, self._config.max_message_bytes)
             except Exception as exc:  # noqa: BLE001 - whatever sits at the master's address, this thread lives on

@@ -705,6 +705,23 @@ def test_a_peer_heard_over_tcp_only_gets_a_retransmission_more() -> None:
     assert sorted(e.fields["peer"] for e in logs(effects, "evict")) == sorted([A, B])
 
 
+def test_a_path_that_loses_only_tcp_or_only_udp(m: Membership) -> None:
+    """Datagrams alone do not keep a peer whose TCP heartbeats stopped (its control
+    messages would not arrive either): evicted after the TCP limit. A peer whose
+    datagrams stop while TCP flows is judged by TCP alone."""
+    form_group(m, [A, B], now=T0)
+    assert _datagram(m, A, T0) and _datagram(m, B, T0)
+    t = T0
+    while t < T0 + HB_TIMEOUT + beats.STREAM_ALLOWANCE - 0.5:
+        t += HB_INTERVAL / 2
+        assert _datagram(m, A, t)  # A: datagrams only
+        assert m.heartbeat(B, t)  # B: TCP only
+        assert logs(m.tick(t), "evict") == []
+    effects = m.tick(T0 + HB_TIMEOUT + beats.STREAM_ALLOWANCE + 0.01)
+    [evict] = logs(effects, "evict")
+    assert evict.fields["peer"] == A and "over TCP" in evict.fields["detail"]
+
+
 def test_a_heartbeat_datagram_counts_only_with_the_peers_token(m: Membership) -> None:
     form_group(m, [A, B], now=T0)
     other = bytes(16) if m.peers[A].beat_token != bytes(16) else b"\x01" * 16
