@@ -154,8 +154,7 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         peer = self.peers.get(peer_id)
         if peer is None:
             return False
-        peer.last_seen = max(peer.last_seen, now)
-        peer.last_stream = max(peer.last_stream, now)
+        peer.last_seen = now
         return True
 
     def beat_datagram(self, peer_id: int, token: bytes, now: float) -> bool:
@@ -164,7 +163,7 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         peer = self.peers.get(peer_id)
         if peer is None or not beats.same_token(token, peer.beat_token):
             return False
-        peer.last_seen = max(peer.last_seen, now)
+        peer.last_datagram = max(peer.last_datagram, now)
         peer.datagrams = True
         return True
 
@@ -174,11 +173,12 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         retransmission's wait (beats.STREAM_ALLOWANCE), which is all there is for a
         peer whose datagrams do not, and catches a path where only TCP is lost. Both
         tolerate an outage up to the timeout less an interval."""
-        stream = now - peer.last_stream
+        stream = now - peer.last_seen
         if stream > self.heartbeat_timeout + beats.STREAM_ALLOWANCE:
             return f"no heartbeat over TCP for {stream:.1f}s"
-        if peer.datagrams and now - peer.last_seen > self.heartbeat_timeout:
-            return f"no heartbeat for {now - peer.last_seen:.1f}s"
+        either = now - max(peer.last_seen, peer.last_datagram)
+        if peer.datagrams and either > self.heartbeat_timeout:
+            return f"no heartbeat for {either:.1f}s"
         return None
 
     def set_transport(self, peer_id: int, transport: dict[str, Any]) -> None:

@@ -72,15 +72,11 @@ class Peer:
     # `pccl status`: {"cc", "cc_note", "send_buffer", "recv_buffer"}; empty until told.
     transport: dict[str, Any] = field(default_factory=dict)
     # Heartbeat datagrams (pccl_py.wire.beats): the token its welcome gave it, whether
-    # one of its datagrams has arrived, and when it was last heard over TCP (last_seen:
-    # either way). Membership.silent() judges them.
+    # one of its datagrams has arrived, and when the last did (last_seen: over TCP).
+    # Membership.silent() judges both.
     beat_token: bytes = field(default_factory=beats.new_token)
     datagrams: bool = False
-    last_stream: float = -1.0  # -1: last_seen, at creation
-
-    def __post_init__(self) -> None:
-        if self.last_stream < 0:
-            self.last_stream = self.last_seen
+    last_datagram: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -55,10 +55,8 @@ class ControlChannel:
         self._ready = threading.Event()
         self._closed = False
         # The loop thread's view of the master: when it last said anything (it answers
-        # every heartbeat), either way or over TCP, and whether the TCP connection to it
-        # is up.
+        # every heartbeat) over TCP, and whether the TCP connection to it is up.
         self._heard = time.monotonic()
-        self._heard_stream = self._heard
         self._link_up = False
         # Heartbeat datagrams (pccl_py.wire.beats): the endpoint, where it sends to
         # ((port, peer id, token) of the welcome), and whether one of the master's answers arrived.
@@ -67,6 +65,7 @@ class ControlChannel:
         self._beat_target: tuple[int, int, bytes] | None = None
         self._beat_address: Any = None  # the master's beat port, resolved
         self._beats_answered = False
+        self._heard_datagram = 0.0  # when the last answer came
         self._beats_since = 0.0
         self._beats_warned = False
 
@@ -187,7 +186,7 @@ class ControlChannel:
                 # This process did not run meanwhile (stopped, or starved): that silence
                 # is its own, not the master's.
                 self._heard = max(self._heard, now - interval)
-                self._heard_stream = max(self._heard_stream, now - interval)
+                self._heard_datagram = max(self._heard_datagram, now - interval)
             ticked = now
             if liveness is not None and self._session.evicted() is None:
                 with contextlib.suppress(zmq.ZMQError):
@@ -232,7 +231,7 @@ class ControlChannel:
         target = self._beat_target
         if answer is None or target is None or answer[0] != target[1] or not beats.same_token(answer[1], target[2]):
             return
-        self._heard = time.monotonic()
+        self._heard_datagram = time.monotonic()
         self._beats_answered = True
 
     def _check_master(self, now: float, timeout: float) -> None:
@@ -244,10 +243,11 @@ class ControlChannel:
             # host refused or reset it): peers wait for it to come back (rejoin.py).
             return
         stream_limit = timeout + beats.STREAM_ALLOWANCE
-        if now - self._heard_stream > stream_limit:
-            silent, limit, how = now - self._heard_stream, stream_limit, "over TCP "
-        elif self._beats_answered and now - self._heard > timeout:
-            silent, limit, how = now - self._heard, timeout, ""
+        either = now - max(self._heard, self._heard_datagram)
+        if now - self._heard > stream_limit:
+            silent, limit, how = now - self._heard, stream_limit, "over TCP "
+        elif self._beats_answered and either > timeout:
+            silent, limit, how = either, timeout, ""
         else:
             return
         reason = (
@@ -265,12 +265,12 @@ class ControlChannel:
     def _on_link(self, up: bool) -> None:
         self._link_up = up
         if up:
-            self._heard = self._heard_stream = time.monotonic()  # a new connection: the master's silence starts now
+            self._heard = time.monotonic()  # a new connection: the master's silence starts now
 
     async def _receive_loop(self, sock: zmq.asyncio.Socket) -> None:
         while True:
             data = await sock.recv()
-            self._heard = self._heard_stream = time.monotonic()
+            self._heard = time.monotonic()
             try:
                 msg = protocol.decode(data, self._config.max_message_bytes)
             except Exception as exc:  # noqa: BLE001 - whatever sits at the master's address, this thread lives on

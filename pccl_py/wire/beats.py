@@ -7,9 +7,9 @@ retransmission timer, pccl_py.wire.aio.cap_retransmit_backoff), so a timeout und
 after an outage the next one arrives within a heartbeat interval. So each peer also
 sends one datagram per interval to the master's UDP port (the port number of its
 control port where free, else the one the welcome names), and the master answers each.
-The timeouts apply as configured to a peer whose datagrams get through; one whose
-datagrams do not (UDP filtered on its path, or turned off) is judged by its TCP
-heartbeats with STREAM_ALLOWANCE added, both by the master and by the peer itself.
+Either side gives up on the other when it has heard nothing either way for the timeout
+(once datagrams get through), or nothing over TCP for the timeout plus STREAM_ALLOWANCE:
+all there is where datagrams do not (UDP filtered on the path, or turned off).
 
 A datagram carries the peer id and the random token the master gave that peer in its
 welcome (over the authenticated control channel); the master's answer carries it back.

@@ -728,8 +728,8 @@ def test_a_heartbeat_datagram_counts_only_with_the_peers_token(m: Membership) ->
     assert m.beat_datagram(A, other, T0 + 1) is False
     assert m.beat_datagram(A, m.peers[B].beat_token, T0 + 1) is False  # B's token is not A's
     assert m.beat_datagram(C, m.peers[A].beat_token, T0 + 1) is False  # not registered
-    assert m.peers[A].datagrams is False and m.peers[A].last_seen == T0
-    assert _datagram(m, A, T0 + 1) and m.peers[A].datagrams and m.peers[A].last_seen == T0 + 1
+    assert m.peers[A].datagrams is False and m.peers[A].last_datagram == 0.0
+    assert _datagram(m, A, T0 + 1) and m.peers[A].datagrams and m.peers[A].last_datagram == T0 + 1
 
 
 def test_heartbeat_timeout_also_evicts_pending_peers(m: Membership) -> None:
