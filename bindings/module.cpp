@@ -512,6 +512,8 @@ PYBIND11_MODULE(_native, m) {
                              "Outgoing data-plane connections opened so far (every pool, every epoch).")
       .def_property_readonly("connections_kept", &Engine::connectionsKept,
                              "Outgoing connections kept across a re-ring for the new epoch (confirmed by the peer).")
+      .def_property_readonly("padding_bytes", &Engine::paddingBytes,
+                             "Padding bytes sent by pools warming ahead of their epoch (prepare).")
       .def_property_readonly("connect_seconds", &Engine::connectSeconds,
                              "Wall seconds callers waited for connection pools to open (connect + handshake).")
       .def_property_readonly("prefaulted_bytes", &Engine::prefaultedBytes,
@@ -684,6 +686,21 @@ PYBIND11_MODULE(_native, m) {
             return std::make_unique<StateExposure>(e, id, std::move(views));
           },
           py::arg("buffers"), "Serve these buffers (entry i = buffers[i]) to fetching peers until close().")
+      .def(
+          "prepare",
+          [](Engine& e, const std::vector<std::tuple<uint64_t, std::string, uint16_t>>& peers, uint64_t epoch,
+             size_t sharers, std::optional<double> timeout, double warmSeconds, uint64_t warmBytes,
+             double warmMinRtt) {
+            std::vector<PeerAddress> targets;
+            for (const auto& [peer, host, port] : peers) targets.push_back(PeerAddress{peer, host, port});
+            py::gil_scoped_release release;
+            e.prepare(targets, epoch, sharers, toSeconds(timeout), warmSeconds, warmBytes, warmMinRtt);
+          },
+          py::arg("peers"), py::arg("epoch"), py::arg("sharers"), py::arg("timeout") = py::none(),
+          py::arg("warm_seconds") = 0.0, py::arg("warm_bytes") = 0, py::arg("warm_min_rtt") = 0.0,
+          "Open pools of `epoch` to (peer, host, port) ahead of the epoch that needs them (a join), then, where "
+          "a connection's round trip is warm_min_rtt or more, send padding for up to warm_seconds / warm_bytes "
+          "until the pool is kept for a newer epoch or carries anything else.")
       .def(
           "connect_state_sources",
           [](Engine& e, const std::vector<std::tuple<uint64_t, std::string, uint16_t>>& sources,

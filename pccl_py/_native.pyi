@@ -341,6 +341,9 @@ class Engine:
     def connections_kept(self) -> int:
         """Outgoing connections kept across a re-ring for the new epoch (confirmed by the peer)."""
     @property
+    def padding_bytes(self) -> int:
+        """Padding bytes sent by pools warming ahead of their epoch (prepare)."""
+    @property
     def connect_seconds(self) -> float:
         """Wall seconds callers waited for connection pools to open (connect + handshake)."""
     @property
@@ -449,6 +452,20 @@ class Engine:
     def live_connections(self, peer: int, epoch: int) -> int: ...
     def expose_state(self, buffers: list[_Buffer]) -> StateExposure:
         """Serve these buffers (entry i = buffers[i]) to fetching peers until close()."""
+
+    def prepare(
+        self,
+        peers: Sequence[tuple[int, str, int]],
+        epoch: int,
+        sharers: int,
+        timeout: float | None = None,
+        warm_seconds: float = 0.0,
+        warm_bytes: int = 0,
+        warm_min_rtt: float = 0.0,
+    ) -> None:
+        """Open pools of `epoch` to every (peer, host, port) ahead of the epoch that needs them, then warm
+        those whose round trip is warm_min_rtt or more with padding (up to warm_seconds / warm_bytes) until
+        kept for a newer epoch or used."""
 
     def connect_state_sources(self, sources: Sequence[tuple[int, str, int]], timeout: float | None = None) -> None:
         """Open the state-transfer connections to every (peer, host, port) at once (before fetch_state)."""

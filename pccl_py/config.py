@@ -81,6 +81,16 @@ class Config:
     # every peer with the epoch's ring (pccl_py.master.algorithm; docs/architecture.md,
     # "Choosing the algorithm"): loopback and LAN groups get the ring, WAN groups rsag.
     rsag_min_rtt: float = 0.002
+    # Joins (docs/architecture.md, "Joins over long links"): while the master admits a
+    # joiner, the joiner and the members open their pools to each other, so the epoch
+    # that admits it keeps them (one round trip) instead of opening them (two or three);
+    # False: they open when that epoch needs them. Where a prepared connection's round
+    # trip is at least rsag_min_rtt, it also sends padding for at most `join_warmup`
+    # seconds (less once TCP has left slow start, or the pool is kept or used), so that
+    # the joiner's first op does not start from TCP's initial window; 0: no padding.
+    # The padding takes link capacity from the group's running op while it lasts.
+    prepare_joins: bool = True
+    join_warmup: float = 2.0
     # Control plane.
     max_message_bytes: int = 16 << 20  # room for the state description of large models
     max_retries: int = 64
@@ -122,6 +132,8 @@ class Config:
             raise ConfigError("rsag_min_bytes must be >= 0 (0: off)")
         if not 0 <= self.rsag_min_rtt <= 60:
             raise ConfigError("rsag_min_rtt must be in [0, 60] seconds (0: rsag at any round trip)")
+        if not 0 <= self.join_warmup <= 60:
+            raise ConfigError("join_warmup must be in [0, 60] seconds (0: no padding)")
         if self.segment_bytes < 4096:
             raise ConfigError("segment_bytes must be at least 4096")
         if self.blocked_report_after <= 0 or self.mismatch_grace < 0:

@@ -26,7 +26,13 @@ only then), when its first all-reduce over the whole group ended (the bar of iss
 and, for the members, the call that admitted the joiner: its update_topology() and
 all-reduce times, the seconds their engines spent opening pools for the new ring, and
 the connections they opened and kept (pools to the other members kept across the
-re-ring: only the pool to the joiner is new).
+re-ring: only the pool to the joiner is new); these counters run from the end of the
+member's previous call, so they include the pool a member opened to the joiner while
+it waited for admission (Config.prepare_joins). For the joiner: the connections kept
+from those it opened while it waited, and the padding they sent meanwhile.
+
+Every peer takes its Config from PCCL_* environment variables (Config.from_env), e.g.
+PCCL_PREPARE_JOINS=0 or PCCL_JOIN_WARMUP=0 to compare.
 
 The master runs in a host of its own. Needs root (see `pccl_py.tools.wan.unavailable()`).
 Nothing is left behind: every process is stopped and the hosts removed on every exit.
@@ -60,7 +66,7 @@ def member(master: str, host: str, world: int, elements: int) -> int:
 
     import pccl_py as pccl
 
-    comm = pccl.Communicator(master, host=host, name=f"member-{host}")
+    comm = pccl.Communicator(master, host=host, name=f"member-{host}", config=pccl.Config.from_env())
     try:
         comm.connect(timeout=120)
         pccl.join_group(comm, world, timeout=180)
@@ -68,10 +74,12 @@ def member(master: str, host: str, world: int, elements: int) -> int:
         assert engine is not None
         _say({"event": "ready", "peer": comm.peer_id})
         x = np.empty(elements, np.float32)
+        # Counted from the end of the previous call: a pool opened ahead of a join
+        # (Config.prepare_joins) between two calls counts in the call that admits the joiner.
+        pools0, opened0, kept0 = engine.connect_seconds, engine.connections_opened, engine.connections_kept
         while True:
             x.fill(1.0)
             t0 = time.time()
-            pools0, opened0, kept0 = engine.connect_seconds, engine.connections_opened, engine.connections_kept
             try:
                 comm.update_topology(timeout=60)
                 t_voted = time.time()
@@ -87,6 +95,7 @@ def member(master: str, host: str, world: int, elements: int) -> int:
                   "world": info.world_size, "attempts": info.attempts, "epoch": info.epoch,
                   "pools_vote_s": round(pools_vote, 4), "pools_s": round(engine.connect_seconds - pools0, 4),
                   "opened": engine.connections_opened - opened0, "kept": engine.connections_kept - kept0})
+            pools0, opened0, kept0 = engine.connect_seconds, engine.connections_opened, engine.connections_kept
     finally:
         comm.close()
 
@@ -97,7 +106,7 @@ def joiner(master: str, host: str, elements: int, calls: int, events: str) -> in
 
     import pccl_py as pccl
 
-    comm = pccl.Communicator(master, host=host, name=f"joiner-{host}", config=pccl.Config(event_log=events))
+    comm = pccl.Communicator(master, host=host, name=f"joiner-{host}", config=pccl.Config.from_env(event_log=events))
     try:
         x = np.empty(elements, np.float32)
         t0 = time.time()
@@ -106,7 +115,7 @@ def joiner(master: str, host: str, elements: int, calls: int, events: str) -> in
         engine = comm._engine  # the tool reads the engine's connection counters
         assert engine is not None
         _say({"event": "connected", "t0": t0, "t1": t_connected, "world": comm.world_size,
-              "opened": engine.connections_opened})
+              "opened": engine.connections_opened, "kept": engine.connections_kept, "padding": engine.padding_bytes})
         for i in range(calls):
             x.fill(1.0)
             c0 = time.time()
@@ -196,6 +205,10 @@ def _rep_report(rep: int, joined: list[dict[str, Any]], events: Path, members: l
         "op_s": round(first["t1"] - first["t_voted"] - first["pools_s"], 3),
         "later_ops_s": [round(r["t1"] - r["t0"], 3) for r in calls[1:]],
         "joiner_connections": connected["opened"] + sum(r["opened"] for r in calls),
+        # Its pools opened ahead of admission and kept by the admitting epoch, and the
+        # padding they sent while it waited (Config.prepare_joins, join_warmup).
+        "joiner_kept": connected["kept"],
+        "joiner_padding_mib": round(connected["padding"] / 2**20, 1),
     }
     # The members' call that admitted the joiner: the first whose op had the joiner in.
     admitting = []

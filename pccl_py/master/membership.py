@@ -129,7 +129,11 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         admit_now = not g.ring
         if g.recovery is not None or now < self.hold_until:
             admit_now = False  # its members may be coming back: the newcomer waits
-        effects.append(Send(peer_id, self.welcome(peer_id, admit_now)))
+        effects.append(Send(peer_id, self.welcome(peer_id, admit_now, g if not admit_now else None)))
+        if not admit_now:
+            # Both sides open their pools to each other while the members vote.
+            joining = protocol.make("joining", peer=peer_id, host=host, port=port)
+            effects += [Send(pid, joining) for pid in g.ring]
         if admit_now:
             effects += self._admit_pending(g, "first peers of the group")
         else:
@@ -138,7 +142,9 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
             pass
         return effects
 
-    def welcome(self, peer_id: int, admitted: bool) -> protocol.Message:
+    def welcome(self, peer_id: int, admitted: bool, waits_in: Group | None = None) -> protocol.Message:
+        """`waits_in`: the group a newcomer waits to be admitted to (its ring goes along)."""
+        ring = waits_in.ring if waits_in is not None else []
         return protocol.make(
             "welcome",
             peer_id=peer_id,
@@ -148,6 +154,8 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
             master=self.incarnation,
             beat_port=self.beat_port,
             beat_token=self.peers[peer_id].beat_token,
+            members=[[pid, self.peers[pid].host, self.peers[pid].port] for pid in ring],
+            epoch=waits_in.epoch if waits_in is not None else 0,
         )
 
     def heartbeat(self, peer_id: int, now: float) -> bool:

@@ -38,6 +38,7 @@ class ControlChannel:
         session: Session,
         on_master_restart: Callable[[], None],
         on_topology: Callable[[protocol.Message], None] | None = None,
+        on_prepare: Callable[[list[tuple[int, str, int]], int | None, int], None] | None = None,
     ) -> None:
         host, _, port = master.rpartition(":")
         if not host or not port.isdigit():
@@ -47,6 +48,7 @@ class ControlChannel:
         self._session = session
         self._on_master_restart = on_master_restart  # run on a rejoin thread this channel owns
         self._on_topology = on_topology
+        self._on_prepare = on_prepare  # a join ahead: (peers, epoch or None, sharers); must not block
         self._rejoin_thread: threading.Thread | None = None  # owned: joined by close()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: zmq.asyncio.Socket | None = None
@@ -296,6 +298,8 @@ class ControlChannel:
                 log.warning("a rejoin of an earlier master incarnation is still running")
             self._rejoin_thread = threading.Thread(target=self._on_master_restart, name="pccl-rejoin", daemon=True)
             self._rejoin_thread.start()
+        if reaction.prepare and self._on_prepare is not None:
+            self._on_prepare(reaction.prepare, reaction.prepare_epoch, reaction.prepare_sharers)
         if msg["t"] == "error":
             log.warning("master error: %s: %s", msg["code"], msg["msg"])
         elif msg["t"] == "topology" and self._on_topology is not None:

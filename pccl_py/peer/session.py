@@ -59,6 +59,12 @@ class Reaction:
     keep_idle_to: list[int] = field(default_factory=list)
     resend: protocol.Message | None = None
     rejoin: bool = False
+    # A join ahead (Config.prepare_joins): pools to open to these (peer, host, port), in
+    # `prepare_epoch` (None: this peer's current one), for a ring of `prepare_sharers`
+    # other peers.
+    prepare: list[tuple[int, str, int]] = field(default_factory=list)
+    prepare_epoch: int | None = None
+    prepare_sharers: int = 0
 
 
 @dataclass(frozen=True)
@@ -178,6 +184,14 @@ class Session:
         with self._cond:
             if kind == "welcome":
                 self._welcome = msg
+                if not msg["admitted"] and msg["members"]:  # the ring this newcomer will join
+                    reaction.prepare = [(int(p[0]), str(p[1]), int(p[2])) for p in msg["members"]]
+                    reaction.prepare_epoch = msg["epoch"]
+                    reaction.prepare_sharers = len(msg["members"])
+            elif kind == "joining":
+                if self._topology is not None:  # the ring's peers and the newcomer
+                    reaction.prepare = [(msg["peer"], msg["host"], msg["port"])]
+                    reaction.prepare_sharers = len(self._topology.ring)
             elif kind == "unknown":
                 reaction.rejoin = self._unknown(msg["master"])
             elif kind == "topology":

@@ -14,7 +14,7 @@ import msgpack
 
 from pccl_py.errors import FailureKind, ProtocolError
 
-VERSION = 8
+VERSION = 9
 
 Message = dict[str, Any]
 
@@ -93,7 +93,15 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         # none) and the token this peer's datagrams carry.
         "beat_port": _INT,
         "beat_token": _BYTES,
+        # A newcomer that waits for the members' vote: the ring it will join
+        # ([[peer_id, host, port], ...]) and its epoch, to open its pools to them ahead
+        # of that vote (Config.prepare_joins); [] otherwise.
+        "members": _LIST,
+        "epoch": _INT,
     },
+    # To every member when a newcomer registers and waits for their vote: open a pool
+    # to it ahead of the epoch that admits it.
+    "joining": {"peer": _INT, "host": _STR, "port": _INT},
     "unknown": {"master": _INT},  # to a routing id this master has not registered
     "topology": {"epoch": _INT, "ring": _LIST, "reason": _STR, "vote": _BOOL, "round": _INT, "rsag": _BOOL},
     "pending_count": {"query": _INT, "count": _INT},

@@ -244,6 +244,15 @@ def _cmd_gather(comm: pccl.Communicator, cmd: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _cmd_stats(comm: pccl.Communicator, cmd: dict[str, Any]) -> dict[str, Any]:
+    """The engine's connection counters (tests read them; pccl has no public API for it)."""
+    engine = comm._engine
+    assert engine is not None
+    return {"ok": True, "opened": engine.connections_opened, "kept": engine.connections_kept,
+            "padding": engine.padding_bytes,
+            **_state(comm)}
+
+
 def _cmd_close(comm: pccl.Communicator, cmd: dict[str, Any]) -> dict[str, Any]:
     comm.close()
     return {"ok": True}
@@ -260,6 +269,7 @@ _COMMANDS = {
     "wait_world": _cmd_wait_world,
     "sync": _cmd_sync,
     "gather": _cmd_gather,
+    "stats": _cmd_stats,
     "close": _cmd_close,
     "state": lambda comm, cmd: {"ok": True},
 }

@@ -50,7 +50,7 @@ CONFIG = pccl_py.Config(
 # Types of replies the master may send to anyone.
 MASTER_TO_PEER = {
     "welcome", "topology", "pending_count", "outcome", "evicted", "unknown", "error", "status_reply", "sync_plan",
-    "sync_result", "hb", "mismatch",
+    "sync_result", "hb", "mismatch", "joining",
 }
 
 

@@ -144,6 +144,25 @@ def test_second_peer_is_pending_and_gets_no_topology(m: Membership) -> None:
     assert epoch_of(m) == 1
 
 
+def test_a_waiting_newcomer_and_the_members_learn_of_each_other_ahead_of_the_vote(m: Membership) -> None:
+    """So that both sides open their pools before the vote that admits it (the epoch
+    that admits it keeps them): the welcome names the ring and its epoch, every member
+    gets "joining" with the newcomer's address."""
+    epoch = form_group(m, [A, B])
+    effects = register(m, C)
+    [welcome] = msgs_to(effects, C, "welcome")
+    assert welcome["admitted"] is False
+    assert welcome["members"] == [[A, HOST, port_of(A)], [B, HOST, port_of(B)]] and welcome["epoch"] == epoch
+    for member in (A, B):
+        [joining] = msgs_to(effects, member, "joining")
+        assert (joining["peer"], joining["host"], joining["port"]) == (C, HOST, port_of(C))
+    assert msgs_to(effects, C, "joining") == []
+    assert_valid_messages(effects)
+    # A peer admitted at once (an empty group) waits for nobody: no ring to prepare.
+    [first] = msgs_to(register(m, D, group=7), D, "welcome")
+    assert first["admitted"] is True and first["members"] == [] and first["epoch"] == 0
+
+
 def test_pending_peer_admitted_only_when_every_admitted_peer_voted(m: Membership) -> None:
     epoch = form_group(m, [A, B])
     register(m, C)

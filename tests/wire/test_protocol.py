@@ -110,9 +110,10 @@ def pack(obj: Any) -> bytes:
 
 
 def test_every_message_type_has_a_schema_and_a_version() -> None:
-    assert protocol.VERSION == 8  # 2: "vote"/"pending" carry "fresh", "blocked", "mismatch"; 3: the master answers "hb";
+    assert protocol.VERSION == 9  # 2: "vote"/"pending" carry "fresh", "blocked", "mismatch"; 3: the master answers "hb";
     # 4: "blocked" may name all_gather, reduce_scatter and broadcast; 5: and all_to_all;
-    # 6: "rejoin" carries the epoch's algorithm choice ("rsag"); 7: "transport"; 8: "welcome" names the heartbeat datagrams' port and token
+    # 6: "rejoin" carries the epoch's algorithm choice ("rsag"); 7: "transport"; 8: "welcome" names the heartbeat datagrams' port and token;
+    # 9: "welcome" names the ring a waiting newcomer joins, and "joining" tells the members
     assert {"hello", "hb", "vote", "pending", "op", "leave", "status", "blocked"} <= set(TYPES)
     assert {"welcome", "topology", "pending_count", "outcome", "evicted", "error", "status_reply", "mismatch"} <= set(
         TYPES
@@ -136,8 +137,9 @@ DOCUMENTED = {
     "status": {},
     "welcome": {
         "peer_id": I, "heartbeat_interval": N, "heartbeat_timeout": N, "admitted": B, "master": I,
-        "beat_port": I, "beat_token": BIN,
+        "beat_port": I, "beat_token": BIN, "members": L, "epoch": I,
     },
+    "joining": {"peer": I, "host": S, "port": I},
     "unknown": {"master": I},
     "topology": {"epoch": I, "ring": L, "reason": S, "vote": B, "round": I, "rsag": B},
     "pending_count": {"query": I, "count": I},
@@ -225,7 +227,7 @@ def test_typical_messages_round_trip_with_their_values() -> None:
     )
     welcome = protocol.make(
         "welcome", peer_id=1, heartbeat_interval=1, heartbeat_timeout=5.5, admitted=False, master=7,
-        beat_port=4000, beat_token=b"t" * 16,
+        beat_port=4000, beat_token=b"t" * 16, members=[[2, "10.0.0.2", 5000]], epoch=3,
     )
     for msg in (hello, outcome, welcome):
         assert protocol.decode(protocol.encode(msg), CAP) == msg
@@ -283,7 +285,7 @@ def test_decode_rejects_unknown_or_missing_type(msg: dict[Any, Any]) -> None:
     rejects(pack(msg))
 
 
-@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 5, 6, 7, 9, -1, 2**64 - 1, "8", b"\x08", None, [8]], ids=repr)
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, -1, 2**64 - 1, "9", b"\x09", None, [9]], ids=repr)
 @pytest.mark.parametrize("msg_type", ["hb", "hello", "outcome"])
 def test_decode_rejects_wrong_version(msg_type: str, version: Any) -> None:
     msg = sample(msg_type)

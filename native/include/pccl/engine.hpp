@@ -188,6 +188,18 @@ class Engine {
   void connectStateSources(const std::vector<PeerAddress>& sources, double timeoutSeconds) {
     ensureConnected(sources, kStateEpoch, timeoutSeconds);
   }
+  // Opens pools of `epoch` to `peers` ahead of the epoch that will need them (a join:
+  // the joiner to the members, each member to the joiner, while the master admits it),
+  // so that the new epoch keeps them (rebindPools: one round trip) instead of opening
+  // them (two or three). `sharers`: the pools this host's link will be shared by (as
+  // for an epoch's pools). Then, where a connection's round trip is `warmMinRttSeconds`
+  // or more, it sends padding for up to `warmSeconds` and `warmBytes` until it is kept
+  // or carries anything else: a new connection starts with a small congestion window,
+  // and over a long link the first op would spend round trips growing it. Blocks for
+  // the connects (up to `timeoutSeconds`); throws if a peer cannot be reached.
+  void prepare(const std::vector<PeerAddress>& peers, uint64_t epoch, size_t sharers, double timeoutSeconds,
+               double warmSeconds, uint64_t warmBytes, double warmMinRttSeconds);
+
   // Test-only fault injection: "corrupt_state" flips one byte in each of the next
   // `count` state chunks this peer serves; "withhold_vote": the next `count` voting ops
   // posted here vote (and may commit) without telling their successor, so the peers
@@ -213,6 +225,8 @@ class Engine {
   double connectSeconds() const { return connectNanos_.load(std::memory_order_relaxed) * 1e-9; }
   // Connections kept across a re-ring (rebindPools) and confirmed by the peer so far.
   uint64_t connectionsKept() const { return connectionsKept_.load(std::memory_order_relaxed); }
+  // Padding bytes sent so far by connections warming ahead of their epoch (prepare).
+  uint64_t paddingBytes() const { return paddingBytes_.load(std::memory_order_relaxed); }
 
   // Payload bytes sent by reference (zero-copy) so far.
   uint64_t zeroCopyBytes() const { return zeroCopyBytes_.load(std::memory_order_relaxed); }
@@ -252,7 +266,7 @@ class Engine {
   // Opens the missing pools to `targets` all at once (and waits for those kept from an
   // older epoch to be confirmed).
   void ensureConnected(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds);
-  // The opening itself, under connectMu_.
+  // The opening itself, under connectMu_ (prepare: outside it, for peers outside the ring).
   void openMissing(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds, size_t sharers);
   // Opens the missing pools to every other peer of `ring` (ring order from `pos`);
   // returns the ring's peer ids in ring order.
@@ -292,6 +306,11 @@ class Engine {
   bool zeroCopy(Connection* c, const Collective& op, const FrameHeader& h);
   void flush(Connection* c);
   void flushDirty();
+  // Warming (prepare): padding whenever the socket takes more, until `until`, `bytes`,
+  // or stopWarming (anything else queued, the pool kept for an epoch).
+  void startWarming(Connection* c, Clock::time_point until, uint64_t bytes);
+  void stopWarming(Connection* c);
+  void pad(Connection* c);
   void updateInterest(Connection* c);
   void closeConnection(Connection* c, ErrorKind kind, const std::string& reason, bool quiet);
   // Closes the connections to `peer` of epochs in [minEpoch, maxEpoch].
@@ -367,6 +386,8 @@ class Engine {
   std::unordered_map<uint64_t, size_t> poolSize_;  // connectionsPerPeer == 0: measured per peer (mu_)
   std::unordered_map<PoolKey, size_t, PoolKeyHash> rebinding_;  // kept connections awaiting kRebound (mu_)
   std::condition_variable rebindCv_;  // rebinding_ changed
+  std::unordered_map<uint64_t, size_t> preparing_;  // peer -> prepare() calls opening a pool to it (mu_)
+  std::condition_variable prepareCv_;               // preparing_ changed
   std::vector<ScratchBuffer> scratchPool_;
   std::deque<Event> events_;
   std::condition_variable eventsCv_;
@@ -401,6 +422,7 @@ class Engine {
   std::atomic<uint64_t> connectNanos_{0};
   TransportFacts transport_;
   std::atomic<uint64_t> connectionsKept_{0};
+  std::atomic<uint64_t> paddingBytes_{0};
   std::atomic<uint64_t> nextFetchTag_{1};
   std::unordered_map<uint64_t, std::deque<MailFrame>> mailbox_;
   // Point-to-point, by user tag: offers no receive has taken yet (arrival order) and

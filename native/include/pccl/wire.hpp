@@ -21,7 +21,7 @@ namespace pccl {
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the wire format is little-endian");
 
-constexpr uint32_t kProtocolVersion = 4;  // 3: point-to-point and rebind frames, the all-to-all kind; 4: shared rings
+constexpr uint32_t kProtocolVersion = 5;  // 3: point-to-point and rebind frames, the all-to-all kind; 4: shared rings; 5: padding
 constexpr uint32_t kHelloMagic = 0x53484350;  // "PCHS"
 constexpr uint32_t kFrameMagic = 0x46444350;  // "PCDF"
 constexpr uint32_t kMaxFramePayload = 64u << 20;
@@ -128,6 +128,10 @@ enum class FrameType : uint8_t {
   // frames flagged kFrameInRing after the answer have their payload in the ring.
   kRingOffer = 13,
   kRingAnswer = 14,
+  // Bytes that carry nothing (the receiver reads and drops them): what a pool opened
+  // ahead of a join sends while it waits to be rebound, so that its congestion window
+  // has grown when the first op's data comes (Engine::prepare).
+  kPadding = 15,
 };
 // FrameHeader.flags: the payload is in the sender's shared ring, not on the stream.
 constexpr uint16_t kFrameInRing = 1;

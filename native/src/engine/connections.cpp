@@ -2,6 +2,8 @@
 // pools of outgoing ones per (peer, epoch), queueing frames and flushing them, and
 // closing, which fails the ops that needed a connection (transport/connection.cpp
 // holds what a single stream does).
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 
@@ -12,6 +14,33 @@
 #include "transport/connection.hpp"
 
 namespace pccl {
+namespace {
+
+constexpr uint32_t kPaddingFrameBytes = 16u << 10;
+// While a connection warms, the kernel holds at most about this much of its padding
+// unsent (TCP_NOTSENT_LOWAT), a frame more in the queue: what comes next (a kRebind, an
+// op's first frame) waits behind no more than that, even at the initial window.
+constexpr int kWarmUnsentBytes = 16 << 10;
+
+const uint8_t* paddingPayload() {
+  static const std::vector<uint8_t> zeros(kPaddingFrameBytes);
+  return zeros.data();
+}
+
+bool isPadding(const FrameHeader& h) { return h.type == static_cast<uint8_t>(FrameType::kPadding); }
+
+// Whether the connection's congestion control has left slow start (BBR: its startup):
+// it has found what the path carries, so its window no longer needs padding to grow.
+// (Linux keeps no slow-start threshold across connections by default:
+// net.ipv4.tcp_no_ssthresh_metrics_save.)
+bool warmedUp(int fd) {
+  constexpr uint32_t kInfiniteSsthresh = 0x7fffffff;
+  tcp_info info{};
+  socklen_t len = sizeof(info);
+  return ::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) == 0 && info.tcpi_snd_ssthresh < kInfiniteSsthresh;
+}
+
+}  // namespace
 
 void Engine::acceptAll() {
   for (;;) {
@@ -59,6 +88,8 @@ void Engine::queueFrame(Collective* op, uint64_t peer, size_t stripe, const Fram
 }
 
 void Engine::queueItem(Connection* c, SendItem item) {
+  stopWarming(c);  // what comes now is worth more than padding
+  c->prepared = false;
   if (!c->ringOffered && item.ringCandidate()) offerRing(c);
   c->sendq.push_back(std::move(item));
   if (!c->dirty) {
@@ -138,23 +169,65 @@ void Engine::flushDirty() {
 
 void Engine::flush(Connection* c) {
   std::vector<std::shared_ptr<Collective>> sent;
-  if (const int err = c->write(sent, zeroCopyBytes_, ringBytes_)) {
-    // The peer may have said why it reset the stream (an abort frame): read that first.
-    onReadable(c);
-    if (!c->dead) {
-      closeConnection(c, ErrorKind::kPeerLost,
-                      "send to peer " + std::to_string(c->peer) + " failed: " + std::strerror(err), false);
+  // A warming connection refills its padding while the socket takes it (a few turns at
+  // most here; the next writable event brings the rest).
+  for (int turn = 0; turn < 16; ++turn) {
+    pad(c);
+    if (const int err = c->write(sent, zeroCopyBytes_, ringBytes_)) {
+      // The peer may have said why it reset the stream (an abort frame): read that first.
+      onReadable(c);
+      if (!c->dead) {
+        closeConnection(c, ErrorKind::kPeerLost,
+                        "send to peer " + std::to_string(c->peer) + " failed: " + std::strerror(err), false);
+      }
+      return;
     }
-    return;
+    if (!c->warming || !c->sendq.empty()) break;
   }
   updateInterest(c);
   for (auto& op : sent) finishIfComplete(op.get());
 }
 
+void Engine::startWarming(Connection* c, Clock::time_point until, uint64_t bytes) {
+  if (c->dead || c->warming || bytes == 0) return;
+  int lowat = 0;
+  socklen_t len = sizeof(lowat);
+  c->lowatBefore = ::getsockopt(c->fd.get(), IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, &len) == 0 ? lowat : -1;
+  const int unsent = kWarmUnsentBytes;
+  ::setsockopt(c->fd.get(), IPPROTO_TCP, TCP_NOTSENT_LOWAT, &unsent, sizeof(unsent));
+  c->warming = true;
+  c->warmUntil = until;
+  c->warmLeft = bytes;
+  flush(c);
+}
+
+void Engine::stopWarming(Connection* c) {
+  if (!c->warming) return;
+  c->warming = false;
+  if (c->lowatBefore >= 0 && !c->dead) {
+    ::setsockopt(c->fd.get(), IPPROTO_TCP, TCP_NOTSENT_LOWAT, &c->lowatBefore, sizeof(c->lowatBefore));
+  }
+}
+
+void Engine::pad(Connection* c) {
+  if (!c->warming) return;
+  if (!c->sendq.empty()) return;
+  if (c->dead || c->warmLeft == 0 || Clock::now() >= c->warmUntil || warmedUp(c->fd.get())) {
+    stopWarming(c);
+    return;
+  }
+  const auto length = static_cast<uint32_t>(std::min<uint64_t>(kPaddingFrameBytes, c->warmLeft));
+  OpKey key;
+  key.epoch = c->epoch;
+  c->sendq.push_back(SendItem{makeHeader(FrameType::kPadding, key, length), paddingPayload(), nullptr});
+  c->warmLeft -= length;
+  paddingBytes_.fetch_add(length, std::memory_order_relaxed);
+}
+
 void Engine::updateInterest(Connection* c) {
   if (c->dead) return;
   uint32_t want = EPOLLRDHUP | (c->paused ? 0u : static_cast<uint32_t>(EPOLLIN)) |
-                  (c->sendq.empty() ? 0u : static_cast<uint32_t>(EPOLLOUT));
+                  (c->sendq.empty() && !c->warming ? 0u : static_cast<uint32_t>(EPOLLOUT));
   if (want == c->interest) return;
   c->interest = want;
   epoll_event ev{};
@@ -241,9 +314,16 @@ void Engine::closePeer(uint64_t peer, uint64_t minEpoch, uint64_t maxEpoch, Erro
 
 namespace {
 
+// Nothing of an op queued, half written or half read: padding does not count (it
+// carries nothing, and a frame queued after it follows it on the stream).
 bool idle(const Connection& c) {
-  return !c.dead && !c.paused && c.sendq.empty() && c.headSent == 0 && c.pipeBytes == 0 && c.headerGot == 0 &&
-         c.sink == Connection::Sink::kNone;
+  for (const SendItem& item : c.sendq) {
+    if (!isPadding(item.header)) return false;
+  }
+  const bool reading = c.headerGot != 0 || c.sink != Connection::Sink::kNone;
+  const bool readingPadding =
+      c.headerGot == sizeof(FrameHeader) && c.sink == Connection::Sink::kDiscard && isPadding(c.header);
+  return !c.dead && !c.paused && c.pipeBytes == 0 && (!reading || readingPadding);
 }
 
 }  // namespace
@@ -269,6 +349,7 @@ void Engine::rebindPools(uint64_t epoch, const std::vector<uint64_t>& ring) {
   }
   for (auto it = keep.begin(); it != keep.end();) {
     const auto& pool = outgoing_[it->second];
+    for (Connection* c : pool) stopWarming(c);  // the kRebind follows its last padding
     size_t want = static_cast<size_t>(options_.connectionsPerPeer);
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -301,6 +382,24 @@ void Engine::rebindPools(uint64_t epoch, const std::vector<uint64_t>& ring) {
   for (const auto& [peer, oldKey] : keep) {
     std::vector<Connection*> pool = std::move(outgoing_[oldKey]);
     outgoing_.erase(oldKey);
+    bool early = true;
+    for (Connection* c : pool) early = early && c->prepared;
+    if (early) {  // opened ahead of this epoch: in its pool at once (kRebind still goes first)
+      const PoolKey key{peer, epoch};
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        liveOutgoing_.erase(oldKey);
+        liveOutgoing_[key] += pool.size();
+      }
+      for (Connection* c : pool) {
+        queueItem(c, SendItem{rebind, nullptr, nullptr});
+        c->epoch = epoch;
+        c->reboundEarly = true;
+        outgoing_[key].push_back(c);
+        connectionsKept_.fetch_add(1, std::memory_order_relaxed);
+      }
+      continue;
+    }
     {
       std::lock_guard<std::mutex> lock(mu_);
       liveOutgoing_.erase(oldKey);
@@ -326,6 +425,10 @@ void Engine::onRebind(Connection* c, const FrameHeader& h) {
 }
 
 void Engine::onRebound(Connection* c, const FrameHeader& h) {
+  if (c->outgoing && c->reboundEarly && h.epoch == c->epoch) {
+    c->reboundEarly = false;
+    return;
+  }
   if (!c->outgoing || !c->rebinding || h.epoch != c->rebindEpoch) {
     closeConnection(c, ErrorKind::kProtocol,
                     "peer " + std::to_string(c->peer) + " confirmed a rebind to epoch " + std::to_string(h.epoch) +

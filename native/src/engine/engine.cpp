@@ -82,6 +82,7 @@ void Engine::close() {
   ssize_t n = ::write(wakeFd_.get(), &one, sizeof(one));
   (void)n;
   rebindCv_.notify_all();  // a caller waiting for kept pools gives up
+  prepareCv_.notify_all();
   if (thread_.joinable()) thread_.join();
   prefaulter_.stop();
   eventsCv_.notify_all();
@@ -126,6 +127,20 @@ void Engine::setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_
   // then known (rebinding_), and ensureConnected waits for them instead of opening more.
   std::vector<uint64_t> ids;
   for (const PeerAddress& p : ring) ids.push_back(p.peerId);
+  {
+    // Pools being opened ahead of this epoch (prepare) are kept for it once they are
+    // open: wait for them (up to this call's timeout) rather than open second ones.
+    const double waitSeconds = std::clamp(timeoutSeconds, 0.0, 1e7);
+    const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(waitSeconds));
+    std::unique_lock<std::mutex> lock(mu_);
+    prepareCv_.wait_until(lock, until, [&] {
+      if (closed_) return true;
+      for (uint64_t id : ids) {
+        if (preparing_.count(id)) return false;
+      }
+      return true;
+    });
+  }
   auto moved = std::make_shared<std::promise<void>>();
   auto done = moved->get_future();
   post([this, epoch, ids = std::move(ids), moved] {
@@ -238,6 +253,55 @@ void Engine::ensureConnected(const std::vector<PeerAddress>& targets, uint64_t e
     }
   }
   openMissing(kept, epoch, timeoutSeconds, targets.size());  // given up, or broken since: opened afresh
+}
+
+void Engine::prepare(const std::vector<PeerAddress>& peers, uint64_t epoch, size_t sharers, double timeoutSeconds,
+                     double warmSeconds, uint64_t warmBytes, double warmMinRttSeconds) {
+  if (epoch >= kStateEpoch) throw InvalidArgument("prepare: not a ring epoch");
+  for (const PeerAddress& p : peers) {
+    if (p.peerId == options_.peerId) throw InvalidArgument("prepare: a pool to this peer itself");
+  }
+  // Not under connectMu_: the pools are to peers outside the current ring, and an epoch
+  // that needs one of them waits for this call instead (setRing), so that it keeps the
+  // pool rather than open a second one. A peer that does not answer delays only that.
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const PeerAddress& p : peers) ++preparing_[p.peerId];
+  }
+  struct Done {
+    Engine* self;
+    const std::vector<PeerAddress>& peers;
+    ~Done() {
+      {
+        std::lock_guard<std::mutex> lock(self->mu_);
+        for (const PeerAddress& p : peers) {
+          auto it = self->preparing_.find(p.peerId);
+          if (it != self->preparing_.end() && --it->second == 0) self->preparing_.erase(it);
+        }
+      }
+      self->prepareCv_.notify_all();
+    }
+  } done{this, peers};
+  openMissing(peers, epoch, timeoutSeconds, std::max<size_t>(sharers, 1));
+  const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(warmSeconds));
+  std::vector<uint64_t> ids;
+  for (const PeerAddress& p : peers) ids.push_back(p.peerId);
+  post([this, ids, epoch, until, warmSeconds, warmBytes, warmMinRttSeconds] {
+    if (epoch < currentEpoch_) return;  // a newer epoch came first: kept already, or stale
+    for (uint64_t id : ids) {
+      auto it = outgoing_.find(PoolKey{id, epoch});
+      if (it == outgoing_.end()) continue;  // broken already
+      for (Connection* c : it->second) c->prepared = c->sendq.empty() && c->headSent == 0;
+      if (warmSeconds <= 0 || warmBytes == 0) continue;
+      for (Connection* c : it->second) {
+        tcp_info info{};
+        socklen_t len = sizeof(info);
+        if (::getsockopt(c->fd.get(), IPPROTO_TCP, TCP_INFO, &info, &len) != 0) continue;
+        if (info.tcpi_rtt * 1e-6 < warmMinRttSeconds) continue;  // a short link: slow start is quick
+        startWarming(c, until, warmBytes);
+      }
+    }
+  });
 }
 
 void Engine::openMissing(const std::vector<PeerAddress>& targets, uint64_t epoch, double timeoutSeconds,

@@ -44,6 +44,7 @@ bool wellFormed(const FrameHeader& h) {
       return h.length <= kMaxAbortReason;
     case FrameType::kStateRequest:
     case FrameType::kStateRefused:
+    case FrameType::kPadding:
       return true;
   }
   return false;  // an unknown type
@@ -141,6 +142,10 @@ void Engine::dispatchHeader(Connection* c) {
     case FrameType::kAbort:
     case FrameType::kRingOffer:
       readControl(c);
+      return;
+    case FrameType::kPadding:
+      c->sink = Connection::Sink::kDiscard;
+      if (h.length == 0) onFrameComplete(c);
       return;
     case FrameType::kRingAnswer: {
       const FrameHeader frame = h;

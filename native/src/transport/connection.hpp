@@ -59,6 +59,17 @@ struct Connection {
   // any pool until the peer's kRebound arrives.
   bool rebinding = false;
   uint64_t rebindEpoch = 0;
+  // Opened ahead of its epoch (Engine::prepare) and has carried nothing but padding:
+  // the peer never had an op with this peer on it, so an epoch that keeps it uses it at
+  // once (kRebind goes first on the stream), without waiting for kRebound.
+  bool prepared = false;
+  bool reboundEarly = false;  // kept that way: its kRebound is still to come
+  // Warming (Engine::prepare): padding goes out whenever the socket takes more, until
+  // `warmUntil`, `warmLeft` bytes, or the first frame of anything else.
+  bool warming = false;
+  Clock::time_point warmUntil;
+  uint64_t warmLeft = 0;
+  int lowatBefore = -1;  // TCP_NOTSENT_LOWAT before warming set its own (-1: unknown)
   Clock::time_point handshakeDeadline;
   uint32_t interest = 0;
   HandshakeAcceptor handshake;  // incoming connections, until established
