@@ -86,7 +86,7 @@ class Config:
     # that admits it keeps them (one round trip) instead of opening them (two or three);
     # False: they open when that epoch needs them. Where a prepared connection's round
     # trip is at least rsag_min_rtt, it also sends padding for at most `join_warmup`
-    # seconds (less once TCP has left slow start, or the pool is kept or used), so that
+    # seconds (less once TCP has left slow start, or the pool carries an op), so that
     # the joiner's first op does not start from TCP's initial window; 0: no padding.
     # The padding takes link capacity from the group's running op while it lasts.
     prepare_joins: bool = True

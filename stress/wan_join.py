@@ -150,7 +150,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     spec = WanSpec.parse(args.wan)
     reps: list[dict[str, Any]] = []
-    with WanNet(args.peers + 1, spec.link, host=spec.host, cc=args.cc) as net:
+    sysctls = dict(item.split("=", 1) for item in getattr(args, "host_sysctl", None) or [])
+    with WanNet(args.peers + 1, spec.link, host=spec.host, cc=args.cc, sysctls=sysctls or None) as net:
         master = net.call_in(args.peers, lambda: pccl.Master(host=net.ips[args.peers], port=0).start())
         procs: list[_Proc] = []
         try:
@@ -254,6 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=3, help="calls each joiner makes before it leaves")
     parser.add_argument("--warm", type=int, default=3, help="calls every member completes before each join")
     add_output_arguments(parser)
+    parser.add_argument(
+        "--host-sysctl",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a net.ipv4 sysctl for every emulated host (repeatable), e.g. "
+        "'net.ipv4.tcp_rmem=4096 4194304 33554432'; default: the machine's",
+    )
     args = parser.parse_args(argv)
     if args.peers < 2:
         parser.error("--peers must be at least 2 (a member and the joiner)")

@@ -303,8 +303,17 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
 
     def _measuring(self, g: Group) -> bool:
         """Whether a vote of `g` that admits peers waits for round trips still being
-        measured (its members' or the joiners'), which decide the epoch's algorithm."""
-        return any(self.peers[pid].measuring for pid in (*g.ring, *g.pending) if pid in self.peers)
+        measured (its members' or the joiners'), which decide the epoch's algorithm.
+        Not when what is known decides it already (pccl_py.master.algorithm): the ring
+        that optimize_topology() required, or rsag once a member's round trip reaches
+        rsag_min_rtt (a longer one cannot change that): a WAN group admits a joiner
+        without waiting a round trip for its measurement."""
+        if not any(self.peers[pid].measuring for pid in (*g.ring, *g.pending) if pid in self.peers):
+            return False
+        if g.ring_only:
+            return False
+        rtts = [self.peers[pid].rtt for pid in g.ring if pid in self.peers]
+        return not any(rtt is not None and rtt >= self.rsag_min_rtt for rtt in rtts)
 
     def leave(self, peer_id: int, now: float) -> list[Effect]:
         return self._remove(peer_id, "left", "left the group", now)

@@ -105,6 +105,17 @@ def test_the_vote_that_admits_peers_waits_for_their_round_trips() -> None:
     assert _rsag_sent(m.note_rtt(B, LOOPBACK)) == {A: False, B: False}
 
 
+def test_a_far_group_admits_a_joiner_without_waiting_for_its_round_trip() -> None:
+    # A member far already makes the epoch rsag whatever B's round trip is: the vote
+    # completes at once, not a round trip later, and the choice is rsag.
+    m = Membership(1.0, 5.0, 0.2, rsag_min_rtt=MIN)
+    _register(m, A)
+    m.note_rtt(A, WAN)
+    _register(m, B)
+    assert _rsag_sent(m.vote_topology(A, T0)) == {A: True, B: True}
+    assert m.peers[B].measuring  # measured all the same, for the epochs after it
+
+
 def _vote_admitting_an_unmeasured_joiner() -> Membership:
     """A (measured, on loopback) votes to admit B, whose round trip is not in yet."""
     m = Membership(1.0, 5.0, 0.2, rsag_min_rtt=MIN)

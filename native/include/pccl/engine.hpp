@@ -190,12 +190,13 @@ class Engine {
   }
   // Opens pools of `epoch` to `peers` ahead of the epoch that will need them (a join:
   // the joiner to the members, each member to the joiner, while the master admits it),
-  // so that the new epoch keeps them (rebindPools: one round trip) instead of opening
-  // them (two or three). `sharers`: the pools this host's link will be shared by (as
-  // for an epoch's pools). Then, where a connection's round trip is `warmMinRttSeconds`
-  // or more, it sends padding for up to `warmSeconds` and `warmBytes` until it is kept
-  // or carries anything else: a new connection starts with a small congestion window,
-  // and over a long link the first op would spend round trips growing it. Blocks for
+  // so that the new epoch keeps them (rebindPools: at once, as they have carried no op)
+  // instead of opening them (two round trips or three). `sharers`: the pools this
+  // host's link will be shared by (as for an epoch's pools). Then, where a connection's
+  // round trip is `warmMinRttSeconds` or more, it sends padding for up to `warmSeconds`
+  // and `warmBytes`, until TCP has left slow start or the connection carries the first
+  // frame of an op: a new connection starts with small congestion and receive windows,
+  // and over a long link the first op would spend round trips growing them. Blocks for
   // the connects (up to `timeoutSeconds`); throws if a peer cannot be reached.
   void prepare(const std::vector<PeerAddress>& peers, uint64_t epoch, size_t sharers, double timeoutSeconds,
                double warmSeconds, uint64_t warmBytes, double warmMinRttSeconds);
@@ -307,7 +308,7 @@ class Engine {
   void flush(Connection* c);
   void flushDirty();
   // Warming (prepare): padding whenever the socket takes more, until `until`, `bytes`,
-  // or stopWarming (anything else queued, the pool kept for an epoch).
+  // or stopWarming (anything else queued but a prepared pool's kRebind).
   void startWarming(Connection* c, Clock::time_point until, uint64_t bytes);
   void stopWarming(Connection* c);
   void pad(Connection* c);

@@ -349,7 +349,6 @@ void Engine::rebindPools(uint64_t epoch, const std::vector<uint64_t>& ring) {
   }
   for (auto it = keep.begin(); it != keep.end();) {
     const auto& pool = outgoing_[it->second];
-    for (Connection* c : pool) stopWarming(c);  // the kRebind follows its last padding
     size_t want = static_cast<size_t>(options_.connectionsPerPeer);
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -392,7 +391,13 @@ void Engine::rebindPools(uint64_t epoch, const std::vector<uint64_t>& ring) {
         liveOutgoing_[key] += pool.size();
       }
       for (Connection* c : pool) {
-        queueItem(c, SendItem{rebind, nullptr, nullptr});
+        // Behind the padding queued so far; it warms on until the epoch's first frame.
+        c->sendq.push_back(SendItem{rebind, nullptr, nullptr});
+        c->prepared = false;
+        if (!c->dirty) {
+          c->dirty = true;
+          dirty_.push_back(c);
+        }
         c->epoch = epoch;
         c->reboundEarly = true;
         outgoing_[key].push_back(c);
