@@ -10,6 +10,7 @@ Engine.connections_opened / connections_kept / padding_bytes."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -186,3 +187,28 @@ def test_a_peer_that_cannot_be_reached_fails_the_prepare(engines: list[nat.Engin
     assert time.monotonic() - start < 5.0
     with pytest.raises(PcclError):
         engines[2].prepare([address(engines[2])], 1, 1, 2.0)  # a pool to itself
+
+
+def test_an_epoch_waits_for_a_prepare_only_as_long_as_its_own_timeout(engines: list[nat.Engine]) -> None:
+    """A prepare to a peer that accepts TCP but never answers the handshake (a process
+    stopped, say) holds an epoch with that peer for set_ring's timeout at most; an
+    epoch without it does not wait at all."""
+    silent = socket.socket()
+    silent.bind((HOST, 0))
+    silent.listen(8)
+    stuck = (777, HOST, silent.getsockname()[1])
+    member = engines[0]
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(member.prepare, [stuck], 1, 1, 5.0, 0.0, 0, 0.0)
+        time.sleep(0.2)  # connected, waiting for the handshake's answer
+        start = time.monotonic()
+        others = [address(e) for e in engines[:2]]
+        member.set_ring(2, others, 0, 10.0, True)  # not a peer of this ring: no wait
+        assert time.monotonic() - start < 1.0
+        start = time.monotonic()
+        with pytest.raises(PcclError):
+            member.set_ring(3, [*others, stuck], 0, 1.0, True)
+        assert time.monotonic() - start < 3.0  # its own 1 s (and its own connect's), not the prepare's 5 s
+        with pytest.raises(PcclError):
+            job.result()
+    silent.close()
