@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 # The most padding one connection sends ahead of a join (Config.join_warmup): enough
 # for TCP to leave slow start on a 1 Gbit/s, 300 ms path.
 JOIN_WARMUP_BYTES = 128 << 20
+# How long opening pools ahead of a join may take (a few round trips on any link): it
+# only saves the epoch that needs them the opening; close() waits for it to end.
+JOIN_PREPARE_TIMEOUT = 3.0
 
 __all__ = ["AllReduceHandle", "Communicator", "P2PHandle"]
 
@@ -107,6 +110,7 @@ class Communicator(
         self._joiners_wait = False
         self._mismatches_seen = 0  # "mismatch" verdicts this peer's numbering has caught up with
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._prepares: list[threading.Thread] = []  # pools opened ahead of a join (_on_prepare)
         self._closed = False
 
     def connect(self, timeout: float | None = None) -> Communicator:
@@ -206,6 +210,8 @@ class Communicator(
             self._control.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
+        for thread in self._prepares:  # ended by their own short timeout at the latest
+            thread.join()
         self._events.emit("closed", peer=self.peer_id)
         self._events.close()
 
@@ -375,7 +381,7 @@ class Communicator(
                     peers,
                     epoch,
                     sharers,
-                    timeout=cfg.connect_timeout,
+                    timeout=min(cfg.connect_timeout, JOIN_PREPARE_TIMEOUT),
                     warm_seconds=cfg.join_warmup,
                     warm_bytes=JOIN_WARMUP_BYTES,
                     warm_min_rtt=cfg.rsag_min_rtt,
@@ -385,7 +391,9 @@ class Communicator(
             else:
                 self._events.emit("prepared", peers=[p[0] for p in peers], epoch=epoch)
 
-        threading.Thread(target=prepare, name="pccl-prepare", daemon=True).start()
+        thread = threading.Thread(target=prepare, name="pccl-prepare", daemon=True)
+        self._prepares = [t for t in self._prepares if t.is_alive()] + [thread]
+        thread.start()
 
     def _op_executor(self) -> concurrent.futures.ThreadPoolExecutor:
         """The threads async all-reduces run on (created at the first; joined by close())."""
