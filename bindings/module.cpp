@@ -700,7 +700,7 @@ PYBIND11_MODULE(_native, m) {
           py::arg("warm_seconds") = 0.0, py::arg("warm_bytes") = 0, py::arg("warm_min_rtt") = 0.0,
           "Open pools of `epoch` to (peer, host, port) ahead of the epoch that needs them (a join), then, where "
           "a connection's round trip is warm_min_rtt or more, send padding for up to warm_seconds / warm_bytes "
-          "until the pool is kept for a newer epoch or carries anything else.")
+          "until TCP leaves slow start or the connection carries an op's first frame.")
       .def(
           "connect_state_sources",
           [](Engine& e, const std::vector<std::tuple<uint64_t, std::string, uint16_t>>& sources,

@@ -465,7 +465,7 @@ class Engine:
     ) -> None:
         """Open pools of `epoch` to every (peer, host, port) ahead of the epoch that needs them, then warm
         those whose round trip is warm_min_rtt or more with padding (up to warm_seconds / warm_bytes) until
-        kept for a newer epoch or used."""
+        TCP leaves slow start or the connection carries an op's first frame."""
 
     def connect_state_sources(self, sources: Sequence[tuple[int, str, int]], timeout: float | None = None) -> None:
         """Open the state-transfer connections to every (peer, host, port) at once (before fetch_state)."""

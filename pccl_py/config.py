@@ -81,7 +81,7 @@ class Config:
     # every peer with the epoch's ring (pccl_py.master.algorithm; docs/architecture.md,
     # "Choosing the algorithm"): loopback and LAN groups get the ring, WAN groups rsag.
     rsag_min_rtt: float = 0.002
-    # Joins (docs/architecture.md, "Joins over long links"): while the master admits a
+    # Joins (docs/protocol.md, "Joining"): while the master admits a
     # joiner, the joiner and the members open their pools to each other, so the epoch
     # that admits it keeps them (one round trip) instead of opening them (two or three);
     # False: they open when that epoch needs them. Where a prepared connection's round

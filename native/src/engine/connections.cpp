@@ -90,6 +90,7 @@ void Engine::queueFrame(Collective* op, uint64_t peer, size_t stripe, const Fram
 void Engine::queueItem(Connection* c, SendItem item) {
   stopWarming(c);  // what comes now is worth more than padding
   c->prepared = false;
+  c->carried = true;
   if (!c->ringOffered && item.ringCandidate()) offerRing(c);
   c->sendq.push_back(std::move(item));
   if (!c->dirty) {
@@ -394,6 +395,7 @@ void Engine::rebindPools(uint64_t epoch, const std::vector<uint64_t>& ring) {
         // Behind the padding queued so far; it warms on until the epoch's first frame.
         c->sendq.push_back(SendItem{rebind, nullptr, nullptr});
         c->prepared = false;
+        c->carried = true;
         if (!c->dirty) {
           c->dirty = true;
           dirty_.push_back(c);

@@ -291,7 +291,7 @@ void Engine::prepare(const std::vector<PeerAddress>& peers, uint64_t epoch, size
     for (uint64_t id : ids) {
       auto it = outgoing_.find(PoolKey{id, epoch});
       if (it == outgoing_.end()) continue;  // broken already
-      for (Connection* c : it->second) c->prepared = c->sendq.empty() && c->headSent == 0;
+      for (Connection* c : it->second) c->prepared = !c->carried;  // (a second prepare finds it warming)
       if (warmSeconds <= 0 || warmBytes == 0) continue;
       for (Connection* c : it->second) {
         tcp_info info{};

@@ -63,6 +63,7 @@ struct Connection {
   // the peer never had an op with this peer on it, so an epoch that keeps it uses it at
   // once (kRebind goes first on the stream), without waiting for kRebound.
   bool prepared = false;
+  bool carried = false;       // a frame other than padding was queued on it
   bool reboundEarly = false;  // kept that way: its kRebound is still to come
   // Warming (Engine::prepare): padding goes out whenever the socket takes more, until
   // `warmUntil`, `warmLeft` bytes, or the first frame of anything else.
