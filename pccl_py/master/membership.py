@@ -130,16 +130,13 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         if g.recovery is not None or now < self.hold_until:
             admit_now = False  # its members may be coming back: the newcomer waits
         effects.append(Send(peer_id, self.welcome(peer_id, admit_now, g if not admit_now else None)))
-        if not admit_now:
-            # Both sides open their pools to each other while the members vote.
-            joining = protocol.make("joining", peer=peer_id, host=host, port=port)
-            effects += [Send(pid, joining) for pid in g.ring]
         if admit_now:
             effects += self._admit_pending(g, "first peers of the group")
         else:
-            # Peers blocked in pending_peers() may now be answered differently; they are
-            # answered when every admitted peer asks, so nothing to do here.
-            pass
+            # Both sides open their pools to each other while the members vote. (Peers
+            # blocked in pending_peers() are answered when every admitted peer asks.)
+            joining = protocol.make("joining", peer=peer_id, host=host, port=port)
+            effects += [Send(pid, joining) for pid in g.ring]
         return effects
 
     def welcome(self, peer_id: int, admitted: bool, waits_in: Group | None = None) -> protocol.Message:

@@ -54,14 +54,17 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> Non
         time.sleep(0.01)
 
 
-def settled(read: Callable[[], int], quiet: float = 0.3) -> int:
+def settled(read: Callable[[], int], quiet: float = 0.3, timeout: float = 20.0) -> int:
     """`read()` once it has stopped changing for `quiet` seconds."""
+    until = time.monotonic() + timeout
     before = read()
     while True:
         time.sleep(quiet)
         now = read()
         if now == before:
             return now
+        if time.monotonic() > until:
+            raise AssertionError(f"still changing after {timeout} s: {before} -> {now}")
         before = now
 
 
@@ -193,16 +196,15 @@ def test_an_epoch_waits_for_a_prepare_only_as_long_as_its_own_timeout(engines: l
     """A prepare to a peer that accepts TCP but never answers the handshake (a process
     stopped, say) holds an epoch with that peer for set_ring's timeout at most; an
     epoch without it does not wait at all."""
-    silent = socket.socket()
-    silent.bind((HOST, 0))
-    silent.listen(8)
-    stuck = (777, HOST, silent.getsockname()[1])
     member = engines[0]
-    with ThreadPoolExecutor(1) as pool:
+    others = [address(e) for e in engines[:2]]
+    with socket.socket() as silent, ThreadPoolExecutor(1) as pool:
+        silent.bind((HOST, 0))
+        silent.listen(8)
+        stuck = (777, HOST, silent.getsockname()[1])
         job = pool.submit(member.prepare, [stuck], 1, 1, 5.0, 0.0, 0, 0.0)
         time.sleep(0.2)  # connected, waiting for the handshake's answer
         start = time.monotonic()
-        others = [address(e) for e in engines[:2]]
         member.set_ring(2, others, 0, 10.0, True)  # not a peer of this ring: no wait
         assert time.monotonic() - start < 1.0
         start = time.monotonic()
@@ -211,4 +213,3 @@ def test_an_epoch_waits_for_a_prepare_only_as_long_as_its_own_timeout(engines: l
         assert time.monotonic() - start < 3.0  # its own 1 s (and its own connect's), not the prepare's 5 s
         with pytest.raises(PcclError):
             job.result()
-    silent.close()

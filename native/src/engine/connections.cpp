@@ -29,17 +29,6 @@ const uint8_t* paddingPayload() {
 
 bool isPadding(const FrameHeader& h) { return h.type == static_cast<uint8_t>(FrameType::kPadding); }
 
-// Whether the connection's congestion control has left slow start (BBR: its startup):
-// it has found what the path carries, so its window no longer needs padding to grow.
-// (Linux keeps no slow-start threshold across connections by default:
-// net.ipv4.tcp_no_ssthresh_metrics_save.)
-bool warmedUp(int fd) {
-  constexpr uint32_t kInfiniteSsthresh = 0x7fffffff;
-  tcp_info info{};
-  socklen_t len = sizeof(info);
-  return ::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) == 0 && info.tcpi_snd_ssthresh < kInfiniteSsthresh;
-}
-
 }  // namespace
 
 void Engine::acceptAll() {
@@ -213,7 +202,8 @@ void Engine::stopWarming(Connection* c) {
 void Engine::pad(Connection* c) {
   if (!c->warming) return;
   if (!c->sendq.empty()) return;
-  if (c->dead || c->warmLeft == 0 || Clock::now() >= c->warmUntil || warmedUp(c->fd.get())) {
+  // Done once TCP has left slow start: it has found what the path carries.
+  if (c->dead || c->warmLeft == 0 || Clock::now() >= c->warmUntil || tcpState(c->fd.get()).leftSlowStart) {
     stopWarming(c);
     return;
   }

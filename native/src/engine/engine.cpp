@@ -199,15 +199,10 @@ size_t Engine::poolSizeFor(const std::vector<Fd>& fds, size_t sharers) const {
   double rttSeconds = 0;
   int sndbuf = 0;
   for (const Fd& fd : fds) {
-    tcp_info info{};
-    socklen_t len = sizeof(info);
     int buf = 0;
     socklen_t blen = sizeof(buf);
-    if (!fd.valid() || ::getsockopt(fd.get(), IPPROTO_TCP, TCP_INFO, &info, &len) != 0 || info.tcpi_rtt == 0 ||
-        ::getsockopt(fd.get(), SOL_SOCKET, SO_SNDBUF, &buf, &blen) != 0 || buf <= 0) {
-      continue;
-    }
-    const double rtt = info.tcpi_rtt * 1e-6;
+    const double rtt = fd.valid() ? tcpState(fd.get()).rttSeconds : 0;
+    if (rtt == 0 || ::getsockopt(fd.get(), SOL_SOCKET, SO_SNDBUF, &buf, &blen) != 0 || buf <= 0) continue;
     if (rttSeconds == 0 || rtt < rttSeconds) rttSeconds = rtt;
     sndbuf = buf;
   }
@@ -294,10 +289,7 @@ void Engine::prepare(const std::vector<PeerAddress>& peers, uint64_t epoch, size
       for (Connection* c : it->second) c->prepared = !c->carried;  // (a second prepare finds it warming)
       if (warmSeconds <= 0 || warmBytes == 0) continue;
       for (Connection* c : it->second) {
-        tcp_info info{};
-        socklen_t len = sizeof(info);
-        if (::getsockopt(c->fd.get(), IPPROTO_TCP, TCP_INFO, &info, &len) != 0) continue;
-        if (info.tcpi_rtt * 1e-6 < warmMinRttSeconds) continue;  // a short link: slow start is quick
+        if (tcpState(c->fd.get()).rttSeconds < warmMinRttSeconds) continue;  // a short link: slow start is quick
         startWarming(c, until, warmBytes);
       }
     }
