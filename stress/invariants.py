@@ -12,8 +12,9 @@ Invariants:
 - correctness: every successful all-reduce equals the exact sum of the contributions
   of the peers it names as contributors (stress.peer.contribution).
 - bit_parity: all peers that completed a sync at revision r of one group life (a group
-  founded afresh after all its members were gone starts again) report the same hash of
-  their whole state.
+  founded afresh after all its members were gone starts again, and so does one whose
+  restarted master heard no revision from any peer) report the same hash of their
+  whole state.
 - liveness: every collective a process began ends (unless the process was killed),
   within its timeout plus slack plus the time the process was stopped; and while at
   least 2 peers are alive the group completes an all-reduce in every window of W s.
@@ -115,11 +116,26 @@ def _correctness(records: list[Record], params: Params) -> list[Record]:
     return out
 
 
+def _lives(records: list[Record]) -> list[float]:
+    """When each group life after the first begins. When every member is gone (and the
+    master with them), a group founded afresh starts again at epoch 1 and revision 0
+    with another state: the master's "epoch" record of epoch 1. And when the master
+    restarts and none of the peers that rejoin it has synced (the state's holders died
+    with it: a joiner admitted just before), it numbers revisions from 0 again, with
+    the survivors' state: a master "sync" record of a lower revision than the one
+    before it."""
+    starts = [r["ts"] for r in records if r.get("event") == "epoch" and r.get("epoch") == 1 and "ts" in r]
+    syncs = sorted(
+        (r for r in records if r.get("source") == "master" and r.get("event") == "sync" and "ts" in r),
+        key=lambda r: r["ts"],
+    )
+    starts += [now["ts"] for before, now in zip(syncs, syncs[1:]) if now["revision"] < before["revision"]]
+    return sorted(starts)
+
+
 def _bit_parity(records: list[Record]) -> list[Record]:
-    # Per group life: when every member is gone (and the master with them), a group
-    # founded afresh starts again at epoch 1 and revision 0 with another state. The
-    # master's "epoch" record of epoch 1 marks where each life begins.
-    lives = sorted(r["ts"] for r in records if r.get("event") == "epoch" and r.get("epoch") == 1 and "ts" in r)
+    # Per group life (_lives): each numbers its revisions from 0.
+    lives = _lives(records)
     by_revision: dict[tuple[int, int], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r.get("event") == "synced":

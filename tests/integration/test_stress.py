@@ -151,6 +151,24 @@ def test_a_group_founded_afresh_numbers_its_revisions_again() -> None:
     assert {v["invariant"] for v in violations if v["invariant"] == "bit_parity"} == {"bit_parity"}
 
 
+def test_a_restarted_master_that_hears_no_revision_numbers_them_again() -> None:
+    """A joiner admitted, then the master and the last member that held the state die
+    before the joiner synced: the restarted master hears no revision from it and
+    numbers from 0 again, with the joiner's state. Its revision 0 is not the old one's."""
+    records, faults = clean_run()
+    end = max(r["ts"] for r in records)
+    master_sync = {"pid": 99, "source": "master", "event": "sync", "group": 0, "ok": True}
+    later = [{**master_sync, "ts": end + 0.5, "revision": 7, "peers": [A]}]
+    later += [{**master_sync, "ts": end + 1.0, "revision": 0, "peers": [C]}]
+    later += [{"ts": end + 1.1, "pid": pid, "event": "synced", "revision": 0, "hash": "the joiner's", "peer": pid,
+               "epoch": 9, "world": 1, "step": 0} for pid in (44, 45)]
+    violations, _ = check(records + later, faults, Params(window=5.0))
+    assert "bit_parity" not in kinds(violations)
+    later[3]["hash"] = "diverged"  # within the new life, still caught
+    violations, _ = check(records + later, faults, Params(window=5.0))
+    assert [v["revision"] for v in violations if v["invariant"] == "bit_parity"] == [0]
+
+
 def test_op_that_never_ends_is_caught_unless_its_process_was_killed() -> None:
     records, faults = clean_run()
     last_end = max(i for i, r in enumerate(records) if r["event"] == "end" and r["pid"] == P1)
