@@ -24,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -129,7 +130,7 @@ def _lives(records: list[Record]) -> list[float]:
         (r for r in records if r.get("source") == "master" and r.get("event") == "sync" and "ts" in r),
         key=lambda r: r["ts"],
     )
-    starts += [now["ts"] for before, now in zip(syncs, syncs[1:]) if now["revision"] < before["revision"]]
+    starts += [now["ts"] for before, now in itertools.pairwise(syncs) if now["revision"] < before["revision"]]
     return sorted(starts)
 
 
