@@ -213,3 +213,25 @@ def test_an_epoch_waits_for_a_prepare_only_as_long_as_its_own_timeout(engines: l
         assert time.monotonic() - start < 3.0  # its own 1 s (and its own connect's), not the prepare's 5 s
         with pytest.raises(PcclError):
             job.result()
+
+
+def test_kept_pools_rebind_while_an_epoch_waits_for_a_prepare(engines: list[nat.Engine]) -> None:
+    """An epoch that waits for a prepare still opening (to the joiner) sends its rebinds
+    to the peers it keeps pools to first: their round trip runs during the wait, not
+    after it (a join at RTT 100 ms paid both, one after the other)."""
+    member = engines[0]
+    others = [address(e) for e in engines[:2]]
+    kept = member.connections_kept
+    with socket.socket() as silent, ThreadPoolExecutor(2) as pool:
+        silent.bind((HOST, 0))
+        silent.listen(8)
+        stuck = (777, HOST, silent.getsockname()[1])
+        job = pool.submit(member.prepare, [stuck], 1, 1, 5.0, 0.0, 0, 0.0)
+        time.sleep(0.2)  # connected, waiting for the handshake's answer
+        ring = pool.submit(member.set_ring, 2, [*others, stuck], 0, 3.0, True)
+        wait_for(lambda: member.connections_kept == kept + K, "the pool to the other member rebound", 2.5)
+        assert not ring.done()  # still waiting for the prepare
+        with pytest.raises(PcclError):
+            ring.result()
+        with pytest.raises(PcclError):
+            job.result()

@@ -356,6 +356,7 @@ void Engine::rebindPools(uint64_t epoch, const std::vector<uint64_t>& ring) {
   std::vector<Connection*> old;
   for (auto& [fd, c] : connections_) {
     if (c->dead || c->handshaking || c->epoch >= epoch) continue;
+    if (c->rebinding && c->rebindEpoch == epoch) continue;  // kept for this epoch already (a second pass)
     auto k = keep.find(c->peer);
     if (c->outgoing && k != keep.end() && k->second.second == c->epoch) continue;  // kept
     if (!c->outgoing && inRing(c->peer)) continue;  // its owner keeps it or closes it

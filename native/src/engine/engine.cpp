@@ -125,29 +125,37 @@ void Engine::setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_
   }
   // Wait until the progress thread has moved on: the pools it keeps for `epoch` are
   // then known (rebinding_), and ensureConnected waits for them instead of opening more.
+  // Their rebinds are on their way meanwhile.
   std::vector<uint64_t> ids;
   for (const PeerAddress& p : ring) ids.push_back(p.peerId);
+  auto onProgressThread = [this](std::function<void()> fn) {
+    auto moved = std::make_shared<std::promise<void>>();
+    auto done = moved->get_future();
+    post([fn = std::move(fn), moved] {
+      fn();
+      moved->set_value();
+    });
+    done.wait();
+  };
+  onProgressThread([this, epoch, ids] { setRingEpoch(epoch, ids); });
+  // Pools being opened ahead of this epoch (prepare) are kept for it once they are
+  // open: wait for them (up to this call's timeout) rather than open second ones, and
+  // then keep those that opened (rebindPools again: the pools kept above are this
+  // epoch's already).
+  const double waitSeconds = std::clamp(timeoutSeconds, 0.0, 1e7);
+  const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(waitSeconds));
+  bool waited = false;
   {
-    // Pools being opened ahead of this epoch (prepare) are kept for it once they are
-    // open: wait for them (up to this call's timeout) rather than open second ones.
-    const double waitSeconds = std::clamp(timeoutSeconds, 0.0, 1e7);
-    const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(waitSeconds));
     std::unique_lock<std::mutex> lock(mu_);
     prepareCv_.wait_until(lock, until, [&] {
       if (closed_) return true;
       for (uint64_t id : ids) {
-        if (preparing_.count(id)) return false;
+        if (preparing_.count(id)) return (waited = true, false);
       }
       return true;
     });
   }
-  auto moved = std::make_shared<std::promise<void>>();
-  auto done = moved->get_future();
-  post([this, epoch, ids = std::move(ids), moved] {
-    setRingEpoch(epoch, ids);
-    moved->set_value();
-  });
-  done.wait();
+  if (waited) onProgressThread([this, epoch, ids] { rebindPools(epoch, ids); });
   if (ring.size() < 2) return;
   if (connectAll) {
     connectToAll(pos, ring, timeoutSeconds);
@@ -282,12 +290,14 @@ void Engine::prepare(const std::vector<PeerAddress>& peers, uint64_t epoch, size
   std::vector<uint64_t> ids;
   for (const PeerAddress& p : peers) ids.push_back(p.peerId);
   post([this, ids, epoch, until, warmSeconds, warmBytes, warmMinRttSeconds] {
-    if (epoch < currentEpoch_) return;  // a newer epoch came first: kept already, or stale
+    // A newer epoch came first: a pool that was open then is kept already (or closed);
+    // one that opened since is still of `epoch`, for that epoch's setRing to keep.
+    const bool late = epoch < currentEpoch_;
     for (uint64_t id : ids) {
       auto it = outgoing_.find(PoolKey{id, epoch});
       if (it == outgoing_.end()) continue;  // broken already
       for (Connection* c : it->second) c->prepared = !c->carried;  // (a second prepare finds it warming)
-      if (warmSeconds <= 0 || warmBytes == 0) continue;
+      if (late || warmSeconds <= 0 || warmBytes == 0) continue;
       for (Connection* c : it->second) {
         if (tcpState(c->fd.get()).rttSeconds < warmMinRttSeconds) continue;  // a short link: slow start is quick
         startWarming(c, until, warmBytes);
