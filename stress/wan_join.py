@@ -108,7 +108,7 @@ def joiner(master: str, host: str, elements: int, calls: int, events: str) -> in
 
     comm = pccl.Communicator(master, host=host, name=f"joiner-{host}", config=pccl.Config.from_env(event_log=events))
     try:
-        x = np.empty(elements, np.float32)
+        x = np.ones(elements, np.float32)  # a user's tensor exists (its pages touched) before connect()
         t0 = time.time()
         comm.connect(timeout=60)
         t_connected = time.time()
@@ -128,7 +128,7 @@ def joiner(master: str, host: str, elements: int, calls: int, events: str) -> in
                   "world": info.world_size, "attempts": info.attempts, "epoch": info.epoch,
                   "value": float(x[0]), "pools_vote_s": round(pools_vote, 4),
                   "pools_s": round(engine.connect_seconds - pools0, 4),
-                  "opened": engine.connections_opened - opened0})
+                  "opened": engine.connections_opened - opened0, "padding": engine.padding_bytes})
         return 0
     finally:
         comm.close()
@@ -210,6 +210,7 @@ def _rep_report(rep: int, joined: list[dict[str, Any]], events: Path, members: l
         # padding they sent while it waited (Config.prepare_joins, join_warmup).
         "joiner_kept": connected["kept"],
         "joiner_padding_mib": round(connected["padding"] / 2**20, 1),
+        "joiner_padding_first_op_mib": round(first["padding"] / 2**20, 1),
     }
     # The members' call that admitted the joiner: the first whose op had the joiner in.
     admitting = []

@@ -6,6 +6,11 @@ is held until the other members show what they do next. Members in the same call
 it a real one; members in another collective make it the joiner's part of the vote
 that admitted it, answered as the members were (docs/protocol.md, "Joining").
 
+A knock (pccl_py.wire.knock): a newcomer's datagram ahead of its hello. Where the hello
+would make it wait for the members' vote, the members are told at once ("joining") and
+the newcomer gets the ring and epoch, so that both sides open their pools to each
+other while it registers. Nothing is registered; each peer id knocks once.
+
 Mismatched collectives: a member whose collective call has waited a while says what
 it waits in ("blocked": the call, and the data-plane ops it has in flight). When every
 member of a group is blocked and no collective is common to all of them for
@@ -20,10 +25,45 @@ from typing import Any
 from pccl_py.master.records import Blocked, Effect, Group, Log, OpKey, OpRecord, Peer, Rules, Send
 from pccl_py.wire import protocol
 
+# Peer ids that knocked, remembered (oldest dropped first) so that each knocks once.
+MAX_KNOCKS = 4096
+
 
 class MatchingRules:
+    def knock(
+        self: Rules, peer_id: int, group: int, host: str, port: int, now: float
+    ) -> tuple[tuple[int, list[list[Any]]] | None, list[Effect]]:
+        """A newcomer's knock: (epoch, members) to answer it with, and the effects (the
+        members' "joining"); (None, []) where its hello would not wait for a vote, or
+        the id is registered or knocked before."""
+        g = self.groups.get(group)
+        if peer_id in self.peers or peer_id in self._knocked or g is None or not g.ring:
+            return None, []
+        if g.recovery is not None or now < self.hold_until:
+            return None, []  # its members may be coming back: the hello finds out
+        self._knocked[peer_id] = None
+        while len(self._knocked) > MAX_KNOCKS:
+            del self._knocked[next(iter(self._knocked))]
+        effects: list[Effect] = [Log("knock", {"peer": peer_id, "group": group, "host": host, "port": port})]
+        return (g.epoch, self._members(g)), effects + self._joining(g, peer_id, host, port)
+
+    def _members(self: Rules, g: Group) -> list[list[Any]]:
+        """The ring of `g` as a newcomer opens its pools to it: [[peer id, host, port]]."""
+        return [[pid, self.peers[pid].host, self.peers[pid].port] for pid in g.ring]
+
+    def _joining(self: Rules, g: Group, peer_id: int, host: str, port: int) -> list[Effect]:
+        """Tells every member of `g` to open its pool to a newcomer that waits for the vote."""
+        joining = protocol.make("joining", peer=peer_id, host=host, port=port)
+        return [Send(pid, joining) for pid in g.ring]
+
     def report_blocked(
-        self: Rules, peer_id: int, call: str, op: OpKey | None, desc: str, inflight: list[tuple[OpKey, str]], now: float
+        self: Rules,
+        peer_id: int,
+        call: str,
+        op: OpKey | None,
+        desc: str,
+        inflight: list[tuple[OpKey, str]],
+        now: float,
     ) -> list[Effect]:
         """A member has been waiting in `call` for a while (Config.blocked_report_after).
         Mismatches are decided by tick(), once they have lasted `mismatch_grace`."""
@@ -47,7 +87,9 @@ class MatchingRules:
         """The collectives member `pid` is in, as far as this master knows."""
         calls = self._requested(g, pid)
         b = g.blocked.get(pid)
-        if b is not None and (b.call not in protocol.DATA_CALLS or (b.op is not None and self._op_open(g, b.op))):
+        if b is not None and (
+            b.call not in protocol.DATA_CALLS or (b.op is not None and self._op_open(g, b.op))
+        ):
             calls.add(b.call)
         return calls
 
@@ -90,10 +132,14 @@ class MatchingRules:
             effects.append(Log("replay", {"group": g.id, "peer": pid, "call": call}))
             if call == "update_topology":
                 peer.replay = None
-                effects.append(Send(pid, self._ring_message(g, "the vote that admitted this peer", vote=True)))
+                effects.append(
+                    Send(pid, self._ring_message(g, "the vote that admitted this peer", vote=True))
+                )
             else:
                 peer.replay = "vote"
-                effects.append(Send(pid, protocol.make("pending_count", query=query, count=peer.replay_count)))
+                effects.append(
+                    Send(pid, protocol.make("pending_count", query=query, count=peer.replay_count))
+                )
         return effects
 
     def _unblock(self: Rules, g: Group, call: str) -> None:
@@ -138,7 +184,9 @@ class MatchingRules:
             return []
         return self._fail_mismatch(g, calls, now)
 
-    def _fail_mismatch(self: Rules, g: Group, calls: dict[int, tuple[Blocked, set[tuple[Any, ...]]]], now: float) -> list[Effect]:
+    def _fail_mismatch(
+        self: Rules, g: Group, calls: dict[int, tuple[Blocked, set[tuple[Any, ...]]]], now: float
+    ) -> list[Effect]:
         """Fails every member's call: control-plane calls by a "mismatch" message, which
         also names the all-reduces involved. The master does not decide those: one may
         have committed on a peer it has not heard from yet. Each peer aborts them and
@@ -153,7 +201,9 @@ class MatchingRules:
             who = f"peer {pid}" + (f" ({name})" if name else "")
             what = f"{b.call}({b.desc})" if b.call in protocol.DATA_CALLS else f"{b.call}()"
             others = len([p for p in parts if p[0] == "op" and p[1] != b.op])
-            described.append(f"{who} in {what}" + (f" with {others} other collective(s) in flight" if others else ""))
+            described.append(
+                f"{who} in {what}" + (f" with {others} other collective(s) in flight" if others else "")
+            )
         text = "the members are blocked in collectives that cannot match: " + "; ".join(described)
         g.blocked.clear()
         g.held.clear()

@@ -114,6 +114,7 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         self.peers: dict[int, Peer] = {}
         self.groups: dict[int, Group] = {}
         self._departed: dict[int, str] = {}  # peer -> cause ("left", "crashed", "hung"), recent only
+        self._knocked: dict[int, None] = {}  # peer ids that knocked (MatchingRules.knock), oldest first
 
     def register(self, peer_id: int, group: int, host: str, port: int, name: str, now: float) -> list[Effect]:
         """Registers a new peer (ids are chosen by the peers: random 63-bit numbers).
@@ -133,15 +134,14 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         if admit_now:
             effects += self._admit_pending(g, "first peers of the group")
         else:
-            # Both sides open their pools to each other while the members vote. (Peers
-            # blocked in pending_peers() are answered when every admitted peer asks.)
-            joining = protocol.make("joining", peer=peer_id, host=host, port=port)
-            effects += [Send(pid, joining) for pid in g.ring]
+            # Both sides open their pools to each other while the members vote (again,
+            # after a knock: opening is idempotent). (Peers blocked in pending_peers()
+            # are answered when every admitted peer asks.)
+            effects += self._joining(g, peer_id, host, port)
         return effects
 
     def welcome(self, peer_id: int, admitted: bool, waits_in: Group | None = None) -> protocol.Message:
         """`waits_in`: the group a newcomer waits to be admitted to (its ring goes along)."""
-        ring = waits_in.ring if waits_in is not None else []
         return protocol.make(
             "welcome",
             peer_id=peer_id,
@@ -151,7 +151,7 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
             master=self.incarnation,
             beat_port=self.beat_port,
             beat_token=self.peers[peer_id].beat_token,
-            members=[[pid, self.peers[pid].host, self.peers[pid].port] for pid in ring],
+            members=self._members(waits_in) if waits_in is not None else [],
             epoch=waits_in.epoch if waits_in is not None else 0,
         )
 

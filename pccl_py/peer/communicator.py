@@ -37,7 +37,7 @@ from pccl_py.peer.p2p import P2PHandle, PointToPointCalls
 from pccl_py.peer.rejoin import RejoinCalls
 from pccl_py.peer.session import OpKey, Session, Topology
 from pccl_py.peer.sync import SyncCalls
-from pccl_py.wire import auth, protocol
+from pccl_py.wire import auth, knock, protocol
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,8 @@ class Communicator(
         self._mismatches_seen = 0  # "mismatch" verdicts this peer's numbering has caught up with
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._prepares: list[threading.Thread] = []  # pools opened ahead of a join (_on_prepare)
+        self._prepared: set[tuple[int, int]] = set()  # (peer id, epoch) opened or opening ahead
+        self._prepare_lock = threading.Lock()
         self._closed = False
 
     def connect(self, timeout: float | None = None) -> Communicator:
@@ -136,6 +138,7 @@ class Communicator(
             congestion_control=transport.engine_congestion_control(cfg.congestion_control),
         )
         transport.log_facts(self._engine)
+        knocked = time.time()
         self._control = ControlChannel(
             self._master,
             cfg,
@@ -143,6 +146,13 @@ class Communicator(
             self._rejoin_restarted_master,
             on_topology=self._on_topology,
             on_prepare=self._on_prepare,
+            # Pools open while this peer registers (pccl_py.wire.knock): a datagram.
+            knock=(
+                knock.encode_knock(self.peer_id, self._group, self._advertise, self._engine.port, knocked, self._secret),
+                lambda data: self._on_knock_answer(data, knocked),
+            )
+            if cfg.prepare_joins and cfg.heartbeat_datagrams
+            else None,
         )
         self._control.start(max(0.1, deadline - time.monotonic()))
         if self._secret is not None:
@@ -359,6 +369,17 @@ class Communicator(
         """Control thread: a new topology (for the event log)."""
         self._events.emit("topology", epoch=msg["epoch"], ring=[p[0] for p in msg["ring"]], reason=msg["reason"])
 
+    def _on_knock_answer(self, data: bytes, knocked: float) -> bool:
+        """Control thread: a datagram where the master's answer to this peer's knock may
+        come (pccl_py.wire.knock). The pools to the ring it names open at once."""
+        answer = knock.decode_answer(data, self._secret, self.peer_id, knocked)
+        if answer is None:
+            return False
+        epoch, members = answer
+        if members:
+            self._on_prepare(members, epoch, len(members))
+        return True
+
     def _on_prepare(self, peers: list[tuple[int, str, int]], epoch: int | None, sharers: int) -> None:
         """Control thread: a join ahead (the master's "welcome" to a newcomer that waits
         for the members' vote, or its "joining" to a member). The pools open on a thread
@@ -374,6 +395,14 @@ class Communicator(
             epoch = self._engine_epoch
         if epoch < 0:
             return
+        # Once per peer and epoch (a knock, then the welcome or "joining" again): a second
+        # prepare while the first still connects would open a second pool.
+        with self._prepare_lock:
+            self._prepared = {k for k in self._prepared if k[1] > epoch - 16}
+            peers = [p for p in peers if (p[0], epoch) not in self._prepared]
+            self._prepared.update((p[0], epoch) for p in peers)
+        if not peers:
+            return
 
         def prepare() -> None:
             try:
@@ -388,6 +417,8 @@ class Communicator(
                 )
             except PcclError as exc:  # the epoch that needs them opens them, as without this
                 log.info("opening pools ahead of a join failed: %s", exc)
+                with self._prepare_lock:
+                    self._prepared.difference_update((p[0], epoch) for p in peers)
             else:
                 self._events.emit("prepared", peers=[p[0] for p in peers], epoch=epoch)
 

@@ -29,6 +29,10 @@ from pccl_py.wire.aio import monitor_connections, new_event_loop, send_nowait, w
 
 log = logging.getLogger(__name__)
 
+# How long the channel listens for the answer to its join knock (the welcome, which
+# comes after 3.5 round trips, brings the same).
+KNOCK_WAIT = 10.0
+
 
 class ControlChannel:
     def __init__(
@@ -39,6 +43,7 @@ class ControlChannel:
         on_master_restart: Callable[[], None],
         on_topology: Callable[[protocol.Message], None] | None = None,
         on_prepare: Callable[[list[tuple[int, str, int]], int | None, int], None] | None = None,
+        knock: tuple[bytes, Callable[[bytes], bool]] | None = None,
     ) -> None:
         host, _, port = master.rpartition(":")
         if not host or not port.isdigit():
@@ -49,6 +54,10 @@ class ControlChannel:
         self._on_master_restart = on_master_restart  # run on a rejoin thread this channel owns
         self._on_topology = on_topology
         self._on_prepare = on_prepare  # a join ahead: (peers, epoch or None, sharers); must not block
+        # The join knock (pccl_py.wire.knock): the datagram, and what takes a datagram
+        # that comes back (True: it was the answer); sent once as the channel starts.
+        self._knock = knock
+        self._master_port = int(port)
         self._rejoin_thread: threading.Thread | None = None  # owned: joined by close()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: zmq.asyncio.Socket | None = None
@@ -124,6 +133,8 @@ class ControlChannel:
                     tasks.create_task(self._commit_report_loop()),
                     tasks.create_task(watch_connections(sock, monitor, self._on_link)),
                 ]
+                if self._knock is not None:
+                    loops.append(tasks.create_task(self._send_knock(*self._knock)))
                 await self._stopped.wait()
                 for task in loops:
                     task.cancel()
@@ -181,7 +192,11 @@ class ControlChannel:
         ticked = time.monotonic()
         while True:
             liveness = self._session.liveness()  # the master's pace, once it welcomed us
-            interval = min(self._config.heartbeat_interval, liveness[0]) if liveness else self._config.heartbeat_interval
+            interval = (
+                min(self._config.heartbeat_interval, liveness[0])
+                if liveness
+                else self._config.heartbeat_interval
+            )
             await asyncio.sleep(interval)
             now = time.monotonic()
             if now - ticked > 2 * interval:
@@ -213,9 +228,16 @@ class ControlChannel:
                     family, _, _, _, self._beat_address = (
                         await loop.getaddrinfo(self._master_host, target[0], type=socket.SOCK_DGRAM)
                     )[0]
-                    self._beats, _ = await loop.create_datagram_endpoint(lambda: _BeatAnswers(self), family=family)
+                    self._beats, _ = await loop.create_datagram_endpoint(
+                        lambda: _Datagrams(self._beat_answered), family=family
+                    )
                 except OSError as exc:
-                    log.warning("heartbeat datagrams to %s:%d: %s; TCP heartbeats only", self._master_host, target[0], exc)
+                    log.warning(
+                        "heartbeat datagrams to %s:%d: %s; TCP heartbeats only",
+                        self._master_host,
+                        target[0],
+                        exc,
+                    )
         if self._beats is None or self._beat_target is None:
             return
         _, peer_id, token = self._beat_target
@@ -225,13 +247,46 @@ class ControlChannel:
             log.warning(
                 "the master answers none of this peer's heartbeat datagrams (UDP port %d of %s): is UDP "
                 "filtered on the way? Partitions are then detected over TCP, %gs later",
-                self._beat_target[0], self._master_host, beats.STREAM_ALLOWANCE,
+                self._beat_target[0],
+                self._master_host,
+                beats.STREAM_ALLOWANCE,
             )
+
+    async def _send_knock(self, datagram: bytes, on_answer: Callable[[bytes], bool]) -> None:
+        """Knocks once at the master's heartbeat port (its control port's number) and
+        hands what comes back to `on_answer`, until it takes one or KNOCK_WAIT passed.
+        Nothing depends on it: the welcome brings the same."""
+        loop = asyncio.get_running_loop()
+        answered = asyncio.Event()
+
+        def received(data: bytes) -> None:
+            if on_answer(data):
+                answered.set()
+
+        try:
+            family, _, _, _, address = (
+                await loop.getaddrinfo(self._master_host, self._master_port, type=socket.SOCK_DGRAM)
+            )[0]
+            endpoint, _ = await loop.create_datagram_endpoint(lambda: _Datagrams(received), family=family)
+        except OSError as exc:
+            log.debug("no join knock to %s:%d: %s", self._master_host, self._master_port, exc)
+            return
+        try:
+            endpoint.sendto(datagram, address)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(answered.wait(), KNOCK_WAIT)
+        finally:
+            endpoint.close()
 
     def _beat_answered(self, data: bytes) -> None:
         answer = beats.decode(data, beats.ANSWER)
         target = self._beat_target
-        if answer is None or target is None or answer[0] != target[1] or not beats.same_token(answer[1], target[2]):
+        if (
+            answer is None
+            or target is None
+            or answer[0] != target[1]
+            or not beats.same_token(answer[1], target[2])
+        ):
             return
         self._heard_datagram = time.monotonic()
         self._beats_answered = True
@@ -296,7 +351,9 @@ class ControlChannel:
             previous = self._rejoin_thread
             if previous is not None and previous.is_alive():
                 log.warning("a rejoin of an earlier master incarnation is still running")
-            self._rejoin_thread = threading.Thread(target=self._on_master_restart, name="pccl-rejoin", daemon=True)
+            self._rejoin_thread = threading.Thread(
+                target=self._on_master_restart, name="pccl-rejoin", daemon=True
+            )
             self._rejoin_thread.start()
         if reaction.prepare and self._on_prepare is not None:
             self._on_prepare(reaction.prepare, reaction.prepare_epoch, reaction.prepare_sharers)
@@ -327,9 +384,13 @@ class ControlChannel:
 
         challenge = session.wait(challenged, deadline, "the master's authentication challenge")
         if not challenge["proof"]:
-            raise AuthError(f"the master at {self._endpoint} has no shared secret; refusing to join it with one")
+            raise AuthError(
+                f"the master at {self._endpoint} has no shared secret; refusing to join it with one"
+            )
         if not auth.verify(auth.master_proof(secret, nonce, challenge["nonce"]), challenge["proof"]):
-            raise AuthError(f"the master at {self._endpoint} holds a different shared secret (its proof does not match)")
+            raise AuthError(
+                f"the master at {self._endpoint} holds a different shared secret (its proof does not match)"
+            )
         self.send(protocol.make("auth", mac=auth.client_proof(secret, challenge["nonce"], nonce)))
 
         def accepted() -> bool | None:
@@ -339,14 +400,15 @@ class ControlChannel:
         session.wait(accepted, deadline, "the master's authentication verdict")
 
 
-class _BeatAnswers(asyncio.DatagramProtocol):
-    """The peer's heartbeat-datagram endpoint: hands the master's answers to the channel."""
+class _Datagrams(asyncio.DatagramProtocol):
+    """A datagram endpoint that hands each datagram to `on_datagram`: the master's
+    answers to heartbeats, or to the join knock."""
 
-    def __init__(self, channel: ControlChannel) -> None:
-        self._channel = channel
+    def __init__(self, on_datagram: Callable[[bytes], None]) -> None:
+        self._on_datagram = on_datagram
 
     def datagram_received(self, data: bytes, addr: object) -> None:
-        self._channel._beat_answered(data)
+        self._on_datagram(data)
 
     def error_received(self, exc: Exception) -> None:
         pass  # e.g. ICMP port unreachable while the master restarts: the next beat tries again

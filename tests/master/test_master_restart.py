@@ -160,6 +160,7 @@ def test_restarted_master_holds_a_newcomers_admission_for_the_grace() -> None:
 def test_newcomer_during_recovery_waits_for_the_members() -> None:
     m = fresh_master()
     rejoin(m, A, info(ring=(A, B)))
+    assert m.knock(C, 0, "127.0.0.1", 5000, T0) == (None, [])  # no ring to open pools to yet
     effects = m.register(C, 0, "127.0.0.1", 5000, "new", T0)
     assert msgs(effects, "welcome")[C][0]["admitted"] is False
     rejoin(m, B, info(ring=(A, B)))

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from pccl_py.wire import beats, protocol
 from pccl_py.master.membership import Log, Membership, Send
+from pccl_py.wire import beats, protocol
 
 HB_INTERVAL = 1.0
 HB_TIMEOUT = 5.0
@@ -161,6 +161,39 @@ def test_a_waiting_newcomer_and_the_members_learn_of_each_other_ahead_of_the_vot
     # A peer admitted at once (an empty group) waits for nobody: no ring to prepare.
     [first] = msgs_to(register(m, D, group=7), D, "welcome")
     assert first["admitted"] is True and first["members"] == [] and first["epoch"] == 0
+
+
+def test_a_knock_tells_the_members_and_answers_with_the_ring_before_any_hello(m: Membership) -> None:
+    """A newcomer's knock (pccl_py.wire.knock) does what registering a waiting newcomer
+    does for the pools, half a round trip after it left: every member gets "joining",
+    the answer names the ring and epoch. It registers nothing, and each id knocks once."""
+    epoch = form_group(m, [A, B])
+    found, effects = m.knock(C, 0, HOST, port_of(C), T0)
+    assert found == (epoch, [[A, HOST, port_of(A)], [B, HOST, port_of(B)]])
+    for member in (A, B):
+        [joining] = msgs_to(effects, member, "joining")
+        assert (joining["peer"], joining["host"], joining["port"]) == (C, HOST, port_of(C))
+    assert [log.fields["peer"] for log in logs(effects, "knock")] == [C]
+    assert_valid_messages(effects)
+    assert str(C) not in m.status()["peers"]  # nothing registered
+    assert m.knock(C, 0, HOST, port_of(C), T0) == (None, [])  # once per id
+    # Its hello then registers it as without a knock (the members hear "joining" again:
+    # opening a pool ahead is idempotent on their side).
+    effects = register(m, C)
+    assert phase_of(m, C) == "pending"
+    assert [s.to for s in sends(effects, "joining")] == [A, B]
+
+
+def test_a_knock_is_ignored_where_the_hello_would_not_wait_for_a_vote(m: Membership) -> None:
+    assert m.knock(C, 0, HOST, port_of(C), T0) == (None, [])  # no group yet: admitted at once
+    form_group(m, [A, B])
+    assert m.knock(A, 0, HOST, port_of(A), T0) == (None, [])  # a registered id
+    assert m.knock(C, 5, HOST, port_of(C), T0) == (None, [])  # another group, empty
+    held = Membership(HB_INTERVAL, HB_TIMEOUT, GRACE)
+    form_group(held, [A, B])
+    held.hold_until = T0 + 5  # a restarted master's grace: members may be coming back
+    assert held.knock(C, 0, HOST, port_of(C), T0 + 1) == (None, [])
+    assert held.knock(C, 0, HOST, port_of(C), T0 + 6)[0] is not None
 
 
 def test_pending_peer_admitted_only_when_every_admitted_peer_voted(m: Membership) -> None:

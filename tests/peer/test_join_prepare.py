@@ -5,10 +5,16 @@ master's "joining"). The epoch that admits it keeps all of them: neither the mem
 update_topology() nor the first all-reduce over the new ring opens a connection, and
 the joiner's connect() opens none beyond the prepared ones. With prepare_joins=False
 the same join opens them in the admitting epoch. Counted (the engines' counters), not
-timed; the all-reduces are checked exactly."""
+timed; the all-reduces are checked exactly.
+
+The join knock (pccl_py.wire.knock) starts the same ahead of the hello: a datagram to
+the master's heartbeat port makes the members open their pools to the address it names,
+and the answer names the ring. Checked with a knock sent from here for an engine of
+this process (no hello ever), with and without a shared secret."""
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
@@ -16,6 +22,8 @@ import pytest
 from peer_workers import Cluster, checksum, make_input
 
 import pccl_py as pccl
+from pccl_py import _native
+from pccl_py.wire import knock
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -77,3 +85,72 @@ def test_the_admitting_epoch_keeps_the_pools_opened_while_the_joiner_waited(prep
             assert after[i]["padding"] == 0  # loopback: a round trip too short to warm
         # The joiner kept its prepared pools too: connect() opened nothing more.
         assert after[2]["kept"] == (4 if prepare else 0), after
+
+
+def knock_at(master: pccl.Master, datagram: bytes, wait: float) -> bytes | None:
+    """Sends `datagram` to the master's heartbeat port (its control port's number) and
+    returns the answer, or None if none comes within `wait` seconds."""
+    host, port = master.address.rsplit(":", 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(wait)
+        s.sendto(datagram, (host, int(port)))
+        try:
+            return s.recv(65536)
+        except TimeoutError:
+            return None
+
+
+@pytest.mark.parametrize("secret", [None, b"knock knock"], ids=["open", "secret"])
+def test_a_knock_alone_opens_the_members_pools_to_the_newcomer(secret: bytes | None) -> None:
+    config: dict[str, Any] = {"connections_per_peer": 2, "secret": secret}
+    with pccl.Master(secret=secret) as master, Cluster(master.address) as cluster:
+        members = cluster.form([0, 1], config=config)
+        before = stats(cluster, [0, 1])
+        newcomer = _native.Engine(peer_id=4242, host="127.0.0.1", port=0, connections_per_peer=2, secret=secret or b"")
+        try:
+            sent = time.time()
+            if secret is not None:  # a knock the master cannot check: no answer, no pools
+                unsigned = knock.encode_knock(4242, 0, "127.0.0.1", newcomer.port, sent, None)
+                assert knock_at(master, unsigned, 1.0) is None
+                assert [stats(cluster, [0, 1])[i]["opened"] for i in (0, 1)] == [before[i]["opened"] for i in (0, 1)]
+            datagram = knock.encode_knock(4242, 0, "127.0.0.1", newcomer.port, sent, secret)
+            answer = knock_at(master, datagram, 10.0)
+            assert answer is not None
+            epoch, ring = knock.decode_answer(answer, secret, 4242, sent) or (None, None)
+            assert ring is not None and {p[0] for p in ring} == {members[0]["peer"], members[1]["peer"]}
+            assert epoch == before[0]["epoch_now"] == before[1]["epoch_now"]
+            until = time.monotonic() + 20
+            while True:  # each member opened its pool of 2 to the newcomer's engine
+                now = stats(cluster, [0, 1])
+                if all(now[i]["opened"] == before[i]["opened"] + 2 for i in (0, 1)):
+                    break
+                assert time.monotonic() < until, (before, now)
+                time.sleep(0.05)
+            assert knock_at(master, datagram, 1.0) is None  # each id knocks once
+        finally:
+            newcomer.close()
+
+
+@pytest.mark.parametrize("datagrams", [True, False], ids=["knocks", "no_datagrams"])
+def test_a_joiner_knocks_before_its_hello(tmp_path: Any, datagrams: bool) -> None:
+    """A real joiner knocks as it starts to connect (the master hears the knock before
+    the hello), unless heartbeat datagrams are off (UDP filtered): then it only says
+    hello, and joins all the same."""
+    import json
+
+    events = tmp_path / "master.jsonl"
+    config = {"heartbeat_datagrams": datagrams}
+    with pccl.Master(config=pccl.Config(event_log=str(events))) as master, Cluster(master.address) as cluster:
+        cluster.form([0, 1], config=config)
+        cluster.start(2, config=config)
+        until = time.monotonic() + 30
+        while not master.status()["groups"]["0"]["pending"]:  # registered: waits for the vote
+            assert time.monotonic() < until
+            time.sleep(0.05)
+        upd = cluster.call({0: {"cmd": "update_topology"}, 1: {"cmd": "update_topology"}})
+        assert all(rec["ok"] and rec["world_now"] == 3 for rec in upd.values()), upd
+        joiner = cluster.connected([2], timeout=30)[2]["peer"]
+        reduce_exactly(cluster, {0: 1.0, 1: 2.0, 2: 4.0})
+    records = [json.loads(line) for line in events.read_text().splitlines()]
+    seen = [r["event"] for r in records if r.get("peer") == joiner and r["event"] in ("knock", "join")]
+    assert seen == (["knock", "join"] if datagrams else ["join"]), seen
