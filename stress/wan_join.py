@@ -27,8 +27,9 @@ and, for the members, the call that admitted the joiner: its update_topology() a
 all-reduce times, the seconds their engines spent opening pools for the new ring, and
 the connections they opened and kept (pools to the other members kept across the
 re-ring: only the pool to the joiner is new); these counters run from the end of the
-member's previous call, so they include the pool a member opened to the joiner while
-it waited for admission (Config.prepare_joins). For the joiner: the connections kept
+last call that ended before the joiner started, so they include the pool a member
+opened to the joiner while it registered or waited for admission (Config.prepare_joins,
+the join knock). For the joiner: the connections kept
 from those it opened while it waited, and the padding they sent meanwhile.
 
 Every peer takes its Config from PCCL_* environment variables (Config.from_env), e.g.
@@ -213,14 +214,18 @@ def _rep_report(rep: int, joined: list[dict[str, Any]], events: Path, members: l
         "joiner_padding_first_op_mib": round(first["padding"] / 2**20, 1),
     }
     # The members' call that admitted the joiner: the first whose op had the joiner in.
+    # Its connection counters include those of the calls that ended since the joiner
+    # started (the knock may open a member's pool to it during one of them).
     admitting = []
     for records in members:
-        call = next((r for r in records if r.get("event") == "call" and r.get("ok") and r["t1"] > t0
-                     and r["world"] == first["world"]), None)
+        since = [r for r in records if r.get("event") == "call" and r.get("ok") and r["t1"] > t0]
+        call = next((r for r in since if r["world"] == first["world"]), None)
         if call is not None:
+            during = since[: since.index(call) + 1]
             admitting.append({"vote_s": round(call["t_voted"] - call["t0"], 3),
                               "op_s": round(call["t1"] - call["t_voted"], 3),
-                              "pools_s": call["pools_s"], "opened": call["opened"], "kept": call["kept"]})
+                              "pools_s": call["pools_s"], "opened": sum(r["opened"] for r in during),
+                              "kept": sum(r["kept"] for r in during)})
     out["members_admitting_call"] = admitting
     return out
 
