@@ -34,7 +34,7 @@ from pccl_py.master.beats import open_beats
 from pccl_py.master.election import EntryMeta, Submission, SyncStrategy
 from pccl_py.master.membership import Effect, Log, Membership, RejoinInfo, RejoinRefused, Send
 from pccl_py.master.metrics import MasterMetrics
-from pccl_py.wire import auth, knock, protocol
+from pccl_py.wire import auth, protocol
 from pccl_py.wire.aio import (
     monitor_connections,
     new_event_loop,
@@ -168,7 +168,7 @@ class Master:
             endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             self._bound_port = int(endpoint.rsplit(":", 1)[1])
             self._sock = sock
-            beat_transport = await open_beats(self._membership, self._host, self._bound_port, self._knock)
+            beat_transport = await open_beats(self._membership, self._host, self._bound_port, self._secret, self._carry_out)
             if self._metrics_port is not None:
                 bound = self.metrics.serve(self._metrics_host, self._metrics_port)
                 self.metrics_address = f"{self._metrics_host}:{bound}"
@@ -308,20 +308,6 @@ class Master:
             await self._send_raw(rid, protocol.make("error", code="not_admitted", msg=str(exc)))
         except ProtocolError as exc:
             await self._send_raw(rid, protocol.make("error", code="bad_message", msg=str(exc)))
-
-    def _knock(self, data: bytes) -> bytes | None:
-        """A newcomer's knock on the heartbeat port (pccl_py.wire.knock): the answer, or
-        None where its hello would not wait for the members' vote."""
-        knocked = knock.decode_knock(data, self._secret, time.time())
-        if knocked is None or self._sock is None:
-            return None
-        peer_id, group, host, port, sent = knocked
-        found, effects = self._membership.knock(peer_id, group, host, port, time.monotonic())
-        self._carry_out(effects)
-        if found is None:
-            return None
-        epoch, members = found
-        return knock.encode_answer(peer_id, epoch, members, sent, self._secret)
 
     # ------------------------------------------------------------------ authentication
 
