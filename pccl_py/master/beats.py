@@ -89,8 +89,5 @@ async def open_beats(
             continue
         membership.beat_port = int(transport.get_extra_info("sockname")[1])
         return cast(asyncio.DatagramTransport, transport)
-    log.warning(
-        "no UDP port for heartbeat datagrams: peers are judged by TCP heartbeats (+%gs)",
-        beats.STREAM_ALLOWANCE,
-    )
+    log.warning("no UDP port for heartbeat datagrams: peers are judged by TCP heartbeats (+%gs)", beats.STREAM_ALLOWANCE)
     return None

@@ -57,13 +57,7 @@ class MatchingRules:
         return [Send(pid, joining) for pid in g.ring]
 
     def report_blocked(
-        self: Rules,
-        peer_id: int,
-        call: str,
-        op: OpKey | None,
-        desc: str,
-        inflight: list[tuple[OpKey, str]],
-        now: float,
+        self: Rules, peer_id: int, call: str, op: OpKey | None, desc: str, inflight: list[tuple[OpKey, str]], now: float
     ) -> list[Effect]:
         """A member has been waiting in `call` for a while (Config.blocked_report_after).
         Mismatches are decided by tick(), once they have lasted `mismatch_grace`."""
@@ -87,9 +81,7 @@ class MatchingRules:
         """The collectives member `pid` is in, as far as this master knows."""
         calls = self._requested(g, pid)
         b = g.blocked.get(pid)
-        if b is not None and (
-            b.call not in protocol.DATA_CALLS or (b.op is not None and self._op_open(g, b.op))
-        ):
+        if b is not None and (b.call not in protocol.DATA_CALLS or (b.op is not None and self._op_open(g, b.op))):
             calls.add(b.call)
         return calls
 
@@ -132,14 +124,10 @@ class MatchingRules:
             effects.append(Log("replay", {"group": g.id, "peer": pid, "call": call}))
             if call == "update_topology":
                 peer.replay = None
-                effects.append(
-                    Send(pid, self._ring_message(g, "the vote that admitted this peer", vote=True))
-                )
+                effects.append(Send(pid, self._ring_message(g, "the vote that admitted this peer", vote=True)))
             else:
                 peer.replay = "vote"
-                effects.append(
-                    Send(pid, protocol.make("pending_count", query=query, count=peer.replay_count))
-                )
+                effects.append(Send(pid, protocol.make("pending_count", query=query, count=peer.replay_count)))
         return effects
 
     def _unblock(self: Rules, g: Group, call: str) -> None:
@@ -184,9 +172,7 @@ class MatchingRules:
             return []
         return self._fail_mismatch(g, calls, now)
 
-    def _fail_mismatch(
-        self: Rules, g: Group, calls: dict[int, tuple[Blocked, set[tuple[Any, ...]]]], now: float
-    ) -> list[Effect]:
+    def _fail_mismatch(self: Rules, g: Group, calls: dict[int, tuple[Blocked, set[tuple[Any, ...]]]], now: float) -> list[Effect]:
         """Fails every member's call: control-plane calls by a "mismatch" message, which
         also names the all-reduces involved. The master does not decide those: one may
         have committed on a peer it has not heard from yet. Each peer aborts them and
@@ -201,9 +187,7 @@ class MatchingRules:
             who = f"peer {pid}" + (f" ({name})" if name else "")
             what = f"{b.call}({b.desc})" if b.call in protocol.DATA_CALLS else f"{b.call}()"
             others = len([p for p in parts if p[0] == "op" and p[1] != b.op])
-            described.append(
-                f"{who} in {what}" + (f" with {others} other collective(s) in flight" if others else "")
-            )
+            described.append(f"{who} in {what}" + (f" with {others} other collective(s) in flight" if others else ""))
         text = "the members are blocked in collectives that cannot match: " + "; ".join(described)
         g.blocked.clear()
         g.held.clear()

@@ -192,11 +192,7 @@ class ControlChannel:
         ticked = time.monotonic()
         while True:
             liveness = self._session.liveness()  # the master's pace, once it welcomed us
-            interval = (
-                min(self._config.heartbeat_interval, liveness[0])
-                if liveness
-                else self._config.heartbeat_interval
-            )
+            interval = min(self._config.heartbeat_interval, liveness[0]) if liveness else self._config.heartbeat_interval
             await asyncio.sleep(interval)
             now = time.monotonic()
             if now - ticked > 2 * interval:
@@ -228,16 +224,9 @@ class ControlChannel:
                     family, _, _, _, self._beat_address = (
                         await loop.getaddrinfo(self._master_host, target[0], type=socket.SOCK_DGRAM)
                     )[0]
-                    self._beats, _ = await loop.create_datagram_endpoint(
-                        lambda: _Datagrams(self._beat_answered), family=family
-                    )
+                    self._beats, _ = await loop.create_datagram_endpoint(lambda: _Datagrams(self._beat_answered), family=family)
                 except OSError as exc:
-                    log.warning(
-                        "heartbeat datagrams to %s:%d: %s; TCP heartbeats only",
-                        self._master_host,
-                        target[0],
-                        exc,
-                    )
+                    log.warning("heartbeat datagrams to %s:%d: %s; TCP heartbeats only", self._master_host, target[0], exc)
         if self._beats is None or self._beat_target is None:
             return
         _, peer_id, token = self._beat_target
@@ -247,9 +236,7 @@ class ControlChannel:
             log.warning(
                 "the master answers none of this peer's heartbeat datagrams (UDP port %d of %s): is UDP "
                 "filtered on the way? Partitions are then detected over TCP, %gs later",
-                self._beat_target[0],
-                self._master_host,
-                beats.STREAM_ALLOWANCE,
+                self._beat_target[0], self._master_host, beats.STREAM_ALLOWANCE,
             )
 
     async def _send_knock(self, datagram: bytes, on_answer: Callable[[bytes], bool]) -> None:
@@ -281,12 +268,7 @@ class ControlChannel:
     def _beat_answered(self, data: bytes) -> None:
         answer = beats.decode(data, beats.ANSWER)
         target = self._beat_target
-        if (
-            answer is None
-            or target is None
-            or answer[0] != target[1]
-            or not beats.same_token(answer[1], target[2])
-        ):
+        if answer is None or target is None or answer[0] != target[1] or not beats.same_token(answer[1], target[2]):
             return
         self._heard_datagram = time.monotonic()
         self._beats_answered = True
@@ -351,9 +333,7 @@ class ControlChannel:
             previous = self._rejoin_thread
             if previous is not None and previous.is_alive():
                 log.warning("a rejoin of an earlier master incarnation is still running")
-            self._rejoin_thread = threading.Thread(
-                target=self._on_master_restart, name="pccl-rejoin", daemon=True
-            )
+            self._rejoin_thread = threading.Thread(target=self._on_master_restart, name="pccl-rejoin", daemon=True)
             self._rejoin_thread.start()
         if reaction.prepare and self._on_prepare is not None:
             self._on_prepare(reaction.prepare, reaction.prepare_epoch, reaction.prepare_sharers)
@@ -384,13 +364,9 @@ class ControlChannel:
 
         challenge = session.wait(challenged, deadline, "the master's authentication challenge")
         if not challenge["proof"]:
-            raise AuthError(
-                f"the master at {self._endpoint} has no shared secret; refusing to join it with one"
-            )
+            raise AuthError(f"the master at {self._endpoint} has no shared secret; refusing to join it with one")
         if not auth.verify(auth.master_proof(secret, nonce, challenge["nonce"]), challenge["proof"]):
-            raise AuthError(
-                f"the master at {self._endpoint} holds a different shared secret (its proof does not match)"
-            )
+            raise AuthError(f"the master at {self._endpoint} holds a different shared secret (its proof does not match)")
         self.send(protocol.make("auth", mac=auth.client_proof(secret, challenge["nonce"], nonce)))
 
         def accepted() -> bool | None:

@@ -137,25 +137,33 @@ void Engine::setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_
     });
     done.wait();
   };
-  onProgressThread([this, epoch, ids] { setRingEpoch(epoch, ids); });
   // Pools being opened ahead of this epoch (prepare) are kept for it once they are
   // open: wait for them (up to this call's timeout) rather than open second ones, and
-  // then keep those that opened (rebindPools again: the pools kept above are this
-  // epoch's already).
+  // then keep those that opened (rebindPools again: the pools kept by the first pass
+  // are this epoch's already). A prepare done before the first pass is kept by it.
+  auto preparingAny = [&] {
+    for (uint64_t id : ids) {
+      if (preparing_.count(id)) return true;
+    }
+    return false;
+  };
+  bool preparing = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    preparing = preparingAny();
+  }
+  onProgressThread([this, epoch, ids] { setRingEpoch(epoch, ids); });
   const double waitSeconds = std::clamp(timeoutSeconds, 0.0, 1e7);
   const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(waitSeconds));
-  bool waited = false;
   {
     std::unique_lock<std::mutex> lock(mu_);
     prepareCv_.wait_until(lock, until, [&] {
-      if (closed_) return true;
-      for (uint64_t id : ids) {
-        if (preparing_.count(id)) return (waited = true, false);
-      }
-      return true;
+      if (closed_ || !preparingAny()) return true;
+      preparing = true;
+      return false;
     });
   }
-  if (waited) onProgressThread([this, epoch, ids] { rebindPools(epoch, ids); });
+  if (preparing) onProgressThread([this, epoch, ids] { rebindPools(epoch, ids); });
   if (ring.size() < 2) return;
   if (connectAll) {
     connectToAll(pos, ring, timeoutSeconds);
