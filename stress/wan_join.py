@@ -32,7 +32,8 @@ opened to the joiner while it registered or waited for admission (Config.prepare
 the join knock). For the joiner: the connections kept
 from those it opened while it waited, and the padding they sent meanwhile.
 
-Every peer takes its Config from PCCL_* environment variables (Config.from_env), e.g.
+Every peer and the master take their Config from PCCL_* environment variables
+(Config.from_env), e.g. PCCL_SECRET for a run with a shared secret,
 PCCL_PREPARE_JOINS=0 or PCCL_JOIN_WARMUP=0 to compare.
 
 The master runs in a host of its own. Needs root (see `pccl_py.tools.wan.unavailable()`).
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reps: list[dict[str, Any]] = []
     sysctls = dict(item.split("=", 1) for item in getattr(args, "host_sysctl", None) or [])
     with WanNet(args.peers + 1, spec.link, host=spec.host, cc=args.cc, sysctls=sysctls or None) as net:
-        master = net.call_in(args.peers, lambda: pccl.Master(host=net.ips[args.peers], port=0).start())
+        master = net.call_in(args.peers, lambda: pccl.Master(host=net.ips[args.peers], port=0, config=pccl.Config.from_env()).start())
         procs: list[_Proc] = []
         try:
             me = [sys.executable, "-m", "stress.wan_join"]

@@ -155,22 +155,17 @@ class Communicator(
             else None,
         )
         self._control.start(max(0.1, deadline - time.monotonic()))
+        hello = protocol.make(
+            "hello", peer_id=self.peer_id, group=self._group, host=self._advertise, port=self._engine.port, name=self._name
+        )
         if self._secret is not None:
-            try:
-                self._control.authenticate(self._secret, deadline)
+            try:  # the hello goes right behind this peer's proof: one round trip less
+                self._control.authenticate(self._secret, deadline, then=hello)
             except PcclError:
                 self.close()  # nothing of this peer stays behind
                 raise
-        self._control.send(
-            protocol.make(
-                "hello",
-                peer_id=self.peer_id,
-                group=self._group,
-                host=self._advertise,
-                port=self._engine.port,
-                name=self._name,
-            )
-        )
+        else:
+            self._control.send(hello)
         self._control.send(transport.report(self._engine))
         session = self._session
         t_hello = time.monotonic()

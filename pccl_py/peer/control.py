@@ -344,10 +344,13 @@ class ControlChannel:
 
     # ------------------------------------------------------------------ authentication
 
-    def authenticate(self, secret: bytes, deadline: float) -> None:
+    def authenticate(self, secret: bytes, deadline: float, then: protocol.Message | None = None) -> None:
         """Mutual challenge-response with the master (pccl_py.auth); call before "hello"
         or "status". Raises AuthError when the master does not know the secret, has
-        none, or refuses ours; Timeout at the deadline."""
+        none, or refuses ours; Timeout at the deadline. `then` (a hello) is sent right
+        behind this peer's proof, without waiting for the verdict: the master, proven
+        already, handles both in order on this connection and refuses it if the proof
+        fails."""
         session = self._session
         session.reset_auth()
         nonce = auth.new_nonce()
@@ -368,6 +371,8 @@ class ControlChannel:
         if not auth.verify(auth.master_proof(secret, nonce, challenge["nonce"]), challenge["proof"]):
             raise AuthError(f"the master at {self._endpoint} holds a different shared secret (its proof does not match)")
         self.send(protocol.make("auth", mac=auth.client_proof(secret, challenge["nonce"], nonce)))
+        if then is not None:
+            self.send(then)
 
         def accepted() -> bool | None:
             auth_error()
