@@ -10,10 +10,11 @@ Engine.connections_opened / connections_kept / padding_bytes."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -192,18 +193,27 @@ def test_a_peer_that_cannot_be_reached_fails_the_prepare(engines: list[nat.Engin
         engines[2].prepare([address(engines[2])], 1, 1, 2.0)  # a pool to itself
 
 
+@contextlib.contextmanager
+def stuck_prepare(member: nat.Engine) -> Iterator[tuple[tuple[int, str, int], Future[None], ThreadPoolExecutor]]:
+    """`member` preparing a pool (for 5 s at most) to a peer that accepts TCP but never
+    answers the handshake (a process stopped, say): (that peer, the prepare, a pool of
+    threads for more calls)."""
+    with socket.socket() as silent, ThreadPoolExecutor(2) as pool:
+        silent.bind((HOST, 0))
+        silent.listen(8)
+        stuck = (777, HOST, silent.getsockname()[1])
+        job = pool.submit(member.prepare, [stuck], 1, 1, 5.0, 0.0, 0, 0.0)
+        time.sleep(0.2)  # connected, waiting for the handshake's answer
+        yield stuck, job, pool
+
+
 def test_an_epoch_waits_for_a_prepare_only_as_long_as_its_own_timeout(engines: list[nat.Engine]) -> None:
     """A prepare to a peer that accepts TCP but never answers the handshake (a process
     stopped, say) holds an epoch with that peer for set_ring's timeout at most; an
     epoch without it does not wait at all."""
     member = engines[0]
     others = [address(e) for e in engines[:2]]
-    with socket.socket() as silent, ThreadPoolExecutor(1) as pool:
-        silent.bind((HOST, 0))
-        silent.listen(8)
-        stuck = (777, HOST, silent.getsockname()[1])
-        job = pool.submit(member.prepare, [stuck], 1, 1, 5.0, 0.0, 0, 0.0)
-        time.sleep(0.2)  # connected, waiting for the handshake's answer
+    with stuck_prepare(member) as (stuck, job, _):
         start = time.monotonic()
         member.set_ring(2, others, 0, 10.0, True)  # not a peer of this ring: no wait
         assert time.monotonic() - start < 1.0
@@ -222,12 +232,7 @@ def test_kept_pools_rebind_while_an_epoch_waits_for_a_prepare(engines: list[nat.
     member = engines[0]
     others = [address(e) for e in engines[:2]]
     kept = member.connections_kept
-    with socket.socket() as silent, ThreadPoolExecutor(2) as pool:
-        silent.bind((HOST, 0))
-        silent.listen(8)
-        stuck = (777, HOST, silent.getsockname()[1])
-        job = pool.submit(member.prepare, [stuck], 1, 1, 5.0, 0.0, 0, 0.0)
-        time.sleep(0.2)  # connected, waiting for the handshake's answer
+    with stuck_prepare(member) as (stuck, job, pool):
         ring = pool.submit(member.set_ring, 2, [*others, stuck], 0, 3.0, True)
         wait_for(lambda: member.connections_kept == kept + K, "the pool to the other member rebound", 2.5)
         assert not ring.done()  # still waiting for the prepare
