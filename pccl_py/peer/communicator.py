@@ -371,7 +371,7 @@ class Communicator(
         if answer is None:
             return False
         epoch, members = answer
-        if members:
+        if members and not self._session.welcomed():  # else the welcome named the ring already
             self._on_prepare(members, epoch, len(members))
         return True
 
