@@ -27,6 +27,9 @@ from pccl_py.wire import protocol
 
 # Peer ids that knocked, remembered (oldest dropped first) so that each knocks once.
 MAX_KNOCKS = 4096
+# Knocks answered per KNOCK_WINDOW seconds at most: a datagram's source can be forged,
+# and each knock makes every member open a pool (to an address the knock names).
+KNOCK_BURST, KNOCK_WINDOW = 32, 10.0
 
 
 class MatchingRules:
@@ -34,14 +37,18 @@ class MatchingRules:
         self: Rules, peer_id: int, group: int, host: str, port: int, now: float
     ) -> tuple[tuple[int, list[list[Any]]] | None, list[Effect]]:
         """A newcomer's knock: (epoch, members) to answer it with, and the effects (the
-        members' "joining"); (None, []) where its hello would not wait for a vote, or
-        the id is registered or knocked before."""
+        members' "joining"); (None, []) where its hello would not wait for a vote, the
+        id is registered or knocked before, or KNOCK_BURST knocks came within
+        KNOCK_WINDOW seconds."""
         g = self.groups.get(group)
         if peer_id in self.peers or peer_id in self._knocked or g is None or not g.ring:
             return None, []
         if g.recovery is not None or now < self.hold_until:
             return None, []  # its members may be coming back: the hello finds out
-        self._knocked[peer_id] = None
+        recent = [t for t in self._knocked.values() if now - t < KNOCK_WINDOW]
+        if len(recent) >= KNOCK_BURST:
+            return None, []  # the hello does what the knock would have
+        self._knocked[peer_id] = now
         while len(self._knocked) > MAX_KNOCKS:
             del self._knocked[next(iter(self._knocked))]
         effects: list[Effect] = [Log("knock", {"peer": peer_id, "group": group, "host": host, "port": port})]

@@ -114,7 +114,7 @@ class Membership(MatchingRules, RecoveryRules, SyncRules, ProbeRules):
         self.peers: dict[int, Peer] = {}
         self.groups: dict[int, Group] = {}
         self._departed: dict[int, str] = {}  # peer -> cause ("left", "crashed", "hung"), recent only
-        self._knocked: dict[int, None] = {}  # peer ids that knocked (MatchingRules.knock), oldest first
+        self._knocked: dict[int, float] = {}  # peer id -> when it knocked (MatchingRules.knock), oldest first
 
     def register(self, peer_id: int, group: int, host: str, port: int, name: str, now: float) -> list[Effect]:
         """Registers a new peer (ids are chosen by the peers: random 63-bit numbers).

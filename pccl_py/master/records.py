@@ -228,7 +228,7 @@ class Rules(Protocol):
     peers: dict[int, Peer]
     groups: dict[int, Group]
     _departed: dict[int, str]
-    _knocked: dict[int, None]
+    _knocked: dict[int, float]
 
     def welcome(self, peer_id: int, admitted: bool, waits_in: Group | None = None) -> protocol.Message: ...
 

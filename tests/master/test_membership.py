@@ -196,6 +196,20 @@ def test_a_knock_is_ignored_where_the_hello_would_not_wait_for_a_vote(m: Members
     assert held.knock(C, 0, HOST, port_of(C), T0 + 6)[0] is not None
 
 
+def test_knocks_are_answered_at_a_bounded_rate(m: Membership) -> None:
+    """A knock's source can be forged and each one makes every member open a pool: at
+    most KNOCK_BURST are answered per KNOCK_WINDOW seconds (a hello still registers)."""
+    from pccl_py.master.matching import KNOCK_BURST, KNOCK_WINDOW
+
+    form_group(m, [A, B])
+    ids = [10_000 + i for i in range(KNOCK_BURST + 1)]
+    answered = [m.knock(pid, 0, HOST, port_of(pid), T0 + 0.01 * i)[0] is not None for i, pid in enumerate(ids)]
+    assert answered == [True] * KNOCK_BURST + [False]
+    assert m.knock(ids[-1] + 1, 0, HOST, 9, T0 + KNOCK_WINDOW + 0.5)[0] is not None  # the first ones aged out
+    register(m, ids[-1])
+    assert phase_of(m, ids[-1]) == "pending"
+
+
 def test_pending_peer_admitted_only_when_every_admitted_peer_voted(m: Membership) -> None:
     epoch = form_group(m, [A, B])
     register(m, C)
