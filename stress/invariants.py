@@ -126,8 +126,9 @@ def _lives(records: list[Record]) -> list[float]:
     the survivors' state: a master "sync" record of a lower revision than the one
     before it."""
     starts = [r["ts"] for r in records if r.get("event") == "epoch" and r.get("epoch") == 1 and "ts" in r]
-    syncs = sorted(
-        (r for r in records if r.get("source") == "master" and r.get("event") == "sync" and "ts" in r),
+    syncs = sorted(  # the syncs that set a revision (a failed one says why instead)
+        (r for r in records if r.get("source") == "master" and r.get("event") == "sync" and "ts" in r
+         and "revision" in r),
         key=lambda r: r["ts"],
     )
     starts += [now["ts"] for before, now in itertools.pairwise(syncs) if now["revision"] < before["revision"]]

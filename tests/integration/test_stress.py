@@ -159,12 +159,13 @@ def test_a_restarted_master_that_hears_no_revision_numbers_them_again() -> None:
     end = max(r["ts"] for r in records)
     master_sync = {"pid": 99, "source": "master", "event": "sync", "group": 0, "ok": True}
     later = [{**master_sync, "ts": end + 0.5, "revision": 7, "peers": [A]}]
+    later += [{**master_sync, "ts": end + 0.7, "ok": False, "error": "a source failed"}]  # no revision
     later += [{**master_sync, "ts": end + 1.0, "revision": 0, "peers": [C]}]
     later += [{"ts": end + 1.1, "pid": pid, "event": "synced", "revision": 0, "hash": "the joiner's", "peer": pid,
                "epoch": 9, "world": 1, "step": 0} for pid in (44, 45)]
     violations, _ = check(records + later, faults, Params(window=5.0))
     assert "bit_parity" not in kinds(violations)
-    later[3]["hash"] = "diverged"  # within the new life, still caught
+    later[4]["hash"] = "diverged"  # within the new life, still caught
     violations, _ = check(records + later, faults, Params(window=5.0))
     assert [v["revision"] for v in violations if v["invariant"] == "bit_parity"] == [0]
 
