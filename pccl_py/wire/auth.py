@@ -68,16 +68,18 @@ def new_nonce() -> bytes:
     return secrets.token_bytes(NONCE_BYTES)
 
 
-def _mac(secret: bytes, label: bytes, *parts: bytes) -> bytes:
+def mac(secret: bytes, label: bytes, *parts: bytes) -> bytes:
+    """HMAC-SHA256(secret, label || parts...): the control plane's proofs, the data-plane
+    handshake's (the connector side here) and the join knock's (pccl_py.wire.knock)."""
     return hmac.new(secret, label + b"".join(parts), hashlib.sha256).digest()
 
 
 def master_proof(secret: bytes, nonce_client: bytes, nonce_master: bytes) -> bytes:
-    return _mac(secret, _CTL_MASTER, nonce_client, nonce_master)
+    return mac(secret, _CTL_MASTER, nonce_client, nonce_master)
 
 
 def client_proof(secret: bytes, nonce_master: bytes, nonce_client: bytes) -> bytes:
-    return _mac(secret, _CTL_CLIENT, nonce_master, nonce_client)
+    return mac(secret, _CTL_CLIENT, nonce_master, nonce_client)
 
 
 def verify(expected: bytes, got: bytes) -> bool:
@@ -125,11 +127,11 @@ async def data_handshake(
         raise AuthError(f"peer {peer} does not authenticate (it has no shared secret)", peer=peer)
     nonce_c = new_nonce()
     transcript = _TRANSCRIPT.pack(nonce_a, nonce_c, my_id, peer, epoch, 0, 1)
-    writer.write(_AUTH_PROOF.pack(nonce_c, _mac(secret, _DATA_CONNECTOR, transcript)))
+    writer.write(_AUTH_PROOF.pack(nonce_c, mac(secret, _DATA_CONNECTOR, transcript)))
     magic, status, their_mac = _AUTH_RESULT.unpack(await reader.readexactly(_AUTH_RESULT.size))
     if magic != _native.HELLO_MAGIC:
         raise ProtocolError(f"peer {peer} sent a malformed authentication result", peer=peer)
     if status != 0:
         raise AuthError(f"peer {peer} refused the connection: the shared secrets differ", peer=peer)
-    if not verify(_mac(secret, _DATA_ACCEPTOR, transcript), their_mac):
+    if not verify(mac(secret, _DATA_ACCEPTOR, transcript), their_mac):
         raise AuthError(f"peer {peer} failed to prove the shared secret", peer=peer)

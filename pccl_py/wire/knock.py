@@ -27,12 +27,12 @@ host, port, time. Answer body: peer, epoch, members ([[peer id, host, port]]), t
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import struct
 from typing import Any
 
 import msgpack
+
+from pccl_py.wire import auth
 
 KNOCK = b"PCKN"
 ANSWER = b"PCKA"
@@ -45,16 +45,12 @@ _LABEL = b"pccl knock v1 "
 _MAX_BODY = 60000  # one datagram
 
 
-def _mac(secret: bytes, head: bytes, body: bytes) -> bytes:
-    return hmac.new(secret, _LABEL + head + body, hashlib.sha256).digest()
-
-
 def _encode(magic: bytes, body: dict[str, Any], secret: bytes | None) -> bytes:
     packed = msgpack.packb(body, use_bin_type=True)
     if len(packed) > _MAX_BODY:
         raise ValueError(f"a knock body of {len(packed)} bytes does not fit a datagram")
     head = _HEAD.pack(magic, VERSION, _FLAG_MAC if secret is not None else 0, len(packed))
-    return head + packed + (_mac(secret, head, packed) if secret is not None else b"")
+    return head + packed + (auth.mac(secret, _LABEL, head, packed) if secret is not None else b"")
 
 
 def _decode(data: bytes, magic: bytes, secret: bytes | None) -> dict[str, Any] | None:
@@ -69,7 +65,7 @@ def _decode(data: bytes, magic: bytes, secret: bytes | None) -> dict[str, Any] |
     if signed != (secret is not None) or len(data) != _HEAD.size + length + (_MAC_BYTES if signed else 0):
         return None
     head, body = data[: _HEAD.size], data[_HEAD.size : _HEAD.size + length]
-    if secret is not None and not hmac.compare_digest(_mac(secret, head, body), data[_HEAD.size + length :]):
+    if secret is not None and not auth.verify(auth.mac(secret, _LABEL, head, body), data[_HEAD.size + length :]):
         return None
     try:
         decoded = msgpack.unpackb(body, raw=False, strict_map_key=True)
