@@ -111,8 +111,6 @@ class Communicator(
         self._mismatches_seen = 0  # "mismatch" verdicts this peer's numbering has caught up with
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._prepares: list[threading.Thread] = []  # pools opened ahead of a join (_on_prepare)
-        self._prepared: set[tuple[int, int]] = set()  # (peer id, epoch) opened or opening ahead
-        self._prepare_lock = threading.Lock()
         self._closed = False
 
     def connect(self, timeout: float | None = None) -> Communicator:
@@ -390,14 +388,8 @@ class Communicator(
             epoch = self._engine_epoch
         if epoch < 0:
             return
-        # Once per peer and epoch (a knock, then the welcome or "joining" again): a second
-        # prepare while the first still connects would open a second pool.
-        with self._prepare_lock:
-            self._prepared = {k for k in self._prepared if k[1] > epoch - 16}
-            peers = [p for p in peers if (p[0], epoch) not in self._prepared]
-            self._prepared.update((p[0], epoch) for p in peers)
-        if not peers:
-            return
+        # A knock, then the welcome or "joining", name the same peers: the engine opens
+        # each pool once (a peer it is still opening one to is left to that call).
 
         def prepare() -> None:
             try:
@@ -412,8 +404,6 @@ class Communicator(
                 )
             except PcclError as exc:  # the epoch that needs them opens them, as without this
                 log.info("opening pools ahead of a join failed: %s", exc)
-                with self._prepare_lock:
-                    self._prepared.difference_update((p[0], epoch) for p in peers)
             else:
                 self._events.emit("prepared", peers=[p[0] for p in peers], epoch=epoch)
 

@@ -78,7 +78,7 @@ def prepare_join(made: list[nat.Engine], warm: float = 5.0, warm_bytes: int = 1 
             *(pool.submit(e.prepare, [address(joiner)], 1, 2, 10.0, warm, warm_bytes, 0.0) for e in made[:2]),
         ]
         for job in jobs:
-            job.result()
+            job.result(timeout=10)
 
 
 def admit(made: list[nat.Engine], epoch: int = 2) -> None:
@@ -86,7 +86,7 @@ def admit(made: list[nat.Engine], epoch: int = 2) -> None:
     ring = [address(e) for e in made]
     with ThreadPoolExecutor(3) as pool:
         for job in [pool.submit(e.set_ring, epoch, ring, r, 10.0, True) for r, e in enumerate(made)]:
-            job.result()
+            job.result(timeout=10)
 
 
 def all_reduce(made: list[nat.Engine], epoch: int, seq: int, count: int = 100_003) -> None:
@@ -102,7 +102,7 @@ def all_reduce(made: list[nat.Engine], epoch: int, seq: int, count: int = 100_00
         return h.key
 
     with ThreadPoolExecutor(len(made)) as pool:
-        keys = [job.result() for job in [pool.submit(one, r) for r in range(len(made))]]
+        keys = [job.result(timeout=30) for job in [pool.submit(one, r) for r in range(len(made))]]
     assert all(k[0] == epoch for k in keys), keys
     want = sum(data)
     for out in outs:
@@ -139,7 +139,7 @@ def test_an_op_on_a_warming_pool_stops_its_padding(engines: list[nat.Engine]) ->
     wait_for(lambda: joiner.padding_bytes > 0, "padding")
     with ThreadPoolExecutor(3) as pool:
         for job in [pool.submit(e.set_ring, 3, ring, r, 10.0, True) for r, e in enumerate(engines)]:
-            job.result()
+            job.result(timeout=10)
     all_reduce(engines, epoch=3, seq=0)
     padded = settled(lambda: joiner.padding_bytes)
     all_reduce(engines, epoch=3, seq=1)
@@ -222,7 +222,21 @@ def test_an_epoch_waits_for_a_prepare_only_as_long_as_its_own_timeout(engines: l
             member.set_ring(3, [*others, stuck], 0, 1.0, True)
         assert time.monotonic() - start < 3.0  # its own 1 s (and its own connect's), not the prepare's 5 s
         with pytest.raises(PcclError):
-            job.result()
+            job.result(timeout=10)
+
+
+def test_a_second_prepare_leaves_a_peer_to_the_one_still_opening_its_pool(engines: list[nat.Engine]) -> None:
+    """A join's knock and then its welcome (or "joining") name the same peers: a prepare
+    to a peer that another is still opening a pool to returns at once, opens nothing and
+    does not wait for that peer; the first one goes on (and here fails, as it would)."""
+    member = engines[0]
+    with stuck_prepare(member) as (stuck, job, _):
+        start = time.monotonic()
+        member.prepare([stuck], 1, 1, 5.0, 0.0, 0, 0.0)  # would wait 5 s for the handshake, then fail
+        assert time.monotonic() - start < 1.0
+        assert not job.done()
+        with pytest.raises(PcclError):
+            job.result(timeout=10)
 
 
 def test_kept_pools_rebind_while_an_epoch_waits_for_a_prepare(engines: list[nat.Engine]) -> None:
@@ -237,6 +251,6 @@ def test_kept_pools_rebind_while_an_epoch_waits_for_a_prepare(engines: list[nat.
         wait_for(lambda: member.connections_kept == kept + K, "the pool to the other member rebound", 2.5)
         assert not ring.done()  # still waiting for the prepare
         with pytest.raises(PcclError):
-            ring.result()
+            ring.result(timeout=10)
         with pytest.raises(PcclError):
-            job.result()
+            job.result(timeout=10)

@@ -30,6 +30,7 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "pccl/all_gather.hpp"
@@ -197,7 +198,8 @@ class Engine {
   // and `warmBytes`, until TCP has left slow start or the connection carries the first
   // frame of an op: a new connection starts with small congestion and receive windows,
   // and over a long link the first op would spend round trips growing them. Blocks for
-  // the connects (up to `timeoutSeconds`); throws if a peer cannot be reached.
+  // the connects (up to `timeoutSeconds`); throws if a peer cannot be reached. A peer
+  // another prepare is still opening a pool to is left to that call.
   void prepare(const std::vector<PeerAddress>& peers, uint64_t epoch, size_t sharers, double timeoutSeconds,
                double warmSeconds, uint64_t warmBytes, double warmMinRttSeconds);
 
@@ -263,6 +265,8 @@ class Engine {
 
   // ---- caller side (engine.cpp)
   void post(std::function<void()> command);
+  // Runs `command` on the progress thread and returns once it has run (throws as post()).
+  void postAndWait(std::function<void()> command);
   void ensureConnected(const PeerAddress& peer, uint64_t epoch, double timeoutSeconds);
   // Opens the missing pools to `targets` all at once (and waits for those kept from an
   // older epoch to be confirmed).
@@ -387,7 +391,7 @@ class Engine {
   std::unordered_map<uint64_t, size_t> poolSize_;  // connectionsPerPeer == 0: measured per peer (mu_)
   std::unordered_map<PoolKey, size_t, PoolKeyHash> rebinding_;  // kept connections awaiting kRebound (mu_)
   std::condition_variable rebindCv_;  // rebinding_ changed
-  std::unordered_map<uint64_t, size_t> preparing_;  // peer -> prepare() calls opening a pool to it (mu_)
+  std::unordered_set<uint64_t> preparing_;  // peers a prepare() call is opening a pool to (mu_)
   std::condition_variable prepareCv_;               // preparing_ changed
   std::vector<ScratchBuffer> scratchPool_;
   std::deque<Event> events_;

@@ -71,6 +71,16 @@ void Engine::post(std::function<void()> command) {
   (void)n;
 }
 
+void Engine::postAndWait(std::function<void()> command) {
+  auto ran = std::make_shared<std::promise<void>>();
+  auto done = ran->get_future();
+  post([command = std::move(command), ran] {
+    command();
+    ran->set_value();
+  });
+  done.wait();
+}
+
 void Engine::close() {
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -128,15 +138,6 @@ void Engine::setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_
   // Their rebinds are on their way meanwhile.
   std::vector<uint64_t> ids;
   for (const PeerAddress& p : ring) ids.push_back(p.peerId);
-  auto onProgressThread = [this](std::function<void()> fn) {
-    auto moved = std::make_shared<std::promise<void>>();
-    auto done = moved->get_future();
-    post([fn = std::move(fn), moved] {
-      fn();
-      moved->set_value();
-    });
-    done.wait();
-  };
   // Pools being opened ahead of this epoch (prepare) are kept for it once they are
   // open: wait for them (up to this call's timeout) rather than open second ones, and
   // then keep those that opened (rebindPools again: the pools kept by the first pass
@@ -152,7 +153,7 @@ void Engine::setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_
     std::lock_guard<std::mutex> lock(mu_);
     preparing = preparingAny();
   }
-  onProgressThread([this, epoch, ids] { setRingEpoch(epoch, ids); });
+  postAndWait([this, epoch, ids] { setRingEpoch(epoch, ids); });
   const double waitSeconds = std::clamp(timeoutSeconds, 0.0, 1e7);
   const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(waitSeconds));
   {
@@ -163,7 +164,7 @@ void Engine::setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_
       return false;
     });
   }
-  if (preparing) onProgressThread([this, epoch, ids] { rebindPools(epoch, ids); });
+  if (preparing) postAndWait([this, epoch, ids] { rebindPools(epoch, ids); });
   if (ring.size() < 2) return;
   if (connectAll) {
     connectToAll(pos, ring, timeoutSeconds);
@@ -266,29 +267,32 @@ void Engine::ensureConnected(const std::vector<PeerAddress>& targets, uint64_t e
   openMissing(kept, epoch, timeoutSeconds, targets.size());  // given up, or broken since: opened afresh
 }
 
-void Engine::prepare(const std::vector<PeerAddress>& peers, uint64_t epoch, size_t sharers, double timeoutSeconds,
+void Engine::prepare(const std::vector<PeerAddress>& asked, uint64_t epoch, size_t sharers, double timeoutSeconds,
                      double warmSeconds, uint64_t warmBytes, double warmMinRttSeconds) {
   if (epoch >= kStateEpoch) throw InvalidArgument("prepare: not a ring epoch");
-  for (const PeerAddress& p : peers) {
+  for (const PeerAddress& p : asked) {
     if (p.peerId == options_.peerId) throw InvalidArgument("prepare: a pool to this peer itself");
   }
   // Not under connectMu_: the pools are to peers outside the current ring, and an epoch
   // that needs one of them waits for this call instead (setRing), so that it keeps the
   // pool rather than open a second one. A peer that does not answer delays only that.
+  // A peer another prepare is opening a pool to already is left to that one (a join's
+  // knock, then its welcome or "joining", name the same peers): two would open two.
+  std::vector<PeerAddress> peers;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    for (const PeerAddress& p : peers) ++preparing_[p.peerId];
+    for (const PeerAddress& p : asked) {
+      if (preparing_.insert(p.peerId).second) peers.push_back(p);
+    }
   }
+  if (peers.empty()) return;
   struct Done {
     Engine* self;
     const std::vector<PeerAddress>& peers;
     ~Done() {
       {
         std::lock_guard<std::mutex> lock(self->mu_);
-        for (const PeerAddress& p : peers) {
-          auto it = self->preparing_.find(p.peerId);
-          if (it != self->preparing_.end() && --it->second == 0) self->preparing_.erase(it);
-        }
+        for (const PeerAddress& p : peers) self->preparing_.erase(p.peerId);
       }
       self->prepareCv_.notify_all();
     }
@@ -438,18 +442,14 @@ void Engine::openMissing(const std::vector<PeerAddress>& targets, uint64_t epoch
   }
   // The progress thread owns the pools; wait until it has taken these, so the next
   // check (and the op posted next) sees them.
-  auto added = std::make_shared<std::promise<void>>();
-  auto ready = added->get_future();
   try {
-    post([this, fds, added, epoch] {
+    postAndWait([this, fds, epoch] {
       for (const auto& [id, fd] : fds) addConnection(Fd(fd), id, epoch, /*outgoing=*/true, /*handshaking=*/false);
-      added->set_value();
     });
   } catch (...) {
     for (const auto& [id, fd] : fds) ::close(fd);
     throw;
   }
-  ready.wait();
 }
 
 size_t Engine::poolSize(uint64_t peer) const {

@@ -11,13 +11,7 @@ namespace pccl {
 
 uint64_t Engine::exposeState(std::vector<StateRegion> regions) {
   const uint64_t id = nextExposure_++;
-  auto done = std::make_shared<std::promise<void>>();
-  auto ready = done->get_future();
-  post([this, id, regions = std::move(regions), done]() mutable {
-    exposures_[id] = Exposure{std::move(regions), 0};
-    done->set_value();
-  });
-  ready.wait();
+  postAndWait([this, id, regions = std::move(regions)]() mutable { exposures_[id] = Exposure{std::move(regions), 0}; });
   return id;
 }
 
