@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # How long the channel listens for the answer to its join knock (the welcome, which
 # comes after 3.5 round trips, brings the same).
 KNOCK_WAIT = 10.0
+KNOCK_RESOLVE = 1.0  # the most the knock waits for the master's name to resolve
 
 
 class ControlChannel:
@@ -57,6 +58,7 @@ class ControlChannel:
         # The join knock (pccl_py.wire.knock): the datagram, and what takes a datagram
         # that comes back (True: it was the answer); sent once as the channel starts.
         self._knock = knock
+        self._knock_endpoint: asyncio.DatagramTransport | None = None
         self._master_port = int(port)
         self._rejoin_thread: threading.Thread | None = None  # owned: joined by close()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -114,6 +116,8 @@ class ControlChannel:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        # The knock goes before the control connection starts, so that it arrives first.
+        knock_answered = await self._send_knock(*self._knock) if self._knock is not None else None
         ctx = zmq.asyncio.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 1000)
@@ -133,8 +137,8 @@ class ControlChannel:
                     tasks.create_task(self._commit_report_loop()),
                     tasks.create_task(watch_connections(sock, monitor, self._on_link)),
                 ]
-                if self._knock is not None:
-                    loops.append(tasks.create_task(self._send_knock(*self._knock)))
+                if knock_answered is not None:
+                    loops.append(tasks.create_task(self._await_knock_answer(knock_answered)))
                 await self._stopped.wait()
                 for task in loops:
                     task.cancel()
@@ -143,6 +147,7 @@ class ControlChannel:
             if self._beats is not None:
                 self._beats.close()
                 self._beats = None
+            self._close_knock()
             monitor.close(linger=0)  # its task may never have run: ctx.term() waits for every socket
             sock.close(linger=1000)
             ctx.term()
@@ -239,9 +244,10 @@ class ControlChannel:
                 self._beat_target[0], self._master_host, beats.STREAM_ALLOWANCE,
             )
 
-    async def _send_knock(self, datagram: bytes, on_answer: Callable[[bytes], bool]) -> None:
-        """Knocks once at the master's heartbeat port (its control port's number) and
-        hands what comes back to `on_answer`, until it takes one or KNOCK_WAIT passed.
+    async def _send_knock(self, datagram: bytes, on_answer: Callable[[bytes], bool]) -> asyncio.Event | None:
+        """Knocks once at the master's heartbeat port (its control port's number); what
+        comes back goes to `on_answer`. Returns the event set once it took an answer, or
+        None where no knock could go (a name that does not resolve within a second).
         Nothing depends on it: the welcome brings the same."""
         loop = asyncio.get_running_loop()
         answered = asyncio.Event()
@@ -251,19 +257,25 @@ class ControlChannel:
                 answered.set()
 
         try:
-            family, _, _, _, address = (
-                await loop.getaddrinfo(self._master_host, self._master_port, type=socket.SOCK_DGRAM)
-            )[0]
-            endpoint, _ = await loop.create_datagram_endpoint(lambda: _Datagrams(received), family=family)
-        except OSError as exc:
-            log.debug("no join knock to %s:%d: %s", self._master_host, self._master_port, exc)
-            return
-        try:
-            endpoint.sendto(datagram, address)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(answered.wait(), KNOCK_WAIT)
-        finally:
-            endpoint.close()
+            resolved = loop.getaddrinfo(self._master_host, self._master_port, type=socket.SOCK_DGRAM)
+            family, _, _, _, address = (await asyncio.wait_for(resolved, KNOCK_RESOLVE))[0]
+            self._knock_endpoint, _ = await loop.create_datagram_endpoint(lambda: _Datagrams(received), family=family)
+        except (OSError, TimeoutError) as exc:
+            log.debug("no join knock to %s:%d: %r", self._master_host, self._master_port, exc)
+            return None
+        self._knock_endpoint.sendto(datagram, address)
+        return answered
+
+    async def _await_knock_answer(self, answered: asyncio.Event) -> None:
+        """Listens for the knock's answer until it came or KNOCK_WAIT passed."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(answered.wait(), KNOCK_WAIT)
+        self._close_knock()
+
+    def _close_knock(self) -> None:
+        if self._knock_endpoint is not None:
+            self._knock_endpoint.close()
+            self._knock_endpoint = None
 
     def _beat_answered(self, data: bytes) -> None:
         answer = beats.decode(data, beats.ANSWER)
