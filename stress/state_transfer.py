@@ -22,7 +22,9 @@
     the master in hosts of the WAN emulator (pccl_py.tools.wan; SPEC as for
     `pccl bench --wan`, e.g. rtt=100ms,access=1gbit: 100 ms round trips, every host
     1 Gbit/s up and down). Both times are also reported as a fraction of the joiner's
-    downlink (what its downlink could carry in that time), with the emulator's drops.
+    downlink (what its downlink could carry in that time), with the emulator's drops:
+    each rep's at the sources' uplinks and the joiner's downlink, and the downlink's
+    per 100 ms slot of the delivery timeline ("drops at SLOT:COUNT").
 (b) no-transfer sync: `--peers` peers with identical state call sync_shared_state()
     back to back (`--syncs` times after a warm-up); the time of one sync = the slowest
     peer's call in that round; median reported. Repeated with 1 MiB: the fixed cost.
@@ -135,6 +137,7 @@ def joiner_transfer(
     wan: WanSpec | None = None,
     connections: int | None = None,
     sysctls: dict[str, str] | None = None,
+    joiner_buffer: int = 0,
 ) -> dict[str, Any]:
     """(a), or (a') with `fresh` ("numpy" or "plain", tests/helpers/state_workers.py): the
     joiner's state is newly allocated before each rep; with `fresh_idle`, the old one is
@@ -144,7 +147,8 @@ def joiner_transfer(
     `state_prefault`: its SharedState(prefault=...). `wan`: sources in hosts 0..sources-1
     of a WAN emulator, the joiner in the next, the master in the last. `connections`:
     every peer's Config.connections_per_peer (None: the default). `sysctls`: set in every
-    emulated host (WanNet(sysctls=...))."""
+    emulated host (WanNet(sysctls=...)). `joiner_buffer`: the joiner's
+    Config.socket_buffer_bytes (0: the default)."""
     total = sum(n * 4 for _, _, n, _ in _spec(mib, entries))
     with contextlib.ExitStack() as stack:
         net: WanNet | None = None
@@ -160,7 +164,11 @@ def joiner_transfer(
             common = {} if connections is None else {"connections_per_peer": connections}
             for i in range(sources):
                 peers.start(i, _spec(mib, entries), config=common)
-            joiner_config = {**common, **({} if prefault else {"prefault": False})}
+            joiner_config = {
+                **common,
+                **({} if prefault else {"prefault": False}),
+                **({"socket_buffer_bytes": joiner_buffer} if joiner_buffer else {}),
+            }
             peers.start(sources, _spec(mib, entries, zero=True), config=joiner_config)
             peers.wait_ready()
             times, fetch_times, reference = [], [], None
@@ -171,6 +179,7 @@ def joiner_transfer(
                 again: dict[str, Any] = (
                     {"fresh": fresh, "lead": fresh_lead, "state_prefault": state_prefault} if fresh else {"zero": True}
                 )
+                before = net.drops() if net is not None else {}
                 watch = _Arrivals(net, sources) if net is not None else contextlib.nullcontext()
                 with watch:
                     peers.conns[sources].send(
@@ -203,6 +212,10 @@ def joiner_transfer(
                 )
                 if isinstance(watch, _Arrivals):
                     of_downlink += f"; {watch.summary(_downlink_bits(wan) if wan else 0)}"
+                if net is not None:  # the rep's own drops (sources' uplinks, the joiner's downlink)
+                    after = net.drops()
+                    rep_drops = {k: after[k] - before.get(k, 0) for k in ("dropped_up_queue", "dropped_down_queue")}
+                    of_downlink += f", drops up/down {rep_drops['dropped_up_queue']}/{rep_drops['dropped_down_queue']}"
                 print(
                     f"  {'fresh ' if fresh else ''}joiner from {sources} source(s), rep {rep}: "
                     f"sync {times[-1] * 1000:.0f} ms "
@@ -232,6 +245,7 @@ def joiner_transfer(
         "entries": entries,
         "connections_per_peer": connections,
         "host_sysctls": sysctls or None,
+        "joiner_socket_buffer_bytes": joiner_buffer or None,
         "sync_s_per_rep": times,
         "transfer_s_per_rep": fetch_times,
         "prefault": prefault,
@@ -260,17 +274,22 @@ class _Arrivals:
         self._thread = threading.Thread(target=self._run, name="arrivals", daemon=True)
 
     def _read(self) -> list[int]:
-        links = self.net.stats()["links"]
-        into = sorted((e["src"], e["bytes"]) for e in links if e["dst"] == self.joiner and e["src"] < self.joiner)
-        return [nbytes for _, nbytes in into]
+        """Bytes into the joiner per source, then the joiner's downlink drops so far."""
+        stats = self.net.stats()
+        into = sorted((e["src"], e["bytes"]) for e in stats["links"] if e["dst"] == self.joiner and e["src"] < self.joiner)
+        return [nbytes for _, nbytes in into] + [stats["hosts"][self.joiner]["dropped_down_queue"]]
 
     def _run(self) -> None:
         t0 = time.perf_counter()
         while not self._stop.wait(self.every):
-            self.samples.append((time.perf_counter() - t0, self._read()))
+            now, read = time.perf_counter() - t0, self._read()
+            self.samples.append((now, read[:-1]))
+            self.drops.append((now, read[-1]))
 
     def __enter__(self) -> Self:
-        self.base = self._read()
+        read = self._read()
+        self.base, self.drops_base = read[:-1], read[-1]
+        self.drops: list[tuple[float, int]] = []
         self._thread.start()
         return self
 
@@ -303,6 +322,10 @@ class _Arrivals:
                 for i in range(step, len(got), step)
             ]
             shape = ", per 100 ms in tenths " + "".join(str(t) for t in tenths)
+            dropped = [d - self.drops_base for _, d in self.drops]
+            bins = [dropped[i] - dropped[i - step] for i in range(step, len(dropped), step)]
+            if any(bins):  # downlink drops per 100 ms, where there were any: "slot:count"
+                shape += ", drops at " + " ".join(f"{k + 1}:{n}" for k, n in enumerate(bins) if n)
         ends_ms = [round(e * 1e3) for e in ends]
         return f"bulk from {start * 1e3:.0f} ms, sources done at {ends_ms} ms, best 200 ms {peak}{shape}"
 
@@ -451,6 +474,14 @@ def main(argv: list[str] | None = None) -> None:
         help="--wan: a net.ipv4 sysctl for every emulated host (repeatable), e.g. "
         "net.ipv4.tcp_slow_start_after_idle=0; default: the machine's",
     )
+    parser.add_argument(
+        "--joiner-socket-buffer",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="joiner: Config.socket_buffer_bytes (SO_SNDBUF and SO_RCVBUF of its connections; the kernel "
+        "doubles it), which bounds the receive window each source gets; default: the Config's",
+    )
     parser.add_argument("--json", help="append one JSON line per result to this file")
     args = parser.parse_args(argv)
     if args.wan is not None:
@@ -483,6 +514,7 @@ def main(argv: list[str] | None = None) -> None:
                 wan=args.wan,
                 connections=args.connections,
                 sysctls=dict(item.split("=", 1) for item in args.host_sysctl),
+                joiner_buffer=args.joiner_socket_buffer,
             )
             results.append(r)
             what = "(a) joiner" + (" (prefault off)" if args.no_prefault else "")
