@@ -512,6 +512,8 @@ PYBIND11_MODULE(_native, m) {
                              "Outgoing data-plane connections opened so far (every pool, every epoch).")
       .def_property_readonly("connections_kept", &Engine::connectionsKept,
                              "Outgoing connections kept across a re-ring for the new epoch (confirmed by the peer).")
+      .def_property_readonly("state_rx_bytes", &Engine::stateRxBytes,
+                             "State bytes received so far (the payload of state-data frames).")
       .def_property_readonly("padding_bytes", &Engine::paddingBytes,
                              "Padding bytes sent by pools warming ahead of their epoch (prepare).")
       .def_property_readonly("connect_seconds", &Engine::connectSeconds,
@@ -669,6 +671,12 @@ PYBIND11_MODULE(_native, m) {
           },
           py::arg("timeout") = py::none())
       .def("live_connections", &Engine::liveConnections, py::arg("peer"), py::arg("epoch"))
+      .def("state_round_trip", &Engine::stateRoundTrip, py::arg("source"), py::call_guard<py::gil_scoped_release>(),
+           "Seconds: the smallest round trip the state-transfer connections to `source` have measured (0: none).")
+      .def("clamp_state_windows", &Engine::clampStateWindows, py::arg("sources"), py::arg("window_bytes"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Bound the receive windows of the state-transfer connections to `sources` to about `window_bytes` "
+           "together (TCP_WINDOW_CLAMP, each its share); returns the connections clamped.")
       .def(
           "expose_state",
           [](const std::shared_ptr<Engine>& e, const py::list& buffers) {

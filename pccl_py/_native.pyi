@@ -344,6 +344,9 @@ class Engine:
     def padding_bytes(self) -> int:
         """Padding bytes sent by pools warming ahead of their epoch (prepare)."""
     @property
+    def state_rx_bytes(self) -> int:
+        """State bytes received so far (the payload of state-data frames)."""
+    @property
     def connect_seconds(self) -> float:
         """Wall seconds callers waited for connection pools to open (connect + handshake)."""
     @property
@@ -450,6 +453,10 @@ class Engine:
         """The next (kind, peer, reason) event, or None if none came within `timeout`."""
 
     def live_connections(self, peer: int, epoch: int) -> int: ...
+    def state_round_trip(self, source: int) -> float:
+        """Seconds: the smallest round trip the state-transfer connections to `source` have measured (0: none)."""
+    def clamp_state_windows(self, sources: Sequence[int], window_bytes: int) -> int:
+        """Bound the receive windows of the state-transfer connections to `sources` to about `window_bytes` together (TCP_WINDOW_CLAMP, each its share); returns the connections clamped."""
     def expose_state(self, buffers: list[_Buffer]) -> StateExposure:
         """Serve these buffers (entry i = buffers[i]) to fetching peers until close()."""
 

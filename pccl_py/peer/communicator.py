@@ -36,6 +36,7 @@ from pccl_py.peer.optimize import OptimizeCalls
 from pccl_py.peer.p2p import P2PHandle, PointToPointCalls
 from pccl_py.peer.rejoin import RejoinCalls
 from pccl_py.peer.session import OpKey, Session, Topology
+from pccl_py.peer.state_fetch import ReceiveWindow
 from pccl_py.peer.sync import SyncCalls
 from pccl_py.wire import auth, knock, protocol
 
@@ -103,6 +104,9 @@ class Communicator(
         # No collective call since admission but pending_peers(): the master lets a
         # joiner's first update_topology() be the vote that admitted it.
         self._fresh = False
+        # What this peer's state connections may advertise together when it receives
+        # shared state, measured by each fetch and kept for the next (state_fetch).
+        self._receive_window = ReceiveWindow()
         # This peer's last vote admitted peers: their first update_topology() waits
         # until the master sees what the members do next (protocol.md, "Joining"), so
         # the next blocking data-plane call tells it at once, not after

@@ -14,6 +14,7 @@ from pccl_py.config import Config
 from pccl_py.events import EventLog
 from pccl_py.peer.control import ControlChannel
 from pccl_py.peer.session import OpKey, Session
+from pccl_py.peer.state_fetch import ReceiveWindow
 from pccl_py.types import Quantization, ReduceInfo, ReduceOp
 from pccl_py.wire import protocol
 
@@ -31,6 +32,7 @@ class PeerCore(Protocol):
     _next_seq: dict[int, int]
     _round: int
     _fresh: bool
+    _receive_window: ReceiveWindow
     _joiners_wait: bool
     _executor: concurrent.futures.ThreadPoolExecutor | None
     _closed: bool

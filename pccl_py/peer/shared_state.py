@@ -20,7 +20,7 @@ import xxhash
 from pccl_py import _native
 from pccl_py.errors import InvalidArgument, PcclError, PeerLost
 from pccl_py.peer.buffers import is_device_tensor, native_view, pinned_empty
-from pccl_py.peer.state_fetch import Chunk, fetch_round
+from pccl_py.peer.state_fetch import Chunk, ReceiveWindow, fetch_round
 from pccl_py.types import EntryMeta
 
 CHUNK_BYTES = 4 << 20  # transfer unit; chunks of one entry are spread over the sources
@@ -194,6 +194,7 @@ def fetch_entries(
     sources: dict[int, Source],
     deadline: float,
     progress: ProgressFn | None = None,
+    receive: ReceiveWindow | None = None,
 ) -> int:
     """Fetches the entries `wanted` ((index, elected hash, holder peers)) into `buffers`
     and returns the bytes received. Raises PeerLost when an entry cannot be obtained
@@ -203,7 +204,8 @@ def fetch_entries(
     each source keeps up (pccl_py.peer.state_fetch). An entry whose hash does not match
     on arrival is fetched again whole from one holder at a time, so a holder that serves
     it corrupt is known and never asked for it again; a holder whose transfer fails is
-    not asked again at all."""
+    not asked again at all. `receive`: the receiver's window bound, kept across fetches
+    (state_fetch.ReceiveWindow)."""
     total = sum(int(buffers[i].nbytes) for i, _, _ in wanted)
     pending = {i: (h, [p for p in holders if p in sources]) for i, h, holders in wanted}
     spread = {i: True for i in pending}
@@ -229,7 +231,9 @@ def fetch_entries(
             chunks += [
                 Chunk(index, offset, min(CHUNK_BYTES, size - offset), allowed) for offset in range(0, size, CHUNK_BYTES)
             ]
-        done = fetch_round(engine, buffers, chunks, sources, dead, deadline, progress, received, total)
+        done = fetch_round(
+            engine, buffers, chunks, sources, dead, deadline, progress, received, total, receive=receive
+        )
         received += done.rx_bytes
         for index in [i for i in pending if i not in done.incomplete]:
             if digest(buffers[index]) == pending[index][0]:

@@ -9,8 +9,19 @@ serve, so the faster sources take more and all of them finish within about one
 window of each other. A source that fails is given nothing more; what it had in
 flight is reported incomplete (shared_state.fetch_entries fetches those entries again).
 
-The choice of the next chunk is a pure function (`next_chunk`); the loop around it only
-issues and waits.
+The sources share the receiver's downlink. Asked for 4 chunks each, three sources
+behind a 1 Gbit/s downlink at 100 ms would keep its 50 ms queue full and drop 1,100-3,600
+packets per 256 MiB: their BBR flows probe past what the receiver's windows (8 MiB
+buffers each) let them have in flight together, about twice the path's
+bandwidth-delay product. So the receiver bounds its windows (`ReceiveWindow`, applied
+with Engine.clamp_state_windows): once the delivery rate stops growing, the state
+connections advertise WINDOW_GAIN times what was delivered per round trip at best,
+shared among them. The sources still have data queued, so their flows are never short
+of it (a bound on the requests instead starved them: docs/wan.md). The bound is kept
+for the next fetch, which starts bounded.
+
+The choice of the next chunk and the window are pure (`next_chunk`, `ReceiveWindow`);
+the loop around them only issues and waits.
 """
 
 from __future__ import annotations
@@ -22,10 +33,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pccl_py import _native
-from pccl_py.errors import PeerLost, Timeout
+from pccl_py.errors import PcclError, PeerLost, Timeout
 
 WINDOW = 4  # chunks in flight per source: with 4 MiB chunks, a round trip's worth at 1 Gbit/s and 100 ms
 _WAKE_S = 0.05  # the longest the loop sleeps before it looks at every source again
+WINDOW_GAIN = 1.2  # the windows together: this times the bytes delivered per round trip
+RATE_ROUNDS = 8  # the delivery rate: the best of this many round trips' (a loss's dip is not the link)
+FULL_ROUNDS = 3  # round trips without 25% more delivery: the rate has stopped growing
+WINDOW_FLOOR = 4 << 20  # the least the bound goes to
+WINDOW_MIN_RTT = 0.002  # a shorter round trip (loopback, a LAN) is left to the kernel's windows
+_RECLAMP = 0.05  # within a round trip, the windows are set again if the bound moved by more
 
 ProgressFn = Callable[[int, int], None]
 
@@ -47,6 +64,57 @@ class RoundResult:
     incomplete: set[int] = field(default_factory=set)  # entries not received whole
 
 
+class ReceiveWindow:
+    """What a receiver's state connections may advertise together (bytes), from what its
+    fetches deliver. None (the kernel's windows) while the delivery still grows by a
+    quarter per round trip, as during TCP's slow start, and until it has not for
+    FULL_ROUNDS round trips. Then WINDOW_GAIN times the best delivery per round trip of
+    the last RATE_ROUNDS, at least WINDOW_FLOOR. Under WINDOW_MIN_RTT it measures
+    nothing: so short a round trip grows many times over under load, and a bound from
+    it would throttle a path that no queue limits. It lives as long as the receiver, so
+    a later fetch starts with the bound the last one ended with. Fed the round trip at
+    each fetch (`begin`), then the time and the bytes received so far (`update`)."""
+
+    def __init__(self) -> None:
+        self.bytes: int | None = None
+        self.rtt = 0.0
+        self._mark: tuple[float, int] | None = None  # (start of the round trip measured, bytes by then)
+        self._rates: deque[float] = deque(maxlen=RATE_ROUNDS)
+        self._full = 0.0  # the best rate of the ramp so far
+        self._flat = 0  # round trips since it last grew by a quarter
+        self.rounds = 0  # round trips measured
+
+    def begin(self, rtt: float) -> None:
+        """A fetch starts: measure afresh (its first bytes come a round trip later)."""
+        self.rtt = rtt
+        self._mark = None
+        self._rates.clear()
+
+    def update(self, now: float, received: int) -> int | None:
+        """Takes the bytes received by `now`; returns the bound (None: none yet)."""
+        if self.rtt < WINDOW_MIN_RTT or received <= 0:
+            return self.bytes
+        if self._mark is None:
+            self._mark = (now, received)
+            return self.bytes
+        since, base = self._mark
+        if now - since < self.rtt:
+            return self.bytes
+        rate = (received - base) / (now - since)
+        self._mark = (now, received)
+        self._rates.append(rate)
+        self.rounds += 1
+        if self.bytes is None:  # still ramping up?
+            if rate >= 1.25 * self._full:
+                self._full, self._flat = rate, 0
+                return None
+            self._flat += 1
+            if self._flat < FULL_ROUNDS:
+                return None
+        self.bytes = max(WINDOW_FLOOR, int(WINDOW_GAIN * max(self._rates) * self.rtt))
+        return self.bytes
+
+
 def next_chunk(queue: Sequence[Chunk], source: int) -> int | None:
     """Position in `queue` of the first chunk `source` may serve, None if there is none."""
     for k, chunk in enumerate(queue):
@@ -66,11 +134,14 @@ def fetch_round(
     base: int = 0,
     total: int = 0,
     window: int = WINDOW,
+    receive: ReceiveWindow | None = None,
 ) -> RoundResult:
     """Fetches `chunks` into `buffers` (chunk bytes land at the same entry and offset),
     from the sources (peer -> shared_state.Source) not in `dead`; adds the sources that
-    fail to `dead`. Raises Timeout at `deadline`, after aborting what is in flight."""
+    fail to `dead`. Raises Timeout at `deadline`, after aborting what is in flight.
+    `receive`: bounds the receive windows of the state connections as it measures."""
     queue = deque(chunks)
+    clamp = _Clamp(engine, [sources[p].peer for p in sources if p not in dead], receive)
     inflight: dict[int, deque[tuple[int, Any, Chunk]]] = {}  # per source, in issue order
     issued = 0
     result = RoundResult()
@@ -126,8 +197,51 @@ def fetch_round(
                     handle.abort(f"peer {peer} failed during the shared-state transfer")
                     result.incomplete.add(chunk.index)
                 flights.clear()
+        clamp.update()
         if progress is not None and time.monotonic() >= next_progress:
             next_progress = time.monotonic() + 0.1
             moving = sum(h.rx_bytes for flights in inflight.values() for _, h, _ in flights)
             progress(min(total, base + result.rx_bytes + moving), total)
 
+
+class _Clamp:
+    """Applies a ReceiveWindow to the state connections of one fetch round."""
+
+    def __init__(self, engine: _native.Engine, peers: list[int], receive: ReceiveWindow | None) -> None:
+        self.engine, self.peers, self.receive = engine, peers, receive
+        self.applied: int | None = None
+        if receive is None:
+            return
+        # The round trip as the connections measured it before this round's bytes queue
+        # up (connect_state_sources opened them): the longest of the sources'.
+        receive.begin(max((_round_trip(engine, p) for p in peers), default=0.0))
+        self._set(receive.bytes)
+        self.base = engine.state_rx_bytes
+
+    def update(self) -> None:
+        if self.receive is None:
+            return
+        rounds = self.receive.rounds
+        bound = self.receive.update(time.monotonic(), self.engine.state_rx_bytes - self.base)
+        # Once per round trip as well: the share of each connection depends on which
+        # ones carry bytes (Engine.clamp_state_windows), which the first call of a
+        # fetch cannot know yet.
+        self._set(bound, again=self.receive.rounds != rounds)
+
+    def _set(self, bound: int | None, again: bool = False) -> None:
+        if bound is None:
+            return
+        if not again and self.applied is not None and abs(bound - self.applied) <= _RECLAMP * self.applied:
+            return
+        try:
+            self.engine.clamp_state_windows(self.peers, bound)
+        except PcclError:
+            return  # closed: the round fails on its own
+        self.applied = bound
+
+
+def _round_trip(engine: _native.Engine, peer: int) -> float:
+    try:
+        return engine.state_round_trip(peer)
+    except PcclError:
+        return 0.0

@@ -95,7 +95,15 @@ class SyncCalls:
                     if progress is True and total >= (64 << 20):
                         callback, close_bar = rich_progress()
                     try:
-                        rx = fetch_entries(self._engine, buffers, wanted, sources, deadline, progress=callback)
+                        rx = fetch_entries(
+                            self._engine,
+                            buffers,
+                            wanted,
+                            sources,
+                            deadline,
+                            progress=callback,
+                            receive=self._receive_window,
+                        )
                     except PcclError as exc:
                         ok, kind, msg = False, failure_kind(exc), str(exc)
                     finally:

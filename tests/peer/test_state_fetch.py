@@ -1,5 +1,6 @@
 """pccl_py.peer.state_fetch: chunks handed out as the sources keep up, against a fake
-engine whose sources serve at different speeds (or fail)."""
+engine whose sources serve at different speeds (or fail); the receive-window bound
+(ReceiveWindow) fed by hand, and applied by a fetch round."""
 
 from __future__ import annotations
 
@@ -11,7 +12,17 @@ from typing import Any
 import pytest
 
 from pccl_py.errors import PeerLost, Timeout
-from pccl_py.peer.state_fetch import Chunk, fetch_round, next_chunk
+from pccl_py.peer.state_fetch import (
+    FULL_ROUNDS,
+    RATE_ROUNDS,
+    WINDOW_FLOOR,
+    WINDOW_GAIN,
+    WINDOW_MIN_RTT,
+    Chunk,
+    ReceiveWindow,
+    fetch_round,
+    next_chunk,
+)
 
 
 def test_next_chunk_takes_the_first_the_source_may_serve() -> None:
@@ -71,6 +82,20 @@ class _Engine:
         self.most_in_flight: dict[int, int] = {p: 0 for p in seconds}
         self._handles: dict[int, list[_Handle]] = {p: [] for p in seconds}
         self._free_at: dict[int, float] = {p: 0.0 for p in seconds}
+        self.clamps: list[tuple[list[int], int]] = []  # each clamp_state_windows call
+
+    rtt = 0.1
+
+    def state_round_trip(self, source: int) -> float:
+        return self.rtt
+
+    @property
+    def state_rx_bytes(self) -> int:
+        return sum(h.rx_bytes for hs in self._handles.values() for h in hs)
+
+    def clamp_state_windows(self, sources: list[int], window_bytes: int) -> int:
+        self.clamps.append((sorted(sources), window_bytes))
+        return len(sources)
 
     def fetch_state(self, peer: int, host: str, port: int, exposure: int, dsts: Any, chunks: Any, timeout: Any) -> Any:
         assert len(chunks) == 1
@@ -95,7 +120,8 @@ def test_faster_sources_take_more_and_all_finish_together() -> None:
     elapsed = time.monotonic() - t0
     assert done.incomplete == set() and done.rx_bytes == 64 * 100
     assert sum(engine.served.values()) == 64
-    assert engine.served[3] <= 8 < 24 <= min(engine.served[1], engine.served[2]), engine.served
+    assert engine.served[3] <= 8, engine.served
+    assert min(engine.served[1], engine.served[2]) >= 24, engine.served
     assert max(engine.most_in_flight.values()) <= 4
     # A static split would wait for source 3's 21 chunks, 50 ms each (~1.1 s); ideal ~0.15 s.
     assert elapsed < 0.5, elapsed
@@ -122,3 +148,82 @@ def test_deadline_aborts_what_is_in_flight() -> None:
     engine = _Engine({1: 5.0})
     with pytest.raises(Timeout):
         fetch_round(engine, [], _chunks(8, (1,)), {1: _Source(1)}, set(), time.monotonic() + 0.1)  # type: ignore[arg-type]
+
+
+def test_a_round_bounds_the_windows_where_the_last_fetch_left_them() -> None:
+    """The bound a receiver measured lives on (the Communicator keeps its ReceiveWindow):
+    the next round clamps its sources' connections to it before the first byte."""
+    receive = ReceiveWindow()
+    receive.bytes = 15 << 20
+    engine = _Engine({1: 0.001, 2: 0.001})
+    sources = {p: _Source(p) for p in (1, 2)}
+    fetch_round(engine, [], _chunks(8, (1, 2)), sources, set(), time.monotonic() + 10, receive=receive)  # type: ignore[arg-type]
+    assert engine.clamps[0] == ([1, 2], 15 << 20)
+    assert receive.rtt == engine.rtt
+    engine = _Engine({1: 0.001})
+    fetch_round(engine, [], _chunks(8, (1,)), {1: _Source(1)}, set(), time.monotonic() + 10)  # type: ignore[arg-type]
+    assert engine.clamps == []  # no ReceiveWindow: the kernel's windows
+
+
+def _feed(w: ReceiveWindow, t: float, received: int, per_round: list[int]) -> tuple[float, int, list[int | None]]:
+    bounds = []
+    for n in per_round:
+        t += w.rtt
+        received += n
+        bounds.append(w.update(t, received))
+    return t, received, bounds
+
+
+def test_no_bound_while_the_delivery_ramps_up_then_its_gain_over_the_best() -> None:
+    w = ReceiveWindow()
+    w.begin(0.125)  # (binary fractions: the round trips add up exactly)
+    assert w.update(0.0, 0) is None  # nothing in yet: the request's round trip is not the link
+    assert w.update(0.0, 1) is None  # the first bytes: measuring starts here
+    # Slow start: twice as much each round trip, then the link's 100,000 bytes per round.
+    t, received, bounds = _feed(w, 0.0, 1, [1000, 2000, 4000, 8000, 16000, 32000, 64000])
+    assert bounds == [None] * 7
+    # The first of those still grew by a quarter; FULL_ROUNDS more that did not end the ramp.
+    t, received, bounds = _feed(w, t, received, [100_000] * (FULL_ROUNDS + 1))
+    assert bounds[:FULL_ROUNDS] == [None] * FULL_ROUNDS
+    assert bounds[FULL_ROUNDS] == max(WINDOW_FLOOR, int(WINDOW_GAIN * 100_000))
+
+
+def test_the_bound_follows_the_best_round_trip_and_grows_while_it_limits() -> None:
+    big = 10 * WINDOW_FLOOR  # per round trip: far above the floor
+    w = ReceiveWindow()
+    w.begin(0.125)
+    w.update(0.0, 1)
+    t, received, bounds = _feed(w, 0.0, 1, [big] * (FULL_ROUNDS + 1))
+    bound = bounds[-1]
+    assert bound == int(WINDOW_GAIN * big)
+    t, received, bounds = _feed(w, t, received, [big // 10])  # one round trip's dip (a loss)
+    assert bounds == [bound]
+    w.begin(0.125)  # the next fetch: starts where this one ended
+    assert w.bytes == bound
+    w.update(t, received)
+    for _ in range(3):  # each round trip delivers all the bound allowed: it limits, so it grows
+        t, received, (new,) = _feed(w, t, received, [bound])
+        assert new == int(WINDOW_GAIN * bound), (bound, new)
+        bound = new
+    slow = _feed(w, t, received, [WINDOW_FLOOR // 100] * RATE_ROUNDS)[2][-1]
+    assert slow == WINDOW_FLOOR  # the link slowed for good: down to the floor, not below
+
+
+def test_no_bound_on_a_short_round_trip() -> None:
+    w = ReceiveWindow()
+    w.begin(WINDOW_MIN_RTT / 2)
+    w.update(0.0, 1)
+    assert _feed(w, 0.0, 1, [1 << 20] * 20)[2] == [None] * 20
+
+
+def test_a_round_sets_the_windows_again_every_round_trip() -> None:
+    """Which connections carry bytes decides each one's share (the engine counts them
+    between calls), so the clamp is set again once per measured round trip."""
+    receive = ReceiveWindow()
+    receive.bytes = 8 << 20
+    engine = _Engine({1: 0.004})
+    engine.rtt = 0.02
+    fetch_round(engine, [], _chunks(50, (1,)), {1: _Source(1)}, set(), time.monotonic() + 10, receive=receive)  # type: ignore[arg-type]
+    assert receive.rounds >= 4  # ~0.2 s of deliveries at 20 ms round trips
+    assert len(engine.clamps) >= receive.rounds  # the start, then each round trip
+    assert all(peers == [1] for peers, _ in engine.clamps)

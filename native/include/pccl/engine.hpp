@@ -189,6 +189,21 @@ class Engine {
   void connectStateSources(const std::vector<PeerAddress>& sources, double timeoutSeconds) {
     ensureConnected(sources, kStateEpoch, timeoutSeconds);
   }
+  // The round trip to `source` as its state-transfer connections have measured it: the
+  // smallest any of them has seen (TCP_INFO's minimum; the smoothed one on a kernel
+  // without it), which a queue filled by a transfer does not inflate. 0 when none is
+  // open or none has a sample.
+  double stateRoundTrip(uint64_t source);
+  // Bounds the receive window of this peer's state-transfer connections to `sources`
+  // (TCP_WINDOW_CLAMP) so that together they advertise about `windowBytes`: a share for
+  // each that carried bytes since the last call, at least kMinStateWindowBytes, on
+  // every one of them. The kernel keeps a clamp for the
+  // socket's life and never takes back window it has advertised, so it binds within
+  // a round trip. Returns the connections clamped.
+  size_t clampStateWindows(const std::vector<uint64_t>& sources, uint64_t windowBytes);
+  static constexpr uint64_t kMinStateWindowBytes = 256u << 10;
+  // State bytes received so far (kStateData payload: what fetches are delivered).
+  uint64_t stateRxBytes() const { return stateRxBytes_.load(std::memory_order_relaxed); }
   // Opens pools of `epoch` to `peers` ahead of the epoch that will need them (a join:
   // the joiner to the members, each member to the joiner, while the master admits it),
   // so that the new epoch keeps them (rebindPools: at once, as they have carried no op)
@@ -428,6 +443,7 @@ class Engine {
   TransportFacts transport_;
   std::atomic<uint64_t> connectionsKept_{0};
   std::atomic<uint64_t> paddingBytes_{0};
+  std::atomic<uint64_t> stateRxBytes_{0};
   std::atomic<uint64_t> nextFetchTag_{1};
   std::unordered_map<uint64_t, std::deque<MailFrame>> mailbox_;
   // Point-to-point, by user tag: offers no receive has taken yet (arrival order) and

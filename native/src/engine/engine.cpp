@@ -109,6 +109,43 @@ size_t Engine::liveConnections(uint64_t peer, uint64_t epoch) const {
   return it == liveOutgoing_.end() ? 0 : it->second;
 }
 
+double Engine::stateRoundTrip(uint64_t source) {
+  double best = 0;
+  postAndWait([&] {
+    auto it = outgoing_.find(PoolKey{source, kStateEpoch});
+    if (it == outgoing_.end()) return;
+    for (Connection* c : it->second) {
+      const TcpState tcp = tcpState(c->fd.get());
+      const double rtt = tcp.minRttSeconds > 0 ? tcp.minRttSeconds : tcp.rttSeconds;
+      if (rtt > 0 && (best == 0 || rtt < best)) best = rtt;
+    }
+  });
+  return best;
+}
+
+size_t Engine::clampStateWindows(const std::vector<uint64_t>& sources, uint64_t windowBytes) {
+  size_t clamped = 0;
+  postAndWait([&] {
+    std::vector<Connection*> conns;
+    for (uint64_t source : sources) {
+      auto it = outgoing_.find(PoolKey{source, kStateEpoch});
+      if (it != outgoing_.end()) conns.insert(conns.end(), it->second.begin(), it->second.end());
+    }
+    if (conns.empty()) return;
+    // Shared among the connections that carried bytes since the last call (a fetch asks
+    // each source on one connection of its pool); each idle one may take a share too.
+    size_t busy = 0;
+    for (Connection* c : conns) busy += c->stateRx != c->stateRxClamped ? 1 : 0;
+    const uint64_t share = std::max<uint64_t>(windowBytes / std::max<size_t>(busy, 1), kMinStateWindowBytes);
+    const int clamp = static_cast<int>(std::min<uint64_t>(share, INT32_MAX));
+    for (Connection* c : conns) {
+      c->stateRxClamped = c->stateRx;
+      if (::setsockopt(c->fd.get(), IPPROTO_TCP, TCP_WINDOW_CLAMP, &clamp, sizeof(clamp)) == 0) ++clamped;
+    }
+  });
+  return clamped;
+}
+
 void Engine::setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_t rank, double timeoutSeconds,
                      bool connectAll) {
   if (ring.empty() || rank >= ring.size()) throw InvalidArgument("rank outside the ring");

@@ -98,6 +98,10 @@ void Engine::onReadable(Connection* c) {
       if (c->headerGot == sizeof(FrameHeader)) dispatchHeader(c);
     } else {
       c->payloadGot += static_cast<size_t>(n);
+      if (c->header.type == static_cast<uint8_t>(FrameType::kStateData)) {
+        c->stateRx += static_cast<uint64_t>(n);
+        stateRxBytes_.fetch_add(static_cast<uint64_t>(n), std::memory_order_relaxed);
+      }
       if (c->payloadGot == c->header.length) onFrameComplete(c);
     }
   }

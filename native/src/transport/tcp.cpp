@@ -131,17 +131,6 @@ Fd connectTcp(const std::string& host, uint16_t port, Clock::time_point deadline
   }
 }
 
-TcpState tcpState(int fd) {
-  constexpr uint32_t kInfiniteSsthresh = 0x7fffffff;
-  tcp_info info{};
-  socklen_t len = sizeof(info);
-  TcpState state;
-  if (::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0) return state;
-  state.rttSeconds = info.tcpi_rtt * 1e-6;
-  state.leftSlowStart = info.tcpi_snd_ssthresh < kInfiniteSsthresh;
-  return state;
-}
-
 void setNonBlocking(int fd, bool on) {
   int flags = ::fcntl(fd, F_GETFL, 0);
   flags = on ? (flags | O_NONBLOCK) : (flags & ~O_NONBLOCK);
