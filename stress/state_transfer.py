@@ -273,22 +273,21 @@ class _Arrivals:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="arrivals", daemon=True)
 
-    def _read(self) -> list[int]:
-        """Bytes into the joiner per source, then the joiner's downlink drops so far."""
+    def _read(self) -> tuple[list[int], int]:
+        """Bytes into the joiner per source, and the joiner's downlink drops so far."""
         stats = self.net.stats()
         into = sorted((e["src"], e["bytes"]) for e in stats["links"] if e["dst"] == self.joiner and e["src"] < self.joiner)
-        return [nbytes for _, nbytes in into] + [stats["hosts"][self.joiner]["dropped_down_queue"]]
+        return [nbytes for _, nbytes in into], stats["hosts"][self.joiner]["dropped_down_queue"]
 
     def _run(self) -> None:
         t0 = time.perf_counter()
         while not self._stop.wait(self.every):
-            now, read = time.perf_counter() - t0, self._read()
-            self.samples.append((now, read[:-1]))
-            self.drops.append((now, read[-1]))
+            now, (into, dropped) = time.perf_counter() - t0, self._read()
+            self.samples.append((now, into))
+            self.drops.append((now, dropped))
 
     def __enter__(self) -> Self:
-        read = self._read()
-        self.base, self.drops_base = read[:-1], read[-1]
+        self.base, self.drops_base = self._read()
         self.drops: list[tuple[float, int]] = []
         self._thread.start()
         return self

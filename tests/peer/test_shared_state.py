@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import pccl_py as pccl
+from pccl_py.peer import state_fetch
 from pccl_py.peer.shared_state import CHUNK_BYTES, digest
 from pccl_py.testing import PeerGroup, join_group
 from threads import run_parallel
@@ -380,15 +381,23 @@ def test_persistently_corrupting_source_is_avoided_when_a_clean_holder_exists(ma
 BIG_SPEC = [(f"layer{i}", "float32", (64 << 20) // 4, 10 + i) for i in range(4)]  # 4 x 64 MiB
 
 
-def test_source_killed_mid_transfer_receiver_completes_from_another_source(master: pccl.Master) -> None:
+@pytest.mark.parametrize("bounded", [False, True], ids=["kernel-windows", "bounded-windows"])
+def test_source_killed_mid_transfer_receiver_completes_from_another_source(
+    master: pccl.Master, bounded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Holders: the victim (own process) and a peer of this process; the receiver (this
     process, RECEIVE_ONLY, zero-filled) SIGKILLs the victim from its progress callback,
     while its fetch from the victim is under way. The sync must succeed on both
-    survivors with identical, correct bytes; a further sync moves nothing."""
+    survivors with identical, correct bytes; a further sync moves nothing. `bounded`:
+    the receiver's windows are clamped as over a WAN (state_fetch.ReceiveWindow, which
+    loopback's round trip otherwise leaves off) while the source dies."""
     ctx = mp.get_context("spawn")
     parent_conn, child_conn = ctx.Pipe()
     holder = pccl.Communicator(master.address, name="holder")
     receiver = pccl.Communicator(master.address, name="receiver")
+    if bounded:
+        monkeypatch.setattr(state_fetch, "WINDOW_MIN_RTT", 0.0)
+        receiver._receive_window.bytes = 8 << 20
     group = PeerGroup(master.address, state_worker, dict(world=3, spec=BIG_SPEC))
     try:
         group.start(0, conn=child_conn)

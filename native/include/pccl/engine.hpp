@@ -195,11 +195,11 @@ class Engine {
   // open or none has a sample.
   double stateRoundTrip(uint64_t source);
   // Bounds the receive window of this peer's state-transfer connections to `sources`
-  // (TCP_WINDOW_CLAMP) so that together they advertise about `windowBytes`: a share for
-  // each that carried bytes since the last call, at least kMinStateWindowBytes, on
-  // every one of them. The kernel keeps a clamp for the
-  // socket's life and never takes back window it has advertised, so it binds within
-  // a round trip. Returns the connections clamped.
+  // (TCP_WINDOW_CLAMP) so that together they advertise about `windowBytes`: each gets
+  // the share of one that carried bytes since the last call, at least
+  // kMinStateWindowBytes. The kernel keeps a clamp for the socket's life and never
+  // takes back window it has advertised, so it binds within a round trip. Returns the
+  // connections clamped.
   size_t clampStateWindows(const std::vector<uint64_t>& sources, uint64_t windowBytes);
   static constexpr uint64_t kMinStateWindowBytes = 256u << 10;
   // State bytes received so far (kStateData payload: what fetches are delivered).

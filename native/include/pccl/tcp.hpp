@@ -66,9 +66,9 @@ Fd connectTcp(const std::string& host, uint16_t port, Clock::time_point deadline
 
 void setNonBlocking(int fd, bool on);
 // The kernel's view of a connection (TCP_INFO): its smoothed round trip and the
-// smallest it has seen (0 without a sample, or for a socket that is not TCP), and whether its congestion control has
-// left slow start (BBR: its startup; Linux keeps no slow-start threshold across
-// connections by default, net.ipv4.tcp_no_ssthresh_metrics_save).
+// smallest it has seen (0 without a sample, or for a socket that is not TCP), and
+// whether its congestion control has left slow start (BBR: its startup; Linux keeps no
+// slow-start threshold across connections by default, tcp_no_ssthresh_metrics_save).
 struct TcpState {
   double rttSeconds = 0;
   double minRttSeconds = 0;

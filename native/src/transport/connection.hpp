@@ -68,11 +68,13 @@ struct Connection {
   // Warming (Engine::prepare): padding goes out whenever the socket takes more, until
   // `warmUntil`, `warmLeft` bytes, or the first frame of anything else.
   bool warming = false;
-  uint64_t stateRx = 0;         // state bytes received (kStateData payload)
-  uint64_t stateRxClamped = 0;  // stateRx at the last clampStateWindows
   Clock::time_point warmUntil;
   uint64_t warmLeft = 0;
   int lowatBefore = -1;  // TCP_NOTSENT_LOWAT before warming set its own (-1: unknown)
+  // State-transfer connections: the state bytes received (kStateData payload), and as
+  // many as had been at the last Engine::clampStateWindows.
+  uint64_t stateRx = 0;
+  uint64_t stateRxClamped = 0;
   Clock::time_point handshakeDeadline;
   uint32_t interest = 0;
   HandshakeAcceptor handshake;  // incoming connections, until established
