@@ -514,6 +514,8 @@ PYBIND11_MODULE(_native, m) {
                              "Outgoing connections kept across a re-ring for the new epoch (confirmed by the peer).")
       .def_property_readonly("state_rx_bytes", &Engine::stateRxBytes,
                              "State bytes received so far (the payload of state-data frames).")
+      .def_property_readonly("padding_rx_bytes", &Engine::paddingRxBytes,
+                             "Padding bytes received so far (from peers' pools warming ahead of a join).")
       .def_property_readonly("padding_bytes", &Engine::paddingBytes,
                              "Padding bytes sent by pools warming ahead of their epoch (prepare).")
       .def_property_readonly("connect_seconds", &Engine::connectSeconds,
@@ -672,11 +674,13 @@ PYBIND11_MODULE(_native, m) {
           py::arg("timeout") = py::none())
       .def("live_connections", &Engine::liveConnections, py::arg("peer"), py::arg("epoch"))
       .def("state_round_trip", &Engine::stateRoundTrip, py::arg("source"), py::call_guard<py::gil_scoped_release>(),
-           "Seconds: the smallest round trip the state-transfer connections to `source` have measured (0: none).")
+           "Seconds: the smallest round trip any connection to `source` has measured (0: none).")
       .def("clamp_state_windows", &Engine::clampStateWindows, py::arg("sources"), py::arg("window_bytes"),
-           py::call_guard<py::gil_scoped_release>(),
+           py::arg("starting") = false, py::call_guard<py::gil_scoped_release>(),
            "Bound the receive windows of the state-transfer connections to `sources` to about `window_bytes` "
-           "together (TCP_WINDOW_CLAMP, each its share); returns the connections clamped.")
+           "together (TCP_WINDOW_CLAMP, each its share: of those that carried bytes since the last call, or with "
+           "`starting` (a fetch starts) of those that ever carried state, all if none has); returns the "
+           "connections clamped.")
       .def(
           "expose_state",
           [](const std::shared_ptr<Engine>& e, const py::list& buffers) {

@@ -347,6 +347,9 @@ class Engine:
     def state_rx_bytes(self) -> int:
         """State bytes received so far (the payload of state-data frames)."""
     @property
+    def padding_rx_bytes(self) -> int:
+        """Padding bytes received so far (from peers' pools warming ahead of a join)."""
+    @property
     def connect_seconds(self) -> float:
         """Wall seconds callers waited for connection pools to open (connect + handshake)."""
     @property
@@ -454,9 +457,9 @@ class Engine:
 
     def live_connections(self, peer: int, epoch: int) -> int: ...
     def state_round_trip(self, source: int) -> float:
-        """Seconds: the smallest round trip the state-transfer connections to `source` have measured (0: none)."""
-    def clamp_state_windows(self, sources: Sequence[int], window_bytes: int) -> int:
-        """Bound the receive windows of the state-transfer connections to `sources` to about `window_bytes` together (TCP_WINDOW_CLAMP, each its share); returns the connections clamped."""
+        """Seconds: the smallest round trip any connection to `source` has measured (0: none)."""
+    def clamp_state_windows(self, sources: Sequence[int], window_bytes: int, starting: bool = False) -> int:
+        """Bound the receive windows of the state-transfer connections to `sources` to about `window_bytes` together (TCP_WINDOW_CLAMP, each its share: of those that carried bytes since the last call, or with `starting` (a fetch starts) of those that ever carried state, all if none has); returns the connections clamped."""
     def expose_state(self, buffers: list[_Buffer]) -> StateExposure:
         """Serve these buffers (entry i = buffers[i]) to fetching peers until close()."""
 

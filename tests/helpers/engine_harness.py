@@ -467,3 +467,23 @@ def kill_test_peer(
     finally:
         if engine is not None:
             engine.close()
+
+
+ROUTE_SOURCE_SEED = 41
+
+
+def route_source_peer(peer_id: int, fetcher: tuple[int, str, int], control: Any) -> None:
+    """A state source of the fetch-route test (started with the 'spawn' method): it
+    exposes 8 MiB of float32 (seed ROUTE_SOURCE_SEED), opens its own pool of epoch 1 to
+    `fetcher` (as a member does to a joiner), reports (port, exposure id) on `control`
+    and waits there to be stopped and killed."""
+    import numpy as np
+
+    from pccl_py import _native as nat
+
+    engine = nat.Engine(peer_id=peer_id, host=HOST, port=0)
+    data = np.random.default_rng(ROUTE_SOURCE_SEED).standard_normal(2 << 20).astype(np.float32)
+    exposure = engine.expose_state([data])
+    engine.prepare([fetcher], 1, 1, 10.0, 0.0, 0, 0.0)
+    control.send((engine.port, exposure.id))
+    control.recv()  # never comes: the parent kills this process

@@ -181,29 +181,38 @@ class Engine {
   uint64_t unexposeState(uint64_t exposure);
   // Fetches `chunks` of the exposure `exposure` of `source` (each chunk's bytes land in
   // chunk.dst). One op per source; fails as a whole if the source fails or refuses.
+  // Its state-transfer connections to the source: the source's own pool to this peer
+  // of the newest ring epoch, where it has one (fetchRoute: a joiner's first sync finds
+  // it warm, where a new connection would spend its first round trips in slow start);
+  // otherwise this peer's state pool to the source, opened if need be.
   std::shared_ptr<StateFetch> fetchState(const PeerAddress& source, uint64_t exposure,
                                          std::vector<FetchChunk> chunks, double timeoutSeconds);
-  // Opens the state-transfer connections to every source at once, so that their round
-  // trips overlap; fetchState opens a source's on its first fetch, one source after
-  // another (a few round trips each). Throws if any source cannot be reached.
-  void connectStateSources(const std::vector<PeerAddress>& sources, double timeoutSeconds) {
-    ensureConnected(sources, kStateEpoch, timeoutSeconds);
-  }
-  // The round trip to `source` as its state-transfer connections have measured it: the
+  // Opens the state pools to every source without a pool to this peer at once, so that
+  // their round trips overlap; fetchState opens a source's on its first fetch, one
+  // source after another (a few round trips each). Throws if any cannot be reached.
+  void connectStateSources(const std::vector<PeerAddress>& sources, double timeoutSeconds);
+  // The round trip to `source` as this peer's connections to it have measured it: the
   // smallest any of them has seen (TCP_INFO's minimum; the smoothed one on a kernel
-  // without it), which a queue filled by a transfer does not inflate. 0 when none is
-  // open or none has a sample.
+  // without it), which a queue filled by a transfer does not inflate. Any connection
+  // counts: a fetch route's own samples may all have been taken behind a full queue
+  // (a joiner's downlink while its members pad their pools to it), where another pool's
+  // first handshake was not. 0 when none is open or none has a sample.
   double stateRoundTrip(uint64_t source);
   // Bounds the receive window of this peer's state-transfer connections to `sources`
   // (TCP_WINDOW_CLAMP) so that together they advertise about `windowBytes`: each gets
-  // the share of one that carried bytes since the last call, at least
+  // the share of one that carried bytes since the last call (with `starting`, as a fetch
+  // starts: of one that ever carried state, or of all where none has), at least
   // kMinStateWindowBytes. The kernel keeps a clamp for the socket's life and never
-  // takes back window it has advertised, so it binds within a round trip. Returns the
-  // connections clamped.
-  size_t clampStateWindows(const std::vector<uint64_t>& sources, uint64_t windowBytes);
+  // takes back window it has advertised, so it binds within a round trip. A ring
+  // connection (a fetch route) gets its own clamp back when an op of its epoch starts.
+  // Returns the connections clamped.
+  size_t clampStateWindows(const std::vector<uint64_t>& sources, uint64_t windowBytes, bool starting = false);
   static constexpr uint64_t kMinStateWindowBytes = 256u << 10;
   // State bytes received so far (kStateData payload: what fetches are delivered).
   uint64_t stateRxBytes() const { return stateRxBytes_.load(std::memory_order_relaxed); }
+  // Padding bytes received so far: what the pools warming ahead of a join deliver
+  // (measured like a fetch's, so that a joiner's windows are bounded before its first).
+  uint64_t paddingRxBytes() const { return paddingRxBytes_.load(std::memory_order_relaxed); }
   // Opens pools of `epoch` to `peers` ahead of the epoch that will need them (a join:
   // the joiner to the members, each member to the joiner, while the master admits it),
   // so that the new epoch keeps them (rebindPools: at once, as they have carried no op)
@@ -318,6 +327,17 @@ class Engine {
   void acceptAll();
   void addConnection(Fd fd, uint64_t peer, uint64_t epoch, bool outgoing, bool handshaking);
   void queueFrame(Collective* op, uint64_t peer, size_t stripe, const FrameHeader& header, const uint8_t* data);
+  // A fetch from `source` goes over the source's own connections to this peer of the
+  // newest ring epoch (sorted by fd), where there are any: they have carried that
+  // epoch's ops or the padding of a join (prepare), so their congestion windows are
+  // open; the source answers a request on the connection it came in on.
+  std::vector<Connection*> fetchRoute(uint64_t source) const;
+  // The connections fetches from `source` use: its fetch route, else the state pool.
+  std::vector<Connection*> stateConnections(uint64_t source);
+  // Puts back the windows of ring connections a fetch bounded (clampStateWindows).
+  void releaseFetchClamps();
+  // Counts `n` payload bytes of the frame `c` is reading if it is state data or padding.
+  void countStateBytes(Connection* c, uint64_t n);
   void queueItem(Connection* c, SendItem item);
   void offerRing(Connection* c);
   void onRingOffer(Connection* c, const std::vector<uint8_t>& payload);
@@ -444,6 +464,8 @@ class Engine {
   std::atomic<uint64_t> connectionsKept_{0};
   std::atomic<uint64_t> paddingBytes_{0};
   std::atomic<uint64_t> stateRxBytes_{0};
+  std::atomic<uint64_t> paddingRxBytes_{0};
+  bool fetchClamped_ = false;  // a ring connection's window is bounded (clampBefore set)
   std::atomic<uint64_t> nextFetchTag_{1};
   std::unordered_map<uint64_t, std::deque<MailFrame>> mailbox_;
   // Point-to-point, by user tag: offers no receive has taken yet (arrival order) and

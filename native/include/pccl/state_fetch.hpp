@@ -1,12 +1,14 @@
 // Fetching ranges of another peer's exposed shared state.
 //
 // A serving peer exposes its state entries (read-only) under an exposure id. A
-// fetching peer sends one kStateRequest per chunk, striped over its state-pool
-// connections to the source; the source answers each on the connection it came in
-// on, from the exposed memory (zero-copy), and the bytes land straight in the
-// destination buffer. The op is all-or-nothing per source: the runtime spreads
-// chunks over several sources with one op each, verifies what arrives by hash, and
-// re-fetches elsewhere what a failed source or a corrupt chunk left behind.
+// fetching peer sends one kStateRequest per chunk, striped over its state-transfer
+// connections to the source (the source's own pool to this peer where it has one,
+// else this peer's state pool: Engine::fetchRoute); the source answers each on the
+// connection it came in on, from the exposed memory (zero-copy), and the bytes land
+// straight in the destination buffer. The op is all-or-nothing per source: the
+// runtime spreads chunks over several sources with one op each, verifies what arrives
+// by hash, and re-fetches elsewhere what a failed source or a corrupt chunk left
+// behind.
 #pragma once
 
 #include <cstdint>

@@ -66,13 +66,23 @@ void Engine::addConnection(Fd fd, uint64_t peer, uint64_t epoch, bool outgoing, 
 
 void Engine::queueFrame(Collective* op, uint64_t peer, size_t stripe, const FrameHeader& header,
                         const uint8_t* data) {
-  auto it = outgoing_.find(PoolKey{peer, op->key().epoch});
-  if (it == outgoing_.end() || it->second.empty()) {
-    throw PeerLostError("no connection to peer " + std::to_string(peer) + " in epoch " +
-                            std::to_string(op->key().epoch),
-                        peer);
+  Connection* c = nullptr;
+  if (op->key().epoch == kStateEpoch) {  // a fetch: over the source's own pool, if it has one
+    const std::vector<Connection*> route = fetchRoute(peer);
+    if (!route.empty()) {
+      c = route[stripe % route.size()];
+      c->fetchRoute = true;
+    }
   }
-  Connection* c = it->second[stripe % it->second.size()];
+  if (c == nullptr) {
+    auto it = outgoing_.find(PoolKey{peer, op->key().epoch});
+    if (it == outgoing_.end() || it->second.empty()) {
+      throw PeerLostError("no connection to peer " + std::to_string(peer) + " in epoch " +
+                              std::to_string(op->key().epoch),
+                          peer);
+    }
+    c = it->second[stripe % it->second.size()];
+  }
   queueItem(c, SendItem{header, data, op->shared_from_this(), 0, nullptr, zeroCopy(c, *op, header)});
 }
 
@@ -137,6 +147,7 @@ void Engine::takeFromRing(Connection* c) {
   if (c->sink == Connection::Sink::kMailbox) dst = c->mail.data();
   c->rxRing->take(dst, c->header.length);
   c->payloadGot = c->header.length;
+  countStateBytes(c, c->header.length);
   onFrameComplete(c);
 }
 
@@ -272,7 +283,9 @@ void Engine::closeConnection(Connection* c, ErrorKind kind, const std::string& r
   }
   std::vector<std::shared_ptr<Collective>> victims;
   for (auto& [tag, op] : activeByTag_) {
-    if (op->involves(peer) && (epoch == UINT64_MAX || op->key().epoch == epoch)) victims.push_back(op);
+    const bool itsEpoch = epoch == UINT64_MAX || op->key().epoch == epoch;
+    const bool itsRoute = c->fetchRoute && op->key().epoch == kStateEpoch;  // a fetch may be on it
+    if (op->involves(peer) && (itsEpoch || itsRoute)) victims.push_back(op);
   }
   for (auto& op : victims) failOp(op.get(), kind, reason, peer);
   resumePaused();

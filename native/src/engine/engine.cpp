@@ -109,12 +109,42 @@ size_t Engine::liveConnections(uint64_t peer, uint64_t epoch) const {
   return it == liveOutgoing_.end() ? 0 : it->second;
 }
 
+std::vector<Connection*> Engine::fetchRoute(uint64_t source) const {
+  std::vector<Connection*> route;
+  for (const auto& [fd, c] : connections_) {
+    if (c->outgoing || c->dead || c->handshaking || c->goodbye || c->peer != source || c->epoch >= kStateEpoch) {
+      continue;
+    }
+    if (!route.empty() && c->epoch < route.front()->epoch) continue;
+    if (!route.empty() && c->epoch > route.front()->epoch) route.clear();
+    route.push_back(c.get());
+  }
+  std::sort(route.begin(), route.end(), [](Connection* a, Connection* b) { return a->fd.get() < b->fd.get(); });
+  return route;
+}
+
+std::vector<Connection*> Engine::stateConnections(uint64_t source) {
+  std::vector<Connection*> conns = fetchRoute(source);
+  if (!conns.empty()) return conns;
+  auto it = outgoing_.find(PoolKey{source, kStateEpoch});
+  return it == outgoing_.end() ? conns : it->second;
+}
+
+void Engine::connectStateSources(const std::vector<PeerAddress>& sources, double timeoutSeconds) {
+  std::vector<PeerAddress> unrouted;
+  postAndWait([&] {
+    for (const PeerAddress& p : sources) {
+      if (fetchRoute(p.peerId).empty()) unrouted.push_back(p);
+    }
+  });
+  ensureConnected(unrouted, kStateEpoch, timeoutSeconds);
+}
+
 double Engine::stateRoundTrip(uint64_t source) {
   double best = 0;
   postAndWait([&] {
-    auto it = outgoing_.find(PoolKey{source, kStateEpoch});
-    if (it == outgoing_.end()) return;
-    for (Connection* c : it->second) {
+    for (const auto& [fd, c] : connections_) {
+      if (c->peer != source || c->dead || c->handshaking) continue;
       const TcpState tcp = tcpState(c->fd.get());
       const double rtt = tcp.minRttSeconds > 0 ? tcp.minRttSeconds : tcp.rttSeconds;
       if (rtt > 0 && (best == 0 || rtt < best)) best = rtt;
@@ -123,27 +153,46 @@ double Engine::stateRoundTrip(uint64_t source) {
   return best;
 }
 
-size_t Engine::clampStateWindows(const std::vector<uint64_t>& sources, uint64_t windowBytes) {
+size_t Engine::clampStateWindows(const std::vector<uint64_t>& sources, uint64_t windowBytes, bool starting) {
   size_t clamped = 0;
   postAndWait([&] {
     std::vector<Connection*> conns;
     for (uint64_t source : sources) {
-      auto it = outgoing_.find(PoolKey{source, kStateEpoch});
-      if (it != outgoing_.end()) conns.insert(conns.end(), it->second.begin(), it->second.end());
+      const std::vector<Connection*> more = stateConnections(source);
+      conns.insert(conns.end(), more.begin(), more.end());
     }
     if (conns.empty()) return;
     // Shared among the connections that carried bytes since the last call (a fetch asks
-    // each source on one connection of its pool); each idle one may take a share too.
+    // each source on one connection); each idle one may take a share too. As a fetch
+    // starts, the last one's tail says nothing: among those that ever carried state.
     size_t busy = 0;
-    for (Connection* c : conns) busy += c->stateRx != c->stateRxClamped ? 1 : 0;
+    for (Connection* c : conns) busy += (starting ? c->stateRx != 0 : c->stateRx != c->stateRxClamped) ? 1 : 0;
+    if (starting && busy == 0) busy = conns.size();
     const uint64_t share = std::max<uint64_t>(windowBytes / std::max<size_t>(busy, 1), kMinStateWindowBytes);
     const int clamp = static_cast<int>(std::min<uint64_t>(share, INT32_MAX));
     for (Connection* c : conns) {
       c->stateRxClamped = c->stateRx;
+      if (c->epoch != kStateEpoch && c->clampBefore < 0) {  // a ring connection: its own clamp comes back later
+        int before = 0;
+        socklen_t len = sizeof(before);
+        if (::getsockopt(c->fd.get(), IPPROTO_TCP, TCP_WINDOW_CLAMP, &before, &len) != 0) continue;
+        c->clampBefore = before;
+        fetchClamped_ = true;
+      }
       if (::setsockopt(c->fd.get(), IPPROTO_TCP, TCP_WINDOW_CLAMP, &clamp, sizeof(clamp)) == 0) ++clamped;
     }
   });
   return clamped;
+}
+
+void Engine::releaseFetchClamps() {
+  if (!fetchClamped_) return;
+  fetchClamped_ = false;
+  for (auto& [fd, c] : connections_) {
+    if (c->clampBefore < 0) continue;
+    if (!c->dead) ::setsockopt(c->fd.get(), IPPROTO_TCP, TCP_WINDOW_CLAMP, &c->clampBefore, sizeof(c->clampBefore));
+    c->clampBefore = -1;
+  }
 }
 
 void Engine::setRing(uint64_t epoch, const std::vector<PeerAddress>& ring, size_t rank, double timeoutSeconds,
@@ -587,7 +636,9 @@ std::shared_ptr<Collective> Engine::allReduce(const AllReduceOptions& in, double
 
 std::shared_ptr<StateFetch> Engine::fetchState(const PeerAddress& source, uint64_t exposure,
                                                std::vector<FetchChunk> chunks, double timeoutSeconds) {
-  ensureConnected(source, kStateEpoch, timeoutSeconds);
+  bool routed = false;
+  postAndWait([&] { routed = !fetchRoute(source.peerId).empty(); });
+  if (!routed) ensureConnected(source, kStateEpoch, timeoutSeconds);
   const uint64_t tag = (uint64_t{1} << 63) | nextFetchTag_++;
   auto op = std::make_shared<StateFetch>(tag, source.peerId, exposure, std::move(chunks), timeoutSeconds);
   post([this, op] { startOp(op); });
@@ -763,6 +814,7 @@ void Engine::startOp(const std::shared_ptr<Collective>& op) {
     return;
   }
   activeByTag_[tag] = op;
+  if (op->key().epoch < kStateEpoch) releaseFetchClamps();  // its frames may come over a fetch's route
   maybeWithholdVotes(op.get());
   for (const Tombstone& t : tombstones_) {
     const OpKey& k = op->key();

@@ -98,12 +98,19 @@ void Engine::onReadable(Connection* c) {
       if (c->headerGot == sizeof(FrameHeader)) dispatchHeader(c);
     } else {
       c->payloadGot += static_cast<size_t>(n);
-      if (c->header.type == static_cast<uint8_t>(FrameType::kStateData)) {
-        c->stateRx += static_cast<uint64_t>(n);
-        stateRxBytes_.fetch_add(static_cast<uint64_t>(n), std::memory_order_relaxed);
-      }
+      countStateBytes(c, static_cast<uint64_t>(n));
       if (c->payloadGot == c->header.length) onFrameComplete(c);
     }
+  }
+}
+
+void Engine::countStateBytes(Connection* c, uint64_t n) {
+  if (c->header.type == static_cast<uint8_t>(FrameType::kStateData)) {
+    c->stateRx += n;
+    stateRxBytes_.fetch_add(n, std::memory_order_relaxed);
+  } else if (c->header.type == static_cast<uint8_t>(FrameType::kPadding)) {
+    c->stateRx += n;  // a route's padding: the windows a fetch will find (clampStateWindows' share)
+    paddingRxBytes_.fetch_add(n, std::memory_order_relaxed);
   }
 }
 
@@ -179,14 +186,18 @@ void Engine::dispatchHeader(Connection* c) {
       return;
     }
     case FrameType::kStateRequest:
-    case FrameType::kStateRefused:
-      if (c->epoch != kStateEpoch || h.length > kMaxAbortReason ||
-          (is(h, FrameType::kStateRequest) && h.length != sizeof(StateRequest))) {
+    case FrameType::kStateRefused: {
+      // On a state connection, or on the server's own pool to the fetcher (a fetch route):
+      // requests come in on its outgoing side, refusals on the fetcher's incoming side.
+      const bool request = is(h, FrameType::kStateRequest);
+      const bool routed = c->epoch == kStateEpoch || c->outgoing == request;
+      if (!routed || h.length > kMaxAbortReason || (request && h.length != sizeof(StateRequest))) {
         closeConnection(c, ErrorKind::kProtocol, "malformed state frame from peer " + std::to_string(c->peer), false);
         return;
       }
       readControl(c);
       return;
+    }
     default:  // kData, kStateData, kCommit
       dispatchOpFrame(c);
       return;
@@ -204,7 +215,9 @@ void Engine::readControl(Connection* c) {
 // the frame; otherwise routeUnclaimed() decides.
 void Engine::dispatchOpFrame(Connection* c) {
   const FrameHeader& h = c->header;
-  if (h.epoch != c->epoch) {
+  // State answers may come over the source's pool to this peer (a fetch route).
+  const bool routedState = is(h, FrameType::kStateData) && h.epoch == kStateEpoch && !c->outgoing;
+  if (h.epoch != c->epoch && !routedState) {
     closeConnection(c, ErrorKind::kProtocol,
                     "peer " + std::to_string(c->peer) + " sent a frame of epoch " + std::to_string(h.epoch) +
                         " on a connection of epoch " + std::to_string(c->epoch),

@@ -1,6 +1,7 @@
 // Serving exposed shared state to fetching peers (state_fetch.hpp has the fetching
 // side): exposures come and go on the caller's thread; requests are answered on the
-// progress thread, from the exposed memory itself, on the connection they came in on.
+// progress thread, from the exposed memory itself, on the connection they came in on
+// (a state connection the fetcher opened, or this peer's own pool to the fetcher).
 #include <cstring>
 #include <future>
 
@@ -60,6 +61,17 @@ void Engine::queueControl(Connection* c, const FrameHeader& h, std::string paylo
 }
 
 void Engine::onStateRequest(Connection* c, const FrameHeader& h, const std::vector<uint8_t>& payload) {
+  // On a pool opened ahead of its epoch (a fetch route to a joiner), an answer or a
+  // refusal is no frame of an epoch: the epoch that keeps the pool may still take it at
+  // once (Engine::rebindPools).
+  struct KeepPrepared {
+    Connection* c;
+    bool prepared, carried;
+    ~KeepPrepared() {
+      c->prepared = prepared;
+      c->carried = carried;
+    }
+  } keep{c, c->prepared, c->carried};
   StateRequest req{};
   std::memcpy(&req, payload.data(), sizeof(req));
   auto it = exposures_.find(req.exposure);

@@ -71,10 +71,17 @@ struct Connection {
   Clock::time_point warmUntil;
   uint64_t warmLeft = 0;
   int lowatBefore = -1;  // TCP_NOTSENT_LOWAT before warming set its own (-1: unknown)
-  // State-transfer connections: the state bytes received (kStateData payload), and as
-  // many as had been at the last Engine::clampStateWindows.
+  // State-transfer connections: the state bytes received (kStateData payload, and the
+  // padding of a pool warming ahead of a join), and as many as had been at the last
+  // Engine::clampStateWindows.
   uint64_t stateRx = 0;
   uint64_t stateRxClamped = 0;
+  // A connection of a ring epoch that this peer's fetches went out on (the source's own
+  // pool to this peer: Engine::fetchRoute): its loss fails them. clampBefore: its
+  // TCP_WINDOW_CLAMP before a fetch bounded it (-1: not bounded), put back when an op
+  // of its epoch starts.
+  bool fetchRoute = false;
+  int clampBefore = -1;
   Clock::time_point handshakeDeadline;
   uint32_t interest = 0;
   HandshakeAcceptor handshake;  // incoming connections, until established
