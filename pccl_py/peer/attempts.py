@@ -103,6 +103,7 @@ class AttemptCalls:
             outcome: protocol.Message | None = None
             superseded = mismatched = False  # this peer aborted the attempt: the master moved on / found a mismatch
             ok, kind, msg, culprit = True, "", "", -1
+            self._end_warmup()
             epoch = self._ensure_ring(deadline)  # no ring to run on (evicted, closed, timed out): raises
             if precheck is not None:
                 precheck(epoch)

@@ -36,7 +36,7 @@ from pccl_py.peer.optimize import OptimizeCalls
 from pccl_py.peer.p2p import P2PHandle, PointToPointCalls
 from pccl_py.peer.rejoin import RejoinCalls
 from pccl_py.peer.session import OpKey, Session, Topology
-from pccl_py.peer.state_fetch import ReceiveWindow
+from pccl_py.peer.state_fetch import ReceiveWindow, measure_while_warming
 from pccl_py.peer.sync import SyncCalls
 from pccl_py.wire import auth, knock, protocol
 
@@ -107,6 +107,10 @@ class Communicator(
         # What this peer's state connections may advertise together when it receives
         # shared state, measured by each fetch and kept for the next (state_fetch).
         self._receive_window = ReceiveWindow()
+        # A joiner measures it on its members' padding too, until its first op or sync
+        # (_bound_warmup): held while it does, set to end it.
+        self._warmup_lock = threading.Lock()
+        self._warmup_over = threading.Event()
         # This peer's last vote admitted peers: their first update_topology() waits
         # until the master sees what the members do next (protocol.md, "Joining"), so
         # the next blocking data-plane call tells it at once, not after
@@ -217,6 +221,7 @@ class Communicator(
             self._control.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
+        self._warmup_over.set()
         for thread in self._prepares:  # ended by their own short timeout at the latest
             thread.join()
         self._events.emit("closed", peer=self.peer_id)
@@ -388,6 +393,7 @@ class Communicator(
         # A member opens its pool in its engine's current epoch (the epoch that admits
         # the joiner keeps pools of older ones); a joiner, whose engine has none yet, in
         # the group's.
+        joiner = epoch is not None
         if epoch is None:
             epoch = self._engine_epoch
         if epoch < 0:
@@ -410,10 +416,34 @@ class Communicator(
                 log.info("opening pools ahead of a join failed: %s", exc)
             else:
                 self._events.emit("prepared", peers=[p[0] for p in peers], epoch=epoch)
+                if joiner:
+                    self._bound_warmup([p[0] for p in peers], cfg.join_warmup)
 
         thread = threading.Thread(target=prepare, name="pccl-prepare", daemon=True)
         self._prepares = [t for t in self._prepares if t.is_alive()] + [thread]
         thread.start()
+
+    def _bound_warmup(self, members: list[int], seconds: float) -> None:
+        """Prepare thread of a joiner: measures the bound on its receive windows on the
+        padding its members send while it is admitted (state_fetch.measure_while_warming),
+        for up to `seconds` or until its first op or sync (_end_warmup), once."""
+        engine = self._engine
+        if engine is None or self._receive_window.bytes is not None or not self._warmup_lock.acquire(blocking=False):
+            return
+        try:
+            until = time.monotonic() + seconds
+            measure_while_warming(engine, members, self._receive_window, until, self._warmup_over)
+        except PcclError:
+            pass  # closed
+        finally:
+            self._warmup_lock.release()
+
+    def _end_warmup(self) -> None:
+        """Before a data-plane call (an op, a sync, a probe): its bytes are not padding."""
+        if not self._warmup_over.is_set():
+            self._warmup_over.set()
+            with self._warmup_lock:
+                pass
 
     def _op_executor(self) -> concurrent.futures.ThreadPoolExecutor:
         """The threads async all-reduces run on (created at the first; joined by close())."""

@@ -41,6 +41,7 @@ class OptimizeCalls:
         assert engine is not None
         deadline = self._deadline(timeout, self.config.op_timeout)
         self._fresh = False
+        self._end_warmup()  # the probes are fetches of their own
         session = self._session
         mismatches = session.mismatches()
         probe_buffer = np.zeros(self.config.probe_bytes, np.uint8)  # its content is irrelevant

@@ -141,6 +141,7 @@ class PointToPointCalls:
 
 def _ready(comm: PeerCore, deadline: float) -> tuple[_native.Engine, tuple[int, ...]]:
     """The engine on the master's latest ring, and that ring's peer ids."""
+    comm._end_warmup()
     epoch = comm._ensure_ring(deadline)
     assert comm._engine is not None
     return comm._engine, comm.ring_of(epoch)

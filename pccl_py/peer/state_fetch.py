@@ -18,7 +18,9 @@ with Engine.clamp_state_windows): once the delivery rate stops growing, the stat
 connections advertise WINDOW_GAIN times what was delivered per round trip at best,
 shared among them. The sources still have data queued, so their flows are never short
 of it (a bound on the requests instead starved them: docs/wan.md). The bound is kept
-for the next fetch, which starts bounded.
+for the next fetch, which starts bounded. The state connections to a source are its
+own pool to the receiver where it has one (a member's to a joiner, warmed during the
+admission: Engine.fetch_state), else the receiver's state pool to it.
 
 The choice of the next chunk and the window are pure (`next_chunk`, `ReceiveWindow`);
 the loop around them only issues and waits.
@@ -26,6 +28,7 @@ the loop around them only issues and waits.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -69,7 +72,12 @@ class ReceiveWindow:
     fetches deliver. None (the kernel's windows) while the delivery still grows by a
     quarter per round trip, as during TCP's slow start, and until it has not for
     FULL_ROUNDS round trips. Then WINDOW_GAIN times the best delivery per round trip of
-    the last RATE_ROUNDS, at least WINDOW_FLOOR. Under WINDOW_MIN_RTT it measures
+    the last RATE_ROUNDS, at least WINDOW_FLOOR. Each round trip's delivery is the
+    median of it and the two before: after a loss, TCP holds back what arrived behind
+    the hole and hands it over with the retransmission a round trip later, so one round
+    trip reads up to twice what the link carried, next to one that read little (a
+    joiner's first sync measured 1.5-2x; the best of them made bounds of 1.4-1.6 times
+    the path's product, which kept its queue overflowing). Under WINDOW_MIN_RTT it measures
     nothing: so short a round trip grows many times over under load, and a bound from
     it would throttle a path that no queue limits. It lives as long as the receiver, so
     a later fetch starts with the bound the last one ended with. Fed the round trip at
@@ -79,6 +87,7 @@ class ReceiveWindow:
         self.bytes: int | None = None
         self.rtt = 0.0
         self._mark: tuple[float, int] | None = None  # (start of the round trip measured, bytes by then)
+        self._recent: deque[float] = deque(maxlen=3)  # the last round trips' deliveries (bytes per second)
         self._rates: deque[float] = deque(maxlen=RATE_ROUNDS)
         self._full = 0.0  # the best rate of the ramp so far
         self._flat = 0  # round trips since it last grew by a quarter
@@ -89,6 +98,7 @@ class ReceiveWindow:
         self.rtt = rtt
         self._mark = None
         self._rates.clear()
+        self._recent.clear()
 
     def update(self, now: float, received: int) -> int | None:
         """Takes the bytes received by `now`; returns the bound (None: none yet)."""
@@ -100,8 +110,10 @@ class ReceiveWindow:
         since, base = self._mark
         if now - since < self.rtt:
             return self.bytes
-        rate = (received - base) / (now - since)
         self._mark = (now, received)
+        self._recent.append((received - base) / (now - since))
+        # The median of three (of fewer: the least, which no burst has inflated yet).
+        rate = sorted(self._recent)[1] if len(self._recent) == 3 else min(self._recent)
         self._rates.append(rate)
         self.rounds += 1
         if self.bytes is None:  # still ramping up?
@@ -204,37 +216,65 @@ def fetch_round(
             progress(min(total, base + result.rx_bytes + moving), total)
 
 
-class _Clamp:
-    """Applies a ReceiveWindow to the state connections of one fetch round."""
+def measure_while_warming(
+    engine: _native.Engine, peers: list[int], receive: ReceiveWindow, until: float, stop: threading.Event
+) -> None:
+    """A joiner's members pad their pools to it while it is admitted (Engine.prepare), and
+    its first fetch runs over those pools (Engine.fetch_state). Measured from the fetch
+    alone, the bound came about a second into it, after its ramp rounds, and bound
+    windows that the padding had grown to several times the path's product (24 MB each
+    behind a 1 Gbit/s, 100 ms downlink; a window once advertised is not taken back until
+    it is used): the first sync overflowed the downlink's queue until then. So the
+    receiver measures the padding as it measures a fetch, and its first fetch starts
+    with the bound. Measures only: bounding the pools meanwhile made the joiner's first
+    all-reduce over them slower (docs/wan.md). Runs until `until` (monotonic) or `stop`."""
+    clamp: _Clamp | None = None
+    while not stop.wait(min(_WAKE_S, max(0.0, until - time.monotonic()))) and time.monotonic() < until:
+        if clamp is None or receive.rtt <= 0:  # the round trip is known once a pool is open
+            clamp = _Clamp(engine, peers, receive, apply=False)
+        else:
+            clamp.update()
 
-    def __init__(self, engine: _native.Engine, peers: list[int], receive: ReceiveWindow | None) -> None:
-        self.engine, self.peers, self.receive = engine, peers, receive
+
+class _Clamp:
+    """Applies a ReceiveWindow to the state connections of one fetch round: it measures
+    the state and padding bytes they bring (`apply`=False: measures only)."""
+
+    def __init__(
+        self, engine: _native.Engine, peers: list[int], receive: ReceiveWindow | None, apply: bool = True
+    ) -> None:
+        self.engine, self.peers, self.receive, self.apply = engine, peers, receive, apply
         self.applied: int | None = None
         if receive is None:
             return
-        # The round trip as the connections measured it before this round's bytes queue
-        # up (connect_state_sources opened them): the longest of the sources'.
+        # The round trip as the connections to each source measured it at their quietest
+        # (Engine.state_round_trip): the longest of the sources'.
         receive.begin(max((_round_trip(engine, p) for p in peers), default=0.0))
-        self._set(receive.bytes)
-        self.base = engine.state_rx_bytes
+        # The connections that carried the last round's tail are not the ones this round
+        # uses: the share is of those that ever carried state.
+        self._set(receive.bytes, starting=True)
+        self.base = self._received()
+
+    def _received(self) -> int:
+        return self.engine.state_rx_bytes + self.engine.padding_rx_bytes
 
     def update(self) -> None:
         if self.receive is None:
             return
         rounds = self.receive.rounds
-        bound = self.receive.update(time.monotonic(), self.engine.state_rx_bytes - self.base)
+        bound = self.receive.update(time.monotonic(), self._received() - self.base)
         # Once per round trip as well: the share of each connection depends on which
         # ones carry bytes (Engine.clamp_state_windows), which the first call of a
         # fetch cannot know yet.
         self._set(bound, again=self.receive.rounds != rounds)
 
-    def _set(self, bound: int | None, again: bool = False) -> None:
-        if bound is None:
+    def _set(self, bound: int | None, again: bool = False, starting: bool = False) -> None:
+        if bound is None or not self.apply:
             return
         if not again and self.applied is not None and abs(bound - self.applied) <= _RECLAMP * self.applied:
             return
         try:
-            self.engine.clamp_state_windows(self.peers, bound)
+            self.engine.clamp_state_windows(self.peers, bound, starting=starting)
         except PcclError:
             return  # closed: the round fails on its own
         self.applied = bound

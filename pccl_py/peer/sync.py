@@ -94,6 +94,7 @@ class SyncCalls:
                     total = sum(int(buffers[i].nbytes) for i, _, _ in wanted)
                     if progress is True and total >= (64 << 20):
                         callback, close_bar = rich_progress()
+                    self._end_warmup()
                     try:
                         rx = fetch_entries(
                             self._engine,
