@@ -1,7 +1,9 @@
 """Shared-state synchronisation, measured (not asserted). Peers are separate processes
 (tests/helpers/state_workers.py's state_worker); the master runs in this process.
 
-(a) joiner: a RECEIVE_ONLY peer with a zero-filled state receives the whole state
+(a) joiner: the sources form the group, then a RECEIVE_ONLY peer with a zero-filled
+    state joins it (admitted by their update_topology(), as a member's loop admits
+    one: the members open and warm their pools to it) and receives the whole state
     (`--mib` MiB in `--entries` float32 entries) from 1 and from 3 sources. The sources
     call sync first; the joiner's sync_shared_state() is timed end to end (hash its
     own state, plan, fetch, verify, result) and its transfer phase (fetch + hash
@@ -24,7 +26,9 @@
     1 Gbit/s up and down). Both times are also reported as a fraction of the joiner's
     downlink (what its downlink could carry in that time), with the emulator's drops:
     each rep's at the sources' uplinks and the joiner's downlink, and the downlink's
-    per 100 ms slot of the delivery timeline ("drops at SLOT:COUNT").
+    per 100 ms slot of the delivery timeline ("drops at SLOT:COUNT"). Each rep also
+    prints the connections the joiner has opened so far (a fetch over the sources' own
+    pools to it opens none) and the padding each source has sent so far to warm them.
 (b) no-transfer sync: `--peers` peers with identical state call sync_shared_state()
     back to back (`--syncs` times after a warm-up); the time of one sync = the slowest
     peer's call in that round; median reported. Repeated with 1 MiB: the fixed cost.
@@ -79,12 +83,16 @@ class _Peers:
         self._child: list[Any] = []
         self._ctx = mp.get_context("spawn")
 
-    def start(self, index: int, spec: list[Any], config: dict[str, Any] | None = None) -> None:
+    def start(
+        self, index: int, spec: list[Any], config: dict[str, Any] | None = None, world: int | None = None
+    ) -> None:
+        """`world`: the group size the peer waits for before it is ready (default: all)."""
         parent, child = self._ctx.Pipe()
         self.conns[index] = parent
         self._child.append(child)
         where = {} if self.net is None else {"namespace": self.net.namespaces[index], "host": self.net.ips[index]}
-        self.group.start(index, conn=child, spec=spec, config=config, **where)
+        size = {} if world is None else {"world": world}
+        self.group.start(index, conn=child, spec=spec, config=config, **where, **size)
 
     def recv(self, index: int, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -98,8 +106,8 @@ class _Peers:
             raise RuntimeError(f"peer {index} crashed: {record['error']}")
         return record
 
-    def wait_ready(self, timeout: float = 120) -> None:
-        for index in self.conns:
+    def wait_ready(self, indices: list[int] | None = None, timeout: float = 120) -> None:
+        for index in self.conns if indices is None else indices:
             record = self.recv(index, timeout)
             if record.get("event") != "ready":
                 raise RuntimeError(f"peer {index}: {record}")
@@ -162,15 +170,23 @@ def joiner_transfer(
         peers = _Peers(master, world=sources + 1, net=net)
         try:
             common = {} if connections is None else {"connections_per_peer": connections}
+            # The sources form the group first; the joiner then joins it, admitted by
+            # their update_topology() (as a member's loop admits one), so that it is a
+            # join: the members open and warm their pools to it (Engine.prepare).
             for i in range(sources):
-                peers.start(i, _spec(mib, entries), config=common)
+                peers.start(i, _spec(mib, entries), config=common, world=sources)
+            peers.wait_ready(list(range(sources)))
+            for i in range(sources):
+                peers.conns[i].send({"cmd": "grow", "world": sources + 1})
             joiner_config = {
                 **common,
                 **({} if prefault else {"prefault": False}),
                 **({"socket_buffer_bytes": joiner_buffer} if joiner_buffer else {}),
             }
             peers.start(sources, _spec(mib, entries, zero=True), config=joiner_config)
-            peers.wait_ready()
+            peers.wait_ready([sources])
+            for i in range(sources):
+                _check(peers.recv(i, 120), "admitting the joiner")
             times, fetch_times, reference = [], [], None
             for rep in range(reps):
                 for i in range(sources):
@@ -216,12 +232,19 @@ def joiner_transfer(
                     after = net.drops()
                     rep_drops = {k: after[k] - before.get(k, 0) for k in ("dropped_up_queue", "dropped_down_queue")}
                     of_downlink += f", drops up/down {rep_drops['dropped_up_queue']}/{rep_drops['dropped_down_queue']}"
+                bounded = (
+                    "none"
+                    if joiner["window"] is None
+                    else f"{joiner['window'] / 2**20:.1f} MiB at a {joiner['window_rtt'] * 1e3:.0f} ms round trip"
+                )
                 print(
                     f"  {'fresh ' if fresh else ''}joiner from {sources} source(s), rep {rep}: "
                     f"sync {times[-1] * 1000:.0f} ms "
                     f"({total / times[-1] / 1e9:.2f} GB/s), transfer+verify {fetch_times[-1] * 1000:.0f} ms "
                     f"({total / fetch_times[-1] / 1e9:.2f} GB/s){of_downlink}, served per source MiB "
-                    f"{[t >> 20 for t in tx]}, prefaulted so far {joiner['prefaulted'] >> 20} MiB",
+                    f"{[t >> 20 for t in tx]}, prefaulted so far {joiner['prefaulted'] >> 20} MiB, "
+                    f"connections the joiner opened so far {joiner['opened']}, padding the sources sent so far MiB "
+                    f"{[s['padded'] >> 20 for s in served]}, receive windows bounded to {bounded}",
                     flush=True,
                 )
             drops = net.drops() if net is not None else None

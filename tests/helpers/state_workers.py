@@ -12,8 +12,9 @@ lock would silence the others.
     {"cmd": "sync", "revision": r, "strategy": "ENFORCE_POPULAR", "timeout": s,
      "inject": k, "repeat": n, "zero": z, "fresh": f, "lead": s, "state_prefault": b}
         ->  {"ok", "revision", "rx", "tx", "received", "elapsed": [per call], "fetch_s", "hashes",
-             "prefaulted"}
+             "prefaulted", "opened", "padded", "window", "window_rtt"}
     {"cmd": "hashes"}          ->  {"ok", "hashes"}
+    {"cmd": "grow", "world": n} ->  {"ok", "world"}: admits newcomers until the group has n peers
     {"cmd": "drop"}            ->  {"ok"}: the state is freed (a "fresh" sync makes a new one)
     {"cmd": "close"}           ->  {"ok"} and the worker exits
 
@@ -23,7 +24,11 @@ plain_zeros: pages the kernel has yet to fault in, so the receive pays for them.
 With "fresh", the new SharedState gets prefault="state_prefault" (default True) and
 the worker waits "lead" seconds (default 0) before the timed sync, as a joiner builds
 its state, then connects and is admitted before its first sync.
-"prefaulted": the bytes its engine has faulted in ahead of receives so far.
+"prefaulted": the bytes its engine has faulted in ahead of receives so far; "opened": the
+connections it has opened so far (a fetch over a source's own pool opens none);
+"padded": the padding it has sent so far to warm pools ahead of a join; "window": the
+bound on its receive windows it has measured (state_fetch.ReceiveWindow; None: none),
+"window_rtt": the round trip that bound was measured at.
 
 With `namespace` (and `host`, its address), the worker first moves into that network
 namespace (a WAN emulator's host, pccl_py.tools.wan) and its peer listens on `host`.
@@ -134,6 +139,10 @@ def state_worker(
             if kind == "hashes":
                 conn.send({"ok": True, "hashes": state.hashes()})
                 continue
+            if kind == "grow":  # as a member's loop does: update_topology() while peers wait
+                join_group(comm, int(cmd["world"]), timeout=float(cmd.get("timeout", 60)))
+                conn.send({"ok": True, "world": comm.world_size})
+                continue
             if kind == "drop":
                 state = pccl.SharedState({}, revision=state.revision)
                 conn.send({"ok": True})
@@ -175,7 +184,12 @@ def state_worker(
                 if not isinstance(exc, pccl.PcclError):
                     rec["traceback"] = traceback.format_exc()[-3000:]
             rec.update(elapsed=elapsed, fetch_s=list(fetch_times), hashes=state.hashes(), world_now=comm.world_size)
-            rec["prefaulted"] = comm._engine.prefaulted_bytes if comm._engine is not None else 0
+            engine = comm._engine
+            rec["prefaulted"] = engine.prefaulted_bytes if engine is not None else 0
+            rec["opened"] = engine.connections_opened if engine is not None else 0
+            rec["padded"] = engine.padding_bytes if engine is not None else 0
+            rec["window"] = comm._receive_window.bytes
+            rec["window_rtt"] = comm._receive_window.rtt
             conn.send(rec)
     except BaseException as exc:
         try:
